@@ -1,0 +1,58 @@
+//! The model boundary: a narrow, synchronous trait that turns a batch of frames and a prompt
+//! into one output per frame. The engine calls it from its own OS thread.
+//!
+//! Only this module (and its children) may import candle. Concrete backends are chosen by
+//! `MODEL_TYPE` and wired in the binary.
+
+use crate::frame::Frame;
+use serde::Serialize;
+
+/// What a model is, as reported in health output, worker heartbeats and result entries.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ModelInfo {
+    /// Short name written into every result entry, e.g. `clip-vit-base-patch32`.
+    pub name: String,
+    /// What the outputs mean: `zero-shot-detection`, `captioning`, `test`.
+    pub task: String,
+    /// The square input side the model resizes frames to (224 for CLIP, 384 for BLIP).
+    pub input_size: u32,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// `f32`, `f16`, `bf16`.
+    pub dtype: String,
+}
+
+/// The prompt a batch runs with. `version` is the `{fr}:prompt` version for jobs that follow
+/// the active prompt, and `None` for jobs that carry their own prompt.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PromptRef {
+    pub text: std::sync::Arc<str>,
+    pub version: Option<u64>,
+}
+
+/// A model failure. `batch` errors fail every frame of the batch; the worker goes on.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model weights: {0}")]
+    Load(String),
+    #[error("bad prompt: {0}")]
+    Prompt(String),
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+/// A vision-language model. Implementations may cache per-prompt work (text embeddings,
+/// tokenised prefixes) keyed by the prompt text, since the same prompt repeats for every
+/// batch until it changes.
+pub trait VisionLanguageModel: Send {
+    /// What this model is.
+    fn info(&self) -> &ModelInfo;
+
+    /// Runs one batch: all `frames` share `prompt`. Returns exactly one JSON output per
+    /// frame, in order.
+    fn infer(
+        &mut self,
+        frames: &[&Frame],
+        prompt: &PromptRef,
+    ) -> Result<Vec<serde_json::Value>, ModelError>;
+}
