@@ -1,9 +1,23 @@
 //! free-roam: a Redis-native fleet of stateless workers that run vision-language models on
-//! live video.
+//! live video. Everything a user touches lives in Redis; see docs/redis-contract.md.
 //!
 //! # Layout
 //!
+//! - [`config`]: every setting, validated in one step.
+//! - [`keys`]: the contract's key names; [`store`]: the Redis pool and function calls
+//!   (the function library itself is `functions.lua`).
+//! - [`job`]: job specs, statuses, and the [`job::JobBody`] trait a job's work implements.
+//! - [`queue`]: the worker: claiming, leases, reclaiming, dead-lettering, hand-back.
+//! - [`results`]: result entries and job progress; [`prompt`]: the active prompt.
+//! - [`client`]: the user-side operations the CLI speaks (submit, status, cancel, ...).
+//! - [`health`]: the HTTP health and metrics endpoint; [`metrics`]: the counters.
 //! - [`frame`]: the decoded frame type (pure).
 //! - [`model`]: the model trait and its candle backends (the only place candle is used).
+pub mod config;
 pub mod frame;
+pub mod job;
+pub mod keys;
+pub mod metrics;
 pub mod model;
+pub mod results;
+pub mod store;

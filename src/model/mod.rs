@@ -5,6 +5,8 @@
 //! `MODEL_TYPE` and wired in the binary.
 
 use crate::frame::Frame;
+pub mod null;
+
 use serde::Serialize;
 
 /// What a model is, as reported in health output, worker heartbeats and result entries.

@@ -1,0 +1,383 @@
+//! The worker's settings: raw values (from flags or the environment) become one validated,
+//! typed `Config` in a single step, or a one-line error naming the variable and what it
+//! allows. `SETTINGS` is the one list of names, defaults and meanings; docs/configuration.md
+//! and .env.example mirror it (a test keeps them in step).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One setting: its environment name, its default (`None`: unset), and what it does.
+pub struct Setting {
+    pub env: &'static str,
+    pub default: Option<&'static str>,
+    pub help: &'static str,
+}
+
+const fn s(env: &'static str, default: Option<&'static str>, help: &'static str) -> Setting {
+    Setting { env, default, help }
+}
+
+/// Every setting the worker reads.
+pub const SETTINGS: &[Setting] = &[
+    s("REDIS_URL", None, "Redis URL (redis:// or rediss:// for TLS). When unset it is built from REDIS_HOST, REDIS_PORT, REDIS_PASSWORD and REDIS_DB."),
+    s("REDIS_HOST", Some("localhost"), "Redis host, used when REDIS_URL is unset."),
+    s("REDIS_PORT", Some("6379"), "Redis port, used when REDIS_URL is unset."),
+    s("REDIS_PASSWORD", None, "Redis password, used when REDIS_URL is unset."),
+    s("REDIS_DB", Some("0"), "Redis database number, used when REDIS_URL is unset."),
+    s("KEY_PREFIX", Some("fr"), "Prefix of every key; keys are `{KEY_PREFIX}:...` (one hash tag, so Redis Cluster works)."),
+    s("MODEL_TYPE", Some("clip"), "Model backend: clip, blip, or null (no model: one empty output per frame, for pipeline tests and benchmarks)."),
+    s("MODEL_PATH", None, "Local folder with config.json, model.safetensors and tokenizer.json."),
+    s("MODEL_ID", None, "Hugging Face model id, used when MODEL_PATH is unset and the hub is reachable (default per MODEL_TYPE)."),
+    s("DEVICE", Some("auto"), "auto, cpu or cuda (cuda needs a build with the `cuda` feature)."),
+    s("DEFAULT_FPS", Some("2.0"), "Frames per second sampled when a job gives no fps; (0, 30]."),
+    s("DEFAULT_PROMPT", Some("Detect all people and vehicles"), "Prompt for jobs that follow the active prompt while none has been set (reported as version 0)."),
+    s("MAX_BATCH_SIZE", Some("8"), "Most frames per model batch, across all jobs of the worker."),
+    s("BATCH_WINDOW_MS", Some("20"), "How long the engine waits to fill a batch once it has a frame."),
+    s("MAX_FRAME_AGE_MS", Some("5000"), "Frames older than this when the model could take them are skipped and counted."),
+    s("INFERENCE_TIMEOUT_MS", Some("30000"), "Bound on one model batch; its frames get error entries when it is exceeded."),
+    s("DETECT_THRESHOLD", Some("0.5"), "clip: probability over which a phrase is listed as detected; [0, 1]."),
+    s("MAX_NEW_TOKENS", Some("20"), "blip: most tokens generated per caption."),
+    s("MAX_CONCURRENT_STREAMS", Some("10"), "Most jobs one worker runs at once."),
+    s("JOB_LEASE_MS", Some("15000"), "A running job's entry that has not been renewed for this long is reclaimed by another worker."),
+    s("RECLAIM_INTERVAL_MS", Some("1000"), "How often a worker looks for entries to reclaim (idle past JOB_LEASE_MS, or handed back)."),
+    s("MAX_ATTEMPTS", Some("3"), "Deliveries (not counting graceful hand-backs) after which a job is dead-lettered."),
+    s("RESULT_TTL_S", Some("86400"), "How long a finished job's hash and results are kept."),
+    s("RESULTS_MAXLEN", Some("10000"), "Approximate cap on each results stream (MAXLEN ~)."),
+    s("EVENTS_MAXLEN", Some("10000"), "Approximate cap on the events stream (MAXLEN ~)."),
+    s("SOURCE_RETRIES", Some("5"), "Restarts of a failed HLS source (exponential backoff) before the job fails."),
+    s("ALLOW_FILE_SOURCES", Some("false"), "Allow local paths and file: URLs as stream_ref (off: a stream_ref comes from anyone who can write to Redis)."),
+    s("MAX_FRAME_SIDE", None, "Longest side frames are scaled to when decoded (default: from the model's input size)."),
+    s("MAX_FRAME_PIXELS", Some("40000000"), "Largest image (width x height) a frame stream entry may decode to."),
+    s("HEALTH_ADDR", Some("0.0.0.0:8080"), "Address of the health and metrics endpoint."),
+    s("LOG_LEVEL", Some("info"), "trace, debug, info, warning (warn), error (critical)."),
+    s("LOG_FORMAT", Some("text"), "text or json."),
+    s("WORKER_ID", None, "This worker's consumer name; default host-pid-<boot uuid>."),
+    s("SHUTDOWN_TIMEOUT_MS", Some("10000"), "How long a stopping worker waits for its jobs to hand back before it exits."),
+];
+
+/// A bad setting: which variable, what it held, what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {name}={value:?}: {allowed}")]
+pub struct ConfigError {
+    pub name: String,
+    pub value: String,
+    pub allowed: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub redis_url: String,
+    pub key_prefix: String,
+    pub model_type: String,
+    pub model_path: Option<PathBuf>,
+    pub model_id: Option<String>,
+    pub device: String,
+    pub default_fps: f64,
+    pub default_prompt: String,
+    pub max_batch_size: usize,
+    pub batch_window: Duration,
+    pub max_frame_age: Duration,
+    pub inference_timeout: Duration,
+    pub detect_threshold: f32,
+    pub max_new_tokens: usize,
+    pub max_concurrent_streams: usize,
+    pub job_lease: Duration,
+    pub reclaim_interval: Duration,
+    pub max_attempts: u32,
+    pub result_ttl: Duration,
+    pub results_maxlen: usize,
+    pub events_maxlen: usize,
+    pub source_retries: u32,
+    pub allow_file_sources: bool,
+    pub max_frame_side: Option<u32>,
+    pub max_frame_pixels: u64,
+    pub health_addr: SocketAddr,
+    /// A `tracing` filter level: trace, debug, info, warn, error.
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub worker_id: Option<String>,
+    pub shutdown_timeout: Duration,
+}
+
+struct Reader<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Reader<'_> {
+    /// The raw value: given, or the default from `SETTINGS`.
+    fn raw(&self, name: &str) -> Option<String> {
+        (self.lookup)(name)
+            .filter(|v| !v.trim().is_empty())
+            .or_else(|| {
+                SETTINGS
+                    .iter()
+                    .find(|s| s.env == name)
+                    .and_then(|s| s.default.map(str::to_string))
+            })
+    }
+
+    fn err(name: &str, value: &str, allowed: &str) -> ConfigError {
+        ConfigError {
+            name: name.into(),
+            value: value.into(),
+            allowed: allowed.into(),
+        }
+    }
+
+    fn string(&self, name: &str) -> String {
+        self.raw(name).unwrap_or_default()
+    }
+
+    fn parse<T: std::str::FromStr>(
+        &self,
+        name: &str,
+        allowed: &str,
+        ok: impl Fn(&T) -> bool,
+    ) -> Result<T, ConfigError> {
+        let raw = self.string(name);
+        match raw.trim().parse::<T>() {
+            Ok(v) if ok(&v) => Ok(v),
+            _ => Err(Self::err(name, &raw, allowed)),
+        }
+    }
+
+    fn millis(&self, name: &str, min: u64) -> Result<Duration, ConfigError> {
+        self.parse::<u64>(name, &format!("a whole number of milliseconds, at least {min}"), |v| *v >= min)
+            .map(Duration::from_millis)
+    }
+
+    fn count(&self, name: &str, min: usize) -> Result<usize, ConfigError> {
+        self.parse::<usize>(name, &format!("a whole number, at least {min}"), |v| *v >= min)
+    }
+
+    fn boolean(&self, name: &str) -> Result<bool, ConfigError> {
+        let raw = self.string(name);
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(Self::err(name, &raw, "true or false")),
+        }
+    }
+
+    fn one_of(&self, name: &str, allowed: &[&str]) -> Result<String, ConfigError> {
+        let raw = self.string(name);
+        let v = raw.trim().to_ascii_lowercase();
+        if allowed.contains(&v.as_str()) {
+            Ok(v)
+        } else {
+            Err(Self::err(name, &raw, &format!("one of {}", allowed.join(", "))))
+        }
+    }
+}
+
+impl Config {
+    /// Reads every setting through `lookup` (flag value, else environment), applies the
+    /// defaults, and validates. The first bad value is the error.
+    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let r = Reader { lookup };
+        let redis_url = match (r.lookup)("REDIS_URL").filter(|v| !v.trim().is_empty()) {
+            Some(url) => {
+                let url = url.trim().to_string();
+                if !(url.starts_with("redis://")
+                    || url.starts_with("rediss://")
+                    || url.starts_with("unix://")
+                    || url.starts_with("redis+unix://"))
+                {
+                    return Err(Reader::err("REDIS_URL", &url, "a redis://, rediss:// or unix:// URL"));
+                }
+                url
+            }
+            None => {
+                let host = r.string("REDIS_HOST");
+                let port: u16 = r.parse("REDIS_PORT", "a port number, 1 to 65535", |p| *p > 0)?;
+                let db: u32 = r.parse("REDIS_DB", "a database number, 0 or more", |_| true)?;
+                match r.raw("REDIS_PASSWORD") {
+                    Some(pw) => format!("redis://:{}@{host}:{port}/{db}", percent_encode(&pw)),
+                    None => format!("redis://{host}:{port}/{db}"),
+                }
+            }
+        };
+        let key_prefix = r.string("KEY_PREFIX");
+        if key_prefix.is_empty()
+            || key_prefix.len() > 64
+            || !key_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+        {
+            return Err(Reader::err(
+                "KEY_PREFIX",
+                &key_prefix,
+                "1 to 64 of letters, digits, '_', '-', '.', ':'",
+            ));
+        }
+        let log_level = match r
+            .one_of("LOG_LEVEL", &["trace", "debug", "info", "warn", "warning", "error", "critical"])?
+            .as_str()
+        {
+            "warning" => "warn".to_string(),
+            "critical" => "error".to_string(),
+            other => other.to_string(),
+        };
+        let log_format = match r.one_of("LOG_FORMAT", &["text", "json"])?.as_str() {
+            "json" => LogFormat::Json,
+            _ => LogFormat::Text,
+        };
+        let worker_id = match r.raw("WORKER_ID") {
+            Some(id) if crate::job::validate_job_id(&id).is_err() => {
+                return Err(Reader::err(
+                    "WORKER_ID",
+                    &id,
+                    "1 to 128 of letters, digits, '.', '_', ':', '-'",
+                ));
+            }
+            other => other,
+        };
+        let max_frame_side = match r.raw("MAX_FRAME_SIDE") {
+            None => None,
+            Some(_) => Some(r.parse::<u32>("MAX_FRAME_SIDE", "a number of pixels, 16 to 8192", |v| (16..=8192).contains(v))?),
+        };
+        let job_lease = r.millis("JOB_LEASE_MS", 1000)?;
+        Ok(Config {
+            redis_url,
+            key_prefix,
+            model_type: r.one_of("MODEL_TYPE", &["clip", "blip", "null"])?,
+            model_path: r.raw("MODEL_PATH").map(PathBuf::from),
+            model_id: r.raw("MODEL_ID"),
+            device: r.one_of("DEVICE", &["auto", "cpu", "cuda"])?,
+            default_fps: r.parse("DEFAULT_FPS", "a number in (0, 30]", |f: &f64| {
+                f.is_finite() && *f > 0.0 && *f <= crate::job::MAX_FPS
+            })?,
+            default_prompt: {
+                let p = r.string("DEFAULT_PROMPT");
+                if p.len() > crate::job::MAX_PROMPT_BYTES {
+                    return Err(Reader::err("DEFAULT_PROMPT", &p, "at most 8192 bytes"));
+                }
+                p
+            },
+            max_batch_size: r.count("MAX_BATCH_SIZE", 1)?,
+            batch_window: r.millis("BATCH_WINDOW_MS", 0)?,
+            max_frame_age: r.millis("MAX_FRAME_AGE_MS", 1)?,
+            inference_timeout: r.millis("INFERENCE_TIMEOUT_MS", 1)?,
+            detect_threshold: r.parse("DETECT_THRESHOLD", "a probability in [0, 1]", |t: &f32| {
+                (0.0..=1.0).contains(t)
+            })?,
+            max_new_tokens: r.count("MAX_NEW_TOKENS", 1)?,
+            max_concurrent_streams: r.count("MAX_CONCURRENT_STREAMS", 1)?,
+            reclaim_interval: r.millis("RECLAIM_INTERVAL_MS", 50)?,
+            job_lease,
+            max_attempts: r.parse("MAX_ATTEMPTS", "a whole number, at least 1", |v: &u32| *v >= 1)?,
+            result_ttl: Duration::from_secs(r.parse("RESULT_TTL_S", "a whole number of seconds, at least 1", |v: &u64| *v >= 1)?),
+            results_maxlen: r.count("RESULTS_MAXLEN", 1)?,
+            events_maxlen: r.count("EVENTS_MAXLEN", 1)?,
+            source_retries: r.parse("SOURCE_RETRIES", "a whole number, 0 or more", |_: &u32| true)?,
+            allow_file_sources: r.boolean("ALLOW_FILE_SOURCES")?,
+            max_frame_side,
+            max_frame_pixels: r.parse("MAX_FRAME_PIXELS", "a whole number, at least 1", |v: &u64| *v >= 1)?,
+            health_addr: r.parse("HEALTH_ADDR", "host:port, e.g. 0.0.0.0:8080", |_: &SocketAddr| true)?,
+            log_level,
+            log_format,
+            worker_id,
+            shutdown_timeout: r.millis("SHUTDOWN_TIMEOUT_MS", 0)?,
+        })
+    }
+
+    /// The defaults alone (what an empty environment gives).
+    pub fn defaults() -> Self {
+        Self::from_lookup(&|_| None).expect("the defaults are valid")
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn with(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(&move |name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::defaults();
+        assert_eq!(c.redis_url, "redis://localhost:6379/0");
+        assert_eq!(c.key_prefix, "fr");
+        assert_eq!(c.default_fps, 2.0);
+        assert_eq!(c.job_lease, Duration::from_millis(15000));
+        assert_eq!(c.max_attempts, 3);
+        assert_eq!(c.result_ttl, Duration::from_secs(86400));
+        assert_eq!(c.model_type, "clip");
+        assert!(!c.allow_file_sources);
+    }
+
+    #[test]
+    fn redis_url_is_built_from_parts_with_an_escaped_password() {
+        let c = with(&[("REDIS_HOST", "cache"), ("REDIS_PORT", "6380"), ("REDIS_PASSWORD", "p@ss word"), ("REDIS_DB", "2")]).unwrap();
+        assert_eq!(c.redis_url, "redis://:p%40ss%20word@cache:6380/2");
+        let c = with(&[("REDIS_URL", "rediss://h:6379"), ("REDIS_HOST", "ignored")]).unwrap();
+        assert_eq!(c.redis_url, "rediss://h:6379");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_what_is_allowed() {
+        let cases = [
+            ("DEFAULT_FPS", "0"),
+            ("DEFAULT_FPS", "abc"),
+            ("MAX_BATCH_SIZE", "0"),
+            ("JOB_LEASE_MS", "10"),
+            ("LOG_FORMAT", "xml"),
+            ("DEVICE", "tpu"),
+            ("HEALTH_ADDR", "nowhere"),
+            ("KEY_PREFIX", "a{b}"),
+            ("ALLOW_FILE_SOURCES", "maybe"),
+            ("REDIS_URL", "http://x"),
+            ("MODEL_TYPE", "gpt"),
+        ];
+        for (name, value) in cases {
+            let e = with(&[(name, value)]).unwrap_err();
+            assert_eq!(e.name, name);
+            let line = e.to_string();
+            assert!(line.starts_with(&format!("invalid {name}=")), "{line}");
+            assert!(!line.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn seed_log_levels_are_accepted() {
+        assert_eq!(with(&[("LOG_LEVEL", "WARNING")]).unwrap().log_level, "warn");
+        assert_eq!(with(&[("LOG_LEVEL", "CRITICAL")]).unwrap().log_level, "error");
+    }
+
+    #[test]
+    fn docs_and_env_example_list_every_setting() {
+        let docs = include_str!("../docs/configuration.md");
+        let example = include_str!("../.env.example");
+        for s in SETTINGS {
+            assert!(docs.contains(&format!("`{}`", s.env)), "docs/configuration.md lacks {}", s.env);
+            assert!(example.contains(&format!("{}=", s.env)), ".env.example lacks {}", s.env);
+        }
+    }
+}

@@ -1,0 +1,381 @@
+#!lua name=freeroam
+-- free-roam's Redis functions: every operation of the contract that must be atomic.
+-- Each function takes exactly one key, the contract's hash tag (`{fr}` by default), and
+-- derives the key names from it, so all keys live in one Cluster slot. Workers and the CLI
+-- load this library with FUNCTION LOAD REPLACE at start; see docs/redis-contract.md.
+
+local GROUP = 'workers'
+local TERMINAL = { completed = true, failed = true, cancelled = true, dead = true }
+local MAX_PROMPT_BYTES = 8192
+local CANCEL_SCAN_LIMIT = 100000
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Fleet-wide settings a worker publishes at start; user-called functions read them too.
+local function setting(tag, name, default)
+  local v = redis.call('HGET', tag .. ':settings', name)
+  if v then return tonumber(v) end
+  return default
+end
+
+local function event(tag, job_id, from, to, worker, err, entry_id)
+  local args = { tag .. ':events', 'MAXLEN', '~', setting(tag, 'events_maxlen', 10000), '*',
+    'kind', 'job', 'job_id', job_id, 'from', from or '', 'to', to, 'worker', worker or '',
+    'time_ms', now_ms() }
+  if entry_id and entry_id ~= '' then
+    table.insert(args, 'entry_id'); table.insert(args, entry_id)
+  end
+  if err and err ~= '' then
+    table.insert(args, 'error'); table.insert(args, err)
+  end
+  redis.call('XADD', unpack(args))
+end
+
+local function ack_and_delete(tag, entry_id)
+  redis.call('XACK', tag .. ':jobs', GROUP, entry_id)
+  redis.call('XDEL', tag .. ':jobs', entry_id)
+end
+
+-- Moves a job to a terminal state: hash, end entry, expiry, event. Does not touch the queue.
+local function finalize(tag, job_id, status, err, worker)
+  local jk = tag .. ':job:' .. job_id
+  local rk = tag .. ':results:' .. job_id
+  local from = redis.call('HGET', jk, 'status') or 'queued'
+  local now = now_ms()
+  redis.call('HSET', jk, 'status', status, 'finished_ms', now, 'updated_ms', now)
+  if err and err ~= '' then
+    redis.call('HSET', jk, 'error', err)
+  end
+  redis.call('HDEL', jk, 'cancel_requested', 'note')
+  local results = redis.call('HGET', jk, 'results') or '0'
+  local args = { rk, 'MAXLEN', '~', setting(tag, 'results_maxlen', 10000), '*',
+    'kind', 'end', 'status', status, 'results', results, 'time_ms', now }
+  if err and err ~= '' then
+    table.insert(args, 'error'); table.insert(args, err)
+  end
+  redis.call('XADD', unpack(args))
+  local ttl = setting(tag, 'result_ttl_s', 86400)
+  redis.call('EXPIRE', jk, ttl)
+  redis.call('EXPIRE', rk, ttl)
+  event(tag, job_id, from, status, worker, err, redis.call('HGET', jk, 'entry_id'))
+end
+
+-- Sets hash fields from a flat {name, value, ...} argument list starting at `first`.
+local function hset_from(jk, args, first)
+  if #args >= first + 1 then
+    local fields = {}
+    for i = first, #args do table.insert(fields, args[i]) end
+    redis.call('HSET', jk, unpack(fields))
+  end
+end
+
+local function owner_of(tag, entry_id)
+  local p = redis.call('XPENDING', tag .. ':jobs', GROUP, entry_id, entry_id, 1)
+  if #p == 0 then return nil, 0 end
+  return p[1][2], tonumber(p[1][4])
+end
+
+-- fr_submit KEY=tag ARGV: job_id, field, value, ... (the job entry's fields)
+-- Queues a job atomically: refuses a job_id already known, writes the queued hash, adds the
+-- entry. Returns the entry id.
+local function fr_submit(keys, args)
+  local tag, job_id = keys[1], args[1]
+  local jk = tag .. ':job:' .. job_id
+  if redis.call('EXISTS', jk) == 1 then
+    return redis.error_reply('ERR job_id ' .. job_id .. ' already exists (status ' ..
+      (redis.call('HGET', jk, 'status') or '?') .. ')')
+  end
+  local fields = { 'job_id', job_id }
+  for i = 2, #args do table.insert(fields, args[i]) end
+  local entry_id = redis.call('XADD', tag .. ':jobs', '*', unpack(fields))
+  local now = now_ms()
+  redis.call('HSET', jk, 'status', 'queued', 'entry_id', entry_id, 'created_ms', now,
+    'updated_ms', now, 'attempts', 0, 'handoffs', 0, 'results', 0)
+  for i = 2, #args, 2 do
+    if args[i] == 'stream_ref' or args[i] == 'fps' or args[i] == 'source' or
+       args[i] == 'max_frames' or args[i] == 'max_duration_s' or args[i] == 'prompt' then
+      redis.call('HSET', jk, args[i], args[i + 1])
+    end
+  end
+  redis.call('ZADD', tag .. ':jobs:index', now, job_id)
+  event(tag, job_id, '', 'queued', '', nil, entry_id)
+  return entry_id
+end
+
+-- fr_job_claim KEY=tag ARGV: entry_id, worker, max_attempts, job_id, field, value, ...
+-- Called by the worker that just received an entry (new or reclaimed). Decides whether it
+-- runs, and records it. Returns {verdict, ...}:
+--   {'run', attempt, cursor, results, frames_decoded, frames_sampled, frames_dropped, frames_failed}
+--   {'lost'}      another worker owns the entry now
+--   {'gone'}      the entry is no longer pending (already finished)
+--   {'finished', status}  the job had ended; the entry was acked and deleted
+--   {'duplicate', status} the job_id belongs to another entry; this one was dropped
+--   {'cancelled'} cancelled before it ran
+--   {'dead', attempts}    delivered too often; moved to the dead-letter stream
+local function fr_job_claim(keys, args)
+  local tag, entry_id, worker = keys[1], args[1], args[2]
+  local max_attempts, job_id = tonumber(args[3]), args[4]
+  local jk = tag .. ':job:' .. job_id
+  local owner, deliveries = owner_of(tag, entry_id)
+  if not owner then return { 'gone' } end
+  if owner ~= worker then return { 'lost' } end
+
+  local exists = redis.call('EXISTS', jk) == 1
+  local status = exists and redis.call('HGET', jk, 'status') or nil
+  if exists then
+    local known_entry = redis.call('HGET', jk, 'entry_id')
+    if known_entry and known_entry ~= entry_id then
+      ack_and_delete(tag, entry_id)
+      event(tag, job_id, '', 'rejected', worker,
+        'duplicate job_id: ' .. job_id .. ' already belongs to entry ' .. known_entry, entry_id)
+      return { 'duplicate', status or '' }
+    end
+    if TERMINAL[status] then
+      ack_and_delete(tag, entry_id)
+      return { 'finished', status }
+    end
+    if redis.call('HGET', jk, 'cancel_requested') == '1' then
+      finalize(tag, job_id, 'cancelled', nil, worker)
+      ack_and_delete(tag, entry_id)
+      return { 'cancelled' }
+    end
+  end
+
+  local handoffs = exists and tonumber(redis.call('HGET', jk, 'handoffs') or '0') or 0
+  local attempt = deliveries - handoffs
+  if attempt < 1 then attempt = 1 end
+  if attempt > max_attempts then
+    if not exists then
+      redis.call('HSET', jk, 'entry_id', entry_id, 'created_ms', now_ms())
+      hset_from(jk, args, 5)
+      redis.call('ZADD', tag .. ':jobs:index', now_ms(), job_id)
+    end
+    local last = redis.call('HGET', jk, 'error') or 'the worker running it stopped without finishing'
+    local err = 'delivered ' .. (attempt - 1) .. ' times without finishing (MAX_ATTEMPTS=' ..
+      max_attempts .. '); last error: ' .. last
+    local dead = { tag .. ':jobs:dead', '*', 'job_id', job_id, 'entry_id', entry_id,
+      'attempts', attempt - 1, 'error', err, 'time_ms', now_ms() }
+    local entry = redis.call('XRANGE', tag .. ':jobs', entry_id, entry_id)
+    if #entry == 1 then
+      local f = entry[1][2]
+      for i = 1, #f, 2 do
+        table.insert(dead, 'field:' .. f[i]); table.insert(dead, f[i + 1])
+      end
+    end
+    redis.call('XADD', unpack(dead))
+    finalize(tag, job_id, 'dead', err, worker)
+    ack_and_delete(tag, entry_id)
+    return { 'dead', attempt - 1 }
+  end
+
+  local now = now_ms()
+  if not exists then
+    redis.call('HSET', jk, 'entry_id', entry_id, 'created_ms', now, 'handoffs', 0, 'results', 0)
+    hset_from(jk, args, 5)
+    redis.call('ZADD', tag .. ':jobs:index', now, job_id)
+    status = 'queued'
+  end
+  redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'attempts', attempt,
+    'updated_ms', now)
+  redis.call('HSETNX', jk, 'started_ms', now)
+  event(tag, job_id, status, 'running', worker, nil, entry_id)
+  local v = redis.call('HMGET', jk, 'cursor', 'results', 'frames_decoded', 'frames_sampled',
+    'frames_dropped', 'frames_failed')
+  return { 'run', attempt, v[1] or '', v[2] or '0', v[3] or '0', v[4] or '0', v[5] or '0', v[6] or '0' }
+end
+
+-- fr_job_reject KEY=tag ARGV: entry_id, worker, job_id, error, field, value, ...
+-- Ends a malformed entry as failed with the reason, and drops the entry.
+local function fr_job_reject(keys, args)
+  local tag, entry_id, worker, job_id, err = keys[1], args[1], args[2], args[3], args[4]
+  local jk = tag .. ':job:' .. job_id
+  local known_entry = redis.call('HGET', jk, 'entry_id')
+  if known_entry and known_entry ~= entry_id then
+    ack_and_delete(tag, entry_id)
+    event(tag, job_id, '', 'rejected', worker, err, entry_id)
+    return 'duplicate'
+  end
+  local now = now_ms()
+  redis.call('HSET', jk, 'entry_id', entry_id, 'created_ms', now, 'worker', worker,
+    'attempts', 1, 'results', 0)
+  hset_from(jk, args, 5)
+  redis.call('ZADD', tag .. ':jobs:index', now, job_id)
+  finalize(tag, job_id, 'failed', err, worker)
+  ack_and_delete(tag, entry_id)
+  return 'failed'
+end
+
+-- fr_job_heartbeat KEY=tag ARGV: worker, entry_id, job_id, entry_id, job_id, ...
+-- Renews the lease on each entry this worker still owns (XCLAIM ... JUSTID resets its idle
+-- time without counting a delivery). Returns one verdict per job: 'ok', 'lost' (someone
+-- else owns it: stop, do not steal it back) or 'cancel' (fr_cancel asked it to stop).
+local function fr_job_heartbeat(keys, args)
+  local tag, worker = keys[1], args[1]
+  local out = {}
+  for i = 2, #args, 2 do
+    local entry_id, job_id = args[i], args[i + 1]
+    local owner = owner_of(tag, entry_id)
+    if owner ~= worker then
+      table.insert(out, 'lost')
+    else
+      redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, entry_id, 'JUSTID')
+      if redis.call('HGET', tag .. ':job:' .. job_id, 'cancel_requested') == '1' then
+        table.insert(out, 'cancel')
+      else
+        table.insert(out, 'ok')
+      end
+    end
+  end
+  return out
+end
+
+-- fr_job_finish KEY=tag ARGV: entry_id, worker, job_id, status, error
+-- Ends a job this worker owns: final status, end entry, ack and delete. 'ok' or 'lost'.
+local function fr_job_finish(keys, args)
+  local tag, entry_id, worker, job_id, status, err = keys[1], args[1], args[2], args[3], args[4], args[5]
+  if not TERMINAL[status] then
+    return redis.error_reply('ERR not a final status: ' .. tostring(status))
+  end
+  local owner = owner_of(tag, entry_id)
+  if owner ~= worker then return 'lost' end
+  finalize(tag, job_id, status, err, worker)
+  ack_and_delete(tag, entry_id)
+  return 'ok'
+end
+
+-- fr_job_handback KEY=tag ARGV: entry_id, worker, job_id, idle_ms
+-- Gives a running job back on shutdown: the entry's idle time is set past the lease so the
+-- next reclaim pass of any worker takes it at once, and the hand-back is not counted as a
+-- failed attempt. 'ok' or 'lost'.
+local function fr_job_handback(keys, args)
+  local tag, entry_id, worker, job_id, idle = keys[1], args[1], args[2], args[3], args[4]
+  local owner = owner_of(tag, entry_id)
+  if owner ~= worker then return 'lost' end
+  redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, entry_id, 'IDLE', idle, 'JUSTID')
+  local jk = tag .. ':job:' .. job_id
+  redis.call('HINCRBY', jk, 'handoffs', 1)
+  redis.call('HSET', jk, 'status', 'queued', 'updated_ms', now_ms())
+  redis.call('HDEL', jk, 'worker')
+  event(tag, job_id, 'running', 'queued', worker, 'handed back: worker shutting down', entry_id)
+  return 'ok'
+end
+
+-- fr_cancel KEY=tag ARGV: job_id
+-- A queued job is cancelled at once and never runs; a running one is flagged and its worker
+-- stops it within a second. Returns 'cancelled', 'cancelling', or 'already <status>'.
+local function fr_cancel(keys, args)
+  local tag, job_id = keys[1], args[1]
+  if not job_id or job_id == '' then
+    return redis.error_reply('ERR usage: FCALL fr_cancel 1 <tag> <job_id>')
+  end
+  local jk = tag .. ':job:' .. job_id
+  local status = redis.call('HGET', jk, 'status')
+  if status then
+    if TERMINAL[status] then return 'already ' .. status end
+    if status == 'running' then
+      redis.call('HSET', jk, 'cancel_requested', 1, 'updated_ms', now_ms())
+      return 'cancelling'
+    end
+    local entry_id = redis.call('HGET', jk, 'entry_id')
+    finalize(tag, job_id, 'cancelled', nil, '')
+    if entry_id then ack_and_delete(tag, entry_id) end
+    return 'cancelled'
+  end
+  -- Not yet seen by any worker: look for the entry in the queue itself.
+  local jobs = tag .. ':jobs'
+  local start, scanned = '-', 0
+  while scanned < CANCEL_SCAN_LIMIT do
+    local batch = redis.call('XRANGE', jobs, start, '+', 'COUNT', 500)
+    if #batch == 0 then break end
+    for _, e in ipairs(batch) do
+      local f = e[2]
+      for i = 1, #f, 2 do
+        if f[i] == 'job_id' and f[i + 1] == job_id then
+          local now = now_ms()
+          redis.call('HSET', jk, 'status', 'queued', 'entry_id', e[1], 'created_ms', now,
+            'attempts', 0, 'handoffs', 0, 'results', 0)
+          for j = 1, #f, 2 do
+            if f[j] == 'stream_ref' or f[j] == 'fps' or f[j] == 'source' or f[j] == 'prompt' then
+              redis.call('HSET', jk, f[j], f[j + 1])
+            end
+          end
+          redis.call('ZADD', tag .. ':jobs:index', now, job_id)
+          finalize(tag, job_id, 'cancelled', nil, '')
+          ack_and_delete(tag, e[1])
+          return 'cancelled'
+        end
+      end
+      start = '(' .. e[1]
+    end
+    scanned = scanned + #batch
+  end
+  return redis.error_reply('ERR unknown job ' .. job_id)
+end
+
+-- fr_prompt_set KEY=tag ARGV: text [preserve_previous=1]
+-- Sets the active prompt, bumping its version atomically. With preserve_previous 0/false
+-- the history is reset to the new version alone. Returns the new version.
+local function fr_prompt_set(keys, args)
+  local tag, text, preserve = keys[1], args[1], args[2]
+  if not text or text:match('^%s*$') then
+    return redis.error_reply('ERR prompt text is empty')
+  end
+  if #text > MAX_PROMPT_BYTES then
+    return redis.error_reply('ERR prompt is ' .. #text .. ' bytes; at most ' .. MAX_PROMPT_BYTES .. ' are allowed')
+  end
+  local keep = not (preserve == '0' or preserve == 'false' or preserve == 'no')
+  local pk, hk = tag .. ':prompt', tag .. ':prompt:history'
+  local version = redis.call('HINCRBY', pk, 'version', 1)
+  local now = now_ms()
+  redis.call('HSET', pk, 'text', text, 'updated_ms', now)
+  if not keep then redis.call('DEL', hk) end
+  redis.call('LPUSH', hk, cjson.encode({ version = version, text = text, updated_ms = now }))
+  redis.call('XADD', tag .. ':events', 'MAXLEN', '~', setting(tag, 'events_maxlen', 10000), '*',
+    'kind', 'prompt', 'version', version, 'time_ms', now)
+  return version
+end
+
+-- fr_prompt_get KEY=tag: {text, version, updated_ms}, or nil when none was ever set.
+local function fr_prompt_get(keys, args)
+  local v = redis.call('HMGET', keys[1] .. ':prompt', 'text', 'version', 'updated_ms')
+  if not v[1] then return nil end
+  return { v[1], tonumber(v[2]), tonumber(v[3]) }
+end
+
+-- fr_prompt_history KEY=tag ARGV: [count]: JSON entries, newest first.
+local function fr_prompt_history(keys, args)
+  local count = tonumber(args[1] or '0') or 0
+  local stop = -1
+  if count > 0 then stop = count - 1 end
+  return redis.call('LRANGE', keys[1] .. ':prompt:history', 0, stop)
+end
+
+-- fr_index_prune KEY=tag ARGV: [limit]: drops index members whose job hash has expired.
+local function fr_index_prune(keys, args)
+  local ik = keys[1] .. ':jobs:index'
+  local limit = tonumber(args[1] or '500') or 500
+  local ids = redis.call('ZRANGE', ik, 0, limit - 1)
+  local removed = 0
+  for _, id in ipairs(ids) do
+    if redis.call('EXISTS', keys[1] .. ':job:' .. id) == 0 then
+      redis.call('ZREM', ik, id)
+      removed = removed + 1
+    end
+  end
+  return removed
+end
+
+redis.register_function('fr_submit', fr_submit)
+redis.register_function('fr_job_claim', fr_job_claim)
+redis.register_function('fr_job_reject', fr_job_reject)
+redis.register_function('fr_job_heartbeat', fr_job_heartbeat)
+redis.register_function('fr_job_finish', fr_job_finish)
+redis.register_function('fr_job_handback', fr_job_handback)
+redis.register_function('fr_cancel', fr_cancel)
+redis.register_function('fr_prompt_set', fr_prompt_set)
+redis.register_function{ function_name = 'fr_prompt_get', callback = fr_prompt_get, flags = { 'no-writes' } }
+redis.register_function{ function_name = 'fr_prompt_history', callback = fr_prompt_history, flags = { 'no-writes' } }
+redis.register_function('fr_index_prune', fr_index_prune)

@@ -1,0 +1,523 @@
+//! What a job is: its spec parsed and validated from a `{fr}:jobs` entry, its statuses, and
+//! the `JobBody` trait that the pipeline (or a test body) implements to do a job's work.
+
+use crate::model::PromptRef;
+use crate::results::ResultSink;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Longest accepted `prompt`, in bytes.
+pub const MAX_PROMPT_BYTES: usize = 8 * 1024;
+/// Longest accepted `stream_ref`, in bytes.
+pub const MAX_STREAM_REF_BYTES: usize = 2 * 1024;
+/// Longest accepted `job_id`.
+pub const MAX_JOB_ID_LEN: usize = 128;
+/// Highest accepted `fps`.
+pub const MAX_FPS: f64 = 30.0;
+
+/// The fields a job entry may carry; anything else is kept and warned about.
+pub const KNOWN_FIELDS: &[&str] = &[
+    "stream_ref",
+    "prompt",
+    "fps",
+    "job_id",
+    "max_frames",
+    "max_duration_s",
+    "source",
+];
+
+/// Where a job's frames come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// An HTTP(S) playlist or other stream decoded by an ffmpeg child.
+    Hls,
+    /// A Redis stream of frames.
+    Redis,
+}
+
+impl SourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Hls => "hls",
+            SourceKind::Redis => "redis",
+        }
+    }
+
+    /// Detection when the entry has no `source`: URLs ffmpeg reads are HLS, anything else a
+    /// Redis key.
+    pub fn detect(stream_ref: &str) -> Self {
+        let lower = stream_ref.to_ascii_lowercase();
+        if ["http://", "https://", "rtsp://", "rtsps://"]
+            .iter()
+            .any(|scheme| lower.starts_with(scheme))
+        {
+            SourceKind::Hls
+        } else {
+            SourceKind::Redis
+        }
+    }
+}
+
+/// A job's lifecycle states, as written in the job hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    Dead,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+            JobStatus::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => JobStatus::Queued,
+            "running" => JobStatus::Running,
+            "completed" => JobStatus::Completed,
+            "failed" => JobStatus::Failed,
+            "cancelled" => JobStatus::Cancelled,
+            "dead" => JobStatus::Dead,
+            _ => return None,
+        })
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobStatus::Queued | JobStatus::Running)
+    }
+}
+
+/// A validated job, as read from one `{fr}:jobs` entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobSpec {
+    pub job_id: String,
+    /// The `{fr}:jobs` entry id that carries this job.
+    pub entry_id: String,
+    pub stream_ref: String,
+    pub source: SourceKind,
+    /// The job's own prompt; `None` means it follows the active prompt, live.
+    pub prompt: Option<String>,
+    pub fps: f64,
+    pub max_frames: Option<u64>,
+    pub max_duration_s: Option<f64>,
+    /// Fields the contract does not know, kept as they came.
+    pub extra: BTreeMap<String, String>,
+    /// Things the producer should know about but that did not stop the job.
+    pub warnings: Vec<String>,
+}
+
+/// Why a job entry was refused: names the field and the reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("field `{field}`: {reason}")]
+pub struct SpecError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl SpecError {
+    fn new(field: &str, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A job id a user can type: 1 to 128 of `A-Z a-z 0-9 . _ : -`.
+pub fn validate_job_id(id: &str) -> Result<(), SpecError> {
+    if id.is_empty() || id.len() > MAX_JOB_ID_LEN {
+        return Err(SpecError::new(
+            "job_id",
+            format!("must be 1 to {MAX_JOB_ID_LEN} characters"),
+        ));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    {
+        return Err(SpecError::new(
+            "job_id",
+            "may hold only letters, digits, '.', '_', ':' and '-'",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a stream reference for what would be unsafe to hand to ffmpeg or Redis whatever
+/// the source: a leading `-` (an ffmpeg option), control characters, excessive length.
+pub fn validate_stream_ref(stream_ref: &str) -> Result<(), SpecError> {
+    if stream_ref.trim().is_empty() {
+        return Err(SpecError::new("stream_ref", "is required and may not be empty"));
+    }
+    if stream_ref.len() > MAX_STREAM_REF_BYTES {
+        return Err(SpecError::new(
+            "stream_ref",
+            format!("is longer than {MAX_STREAM_REF_BYTES} bytes"),
+        ));
+    }
+    if stream_ref.starts_with('-') {
+        return Err(SpecError::new("stream_ref", "may not start with '-'"));
+    }
+    if stream_ref.chars().any(char::is_control) {
+        return Err(SpecError::new("stream_ref", "may not hold control characters"));
+    }
+    Ok(())
+}
+
+/// The result of reading raw entry fields: either a spec, or an error plus whatever job id
+/// could be recovered (so the failure can be recorded under the producer's id).
+pub type ParsedEntry = Result<JobSpec, (SpecError, Option<String>)>;
+
+impl JobSpec {
+    /// Parses the raw fields of a job entry. `new_id` supplies an id when the entry has
+    /// none; `default_fps` fills a missing `fps`.
+    pub fn parse(
+        entry_id: &str,
+        fields: &[(Vec<u8>, Vec<u8>)],
+        default_fps: f64,
+        new_id: impl FnOnce() -> String,
+    ) -> ParsedEntry {
+        let mut values: BTreeMap<String, String> = BTreeMap::new();
+        let mut first_error: Option<SpecError> = None;
+        let mut warnings = Vec::new();
+        for (name, value) in fields {
+            let Ok(name) = std::str::from_utf8(name) else {
+                first_error.get_or_insert(SpecError::new(
+                    &String::from_utf8_lossy(name),
+                    "field name is not valid UTF-8",
+                ));
+                continue;
+            };
+            match std::str::from_utf8(value) {
+                Ok(v) => {
+                    if values.insert(name.to_string(), v.to_string()).is_some() {
+                        warnings.push(format!("field `{name}` given twice; the last one counts"));
+                    }
+                }
+                Err(_) => {
+                    first_error.get_or_insert(SpecError::new(name, "value is not valid UTF-8"));
+                }
+            }
+        }
+
+        // The job id first, so that any later error is filed under the producer's id.
+        let job_id = match values.get("job_id") {
+            Some(id) => match validate_job_id(id) {
+                Ok(()) => Some(id.clone()),
+                Err(e) => return Err((e, None)),
+            },
+            None => None,
+        };
+        if let Some(e) = first_error {
+            return Err((e, job_id));
+        }
+        let fail = |e: SpecError| Err((e, job_id.clone()));
+
+        let Some(stream_ref) = values.get("stream_ref").cloned() else {
+            return fail(SpecError::new("stream_ref", "is required"));
+        };
+        if let Err(e) = validate_stream_ref(&stream_ref) {
+            return fail(e);
+        }
+        let source = match values.get("source").map(String::as_str) {
+            None | Some("") | Some("auto") => SourceKind::detect(&stream_ref),
+            Some("hls") => SourceKind::Hls,
+            Some("redis") => SourceKind::Redis,
+            Some(other) => {
+                return fail(SpecError::new(
+                    "source",
+                    format!("must be `hls` or `redis` (or absent to detect), got `{other}`"),
+                ));
+            }
+        };
+        let fps = match values.get("fps") {
+            None => default_fps,
+            Some(raw) => match raw.trim().parse::<f64>() {
+                Ok(f) if f.is_finite() && f > 0.0 && f <= MAX_FPS => f,
+                _ => {
+                    return fail(SpecError::new(
+                        "fps",
+                        format!("must be a number in (0, {MAX_FPS}], got `{raw}`"),
+                    ));
+                }
+            },
+        };
+        let prompt = match values.get("prompt") {
+            None => None,
+            Some(p) if p.len() > MAX_PROMPT_BYTES => {
+                return fail(SpecError::new(
+                    "prompt",
+                    format!("is {} bytes; at most {MAX_PROMPT_BYTES} are allowed", p.len()),
+                ));
+            }
+            Some(p) if p.trim().is_empty() => {
+                return fail(SpecError::new(
+                    "prompt",
+                    "is empty; leave it out to follow the active prompt",
+                ));
+            }
+            Some(p) => Some(p.clone()),
+        };
+        let max_frames = match values.get("max_frames") {
+            None => None,
+            Some(raw) => match raw.trim().parse::<u64>() {
+                Ok(n) if n > 0 => Some(n),
+                _ => {
+                    return fail(SpecError::new(
+                        "max_frames",
+                        format!("must be a whole number above 0, got `{raw}`"),
+                    ));
+                }
+            },
+        };
+        let max_duration_s = match values.get("max_duration_s") {
+            None => None,
+            Some(raw) => match raw.trim().parse::<f64>() {
+                Ok(s) if s.is_finite() && s > 0.0 => Some(s),
+                _ => {
+                    return fail(SpecError::new(
+                        "max_duration_s",
+                        format!("must be a number of seconds above 0, got `{raw}`"),
+                    ));
+                }
+            },
+        };
+        let extra: BTreeMap<String, String> = values
+            .iter()
+            .filter(|(k, _)| !KNOWN_FIELDS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for name in extra.keys() {
+            warnings.push(format!(
+                "unknown field `{name}` was kept in `extra` but is not used"
+            ));
+        }
+        Ok(JobSpec {
+            job_id: job_id.unwrap_or_else(new_id),
+            entry_id: entry_id.to_string(),
+            stream_ref,
+            source,
+            prompt,
+            fps,
+            max_frames,
+            max_duration_s,
+            extra,
+            warnings,
+        })
+    }
+}
+
+/// Why a running job was told to stop before it finished on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// A user called `fr_cancel`: the job ends `cancelled`.
+    Cancelled,
+    /// The worker is shutting down: the job is handed back to the queue.
+    Shutdown,
+    /// Another worker now owns the entry: this one leaves it alone.
+    LeaseLost,
+}
+
+/// Tells a job body to stop at the next frame boundary, and why.
+#[derive(Clone, Debug, Default)]
+pub struct StopSignal {
+    token: CancellationToken,
+    reason: Arc<Mutex<Option<StopReason>>>,
+}
+
+impl StopSignal {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the body to stop. The first reason given wins.
+    pub fn stop(&self, reason: StopReason) {
+        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(reason);
+        self.token.cancel();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves once a stop was asked for: select on it around every wait.
+    pub async fn stopped(&self) {
+        self.token.cancelled().await
+    }
+}
+
+/// The prompt a job runs with: its own, or the active `{fr}:prompt` followed live.
+#[derive(Clone, Debug)]
+pub enum PromptFollow {
+    Fixed(PromptRef),
+    Live(watch::Receiver<PromptRef>),
+}
+
+impl PromptFollow {
+    /// The prompt to use for the next batch.
+    pub fn current(&self) -> PromptRef {
+        match self {
+            PromptFollow::Fixed(p) => p.clone(),
+            PromptFollow::Live(rx) => rx.borrow().clone(),
+        }
+    }
+}
+
+/// Per-job frame counters, written to the job hash as absolute values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrameCounters {
+    pub frames_decoded: u64,
+    pub frames_sampled: u64,
+    pub frames_dropped: u64,
+    pub frames_failed: u64,
+}
+
+/// Where a reclaimed or handed-back job left off, read from its hash.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ResumeState {
+    /// The body-specific resume position last saved (`cursor` in the job hash).
+    pub cursor: Option<String>,
+    /// Result entries already written.
+    pub results: u64,
+    pub counters: FrameCounters,
+    /// Which delivery this is, counting from 1.
+    pub attempt: u32,
+}
+
+/// Everything a job body needs to run one job.
+pub struct JobContext {
+    pub spec: Arc<JobSpec>,
+    pub resume: ResumeState,
+    pub sink: ResultSink,
+    pub stop: StopSignal,
+    pub prompt: PromptFollow,
+}
+
+/// How a body ended without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyOutcome {
+    /// The job's work is done (end of stream, `max_frames`, `max_duration_s`).
+    Completed,
+    /// The body returned because its `StopSignal` fired; the runner reads the reason.
+    Stopped,
+}
+
+/// A job that cannot go on; the message ends up in the job hash and the end entry, so it
+/// should tell a person what to fix.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct JobFailure {
+    pub message: String,
+}
+
+impl JobFailure {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+}
+
+/// The boxed future a body returns.
+pub type BodyFuture<'a> = Pin<Box<dyn Future<Output = Result<BodyOutcome, JobFailure>> + Send + 'a>>;
+
+/// A job's work: reads frames, writes results through `ctx.sink`, returns at the next frame
+/// boundary once `ctx.stop` fires. The pipeline implements it; tests plug in their own.
+pub trait JobBody: Send + Sync + 'static {
+    fn run(&self, ctx: JobContext) -> BodyFuture<'_>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    fn parse(pairs: &[(&str, &str)]) -> ParsedEntry {
+        JobSpec::parse("1-0", &fields(pairs), 2.0, || "generated".into())
+    }
+
+    #[test]
+    fn minimal_entry_gets_defaults_and_detected_source() {
+        let spec = parse(&[("stream_ref", "https://cam/live.m3u8")]).unwrap();
+        assert_eq!(spec.job_id, "generated");
+        assert_eq!(spec.source, SourceKind::Hls);
+        assert_eq!(spec.fps, 2.0);
+        assert_eq!(spec.prompt, None);
+        let spec = parse(&[("stream_ref", "frames:cam1"), ("job_id", "j-1")]).unwrap();
+        assert_eq!(spec.source, SourceKind::Redis);
+        assert_eq!(spec.job_id, "j-1");
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("prompt", "x")], "stream_ref"),
+            (&[("stream_ref", "a"), ("fps", "0")], "fps"),
+            (&[("stream_ref", "a"), ("fps", "31")], "fps"),
+            (&[("stream_ref", "a"), ("fps", "abc")], "fps"),
+            (&[("stream_ref", "a"), ("source", "ftp")], "source"),
+            (&[("stream_ref", "-i x")], "stream_ref"),
+            (&[("stream_ref", "a\nb")], "stream_ref"),
+            (&[("stream_ref", "a"), ("max_frames", "-1")], "max_frames"),
+            (&[("stream_ref", "a"), ("max_duration_s", "0")], "max_duration_s"),
+            (&[("stream_ref", "a"), ("job_id", "has space")], "job_id"),
+        ];
+        for (pairs, field) in cases {
+            let (err, _) = parse(pairs).unwrap_err();
+            assert_eq!(&err.field, field, "{pairs:?}");
+        }
+        let long = "p".repeat(MAX_PROMPT_BYTES + 1);
+        let (err, id) = parse(&[("stream_ref", "a"), ("prompt", &long), ("job_id", "j")]).unwrap_err();
+        assert_eq!(err.field, "prompt");
+        assert_eq!(id.as_deref(), Some("j"), "the producer's id is kept for the report");
+    }
+
+    #[test]
+    fn non_utf8_values_are_refused_and_unknown_fields_kept() {
+        let mut f = fields(&[("stream_ref", "a")]);
+        f.push((b"prompt".to_vec(), vec![0xff, 0xfe]));
+        let (err, _) = JobSpec::parse("1-0", &f, 2.0, || "g".into()).unwrap_err();
+        assert_eq!(err.field, "prompt");
+        assert!(err.reason.contains("UTF-8"));
+
+        let spec = parse(&[("stream_ref", "a"), ("colour", "red")]).unwrap();
+        assert_eq!(spec.extra.get("colour").map(String::as_str), Some("red"));
+        assert!(spec.warnings[0].contains("colour"));
+    }
+
+    #[test]
+    fn stop_signal_keeps_the_first_reason() {
+        let s = StopSignal::new();
+        assert!(!s.is_stopped());
+        s.stop(StopReason::Cancelled);
+        s.stop(StopReason::Shutdown);
+        assert!(s.is_stopped());
+        assert_eq!(s.reason(), Some(StopReason::Cancelled));
+    }
+}

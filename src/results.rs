@@ -1,0 +1,182 @@
+//! Writes a job's output: one `{fr}:results:<id>` entry per frame and the job's progress in
+//! its hash, both in one atomic pipeline per batch, retried through Redis outages.
+
+use crate::job::{FrameCounters, StopSignal};
+use crate::store::{Backoff, Store, StoreResult, now_ms};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// What became of one frame.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FrameOutcome {
+    /// The model's output, serialised as the entry's `output` field.
+    Output(serde_json::Value),
+    /// The frame could not be decoded or inferred; the job goes on.
+    Error(String),
+}
+
+/// One result entry: a frame's output or its error.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResultEntry {
+    pub frame: u64,
+    pub pts_ms: Option<i64>,
+    pub capture_ms: i64,
+    pub prompt_version: Option<u64>,
+    pub model: Arc<str>,
+    pub latency_ms: f64,
+    pub outcome: FrameOutcome,
+}
+
+/// The job's progress written with each batch of entries: absolute values, so a retried
+/// write never counts twice.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Progress {
+    pub counters: FrameCounters,
+    /// Where a reclaimed job resumes (body-specific); `None` leaves the saved one.
+    pub cursor: Option<String>,
+    /// A short note for people reading the hash (e.g. "waiting for frame stream").
+    pub note: Option<String>,
+}
+
+/// A job's handle for writing results. Cheap to clone.
+#[derive(Clone)]
+pub struct ResultSink {
+    store: Store,
+    job_key: Arc<str>,
+    results_key: Arc<str>,
+    maxlen: usize,
+    stop: StopSignal,
+    written: Arc<AtomicU64>,
+}
+
+impl ResultSink {
+    pub fn new(
+        store: Store,
+        job_id: &str,
+        maxlen: usize,
+        stop: StopSignal,
+        already_written: u64,
+    ) -> Self {
+        Self {
+            job_key: store.keys().job(job_id).into(),
+            results_key: store.keys().results(job_id).into(),
+            store,
+            maxlen,
+            stop,
+            written: Arc::new(AtomicU64::new(already_written)),
+        }
+    }
+
+    /// Result entries written for this job so far, across deliveries.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Writes `entries` and `progress` in one atomic round trip. Connection failures are
+    /// retried with backoff until Redis answers or the job is stopped.
+    pub async fn write(&self, entries: &[ResultEntry], progress: &Progress) -> StoreResult<()> {
+        let pipe = self.build(entries, progress);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            match self.store.pipe::<redis::Value>(&pipe).await {
+                Ok(_) => {
+                    self.written
+                        .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e) if e.is_transient() && !self.stop.is_stopped() => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, job = %self.job_key, ?delay, "result write failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.stop.stopped() => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Saves progress alone (no entries), e.g. a note while waiting for a source.
+    pub async fn progress(&self, progress: &Progress) -> StoreResult<()> {
+        self.write(&[], progress).await
+    }
+
+    fn build(&self, entries: &[ResultEntry], progress: &Progress) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut last_version = None;
+        for e in entries {
+            let cmd = pipe
+                .cmd("XADD")
+                .arg(&*self.results_key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.maxlen)
+                .arg("*");
+            match &e.outcome {
+                FrameOutcome::Output(_) => cmd.arg("kind").arg("result"),
+                FrameOutcome::Error(_) => cmd.arg("kind").arg("error"),
+            };
+            cmd.arg("frame").arg(e.frame);
+            if let Some(pts) = e.pts_ms {
+                cmd.arg("pts_ms").arg(pts);
+            }
+            cmd.arg("capture_ms").arg(e.capture_ms);
+            if let Some(v) = e.prompt_version {
+                cmd.arg("prompt_version").arg(v);
+                last_version = Some(v);
+            }
+            cmd.arg("model")
+                .arg(&*e.model)
+                .arg("latency_ms")
+                .arg(format!("{:.2}", e.latency_ms));
+            match &e.outcome {
+                FrameOutcome::Output(v) => cmd.arg("output").arg(v.to_string()),
+                FrameOutcome::Error(msg) => cmd.arg("error").arg(msg),
+            };
+            cmd.ignore();
+        }
+        let c = &progress.counters;
+        let hset = pipe
+            .cmd("HSET")
+            .arg(&*self.job_key)
+            .arg("updated_ms")
+            .arg(now_ms())
+            .arg("frames_decoded")
+            .arg(c.frames_decoded)
+            .arg("frames_sampled")
+            .arg(c.frames_sampled)
+            .arg("frames_dropped")
+            .arg(c.frames_dropped)
+            .arg("frames_failed")
+            .arg(c.frames_failed);
+        if let Some(cursor) = &progress.cursor {
+            hset.arg("cursor").arg(cursor);
+        }
+        if let Some(note) = &progress.note {
+            hset.arg("note").arg(note);
+        }
+        if let Some(v) = last_version {
+            hset.arg("prompt_version").arg(v);
+        }
+        hset.ignore();
+        if !entries.is_empty() {
+            pipe.cmd("HINCRBY")
+                .arg(&*self.job_key)
+                .arg("results")
+                .arg(entries.len())
+                .ignore();
+        }
+        pipe
+    }
+}
+
+impl std::fmt::Debug for ResultSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResultSink")
+            .field("results_key", &self.results_key)
+            .finish()
+    }
+}

@@ -1,0 +1,253 @@
+//! The worker's and the CLI's handle on Redis: a connection pool, the contract's key names,
+//! and calls into the `freeroam` function library, which is loaded again whenever the
+//! server has lost it (a restart without persistence, a `FUNCTION FLUSH`).
+
+use crate::keys::Keys;
+use deadpool_redis::{Manager, Pool, Runtime};
+use redis::aio::ConnectionLike;
+use redis::{AsyncConnectionConfig, FromRedisValue, ToRedisArgs};
+use std::time::Duration;
+
+/// The Redis function library every worker and the CLI load with `FUNCTION LOAD REPLACE`.
+pub const FUNCTIONS_LUA: &str = include_str!("functions.lua");
+
+/// The longest a blocking read (`XREADGROUP`/`XREAD BLOCK`) may wait in one call; the reply
+/// timeout sits well above it.
+pub const MAX_BLOCK_MS: u64 = 2_000;
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What went wrong talking to Redis, and whether trying again can help.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis connection pool: {0}")]
+    Pool(String),
+    #[error("bad redis url: {0}")]
+    Url(String),
+}
+
+impl StoreError {
+    /// True for failures of the connection (worth a retry after a backoff), false for
+    /// errors the server answered (a bad argument, a script error).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+                    || matches!(
+                        e.kind(),
+                        redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+                            | redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain)
+                            | redis::ErrorKind::Server(redis::ServerErrorKind::MasterDown)
+                    )
+            }
+            StoreError::Pool(_) => true,
+            StoreError::Url(_) => false,
+        }
+    }
+
+    /// The message a function raised with `redis.error_reply`, without the `ERR` noise.
+    pub fn server_message(&self) -> Option<String> {
+        match self {
+            StoreError::Redis(e) => e.detail().map(str::to_string).or_else(|| Some(e.to_string())),
+            _ => None,
+        }
+    }
+}
+
+impl From<deadpool_redis::PoolError> for StoreError {
+    fn from(e: deadpool_redis::PoolError) -> Self {
+        match e {
+            deadpool_redis::PoolError::Backend(e) => StoreError::Redis(e),
+            other => StoreError::Pool(other.to_string()),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A pooled Redis handle bound to one key prefix. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    keys: Keys,
+}
+
+impl Store {
+    /// Builds the pool. Connections are made lazily, so this succeeds while Redis is down.
+    pub fn new(redis_url: &str, key_prefix: &str, max_connections: usize) -> StoreResult<Self> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let manager = Manager::new_with_config(redis_url, config)
+            .map_err(|e| StoreError::Url(e.to_string()))?;
+        let pool = Pool::builder(manager)
+            .max_size(max_connections.max(4))
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(CONNECT_TIMEOUT * 2))
+            .recycle_timeout(Some(Duration::from_secs(2)))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        Ok(Self {
+            pool,
+            keys: Keys::new(key_prefix),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A connection from the pool; hold it only for one exchange (or one blocking read).
+    pub async fn conn(&self) -> StoreResult<deadpool_redis::Connection> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Runs one command on a pooled connection.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> StoreResult<T> {
+        let mut conn = self.conn().await?;
+        Ok(cmd.query_async(&mut conn).await?)
+    }
+
+    /// Runs a pipeline on a pooled connection.
+    pub async fn pipe<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> StoreResult<T> {
+        let mut conn = self.conn().await?;
+        Ok(pipe.query_async(&mut conn).await?)
+    }
+
+    /// Round trip time of a `PING`.
+    pub async fn ping(&self) -> StoreResult<Duration> {
+        let start = std::time::Instant::now();
+        let _: String = self.query(&redis::cmd("PING")).await?;
+        Ok(start.elapsed())
+    }
+
+    /// Loads (or replaces) the `freeroam` function library.
+    pub async fn load_functions(&self) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        load_functions_on(&mut conn).await
+    }
+
+    /// Calls one of the library's functions with the contract's hash tag as its only key,
+    /// loading the library first when the server does not have it.
+    pub async fn fcall<T: FromRedisValue>(
+        &self,
+        function: &str,
+        args: &[&dyn ToRedisArgsDyn],
+    ) -> StoreResult<T> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(function).arg(1).arg(self.keys.tag());
+        for a in args {
+            a.write_to(&mut cmd);
+        }
+        let mut conn = self.conn().await?;
+        match cmd.query_async(&mut conn).await {
+            Err(e) if is_missing_function(&e) => {
+                load_functions_on(&mut conn).await?;
+                Ok(cmd.query_async(&mut conn).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Creates the job stream and the `workers` group if either is missing.
+    pub async fn ensure_group(&self) -> StoreResult<()> {
+        let result: redis::RedisResult<()> = {
+            let mut conn = self.conn().await?;
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(self.keys.jobs())
+                .arg(crate::keys::WORKER_GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+async fn load_functions_on<C: ConnectionLike + Send>(conn: &mut C) -> StoreResult<()> {
+    let _: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(FUNCTIONS_LUA)
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
+fn is_missing_function(e: &redis::RedisError) -> bool {
+    e.to_string().contains("Function not found")
+}
+
+/// An argument of mixed type for [`Store::fcall`].
+pub trait ToRedisArgsDyn: Sync {
+    fn write_to(&self, cmd: &mut redis::Cmd);
+}
+
+impl<T: ToRedisArgs + Sync> ToRedisArgsDyn for T {
+    fn write_to(&self, cmd: &mut redis::Cmd) {
+        cmd.arg(self);
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Exponential backoff with a cap, for reconnect loops.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    next: Duration,
+    initial: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            next: initial,
+            initial,
+            max,
+        }
+    }
+
+    /// The delay to wait now; each call doubles the next one up to the cap.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.initial;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        let got: Vec<u128> = (0..4).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(got, vec![100, 200, 350, 350]);
+        b.reset();
+        assert_eq!(b.next_delay().as_millis(), 100);
+    }
+}
