@@ -85,13 +85,17 @@ pub async fn run(config: Config) -> ExitCode {
         started: Instant::now(),
     };
     let health_stop = CancellationToken::new();
-    let health_task = match health::serve(config.health_addr, health_ctx, health_stop.clone()).await {
+    let health_task = match health::serve(config.health_addr, health_ctx, health_stop.clone()).await
+    {
         Ok((addr, task)) => {
             tracing::info!(%addr, "health endpoint listening");
             task
         }
         Err(e) => {
-            eprintln!("free-roam: cannot listen on HEALTH_ADDR={}: {e}", config.health_addr);
+            eprintln!(
+                "free-roam: cannot listen on HEALTH_ADDR={}: {e}",
+                config.health_addr
+            );
             return ExitCode::from(2);
         }
     };
@@ -108,7 +112,14 @@ pub async fn run(config: Config) -> ExitCode {
         model: info.name.clone(),
         device: info.device.clone(),
     };
-    let worker = Arc::new(Worker::new(store, config.clone(), body, metrics, state, identity));
+    let worker = Arc::new(Worker::new(
+        store,
+        config.clone(),
+        body,
+        metrics,
+        state,
+        identity,
+    ));
     worker.run(shutdown).await;
     health_stop.cancel();
     let _ = health_task.await;
@@ -118,7 +129,10 @@ pub async fn run(config: Config) -> ExitCode {
 fn spawn_signal_handler(shutdown: CancellationToken, bound: std::time::Duration) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
