@@ -279,13 +279,17 @@ impl Worker {
                 Ok(reply) => {
                     backoff.reset();
                     self.state.redis_ok();
+                    // Entries of one read are claimed concurrently; the next read waits
+                    // for them, so the free-slot count it asks for is accurate.
+                    let mut claims = tokio::task::JoinSet::new();
                     for entry in parse_read_reply(&reply) {
                         if shutdown.is_cancelled() {
                             self.hand_back_unstarted(&entry).await;
                         } else {
-                            self.clone().take_entry(entry, false).await;
+                            claims.spawn(self.clone().take_entry(entry, false));
                         }
                     }
+                    while claims.join_next().await.is_some() {}
                 }
                 Err(e) => {
                     self.on_redis_error(&e, "reading the job stream").await;
