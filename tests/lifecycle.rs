@@ -909,3 +909,36 @@ async fn sigterm_hands_the_job_back_well_before_the_lease() {
     );
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_started_before_redis_waits_and_then_works() {
+    let mut redis = TestRedis::start();
+    redis.stop();
+    let p = unique_prefix();
+    let w = InProcessWorker::start(&redis, &p, "early", &[]);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !w.state
+            .redis_ready
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let why = w
+        .state
+        .last_redis_error
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        !why.is_empty(),
+        "the reason it is not ready is kept for /health/ready"
+    );
+    redis.restart();
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:2:1"), ("job_id", "late")],
+    );
+    assert_eq!(wait_end(&redis, &p, "late").await["status"], "completed");
+    w.stop().await;
+}
