@@ -251,9 +251,11 @@ fn normal_bytes(seed: u64, name: &str, n: usize, mean: f64, std: f64) -> Vec<u8>
     out
 }
 
-/// The values one tensor gets: LayerNorm scales near 1, CLIP's logit scale at its usual
-/// initial value, everything else small, as a freshly initialised model has. Norm scales
-/// and biases are randomised too so that parity checks exercise them.
+/// The values one tensor gets. Scaled so that a signal survives every layer (weights with
+/// standard deviation 1/sqrt(fan-in), embeddings of unit-ish size): with the usual 0.02 of a
+/// fresh model the tiny towers would barely see their input, and parity checks would not
+/// notice a wrong image path. LayerNorm scales sit near 1, biases near 0, and CLIP's logit
+/// scale at its usual initial value.
 fn tensor_bytes(spec: &TensorSpec, seed: u64) -> Vec<u8> {
     let n = spec.shape.iter().product();
     let name = spec.name.as_str();
@@ -262,10 +264,19 @@ fn tensor_bytes(spec: &TensorSpec, seed: u64) -> Vec<u8> {
     }
     let lower = name.to_ascii_lowercase();
     let is_norm = lower.contains("norm") || lower.contains("layrnorm");
-    match (is_norm, name.ends_with(".weight")) {
-        (true, true) => normal_bytes(seed, name, n, 1.0, 0.1),
-        (true, false) => normal_bytes(seed, name, n, 0.0, 0.05),
-        _ => normal_bytes(seed, name, n, 0.0, 0.02),
+    let fan_in: usize = spec.shape.iter().skip(1).product();
+    if is_norm {
+        if name.ends_with(".weight") {
+            normal_bytes(seed, name, n, 1.0, 0.1)
+        } else {
+            normal_bytes(seed, name, n, 0.0, 0.05)
+        }
+    } else if lower.contains("embedding") && !lower.contains("patch_embedding") {
+        normal_bytes(seed, name, n, 0.0, 0.5)
+    } else if spec.shape.len() >= 2 {
+        normal_bytes(seed, name, n, 0.0, 1.0 / (fan_in as f64).sqrt())
+    } else {
+        normal_bytes(seed, name, n, 0.0, 0.02)
     }
 }
 
