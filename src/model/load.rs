@@ -271,14 +271,20 @@ fn resolve_files(settings: &ModelSettings) -> Result<ModelFiles, ModelError> {
         .model_id
         .clone()
         .unwrap_or_else(|| settings.model_type.default_model_id().to_string());
-    hub_files(&id).map_err(|e| {
-        ModelError::Load(format!(
-            "no MODEL_PATH set and {id} could not be fetched from the Hugging Face hub ({e}). \
-             Set MODEL_PATH to a folder holding config.json, tokenizer.json and \
-             model.safetensors (`free-roam model make` writes a random one for tests), or \
-             make the hub reachable and set MODEL_ID"
-        ))
-    })
+    let client = hf_hub::HFClient::builder()
+        .build_sync()
+        .map_err(|e| hub_error(&id, &e.to_string()))?;
+    hub_files(&client, &id).map_err(|e| hub_error(&id, &e))
+}
+
+/// The error when the hub cannot supply a model: says exactly what to set instead.
+fn hub_error(id: &str, cause: &str) -> ModelError {
+    ModelError::Load(format!(
+        "no MODEL_PATH set and {id} could not be fetched from the Hugging Face hub ({cause}). \
+         Set MODEL_PATH to a folder holding config.json, tokenizer.json and \
+         model.safetensors (`free-roam model make` writes a random one for tests), or make \
+         the hub reachable and set MODEL_ID"
+    ))
 }
 
 /// Logs download progress through `tracing`, one line per file every 10%.
@@ -330,8 +336,7 @@ impl hf_hub::progress::ProgressHandler for LogProgress {
 }
 
 /// Downloads (or finds in the hub cache) the files of a hub model.
-fn hub_files(id: &str) -> Result<ModelFiles, String> {
-    let client = hf_hub::HFClientSync::new().map_err(|e| e.to_string())?;
+fn hub_files(client: &hf_hub::HFClientSync, id: &str) -> Result<ModelFiles, String> {
     let (owner, name) = hf_hub::split_id(id);
     let repo = client.model(owner, name);
     // HF_HUB_OFFLINE=1 means the cache only, as in the Python tools.
@@ -548,6 +553,28 @@ mod tests {
                 .to_string()
                 .contains("cuda` cargo feature")
         );
+    }
+
+    #[test]
+    fn an_unreachable_hub_says_what_to_set() {
+        // A closed local port stands in for a hub the network does not reach.
+        let cache = std::env::temp_dir().join(format!("fr-hub-cache-{}", std::process::id()));
+        let client = hf_hub::HFClient::builder()
+            .endpoint("http://127.0.0.1:9")
+            .cache_dir(&cache)
+            .retry_max_attempts(1)
+            .retry_base_delay(std::time::Duration::from_millis(1))
+            .build_sync()
+            .unwrap();
+        let id = ModelType::Clip.default_model_id();
+        let cause = hub_files(&client, id).unwrap_err();
+        let err = hub_error(id, &cause).to_string();
+        assert!(
+            err.contains("Set MODEL_PATH to a folder holding config.json"),
+            "{err}"
+        );
+        assert!(err.contains("openai/clip-vit-base-patch32"), "{err}");
+        let _ = std::fs::remove_dir_all(&cache);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use candle_core::{Device, Tensor};
 /// The CLIP image mean used by both CLIP and BLIP checkpoints.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// The CLIP image standard deviation used by both CLIP and BLIP checkpoints.
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// How a frame becomes a square model input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
