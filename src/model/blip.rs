@@ -432,13 +432,15 @@ mod tests {
 
     #[test]
     fn captions_every_frame() {
+        let dir = tiny_model(ModelType::Blip);
         let start = Instant::now();
         let settings = ModelSettings {
             model_type: ModelType::Blip,
-            model_path: Some(tiny_model(ModelType::Blip).to_path_buf()),
+            model_path: Some(dir.to_path_buf()),
             ..ModelSettings::default()
         };
         let mut model = load_model(&settings).unwrap();
+        let loaded = start.elapsed();
         assert_eq!(model.info().task, "captioning");
         assert_eq!(model.info().input_size, 384);
         let frames = frames();
@@ -449,7 +451,10 @@ mod tests {
             let caption = o["caption"].as_str().unwrap();
             assert!(caption.starts_with("a picture of"), "{caption:?}");
         }
-        eprintln!("tiny blip load + infer: {:?}", start.elapsed());
+        eprintln!(
+            "tiny blip load {loaded:?}, load + infer of 5 frames {:?}",
+            start.elapsed()
+        );
     }
 
     #[test]
