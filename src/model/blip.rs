@@ -4,17 +4,19 @@
 //! Decoding follows transformers' `BlipForConditionalGeneration.generate`: the prompt is
 //! tokenised as `[CLS] prompt [SEP]`, its `[CLS]` becomes `[DEC]` (`bos_token_id`) and the
 //! trailing `[SEP]` is dropped (an empty prompt leaves just `[DEC]`); tokens are then chosen
-//! greedily until `[SEP]` (`sep_token_id`) or `max_new_tokens`. The image tower runs once
-//! for all frames of a call; the decoder then runs frame by frame (candle's BLIP text
-//! embeddings do not broadcast over a batch), reusing the prompt's tokens. The caption is the whole sequence,
+//! greedily until `[SEP]` (`sep_token_id`) or `max_new_tokens`. All frames of a call share
+//! the prompt, so they go through the image tower and the decoder as one batch; the image's
+//! cross-attention keys and values are projected once per call (see [`super::blip_net`]).
+//! The caption is the whole sequence,
 //! prompt included, decoded without special tokens, as transformers' processor gives it.
 //! Output per frame: `{"caption": "..."}`.
 
+use super::blip_net::{TextDecoder, VisionTower};
 use super::load::{ModelFiles, ModelSettings, TensorSpec, Weights, device_name, read_config};
 use super::preprocess::Preprocessor;
 use super::tokenizer::{self, BERT_CLS};
 use super::{Frame, ModelError, ModelInfo, PromptRef, VisionLanguageModel};
-use candle_core::{D, Device, IndexOp, Module, Tensor};
+use candle_core::{D, Device, Tensor};
 use candle_transformers::models::blip;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -195,10 +197,12 @@ impl BlipSpec {
     }
 }
 
-/// BLIP captioning behind [`VisionLanguageModel`].
+/// BLIP captioning behind [`VisionLanguageModel`]. The configuration is candle-transformers'
+/// `blip::Config`; the network is [`super::blip_net`].
 pub struct BlipModel {
     info: ModelInfo,
-    net: blip::BlipForConditionalGeneration,
+    vision: VisionTower,
+    decoder: TextDecoder,
     tokenizer: Tokenizer,
     spec: BlipSpec,
     cls_id: Option<u32>,
@@ -227,18 +231,15 @@ impl BlipModel {
         weights.check(&spec.tensor_specs(), &[DECODER_WEIGHT])?;
         // Read the tied output projection from the word embeddings when it was not saved.
         let tied = !weights.contains(DECODER_WEIGHT);
-        let mut vb = weights.var_builder(&device);
-        if tied {
-            vb = vb.rename_f(|name: &str| {
-                if name == DECODER_WEIGHT {
-                    WORD_EMBEDDINGS.to_string()
-                } else {
-                    name.to_string()
-                }
-            });
-        }
-        let net = blip::BlipForConditionalGeneration::new(&spec.config, vb)
-            .map_err(|e| ModelError::Load(format!("building BLIP: {e}")))?;
+        let vb = weights.var_builder(&device);
+        let build = || {
+            Ok::<_, candle_core::Error>((
+                VisionTower::new(&spec.config.vision_config, vb.pp("vision_model"))?,
+                TextDecoder::new(&spec.config.text_config, tied, vb.pp("text_decoder"))?,
+            ))
+        };
+        let (vision, decoder) =
+            build().map_err(|e| ModelError::Load(format!("building BLIP: {e}")))?;
         let side = spec.config.vision_config.image_size;
         Ok(Self {
             info: ModelInfo {
@@ -248,7 +249,8 @@ impl BlipModel {
                 device: device_name(&device),
                 dtype: "f32".into(),
             },
-            net,
+            vision,
+            decoder,
             tokenizer,
             spec,
             cls_id,
@@ -306,78 +308,60 @@ impl BlipModel {
 
     /// Image features `(batch, patches + 1, hidden)` of preprocessed pixels.
     pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
-        self.net.vision_model().forward(pixels).map_err(infer_err)
+        self.vision.forward(pixels).map_err(infer_err)
     }
 
-    /// The logits `(batch, vocab)` for the first generated token after `prefix`.
-    pub fn first_step_logits(
-        &mut self,
-        pixels: &Tensor,
-        prefix: &[u32],
-    ) -> Result<Tensor, ModelError> {
-        let image = self.image_features(pixels)?;
-        let input = self.prefix_tensor(prefix)?;
-        let mut rows = Vec::new();
-        for i in 0..image.dim(0).map_err(infer_err)? {
-            self.net.reset_kv_cache();
-            let row = image
-                .narrow(0, i, 1)
-                .and_then(|one| self.net.text_decoder().forward(&input, &one))
-                .and_then(|l| l.i((.., prefix.len() - 1, ..)));
-            self.net.reset_kv_cache();
-            rows.push(row.map_err(infer_err)?);
-        }
-        Tensor::cat(&rows, 0).map_err(infer_err)
-    }
-
-    /// The prefix as a `(1, len)` id tensor.
-    fn prefix_tensor(&self, prefix: &[u32]) -> Result<Tensor, ModelError> {
+    /// The prefix repeated for every image, `(batch, len)`.
+    fn prefix_batch(&self, prefix: &[u32], batch: usize) -> Result<Tensor, ModelError> {
         Tensor::new(prefix, &self.device)
             .and_then(|t| t.unsqueeze(0))
+            .and_then(|t| t.repeat((batch, 1)))
             .map_err(infer_err)
     }
 
-    /// Greedy decoding for every image of `pixels`: each sequence is the prefix, then the
-    /// generated ids up to and including `[SEP]` when it came. The image tower runs once
-    /// for the batch; the decoder then runs image by image, because candle's BLIP text
-    /// embeddings do not broadcast over a batch.
+    /// The logits `(batch, vocab)` for the first generated token after `prefix`.
+    pub fn first_step_logits(&self, pixels: &Tensor, prefix: &[u32]) -> Result<Tensor, ModelError> {
+        let image = self.image_features(pixels)?;
+        let input = self.prefix_batch(prefix, image.dim(0).map_err(infer_err)?)?;
+        let mut state = self.decoder.start(&image).map_err(infer_err)?;
+        self.decoder.step(&input, &mut state).map_err(infer_err)
+    }
+
+    /// Greedy decoding for every image of `pixels`, all in one batch: each sequence is the
+    /// prefix, then the generated ids up to and including `[SEP]` when it came.
     pub fn generate_ids(
-        &mut self,
+        &self,
         pixels: &Tensor,
         prefix: &[u32],
     ) -> Result<Vec<Vec<u32>>, ModelError> {
         let image = self.image_features(pixels)?;
         let batch = image.dim(0).map_err(infer_err)?;
-        (0..batch)
-            .map(|i| {
-                let one = image.narrow(0, i, 1).map_err(infer_err)?;
-                self.decode_one(&one, prefix)
-            })
-            .collect()
-    }
-
-    /// Greedy decoding for one image's features `(1, patches + 1, hidden)`.
-    fn decode_one(&mut self, image: &Tensor, prefix: &[u32]) -> Result<Vec<u32>, ModelError> {
-        let mut sequence = prefix.to_vec();
-        let mut input = self.prefix_tensor(prefix)?;
-        self.net.reset_kv_cache();
-        let result = (|| {
-            for _ in 0..self.max_new_tokens {
-                let logits = self.net.text_decoder().forward(&input, image)?;
-                let last = logits.dim(1)? - 1;
-                let token = logits.i((0, last))?.argmax(D::Minus1)?.to_scalar::<u32>()?;
-                sequence.push(token);
-                if token == self.spec.sep_token_id {
-                    break;
+        let mut sequences = vec![prefix.to_vec(); batch];
+        let mut done = vec![false; batch];
+        let mut input = self.prefix_batch(prefix, batch)?;
+        let mut state = self.decoder.start(&image).map_err(infer_err)?;
+        for _ in 0..self.max_new_tokens {
+            let next = self
+                .decoder
+                .step(&input, &mut state)
+                .and_then(|logits| logits.argmax(D::Minus1))
+                .and_then(|t| t.to_vec1::<u32>())
+                .map_err(infer_err)?;
+            for (row, &token) in next.iter().enumerate() {
+                if !done[row] {
+                    sequences[row].push(token);
+                    done[row] = token == self.spec.sep_token_id;
                 }
-                input = Tensor::new(&[[token]], &self.device)?;
             }
-            Ok::<_, candle_core::Error>(())
-        })();
-        // The cache holds this image's keys; never let it leak into the next one.
-        self.net.reset_kv_cache();
-        result.map_err(infer_err)?;
-        Ok(sequence)
+            if done.iter().all(|d| *d) {
+                break;
+            }
+            // Finished rows keep decoding alongside the others; their tokens are dropped.
+            input = Tensor::new(next.as_slice(), &self.device)
+                .and_then(|t| t.unsqueeze(1))
+                .map_err(infer_err)?;
+        }
+        Ok(sequences)
     }
 
     /// The caption text of a generated sequence.
@@ -477,7 +461,7 @@ mod tests {
 
     #[test]
     fn decoding_stops_at_the_token_bound_and_batches_like_single_frames() {
-        let mut model = tiny(5);
+        let model = tiny(5);
         let frames = frames();
         let refs: Vec<&Frame> = frames.iter().collect();
         let pixels = model.preprocessor.batch(&refs, &Device::Cpu).unwrap();
@@ -502,7 +486,7 @@ mod tests {
         let dir = tiny_model(ModelType::Blip);
         let weights = Weights::open(&[dir.join("model.safetensors")]).unwrap();
         assert!(!weights.contains(DECODER_WEIGHT));
-        let mut model = tiny(3);
+        let model = tiny(3);
         let f = frame("checker", 64, 64);
         let pixels = model.preprocessor.batch(&[&f], &Device::Cpu).unwrap();
         let logits = model

@@ -5,6 +5,7 @@
 //! `MODEL_TYPE` and wired in the binary.
 
 pub mod blip;
+pub mod blip_net;
 pub mod clip;
 pub mod load;
 pub mod make;

@@ -188,7 +188,7 @@ fn blip_matches_transformers() {
     let mut s = settings(ModelType::Blip);
     s.max_new_tokens = exp["max_new_tokens"].as_u64().unwrap() as usize;
     let files = ModelFiles::from_dir(tiny_model(ModelType::Blip)).unwrap();
-    let mut model = BlipModel::load(&files, Device::Cpu, &s).unwrap();
+    let model = BlipModel::load(&files, Device::Cpu, &s).unwrap();
 
     let frames = frames();
     let refs: Vec<&Frame> = frames.iter().collect();
