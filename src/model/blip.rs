@@ -518,3 +518,56 @@ mod tests {
     /// transformers' `num_parameters()` of Salesforce/blip-image-captioning-large.
     const BLIP_LARGE_PARAMS: usize = 446_290_492;
 }
+
+#[cfg(test)]
+mod stop_tests {
+    use super::*;
+    use crate::model::load::ModelType;
+    use crate::model::make::{ModelSize, write_random_model};
+    use crate::model::testutil::{frames, scratch_dir};
+
+    /// Rewrites a tiny model so that `[SEP]` always wins, and with the tied output
+    /// projection written out explicitly.
+    fn model_that_stops_at_once() -> (BlipModel, std::path::PathBuf) {
+        let dir = scratch_dir("blip-stop");
+        write_random_model(ModelType::Blip, ModelSize::Tiny, 11, &dir).unwrap();
+        let path = dir.join("model.safetensors");
+        let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let spec = BlipSpec::from_config(&read_config(&dir.join("config.json")).unwrap()).unwrap();
+        let bias_name = "text_decoder.cls.predictions.bias";
+        let mut bias = tensors[bias_name].to_vec1::<f32>().unwrap();
+        bias[spec.sep_token_id as usize] = 1e4;
+        let n = bias.len();
+        tensors.insert(
+            bias_name.into(),
+            Tensor::from_vec(bias, n, &Device::Cpu).unwrap(),
+        );
+        let embeddings = tensors[WORD_EMBEDDINGS].clone();
+        tensors.insert(DECODER_WEIGHT.into(), embeddings);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let files = ModelFiles::from_dir(&dir).unwrap();
+        let model = BlipModel::load(&files, Device::Cpu, &ModelSettings::default()).unwrap();
+        (model, dir)
+    }
+
+    #[test]
+    fn decoding_stops_at_sep_and_the_caption_is_the_prompt() {
+        let (mut model, dir) = model_that_stops_at_once();
+        let frames = frames();
+        let refs: Vec<&Frame> = frames.iter().collect();
+        let p = PromptRef {
+            text: Arc::from("A picture of"),
+            version: Some(3),
+        };
+        let pixels = model.preprocessor.batch(&refs, &Device::Cpu).unwrap();
+        let prefix = model.prefix_ids("A picture of").unwrap();
+        for seq in model.generate_ids(&pixels, &prefix).unwrap() {
+            assert_eq!(seq.len(), prefix.len() + 1);
+            assert_eq!(seq.last(), Some(&model.spec.sep_token_id));
+        }
+        for out in model.infer(&refs, &p).unwrap() {
+            assert_eq!(out, json!({"caption": "a picture of"}));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
