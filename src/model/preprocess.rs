@@ -132,10 +132,10 @@ impl Preprocessor {
         }
         let (r, rest) = out.split_at_mut(plane);
         let (g, b) = rest.split_at_mut(plane);
-        for (i, px) in rgb.chunks_exact(3).enumerate() {
-            r[i] = lut[0][px[0] as usize];
-            g[i] = lut[1][px[1] as usize];
-            b[i] = lut[2][px[2] as usize];
+        for i in 0..plane {
+            r[i] = lut[0][rgb[i * 3] as usize];
+            g[i] = lut[1][rgb[i * 3 + 1] as usize];
+            b[i] = lut[2][rgb[i * 3 + 2] as usize];
         }
     }
 }
@@ -252,39 +252,43 @@ fn resample(
     let (row_lo, row_hi) = vertical.input_span();
     let rounding = 1i32 << (PRECISION_BITS - 1);
 
+    // Plain index loops: they are also what keeps unoptimised test builds fast enough.
     let mut temp = vec![0u8; (row_hi - row_lo) * out_w * 3];
-    for (y, temp_row) in (row_lo..row_hi).zip(temp.chunks_exact_mut(out_w * 3)) {
+    let stride = out_w * 3;
+    for y in row_lo..row_hi {
         let src = &rgb[y * in_w * 3..(y + 1) * in_w * 3];
-        for (x, (start, weights)) in horizontal.start.iter().zip(&horizontal.weights).enumerate() {
-            let mut acc = [rounding; 3];
-            for (k, w) in weights.iter().enumerate() {
-                let p = (start + k) * 3;
-                acc[0] += src[p] as i32 * w;
-                acc[1] += src[p + 1] as i32 * w;
-                acc[2] += src[p + 2] as i32 * w;
+        let dst = &mut temp[(y - row_lo) * stride..(y - row_lo + 1) * stride];
+        for x in 0..out_w {
+            let weights = horizontal.weights[x].as_slice();
+            let base = horizontal.start[x] * 3;
+            let (mut r, mut g, mut b) = (rounding, rounding, rounding);
+            let mut p = base;
+            for &w in weights {
+                r += src[p] as i32 * w;
+                g += src[p + 1] as i32 * w;
+                b += src[p + 2] as i32 * w;
+                p += 3;
             }
-            temp_row[x * 3] = clip8(acc[0]);
-            temp_row[x * 3 + 1] = clip8(acc[1]);
-            temp_row[x * 3 + 2] = clip8(acc[2]);
+            dst[x * 3] = clip8(r);
+            dst[x * 3 + 1] = clip8(g);
+            dst[x * 3 + 2] = clip8(b);
         }
     }
 
-    let mut out = vec![0u8; out_h * out_w * 3];
-    let stride = out_w * 3;
-    for (out_row, (start, weights)) in out
-        .chunks_exact_mut(stride)
-        .zip(vertical.start.iter().zip(&vertical.weights))
-    {
-        let mut acc = vec![rounding; stride];
-        for (k, w) in weights.iter().enumerate() {
-            let row = start + k - row_lo;
-            let src = &temp[row * stride..(row + 1) * stride];
-            for (a, &v) in acc.iter_mut().zip(src) {
-                *a += v as i32 * w;
+    let mut out = vec![0u8; out_h * stride];
+    let mut acc = vec![0i32; stride];
+    for y in 0..out_h {
+        acc.fill(rounding);
+        let first = vertical.start[y] - row_lo;
+        for (k, &w) in vertical.weights[y].iter().enumerate() {
+            let src = &temp[(first + k) * stride..(first + k + 1) * stride];
+            for i in 0..stride {
+                acc[i] += src[i] as i32 * w;
             }
         }
-        for (o, a) in out_row.iter_mut().zip(acc) {
-            *o = clip8(a);
+        let dst = &mut out[y * stride..(y + 1) * stride];
+        for i in 0..stride {
+            dst[i] = clip8(acc[i]);
         }
     }
     out
