@@ -2,7 +2,8 @@
 //! reference PyTorch bench times it) and the whole `infer` path (preprocessing a 640x480
 //! frame, image tower, scoring against a cached prompt), at batch 1 and 8.
 //!
-//! `cargo run --release --example bench_model -- [TAG] [ITERS] [MODEL_DIR]`
+//! `cargo run --release --example bench_model -- [TAG] [ITERS] [MODEL_DIR]`, or
+//! `scripts/bench-model.sh`, which alternates it with a PyTorch reference.
 //!
 //! Without MODEL_DIR a full-size random CLIP is written to a temporary folder first. Lines
 //! look like `[candle TAG] image bs=8 median=... ms per-image=... ms`.
