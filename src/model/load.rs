@@ -578,6 +578,70 @@ mod tests {
     }
 
     #[test]
+    fn sharded_weights_load_like_a_single_file() {
+        use crate::model::PromptRef;
+        use crate::model::make::{ModelSize, write_random_model};
+        use crate::model::testutil::{frame, scratch_dir};
+        let dir = scratch_dir("clip-sharded");
+        write_random_model(ModelType::Clip, ModelSize::Tiny, 5, &dir).unwrap();
+        let settings = ModelSettings {
+            model_path: Some(dir.clone()),
+            ..ModelSettings::default()
+        };
+        let f = frame("rings", 80, 60);
+        let prompt = PromptRef {
+            text: "person, car".into(),
+            version: None,
+        };
+        let single = load_model(&settings)
+            .unwrap()
+            .infer(&[&f], &prompt)
+            .unwrap();
+
+        // Split the weights in two shards with an index, as large hub checkpoints are.
+        let path = dir.join("model.safetensors");
+        let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let (mut first, mut second) = (HashMap::new(), HashMap::new());
+        let mut weight_map = serde_json::Map::new();
+        for (i, (name, t)) in tensors.into_iter().enumerate() {
+            let file = if i % 2 == 0 {
+                "model-00001-of-00002.safetensors"
+            } else {
+                "model-00002-of-00002.safetensors"
+            };
+            weight_map.insert(name.clone(), file.into());
+            if i % 2 == 0 {
+                first.insert(name, t);
+            } else {
+                second.insert(name, t);
+            }
+        }
+        candle_core::safetensors::save(&first, dir.join("model-00001-of-00002.safetensors"))
+            .unwrap();
+        candle_core::safetensors::save(&second, dir.join("model-00002-of-00002.safetensors"))
+            .unwrap();
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        std::fs::remove_file(&path).unwrap();
+
+        let files = ModelFiles::from_dir(&dir).unwrap();
+        assert_eq!(files.weights.len(), 2);
+        let sharded = load_model(&settings)
+            .unwrap()
+            .infer(&[&f], &prompt)
+            .unwrap();
+        assert_eq!(single, sharded);
+
+        std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+        let err = ModelFiles::from_dir(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("model-00002-of-00002.safetensors is missing"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_folder_without_files_names_what_is_missing() {
         let dir = std::env::temp_dir().join(format!("fr-load-empty-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
