@@ -322,6 +322,28 @@ mod tests {
     }
 
     #[test]
+    fn full_configs_have_the_reference_parameter_counts() {
+        // transformers' num_parameters() of the reference checkpoints.
+        let (_, vocab) = tokenizer::clip_tiny_tokenizer();
+        let spec = ClipSpec::from_config(&clip_config(ModelSize::Full, vocab)).unwrap();
+        let count = |specs: Vec<TensorSpec>| -> usize {
+            specs
+                .iter()
+                .map(|s| s.shape.iter().product::<usize>())
+                .sum()
+        };
+        assert_eq!(count(spec.tensor_specs()), 151_277_313);
+        let (_, vocab, ids) = tokenizer::bert_tiny_tokenizer();
+        let spec = BlipSpec::from_config(&blip_config(ModelSize::Full, vocab, ids)).unwrap();
+        let untied = spec
+            .tensor_specs()
+            .into_iter()
+            .filter(|s| s.name != "text_decoder.cls.predictions.decoder.weight")
+            .collect();
+        assert_eq!(count(untied), 446_290_492);
+    }
+
+    #[test]
     fn sizes_parse() {
         assert_eq!("TINY".parse::<ModelSize>().unwrap(), ModelSize::Tiny);
         assert_eq!("full".parse::<ModelSize>().unwrap(), ModelSize::Full);
