@@ -151,12 +151,21 @@ fn spawn_signal_handler(shutdown: CancellationToken, bound: std::time::Duration)
 
 /// The model chosen by MODEL_TYPE.
 fn load_model(config: &Config) -> Result<Box<dyn VisionLanguageModel>, String> {
-    match config.model_type.as_str() {
-        "null" => Ok(Box::new(free_roam::model::null::NullModel::new(224))),
-        other => Err(format!(
-            "MODEL_TYPE={other} is not available in this build; use MODEL_TYPE=null"
-        )),
+    use free_roam::model::{DeviceChoice, ModelSettings, ModelType, load_model};
+    if config.model_type == "null" {
+        return Ok(Box::new(free_roam::model::null::NullModel::new(224)));
     }
+    let model_type: ModelType = config.model_type.parse().map_err(|e| format!("{e}"))?;
+    let device: DeviceChoice = config.device.parse().map_err(|e| format!("{e}"))?;
+    let settings = ModelSettings {
+        model_type,
+        model_path: config.model_path.clone(),
+        model_id: config.model_id.clone(),
+        device,
+        max_new_tokens: config.max_new_tokens,
+        detect_threshold: config.detect_threshold,
+    };
+    load_model(&settings).map_err(|e| e.to_string())
 }
 
 /// The job body every job runs.
@@ -171,10 +180,38 @@ fn build_body(
 
 /// `free-roam model ...`.
 pub fn model_command(cmd: ModelCommand) -> ExitCode {
+    use free_roam::model::{ModelSize, ModelType, write_random_model};
     match cmd {
-        ModelCommand::Make { kind, .. } => {
-            eprintln!("free-roam: model make --type {kind} is not available in this build");
-            ExitCode::from(2)
+        ModelCommand::Make {
+            kind,
+            size,
+            seed,
+            dir,
+        } => {
+            let kind: ModelType = match kind.parse() {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("free-roam: --type: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let size: ModelSize = match size.parse() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("free-roam: --size: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match write_random_model(kind, size, seed, &dir) {
+                Ok(()) => {
+                    println!("{}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("free-roam: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
     }
 }
