@@ -442,7 +442,9 @@ fn run_group(
                         timeout.as_millis()
                     ));
                 }
-                Err(RecvTimeoutError::Disconnected) => return Err("the model thread has stopped".into()),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err("the model thread has stopped".into());
+                }
             }
         }
         if calls
@@ -620,7 +622,10 @@ mod tests {
         }
     }
 
-    fn start(model: impl VisionLanguageModel + 'static, s: EngineSettings) -> (Engine, Arc<Metrics>) {
+    fn start(
+        model: impl VisionLanguageModel + 'static,
+        s: EngineSettings,
+    ) -> (Engine, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::default());
         (Engine::start(Box::new(model), s, metrics.clone()), metrics)
     }
@@ -648,7 +653,9 @@ mod tests {
             let r = s.recv().await.unwrap();
             assert_eq!(r.meta.index, i as u64);
             assert_eq!(r.meta.cursor.as_deref(), Some(format!("c{i}").as_str()));
-            let ReplyOutcome::Output(v) = r.outcome else { panic!("{r:?}") };
+            let ReplyOutcome::Output(v) = r.outcome else {
+                panic!("{r:?}")
+            };
             assert_eq!(v["batch"], 3, "the three waiting frames form one batch");
         }
         assert_eq!(metrics.inference_batches.get(), 2);
@@ -698,8 +705,14 @@ mod tests {
         let (ReplyOutcome::Output(a), ReplyOutcome::Output(b)) = (a.outcome, b.outcome) else {
             panic!()
         };
-        assert_eq!((a["prompt"].as_str(), a["batch"].as_u64()), (Some("cars"), Some(1)));
-        assert_eq!((b["prompt"].as_str(), b["batch"].as_u64()), (Some("boats"), Some(1)));
+        assert_eq!(
+            (a["prompt"].as_str(), a["batch"].as_u64()),
+            (Some("cars"), Some(1))
+        );
+        assert_eq!(
+            (b["prompt"].as_str(), b["batch"].as_u64()),
+            (Some("boats"), Some(1))
+        );
         ptx.send(PromptRef {
             text: "people".into(),
             version: Some(2),
@@ -724,11 +737,17 @@ mod tests {
             let mut s = engine.register(fixed(prompt));
             s.submit(frame(0), true);
             let r = s.recv().await.unwrap();
-            assert!(matches!(&r.outcome, ReplyOutcome::Error(e) if e.contains(expect)), "{r:?}");
+            assert!(
+                matches!(&r.outcome, ReplyOutcome::Error(e) if e.contains(expect)),
+                "{r:?}"
+            );
         }
         let mut ok = engine.register(fixed("fine"));
         ok.submit(frame(9), true);
-        assert!(matches!(ok.recv().await.unwrap().outcome, ReplyOutcome::Output(_)));
+        assert!(matches!(
+            ok.recv().await.unwrap().outcome,
+            ReplyOutcome::Output(_)
+        ));
         assert_eq!(metrics.inference_errors.get(), 3);
         engine.shutdown(Duration::from_secs(5));
     }
@@ -744,7 +763,10 @@ mod tests {
         let mut st = engine.register(fixed("p"));
         st.submit(frame(0), true);
         let r = st.recv().await.unwrap();
-        assert!(matches!(&r.outcome, ReplyOutcome::Error(e) if e.contains("INFERENCE_TIMEOUT_MS")), "{r:?}");
+        assert!(
+            matches!(&r.outcome, ReplyOutcome::Error(e) if e.contains("INFERENCE_TIMEOUT_MS")),
+            "{r:?}"
+        );
         // Release the stuck call and one more: the next frame is answered normally.
         tx.send(()).unwrap();
         tx.send(()).unwrap();
@@ -768,7 +790,10 @@ mod tests {
         assert_eq!(st.recv().await.unwrap().outcome, ReplyOutcome::TooOld);
         assert_eq!(metrics.frames_too_old.get(), 1);
         st.submit(old, false);
-        assert!(matches!(st.recv().await.unwrap().outcome, ReplyOutcome::Output(_)));
+        assert!(matches!(
+            st.recv().await.unwrap().outcome,
+            ReplyOutcome::Output(_)
+        ));
         engine.shutdown(Duration::from_secs(5));
     }
 

@@ -21,3 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod results;
 pub mod store;
+pub mod engine;
+pub mod pipeline;
+pub mod sampler;
+pub mod source;

@@ -95,12 +95,17 @@ mod tests {
     #[test]
     fn constant_rate_is_thinned_to_the_asked_rate_without_drift() {
         // 30 fps for 10 s at 2 fps: 20 frames, one per half second.
-        let ts: Vec<i64> = (0..300).map(|i| (i as f64 * 1000.0 / 30.0).round() as i64).collect();
+        let ts: Vec<i64> = (0..300)
+            .map(|i| (i as f64 * 1000.0 / 30.0).round() as i64)
+            .collect();
         let k = kept(2.0, &ts);
         assert_eq!(k.len(), 20);
         for (n, t) in k.iter().enumerate() {
             let slot = n as i64 * 500;
-            assert!(*t >= slot && *t < slot + 34, "frame {n} at {t} is late for slot {slot}");
+            assert!(
+                *t >= slot && *t < slot + 34,
+                "frame {n} at {t} is late for slot {slot}"
+            );
         }
         assert_never_more_than_asked(2.0, &k);
     }
@@ -118,7 +123,9 @@ mod tests {
         let mut ts = Vec::new();
         let mut x: u64 = 7;
         for _ in 0..1000 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let jitter = ((x >> 33) % 33) as f64 - 16.0;
             t += 40.0 + jitter;
             ts.push(t as i64);
@@ -126,7 +133,11 @@ mod tests {
         let k = kept(4.0, &ts);
         let span_s = (ts[ts.len() - 1] - ts[0]) as f64 / 1000.0;
         let expected = span_s * 4.0;
-        assert!((k.len() as f64 - expected).abs() <= 2.0, "{} kept, expected ~{expected}", k.len());
+        assert!(
+            (k.len() as f64 - expected).abs() <= 2.0,
+            "{} kept, expected ~{expected}",
+            k.len()
+        );
         assert_never_more_than_asked(4.0, &k);
         // Never starving: no gap between kept frames much longer than one interval plus the
         // largest source gap.

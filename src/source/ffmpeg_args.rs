@@ -46,7 +46,9 @@ pub fn plan_input(stream_ref: &str, allow_files: bool) -> Result<InputPlan, Refu
         return Err(Refused(format!("it is longer than {MAX_REF_BYTES} bytes")));
     }
     if stream_ref.starts_with('-') {
-        return Err(Refused("it starts with '-' (ffmpeg would read an option)".into()));
+        return Err(Refused(
+            "it starts with '-' (ffmpeg would read an option)".into(),
+        ));
     }
     if stream_ref.chars().any(char::is_control) {
         return Err(Refused("it holds control characters".into()));
@@ -125,7 +127,13 @@ pub fn ffmpeg_args(run: &FfmpegRun<'_>) -> Vec<String> {
     let mut a: Vec<String> = Vec::with_capacity(40);
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     // `level+` tags each line with its severity so failures can be told from chatter.
-    push(&["-hide_banner", "-nostdin", "-nostats", "-loglevel", "level+info"]);
+    push(&[
+        "-hide_banner",
+        "-nostdin",
+        "-nostats",
+        "-loglevel",
+        "level+info",
+    ]);
     push(&["-protocol_whitelist", &run.input.protocols]);
     if run.input.http {
         // Microseconds; a dead connection must not hang the job forever.
@@ -149,7 +157,15 @@ pub fn ffmpeg_args(run: &FfmpegRun<'_>) -> Vec<String> {
         fps_text(run.fps)
     );
     push(&["-vf", &filter]);
-    push(&["-f", "image2pipe", "-c:v", "ppm", "-pix_fmt", "rgb24", "pipe:1"]);
+    push(&[
+        "-f",
+        "image2pipe",
+        "-c:v",
+        "ppm",
+        "-pix_fmt",
+        "rgb24",
+        "pipe:1",
+    ]);
     a
 }
 
@@ -200,7 +216,10 @@ mod tests {
         let p = plan_input("/var/media/a.m3u8", true).unwrap();
         assert_eq!(p.protocols, FILE_PROTOCOLS);
         assert!(p.playlist);
-        assert_eq!(plan_input("file:/x.ts", true).unwrap().protocols, FILE_PROTOCOLS);
+        assert_eq!(
+            plan_input("file:/x.ts", true).unwrap().protocols,
+            FILE_PROTOCOLS
+        );
         assert_eq!(
             plan_input("concat:/a.ts|/b.ts", true).unwrap().protocols,
             "concat,file,crypto"
@@ -238,7 +257,18 @@ mod tests {
             vf,
             "fps=2,scale=w='if(gt(iw,ih),min(iw,448),-2)':h='if(gt(iw,ih),-2,min(ih,448))':flags=area"
         );
-        assert_eq!(&args[args.len() - 7..], ["-f", "image2pipe", "-c:v", "ppm", "-pix_fmt", "rgb24", "pipe:1"]);
+        assert_eq!(
+            &args[args.len() - 7..],
+            [
+                "-f",
+                "image2pipe",
+                "-c:v",
+                "ppm",
+                "-pix_fmt",
+                "rgb24",
+                "pipe:1"
+            ]
+        );
         // The reference is one argument, right after -i, whatever it holds.
         let i = args.iter().position(|a| a == "-i").unwrap();
         assert_eq!(args[i + 1], "http://127.0.0.1:8000/live.m3u8");

@@ -14,8 +14,8 @@ use crate::store::{Backoff, now_ms};
 use bytes::BytesMut;
 use std::collections::VecDeque;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -48,7 +48,11 @@ pub fn cursor_for(pts_ms: i64) -> String {
 /// Reads a cursor written by [`cursor_for`]; anything else resumes at the start (or, for a
 /// live stream, at its live edge, which is where a live stream always starts).
 pub fn parse_cursor(cursor: &str) -> Option<i64> {
-    cursor.strip_prefix("pts_ms:")?.parse().ok().filter(|v| *v >= 0)
+    cursor
+        .strip_prefix("pts_ms:")?
+        .parse()
+        .ok()
+        .filter(|v| *v >= 0)
 }
 
 /// What ffmpeg's stderr told us about one run.
@@ -172,7 +176,9 @@ async fn read_stderr(
 }
 
 /// Reads one PPM (`P6`) frame header; `None` at a clean end of stream.
-async fn read_header(r: &mut (impl AsyncBufReadExt + Unpin)) -> std::io::Result<Option<(u32, u32)>> {
+async fn read_header(
+    r: &mut (impl AsyncBufReadExt + Unpin),
+) -> std::io::Result<Option<(u32, u32)>> {
     let mut fields = [0u32; 3];
     let mut magic = [0u8; 2];
     match r.read_exact(&mut magic).await {
@@ -247,7 +253,10 @@ async fn terminate(child: &mut Child) {
             libc::kill(pid as libc::pid_t, libc::SIGTERM);
         }
     }
-    if tokio::time::timeout(TERM_GRACE, child.wait()).await.is_err() {
+    if tokio::time::timeout(TERM_GRACE, child.wait())
+        .await
+        .is_err()
+    {
         let _ = child.start_kill();
         let _ = child.wait().await;
     }
@@ -366,7 +375,8 @@ async fn run_once(
         duration_tx,
         job.input.url.clone(),
     ));
-    let mut stdout = BufReader::with_capacity(256 * 1024, child.stdout.take().expect("stdout is piped"));
+    let mut stdout =
+        BufReader::with_capacity(256 * 1024, child.stdout.take().expect("stdout is piped"));
 
     let mut delivered = false;
     let mut finished_ms: Option<i64> = None;
@@ -481,7 +491,9 @@ async fn run_once(
             }
         }
         (Ok(()), Some(s)) => RunEnd::Failed(with_said(format!("ffmpeg exited with {s}"))),
-        (Ok(()), None) => RunEnd::Failed(with_said("ffmpeg did not exit after its output ended".into())),
+        (Ok(()), None) => RunEnd::Failed(with_said(
+            "ffmpeg did not exit after its output ended".into(),
+        )),
     };
     (end, delivered)
 }
@@ -514,8 +526,12 @@ mod tests {
     #[test]
     fn transport_errors_are_told_from_decoder_noise() {
         let t = |s: &str| is_transport_error(&parse_line(s));
-        assert!(t("[tcp @ 0x1] [error] Connection to tcp://h:1 failed: Connection refused"));
-        assert!(t("[hls @ 0x1] [warning] Failed to open segment 3 of playlist 0"));
+        assert!(t(
+            "[tcp @ 0x1] [error] Connection to tcp://h:1 failed: Connection refused"
+        ));
+        assert!(t(
+            "[hls @ 0x1] [warning] Failed to open segment 3 of playlist 0"
+        ));
         assert!(t("[error] http://h/a.m3u8: Connection refused"));
         assert!(!t("[h264 @ 0x1] [error] non-existing PPS 0 referenced"));
         assert!(!t("[hls @ 0x1] [warning] Skip ('#EXT-X-VERSION:3')"));
@@ -528,8 +544,14 @@ mod tests {
             parse_duration("  Duration: 00:00:12.00, start: 1.400000, bitrate: 0 kb/s"),
             Some(Some(12_000))
         );
-        assert_eq!(parse_duration("Duration: 01:02:03.50, start: 0"), Some(Some(3_723_500)));
-        assert_eq!(parse_duration("Duration: N/A, start: 2.4, bitrate: N/A"), Some(None));
+        assert_eq!(
+            parse_duration("Duration: 01:02:03.50, start: 0"),
+            Some(Some(3_723_500))
+        );
+        assert_eq!(
+            parse_duration("Duration: N/A, start: 2.4, bitrate: N/A"),
+            Some(None)
+        );
         assert_eq!(parse_duration("Stream #0:0: Video"), None);
     }
 

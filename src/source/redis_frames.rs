@@ -184,8 +184,15 @@ pub fn parse_entry(map: &mut HashMap<String, Value>) -> ParsedEntry {
             },
         };
     }
-    let ts = map.get("ts").and_then(text).and_then(|t| t.trim().parse::<i64>().ok());
-    let number = |name: &str| map.get(name).and_then(text).and_then(|t| t.trim().parse::<u32>().ok());
+    let ts = map
+        .get("ts")
+        .and_then(text)
+        .and_then(|t| t.trim().parse::<i64>().ok());
+    let number = |name: &str| {
+        map.get(name)
+            .and_then(text)
+            .and_then(|t| t.trim().parse::<u32>().ok())
+    };
     let (width, height) = (number("width"), number("height"));
     let format = map.get("format").and_then(text);
     let payload = match map.remove("data").and_then(into_bytes) {
@@ -264,7 +271,9 @@ pub fn decode_payload(payload: Payload, max_pixels: u64) -> Result<Frame, String
             limits.max_image_width = Some(w);
             limits.max_image_height = Some(h);
             reader.limits(limits);
-            let img = reader.decode().map_err(|e| format!("bad image data: {e}"))?;
+            let img = reader
+                .decode()
+                .map_err(|e| format!("bad image data: {e}"))?;
             let rgb = img.into_rgb8();
             let (w, h) = rgb.dimensions();
             Frame::new(w, h, Bytes::from(rgb.into_raw())).map_err(|e| e.to_string())
@@ -279,7 +288,8 @@ fn id_ms(id: &str) -> Option<i64> {
 
 fn valid_id(id: &str) -> bool {
     let mut parts = id.split('-');
-    let ok = |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let ok =
+        |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
 }
 
@@ -307,7 +317,10 @@ impl Reader {
                 continue;
             }
             slot.counters.sampled.fetch_add(1, Ordering::Relaxed);
-            if newest.replace((index, ts, entry.id, parsed.payload)).is_some() {
+            if newest
+                .replace((index, ts, entry.id, parsed.payload))
+                .is_some()
+            {
                 slot.counters.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -343,12 +356,16 @@ impl Reader {
 
 /// Where a new job starts: at the newest entry already in the stream (a live feed is read
 /// from now on, not from its history), or at the stream's start when it is empty or missing.
-async fn start_position(
-    store: &Store,
-    key: &str,
-) -> Result<(Option<StreamId>, bool), StoreError> {
+async fn start_position(store: &Store, key: &str) -> Result<(Option<StreamId>, bool), StoreError> {
     let reply: StreamRangeReply = store
-        .query(redis::cmd("XREVRANGE").arg(key).arg("+").arg("-").arg("COUNT").arg(1))
+        .query(
+            redis::cmd("XREVRANGE")
+                .arg(key)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1),
+        )
         .await?;
     if let Some(entry) = reply.ids.into_iter().next() {
         return Ok((Some(entry), true));
@@ -547,7 +564,9 @@ mod tests {
             .contains("needs 6 bytes, got 5")
         );
         assert!(err(vec![("data", vec![0; 5]), ("format", b"rgb24".to_vec())]).contains("width"));
-        assert!(err(vec![("data", vec![0; 5]), ("format", b"yuv".to_vec())]).contains("unknown format"));
+        assert!(
+            err(vec![("data", vec![0; 5]), ("format", b"yuv".to_vec())]).contains("unknown format")
+        );
         // 11x10 = 110 pixels is over the limit of 100: refused from the header alone.
         assert!(err(vec![("data", png(11, 10))]).contains("over MAX_FRAME_PIXELS"));
         let mut truncated = png(8, 8);
