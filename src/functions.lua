@@ -174,10 +174,11 @@ local function fr_job_claim(keys, args)
   local now = now_ms()
   if not exists then
     redis.call('HSET', jk, 'entry_id', entry_id, 'created_ms', now, 'handoffs', 0, 'results', 0)
-    hset_from(jk, args, 5)
     redis.call('ZADD', tag .. ':jobs:index', now, job_id)
     status = 'queued'
   end
+  -- The spec as this worker read it (defaults applied); the same on every delivery.
+  hset_from(jk, args, 5)
   redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'attempts', attempt,
     'updated_ms', now)
   redis.call('HSETNX', jk, 'started_ms', now)
@@ -218,11 +219,14 @@ local function fr_job_heartbeat(keys, args)
   for i = 2, #args, 2 do
     local entry_id, job_id = args[i], args[i + 1]
     local owner = owner_of(tag, entry_id)
-    if owner ~= worker then
+    local jk = tag .. ':job:' .. job_id
+    -- A job handed back (or taken over) no longer names this worker: renewing it would
+    -- undo the hand-back's idle time.
+    if owner ~= worker or redis.call('HGET', jk, 'worker') ~= worker then
       table.insert(out, 'lost')
     else
       redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, entry_id, 'JUSTID')
-      if redis.call('HGET', tag .. ':job:' .. job_id, 'cancel_requested') == '1' then
+      if redis.call('HGET', jk, 'cancel_requested') == '1' then
         table.insert(out, 'cancel')
       else
         table.insert(out, 'ok')

@@ -331,6 +331,8 @@ pub enum StopReason {
     Shutdown,
     /// Another worker now owns the entry: this one leaves it alone.
     LeaseLost,
+    /// `max_duration_s` has passed: the job ends `completed`.
+    Deadline,
 }
 
 /// Tells a job body to stop at the next frame boundary, and why.

@@ -13,12 +13,16 @@
 //! - [`health`]: the HTTP health and metrics endpoint; [`metrics`]: the counters.
 //! - [`frame`]: the decoded frame type (pure).
 //! - [`model`]: the model trait and its candle backends (the only place candle is used).
+pub mod client;
 pub mod config;
 pub mod frame;
+pub mod health;
 pub mod job;
 pub mod keys;
 pub mod metrics;
 pub mod model;
+pub mod prompt;
+pub mod queue;
 pub mod results;
 pub mod store;
 pub mod engine;

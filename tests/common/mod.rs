@@ -2,6 +2,8 @@
 //! and small helpers to wait for conditions.
 #![allow(dead_code)]
 
+pub mod worker;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -119,4 +121,61 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) {
 /// A unique key prefix, for tests that share one server.
 pub fn unique_prefix() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Async polling: checks `cond` every 50 ms without blocking the runtime between checks.
+pub async fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > timeout {
+            panic!("{what}: not reached within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Direct reads through the redis crate, for assertions.
+impl TestRedis {
+    /// All entries of a stream as (id, fields), read through the redis crate.
+    pub fn xrange(&self, key: &str) -> Vec<(String, std::collections::HashMap<String, String>)> {
+        let mut con = self.client().get_connection().unwrap();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .query(&mut con)
+            .unwrap();
+        reply
+            .ids
+            .into_iter()
+            .map(|e| {
+                let fields = e
+                    .map
+                    .into_iter()
+                    .map(|(k, v)| (k, redis::from_redis_value::<String>(v).unwrap_or_default()))
+                    .collect();
+                (e.id, fields)
+            })
+            .collect()
+    }
+
+    pub fn hgetall(&self, key: &str) -> std::collections::HashMap<String, String> {
+        let mut con = self.client().get_connection().unwrap();
+        redis::cmd("HGETALL").arg(key).query(&mut con).unwrap()
+    }
+
+    pub fn hget(&self, key: &str, field: &str) -> Option<String> {
+        let mut con = self.client().get_connection().unwrap();
+        redis::cmd("HGET").arg(key).arg(field).query(&mut con).unwrap()
+    }
+
+    /// Runs any command through the redis crate.
+    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut con = self.client().get_connection().unwrap();
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c.query(&mut con).unwrap()
+    }
 }

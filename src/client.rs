@@ -1,0 +1,197 @@
+//! The user's operations on the contract, as the CLI performs them: submit, status, results,
+//! cancel and listing. They do exactly what `redis-cli` would, so either can be used.
+
+use crate::job::{JobSpec, SpecError};
+use crate::store::{MAX_BLOCK_MS, Store, StoreError};
+use std::collections::BTreeMap;
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<SpecError> for ClientError {
+    fn from(e: SpecError) -> Self {
+        ClientError::Invalid(e.to_string())
+    }
+}
+
+/// A job to submit; unset fields are left out of the entry.
+#[derive(Clone, Debug, Default)]
+pub struct Submission {
+    pub stream_ref: String,
+    pub prompt: Option<String>,
+    pub fps: Option<f64>,
+    pub job_id: Option<String>,
+    pub max_frames: Option<u64>,
+    pub max_duration_s: Option<f64>,
+    pub source: Option<String>,
+}
+
+/// Validates and queues a job; returns its id. A job_id already known is refused.
+pub async fn submit(store: &Store, sub: &Submission) -> Result<String, ClientError> {
+    let job_id = sub
+        .job_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let mut fields: Vec<(&str, String)> = vec![("stream_ref", sub.stream_ref.clone())];
+    if let Some(p) = &sub.prompt {
+        fields.push(("prompt", p.clone()));
+    }
+    if let Some(f) = sub.fps {
+        fields.push(("fps", f.to_string()));
+    }
+    if let Some(n) = sub.max_frames {
+        fields.push(("max_frames", n.to_string()));
+    }
+    if let Some(s) = sub.max_duration_s {
+        fields.push(("max_duration_s", s.to_string()));
+    }
+    if let Some(s) = &sub.source {
+        fields.push(("source", s.clone()));
+    }
+    // The same validation a worker applies, so a bad job is refused before it is queued.
+    let mut raw: Vec<(Vec<u8>, Vec<u8>)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect();
+    raw.push((b"job_id".to_vec(), job_id.as_bytes().to_vec()));
+    JobSpec::parse("0-0", &raw, 2.0, || job_id.clone()).map_err(|(e, _)| e)?;
+
+    let mut args: Vec<&dyn crate::store::ToRedisArgsDyn> = vec![&job_id];
+    for (k, v) in &fields {
+        args.push(k);
+        args.push(v);
+    }
+    match store.fcall::<String>("fr_submit", &args).await {
+        Ok(_) => Ok(job_id),
+        Err(e) => match e.server_message() {
+            Some(m) if m.contains("already exists") => Err(ClientError::Invalid(m)),
+            _ => Err(e.into()),
+        },
+    }
+}
+
+/// A job's hash, or, for an entry no worker has read yet, what the entry says.
+pub async fn status(store: &Store, job_id: &str) -> Result<BTreeMap<String, String>, ClientError> {
+    let mut cmd = redis::cmd("HGETALL");
+    cmd.arg(store.keys().job(job_id));
+    let hash: BTreeMap<String, String> = store.query(&cmd).await?;
+    if !hash.is_empty() {
+        return Ok(hash);
+    }
+    if let Some((entry_id, mut fields)) = find_unread_entry(store, job_id).await? {
+        fields.insert("status".into(), "queued".into());
+        fields.insert("entry_id".into(), entry_id);
+        fields.insert("note".into(), "not yet claimed by a worker".into());
+        return Ok(fields);
+    }
+    Err(ClientError::NotFound(format!("no job with id {job_id}")))
+}
+
+/// Looks for an entry with this job_id still in the queue.
+async fn find_unread_entry(
+    store: &Store,
+    job_id: &str,
+) -> Result<Option<(String, BTreeMap<String, String>)>, StoreError> {
+    let mut start = "-".to_string();
+    loop {
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(store.keys().jobs()).arg(&start).arg("+").arg("COUNT").arg(500);
+        let batch: Vec<(String, BTreeMap<String, String>)> = store.query(&cmd).await?;
+        let Some((last, _)) = batch.last() else {
+            return Ok(None);
+        };
+        start = format!("({last}");
+        if let Some(found) = batch
+            .into_iter()
+            .find(|(_, f)| f.get("job_id").map(String::as_str) == Some(job_id))
+        {
+            return Ok(Some(found));
+        }
+    }
+}
+
+/// One entry of a results stream.
+pub type ResultRecord = (String, BTreeMap<String, String>);
+
+/// Reads a job's results after `after` (an entry id, `0` for all). With `block_ms`, waits
+/// up to that long for new ones.
+pub async fn results_after(
+    store: &Store,
+    job_id: &str,
+    after: &str,
+    count: usize,
+    block_ms: Option<u64>,
+) -> Result<Vec<ResultRecord>, ClientError> {
+    let key = store.keys().results(job_id);
+    let mut cmd = redis::cmd("XREAD");
+    cmd.arg("COUNT").arg(count);
+    if let Some(ms) = block_ms {
+        cmd.arg("BLOCK").arg(ms.min(MAX_BLOCK_MS));
+    }
+    cmd.arg("STREAMS").arg(&key).arg(after);
+    let reply: Option<Vec<(String, Vec<ResultRecord>)>> = store.query(&cmd).await?;
+    Ok(reply
+        .and_then(|streams| streams.into_iter().next())
+        .map(|(_, entries)| entries)
+        .unwrap_or_default())
+}
+
+/// Asks a job to stop: returns `cancelled`, `cancelling` or `already <status>`.
+pub async fn cancel(store: &Store, job_id: &str) -> Result<String, ClientError> {
+    match store.fcall::<String>("fr_cancel", &[&job_id]).await {
+        Ok(v) => Ok(v),
+        Err(e) => match e.server_message() {
+            Some(m) if m.contains("unknown job") => {
+                Err(ClientError::NotFound(format!("no job with id {job_id}")))
+            }
+            _ => Err(e.into()),
+        },
+    }
+}
+
+/// Jobs newest first from the index, optionally only those with `status`.
+pub async fn list(
+    store: &Store,
+    status: Option<&str>,
+    limit: usize,
+) -> Result<Vec<BTreeMap<String, String>>, ClientError> {
+    let mut out = Vec::new();
+    let mut offset = 0isize;
+    const PAGE: isize = 200;
+    while out.len() < limit {
+        let mut cmd = redis::cmd("ZREVRANGE");
+        cmd.arg(store.keys().jobs_index()).arg(offset).arg(offset + PAGE - 1);
+        let ids: Vec<String> = store.query(&cmd).await?;
+        if ids.is_empty() {
+            break;
+        }
+        offset += PAGE;
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HGETALL").arg(store.keys().job(id));
+        }
+        let hashes: Vec<BTreeMap<String, String>> = store.pipe(&pipe).await?;
+        for (id, mut h) in ids.into_iter().zip(hashes) {
+            if h.is_empty() {
+                continue;
+            }
+            if status.is_some_and(|s| h.get("status").map(String::as_str) != Some(s)) {
+                continue;
+            }
+            h.insert("job_id".into(), id);
+            out.push(h);
+            if out.len() >= limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}

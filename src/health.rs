@@ -1,0 +1,169 @@
+//! The worker's only HTTP face: `/health`, `/health/ready`, `/health/live` and `/metrics`,
+//! served with hyper. Everything else is a 404: the API is Redis.
+
+use crate::metrics::Metrics;
+use crate::queue::WorkerState;
+use crate::store::Store;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// What the endpoint reports.
+#[derive(Clone)]
+pub struct HealthContext {
+    pub store: Store,
+    pub state: Arc<WorkerState>,
+    pub metrics: Arc<Metrics>,
+    pub worker_id: String,
+    pub capacity: usize,
+    pub model: serde_json::Value,
+    pub started: Instant,
+}
+
+/// Binds `addr` and serves until `shutdown`. Returns the bound address (port 0 picks one).
+pub async fn serve(
+    addr: SocketAddr,
+    ctx: HealthContext,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let ctx = Arc::new(ctx);
+    let handle = tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "health accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let ctx = ctx.clone();
+                    async move { Ok::<_, std::convert::Infallible>(route(&ctx, req).await) }
+                });
+                if let Err(e) = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!(error = %e, "health connection ended");
+                }
+            });
+        }
+    });
+    Ok((local, handle))
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
+    respond(status, "application/json", v.to_string())
+}
+
+async fn route(ctx: &HealthContext, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"error": "only GET"}),
+        );
+    }
+    match req.uri().path() {
+        "/health" => health(ctx).await,
+        "/health/ready" => ready(ctx).await,
+        "/health/live" => json(StatusCode::OK, serde_json::json!({"status": "alive"})),
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            ctx.metrics.render(),
+        ),
+        _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not found"})),
+    }
+}
+
+async fn ping(ctx: &HealthContext) -> Result<Duration, String> {
+    match tokio::time::timeout(Duration::from_secs(2), ctx.store.ping()).await {
+        Ok(Ok(rtt)) => Ok(rtt),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("redis did not answer PING within 2 s".into()),
+    }
+}
+
+async fn health(ctx: &HealthContext) -> Response<Full<Bytes>> {
+    let redis = ping(ctx).await;
+    let model_loaded = ctx.state.model_loaded.load(Ordering::Relaxed);
+    let draining = ctx.state.draining.load(Ordering::Relaxed);
+    let status = match (&redis, model_loaded, draining) {
+        (_, _, true) => "draining",
+        (Ok(_), true, false) => "ok",
+        _ => "degraded",
+    };
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "status": status,
+            "worker_id": ctx.worker_id,
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_s": ctx.started.elapsed().as_secs(),
+            "redis": {
+                "reachable": redis.is_ok(),
+                "rtt_ms": redis.as_ref().ok().map(|d| d.as_secs_f64() * 1000.0),
+                "error": redis.as_ref().err(),
+            },
+            "model": { "loaded": model_loaded, "info": ctx.model },
+            "jobs": { "running": ctx.state.running_jobs(), "capacity": ctx.capacity, "ids": ctx.state.running_job_ids() },
+            "draining": draining,
+        }),
+    )
+}
+
+async fn ready(ctx: &HealthContext) -> Response<Full<Bytes>> {
+    let mut reasons: Vec<String> = Vec::new();
+    if ctx.state.draining.load(Ordering::Relaxed) {
+        reasons.push("worker is draining (shutting down)".into());
+    }
+    if !ctx.state.model_loaded.load(Ordering::Relaxed) {
+        reasons.push("model is not loaded".into());
+    }
+    if let Err(e) = ping(ctx).await {
+        reasons.push(format!("redis unreachable: {e}"));
+    } else if !ctx.state.redis_ready.load(Ordering::Relaxed) {
+        let why = ctx
+            .state
+            .last_redis_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| "connecting".into());
+        reasons.push(format!("redis not set up yet: {why}"));
+    }
+    if reasons.is_empty() {
+        json(StatusCode::OK, serde_json::json!({"status": "ready"}))
+    } else {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "not ready", "reasons": reasons}),
+        )
+    }
+}

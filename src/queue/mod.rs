@@ -1,0 +1,807 @@
+//! The worker's side of the job queue: claims entries of `{fr}:jobs` through the `workers`
+//! consumer group, keeps their leases fresh, reclaims entries whose owner went quiet,
+//! dead-letters entries delivered too often, runs each job's body, finishes it, and on
+//! shutdown hands running jobs back so another worker takes them at once.
+
+pub mod entries;
+
+use crate::config::Config;
+use crate::job::{
+    BodyOutcome, FrameCounters, JobBody, JobContext, JobFailure, JobSpec, PromptFollow,
+    ResumeState, StopReason, StopSignal,
+};
+use crate::keys::WORKER_GROUP;
+use crate::metrics::Metrics;
+use crate::model::PromptRef;
+use crate::results::ResultSink;
+use crate::store::{Backoff, MAX_BLOCK_MS, Store, StoreError, StoreResult, now_ms};
+use entries::{Entry, parse_autoclaim_reply, parse_read_reply};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+/// How often running jobs' leases are renewed and cancel requests looked for.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a cancelled job's body gets to return before it is abandoned.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
+/// How far past any lease a handed-back entry's idle time is set: any worker's next reclaim
+/// pass takes it, whatever its JOB_LEASE_MS.
+const HANDBACK_IDLE_MS: u64 = 24 * 3600 * 1000;
+const INDEX_PRUNE_EVERY: Duration = Duration::from_secs(30);
+
+/// What the health endpoint reads about the worker.
+#[derive(Debug, Default)]
+pub struct WorkerState {
+    pub draining: AtomicBool,
+    pub redis_ready: AtomicBool,
+    pub model_loaded: AtomicBool,
+    /// Why the worker is not ready, when it is not (Redis unreachable at start, ...).
+    pub last_redis_error: Mutex<Option<String>>,
+    running: Mutex<HashMap<String, RunningJob>>,
+}
+
+impl WorkerState {
+    pub fn running_jobs(&self) -> usize {
+        self.lock_running().len()
+    }
+
+    pub fn running_job_ids(&self) -> Vec<String> {
+        self.lock_running().values().map(|r| r.job_id.clone()).collect()
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningJob>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn redis_ok(&self) {
+        self.redis_ready.store(true, Ordering::Relaxed);
+        *self.last_redis_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn redis_failed(&self, e: &StoreError) {
+        self.redis_ready.store(false, Ordering::Relaxed);
+        *self.last_redis_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+    }
+}
+
+#[derive(Clone, Debug)]
+struct RunningJob {
+    job_id: String,
+    stop: StopSignal,
+    done: Arc<Notify>,
+    finished: Arc<AtomicBool>,
+}
+
+/// Static facts about this worker, written into its heartbeat hash.
+#[derive(Clone, Debug)]
+pub struct WorkerIdentity {
+    pub id: String,
+    pub model: String,
+    pub device: String,
+}
+
+/// A worker: one consumer of the `workers` group running up to `MAX_CONCURRENT_STREAMS` jobs.
+pub struct Worker {
+    store: Store,
+    config: Arc<Config>,
+    body: Arc<dyn JobBody>,
+    metrics: Arc<Metrics>,
+    state: Arc<WorkerState>,
+    identity: WorkerIdentity,
+    prompt_rx: watch::Receiver<PromptRef>,
+    prompt_tx: Arc<watch::Sender<PromptRef>>,
+    slot_freed: Arc<Notify>,
+    started_ms: i64,
+}
+
+/// The default consumer name: host, pid and a boot UUID, so a restarted process never
+/// inherits a dead one's pending entries by name.
+pub fn default_worker_id() -> String {
+    let host = hostname();
+    let boot = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &boot[..8])
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .map(|h| {
+            h.chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+                .collect()
+        })
+        .unwrap_or_else(|| "worker".into())
+}
+
+/// The job id of an entry without `job_id`: a UUID derived from the entry, so every worker
+/// that ever receives the entry agrees on it.
+pub fn job_id_for_entry(tag: &str, entry_id: &str) -> String {
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("free-roam:{tag}/{entry_id}").as_bytes())
+        .to_string()
+}
+
+impl Worker {
+    pub fn new(
+        store: Store,
+        config: Arc<Config>,
+        body: Arc<dyn JobBody>,
+        metrics: Arc<Metrics>,
+        state: Arc<WorkerState>,
+        identity: WorkerIdentity,
+    ) -> Self {
+        let (tx, rx) = watch::channel(crate::prompt::default_ref(&config.default_prompt));
+        Self {
+            store,
+            config,
+            body,
+            metrics,
+            state,
+            identity,
+            prompt_rx: rx,
+            prompt_tx: Arc::new(tx),
+            slot_freed: Arc::new(Notify::new()),
+            started_ms: now_ms(),
+        }
+    }
+
+    pub fn state(&self) -> Arc<WorkerState> {
+        self.state.clone()
+    }
+
+    /// Runs until `shutdown` fires, then hands running jobs back and returns within
+    /// `SHUTDOWN_TIMEOUT_MS` (plus one Redis round trip).
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        if !self.connect(&shutdown).await {
+            return;
+        }
+        let tasks_stop = CancellationToken::new();
+        let prompt_task = tokio::spawn(crate::prompt::follow(
+            self.store.clone(),
+            self.config.default_prompt.clone(),
+            (*self.prompt_tx).clone(),
+            tasks_stop.clone(),
+        ));
+        let heartbeat_task = tokio::spawn(self.clone().heartbeat_loop(tasks_stop.clone()));
+        let reclaim_task = tokio::spawn(self.clone().reclaim_loop(shutdown.clone()));
+        self.clone().claim_loop(shutdown.clone()).await;
+        let _ = reclaim_task.await;
+
+        self.state.draining.store(true, Ordering::Relaxed);
+        self.drain().await;
+        tasks_stop.cancel();
+        let _ = heartbeat_task.await;
+        let _ = prompt_task.await;
+        let _ = self
+            .store
+            .query::<()>(redis::cmd("DEL").arg(self.store.keys().worker(&self.identity.id)))
+            .await;
+        tracing::info!(worker = %self.identity.id, "worker stopped");
+    }
+
+    /// Waits for Redis: loads the functions, creates the group, publishes the settings.
+    /// Returns false when shutdown came first.
+    async fn connect(&self, shutdown: &CancellationToken) -> bool {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            match self.prepare_redis().await {
+                Ok(()) => {
+                    self.state.redis_ok();
+                    tracing::info!(worker = %self.identity.id, "connected to redis; claiming jobs");
+                    return true;
+                }
+                Err(e) => {
+                    self.state.redis_failed(&e);
+                    self.metrics.redis_errors.inc();
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "redis not ready");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return false,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn prepare_redis(&self) -> StoreResult<()> {
+        self.store.load_functions().await?;
+        self.store.ensure_group().await?;
+        self.publish_settings().await
+    }
+
+    /// Settings the user-called functions need too (expiry, caps), kept in `{fr}:settings`.
+    async fn publish_settings(&self) -> StoreResult<()> {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(format!("{}:settings", self.store.keys().tag()))
+            .arg("result_ttl_s")
+            .arg(self.config.result_ttl.as_secs())
+            .arg("results_maxlen")
+            .arg(self.config.results_maxlen)
+            .arg("events_maxlen")
+            .arg(self.config.events_maxlen);
+        self.store.query::<()>(&cmd).await
+    }
+
+    fn free_slots(&self) -> usize {
+        self.config
+            .max_concurrent_streams
+            .saturating_sub(self.state.running_jobs())
+    }
+
+    async fn claim_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        while !shutdown.is_cancelled() {
+            let free = self.free_slots();
+            if free == 0 {
+                tokio::select! {
+                    _ = self.slot_freed.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(WORKER_GROUP)
+                .arg(&self.identity.id)
+                .arg("COUNT")
+                .arg(free)
+                .arg("BLOCK")
+                .arg(MAX_BLOCK_MS.min(1000))
+                .arg("STREAMS")
+                .arg(self.store.keys().jobs())
+                .arg(">");
+            match self.store.query::<redis::Value>(&cmd).await {
+                Ok(reply) => {
+                    backoff.reset();
+                    self.state.redis_ok();
+                    for entry in parse_read_reply(&reply) {
+                        if shutdown.is_cancelled() {
+                            self.hand_back_unstarted(&entry).await;
+                        } else {
+                            self.clone().take_entry(entry, false).await;
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.on_redis_error(&e, "reading the job stream").await;
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_redis_error(&self, e: &StoreError, doing: &str) {
+        self.metrics.redis_errors.inc();
+        self.state.redis_failed(e);
+        tracing::warn!(error = %e, "redis error while {doing}");
+        // A server that lost its data (restart without persistence) lost the group and the
+        // functions too: put them back so the fleet recovers by itself.
+        if e.to_string().contains("NOGROUP") {
+            let _ = self.prepare_redis().await;
+        }
+    }
+
+    /// Entries idle past the lease (their owner died or handed them back) are taken over,
+    /// on a timer, whatever this worker's load: a full fleet must still recover dead jobs.
+    /// When full it takes one per pass, up to twice its capacity.
+    async fn reclaim_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut cursor = "0-0".to_string();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.reclaim_interval) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let running = self.state.running_jobs();
+            let cap = self.config.max_concurrent_streams;
+            if running >= cap * 2 {
+                continue;
+            }
+            let count = cap.saturating_sub(running).max(1);
+            let mut cmd = redis::cmd("XAUTOCLAIM");
+            cmd.arg(self.store.keys().jobs())
+                .arg(WORKER_GROUP)
+                .arg(&self.identity.id)
+                .arg(self.config.job_lease.as_millis() as u64)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(count);
+            match self.store.query::<redis::Value>(&cmd).await {
+                Ok(reply) => {
+                    let (next, entries) = parse_autoclaim_reply(&reply);
+                    cursor = next;
+                    for entry in entries {
+                        if self.state.lock_running().contains_key(&entry.id) {
+                            // Our own entry whose lease lapsed (Redis was away): keep running it.
+                            continue;
+                        }
+                        if shutdown.is_cancelled() {
+                            self.hand_back_unstarted(&entry).await;
+                            continue;
+                        }
+                        self.metrics.jobs_reclaimed.inc();
+                        tracing::info!(entry = %entry.id, "reclaimed a job entry");
+                        self.clone().take_entry(entry, true).await;
+                    }
+                }
+                Err(e) => self.on_redis_error(&e, "reclaiming entries").await,
+            }
+        }
+    }
+
+    /// Validates an entry and asks Redis whether to run it; starts the job if so.
+    async fn take_entry(self: Arc<Self>, entry: Entry, reclaimed: bool) {
+        let tag = self.store.keys().tag().to_string();
+        let parsed = JobSpec::parse(&entry.id, &entry.fields, self.config.default_fps, || {
+            job_id_for_entry(&tag, &entry.id)
+        });
+        let spec = match parsed {
+            Ok(spec) => spec,
+            Err((err, job_id)) => {
+                let job_id = job_id.unwrap_or_else(|| job_id_for_entry(&tag, &entry.id));
+                self.reject(&entry, &job_id, &err.to_string()).await;
+                return;
+            }
+        };
+        let fields = hash_fields(&spec);
+        let mut args: Vec<&dyn crate::store::ToRedisArgsDyn> = vec![
+            &spec.entry_id,
+            &self.identity.id,
+            &self.config.max_attempts,
+            &spec.job_id,
+        ];
+        for (k, v) in &fields {
+            args.push(k);
+            args.push(v);
+        }
+        let verdict: redis::Value = match self.with_retry(|| self.store.fcall("fr_job_claim", &args)).await {
+            Some(v) => v,
+            None => return,
+        };
+        let parts: Vec<String> = redis::FromRedisValue::from_redis_value(verdict).unwrap_or_default();
+        match parts.first().map(String::as_str) {
+            Some("run") => {
+                let num = |i: usize| parts.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+                let resume = ResumeState {
+                    attempt: num(1) as u32,
+                    cursor: parts.get(2).filter(|c| !c.is_empty()).cloned(),
+                    results: num(3),
+                    counters: FrameCounters {
+                        frames_decoded: num(4),
+                        frames_sampled: num(5),
+                        frames_dropped: num(6),
+                        frames_failed: num(7),
+                    },
+                };
+                for w in &spec.warnings {
+                    tracing::warn!(job = %spec.job_id, "{w}");
+                }
+                tracing::info!(job = %spec.job_id, entry = %spec.entry_id, attempt = resume.attempt, reclaimed, "job started");
+                self.metrics.jobs_claimed.inc();
+                self.start_job(spec, resume);
+            }
+            Some("dead") => {
+                self.metrics.jobs_dead_lettered.inc();
+                tracing::warn!(job = %spec.job_id, "job dead-lettered after too many deliveries");
+            }
+            Some("cancelled") => {
+                self.metrics.jobs_cancelled.inc();
+                tracing::info!(job = %spec.job_id, "job was cancelled before it ran");
+            }
+            Some("duplicate") => {
+                self.metrics.jobs_rejected.inc();
+                tracing::warn!(job = %spec.job_id, entry = %spec.entry_id, "duplicate job_id; entry dropped");
+            }
+            other => {
+                tracing::info!(job = %spec.job_id, verdict = ?other, "entry not run");
+            }
+        }
+    }
+
+    async fn reject(&self, entry: &Entry, job_id: &str, error: &str) {
+        self.metrics.jobs_rejected.inc();
+        tracing::warn!(entry = %entry.id, job = %job_id, %error, "job entry refused");
+        let mut fields: Vec<(String, String)> = Vec::new();
+        for (k, v) in &entry.fields {
+            if let (Ok(k), Ok(v)) = (std::str::from_utf8(k), std::str::from_utf8(v)) {
+                if matches!(k, "stream_ref" | "fps" | "source" | "max_frames" | "max_duration_s")
+                    && v.len() <= crate::job::MAX_STREAM_REF_BYTES
+                {
+                    fields.push((k.to_string(), v.to_string()));
+                }
+            }
+        }
+        let mut args: Vec<&dyn crate::store::ToRedisArgsDyn> =
+            vec![&entry.id, &self.identity.id, &job_id, &error];
+        for (k, v) in &fields {
+            args.push(k);
+            args.push(v);
+        }
+        let _: Option<String> = self.with_retry(|| self.store.fcall("fr_job_reject", &args)).await;
+    }
+
+    /// Retries a Redis call on connection failures until it succeeds, the worker is past
+    /// its shutdown timeout, or Redis answers with an error (logged). `None` on failure.
+    async fn with_retry<T, F, Fut>(&self, mut call: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = StoreResult<T>>,
+    {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        // While draining, the shutdown bound wins: an unrecorded job is reclaimed later.
+        let patience = if self.state.draining.load(Ordering::Relaxed) {
+            self.config.shutdown_timeout
+        } else {
+            self.config.job_lease.max(self.config.shutdown_timeout)
+        };
+        let deadline = Instant::now() + patience;
+        loop {
+            match call().await {
+                Ok(v) => {
+                    self.state.redis_ok();
+                    return Some(v);
+                }
+                Err(e) if e.is_transient() && Instant::now() < deadline => {
+                    self.on_redis_error(&e, "updating a job").await;
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(e) => {
+                    self.on_redis_error(&e, "updating a job").await;
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn start_job(self: &Arc<Self>, spec: JobSpec, resume: ResumeState) {
+        let stop = StopSignal::new();
+        let running = RunningJob {
+            job_id: spec.job_id.clone(),
+            stop: stop.clone(),
+            done: Arc::new(Notify::new()),
+            finished: Arc::new(AtomicBool::new(false)),
+        };
+        let entry_id = spec.entry_id.clone();
+        {
+            let mut map = self.state.lock_running();
+            map.insert(entry_id.clone(), running.clone());
+            self.metrics.running_jobs.set(map.len() as u64);
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.run_job(spec, resume, stop).await;
+            {
+                let mut map = me.state.lock_running();
+                map.remove(&entry_id);
+                me.metrics.running_jobs.set(map.len() as u64);
+            }
+            running.finished.store(true, Ordering::Relaxed);
+            running.done.notify_waiters();
+            me.slot_freed.notify_one();
+        });
+    }
+
+    async fn run_job(&self, spec: JobSpec, resume: ResumeState, stop: StopSignal) {
+        let spec = Arc::new(spec);
+        let prompt = match &spec.prompt {
+            Some(text) => PromptFollow::Fixed(PromptRef {
+                text: Arc::from(text.as_str()),
+                version: None,
+            }),
+            None => PromptFollow::Live(self.prompt_rx.clone()),
+        };
+        let sink = ResultSink::new(
+            self.store.clone(),
+            &spec.job_id,
+            self.config.results_maxlen,
+            stop.clone(),
+            resume.results,
+        );
+        let ctx = JobContext {
+            spec: spec.clone(),
+            resume,
+            sink,
+            stop: stop.clone(),
+            prompt,
+        };
+        let body = self.body.clone();
+        let mut task = tokio::spawn(async move { body.run(ctx).await });
+        let deadline = spec
+            .max_duration_s
+            .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
+        let mut duration_reached = false;
+
+        let joined = loop {
+            tokio::select! {
+                r = &mut task => break Some(r),
+                _ = stop.stopped() => {
+                    let grace = match stop.reason() {
+                        Some(StopReason::Shutdown) => self.config.shutdown_timeout,
+                        _ => CANCEL_GRACE,
+                    };
+                    match tokio::time::timeout(grace, &mut task).await {
+                        Ok(r) => break Some(r),
+                        Err(_) => {
+                            tracing::warn!(job = %spec.job_id, "job body did not stop in time; abandoned");
+                            task.abort();
+                            break None;
+                        }
+                    }
+                }
+                _ = sleep_until_opt(deadline), if !duration_reached => {
+                    duration_reached = true;
+                    stop.stop(StopReason::Deadline);
+                }
+            }
+        };
+        let reason = stop.reason();
+        let outcome: Result<BodyOutcome, JobFailure> = match joined {
+            Some(Ok(r)) => r,
+            Some(Err(e)) if e.is_panic() => Err(JobFailure::new(format!(
+                "worker error: the job's body panicked: {}",
+                panic_message(e.into_panic())
+            ))),
+            Some(Err(_)) | None => Ok(BodyOutcome::Stopped),
+        };
+        let final_status = match (reason, &outcome) {
+            (Some(StopReason::LeaseLost), _) => {
+                self.metrics.leases_lost.inc();
+                tracing::warn!(job = %spec.job_id, "lease lost to another worker; job left to it");
+                return;
+            }
+            (_, Ok(BodyOutcome::Completed)) => Some(("completed", String::new())),
+            // Whatever the body made of being stopped, the reason decides.
+            (Some(StopReason::Shutdown), _) => None,
+            (Some(StopReason::Cancelled), _) => Some(("cancelled", String::new())),
+            (Some(StopReason::Deadline), _) => Some(("completed", String::new())),
+            (None, Err(failure)) => Some(("failed", failure.message.clone())),
+            (None, Ok(BodyOutcome::Stopped)) => Some(("completed", String::new())),
+        };
+        match final_status {
+            Some((status, error)) => self.finish(&spec, status, &error).await,
+            None => self.hand_back(&spec.entry_id, &spec.job_id).await,
+        }
+    }
+
+    async fn finish(&self, spec: &JobSpec, status: &str, error: &str) {
+        let args: [&dyn crate::store::ToRedisArgsDyn; 5] =
+            [&spec.entry_id, &self.identity.id, &spec.job_id, &status, &error];
+        let verdict: Option<String> = self.with_retry(|| self.store.fcall("fr_job_finish", &args)).await;
+        match verdict.as_deref() {
+            Some("ok") => {
+                match status {
+                    "completed" => self.metrics.jobs_completed.inc(),
+                    "failed" => self.metrics.jobs_failed.inc(),
+                    _ => self.metrics.jobs_cancelled.inc(),
+                }
+                if error.is_empty() {
+                    tracing::info!(job = %spec.job_id, %status, "job finished");
+                } else {
+                    tracing::warn!(job = %spec.job_id, %status, %error, "job finished");
+                }
+            }
+            Some(_) => {
+                self.metrics.leases_lost.inc();
+                tracing::warn!(job = %spec.job_id, "finished, but another worker owns the entry now; left to it");
+            }
+            None => tracing::error!(job = %spec.job_id, "could not record the job's end; it will be reclaimed"),
+        }
+    }
+
+    async fn hand_back(&self, entry_id: &str, job_id: &str) {
+        let args: [&dyn crate::store::ToRedisArgsDyn; 4] =
+            [&entry_id, &self.identity.id, &job_id, &HANDBACK_IDLE_MS];
+        let verdict: Option<String> = self.with_retry(|| self.store.fcall("fr_job_handback", &args)).await;
+        if verdict.as_deref() == Some("ok") {
+            self.metrics.jobs_handed_back.inc();
+            tracing::info!(job = %job_id, "job handed back for another worker");
+        }
+    }
+
+    /// An entry that arrived while shutting down: give it back untouched.
+    async fn hand_back_unstarted(&self, entry: &Entry) {
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(self.store.keys().jobs())
+            .arg(WORKER_GROUP)
+            .arg(&self.identity.id)
+            .arg(0)
+            .arg(&entry.id)
+            .arg("IDLE")
+            .arg(HANDBACK_IDLE_MS)
+            .arg("JUSTID");
+        if let Err(e) = self.store.query::<redis::Value>(&cmd).await {
+            tracing::warn!(error = %e, entry = %entry.id, "could not hand back an unstarted entry; it is reclaimed after the lease");
+        }
+    }
+
+    /// Stops every running job for hand-back and waits for them, up to the shutdown timeout.
+    async fn drain(&self) {
+        let jobs: Vec<(String, RunningJob)> = self
+            .state
+            .lock_running()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if jobs.is_empty() {
+            return;
+        }
+        tracing::info!(jobs = jobs.len(), "stopping; handing running jobs back");
+        for (_, job) in &jobs {
+            job.stop.stop(StopReason::Shutdown);
+        }
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout + Duration::from_millis(500);
+        for (entry_id, job) in jobs {
+            let waited = async {
+                while !job.finished.load(Ordering::Relaxed) {
+                    let notified = job.done.notified();
+                    if job.finished.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    notified.await;
+                }
+            };
+            if tokio::time::timeout_at(deadline, waited).await.is_err() {
+                // The job task is stuck (e.g. Redis unreachable): hand back directly.
+                self.hand_back(&entry_id, &job.job_id).await;
+            }
+        }
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
+        let tick = HEARTBEAT_INTERVAL.min(self.config.job_lease / 3);
+        let mut last_prune = Instant::now();
+        loop {
+            self.heartbeat_once().await;
+            if last_prune.elapsed() > INDEX_PRUNE_EVERY {
+                last_prune = Instant::now();
+                let _: StoreResult<i64> = self.store.fcall("fr_index_prune", &[&500]).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Renews every running job's lease and reads cancel flags in one call, then refreshes
+    /// the worker's own heartbeat hash.
+    async fn heartbeat_once(&self) {
+        let jobs: Vec<(String, RunningJob)> = self
+            .state
+            .lock_running()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !jobs.is_empty() {
+            let mut args: Vec<&dyn crate::store::ToRedisArgsDyn> = vec![&self.identity.id];
+            for (entry_id, job) in &jobs {
+                args.push(entry_id);
+                args.push(&job.job_id);
+            }
+            match self.store.fcall::<Vec<String>>("fr_job_heartbeat", &args).await {
+                Ok(verdicts) => {
+                    for ((_, job), verdict) in jobs.iter().zip(verdicts) {
+                        match verdict.as_str() {
+                            "lost" => job.stop.stop(StopReason::LeaseLost),
+                            "cancel" => job.stop.stop(StopReason::Cancelled),
+                            _ => {}
+                        }
+                    }
+                }
+                Err(e) => self.on_redis_error(&e, "renewing leases").await,
+            }
+        }
+        let key = self.store.keys().worker(&self.identity.id);
+        let ids = jobs.iter().map(|(_, j)| j.job_id.as_str()).collect::<Vec<_>>().join(",");
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(&key)
+            .arg("host")
+            .arg(hostname())
+            .arg("pid")
+            .arg(std::process::id())
+            .arg("version")
+            .arg(env!("CARGO_PKG_VERSION"))
+            .arg("started_ms")
+            .arg(self.started_ms)
+            .arg("updated_ms")
+            .arg(now_ms())
+            .arg("running")
+            .arg(jobs.len())
+            .arg("running_jobs")
+            .arg(ids)
+            .arg("capacity")
+            .arg(self.config.max_concurrent_streams)
+            .arg("model")
+            .arg(&self.identity.model)
+            .arg("device")
+            .arg(&self.identity.device)
+            .arg("draining")
+            .arg(if self.state.draining.load(Ordering::Relaxed) { 1 } else { 0 })
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(self.config.job_lease.as_millis() as u64 * 3)
+            .ignore();
+        match self.store.pipe::<()>(&pipe).await {
+            Ok(()) => {
+                if !self.state.redis_ready.load(Ordering::Relaxed) {
+                    // Back after an outage: the server may have lost the group and settings.
+                    if self.prepare_redis().await.is_ok() {
+                        self.state.redis_ok();
+                    }
+                } else {
+                    self.state.redis_ok();
+                }
+            }
+            Err(e) => self.on_redis_error(&e, "writing the worker heartbeat").await,
+        }
+    }
+}
+
+/// The job hash fields recorded when a job first runs.
+fn hash_fields(spec: &JobSpec) -> Vec<(&'static str, String)> {
+    let mut f = vec![
+        ("stream_ref", spec.stream_ref.clone()),
+        ("source", spec.source.as_str().to_string()),
+        ("fps", spec.fps.to_string()),
+        ("prompt_mode", if spec.prompt.is_some() { "fixed" } else { "live" }.to_string()),
+    ];
+    if let Some(p) = &spec.prompt {
+        f.push(("prompt", p.clone()));
+    }
+    if let Some(n) = spec.max_frames {
+        f.push(("max_frames", n.to_string()));
+    }
+    if let Some(s) = spec.max_duration_s {
+        f.push(("max_duration_s", s.to_string()));
+    }
+    if !spec.extra.is_empty() {
+        f.push(("extra", serde_json::to_string(&spec.extra).unwrap_or_default()));
+    }
+    if !spec.warnings.is_empty() {
+        f.push(("warnings", spec.warnings.join("; ")));
+    }
+    f
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_map_to_stable_uuids() {
+        let a = job_id_for_entry("{fr}", "1-0");
+        assert_eq!(a, job_id_for_entry("{fr}", "1-0"));
+        assert_ne!(a, job_id_for_entry("{fr}", "1-1"));
+        assert_ne!(a, job_id_for_entry("{other}", "1-0"));
+        assert!(uuid::Uuid::parse_str(&a).is_ok());
+    }
+}
