@@ -367,6 +367,16 @@ async fn run_once(
             );
         }
     };
+    #[cfg(target_os = "linux")]
+    if let Some(out) = child.stdout.as_ref() {
+        use std::os::fd::AsRawFd;
+        // A frame is megabytes; a 1 MiB pipe (the unprivileged maximum) instead of 64 KiB
+        // moves it in a few reads and wake-ups instead of dozens. Best effort.
+        // SAFETY: F_SETPIPE_SZ on a pipe descriptor we own; no memory is passed.
+        unsafe {
+            libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
+        }
+    }
     let log = Arc::new(Mutex::new(RunLog::default()));
     let (duration_tx, mut duration_rx) = watch::channel(None);
     let stderr_task = tokio::spawn(read_stderr(
