@@ -280,10 +280,13 @@ impl EngineStream {
         let Some(stream) = st.streams.get_mut(&self.id) else {
             return Submitted::Closed;
         };
-        let replaced = stream
-            .pending
-            .replace(Pending { frame, live, seq })
-            .is_some();
+        // A replacing frame keeps its slot's place in line, so a stream that always has a
+        // newer frame is not pushed to the back when there are more streams than a batch.
+        let (seq, replaced) = match stream.pending.take() {
+            Some(old) => (old.seq, true),
+            None => (seq, false),
+        };
+        stream.pending = Some(Pending { frame, live, seq });
         if !replaced {
             st.pending += 1;
         }
@@ -683,6 +686,42 @@ mod tests {
         tx.send(()).unwrap();
         assert_eq!(s.recv().await.unwrap().meta.index, 0);
         assert_eq!(s.recv().await.unwrap().meta.index, 2);
+        drop(tx);
+        engine.shutdown(Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_replaced_frame_keeps_its_place_in_line() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut model = Scripted::new();
+        model.gate = Some(rx);
+        let mut s = settings();
+        s.max_batch_size = 1;
+        let (engine, _) = start(model, s);
+        let mut a = engine.register(fixed("p"));
+        let mut b = engine.register(fixed("p"));
+        a.submit(frame(0), true);
+        while engine.shared.lock().pending > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A waits first, then B, then A gets a newer frame: A is still first in line.
+        a.submit(frame(1), true);
+        b.submit(frame(2), true);
+        assert_eq!(a.submit(frame(3), true), Submitted::Replaced);
+        // Let two calls through: frame 0 and the next batch of one.
+        tx.send(()).unwrap();
+        tx.send(()).unwrap();
+        let wait = Duration::from_secs(10);
+        assert_eq!(a.recv().await.unwrap().meta.index, 0);
+        let second = tokio::time::timeout(wait, a.recv()).await;
+        assert_eq!(
+            second.ok().flatten().map(|r| r.meta.index),
+            Some(3),
+            "A went second"
+        );
+        assert!(b.try_recv().is_none());
+        tx.send(()).unwrap();
+        assert_eq!(b.recv().await.unwrap().meta.index, 2);
         drop(tx);
         engine.shutdown(Duration::from_secs(5));
     }

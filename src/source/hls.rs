@@ -268,6 +268,8 @@ enum RunEnd {
     /// The input ended cleanly (a finished playlist, a file): the job is complete.
     Finished,
     Failed(String),
+    /// Retrying cannot help (ffmpeg cannot be started at all).
+    Fatal(String),
 }
 
 /// Position bookkeeping across restarts.
@@ -305,6 +307,10 @@ pub(crate) async fn run(job: HlsJob, slot: Arc<Slot>, cancel: CancellationToken)
         let (end, delivered) = run_once(&job, &slot, &cancel, &mut pos).await;
         match end {
             RunEnd::Cancelled => return,
+            RunEnd::Fatal(reason) => {
+                slot.finish(SourceEvent::Failed(reason));
+                return;
+            }
             RunEnd::Finished => {
                 slot.finish(SourceEvent::End);
                 return;
@@ -362,7 +368,10 @@ async fn run_once(
         Ok(c) => c,
         Err(e) => {
             return (
-                RunEnd::Failed(format!("could not start `{}`: {e}", opts.ffmpeg)),
+                RunEnd::Fatal(format!(
+                    "could not start `{}` (is ffmpeg installed?): {e}",
+                    opts.ffmpeg
+                )),
                 false,
             );
         }
