@@ -25,3 +25,7 @@ pub mod prompt;
 pub mod queue;
 pub mod results;
 pub mod store;
+pub mod engine;
+pub mod pipeline;
+pub mod sampler;
+pub mod source;

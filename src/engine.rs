@@ -1,0 +1,847 @@
+//! The inference engine: one model on its own OS thread, shared by every job of the worker,
+//! fed in batches formed across all running streams.
+//!
+//! Each job registers a stream and holds at most one waiting frame in it: a newer frame
+//! replaces an older one that the model has not taken yet, so a slow model makes streams
+//! skip frames instead of queueing them. A batcher thread waits up to BATCH_WINDOW_MS for
+//! up to MAX_BATCH_SIZE streams to have a frame, skips frames older than MAX_FRAME_AGE_MS,
+//! groups the rest by prompt (one `infer` call per prompt) and bounds each call with
+//! INFERENCE_TIMEOUT_MS. The model itself runs on a second thread, so a call that never
+//! returns can be given up on: its frames get error entries and the engine goes on once the
+//! model is free again. A model error or panic fails only that call's frames.
+
+use crate::config::Config;
+use crate::frame::Frame;
+use crate::job::PromptFollow;
+use crate::metrics::Metrics;
+use crate::model::{ModelInfo, PromptRef, VisionLanguageModel};
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc as tokio_mpsc;
+
+/// The engine's knobs, from the worker's settings.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    pub max_batch_size: usize,
+    pub batch_window: Duration,
+    pub max_frame_age: Duration,
+    pub inference_timeout: Duration,
+}
+
+impl EngineSettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            max_batch_size: config.max_batch_size.max(1),
+            batch_window: config.batch_window,
+            max_frame_age: config.max_frame_age,
+            inference_timeout: config.inference_timeout,
+        }
+    }
+}
+
+/// Where a frame came from, carried back with its reply (the pixels are not).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrameMeta {
+    pub index: u64,
+    pub pts_ms: Option<i64>,
+    pub capture_ms: i64,
+    pub cursor: Option<String>,
+}
+
+impl FrameMeta {
+    fn take_from(frame: &mut Frame) -> Self {
+        Self {
+            index: frame.index,
+            pts_ms: frame.pts_ms,
+            capture_ms: frame.capture_ms,
+            cursor: frame.cursor.take(),
+        }
+    }
+}
+
+/// What became of a submitted frame.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ReplyOutcome {
+    Output(serde_json::Value),
+    /// The model failed on the frame's batch (error, panic, timeout).
+    Error(String),
+    /// Skipped unseen: older than MAX_FRAME_AGE_MS when the model could take it.
+    TooOld,
+}
+
+/// The engine's answer for one frame.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reply {
+    pub meta: FrameMeta,
+    /// The version of the prompt the frame was run with (`None`: the job's own prompt).
+    pub prompt_version: Option<u64>,
+    /// How long the frame's model call took.
+    pub latency_ms: f64,
+    pub outcome: ReplyOutcome,
+}
+
+/// What `submit` did with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Submitted {
+    Queued,
+    /// Queued, and a frame the model had not taken yet was dropped for it.
+    Replaced,
+    /// The engine is shut down; nothing was queued.
+    Closed,
+}
+
+struct Pending {
+    frame: Frame,
+    /// Frames of a live stream expire; frames of a recording wait as long as it takes.
+    live: bool,
+    seq: u64,
+}
+
+struct StreamState {
+    pending: Option<Pending>,
+    prompt: PromptFollow,
+    replies: tokio_mpsc::UnboundedSender<Reply>,
+}
+
+#[derive(Default)]
+struct State {
+    streams: HashMap<u64, StreamState>,
+    pending: usize,
+    next_id: u64,
+    next_seq: u64,
+    shutdown: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    settings: EngineSettings,
+    metrics: Arc<Metrics>,
+    info: ModelInfo,
+    model_name: Arc<str>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A handle on the worker's engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+/// One frame taken for a batch.
+struct Taken {
+    frame: Frame,
+    live: bool,
+    prompt: PromptRef,
+    replies: tokio_mpsc::UnboundedSender<Reply>,
+}
+
+struct ModelCall {
+    seq: u64,
+    frames: Vec<Frame>,
+    prompt: PromptRef,
+}
+
+struct ModelDone {
+    seq: u64,
+    result: Result<Vec<serde_json::Value>, String>,
+    elapsed: Duration,
+}
+
+impl Engine {
+    /// Starts the batcher and model threads. The model moves to its own thread and stays
+    /// there until `shutdown`.
+    pub fn start(
+        model: Box<dyn VisionLanguageModel>,
+        settings: EngineSettings,
+        metrics: Arc<Metrics>,
+    ) -> Engine {
+        let info = model.info().clone();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            model_name: info.name.as_str().into(),
+            info,
+            settings,
+            metrics,
+            threads: Mutex::new(Vec::new()),
+        });
+        let (call_tx, call_rx) = mpsc::channel::<ModelCall>();
+        let (done_tx, done_rx) = mpsc::channel::<ModelDone>();
+        let model_thread = std::thread::Builder::new()
+            .name("fr-model".into())
+            .spawn(move || model_loop(model, call_rx, done_tx))
+            .expect("spawning the model thread");
+        let batcher = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("fr-batcher".into())
+                .spawn(move || batch_loop(&shared, call_tx, done_rx))
+                .expect("spawning the batcher thread")
+        };
+        shared
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend([batcher, model_thread]);
+        Engine { shared }
+    }
+
+    pub fn model_info(&self) -> &ModelInfo {
+        &self.shared.info
+    }
+
+    /// The model name written into result entries.
+    pub fn model_name(&self) -> Arc<str> {
+        self.shared.model_name.clone()
+    }
+
+    /// Registers a job's stream. The prompt is read when the frame is taken for a batch, so
+    /// a new version of a followed prompt applies from the next batch.
+    pub fn register(&self, prompt: PromptFollow) -> EngineStream {
+        let (tx, rx) = tokio_mpsc::unbounded_channel();
+        let mut st = self.shared.lock();
+        let id = st.next_id;
+        st.next_id += 1;
+        if !st.shutdown {
+            st.streams.insert(
+                id,
+                StreamState {
+                    pending: None,
+                    prompt,
+                    replies: tx,
+                },
+            );
+        }
+        EngineStream {
+            id,
+            shared: self.shared.clone(),
+            replies: rx,
+        }
+    }
+
+    /// Stops taking frames, lets the model finish its current call and waits up to
+    /// `timeout` for both threads to end; true when they did. Blocking: call it from a
+    /// blocking context (`spawn_blocking`, or after the runtime has stopped).
+    pub fn shutdown(&self, timeout: Duration) -> bool {
+        {
+            let mut st = self.shared.lock();
+            st.shutdown = true;
+            // Dropping the reply senders tells waiting jobs the engine is gone.
+            st.streams.clear();
+            st.pending = 0;
+        }
+        self.shared.wake.notify_all();
+        let deadline = Instant::now() + timeout;
+        let mut threads = std::mem::take(
+            &mut *self
+                .shared
+                .threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        while Instant::now() < deadline && threads.iter().any(|t| !t.is_finished()) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let all = threads.iter().all(|t| t.is_finished());
+        for t in threads.drain(..) {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+        all
+    }
+}
+
+/// A job's place in the engine. Dropping it withdraws the waiting frame, if any.
+pub struct EngineStream {
+    id: u64,
+    shared: Arc<Shared>,
+    replies: tokio_mpsc::UnboundedReceiver<Reply>,
+}
+
+impl EngineStream {
+    /// Hands a frame to the engine, replacing this stream's waiting frame if the model has
+    /// not taken it yet. `live` frames are skipped once older than MAX_FRAME_AGE_MS.
+    pub fn submit(&self, frame: Frame, live: bool) -> Submitted {
+        let mut st = self.shared.lock();
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let Some(stream) = st.streams.get_mut(&self.id) else {
+            return Submitted::Closed;
+        };
+        // A replacing frame keeps its slot's place in line, so a stream that always has a
+        // newer frame is not pushed to the back when there are more streams than a batch.
+        let (seq, replaced) = match stream.pending.take() {
+            Some(old) => (old.seq, true),
+            None => (seq, false),
+        };
+        stream.pending = Some(Pending { frame, live, seq });
+        if !replaced {
+            st.pending += 1;
+        }
+        drop(st);
+        self.shared.wake.notify_all();
+        if replaced {
+            Submitted::Replaced
+        } else {
+            Submitted::Queued
+        }
+    }
+
+    /// The next reply; `None` once the engine has shut down.
+    pub async fn recv(&mut self) -> Option<Reply> {
+        self.replies.recv().await
+    }
+
+    /// A reply that is already there, without waiting.
+    pub fn try_recv(&mut self) -> Option<Reply> {
+        self.replies.try_recv().ok()
+    }
+}
+
+impl Drop for EngineStream {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        if let Some(s) = st.streams.remove(&self.id)
+            && s.pending.is_some()
+        {
+            st.pending -= 1;
+        }
+    }
+}
+
+/// Waits for frames and takes up to one batch; `None` once shut down.
+fn take_batch(shared: &Shared) -> Option<Vec<Taken>> {
+    let settings = &shared.settings;
+    let mut st = shared.lock();
+    while st.pending == 0 && !st.shutdown {
+        st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    // Every stream holds at most one frame, so once each has one nothing can be gained by
+    // waiting out the window.
+    let deadline = Instant::now() + settings.batch_window;
+    while !st.shutdown && st.pending < settings.max_batch_size.min(st.streams.len()) {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        st = shared
+            .wake
+            .wait_timeout(st, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    if st.shutdown {
+        return None;
+    }
+    // Longest-waiting streams first, so no stream starves when there are more than a batch.
+    let mut order: Vec<(u64, u64)> = st
+        .streams
+        .iter()
+        .filter_map(|(id, s)| s.pending.as_ref().map(|p| (p.seq, *id)))
+        .collect();
+    order.sort_unstable();
+    order.truncate(settings.max_batch_size);
+    let mut taken = Vec::with_capacity(order.len());
+    for (_, id) in order {
+        let s = st.streams.get_mut(&id).expect("listed above");
+        let p = s.pending.take().expect("listed above");
+        let prompt = s.prompt.current();
+        let replies = s.replies.clone();
+        st.pending -= 1;
+        taken.push(Taken {
+            frame: p.frame,
+            live: p.live,
+            prompt,
+            replies,
+        });
+    }
+    Some(taken)
+}
+
+fn batch_loop(shared: &Shared, calls: mpsc::Sender<ModelCall>, done: mpsc::Receiver<ModelDone>) {
+    let mut seq = 0u64;
+    // A call given up on that the model may still be running.
+    let mut busy: Option<u64> = None;
+    while let Some(taken) = take_batch(shared) {
+        let metrics = &shared.metrics;
+        let mut groups: Vec<(PromptRef, Vec<Taken>)> = Vec::new();
+        for t in taken {
+            let age = t.frame.received.elapsed();
+            if t.live && age > shared.settings.max_frame_age {
+                metrics.frames_too_old.inc();
+                let mut frame = t.frame;
+                let _ = t.replies.send(Reply {
+                    meta: FrameMeta::take_from(&mut frame),
+                    prompt_version: t.prompt.version,
+                    latency_ms: 0.0,
+                    outcome: ReplyOutcome::TooOld,
+                });
+                continue;
+            }
+            metrics.frame_age.observe(age.as_secs_f64());
+            match groups.iter_mut().find(|(p, _)| *p == t.prompt) {
+                Some((_, g)) => g.push(t),
+                None => groups.push((t.prompt.clone(), vec![t])),
+            }
+        }
+        for (prompt, group) in groups {
+            seq += 1;
+            run_group(shared, seq, &mut busy, prompt, group, &calls, &done);
+        }
+    }
+}
+
+/// Runs one `infer` call for frames that share a prompt and replies to each frame's job.
+fn run_group(
+    shared: &Shared,
+    seq: u64,
+    busy: &mut Option<u64>,
+    prompt: PromptRef,
+    group: Vec<Taken>,
+    calls: &mpsc::Sender<ModelCall>,
+    done: &mpsc::Receiver<ModelDone>,
+) {
+    let metrics = &shared.metrics;
+    let timeout = shared.settings.inference_timeout;
+    let deadline = Instant::now() + timeout;
+    let mut frames = Vec::with_capacity(group.len());
+    let mut targets = Vec::with_capacity(group.len());
+    for mut t in group {
+        targets.push((FrameMeta::take_from(&mut t.frame), t.replies));
+        frames.push(t.frame);
+    }
+    let n = frames.len();
+
+    let wait_for = |want: u64| -> Result<ModelDone, RecvTimeoutError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match done.recv_timeout(left) {
+                Ok(d) if d.seq == want => return Ok(d),
+                Ok(_) => continue, // a late answer to a call already given up on
+                Err(e) => return Err(e),
+            }
+        }
+    };
+
+    let result: Result<(Vec<serde_json::Value>, Duration), String> = (|| {
+        if let Some(old) = *busy {
+            match wait_for(old) {
+                Ok(_) => *busy = None,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "the model is still busy with a batch that exceeded INFERENCE_TIMEOUT_MS ({} ms)",
+                        timeout.as_millis()
+                    ));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err("the model thread has stopped".into());
+                }
+            }
+        }
+        if calls
+            .send(ModelCall {
+                seq,
+                frames,
+                prompt: prompt.clone(),
+            })
+            .is_err()
+        {
+            return Err("the model thread has stopped".into());
+        }
+        metrics.inference_batches.inc();
+        metrics.inference_frames.add(n as u64);
+        match wait_for(seq) {
+            Ok(d) => {
+                metrics.batch_latency.observe(d.elapsed.as_secs_f64());
+                d.result.map(|out| (out, d.elapsed))
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                *busy = Some(seq);
+                Err(format!(
+                    "inference exceeded INFERENCE_TIMEOUT_MS ({} ms)",
+                    timeout.as_millis()
+                ))
+            }
+            Err(RecvTimeoutError::Disconnected) => Err("the model thread has stopped".into()),
+        }
+    })();
+
+    match result {
+        Ok((outputs, elapsed)) => {
+            let latency_ms = elapsed.as_secs_f64() * 1000.0;
+            for ((meta, replies), output) in targets.into_iter().zip(outputs) {
+                let _ = replies.send(Reply {
+                    meta,
+                    prompt_version: prompt.version,
+                    latency_ms,
+                    outcome: ReplyOutcome::Output(output),
+                });
+            }
+        }
+        Err(error) => {
+            metrics.inference_errors.inc();
+            tracing::warn!(%error, frames = n, "inference batch failed");
+            let latency_ms = timeout
+                .saturating_sub(deadline.saturating_duration_since(Instant::now()))
+                .as_secs_f64()
+                * 1000.0;
+            for (meta, replies) in targets {
+                let _ = replies.send(Reply {
+                    meta,
+                    prompt_version: prompt.version,
+                    latency_ms,
+                    outcome: ReplyOutcome::Error(error.clone()),
+                });
+            }
+        }
+    }
+}
+
+fn model_loop(
+    mut model: Box<dyn VisionLanguageModel>,
+    calls: mpsc::Receiver<ModelCall>,
+    done: mpsc::Sender<ModelDone>,
+) {
+    while let Ok(call) = calls.recv() {
+        let start = Instant::now();
+        let refs: Vec<&Frame> = call.frames.iter().collect();
+        let result = match catch_unwind(AssertUnwindSafe(|| model.infer(&refs, &call.prompt))) {
+            Ok(Ok(out)) if out.len() == refs.len() => Ok(out),
+            Ok(Ok(out)) => Err(format!(
+                "the model returned {} outputs for {} frames",
+                out.len(),
+                refs.len()
+            )),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(panic) => Err(format!("the model panicked: {}", panic_message(&*panic))),
+        };
+        let elapsed = start.elapsed();
+        drop(refs);
+        // Free the pixels before answering.
+        drop(call.frames);
+        if done
+            .send(ModelDone {
+                seq: call.seq,
+                result,
+                elapsed,
+            })
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelError;
+    use crate::model::null::NullModel;
+    use bytes::Bytes;
+    use tokio::sync::watch;
+
+    fn frame(index: u64) -> Frame {
+        let mut f = Frame::new(2, 2, Bytes::from(vec![0u8; 12])).unwrap();
+        f.index = index;
+        f.cursor = Some(format!("c{index}"));
+        f
+    }
+
+    fn settings() -> EngineSettings {
+        EngineSettings {
+            max_batch_size: 8,
+            batch_window: Duration::from_millis(20),
+            max_frame_age: Duration::from_secs(5),
+            inference_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn fixed(text: &str) -> PromptFollow {
+        PromptFollow::Fixed(PromptRef {
+            text: text.into(),
+            version: None,
+        })
+    }
+
+    /// A model that does what the test says: echoes batch sizes and prompts, fails, panics,
+    /// or sleeps.
+    struct Scripted {
+        info: ModelInfo,
+        gate: Option<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl Scripted {
+        fn new() -> Self {
+            Self {
+                info: NullModel::new(224).info().clone(),
+                gate: None,
+            }
+        }
+    }
+
+    impl VisionLanguageModel for Scripted {
+        fn info(&self) -> &ModelInfo {
+            &self.info
+        }
+        fn infer(
+            &mut self,
+            frames: &[&Frame],
+            prompt: &PromptRef,
+        ) -> Result<Vec<serde_json::Value>, ModelError> {
+            if let Some(gate) = &self.gate {
+                let _ = gate.recv();
+            }
+            match &*prompt.text {
+                "fail" => Err(ModelError::Inference("out of memory".into())),
+                "panic" => panic!("tensor shape mismatch"),
+                "short" => Ok(vec![]),
+                _ => Ok(frames
+                    .iter()
+                    .map(|f| serde_json::json!({"batch": frames.len(), "prompt": &*prompt.text, "index": f.index}))
+                    .collect()),
+            }
+        }
+    }
+
+    fn start(
+        model: impl VisionLanguageModel + 'static,
+        s: EngineSettings,
+    ) -> (Engine, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::default());
+        (Engine::start(Box::new(model), s, metrics.clone()), metrics)
+    }
+
+    #[tokio::test]
+    async fn frames_of_many_streams_share_a_batch_and_come_back_to_their_job() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut model = Scripted::new();
+        model.gate = Some(rx);
+        let (engine, metrics) = start(model, settings());
+        // Hold the model on a first frame, so the next three wait together.
+        let mut first = engine.register(fixed("p"));
+        first.submit(frame(100), true);
+        while engine.shared.lock().pending > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut streams: Vec<EngineStream> = (0..3).map(|_| engine.register(fixed("p"))).collect();
+        for (i, s) in streams.iter().enumerate() {
+            assert_eq!(s.submit(frame(i as u64), true), Submitted::Queued);
+        }
+        tx.send(()).unwrap();
+        tx.send(()).unwrap();
+        assert_eq!(first.recv().await.unwrap().meta.index, 100);
+        for (i, s) in streams.iter_mut().enumerate() {
+            let r = s.recv().await.unwrap();
+            assert_eq!(r.meta.index, i as u64);
+            assert_eq!(r.meta.cursor.as_deref(), Some(format!("c{i}").as_str()));
+            let ReplyOutcome::Output(v) = r.outcome else {
+                panic!("{r:?}")
+            };
+            assert_eq!(v["batch"], 3, "the three waiting frames form one batch");
+        }
+        assert_eq!(metrics.inference_batches.get(), 2);
+        assert_eq!(metrics.inference_frames.get(), 4);
+        assert_eq!(metrics.frame_age.count(), 4);
+        drop(tx);
+        assert!(engine.shutdown(Duration::from_secs(5)));
+    }
+
+    #[tokio::test]
+    async fn a_newer_frame_replaces_one_the_model_has_not_taken() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut model = Scripted::new();
+        model.gate = Some(rx);
+        let (engine, _) = start(model, settings());
+        let mut s = engine.register(fixed("p"));
+        s.submit(frame(0), true);
+        // Wait until the model holds frame 0 (its gate is closed), then queue two more.
+        while engine.shared.lock().pending > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(s.submit(frame(1), true), Submitted::Queued);
+        assert_eq!(s.submit(frame(2), true), Submitted::Replaced);
+        tx.send(()).unwrap();
+        tx.send(()).unwrap();
+        assert_eq!(s.recv().await.unwrap().meta.index, 0);
+        assert_eq!(s.recv().await.unwrap().meta.index, 2);
+        drop(tx);
+        engine.shutdown(Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_replaced_frame_keeps_its_place_in_line() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut model = Scripted::new();
+        model.gate = Some(rx);
+        let mut s = settings();
+        s.max_batch_size = 1;
+        let (engine, _) = start(model, s);
+        let mut a = engine.register(fixed("p"));
+        let mut b = engine.register(fixed("p"));
+        a.submit(frame(0), true);
+        while engine.shared.lock().pending > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A waits first, then B, then A gets a newer frame: A is still first in line.
+        a.submit(frame(1), true);
+        b.submit(frame(2), true);
+        assert_eq!(a.submit(frame(3), true), Submitted::Replaced);
+        // Let two calls through: frame 0 and the next batch of one.
+        tx.send(()).unwrap();
+        tx.send(()).unwrap();
+        let wait = Duration::from_secs(10);
+        assert_eq!(a.recv().await.unwrap().meta.index, 0);
+        let second = tokio::time::timeout(wait, a.recv()).await;
+        assert_eq!(
+            second.ok().flatten().map(|r| r.meta.index),
+            Some(3),
+            "A went second"
+        );
+        assert!(b.try_recv().is_none());
+        tx.send(()).unwrap();
+        assert_eq!(b.recv().await.unwrap().meta.index, 2);
+        drop(tx);
+        engine.shutdown(Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn batches_are_split_by_prompt_and_follow_a_live_prompt() {
+        let (engine, metrics) = start(Scripted::new(), settings());
+        let (ptx, prx) = watch::channel(PromptRef {
+            text: "cars".into(),
+            version: Some(1),
+        });
+        let mut live = engine.register(PromptFollow::Live(prx));
+        let mut own = engine.register(fixed("boats"));
+        live.submit(frame(0), true);
+        own.submit(frame(1), true);
+        let a = live.recv().await.unwrap();
+        let b = own.recv().await.unwrap();
+        assert_eq!(a.prompt_version, Some(1));
+        assert_eq!(b.prompt_version, None);
+        let (ReplyOutcome::Output(a), ReplyOutcome::Output(b)) = (a.outcome, b.outcome) else {
+            panic!()
+        };
+        assert_eq!(
+            (a["prompt"].as_str(), a["batch"].as_u64()),
+            (Some("cars"), Some(1))
+        );
+        assert_eq!(
+            (b["prompt"].as_str(), b["batch"].as_u64()),
+            (Some("boats"), Some(1))
+        );
+        ptx.send(PromptRef {
+            text: "people".into(),
+            version: Some(2),
+        })
+        .unwrap();
+        live.submit(frame(2), true);
+        let c = live.recv().await.unwrap();
+        assert_eq!(c.prompt_version, Some(2));
+        assert!(matches!(c.outcome, ReplyOutcome::Output(v) if v["prompt"] == "people"));
+        assert!(metrics.inference_batches.get() >= 3);
+        engine.shutdown(Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn errors_panics_and_wrong_output_counts_fail_only_their_batch() {
+        let (engine, metrics) = start(Scripted::new(), settings());
+        for (prompt, expect) in [
+            ("fail", "out of memory"),
+            ("panic", "panicked: tensor shape mismatch"),
+            ("short", "returned 0 outputs for 1 frames"),
+        ] {
+            let mut s = engine.register(fixed(prompt));
+            s.submit(frame(0), true);
+            let r = s.recv().await.unwrap();
+            assert!(
+                matches!(&r.outcome, ReplyOutcome::Error(e) if e.contains(expect)),
+                "{r:?}"
+            );
+        }
+        let mut ok = engine.register(fixed("fine"));
+        ok.submit(frame(9), true);
+        assert!(matches!(
+            ok.recv().await.unwrap().outcome,
+            ReplyOutcome::Output(_)
+        ));
+        assert_eq!(metrics.inference_errors.get(), 3);
+        engine.shutdown(Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_call_over_the_timeout_fails_its_frames_and_the_engine_recovers() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut model = Scripted::new();
+        model.gate = Some(rx);
+        let mut s = settings();
+        s.inference_timeout = Duration::from_millis(100);
+        let (engine, _) = start(model, s);
+        let mut st = engine.register(fixed("p"));
+        st.submit(frame(0), true);
+        let r = st.recv().await.unwrap();
+        assert!(
+            matches!(&r.outcome, ReplyOutcome::Error(e) if e.contains("INFERENCE_TIMEOUT_MS")),
+            "{r:?}"
+        );
+        // Release the stuck call and one more: the next frame is answered normally.
+        tx.send(()).unwrap();
+        tx.send(()).unwrap();
+        st.submit(frame(1), true);
+        let r = st.recv().await.unwrap();
+        assert_eq!(r.meta.index, 1);
+        assert!(matches!(r.outcome, ReplyOutcome::Output(_)), "{r:?}");
+        drop(tx);
+        engine.shutdown(Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn live_frames_past_their_age_are_skipped_but_recordings_wait() {
+        let mut s = settings();
+        s.max_frame_age = Duration::from_millis(50);
+        let (engine, metrics) = start(Scripted::new(), s);
+        let mut st = engine.register(fixed("p"));
+        let mut old = frame(0);
+        old.received = Instant::now() - Duration::from_secs(1);
+        st.submit(old.clone(), true);
+        assert_eq!(st.recv().await.unwrap().outcome, ReplyOutcome::TooOld);
+        assert_eq!(metrics.frames_too_old.get(), 1);
+        st.submit(old, false);
+        assert!(matches!(
+            st.recv().await.unwrap().outcome,
+            ReplyOutcome::Output(_)
+        ));
+        engine.shutdown(Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_streams() {
+        let (engine, _) = start(Scripted::new(), settings());
+        let mut st = engine.register(fixed("p"));
+        assert!(engine.shutdown(Duration::from_secs(5)));
+        assert_eq!(st.submit(frame(0), true), Submitted::Closed);
+        assert!(st.recv().await.is_none());
+    }
+}

@@ -1,0 +1,295 @@
+//! The ffmpeg command line for one stream: which inputs are allowed, which protocols ffmpeg
+//! may open for them, and the exact argument list. Pure, so every choice is unit-tested.
+//!
+//! A `stream_ref` comes from anyone who can write to the job stream, so it is treated as
+//! hostile: it never reaches a shell, it may not look like an option, and ffmpeg runs with a
+//! `-protocol_whitelist` that covers only what that kind of input needs (an HTTP playlist
+//! cannot pull `file:` segments, for instance).
+
+use std::time::Duration;
+
+/// Protocols an HTTP(S) input needs: the playlist, its segments, TLS, AES-128 segments.
+pub const HTTP_PROTOCOLS: &str = "http,https,tcp,tls,crypto";
+/// Protocols an RTSP input needs.
+pub const RTSP_PROTOCOLS: &str = "rtsp,rtsps,rtp,srtp,udp,tcp,tls";
+/// Protocols a local file (or playlist of local segments) needs.
+pub const FILE_PROTOCOLS: &str = "file,crypto";
+
+/// What kind of input a `stream_ref` is, once accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputPlan {
+    /// What ffmpeg gets after `-i`.
+    pub url: String,
+    /// The `-protocol_whitelist` value.
+    pub protocols: String,
+    /// A network input over HTTP (gets a read timeout).
+    pub http: bool,
+    /// The path ends in `.m3u8`/`.m3u`: HLS demuxer options apply.
+    pub playlist: bool,
+}
+
+/// Why a `stream_ref` may not be handed to ffmpeg.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("stream_ref refused: {0}")]
+pub struct Refused(pub String);
+
+/// The longest `stream_ref` accepted (same bound as job specs).
+pub const MAX_REF_BYTES: usize = crate::job::MAX_STREAM_REF_BYTES;
+
+/// Decides whether `stream_ref` may be read by ffmpeg and with which protocols. Local paths
+/// and every protocol other than HTTP(S) and RTSP need `allow_files`.
+pub fn plan_input(stream_ref: &str, allow_files: bool) -> Result<InputPlan, Refused> {
+    if stream_ref.trim().is_empty() {
+        return Err(Refused("it is empty".into()));
+    }
+    if stream_ref.len() > MAX_REF_BYTES {
+        return Err(Refused(format!("it is longer than {MAX_REF_BYTES} bytes")));
+    }
+    if stream_ref.starts_with('-') {
+        return Err(Refused(
+            "it starts with '-' (ffmpeg would read an option)".into(),
+        ));
+    }
+    if stream_ref.chars().any(char::is_control) {
+        return Err(Refused("it holds control characters".into()));
+    }
+    let playlist = is_playlist(stream_ref);
+    let plan = |protocols: &str, http: bool| InputPlan {
+        url: stream_ref.to_string(),
+        protocols: protocols.to_string(),
+        http,
+        playlist,
+    };
+    match scheme(stream_ref) {
+        Some(s) if s == "http" || s == "https" => Ok(plan(HTTP_PROTOCOLS, true)),
+        Some(s) if s == "rtsp" || s == "rtsps" => Ok(plan(RTSP_PROTOCOLS, false)),
+        _ if !allow_files => Err(Refused(format!(
+            "`{}` is a local file or a protocol other than http(s) and rtsp; set \
+             ALLOW_FILE_SOURCES=true on the worker to allow it",
+            shorten(stream_ref)
+        ))),
+        None => Ok(plan(FILE_PROTOCOLS, false)),
+        Some(s) if s == "file" => Ok(plan(FILE_PROTOCOLS, false)),
+        Some(s) => Ok(plan(&format!("{s},{FILE_PROTOCOLS}"), false)),
+    }
+}
+
+/// The URL scheme (lowercase) when `s` starts with one: letters first, then letters, digits,
+/// `+ - .`, then `:`. A one-letter scheme is a drive letter, not a protocol.
+fn scheme(s: &str) -> Option<String> {
+    let end = s.find(':')?;
+    let head = &s[..end];
+    let mut chars = head.chars();
+    let first = chars.next()?;
+    if head.len() < 2
+        || !first.is_ascii_alphabetic()
+        || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    {
+        return None;
+    }
+    Some(head.to_ascii_lowercase())
+}
+
+fn is_playlist(s: &str) -> bool {
+    let path = s.split(['?', '#']).next().unwrap_or(s).to_ascii_lowercase();
+    path.ends_with(".m3u8") || path.ends_with(".m3u")
+}
+
+fn shorten(s: &str) -> String {
+    if s.chars().count() > 80 {
+        let head: String = s.chars().take(77).collect();
+        format!("{head}...")
+    } else {
+        s.to_string()
+    }
+}
+
+/// Everything that shapes one ffmpeg run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FfmpegRun<'a> {
+    pub input: &'a InputPlan,
+    /// Frames per second written to stdout.
+    pub fps: f64,
+    /// Longest side of the frames written, in pixels; smaller frames are not enlarged.
+    pub max_side: u32,
+    /// Where to start in a finished stream (resuming), in milliseconds.
+    pub start_ms: Option<i64>,
+    /// Read timeout of network inputs.
+    pub io_timeout: Duration,
+}
+
+/// The argument list (without the program name).
+///
+/// Frames leave ffmpeg as PPM (`P6`), which is raw RGB24 behind a few header bytes: each
+/// frame names its own size, so a variant switch that changes the resolution mid-stream can
+/// never misalign the reader, and no stderr parsing is needed to learn the size.
+pub fn ffmpeg_args(run: &FfmpegRun<'_>) -> Vec<String> {
+    let mut a: Vec<String> = Vec::with_capacity(40);
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    // `level+` tags each line with its severity so failures can be told from chatter.
+    push(&[
+        "-hide_banner",
+        "-nostdin",
+        "-nostats",
+        "-loglevel",
+        "level+info",
+    ]);
+    push(&["-protocol_whitelist", &run.input.protocols]);
+    if run.input.http {
+        // Microseconds; a dead connection must not hang the job forever.
+        let us = run.io_timeout.as_micros().max(1).to_string();
+        push(&["-rw_timeout", &us]);
+    }
+    if run.input.playlist {
+        // A live playlist starts at its newest segment, not at the oldest one listed. Only
+        // for playlists: other demuxers reject the option.
+        push(&["-live_start_index", "-1"]);
+    }
+    if let Some(ms) = run.start_ms.filter(|ms| *ms > 0) {
+        push(&["-ss", &format!("{:.3}", ms as f64 / 1000.0)]);
+    }
+    push(&["-i", &run.input.url]);
+    push(&["-map", "0:v:0", "-an", "-sn", "-dn"]);
+    // fps first, so the scaler and colour conversion only see the frames that are kept.
+    let side = run.max_side.max(2);
+    let filter = format!(
+        "fps={},scale=w='if(gt(iw,ih),min(iw,{side}),-2)':h='if(gt(iw,ih),-2,min(ih,{side}))':flags=area",
+        fps_text(run.fps)
+    );
+    push(&["-vf", &filter]);
+    push(&[
+        "-f",
+        "image2pipe",
+        "-c:v",
+        "ppm",
+        "-pix_fmt",
+        "rgb24",
+        "pipe:1",
+    ]);
+    a
+}
+
+/// `fps` as ffmpeg reads it: integers plainly, fractions with enough digits.
+fn fps_text(fps: f64) -> String {
+    if fps.fract() == 0.0 {
+        format!("{}", fps as u64)
+    } else {
+        format!("{fps:.6}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(s: &str) -> String {
+        plan_input(s, false).unwrap_err().0
+    }
+
+    #[test]
+    fn http_and_rtsp_are_accepted_with_narrow_whitelists() {
+        let p = plan_input("https://cdn.example/live/index.m3u8?token=a", false).unwrap();
+        assert_eq!(p.protocols, HTTP_PROTOCOLS);
+        assert!(p.http && p.playlist);
+        let p = plan_input("HTTP://cam/video.mp4", false).unwrap();
+        assert!(p.http && !p.playlist);
+        let p = plan_input("rtsp://10.0.0.7/stream1", false).unwrap();
+        assert_eq!(p.protocols, RTSP_PROTOCOLS);
+        assert!(!p.http);
+    }
+
+    #[test]
+    fn files_and_other_protocols_need_the_flag() {
+        for s in [
+            "/var/media/a.m3u8",
+            "relative/a.mp4",
+            "file:/etc/passwd",
+            "concat:/a.ts|/b.ts",
+            "subfile,,start,0,end,10,,:/x",
+            "data:video/mp4;base64,AAAA",
+            "pipe:0",
+            "ftp://host/x.ts",
+        ] {
+            let msg = refused(s);
+            assert!(msg.contains("ALLOW_FILE_SOURCES"), "{s}: {msg}");
+        }
+        let p = plan_input("/var/media/a.m3u8", true).unwrap();
+        assert_eq!(p.protocols, FILE_PROTOCOLS);
+        assert!(p.playlist);
+        assert_eq!(
+            plan_input("file:/x.ts", true).unwrap().protocols,
+            FILE_PROTOCOLS
+        );
+        assert_eq!(
+            plan_input("concat:/a.ts|/b.ts", true).unwrap().protocols,
+            "concat,file,crypto"
+        );
+    }
+
+    #[test]
+    fn option_like_control_and_oversized_refs_are_refused_even_with_the_flag() {
+        for s in ["-i /etc/passwd", "http://a/b\n-y", "http://a/\u{7f}", ""] {
+            assert!(plan_input(s, true).is_err(), "{s:?}");
+        }
+        let long = format!("http://a/{}", "x".repeat(MAX_REF_BYTES));
+        assert!(refused(&long).contains("longer"));
+        assert!(refused("-re").contains("'-'"));
+    }
+
+    #[test]
+    fn args_for_a_live_http_playlist() {
+        let input = plan_input("http://127.0.0.1:8000/live.m3u8", false).unwrap();
+        let args = ffmpeg_args(&FfmpegRun {
+            input: &input,
+            fps: 2.0,
+            max_side: 448,
+            start_ms: None,
+            io_timeout: Duration::from_secs(10),
+        });
+        let joined = args.join(" ");
+        assert!(joined.starts_with("-hide_banner -nostdin -nostats -loglevel level+info"));
+        assert!(joined.contains("-protocol_whitelist http,https,tcp,tls,crypto"));
+        assert!(joined.contains("-rw_timeout 10000000"));
+        assert!(joined.contains("-live_start_index -1 -i http://127.0.0.1:8000/live.m3u8"));
+        assert!(!joined.contains("-ss"));
+        let vf = &args[args.iter().position(|a| a == "-vf").unwrap() + 1];
+        assert_eq!(
+            vf,
+            "fps=2,scale=w='if(gt(iw,ih),min(iw,448),-2)':h='if(gt(iw,ih),-2,min(ih,448))':flags=area"
+        );
+        assert_eq!(
+            &args[args.len() - 7..],
+            [
+                "-f",
+                "image2pipe",
+                "-c:v",
+                "ppm",
+                "-pix_fmt",
+                "rgb24",
+                "pipe:1"
+            ]
+        );
+        // The reference is one argument, right after -i, whatever it holds.
+        let i = args.iter().position(|a| a == "-i").unwrap();
+        assert_eq!(args[i + 1], "http://127.0.0.1:8000/live.m3u8");
+    }
+
+    #[test]
+    fn args_for_a_resumed_file_without_playlist_options() {
+        let input = plan_input("/m/a b.mp4", true).unwrap();
+        let args = ffmpeg_args(&FfmpegRun {
+            input: &input,
+            fps: 0.5,
+            max_side: 224,
+            start_ms: Some(12_500),
+            io_timeout: Duration::from_secs(10),
+        });
+        let joined = args.join(" ");
+        assert!(!joined.contains("-rw_timeout"));
+        assert!(!joined.contains("-live_start_index"));
+        assert!(joined.contains("-ss 12.500 -i"));
+        assert!(args.contains(&"/m/a b.mp4".to_string()));
+        assert!(joined.contains("fps=0.500000,scale="));
+        assert!(joined.contains("-protocol_whitelist file,crypto"));
+    }
+}

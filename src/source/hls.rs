@@ -1,0 +1,604 @@
+//! The HLS source: runs ffmpeg as a child that decodes the stream to RGB frames at the job's
+//! fps, restarts it with backoff when the stream breaks, and tells a finished playlist from
+//! a live one so a recording ends the job and a live stream is followed at its edge.
+//!
+//! ffmpeg runs through `tokio::process` rather than ffmpeg-sidecar: the child needs a null
+//! stdin, kill-on-drop, a SIGTERM of our own timing and raw access to both pipes (frames on
+//! stdout read at ffmpeg's pace, stderr lines to the log), which tokio gives directly
+//! without a second process-management layer or a blocking reader thread per stream.
+
+use super::ffmpeg_args::{FfmpegRun, InputPlan, ffmpeg_args};
+use super::{Slot, SourceEvent, SourceOptions};
+use crate::frame::Frame;
+use crate::store::{Backoff, now_ms};
+use bytes::BytesMut;
+use std::collections::VecDeque;
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// What one HLS job needs from its spec.
+#[derive(Clone, Debug)]
+pub struct HlsJob {
+    pub input: InputPlan,
+    pub fps: f64,
+    /// `pts_ms:<n>` saved by an earlier delivery of a finished stream.
+    pub resume_cursor: Option<String>,
+    pub options: SourceOptions,
+}
+
+/// Largest frame accepted from ffmpeg; it scales to `max_side`, so this only guards against
+/// a misread header.
+const MAX_FRAME_BYTES: usize = 8192 * 8192 * 3;
+/// Stderr lines kept to explain a failure.
+const KEPT_LINES: usize = 6;
+/// How long a stopping ffmpeg gets after SIGTERM before it is killed.
+const TERM_GRACE: Duration = Duration::from_secs(2);
+
+/// The cursor saved with results of a finished stream: where its last result was.
+pub fn cursor_for(pts_ms: i64) -> String {
+    format!("pts_ms:{pts_ms}")
+}
+
+/// Reads a cursor written by [`cursor_for`]; anything else resumes at the start (or, for a
+/// live stream, at its live edge, which is where a live stream always starts).
+pub fn parse_cursor(cursor: &str) -> Option<i64> {
+    cursor
+        .strip_prefix("pts_ms:")?
+        .parse()
+        .ok()
+        .filter(|v| *v >= 0)
+}
+
+/// What ffmpeg's stderr told us about one run.
+#[derive(Debug, Default)]
+struct RunLog {
+    /// Recent warning-or-worse lines, cleaned for people.
+    last: VecDeque<String>,
+    /// A transport or demuxer error (not a decoder hiccup): the stream did not end cleanly.
+    transport_error: bool,
+}
+
+/// A stderr line, split into its context (`hls`, `http`, ...), level and text.
+#[derive(Debug, PartialEq)]
+pub(crate) struct LogLine<'a> {
+    pub context: Option<&'a str>,
+    pub level: &'a str,
+    pub text: &'a str,
+}
+
+/// Parses a `-loglevel level+...` line: `[hls @ 0x55..] [warning] text` or `[error] text`.
+pub(crate) fn parse_line(line: &str) -> LogLine<'_> {
+    let mut rest = line.trim_end();
+    let mut context = None;
+    if let Some(inner) = rest.strip_prefix('[')
+        && let Some(end) = inner.find(']')
+        && let Some((name, _addr)) = inner[..end].split_once(" @ ")
+    {
+        context = Some(name);
+        rest = inner[end + 1..].trim_start();
+    }
+    if let Some(inner) = rest.strip_prefix('[')
+        && let Some(end) = inner.find(']')
+    {
+        let level = &inner[..end];
+        if matches!(
+            level,
+            "trace" | "debug" | "verbose" | "info" | "warning" | "error" | "fatal" | "panic"
+        ) {
+            return LogLine {
+                context,
+                level,
+                text: inner[end + 1..].trim_start(),
+            };
+        }
+    }
+    LogLine {
+        context,
+        level: "info",
+        text: rest,
+    }
+}
+
+/// True for lines that mean the input was lost (rather than, say, a damaged frame the
+/// decoder skipped).
+fn is_transport_error(l: &LogLine<'_>) -> bool {
+    let io_context = match l.context {
+        None => true,
+        Some(c) => matches!(
+            c,
+            "hls" | "http" | "https" | "tcp" | "tls" | "crypto" | "rtsp" | "udp" | "file" | "in"
+        ),
+    };
+    match l.level {
+        "error" | "fatal" | "panic" => io_context,
+        "warning" => io_context && l.text.starts_with("Failed to"),
+        _ => false,
+    }
+}
+
+/// Parses `Duration: 00:00:12.00, start: ...` (a finished input) or `Duration: N/A` (live).
+pub(crate) fn parse_duration(text: &str) -> Option<Option<i64>> {
+    let rest = text.trim_start().strip_prefix("Duration:")?.trim_start();
+    let value = rest.split(',').next()?.trim();
+    if value == "N/A" {
+        return Some(None);
+    }
+    let mut parts = value.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(Some(((h * 3600.0 + m * 60.0 + s) * 1000.0).round() as i64))
+}
+
+/// Reads ffmpeg's stderr: every line to the log at debug, warnings kept for errors, and the
+/// input's duration published as soon as it is printed (`Some(None)`: live).
+async fn read_stderr(
+    stderr: impl AsyncRead + Unpin,
+    log: Arc<Mutex<RunLog>>,
+    duration: watch::Sender<Option<Option<i64>>>,
+    url: String,
+) {
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::debug!(target: "free_roam::ffmpeg", stream = %url, "{line}");
+        let l = parse_line(&line);
+        if duration.borrow().is_none()
+            && let Some(d) = parse_duration(l.text)
+        {
+            let _ = duration.send(Some(d));
+        }
+        if l.text.starts_with("Output #0") && duration.borrow().is_none() {
+            let _ = duration.send(Some(None));
+        }
+        if matches!(l.level, "warning" | "error" | "fatal" | "panic") {
+            let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+            log.transport_error |= is_transport_error(&l);
+            let text = match l.context {
+                Some(c) => format!("{c}: {}", l.text),
+                None => l.text.to_string(),
+            };
+            if log.last.len() == KEPT_LINES {
+                log.last.pop_front();
+            }
+            log.last.push_back(text);
+        }
+    }
+    // No duration line at all (ffmpeg failed to open the input): nothing is live.
+    if duration.borrow().is_none() {
+        let _ = duration.send(Some(None));
+    }
+}
+
+/// Reads one PPM (`P6`) frame header; `None` at a clean end of stream.
+async fn read_header(
+    r: &mut (impl AsyncBufReadExt + Unpin),
+) -> std::io::Result<Option<(u32, u32)>> {
+    let mut fields = [0u32; 3];
+    let mut magic = [0u8; 2];
+    match r.read_exact(&mut magic).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    if &magic != b"P6" {
+        return Err(bad_data("ffmpeg output is not a P6 frame"));
+    }
+    for field in fields.iter_mut() {
+        let mut b = r.read_u8().await?;
+        while b.is_ascii_whitespace() {
+            b = r.read_u8().await?;
+        }
+        let mut v: u64 = 0;
+        while b.is_ascii_digit() {
+            v = v * 10 + u64::from(b - b'0');
+            if v > u64::from(u32::MAX) {
+                return Err(bad_data("frame header number out of range"));
+            }
+            b = r.read_u8().await?;
+        }
+        if !b.is_ascii_whitespace() {
+            return Err(bad_data("malformed frame header"));
+        }
+        *field = v as u32;
+    }
+    if fields[2] != 255 {
+        return Err(bad_data("frame is not 8-bit"));
+    }
+    Ok(Some((fields[0], fields[1])))
+}
+
+fn bad_data(msg: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg.to_string())
+}
+
+/// Reads one whole frame from ffmpeg's stdout: the only copy of its pixels we make.
+async fn read_frame(
+    r: &mut (impl AsyncBufReadExt + Unpin),
+) -> std::io::Result<Option<(u32, u32, bytes::Bytes)>> {
+    let Some((w, h)) = read_header(r).await? else {
+        return Ok(None);
+    };
+    let len = (w as usize) * (h as usize) * 3;
+    if w == 0 || h == 0 || len > MAX_FRAME_BYTES {
+        return Err(bad_data("frame size out of range"));
+    }
+    let mut buf = BytesMut::with_capacity(len);
+    let mut limited = r.take(len as u64);
+    while buf.len() < len {
+        if limited.read_buf(&mut buf).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "ffmpeg output ended inside a frame",
+            ));
+        }
+    }
+    Ok(Some((w, h, buf.freeze())))
+}
+
+/// Asks the child to stop (SIGTERM, so ffmpeg closes its input cleanly), then kills it.
+async fn terminate(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    if let Some(pid) = child.id() {
+        // SAFETY: `pid` is our own child, not yet reaped (try_wait above), so the id cannot
+        // have been reused by another process.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    if tokio::time::timeout(TERM_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+}
+
+/// How one ffmpeg run ended.
+enum RunEnd {
+    Cancelled,
+    /// The input ended cleanly (a finished playlist, a file): the job is complete.
+    Finished,
+    Failed(String),
+    /// Retrying cannot help (ffmpeg cannot be started at all).
+    Fatal(String),
+}
+
+/// Position bookkeeping across restarts.
+struct Position {
+    interval_ms: f64,
+    /// The next frame's index and stream time.
+    next_index: u64,
+    next_pts_ms: f64,
+    /// Stream time of the last frame handed over.
+    last_pts_ms: Option<i64>,
+    /// The input is a finished stream, so a restart may seek. A live input must not get
+    /// `-ss`: ffmpeg cannot seek it but would still discard that much of its start.
+    seekable: bool,
+}
+
+/// The source task: runs ffmpeg until the stream ends, fails for good, or the job stops.
+pub(crate) async fn run(job: HlsJob, slot: Arc<Slot>, cancel: CancellationToken) {
+    let interval_ms = 1000.0 / job.fps;
+    let resume_ms = job
+        .resume_cursor
+        .as_deref()
+        .and_then(parse_cursor)
+        .map(|pts| pts as f64 + interval_ms);
+    let mut pos = Position {
+        interval_ms,
+        next_index: resume_ms.map_or(0, |ms| (ms / interval_ms).round() as u64),
+        next_pts_ms: resume_ms.unwrap_or(0.0),
+        last_pts_ms: None,
+        seekable: resume_ms.is_some(),
+    };
+    let opts = &job.options;
+    let mut backoff = Backoff::new(opts.retry_initial, opts.retry_max);
+    let mut failures = 0u32;
+    loop {
+        let (end, delivered) = run_once(&job, &slot, &cancel, &mut pos).await;
+        match end {
+            RunEnd::Cancelled => return,
+            RunEnd::Fatal(reason) => {
+                slot.finish(SourceEvent::Failed(reason));
+                return;
+            }
+            RunEnd::Finished => {
+                slot.finish(SourceEvent::End);
+                return;
+            }
+            RunEnd::Failed(reason) => {
+                if delivered {
+                    failures = 0;
+                    backoff.reset();
+                }
+                failures += 1;
+                if failures > opts.retries {
+                    slot.finish(SourceEvent::Failed(format!(
+                        "ffmpeg could not read `{}` ({failures} attempts): {reason}",
+                        job.input.url
+                    )));
+                    return;
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(stream = %job.input.url, %reason, ?delay, attempt = failures, "ffmpeg failed; restarting");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// One ffmpeg run. Returns how it ended and whether it handed over any frame.
+async fn run_once(
+    job: &HlsJob,
+    slot: &Slot,
+    cancel: &CancellationToken,
+    pos: &mut Position,
+) -> (RunEnd, bool) {
+    let opts = &job.options;
+    // A restart of a finished stream picks up after the last frame handed over; a live one
+    // goes back to the live edge.
+    let start_ms = pos.seekable.then(|| pos.next_pts_ms.round() as i64);
+    let args = ffmpeg_args(&FfmpegRun {
+        input: &job.input,
+        fps: job.fps,
+        max_side: opts.max_side,
+        start_ms,
+        io_timeout: opts.io_timeout,
+    });
+    let mut child = match Command::new(&opts.ffmpeg)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                RunEnd::Fatal(format!(
+                    "could not start `{}` (is ffmpeg installed?): {e}",
+                    opts.ffmpeg
+                )),
+                false,
+            );
+        }
+    };
+    #[cfg(target_os = "linux")]
+    if let Some(out) = child.stdout.as_ref() {
+        use std::os::fd::AsRawFd;
+        // A frame is megabytes; a 1 MiB pipe (the unprivileged maximum) instead of 64 KiB
+        // moves it in a few reads and wake-ups instead of dozens. Best effort.
+        // SAFETY: F_SETPIPE_SZ on a pipe descriptor we own; no memory is passed.
+        unsafe {
+            libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
+        }
+    }
+    let log = Arc::new(Mutex::new(RunLog::default()));
+    let (duration_tx, mut duration_rx) = watch::channel(None);
+    let stderr_task = tokio::spawn(read_stderr(
+        child.stderr.take().expect("stderr is piped"),
+        log.clone(),
+        duration_tx,
+        job.input.url.clone(),
+    ));
+    let mut stdout =
+        BufReader::with_capacity(256 * 1024, child.stdout.take().expect("stdout is piped"));
+
+    let mut delivered = false;
+    let mut finished_ms: Option<i64> = None;
+    let mut mode_known = false;
+    let outcome: Result<(), String> = loop {
+        let read = tokio::select! {
+            _ = cancel.cancelled() => {
+                terminate(&mut child).await;
+                stderr_task.abort();
+                return (RunEnd::Cancelled, delivered);
+            }
+            r = tokio::time::timeout(opts.stall_timeout, read_frame(&mut stdout)) => r,
+        };
+        let (w, h, rgb) = match read {
+            Err(_) => {
+                break Err(format!(
+                    "no frame for {} s (the stream stalled)",
+                    opts.stall_timeout.as_secs_f64()
+                ));
+            }
+            Ok(Err(e)) => break Err(format!("reading ffmpeg output: {e}")),
+            Ok(Ok(None)) => break Ok(()),
+            Ok(Ok(Some(f))) => f,
+        };
+        let received = Instant::now();
+        if !mode_known {
+            // ffmpeg prints the input's duration before it writes any frame; wait for the
+            // stderr reader to get there, so the first frame already goes the right way.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                duration_rx.wait_for(|d| d.is_some()),
+            )
+            .await;
+            finished_ms = duration_rx.borrow().flatten();
+            slot.set_live(finished_ms.is_none());
+            pos.seekable = finished_ms.is_some();
+            mode_known = true;
+        }
+        let mut frame = match Frame::new(w, h, rgb) {
+            Ok(f) => f,
+            Err(e) => break Err(format!("bad frame from ffmpeg: {e}")),
+        };
+        let pts_ms = pos.next_pts_ms.round() as i64;
+        frame.index = pos.next_index;
+        frame.pts_ms = Some(pts_ms);
+        frame.capture_ms = now_ms();
+        frame.received = received;
+        frame.cursor = finished_ms.map(|_| cursor_for(pts_ms));
+        pos.next_index += 1;
+        pos.next_pts_ms += pos.interval_ms;
+        pos.last_pts_ms = Some(pts_ms);
+        delivered = true;
+        slot.counters.decoded.fetch_add(1, Ordering::Relaxed);
+        slot.counters.sampled.fetch_add(1, Ordering::Relaxed);
+        if finished_ms.is_some() {
+            tokio::select! {
+                _ = slot.put_wait(frame) => {}
+                _ = cancel.cancelled() => {
+                    terminate(&mut child).await;
+                    stderr_task.abort();
+                    return (RunEnd::Cancelled, delivered);
+                }
+            }
+        } else {
+            slot.put_latest(frame);
+        }
+    };
+
+    let status = match outcome {
+        Ok(()) => match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+            Ok(Ok(s)) => Some(s),
+            _ => {
+                terminate(&mut child).await;
+                None
+            }
+        },
+        Err(_) => {
+            terminate(&mut child).await;
+            None
+        }
+    };
+    // stderr closes when ffmpeg exits; give the reader a moment to finish the last lines.
+    let _ = tokio::time::timeout(Duration::from_secs(2), stderr_task).await;
+    let (said, transport_error) = {
+        let log = log.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            log.last.iter().cloned().collect::<Vec<_>>().join(" | "),
+            log.transport_error,
+        )
+    };
+    let with_said = |reason: String| {
+        if said.is_empty() {
+            reason
+        } else {
+            format!("{reason}; ffmpeg said: {said}")
+        }
+    };
+    let end = match (outcome, status) {
+        (Err(reason), _) => RunEnd::Failed(with_said(reason)),
+        (Ok(()), Some(s)) if s.success() => {
+            // A finished stream that reached (nearly) its end is done even if a segment
+            // was lost on the way; anything else that ended with transport errors is a
+            // broken stream: a live playlist whose server went away also ends "cleanly".
+            let reached_end = match (finished_ms, pos.last_pts_ms) {
+                (Some(total), Some(last)) => last as f64 + 2.0 * pos.interval_ms >= total as f64,
+                _ => false,
+            };
+            if !transport_error || reached_end {
+                RunEnd::Finished
+            } else {
+                RunEnd::Failed(with_said("the stream ended with errors".into()))
+            }
+        }
+        (Ok(()), Some(s)) => RunEnd::Failed(with_said(format!("ffmpeg exited with {s}"))),
+        (Ok(()), None) => RunEnd::Failed(with_said(
+            "ffmpeg did not exit after its output ended".into(),
+        )),
+    };
+    (end, delivered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_are_split_into_context_level_and_text() {
+        assert_eq!(
+            parse_line("[hls @ 0x55af8ed0aa40] [warning] Failed to reload playlist 0"),
+            LogLine {
+                context: Some("hls"),
+                level: "warning",
+                text: "Failed to reload playlist 0"
+            }
+        );
+        assert_eq!(
+            parse_line("[error] http://h/x.m3u8: Server returned 404 Not Found\n"),
+            LogLine {
+                context: None,
+                level: "error",
+                text: "http://h/x.m3u8: Server returned 404 Not Found"
+            }
+        );
+        assert_eq!(parse_line("plain").level, "info");
+    }
+
+    #[test]
+    fn transport_errors_are_told_from_decoder_noise() {
+        let t = |s: &str| is_transport_error(&parse_line(s));
+        assert!(t(
+            "[tcp @ 0x1] [error] Connection to tcp://h:1 failed: Connection refused"
+        ));
+        assert!(t(
+            "[hls @ 0x1] [warning] Failed to open segment 3 of playlist 0"
+        ));
+        assert!(t("[error] http://h/a.m3u8: Connection refused"));
+        assert!(!t("[h264 @ 0x1] [error] non-existing PPS 0 referenced"));
+        assert!(!t("[hls @ 0x1] [warning] Skip ('#EXT-X-VERSION:3')"));
+        assert!(!t("[hls @ 0x1] [info] Opening 'http://h/1.ts' for reading"));
+    }
+
+    #[test]
+    fn durations_tell_finished_inputs_from_live_ones() {
+        assert_eq!(
+            parse_duration("  Duration: 00:00:12.00, start: 1.400000, bitrate: 0 kb/s"),
+            Some(Some(12_000))
+        );
+        assert_eq!(
+            parse_duration("Duration: 01:02:03.50, start: 0"),
+            Some(Some(3_723_500))
+        );
+        assert_eq!(
+            parse_duration("Duration: N/A, start: 2.4, bitrate: N/A"),
+            Some(None)
+        );
+        assert_eq!(parse_duration("Stream #0:0: Video"), None);
+    }
+
+    #[test]
+    fn cursors_round_trip_and_junk_is_ignored() {
+        assert_eq!(parse_cursor(&cursor_for(1500)), Some(1500));
+        assert_eq!(parse_cursor("1700000000000-0"), None);
+        assert_eq!(parse_cursor("pts_ms:-5"), None);
+    }
+
+    #[tokio::test]
+    async fn ppm_frames_are_read_back_to_back() {
+        let mut data = Vec::new();
+        for (w, h, v) in [(2u32, 1u32, 7u8), (1, 3, 9)] {
+            data.extend_from_slice(format!("P6\n{w} {h}\n255\n").as_bytes());
+            data.extend(std::iter::repeat_n(v, (w * h * 3) as usize));
+        }
+        let mut r = BufReader::new(&data[..]);
+        let (w, h, px) = read_frame(&mut r).await.unwrap().unwrap();
+        assert_eq!((w, h, px.len(), px[0]), (2, 1, 6, 7));
+        let (w, h, px) = read_frame(&mut r).await.unwrap().unwrap();
+        assert_eq!((w, h, px.len(), px[8]), (1, 3, 9, 9));
+        assert!(read_frame(&mut r).await.unwrap().is_none());
+
+        let truncated = b"P6\n4 4\n255\nabc".to_vec();
+        let mut r = BufReader::new(&truncated[..]);
+        assert!(read_frame(&mut r).await.is_err());
+        let mut r = BufReader::new(&b"GIF89a"[..]);
+        assert!(read_frame(&mut r).await.is_err());
+    }
+}

@@ -1,0 +1,314 @@
+//! HLS ingest end to end: playlists made by ffmpeg, served over HTTP by the test, decoded by
+//! the real ffmpeg child, run through the engine and written to a private Redis.
+
+mod common;
+mod ingest_support;
+
+use free_roam::job::{BodyOutcome, FrameCounters, JobSpec, ResumeState, SourceKind};
+use ingest_support::*;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const LONG: Duration = Duration::from_secs(20);
+
+fn model() -> Box<ProbeModel> {
+    Box::new(ProbeModel::new(Duration::ZERO))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_playlist_yields_one_result_per_sampled_frame_and_completes() {
+    let dir = TempDir::new("vod");
+    make_vod(&dir.0, 12);
+    let server = FileServer::start(&dir.0).await;
+    let h = Harness::new(model(), &[("MAX_FRAME_SIDE", "160")]);
+    let spec = h.spec(&[
+        ("stream_ref", &server.url("vod.m3u8")),
+        ("fps", "2"),
+        ("job_id", "vod"),
+    ]);
+    assert_eq!(spec.source, SourceKind::Hls);
+    let outcome = h.start(spec, ResumeState::default()).finish(LONG).await;
+    assert_eq!(outcome, Ok(BodyOutcome::Completed));
+
+    let results = h.results("vod").await;
+    // 12 s at 2 fps.
+    assert!(
+        (23..=25).contains(&results.len()),
+        "{} results",
+        results.len()
+    );
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["kind"], "result", "{r:?}");
+        assert_eq!(num(r, "frame"), i as i64);
+        assert_eq!(num(r, "pts_ms"), i as i64 * 500);
+        assert_eq!(r["model"], "probe");
+        let out: serde_json::Value = serde_json::from_str(&r["output"]).unwrap();
+        // 320x240 scaled so the longer side is MAX_FRAME_SIDE.
+        assert_eq!(
+            (out["w"].as_u64(), out["h"].as_u64()),
+            (Some(160), Some(120))
+        );
+        assert!(
+            out["mean"].as_u64().unwrap() > 10,
+            "frames hold picture data"
+        );
+    }
+    let hash = h.job_hash("vod").await;
+    let n = results.len().to_string();
+    assert_eq!(hash["frames_decoded"], n);
+    assert_eq!(hash["frames_sampled"], n);
+    assert_eq!(
+        hash["frames_dropped"], "0",
+        "a recording is not dropped from"
+    );
+    assert_eq!(hash["frames_failed"], "0");
+    assert_eq!(hash["results"], n);
+    assert_eq!(
+        hash["cursor"],
+        format!("pts_ms:{}", (results.len() - 1) * 500)
+    );
+    assert_eq!(h.metrics.results_written.get(), results.len() as u64);
+    assert_eq!(h.metrics.frames_decoded.get(), results.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reclaimed_recording_resumes_after_its_last_result() {
+    let dir = TempDir::new("resume");
+    make_vod(&dir.0, 8);
+    let server = FileServer::start(&dir.0).await;
+    let h = Harness::new(model(), &[]);
+    let fields = [
+        ("stream_ref", server.url("vod.m3u8")),
+        ("fps", "2".into()),
+        ("job_id", "r".into()),
+    ];
+    let as_refs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    // First delivery: max_frames stops it after 5 results.
+    let mut spec = h.spec(&as_refs);
+    spec.max_frames = Some(5);
+    let first = h.start(spec, ResumeState::default()).finish(LONG).await;
+    assert_eq!(first, Ok(BodyOutcome::Completed));
+    let hash = h.job_hash("r").await;
+    assert_eq!(hash["cursor"], "pts_ms:2000");
+
+    // Second delivery, as the lifecycle builds it from the hash.
+    let count = |k: &str| hash[k].parse::<u64>().unwrap();
+    let resume = ResumeState {
+        cursor: Some(hash["cursor"].clone()),
+        results: count("results"),
+        counters: FrameCounters {
+            frames_decoded: count("frames_decoded"),
+            frames_sampled: count("frames_sampled"),
+            frames_dropped: count("frames_dropped"),
+            frames_failed: count("frames_failed"),
+        },
+        attempt: 2,
+    };
+    let second = h.start(h.spec(&as_refs), resume).finish(LONG).await;
+    assert_eq!(second, Ok(BodyOutcome::Completed));
+    let results = h.results("r").await;
+    let frames: Vec<i64> = results.iter().map(|r| num(r, "frame")).collect();
+    let pts: Vec<i64> = results.iter().map(|r| num(r, "pts_ms")).collect();
+    // 8 s at 2 fps, each frame once, in order.
+    assert!((15..=17).contains(&frames.len()), "{frames:?}");
+    assert_eq!(frames, (0..frames.len() as i64).collect::<Vec<_>>());
+    assert_eq!(
+        pts,
+        (0..pts.len() as i64).map(|i| i * 500).collect::<Vec<_>>()
+    );
+    assert_eq!(h.counter("r", "results").await, frames.len() as u64);
+    // The first delivery may have decoded a frame or two past max_frames before it ended.
+    let decoded = h.counter("r", "frames_decoded").await;
+    assert!(
+        (frames.len() as u64..=frames.len() as u64 + 2).contains(&decoded),
+        "{decoded}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_playlist_is_followed_while_it_grows_and_ends_with_its_endlist() {
+    let dir = TempDir::new("live");
+    let mut encoder = LiveEncoder::start(&dir.0, 7);
+    encoder.wait_segments(4).await;
+    let server = FileServer::start(&dir.0).await;
+    let h = Harness::new(model(), &[]);
+    let spec = h.spec(&[
+        ("stream_ref", &server.url("live.m3u8")),
+        ("fps", "2"),
+        ("job_id", "live"),
+    ]);
+    let job = h.start(spec, ResumeState::default());
+    // Results arrive while the encoder is still writing segments.
+    let early = h.wait_results("live", 2, LONG).await;
+    let listed = std::fs::read_to_string(&encoder.playlist).unwrap();
+    assert!(
+        !listed.contains("#EXT-X-ENDLIST"),
+        "the playlist was still live"
+    );
+    assert_eq!(early[0]["kind"], "result");
+    encoder.wait_exit();
+    // The encoder ends the playlist with ENDLIST: the job completes on its own.
+    assert_eq!(job.finish(LONG).await, Ok(BodyOutcome::Completed));
+    let results = h.results("live").await;
+    let frames: Vec<i64> = results.iter().map(|r| num(r, "frame")).collect();
+    assert!(frames.windows(2).all(|w| w[0] < w[1]), "{frames:?}");
+    // Started at the live edge (about 3 s in): fewer results than the whole 7 s would give.
+    assert!(
+        results.len() >= 2 && results.len() < 12,
+        "{} results",
+        results.len()
+    );
+    let hash = h.job_hash("live").await;
+    assert!(
+        !hash.contains_key("cursor"),
+        "a live stream saves no resume position"
+    );
+    let c = |k: &str| hash[k].parse::<u64>().unwrap();
+    assert_eq!(
+        c("frames_sampled"),
+        c("results") + c("frames_dropped") + c("frames_failed")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_vanishes_is_retried_then_fails_with_what_ffmpeg_said() {
+    let dir = TempDir::new("vanish");
+    let encoder = LiveEncoder::start(&dir.0, 30);
+    encoder.wait_segments(2).await;
+    let server = FileServer::start(&dir.0).await;
+    let h = Harness::new(model(), &[("SOURCE_RETRIES", "2")]);
+    let spec = h.spec(&[("stream_ref", &server.url("live.m3u8")), ("job_id", "gone")]);
+    let job = h.start(spec, ResumeState::default());
+    h.wait_results("gone", 1, LONG).await;
+    server.vanish().await;
+    let err = job.finish(LONG).await.unwrap_err();
+    assert!(err.message.contains("(3 attempts)"), "{}", err.message);
+    assert!(
+        err.message.contains("Connection refused"),
+        "{}",
+        err.message
+    );
+    assert!(
+        err.message.contains(&server.url("live.m3u8")),
+        "{}",
+        err.message
+    );
+    drop(encoder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_playlist_fails_with_the_404() {
+    let dir = TempDir::new("404");
+    let server = FileServer::start(&dir.0).await;
+    let h = Harness::new(model(), &[("SOURCE_RETRIES", "1")]);
+    let spec = h.spec(&[
+        ("stream_ref", &server.url("missing.m3u8")),
+        ("job_id", "nf"),
+    ]);
+    let err = h
+        .start(spec, ResumeState::default())
+        .finish(LONG)
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("404"), "{}", err.message);
+    assert!(err.message.contains("(2 attempts)"), "{}", err.message);
+    assert!(h.results("nf").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_duration_ends_a_live_job_as_completed() {
+    let dir = TempDir::new("maxdur");
+    let encoder = LiveEncoder::start(&dir.0, 30);
+    encoder.wait_segments(2).await;
+    let server = FileServer::start(&dir.0).await;
+    let h = Harness::new(model(), &[]);
+    let spec = h.spec(&[
+        ("stream_ref", &server.url("live.m3u8")),
+        ("job_id", "md"),
+        ("max_duration_s", "3"),
+    ]);
+    assert_eq!(
+        h.start(spec, ResumeState::default()).finish(LONG).await,
+        Ok(BodyOutcome::Completed)
+    );
+    assert!(!h.results("md").await.is_empty());
+}
+
+/// A spec built field by field, bypassing `JobSpec::parse`, to show the source checks the
+/// reference again on its own.
+fn raw_spec(stream_ref: &str, source: SourceKind) -> JobSpec {
+    JobSpec {
+        job_id: "refused".into(),
+        entry_id: "1-0".into(),
+        stream_ref: stream_ref.into(),
+        source,
+        prompt: None,
+        fps: 2.0,
+        max_frames: None,
+        max_duration_s: None,
+        extra: BTreeMap::new(),
+        warnings: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_stream_refs_are_refused_with_a_reason() {
+    let h = Harness::new(model(), &[("ALLOW_FILE_SOURCES", "false")]);
+    let cases = [
+        ("/var/media/clip.m3u8", "ALLOW_FILE_SOURCES"),
+        ("file:/etc/passwd", "ALLOW_FILE_SOURCES"),
+        ("concat:/a.ts|/b.ts", "ALLOW_FILE_SOURCES"),
+        ("-i /etc/passwd", "'-'"),
+        ("http://h/a.m3u8\n-y", "control characters"),
+    ];
+    for (stream_ref, expect) in cases {
+        let err = h
+            .start(
+                raw_spec(stream_ref, SourceKind::Hls),
+                ResumeState::default(),
+            )
+            .finish(LONG)
+            .await
+            .unwrap_err();
+        assert!(
+            err.message.contains(expect),
+            "{stream_ref:?}: {}",
+            err.message
+        );
+    }
+    let long = format!("http://h/{}", "a".repeat(3000));
+    let err = h
+        .start(raw_spec(&long, SourceKind::Hls), ResumeState::default())
+        .finish(LONG)
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("longer than"), "{}", err.message);
+    let err = h
+        .start(
+            raw_spec("redis://-x", SourceKind::Redis),
+            ResumeState::default(),
+        )
+        .finish(LONG)
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("'-'"), "{}", err.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_files_play_when_allowed() {
+    let dir = TempDir::new("file");
+    let playlist = make_vod(&dir.0, 2);
+    let h = Harness::new(model(), &[("ALLOW_FILE_SOURCES", "true")]);
+    let spec = h.spec(&[
+        ("stream_ref", playlist.to_str().unwrap()),
+        ("source", "hls"),
+        ("job_id", "local"),
+    ]);
+    assert_eq!(
+        h.start(spec, ResumeState::default()).finish(LONG).await,
+        Ok(BodyOutcome::Completed)
+    );
+    let n = h.results("local").await.len();
+    assert!((3..=5).contains(&n), "{n} results");
+}
