@@ -70,6 +70,14 @@ impl WorkerState {
             .collect()
     }
 
+    /// The running jobs by entry id, copied out so no lock is held across an await.
+    fn snapshot(&self) -> Vec<(String, RunningJob)> {
+        self.lock_running()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningJob>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -705,12 +713,7 @@ impl Worker {
 
     /// Stops every running job for hand-back and waits for them, up to the shutdown timeout.
     async fn drain(&self) {
-        let jobs: Vec<(String, RunningJob)> = self
-            .state
-            .lock_running()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let jobs = self.state.snapshot();
         if jobs.is_empty() {
             return;
         }
@@ -756,12 +759,7 @@ impl Worker {
     /// Renews every running job's lease and reads cancel flags in one call, then refreshes
     /// the worker's own heartbeat hash.
     async fn heartbeat_once(&self) {
-        let jobs: Vec<(String, RunningJob)> = self
-            .state
-            .lock_running()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let jobs = self.state.snapshot();
         if !jobs.is_empty() {
             let mut args: Vec<&dyn crate::store::ToRedisArgsDyn> = vec![&self.identity.id];
             for (entry_id, job) in &jobs {
