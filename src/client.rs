@@ -103,7 +103,11 @@ async fn find_unread_entry(
     let mut start = "-".to_string();
     loop {
         let mut cmd = redis::cmd("XRANGE");
-        cmd.arg(store.keys().jobs()).arg(&start).arg("+").arg("COUNT").arg(500);
+        cmd.arg(store.keys().jobs())
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(500);
         let batch: Vec<(String, BTreeMap<String, String>)> = store.query(&cmd).await?;
         let Some((last, _)) = batch.last() else {
             return Ok(None);
@@ -168,7 +172,9 @@ pub async fn list(
     const PAGE: isize = 200;
     while out.len() < limit {
         let mut cmd = redis::cmd("ZREVRANGE");
-        cmd.arg(store.keys().jobs_index()).arg(offset).arg(offset + PAGE - 1);
+        cmd.arg(store.keys().jobs_index())
+            .arg(offset)
+            .arg(offset + PAGE - 1);
         let ids: Vec<String> = store.query(&cmd).await?;
         if ids.is_empty() {
             break;

@@ -20,40 +20,172 @@ const fn s(env: &'static str, default: Option<&'static str>, help: &'static str)
 
 /// Every setting the worker reads.
 pub const SETTINGS: &[Setting] = &[
-    s("REDIS_URL", None, "Redis URL (redis:// or rediss:// for TLS). When unset it is built from REDIS_HOST, REDIS_PORT, REDIS_PASSWORD and REDIS_DB."),
-    s("REDIS_HOST", Some("localhost"), "Redis host, used when REDIS_URL is unset."),
-    s("REDIS_PORT", Some("6379"), "Redis port, used when REDIS_URL is unset."),
-    s("REDIS_PASSWORD", None, "Redis password, used when REDIS_URL is unset."),
-    s("REDIS_DB", Some("0"), "Redis database number, used when REDIS_URL is unset."),
-    s("KEY_PREFIX", Some("fr"), "Prefix of every key; keys are `{KEY_PREFIX}:...` (one hash tag, so Redis Cluster works)."),
-    s("MODEL_TYPE", Some("clip"), "Model backend: clip, blip, or null (no model: one empty output per frame, for pipeline tests and benchmarks)."),
-    s("MODEL_PATH", None, "Local folder with config.json, model.safetensors and tokenizer.json."),
-    s("MODEL_ID", None, "Hugging Face model id, used when MODEL_PATH is unset and the hub is reachable (default per MODEL_TYPE)."),
-    s("DEVICE", Some("auto"), "auto, cpu or cuda (cuda needs a build with the `cuda` feature)."),
-    s("DEFAULT_FPS", Some("2.0"), "Frames per second sampled when a job gives no fps; (0, 30]."),
-    s("DEFAULT_PROMPT", Some("Detect all people and vehicles"), "Prompt for jobs that follow the active prompt while none has been set (reported as version 0)."),
-    s("MAX_BATCH_SIZE", Some("8"), "Most frames per model batch, across all jobs of the worker."),
-    s("BATCH_WINDOW_MS", Some("20"), "How long the engine waits to fill a batch once it has a frame."),
-    s("MAX_FRAME_AGE_MS", Some("5000"), "Frames older than this when the model could take them are skipped and counted."),
-    s("INFERENCE_TIMEOUT_MS", Some("30000"), "Bound on one model batch; its frames get error entries when it is exceeded."),
-    s("DETECT_THRESHOLD", Some("0.5"), "clip: probability over which a phrase is listed as detected; [0, 1]."),
-    s("MAX_NEW_TOKENS", Some("20"), "blip: most tokens generated per caption."),
-    s("MAX_CONCURRENT_STREAMS", Some("10"), "Most jobs one worker runs at once."),
-    s("JOB_LEASE_MS", Some("15000"), "A running job's entry that has not been renewed for this long is reclaimed by another worker."),
-    s("RECLAIM_INTERVAL_MS", Some("1000"), "How often a worker looks for entries to reclaim (idle past JOB_LEASE_MS, or handed back)."),
-    s("MAX_ATTEMPTS", Some("3"), "Deliveries (not counting graceful hand-backs) after which a job is dead-lettered."),
-    s("RESULT_TTL_S", Some("86400"), "How long a finished job's hash and results are kept."),
-    s("RESULTS_MAXLEN", Some("10000"), "Approximate cap on each results stream (MAXLEN ~)."),
-    s("EVENTS_MAXLEN", Some("10000"), "Approximate cap on the events stream (MAXLEN ~)."),
-    s("SOURCE_RETRIES", Some("5"), "Restarts of a failed HLS source (exponential backoff) before the job fails."),
-    s("ALLOW_FILE_SOURCES", Some("false"), "Allow local paths and file: URLs as stream_ref (off: a stream_ref comes from anyone who can write to Redis)."),
-    s("MAX_FRAME_SIDE", None, "Longest side frames are scaled to when decoded (default: from the model's input size)."),
-    s("MAX_FRAME_PIXELS", Some("40000000"), "Largest image (width x height) a frame stream entry may decode to."),
-    s("HEALTH_ADDR", Some("0.0.0.0:8080"), "Address of the health and metrics endpoint."),
-    s("LOG_LEVEL", Some("info"), "trace, debug, info, warning (warn), error (critical)."),
+    s(
+        "REDIS_URL",
+        None,
+        "Redis URL (redis:// or rediss:// for TLS). When unset it is built from REDIS_HOST, REDIS_PORT, REDIS_PASSWORD and REDIS_DB.",
+    ),
+    s(
+        "REDIS_HOST",
+        Some("localhost"),
+        "Redis host, used when REDIS_URL is unset.",
+    ),
+    s(
+        "REDIS_PORT",
+        Some("6379"),
+        "Redis port, used when REDIS_URL is unset.",
+    ),
+    s(
+        "REDIS_PASSWORD",
+        None,
+        "Redis password, used when REDIS_URL is unset.",
+    ),
+    s(
+        "REDIS_DB",
+        Some("0"),
+        "Redis database number, used when REDIS_URL is unset.",
+    ),
+    s(
+        "KEY_PREFIX",
+        Some("fr"),
+        "Prefix of every key; keys are `{KEY_PREFIX}:...` (one hash tag, so Redis Cluster works).",
+    ),
+    s(
+        "MODEL_TYPE",
+        Some("clip"),
+        "Model backend: clip, blip, or null (no model: one empty output per frame, for pipeline tests and benchmarks).",
+    ),
+    s(
+        "MODEL_PATH",
+        None,
+        "Local folder with config.json, model.safetensors and tokenizer.json.",
+    ),
+    s(
+        "MODEL_ID",
+        None,
+        "Hugging Face model id, used when MODEL_PATH is unset and the hub is reachable (default per MODEL_TYPE).",
+    ),
+    s(
+        "DEVICE",
+        Some("auto"),
+        "auto, cpu or cuda (cuda needs a build with the `cuda` feature).",
+    ),
+    s(
+        "DEFAULT_FPS",
+        Some("2.0"),
+        "Frames per second sampled when a job gives no fps; (0, 30].",
+    ),
+    s(
+        "DEFAULT_PROMPT",
+        Some("Detect all people and vehicles"),
+        "Prompt for jobs that follow the active prompt while none has been set (reported as version 0).",
+    ),
+    s(
+        "MAX_BATCH_SIZE",
+        Some("8"),
+        "Most frames per model batch, across all jobs of the worker.",
+    ),
+    s(
+        "BATCH_WINDOW_MS",
+        Some("20"),
+        "How long the engine waits to fill a batch once it has a frame.",
+    ),
+    s(
+        "MAX_FRAME_AGE_MS",
+        Some("5000"),
+        "Frames older than this when the model could take them are skipped and counted.",
+    ),
+    s(
+        "INFERENCE_TIMEOUT_MS",
+        Some("30000"),
+        "Bound on one model batch; its frames get error entries when it is exceeded.",
+    ),
+    s(
+        "DETECT_THRESHOLD",
+        Some("0.5"),
+        "clip: probability over which a phrase is listed as detected; [0, 1].",
+    ),
+    s(
+        "MAX_NEW_TOKENS",
+        Some("20"),
+        "blip: most tokens generated per caption.",
+    ),
+    s(
+        "MAX_CONCURRENT_STREAMS",
+        Some("10"),
+        "Most jobs one worker runs at once.",
+    ),
+    s(
+        "JOB_LEASE_MS",
+        Some("15000"),
+        "A running job's entry that has not been renewed for this long is reclaimed by another worker.",
+    ),
+    s(
+        "RECLAIM_INTERVAL_MS",
+        Some("1000"),
+        "How often a worker looks for entries to reclaim (idle past JOB_LEASE_MS, or handed back).",
+    ),
+    s(
+        "MAX_ATTEMPTS",
+        Some("3"),
+        "Deliveries (not counting graceful hand-backs) after which a job is dead-lettered.",
+    ),
+    s(
+        "RESULT_TTL_S",
+        Some("86400"),
+        "How long a finished job's hash and results are kept.",
+    ),
+    s(
+        "RESULTS_MAXLEN",
+        Some("10000"),
+        "Approximate cap on each results stream (MAXLEN ~).",
+    ),
+    s(
+        "EVENTS_MAXLEN",
+        Some("10000"),
+        "Approximate cap on the events stream (MAXLEN ~).",
+    ),
+    s(
+        "SOURCE_RETRIES",
+        Some("5"),
+        "Restarts of a failed HLS source (exponential backoff) before the job fails.",
+    ),
+    s(
+        "ALLOW_FILE_SOURCES",
+        Some("false"),
+        "Allow local paths and file: URLs as stream_ref (off: a stream_ref comes from anyone who can write to Redis).",
+    ),
+    s(
+        "MAX_FRAME_SIDE",
+        None,
+        "Longest side frames are scaled to when decoded (default: from the model's input size).",
+    ),
+    s(
+        "MAX_FRAME_PIXELS",
+        Some("40000000"),
+        "Largest image (width x height) a frame stream entry may decode to.",
+    ),
+    s(
+        "HEALTH_ADDR",
+        Some("0.0.0.0:8080"),
+        "Address of the health and metrics endpoint.",
+    ),
+    s(
+        "LOG_LEVEL",
+        Some("info"),
+        "trace, debug, info, warning (warn), error (critical).",
+    ),
     s("LOG_FORMAT", Some("text"), "text or json."),
-    s("WORKER_ID", None, "This worker's consumer name; default host-pid-<boot uuid>."),
-    s("SHUTDOWN_TIMEOUT_MS", Some("10000"), "How long a stopping worker waits for its jobs to hand back before it exits."),
+    s(
+        "WORKER_ID",
+        None,
+        "This worker's consumer name; default host-pid-<boot uuid>.",
+    ),
+    s(
+        "SHUTDOWN_TIMEOUT_MS",
+        Some("10000"),
+        "How long a stopping worker waits for its jobs to hand back before it exits.",
+    ),
 ];
 
 /// A bad setting: which variable, what it held, what is allowed.
@@ -150,12 +282,18 @@ impl Reader<'_> {
     }
 
     fn millis(&self, name: &str, min: u64) -> Result<Duration, ConfigError> {
-        self.parse::<u64>(name, &format!("a whole number of milliseconds, at least {min}"), |v| *v >= min)
-            .map(Duration::from_millis)
+        self.parse::<u64>(
+            name,
+            &format!("a whole number of milliseconds, at least {min}"),
+            |v| *v >= min,
+        )
+        .map(Duration::from_millis)
     }
 
     fn count(&self, name: &str, min: usize) -> Result<usize, ConfigError> {
-        self.parse::<usize>(name, &format!("a whole number, at least {min}"), |v| *v >= min)
+        self.parse::<usize>(name, &format!("a whole number, at least {min}"), |v| {
+            *v >= min
+        })
     }
 
     fn boolean(&self, name: &str) -> Result<bool, ConfigError> {
@@ -173,7 +311,11 @@ impl Reader<'_> {
         if allowed.contains(&v.as_str()) {
             Ok(v)
         } else {
-            Err(Self::err(name, &raw, &format!("one of {}", allowed.join(", "))))
+            Err(Self::err(
+                name,
+                &raw,
+                &format!("one of {}", allowed.join(", ")),
+            ))
         }
     }
 }
@@ -191,7 +333,11 @@ impl Config {
                     || url.starts_with("unix://")
                     || url.starts_with("redis+unix://"))
                 {
-                    return Err(Reader::err("REDIS_URL", &url, "a redis://, rediss:// or unix:// URL"));
+                    return Err(Reader::err(
+                        "REDIS_URL",
+                        &url,
+                        "a redis://, rediss:// or unix:// URL",
+                    ));
                 }
                 url
             }
@@ -219,7 +365,12 @@ impl Config {
             ));
         }
         let log_level = match r
-            .one_of("LOG_LEVEL", &["trace", "debug", "info", "warn", "warning", "error", "critical"])?
+            .one_of(
+                "LOG_LEVEL",
+                &[
+                    "trace", "debug", "info", "warn", "warning", "error", "critical",
+                ],
+            )?
             .as_str()
         {
             "warning" => "warn".to_string(),
@@ -242,7 +393,11 @@ impl Config {
         };
         let max_frame_side = match r.raw("MAX_FRAME_SIDE") {
             None => None,
-            Some(_) => Some(r.parse::<u32>("MAX_FRAME_SIDE", "a number of pixels, 16 to 8192", |v| (16..=8192).contains(v))?),
+            Some(_) => Some(r.parse::<u32>(
+                "MAX_FRAME_SIDE",
+                "a number of pixels, 16 to 8192",
+                |v| (16..=8192).contains(v),
+            )?),
         };
         let job_lease = r.millis("JOB_LEASE_MS", 1000)?;
         Ok(Config {
@@ -266,22 +421,40 @@ impl Config {
             batch_window: r.millis("BATCH_WINDOW_MS", 0)?,
             max_frame_age: r.millis("MAX_FRAME_AGE_MS", 1)?,
             inference_timeout: r.millis("INFERENCE_TIMEOUT_MS", 1)?,
-            detect_threshold: r.parse("DETECT_THRESHOLD", "a probability in [0, 1]", |t: &f32| {
-                (0.0..=1.0).contains(t)
-            })?,
+            detect_threshold: r.parse(
+                "DETECT_THRESHOLD",
+                "a probability in [0, 1]",
+                |t: &f32| (0.0..=1.0).contains(t),
+            )?,
             max_new_tokens: r.count("MAX_NEW_TOKENS", 1)?,
             max_concurrent_streams: r.count("MAX_CONCURRENT_STREAMS", 1)?,
             reclaim_interval: r.millis("RECLAIM_INTERVAL_MS", 50)?,
             job_lease,
-            max_attempts: r.parse("MAX_ATTEMPTS", "a whole number, at least 1", |v: &u32| *v >= 1)?,
-            result_ttl: Duration::from_secs(r.parse("RESULT_TTL_S", "a whole number of seconds, at least 1", |v: &u64| *v >= 1)?),
+            max_attempts: r.parse("MAX_ATTEMPTS", "a whole number, at least 1", |v: &u32| {
+                *v >= 1
+            })?,
+            result_ttl: Duration::from_secs(r.parse(
+                "RESULT_TTL_S",
+                "a whole number of seconds, at least 1",
+                |v: &u64| *v >= 1,
+            )?),
             results_maxlen: r.count("RESULTS_MAXLEN", 1)?,
             events_maxlen: r.count("EVENTS_MAXLEN", 1)?,
-            source_retries: r.parse("SOURCE_RETRIES", "a whole number, 0 or more", |_: &u32| true)?,
+            source_retries: r.parse("SOURCE_RETRIES", "a whole number, 0 or more", |_: &u32| {
+                true
+            })?,
             allow_file_sources: r.boolean("ALLOW_FILE_SOURCES")?,
             max_frame_side,
-            max_frame_pixels: r.parse("MAX_FRAME_PIXELS", "a whole number, at least 1", |v: &u64| *v >= 1)?,
-            health_addr: r.parse("HEALTH_ADDR", "host:port, e.g. 0.0.0.0:8080", |_: &SocketAddr| true)?,
+            max_frame_pixels: r.parse(
+                "MAX_FRAME_PIXELS",
+                "a whole number, at least 1",
+                |v: &u64| *v >= 1,
+            )?,
+            health_addr: r.parse(
+                "HEALTH_ADDR",
+                "host:port, e.g. 0.0.0.0:8080",
+                |_: &SocketAddr| true,
+            )?,
             log_level,
             log_format,
             worker_id,
@@ -335,7 +508,13 @@ mod tests {
 
     #[test]
     fn redis_url_is_built_from_parts_with_an_escaped_password() {
-        let c = with(&[("REDIS_HOST", "cache"), ("REDIS_PORT", "6380"), ("REDIS_PASSWORD", "p@ss word"), ("REDIS_DB", "2")]).unwrap();
+        let c = with(&[
+            ("REDIS_HOST", "cache"),
+            ("REDIS_PORT", "6380"),
+            ("REDIS_PASSWORD", "p@ss word"),
+            ("REDIS_DB", "2"),
+        ])
+        .unwrap();
         assert_eq!(c.redis_url, "redis://:p%40ss%20word@cache:6380/2");
         let c = with(&[("REDIS_URL", "rediss://h:6379"), ("REDIS_HOST", "ignored")]).unwrap();
         assert_eq!(c.redis_url, "rediss://h:6379");
@@ -368,7 +547,10 @@ mod tests {
     #[test]
     fn seed_log_levels_are_accepted() {
         assert_eq!(with(&[("LOG_LEVEL", "WARNING")]).unwrap().log_level, "warn");
-        assert_eq!(with(&[("LOG_LEVEL", "CRITICAL")]).unwrap().log_level, "error");
+        assert_eq!(
+            with(&[("LOG_LEVEL", "CRITICAL")]).unwrap().log_level,
+            "error"
+        );
     }
 
     #[test]
@@ -376,8 +558,16 @@ mod tests {
         let docs = include_str!("../docs/configuration.md");
         let example = include_str!("../.env.example");
         for s in SETTINGS {
-            assert!(docs.contains(&format!("`{}`", s.env)), "docs/configuration.md lacks {}", s.env);
-            assert!(example.contains(&format!("{}=", s.env)), ".env.example lacks {}", s.env);
+            assert!(
+                docs.contains(&format!("`{}`", s.env)),
+                "docs/configuration.md lacks {}",
+                s.env
+            );
+            assert!(
+                example.contains(&format!("{}=", s.env)),
+                ".env.example lacks {}",
+                s.env
+            );
         }
     }
 }

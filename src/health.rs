@@ -98,7 +98,10 @@ async fn route(ctx: &HealthContext, req: Request<Incoming>) -> Response<Full<Byt
             "text/plain; version=0.0.4",
             ctx.metrics.render(),
         ),
-        _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not found"})),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not found"}),
+        ),
     }
 }
 

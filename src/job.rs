@@ -162,7 +162,10 @@ pub fn validate_job_id(id: &str) -> Result<(), SpecError> {
 /// the source: a leading `-` (an ffmpeg option), control characters, excessive length.
 pub fn validate_stream_ref(stream_ref: &str) -> Result<(), SpecError> {
     if stream_ref.trim().is_empty() {
-        return Err(SpecError::new("stream_ref", "is required and may not be empty"));
+        return Err(SpecError::new(
+            "stream_ref",
+            "is required and may not be empty",
+        ));
     }
     if stream_ref.len() > MAX_STREAM_REF_BYTES {
         return Err(SpecError::new(
@@ -174,7 +177,10 @@ pub fn validate_stream_ref(stream_ref: &str) -> Result<(), SpecError> {
         return Err(SpecError::new("stream_ref", "may not start with '-'"));
     }
     if stream_ref.chars().any(char::is_control) {
-        return Err(SpecError::new("stream_ref", "may not hold control characters"));
+        return Err(SpecError::new(
+            "stream_ref",
+            "may not hold control characters",
+        ));
     }
     Ok(())
 }
@@ -262,7 +268,10 @@ impl JobSpec {
             Some(p) if p.len() > MAX_PROMPT_BYTES => {
                 return fail(SpecError::new(
                     "prompt",
-                    format!("is {} bytes; at most {MAX_PROMPT_BYTES} are allowed", p.len()),
+                    format!(
+                        "is {} bytes; at most {MAX_PROMPT_BYTES} are allowed",
+                        p.len()
+                    ),
                 ));
             }
             Some(p) if p.trim().is_empty() => {
@@ -441,7 +450,8 @@ impl JobFailure {
 }
 
 /// The boxed future a body returns.
-pub type BodyFuture<'a> = Pin<Box<dyn Future<Output = Result<BodyOutcome, JobFailure>> + Send + 'a>>;
+pub type BodyFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<BodyOutcome, JobFailure>> + Send + 'a>>;
 
 /// A job's work: reads frames, writes results through `ctx.sink`, returns at the next frame
 /// boundary once `ctx.stop` fires. The pipeline implements it; tests plug in their own.
@@ -487,7 +497,10 @@ mod tests {
             (&[("stream_ref", "-i x")], "stream_ref"),
             (&[("stream_ref", "a\nb")], "stream_ref"),
             (&[("stream_ref", "a"), ("max_frames", "-1")], "max_frames"),
-            (&[("stream_ref", "a"), ("max_duration_s", "0")], "max_duration_s"),
+            (
+                &[("stream_ref", "a"), ("max_duration_s", "0")],
+                "max_duration_s",
+            ),
             (&[("stream_ref", "a"), ("job_id", "has space")], "job_id"),
         ];
         for (pairs, field) in cases {
@@ -495,9 +508,14 @@ mod tests {
             assert_eq!(&err.field, field, "{pairs:?}");
         }
         let long = "p".repeat(MAX_PROMPT_BYTES + 1);
-        let (err, id) = parse(&[("stream_ref", "a"), ("prompt", &long), ("job_id", "j")]).unwrap_err();
+        let (err, id) =
+            parse(&[("stream_ref", "a"), ("prompt", &long), ("job_id", "j")]).unwrap_err();
         assert_eq!(err.field, "prompt");
-        assert_eq!(id.as_deref(), Some("j"), "the producer's id is kept for the report");
+        assert_eq!(
+            id.as_deref(),
+            Some("j"),
+            "the producer's id is kept for the report"
+        );
     }
 
     #[test]

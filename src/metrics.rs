@@ -148,25 +148,101 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let counters: &[(&str, &Counter, &str)] = &[
-            ("freeroam_jobs_claimed_total", &self.jobs_claimed, "Jobs this worker started (new or reclaimed)."),
-            ("freeroam_jobs_completed_total", &self.jobs_completed, "Jobs that ended completed."),
-            ("freeroam_jobs_failed_total", &self.jobs_failed, "Jobs that ended failed."),
-            ("freeroam_jobs_cancelled_total", &self.jobs_cancelled, "Jobs that ended cancelled."),
-            ("freeroam_jobs_reclaimed_total", &self.jobs_reclaimed, "Entries taken over from another worker after their lease ran out."),
-            ("freeroam_jobs_dead_lettered_total", &self.jobs_dead_lettered, "Jobs moved to the dead-letter stream."),
-            ("freeroam_jobs_rejected_total", &self.jobs_rejected, "Job entries refused as malformed or duplicate."),
-            ("freeroam_jobs_handed_back_total", &self.jobs_handed_back, "Jobs handed back to the queue on shutdown."),
-            ("freeroam_leases_lost_total", &self.leases_lost, "Jobs stopped because another worker took their entry."),
-            ("freeroam_redis_errors_total", &self.redis_errors, "Failed Redis exchanges."),
-            ("freeroam_results_written_total", &self.results_written, "Result entries written."),
-            ("freeroam_frames_decoded_total", &self.frames_decoded, "Frames decoded by sources."),
-            ("freeroam_frames_sampled_total", &self.frames_sampled, "Frames kept by the sampler."),
-            ("freeroam_frames_dropped_total", &self.frames_dropped, "Sampled frames replaced by a newer one before the model took them."),
-            ("freeroam_frames_failed_total", &self.frames_failed, "Frames that could not be decoded or inferred."),
-            ("freeroam_inference_batches_total", &self.inference_batches, "Model batches run."),
-            ("freeroam_inference_frames_total", &self.inference_frames, "Frames run through the model."),
-            ("freeroam_inference_errors_total", &self.inference_errors, "Model batches that failed."),
-            ("freeroam_frames_too_old_total", &self.frames_too_old, "Frames skipped as older than MAX_FRAME_AGE_MS."),
+            (
+                "freeroam_jobs_claimed_total",
+                &self.jobs_claimed,
+                "Jobs this worker started (new or reclaimed).",
+            ),
+            (
+                "freeroam_jobs_completed_total",
+                &self.jobs_completed,
+                "Jobs that ended completed.",
+            ),
+            (
+                "freeroam_jobs_failed_total",
+                &self.jobs_failed,
+                "Jobs that ended failed.",
+            ),
+            (
+                "freeroam_jobs_cancelled_total",
+                &self.jobs_cancelled,
+                "Jobs that ended cancelled.",
+            ),
+            (
+                "freeroam_jobs_reclaimed_total",
+                &self.jobs_reclaimed,
+                "Entries taken over from another worker after their lease ran out.",
+            ),
+            (
+                "freeroam_jobs_dead_lettered_total",
+                &self.jobs_dead_lettered,
+                "Jobs moved to the dead-letter stream.",
+            ),
+            (
+                "freeroam_jobs_rejected_total",
+                &self.jobs_rejected,
+                "Job entries refused as malformed or duplicate.",
+            ),
+            (
+                "freeroam_jobs_handed_back_total",
+                &self.jobs_handed_back,
+                "Jobs handed back to the queue on shutdown.",
+            ),
+            (
+                "freeroam_leases_lost_total",
+                &self.leases_lost,
+                "Jobs stopped because another worker took their entry.",
+            ),
+            (
+                "freeroam_redis_errors_total",
+                &self.redis_errors,
+                "Failed Redis exchanges.",
+            ),
+            (
+                "freeroam_results_written_total",
+                &self.results_written,
+                "Result entries written.",
+            ),
+            (
+                "freeroam_frames_decoded_total",
+                &self.frames_decoded,
+                "Frames decoded by sources.",
+            ),
+            (
+                "freeroam_frames_sampled_total",
+                &self.frames_sampled,
+                "Frames kept by the sampler.",
+            ),
+            (
+                "freeroam_frames_dropped_total",
+                &self.frames_dropped,
+                "Sampled frames replaced by a newer one before the model took them.",
+            ),
+            (
+                "freeroam_frames_failed_total",
+                &self.frames_failed,
+                "Frames that could not be decoded or inferred.",
+            ),
+            (
+                "freeroam_inference_batches_total",
+                &self.inference_batches,
+                "Model batches run.",
+            ),
+            (
+                "freeroam_inference_frames_total",
+                &self.inference_frames,
+                "Frames run through the model.",
+            ),
+            (
+                "freeroam_inference_errors_total",
+                &self.inference_errors,
+                "Model batches that failed.",
+            ),
+            (
+                "freeroam_frames_too_old_total",
+                &self.frames_too_old,
+                "Frames skipped as older than MAX_FRAME_AGE_MS.",
+            ),
         ];
         for (name, counter, help) in counters {
             let _ = writeln!(

@@ -31,7 +31,10 @@ pub struct PromptVersion {
 /// Sets the active prompt; returns the new version.
 pub async fn set(store: &Store, text: &str, preserve_previous: bool) -> StoreResult<u64> {
     store
-        .fcall("fr_prompt_set", &[&text, &(if preserve_previous { "1" } else { "0" })])
+        .fcall(
+            "fr_prompt_set",
+            &[&text, &(if preserve_previous { "1" } else { "0" })],
+        )
         .await
 }
 

@@ -53,7 +53,10 @@ impl StoreError {
     /// The message a function raised with `redis.error_reply`, without the `ERR` noise.
     pub fn server_message(&self) -> Option<String> {
         match self {
-            StoreError::Redis(e) => e.detail().map(str::to_string).or_else(|| Some(e.to_string())),
+            StoreError::Redis(e) => e
+                .detail()
+                .map(str::to_string)
+                .or_else(|| Some(e.to_string())),
             _ => None,
         }
     }

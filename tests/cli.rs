@@ -33,10 +33,19 @@ fn prompt_commands_share_versions_with_fcall() {
     let o = run(&redis, &p, &["prompt", "get"]);
     assert_eq!(o.status.code(), Some(1), "no prompt yet");
     assert!(stderr(&o).contains("no prompt has been set"));
-    let o = run(&redis, &p, &["prompt", "set", "Detect all people and vehicles"]);
+    let o = run(
+        &redis,
+        &p,
+        &["prompt", "set", "Detect all people and vehicles"],
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stdout(&o).trim(), "1");
-    assert_eq!(redis.cli(&["FCALL", "fr_prompt_set", "1", &tag, "Detect vehicles"]).trim(), "2");
+    assert_eq!(
+        redis
+            .cli(&["FCALL", "fr_prompt_set", "1", &tag, "Detect vehicles"])
+            .trim(),
+        "2"
+    );
     let o = run(&redis, &p, &["prompt", "get", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["version"], 2);
@@ -45,7 +54,11 @@ fn prompt_commands_share_versions_with_fcall() {
     let lines: Vec<String> = stdout(&o).lines().map(str::to_string).collect();
     assert_eq!(lines.len(), 2);
     assert!(lines[0].starts_with("v2 ") && lines[0].ends_with("Detect vehicles"));
-    let o = run(&redis, &p, &["prompt", "set", "Detect dogs", "--no-preserve"]);
+    let o = run(
+        &redis,
+        &p,
+        &["prompt", "set", "Detect dogs", "--no-preserve"],
+    );
     assert_eq!(stdout(&o).trim(), "3");
     let o = run(&redis, &p, &["prompt", "history", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
@@ -59,13 +72,39 @@ fn prompt_commands_share_versions_with_fcall() {
 fn submit_status_cancel_and_list_without_a_worker() {
     let redis = TestRedis::start();
     let p = unique_prefix();
-    let o = run(&redis, &p, &["submit", "--stream-ref", "cam:1", "--prompt", "Detect people", "--fps", "1", "--job-id", "j1"]);
+    let o = run(
+        &redis,
+        &p,
+        &[
+            "submit",
+            "--stream-ref",
+            "cam:1",
+            "--prompt",
+            "Detect people",
+            "--fps",
+            "1",
+            "--job-id",
+            "j1",
+        ],
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stdout(&o).trim(), "j1");
-    let o = run(&redis, &p, &["submit", "--stream-ref", "cam:1", "--job-id", "j1"]);
+    let o = run(
+        &redis,
+        &p,
+        &["submit", "--stream-ref", "cam:1", "--job-id", "j1"],
+    );
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("job_id j1 already exists"), "{}", stderr(&o));
-    let o = run(&redis, &p, &["submit", "--stream-ref", "cam:1", "--fps", "60"]);
+    assert!(
+        stderr(&o).contains("job_id j1 already exists"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(
+        &redis,
+        &p,
+        &["submit", "--stream-ref", "cam:1", "--fps", "60"],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("field `fps`"), "{}", stderr(&o));
     let o = run(&redis, &p, &["submit", "--stream-ref", "cam:2", "--json"]);
@@ -80,7 +119,15 @@ fn submit_status_cancel_and_list_without_a_worker() {
     assert_eq!(v["fps"], "1");
 
     // An entry pushed with redis-cli that no worker has read yet is found too.
-    redis.cli(&["XADD", &format!("{{{p}}}:jobs"), "*", "stream_ref", "cam:3", "job_id", "raw-1"]);
+    redis.cli(&[
+        "XADD",
+        &format!("{{{p}}}:jobs"),
+        "*",
+        "stream_ref",
+        "cam:3",
+        "job_id",
+        "raw-1",
+    ]);
     let o = run(&redis, &p, &["status", "raw-1"]);
     assert_eq!(o.status.code(), Some(0));
     assert!(stdout(&o).contains("not yet claimed"), "{}", stdout(&o));
@@ -99,7 +146,12 @@ fn submit_status_cancel_and_list_without_a_worker() {
 
     let o = run(&redis, &p, &["jobs", "--status", "cancelled", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let ids: Vec<&str> = v.as_array().unwrap().iter().map(|j| j["job_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["job_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, vec!["raw-1", "j1"], "newest first");
     let o = run(&redis, &p, &["jobs"]);
     assert_eq!(stdout(&o).lines().count(), 3);
@@ -107,7 +159,11 @@ fn submit_status_cancel_and_list_without_a_worker() {
     assert_eq!(o.status.code(), Some(2));
 
     let o = run(&redis, &p, &["results", "j1"]);
-    assert_eq!(o.status.code(), Some(1), "a cancelled job's results end non-zero");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a cancelled job's results end non-zero"
+    );
     assert!(stdout(&o).contains("end  status=cancelled"));
 }
 
@@ -116,7 +172,17 @@ async fn results_follow_streams_until_the_end_entry() {
     let redis = TestRedis::start();
     let p = unique_prefix();
     let w = InProcessWorker::start(&redis, &p, "w1", &[]);
-    let o = run(&redis, &p, &["submit", "--stream-ref", "paced:6:100", "--job-id", "follow-me"]);
+    let o = run(
+        &redis,
+        &p,
+        &[
+            "submit",
+            "--stream-ref",
+            "paced:6:100",
+            "--job-id",
+            "follow-me",
+        ],
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let url = redis.url();
     let out = tokio::task::spawn_blocking(move || {
@@ -155,7 +221,10 @@ fn a_bad_setting_is_one_line_naming_it_with_exit_code_2() {
     assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("invalid DEFAULT_FPS=\"abc\": a number in (0, 30]"), "{err}");
+    assert!(
+        err.contains("invalid DEFAULT_FPS=\"abc\": a number in (0, 30]"),
+        "{err}"
+    );
     let o = Command::new(env!("CARGO_BIN_EXE_free-roam"))
         .args(["worker", "--log-format", "xml"])
         .env_clear()

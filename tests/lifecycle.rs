@@ -20,6 +20,16 @@ use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Loads the function library the way the CLI does at start, for tests that call functions
+/// before any worker has.
+async fn load_functions(redis: &TestRedis, prefix: &str) {
+    Store::new(&redis.url(), prefix, 2)
+        .unwrap()
+        .load_functions()
+        .await
+        .unwrap();
+}
+
 fn keys(prefix: &str) -> free_roam::keys::Keys {
     free_roam::keys::Keys::new(prefix)
 }
@@ -53,7 +63,10 @@ fn end_entry(redis: &TestRedis, prefix: &str, job: &str) -> Option<HashMap<Strin
 }
 
 async fn wait_end(redis: &TestRedis, prefix: &str, job: &str) -> HashMap<String, String> {
-    eventually(WAIT, &format!("job {job} ends"), || end_entry(redis, prefix, job).is_some()).await;
+    eventually(WAIT, &format!("job {job} ends"), || {
+        end_entry(redis, prefix, job).is_some()
+    })
+    .await;
     end_entry(redis, prefix, job).unwrap()
 }
 
@@ -73,7 +86,16 @@ async fn a_job_runs_from_xadd_to_its_end_entry() {
     let redis = TestRedis::start();
     let p = unique_prefix();
     let w = InProcessWorker::start(&redis, &p, "w1", &[]);
-    xadd(&redis, &p, &[("stream_ref", "paced:5:20"), ("prompt", "Detect all people and vehicles"), ("fps", "2"), ("job_id", "job-1")]);
+    xadd(
+        &redis,
+        &p,
+        &[
+            ("stream_ref", "paced:5:20"),
+            ("prompt", "Detect all people and vehicles"),
+            ("fps", "2"),
+            ("job_id", "job-1"),
+        ],
+    );
 
     let end = wait_end(&redis, &p, "job-1").await;
     assert_eq!(end["status"], "completed");
@@ -85,7 +107,10 @@ async fn a_job_runs_from_xadd_to_its_end_entry() {
     assert_eq!(rs[0]["model"], "test-body");
     let output: serde_json::Value = serde_json::from_str(&rs[0]["output"]).unwrap();
     assert_eq!(output["prompt"], "Detect all people and vehicles");
-    assert!(!rs[0].contains_key("prompt_version"), "a job's own prompt has no version");
+    assert!(
+        !rs[0].contains_key("prompt_version"),
+        "a job's own prompt has no version"
+    );
 
     let h = redis.hgetall(&keys(&p).job("job-1"));
     assert_eq!(h["status"], "completed");
@@ -107,7 +132,10 @@ async fn a_job_runs_from_xadd_to_its_end_entry() {
     let xlen: i64 = redis.cmd(&["XLEN", &keys(&p).jobs()]);
     assert_eq!(xlen, 0);
     let pending: Vec<redis::Value> = redis.cmd(&["XPENDING", &keys(&p).jobs(), "workers"]);
-    assert_eq!(redis::from_redis_value::<i64>(pending[0].clone()).unwrap(), 0);
+    assert_eq!(
+        redis::from_redis_value::<i64>(pending[0].clone()).unwrap(),
+        0
+    );
 
     let events: Vec<(String, String)> = redis
         .xrange(&keys(&p).events())
@@ -117,7 +145,10 @@ async fn a_job_runs_from_xadd_to_its_end_entry() {
         .collect();
     assert_eq!(
         events,
-        vec![("queued".into(), "running".into()), ("running".into(), "completed".into())]
+        vec![
+            ("queued".into(), "running".into()),
+            ("running".into(), "completed".into())
+        ]
     );
     let index: Vec<String> = redis.cmd(&["ZRANGE", &keys(&p).jobs_index(), "0", "-1"]);
     assert_eq!(index, vec!["job-1".to_string()]);
@@ -129,8 +160,15 @@ async fn a_job_runs_from_xadd_to_its_end_entry() {
 async fn a_job_without_id_gets_a_uuid_and_follows_the_live_prompt() {
     let redis = TestRedis::start();
     let p = unique_prefix();
+    load_functions(&redis, &p).await;
     let w = InProcessWorker::start(&redis, &p, "w1", &[]);
-    let v: i64 = redis.cmd(&["FCALL", "fr_prompt_set", "1", keys(&p).tag(), "Detect vehicles"]);
+    let v: i64 = redis.cmd(&[
+        "FCALL",
+        "fr_prompt_set",
+        "1",
+        keys(&p).tag(),
+        "Detect vehicles",
+    ]);
     assert_eq!(v, 1);
     xadd(&redis, &p, &[("stream_ref", "paced:40:50")]);
     eventually(WAIT, "the job shows in the index", || {
@@ -141,8 +179,17 @@ async fn a_job_without_id_gets_a_uuid_and_follows_the_live_prompt() {
     let ids: Vec<String> = redis.cmd(&["ZRANGE", &keys(&p).jobs_index(), "0", "-1"]);
     let job = ids[0].clone();
     assert!(uuid::Uuid::parse_str(&job).is_ok(), "{job} is a UUID");
-    eventually(WAIT, "a few results with version 1", || frames_of(&redis, &p, &job).len() >= 3).await;
-    let v: i64 = redis.cmd(&["FCALL", "fr_prompt_set", "1", keys(&p).tag(), "Detect people"]);
+    eventually(WAIT, "a few results with version 1", || {
+        frames_of(&redis, &p, &job).len() >= 3
+    })
+    .await;
+    let v: i64 = redis.cmd(&[
+        "FCALL",
+        "fr_prompt_set",
+        "1",
+        keys(&p).tag(),
+        "Detect people",
+    ]);
     assert_eq!(v, 2);
     let end = wait_end(&redis, &p, &job).await;
     assert_eq!(end["status"], "completed");
@@ -152,10 +199,19 @@ async fn a_job_without_id_gets_a_uuid_and_follows_the_live_prompt() {
         .collect();
     assert_eq!(rs.first().unwrap()["prompt_version"], "1");
     let last = rs.last().unwrap();
-    assert_eq!(last["prompt_version"], "2", "the new version reaches the running job");
+    assert_eq!(
+        last["prompt_version"], "2",
+        "the new version reaches the running job"
+    );
     assert!(last["output"].contains("Detect people"));
-    assert_eq!(redis.hget(&keys(&p).job(&job), "prompt_mode").as_deref(), Some("live"));
-    assert_eq!(redis.hget(&keys(&p).job(&job), "prompt_version").as_deref(), Some("2"));
+    assert_eq!(
+        redis.hget(&keys(&p).job(&job), "prompt_mode").as_deref(),
+        Some("live")
+    );
+    assert_eq!(
+        redis.hget(&keys(&p).job(&job), "prompt_version").as_deref(),
+        Some("2")
+    );
     w.stop().await;
 }
 
@@ -166,7 +222,12 @@ async fn cancel_stops_a_running_job_and_a_queued_one_never_runs() {
     let tag = keys(&p).tag().to_string();
 
     // Queued, with no worker around: cancelled at once, and never run later.
-    xadd(&redis, &p, &[("stream_ref", "paced:3:10"), ("job_id", "queued-1")]);
+    load_functions(&redis, &p).await;
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:3:10"), ("job_id", "queued-1")],
+    );
     let r: String = redis.cmd(&["FCALL", "fr_cancel", "1", &tag, "queued-1"]);
     assert_eq!(r, "cancelled");
     assert_eq!(status(&redis, &p, "queued-1").as_deref(), Some("cancelled"));
@@ -174,10 +235,20 @@ async fn cancel_stops_a_running_job_and_a_queued_one_never_runs() {
     assert_eq!(end["status"], "cancelled");
 
     let w = InProcessWorker::start(&redis, &p, "w1", &[]);
-    xadd(&redis, &p, &[("stream_ref", "paced:1000:50"), ("job_id", "running-1")]);
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:1000:50"), ("job_id", "running-1")],
+    );
     xadd(&redis, &p, &[("stream_ref", "hang"), ("job_id", "hang-1")]);
-    eventually(WAIT, "the job runs", || frames_of(&redis, &p, "running-1").len() >= 2).await;
-    eventually(WAIT, "the hanging job runs", || status(&redis, &p, "hang-1").as_deref() == Some("running")).await;
+    eventually(WAIT, "the job runs", || {
+        frames_of(&redis, &p, "running-1").len() >= 2
+    })
+    .await;
+    eventually(WAIT, "the hanging job runs", || {
+        status(&redis, &p, "hang-1").as_deref() == Some("running")
+    })
+    .await;
     let r: String = redis.cmd(&["FCALL", "fr_cancel", "1", &tag, "running-1"]);
     assert_eq!(r, "cancelling");
     let r: String = redis.cmd(&["FCALL", "fr_cancel", "1", &tag, "hang-1"]);
@@ -185,10 +256,16 @@ async fn cancel_stops_a_running_job_and_a_queued_one_never_runs() {
     let end = wait_end(&redis, &p, "running-1").await;
     assert_eq!(end["status"], "cancelled");
     let end = wait_end(&redis, &p, "hang-1").await;
-    assert_eq!(end["status"], "cancelled", "a body that ignores the stop is abandoned");
+    assert_eq!(
+        end["status"], "cancelled",
+        "a body that ignores the stop is abandoned"
+    );
     assert!(frames_of(&redis, &p, "running-1").len() < 1000);
     assert!(end_entry(&redis, &p, "queued-1").is_some());
-    assert!(frames_of(&redis, &p, "queued-1").is_empty(), "the cancelled queued job never ran");
+    assert!(
+        frames_of(&redis, &p, "queued-1").is_empty(),
+        "the cancelled queued job never ran"
+    );
 
     // Cancelling again says so; an unknown id is an error.
     let r: String = redis.cmd(&["FCALL", "fr_cancel", "1", &tag, "running-1"]);
@@ -204,13 +281,38 @@ async fn every_bad_entry_ends_failed_with_the_field_and_reason() {
     let p = unique_prefix();
     let w = InProcessWorker::start(&redis, &p, "w1", &[]);
     let long_prompt = "x".repeat(8 * 1024 + 1);
-    let cases: Vec<(&str, Vec<(&str, &str)>, &str)> = vec![
-        ("no-ref", vec![("prompt", "x")], "field `stream_ref`: is required"),
-        ("fps-zero", vec![("stream_ref", "a"), ("fps", "0")], "field `fps`: must be a number in (0, 30]"),
-        ("fps-high", vec![("stream_ref", "a"), ("fps", "31")], "field `fps`"),
-        ("long-prompt", vec![("stream_ref", "a"), ("prompt", &long_prompt)], "field `prompt`: is 8193 bytes"),
-        ("bad-source", vec![("stream_ref", "a"), ("source", "ftp")], "field `source`"),
-        ("dash-ref", vec![("stream_ref", "-i /etc/passwd")], "field `stream_ref`: may not start with '-'"),
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "no-ref",
+            vec![("prompt", "x")],
+            "field `stream_ref`: is required",
+        ),
+        (
+            "fps-zero",
+            vec![("stream_ref", "a"), ("fps", "0")],
+            "field `fps`: must be a number in (0, 30]",
+        ),
+        (
+            "fps-high",
+            vec![("stream_ref", "a"), ("fps", "31")],
+            "field `fps`",
+        ),
+        (
+            "long-prompt",
+            vec![("stream_ref", "a"), ("prompt", &long_prompt)],
+            "field `prompt`: is 8193 bytes",
+        ),
+        (
+            "bad-source",
+            vec![("stream_ref", "a"), ("source", "ftp")],
+            "field `source`",
+        ),
+        (
+            "dash-ref",
+            vec![("stream_ref", "-i /etc/passwd")],
+            "field `stream_ref`: may not start with '-'",
+        ),
     ];
     for (id, fields, _) in &cases {
         let mut f = fields.clone();
@@ -231,7 +333,15 @@ async fn every_bad_entry_ends_failed_with_the_field_and_reason() {
             .unwrap();
     }
     // An unknown field is kept and warned about; the job runs.
-    xadd(&redis, &p, &[("stream_ref", "paced:1:1"), ("job_id", "extra-field"), ("colour", "red")]);
+    xadd(
+        &redis,
+        &p,
+        &[
+            ("stream_ref", "paced:1:1"),
+            ("job_id", "extra-field"),
+            ("colour", "red"),
+        ],
+    );
     // An entry whose job_id is unusable is filed under a UUID derived from the entry.
     let bad_id_entry = xadd(&redis, &p, &[("stream_ref", "a"), ("job_id", "has space")]);
 
@@ -244,7 +354,11 @@ async fn every_bad_entry_ends_failed_with_the_field_and_reason() {
         assert!(h["error"].contains(reason));
     }
     let end = wait_end(&redis, &p, "not-utf8").await;
-    assert!(end["error"].contains("field `stream_ref`: value is not valid UTF-8"), "{}", end["error"]);
+    assert!(
+        end["error"].contains("field `stream_ref`: value is not valid UTF-8"),
+        "{}",
+        end["error"]
+    );
     let end = wait_end(&redis, &p, "extra-field").await;
     assert_eq!(end["status"], "completed");
     let h = redis.hgetall(&keys(&p).job("extra-field"));
@@ -255,8 +369,15 @@ async fn every_bad_entry_ends_failed_with_the_field_and_reason() {
     assert!(end["error"].contains("field `job_id`"), "{}", end["error"]);
 
     // Every entry was acked and deleted; the worker is still taking jobs.
-    eventually(WAIT, "the queue is empty", || redis.cmd::<i64>(&["XLEN", &keys(&p).jobs()]) == 0).await;
-    xadd(&redis, &p, &[("stream_ref", "paced:2:1"), ("job_id", "after")]);
+    eventually(WAIT, "the queue is empty", || {
+        redis.cmd::<i64>(&["XLEN", &keys(&p).jobs()]) == 0
+    })
+    .await;
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:2:1"), ("job_id", "after")],
+    );
     assert_eq!(wait_end(&redis, &p, "after").await["status"], "completed");
     assert_eq!(w.metrics.jobs_rejected.get(), cases.len() as u64 + 2);
     w.stop().await;
@@ -267,14 +388,22 @@ async fn failures_and_panics_end_failed_and_the_worker_goes_on() {
     let redis = TestRedis::start();
     let p = unique_prefix();
     let w = InProcessWorker::start(&redis, &p, "w1", &[]);
-    xadd(&redis, &p, &[("stream_ref", "fail:the camera said no"), ("job_id", "f")]);
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "fail:the camera said no"), ("job_id", "f")],
+    );
     xadd(&redis, &p, &[("stream_ref", "panic"), ("job_id", "p")]);
     let end = wait_end(&redis, &p, "f").await;
     assert_eq!(end["status"], "failed");
     assert_eq!(end["error"], "the camera said no");
     let end = wait_end(&redis, &p, "p").await;
     assert_eq!(end["status"], "failed");
-    assert!(end["error"].contains("panicked: the test body panics"), "{}", end["error"]);
+    assert!(
+        end["error"].contains("panicked: the test body panics"),
+        "{}",
+        end["error"]
+    );
     xadd(&redis, &p, &[("stream_ref", "paced:2:1"), ("job_id", "ok")]);
     assert_eq!(wait_end(&redis, &p, "ok").await["status"], "completed");
     assert_eq!(w.metrics.jobs_failed.get(), 2);
@@ -286,18 +415,29 @@ async fn a_duplicate_job_id_is_not_run_twice() {
     let redis = TestRedis::start();
     let p = unique_prefix();
     let w = InProcessWorker::start(&redis, &p, "w1", &[]);
-    let first = xadd(&redis, &p, &[("stream_ref", "paced:3:30"), ("job_id", "dup")]);
-    xadd(&redis, &p, &[("stream_ref", "paced:3:30"), ("job_id", "dup")]);
+    let first = xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:3:30"), ("job_id", "dup")],
+    );
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:3:30"), ("job_id", "dup")],
+    );
     let end = wait_end(&redis, &p, "dup").await;
     assert_eq!(end["status"], "completed");
-    eventually(WAIT, "both entries are gone", || redis.cmd::<i64>(&["XLEN", &keys(&p).jobs()]) == 0).await;
+    eventually(WAIT, "both entries are gone", || {
+        redis.cmd::<i64>(&["XLEN", &keys(&p).jobs()]) == 0
+    })
+    .await;
     assert_eq!(frames_of(&redis, &p, "dup"), vec![0, 1, 2]);
     assert_eq!(redis.hget(&keys(&p).job("dup"), "entry_id").unwrap(), first);
-    let rejected = redis
-        .xrange(&keys(&p).events())
-        .into_iter()
-        .any(|(_, f)| f.get("to").map(String::as_str) == Some("rejected")
-            && f.get("error").is_some_and(|e| e.contains("duplicate job_id")));
+    let rejected = redis.xrange(&keys(&p).events()).into_iter().any(|(_, f)| {
+        f.get("to").map(String::as_str) == Some("rejected")
+            && f.get("error")
+                .is_some_and(|e| e.contains("duplicate job_id"))
+    });
     assert!(rejected, "the duplicate is recorded in the events stream");
     w.stop().await;
 }
@@ -308,23 +448,49 @@ async fn an_entry_delivered_too_often_is_dead_lettered() {
     let p = unique_prefix();
     let jobs = keys(&p).jobs();
     let _: String = redis.cmd(&["XGROUP", "CREATE", &jobs, "workers", "0", "MKSTREAM"]);
-    let id = xadd(&redis, &p, &[("stream_ref", "paced:3:10"), ("job_id", "poison")]);
+    let id = xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:3:10"), ("job_id", "poison")],
+    );
     // A consumer that took the entry three times and died each time.
-    let _: redis::Value = redis.cmd(&["XREADGROUP", "GROUP", "workers", "ghost", "COUNT", "1", "STREAMS", &jobs, ">"]);
+    let _: redis::Value = redis.cmd(&[
+        "XREADGROUP",
+        "GROUP",
+        "workers",
+        "ghost",
+        "COUNT",
+        "1",
+        "STREAMS",
+        &jobs,
+        ">",
+    ]);
     let _: redis::Value = redis.cmd(&["XCLAIM", &jobs, "workers", "ghost", "0", &id]);
     let _: redis::Value = redis.cmd(&["XCLAIM", &jobs, "workers", "ghost", "0", &id]);
 
-    let w = InProcessWorker::start(&redis, &p, "w1", &[("JOB_LEASE_MS", "1000"), ("MAX_ATTEMPTS", "3")]);
+    let w = InProcessWorker::start(
+        &redis,
+        &p,
+        "w1",
+        &[("JOB_LEASE_MS", "1000"), ("MAX_ATTEMPTS", "3")],
+    );
     let end = wait_end(&redis, &p, "poison").await;
     assert_eq!(end["status"], "dead");
-    assert!(end["error"].contains("delivered 3 times"), "{}", end["error"]);
+    assert!(
+        end["error"].contains("delivered 3 times"),
+        "{}",
+        end["error"]
+    );
     let dead = redis.xrange(&keys(&p).jobs_dead());
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].1["job_id"], "poison");
     assert_eq!(dead[0].1["field:stream_ref"], "paced:3:10");
     assert!(dead[0].1["error"].contains("MAX_ATTEMPTS=3"));
     assert_eq!(status(&redis, &p, "poison").as_deref(), Some("dead"));
-    assert!(frames_of(&redis, &p, "poison").is_empty(), "a dead job is not run");
+    assert!(
+        frames_of(&redis, &p, "poison").is_empty(),
+        "a dead job is not run"
+    );
     let xlen: i64 = redis.cmd(&["XLEN", &jobs]);
     assert_eq!(xlen, 0);
     assert_eq!(w.metrics.jobs_dead_lettered.get(), 1);
@@ -337,15 +503,25 @@ async fn a_worker_that_lost_its_lease_stops_instead_of_stealing_it_back() {
     let p = unique_prefix();
     let jobs = keys(&p).jobs();
     let w = InProcessWorker::start(&redis, &p, "w1", &[]);
-    let id = xadd(&redis, &p, &[("stream_ref", "paced:1000:50"), ("job_id", "taken")]);
-    eventually(WAIT, "running", || frames_of(&redis, &p, "taken").len() >= 2).await;
+    let id = xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:1000:50"), ("job_id", "taken")],
+    );
+    eventually(WAIT, "running", || {
+        frames_of(&redis, &p, "taken").len() >= 2
+    })
+    .await;
     // Someone else takes the entry over (as XAUTOCLAIM would after a stall).
     let _: redis::Value = redis.cmd(&["XCLAIM", &jobs, "workers", "other", "0", &id, "JUSTID"]);
     eventually(WAIT, "the worker lets go", || w.state.running_jobs() == 0).await;
     let owner: Vec<redis::Value> = redis.cmd(&["XPENDING", &jobs, "workers", &id, &id, "1"]);
     let owner: Vec<String> = redis::from_redis_value(owner[0].clone()).unwrap();
     assert_eq!(owner[1], "other", "the lease stays with its new owner");
-    assert!(end_entry(&redis, &p, "taken").is_none(), "the old owner does not end the job");
+    assert!(
+        end_entry(&redis, &p, "taken").is_none(),
+        "the old owner does not end the job"
+    );
     assert_eq!(w.metrics.leases_lost.get(), 1);
     w.stop().await;
 }
@@ -357,8 +533,15 @@ async fn a_stopping_worker_hands_its_job_to_another_at_once() {
     // A long lease: the hand-off must not wait for it.
     let lease = [("JOB_LEASE_MS", "60000")];
     let a = InProcessWorker::start(&redis, &p, "a", &lease);
-    xadd(&redis, &p, &[("stream_ref", "paced:30:50"), ("job_id", "moving")]);
-    eventually(WAIT, "running on a", || frames_of(&redis, &p, "moving").len() >= 3).await;
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:30:50"), ("job_id", "moving")],
+    );
+    eventually(WAIT, "running on a", || {
+        frames_of(&redis, &p, "moving").len() >= 3
+    })
+    .await;
     let b = InProcessWorker::start(&redis, &p, "b", &lease);
     a.stop().await;
     let end = wait_end(&redis, &p, "moving").await;
@@ -367,7 +550,11 @@ async fn a_stopping_worker_hands_its_job_to_another_at_once() {
     assert_eq!(h["worker"], "b");
     assert_eq!(h["handoffs"], "1");
     assert_eq!(h["attempts"], "1", "a hand-back is not a failed attempt");
-    assert_eq!(frames_of(&redis, &p, "moving"), (0..30).collect::<Vec<u64>>(), "resumed where it was");
+    assert_eq!(
+        frames_of(&redis, &p, "moving"),
+        (0..30).collect::<Vec<u64>>(),
+        "resumed where it was"
+    );
     assert_eq!(b.metrics.jobs_reclaimed.get(), 1);
     b.stop().await;
 }
@@ -377,15 +564,29 @@ async fn a_redis_restart_under_a_running_worker_loses_nothing() {
     let mut redis = TestRedis::start();
     let p = unique_prefix();
     let w = InProcessWorker::start(&redis, &p, "w1", &[]);
-    xadd(&redis, &p, &[("stream_ref", "paced:40:50"), ("job_id", "survivor")]);
-    eventually(WAIT, "running", || frames_of(&redis, &p, "survivor").len() >= 5).await;
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:40:50"), ("job_id", "survivor")],
+    );
+    eventually(WAIT, "running", || {
+        frames_of(&redis, &p, "survivor").len() >= 5
+    })
+    .await;
     redis.restart();
     let end = wait_end(&redis, &p, "survivor").await;
     assert_eq!(end["status"], "completed");
-    assert_eq!(frames_of(&redis, &p, "survivor"), (0..40).collect::<Vec<u64>>());
+    assert_eq!(
+        frames_of(&redis, &p, "survivor"),
+        (0..40).collect::<Vec<u64>>()
+    );
     assert!(w.metrics.redis_errors.get() >= 1, "the outage was seen");
     // And it still takes new work.
-    xadd(&redis, &p, &[("stream_ref", "paced:2:1"), ("job_id", "after")]);
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:2:1"), ("job_id", "after")],
+    );
     assert_eq!(wait_end(&redis, &p, "after").await["status"], "completed");
     w.stop().await;
 }
@@ -395,23 +596,46 @@ async fn prompt_functions_version_and_keep_history() {
     let redis = TestRedis::start();
     let p = unique_prefix();
     let tag = keys(&p).tag().to_string();
-    // Load the library the way a worker or the CLI does.
+    load_functions(&redis, &p).await;
     let store = Store::new(&redis.url(), &p, 4).unwrap();
-    store.load_functions().await.unwrap();
     assert_eq!(redis.cli(&["FCALL", "fr_prompt_get", "1", &tag]).trim(), "");
-    assert_eq!(redis.cli(&["FCALL", "fr_prompt_set", "1", &tag, "Detect all people and vehicles"]).trim(), "1");
-    assert_eq!(redis.cli(&["FCALL", "fr_prompt_set", "1", &tag, "Detect vehicles"]).trim(), "2");
+    assert_eq!(
+        redis
+            .cli(&[
+                "FCALL",
+                "fr_prompt_set",
+                "1",
+                &tag,
+                "Detect all people and vehicles"
+            ])
+            .trim(),
+        "1"
+    );
+    assert_eq!(
+        redis
+            .cli(&["FCALL", "fr_prompt_set", "1", &tag, "Detect vehicles"])
+            .trim(),
+        "2"
+    );
     let got = redis.cli(&["FCALL", "fr_prompt_get", "1", &tag]);
     let lines: Vec<&str> = got.lines().collect();
     assert_eq!(lines[0], "Detect vehicles");
     assert_eq!(lines[1], "2");
     let history = free_roam::prompt::history(&store, 0).await.unwrap();
-    assert_eq!(history.iter().map(|h| h.version).collect::<Vec<_>>(), vec![2, 1]);
+    assert_eq!(
+        history.iter().map(|h| h.version).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
     assert_eq!(history[1].text, "Detect all people and vehicles");
     let one = redis.cli(&["FCALL", "fr_prompt_history", "1", &tag, "1"]);
     assert_eq!(one.lines().count(), 1);
     // Without preserve_previous the history restarts at the new version.
-    assert_eq!(redis.cli(&["FCALL", "fr_prompt_set", "1", &tag, "Detect dogs", "0"]).trim(), "3");
+    assert_eq!(
+        redis
+            .cli(&["FCALL", "fr_prompt_set", "1", &tag, "Detect dogs", "0"])
+            .trim(),
+        "3"
+    );
     let history = free_roam::prompt::history(&store, 0).await.unwrap();
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].version, 3);
@@ -454,7 +678,11 @@ async fn health_endpoints_answer_over_http() {
     let (addr, _task) = free_roam::health::serve("127.0.0.1:0".parse().unwrap(), ctx, stop.clone())
         .await
         .unwrap();
-    xadd(&redis, &p, &[("stream_ref", "paced:1000:50"), ("job_id", "h")]);
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:1000:50"), ("job_id", "h")],
+    );
     eventually(WAIT, "running", || w.state.running_jobs() == 1).await;
 
     let (code, body) = http_get(addr, "/health").await;
@@ -472,7 +700,10 @@ async fn health_endpoints_answer_over_http() {
     assert_eq!(http_get(addr, "/health/live").await.0, 200);
     let (code, metrics) = http_get(addr, "/metrics").await;
     assert_eq!(code, 200);
-    assert!(metrics.contains("freeroam_jobs_claimed_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("freeroam_jobs_claimed_total 1"),
+        "{metrics}"
+    );
     assert!(metrics.contains("freeroam_running_jobs 1"));
     assert_eq!(http_get(addr, "/jobs").await.0, 404);
 
@@ -485,9 +716,16 @@ async fn health_endpoints_answer_over_http() {
     assert!(body.contains("\"reachable\":false"));
     assert_eq!(http_get(addr, "/health/live").await.0, 200);
     redis.restart();
-    eventually(WAIT, "ready again", || w.state.redis_ready.load(std::sync::atomic::Ordering::Relaxed)).await;
+    eventually(WAIT, "ready again", || {
+        w.state
+            .redis_ready
+            .load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
     // Draining: not ready either.
-    w.state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    w.state
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let (code, body) = http_get(addr, "/health/ready").await;
     assert_eq!(code, 503);
     assert!(body.contains("draining"), "{body}");
@@ -506,38 +744,67 @@ fn child_worker_process() {
         return;
     };
     let pairs: Vec<(String, String)> = serde_json::from_str(&settings).unwrap();
-    let refs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let refs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     let url = std::env::var("FREE_ROAM_CHILD_REDIS").unwrap();
     let prefix = std::env::var("FREE_ROAM_CHILD_PREFIX").unwrap();
     let id = std::env::var("FREE_ROAM_CHILD_ID").unwrap();
-    tokio::runtime::Runtime::new().unwrap().block_on(async move {
-        let config = Arc::new(config(&url, &prefix, &refs));
-        let store = Store::new(&config.redis_url, &config.key_prefix, 16).unwrap();
-        let state = Arc::new(WorkerState::default());
-        let worker = Arc::new(Worker::new(
-            store,
-            config,
-            Arc::new(TestBody),
-            Arc::new(Metrics::default()),
-            state,
-            WorkerIdentity { id, model: "test-body".into(), device: "cpu".into() },
-        ));
-        let shutdown = CancellationToken::new();
-        let s = shutdown.clone();
-        tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
-            term.recv().await;
-            s.cancel();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let config = Arc::new(config(&url, &prefix, &refs));
+            let store = Store::new(&config.redis_url, &config.key_prefix, 16).unwrap();
+            let state = Arc::new(WorkerState::default());
+            let worker = Arc::new(Worker::new(
+                store,
+                config,
+                Arc::new(TestBody),
+                Arc::new(Metrics::default()),
+                state,
+                WorkerIdentity {
+                    id,
+                    model: "test-body".into(),
+                    device: "cpu".into(),
+                },
+            ));
+            let shutdown = CancellationToken::new();
+            let s = shutdown.clone();
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .unwrap();
+                term.recv().await;
+                s.cancel();
+            });
+            worker.run(shutdown).await;
         });
-        worker.run(shutdown).await;
-    });
 }
 
-fn spawn_child_worker(redis: &TestRedis, prefix: &str, id: &str, settings: &[(&str, &str)]) -> Child {
-    let pairs: Vec<(String, String)> = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+fn spawn_child_worker(
+    redis: &TestRedis,
+    prefix: &str,
+    id: &str,
+    settings: &[(&str, &str)],
+) -> Child {
+    let pairs: Vec<(String, String)> = settings
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "child_worker_process", "--nocapture", "--test-threads", "1"])
-        .env("FREE_ROAM_CHILD_WORKER", serde_json::to_string(&pairs).unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "child_worker_process",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(
+            "FREE_ROAM_CHILD_WORKER",
+            serde_json::to_string(&pairs).unwrap(),
+        )
         .env("FREE_ROAM_CHILD_REDIS", redis.url())
         .env("FREE_ROAM_CHILD_PREFIX", prefix)
         .env("FREE_ROAM_CHILD_ID", id)
@@ -568,8 +835,15 @@ async fn a_job_of_a_killed_worker_is_finished_by_another_after_the_lease() {
     let p = unique_prefix();
     let settings = [("JOB_LEASE_MS", "2000")];
     let mut a = spawn_child_worker(&redis, &p, "proc-a", &settings);
-    xadd(&redis, &p, &[("stream_ref", "paced:30:50"), ("job_id", "orphan")]);
-    eventually(WAIT, "running in the child", || frames_of(&redis, &p, "orphan").len() >= 5).await;
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:30:50"), ("job_id", "orphan")],
+    );
+    eventually(WAIT, "running in the child", || {
+        frames_of(&redis, &p, "orphan").len() >= 5
+    })
+    .await;
     signal(&a, SIGKILL);
     let _ = a.wait();
     let done_before = frames_of(&redis, &p, "orphan").len();
@@ -581,7 +855,10 @@ async fn a_job_of_a_killed_worker_is_finished_by_another_after_the_lease() {
     let h = redis.hgetall(&keys(&p).job("orphan"));
     assert_eq!(h["worker"], "b");
     assert_eq!(h["attempts"], "2", "the killed run counts as an attempt");
-    assert_eq!(frames_of(&redis, &p, "orphan"), (0..30).collect::<Vec<u64>>());
+    assert_eq!(
+        frames_of(&redis, &p, "orphan"),
+        (0..30).collect::<Vec<u64>>()
+    );
     assert_eq!(b.metrics.jobs_reclaimed.get(), 1);
     b.stop().await;
 }
@@ -592,24 +869,76 @@ async fn sigterm_hands_the_job_back_well_before_the_lease() {
     let p = unique_prefix();
     let settings = [("JOB_LEASE_MS", "60000")];
     let mut a = spawn_child_worker(&redis, &p, "proc-a", &settings);
-    xadd(&redis, &p, &[("stream_ref", "paced:40:50"), ("job_id", "rolling")]);
-    eventually(WAIT, "running in the child", || frames_of(&redis, &p, "rolling").len() >= 3).await;
-    assert_eq!(redis.hget(&keys(&p).job("rolling"), "worker").as_deref(), Some("proc-a"));
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:40:50"), ("job_id", "rolling")],
+    );
+    eventually(WAIT, "running in the child", || {
+        frames_of(&redis, &p, "rolling").len() >= 3
+    })
+    .await;
+    assert_eq!(
+        redis.hget(&keys(&p).job("rolling"), "worker").as_deref(),
+        Some("proc-a")
+    );
 
     let started = std::time::Instant::now();
     signal(&a, SIGTERM);
     let exit = a.wait().unwrap();
     assert!(exit.success(), "the worker exits 0 on SIGTERM");
     assert_eq!(status(&redis, &p, "rolling").as_deref(), Some("queued"));
-    assert!(redis.cmd::<i64>(&["EXISTS", &keys(&p).worker("proc-a")]) == 0, "its heartbeat is removed");
+    assert!(
+        redis.cmd::<i64>(&["EXISTS", &keys(&p).worker("proc-a")]) == 0,
+        "its heartbeat is removed"
+    );
     let b = InProcessWorker::start(&redis, &p, "b", &settings);
     let end = wait_end(&redis, &p, "rolling").await;
-    assert!(started.elapsed() < Duration::from_secs(30), "picked up long before the 60 s lease");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "picked up long before the 60 s lease"
+    );
     assert_eq!(end["status"], "completed");
     let h = redis.hgetall(&keys(&p).job("rolling"));
     assert_eq!(h["worker"], "b");
     assert_eq!(h["handoffs"], "1");
     assert_eq!(h["attempts"], "1");
-    assert_eq!(frames_of(&redis, &p, "rolling"), (0..40).collect::<Vec<u64>>());
+    assert_eq!(
+        frames_of(&redis, &p, "rolling"),
+        (0..40).collect::<Vec<u64>>()
+    );
     b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_started_before_redis_waits_and_then_works() {
+    let mut redis = TestRedis::start();
+    redis.stop();
+    let p = unique_prefix();
+    let w = InProcessWorker::start(&redis, &p, "early", &[]);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !w.state
+            .redis_ready
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let why = w
+        .state
+        .last_redis_error
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        !why.is_empty(),
+        "the reason it is not ready is kept for /health/ready"
+    );
+    redis.restart();
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:2:1"), ("job_id", "late")],
+    );
+    assert_eq!(wait_end(&redis, &p, "late").await["status"], "completed");
+    w.stop().await;
 }

@@ -4,6 +4,24 @@
 //! Only this module (and its children) may import candle. Concrete backends are chosen by
 //! `MODEL_TYPE` and wired in the binary.
 
+pub mod blip;
+pub mod blip_net;
+pub mod clip;
+pub mod load;
+pub mod make;
+#[cfg(test)]
+mod parity;
+pub mod preprocess;
+#[cfg(test)]
+mod testutil;
+pub mod tokenizer;
+
+pub use load::{
+    DEFAULT_DETECT_THRESHOLD, DEFAULT_MAX_NEW_TOKENS, DeviceChoice, ModelSettings, ModelType,
+    ParseSettingError, load_model,
+};
+pub use make::{ModelSize, write_random_model};
+
 use crate::frame::Frame;
 pub mod null;
 

@@ -63,7 +63,12 @@ pub fn parse_read_reply(v: &Value) -> Vec<Entry> {
             .collect(),
         other => items(other)
             .iter()
-            .flat_map(|stream| items(stream).get(1).map(parse_entry_list).unwrap_or_default())
+            .flat_map(|stream| {
+                items(stream)
+                    .get(1)
+                    .map(parse_entry_list)
+                    .unwrap_or_default()
+            })
             .collect(),
     }
 }
@@ -71,7 +76,10 @@ pub fn parse_read_reply(v: &Value) -> Vec<Entry> {
 /// Parses an `XAUTOCLAIM` reply: the next cursor and the claimed entries.
 pub fn parse_autoclaim_reply(v: &Value) -> (String, Vec<Entry>) {
     let parts = items(v);
-    let cursor = parts.first().and_then(string).unwrap_or_else(|| "0-0".into());
+    let cursor = parts
+        .first()
+        .and_then(string)
+        .unwrap_or_else(|| "0-0".into());
     let entries = parts.get(1).map(parse_entry_list).unwrap_or_default();
     (cursor, entries)
 }
@@ -91,7 +99,12 @@ mod tests {
             Value::Array(vec![
                 Value::Array(vec![
                     bs(b"1-0"),
-                    Value::Array(vec![bs(b"stream_ref"), bs(b"cam"), bs(b"prompt"), bs(&[0xff])]),
+                    Value::Array(vec![
+                        bs(b"stream_ref"),
+                        bs(b"cam"),
+                        bs(b"prompt"),
+                        bs(&[0xff]),
+                    ]),
                 ]),
                 Value::Array(vec![bs(b"2-0"), Value::Nil]),
             ]),

@@ -49,7 +49,10 @@ impl WorkerState {
     }
 
     pub fn running_job_ids(&self) -> Vec<String> {
-        self.lock_running().values().map(|r| r.job_id.clone()).collect()
+        self.lock_running()
+            .values()
+            .map(|r| r.job_id.clone())
+            .collect()
     }
 
     fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningJob>> {
@@ -58,12 +61,18 @@ impl WorkerState {
 
     fn redis_ok(&self) {
         self.redis_ready.store(true, Ordering::Relaxed);
-        *self.last_redis_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self
+            .last_redis_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     fn redis_failed(&self, e: &StoreError) {
         self.redis_ready.store(false, Ordering::Relaxed);
-        *self.last_redis_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+        *self
+            .last_redis_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
     }
 }
 
@@ -113,7 +122,13 @@ fn hostname() -> String {
         .filter(|h| !h.is_empty())
         .map(|h| {
             h.chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect()
         })
         .unwrap_or_else(|| "worker".into())
@@ -122,8 +137,11 @@ fn hostname() -> String {
 /// The job id of an entry without `job_id`: a UUID derived from the entry, so every worker
 /// that ever receives the entry agrees on it.
 pub fn job_id_for_entry(tag: &str, entry_id: &str) -> String {
-    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("free-roam:{tag}/{entry_id}").as_bytes())
-        .to_string()
+    uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_URL,
+        format!("free-roam:{tag}/{entry_id}").as_bytes(),
+    )
+    .to_string()
 }
 
 impl Worker {
@@ -261,13 +279,17 @@ impl Worker {
                 Ok(reply) => {
                     backoff.reset();
                     self.state.redis_ok();
+                    // Entries of one read are claimed concurrently; the next read waits
+                    // for them, so the free-slot count it asks for is accurate.
+                    let mut claims = tokio::task::JoinSet::new();
                     for entry in parse_read_reply(&reply) {
                         if shutdown.is_cancelled() {
                             self.hand_back_unstarted(&entry).await;
                         } else {
-                            self.clone().take_entry(entry, false).await;
+                            claims.spawn(self.clone().take_entry(entry, false));
                         }
                     }
+                    while claims.join_next().await.is_some() {}
                 }
                 Err(e) => {
                     self.on_redis_error(&e, "reading the job stream").await;
@@ -364,14 +386,23 @@ impl Worker {
             args.push(k);
             args.push(v);
         }
-        let verdict: redis::Value = match self.with_retry(|| self.store.fcall("fr_job_claim", &args)).await {
+        let verdict: redis::Value = match self
+            .with_retry(|| self.store.fcall("fr_job_claim", &args))
+            .await
+        {
             Some(v) => v,
             None => return,
         };
-        let parts: Vec<String> = redis::FromRedisValue::from_redis_value(verdict).unwrap_or_default();
+        let parts: Vec<String> =
+            redis::FromRedisValue::from_redis_value(verdict).unwrap_or_default();
         match parts.first().map(String::as_str) {
             Some("run") => {
-                let num = |i: usize| parts.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+                let num = |i: usize| {
+                    parts
+                        .get(i)
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
                 let resume = ResumeState {
                     attempt: num(1) as u32,
                     cursor: parts.get(2).filter(|c| !c.is_empty()).cloned(),
@@ -414,8 +445,10 @@ impl Worker {
         let mut fields: Vec<(String, String)> = Vec::new();
         for (k, v) in &entry.fields {
             if let (Ok(k), Ok(v)) = (std::str::from_utf8(k), std::str::from_utf8(v)) {
-                if matches!(k, "stream_ref" | "fps" | "source" | "max_frames" | "max_duration_s")
-                    && v.len() <= crate::job::MAX_STREAM_REF_BYTES
+                if matches!(
+                    k,
+                    "stream_ref" | "fps" | "source" | "max_frames" | "max_duration_s"
+                ) && v.len() <= crate::job::MAX_STREAM_REF_BYTES
                 {
                     fields.push((k.to_string(), v.to_string()));
                 }
@@ -427,7 +460,9 @@ impl Worker {
             args.push(k);
             args.push(v);
         }
-        let _: Option<String> = self.with_retry(|| self.store.fcall("fr_job_reject", &args)).await;
+        let _: Option<String> = self
+            .with_retry(|| self.store.fcall("fr_job_reject", &args))
+            .await;
     }
 
     /// Retries a Redis call on connection failures until it succeeds, the worker is past
@@ -574,9 +609,16 @@ impl Worker {
     }
 
     async fn finish(&self, spec: &JobSpec, status: &str, error: &str) {
-        let args: [&dyn crate::store::ToRedisArgsDyn; 5] =
-            [&spec.entry_id, &self.identity.id, &spec.job_id, &status, &error];
-        let verdict: Option<String> = self.with_retry(|| self.store.fcall("fr_job_finish", &args)).await;
+        let args: [&dyn crate::store::ToRedisArgsDyn; 5] = [
+            &spec.entry_id,
+            &self.identity.id,
+            &spec.job_id,
+            &status,
+            &error,
+        ];
+        let verdict: Option<String> = self
+            .with_retry(|| self.store.fcall("fr_job_finish", &args))
+            .await;
         match verdict.as_deref() {
             Some("ok") => {
                 match status {
@@ -594,14 +636,18 @@ impl Worker {
                 self.metrics.leases_lost.inc();
                 tracing::warn!(job = %spec.job_id, "finished, but another worker owns the entry now; left to it");
             }
-            None => tracing::error!(job = %spec.job_id, "could not record the job's end; it will be reclaimed"),
+            None => {
+                tracing::error!(job = %spec.job_id, "could not record the job's end; it will be reclaimed")
+            }
         }
     }
 
     async fn hand_back(&self, entry_id: &str, job_id: &str) {
         let args: [&dyn crate::store::ToRedisArgsDyn; 4] =
             [&entry_id, &self.identity.id, &job_id, &HANDBACK_IDLE_MS];
-        let verdict: Option<String> = self.with_retry(|| self.store.fcall("fr_job_handback", &args)).await;
+        let verdict: Option<String> = self
+            .with_retry(|| self.store.fcall("fr_job_handback", &args))
+            .await;
         if verdict.as_deref() == Some("ok") {
             self.metrics.jobs_handed_back.inc();
             tracing::info!(job = %job_id, "job handed back for another worker");
@@ -639,7 +685,8 @@ impl Worker {
         for (_, job) in &jobs {
             job.stop.stop(StopReason::Shutdown);
         }
-        let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout + Duration::from_millis(500);
+        let deadline =
+            tokio::time::Instant::now() + self.config.shutdown_timeout + Duration::from_millis(500);
         for (entry_id, job) in jobs {
             let waited = async {
                 while !job.finished.load(Ordering::Relaxed) {
@@ -688,7 +735,11 @@ impl Worker {
                 args.push(entry_id);
                 args.push(&job.job_id);
             }
-            match self.store.fcall::<Vec<String>>("fr_job_heartbeat", &args).await {
+            match self
+                .store
+                .fcall::<Vec<String>>("fr_job_heartbeat", &args)
+                .await
+            {
                 Ok(verdicts) => {
                     for ((_, job), verdict) in jobs.iter().zip(verdicts) {
                         match verdict.as_str() {
@@ -702,7 +753,11 @@ impl Worker {
             }
         }
         let key = self.store.keys().worker(&self.identity.id);
-        let ids = jobs.iter().map(|(_, j)| j.job_id.as_str()).collect::<Vec<_>>().join(",");
+        let ids = jobs
+            .iter()
+            .map(|(_, j)| j.job_id.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
         let mut pipe = redis::pipe();
         pipe.cmd("HSET")
             .arg(&key)
@@ -727,7 +782,11 @@ impl Worker {
             .arg("device")
             .arg(&self.identity.device)
             .arg("draining")
-            .arg(if self.state.draining.load(Ordering::Relaxed) { 1 } else { 0 })
+            .arg(if self.state.draining.load(Ordering::Relaxed) {
+                1
+            } else {
+                0
+            })
             .ignore()
             .cmd("PEXPIRE")
             .arg(&key)
@@ -744,7 +803,10 @@ impl Worker {
                     self.state.redis_ok();
                 }
             }
-            Err(e) => self.on_redis_error(&e, "writing the worker heartbeat").await,
+            Err(e) => {
+                self.on_redis_error(&e, "writing the worker heartbeat")
+                    .await
+            }
         }
     }
 }
@@ -755,7 +817,15 @@ fn hash_fields(spec: &JobSpec) -> Vec<(&'static str, String)> {
         ("stream_ref", spec.stream_ref.clone()),
         ("source", spec.source.as_str().to_string()),
         ("fps", spec.fps.to_string()),
-        ("prompt_mode", if spec.prompt.is_some() { "fixed" } else { "live" }.to_string()),
+        (
+            "prompt_mode",
+            if spec.prompt.is_some() {
+                "fixed"
+            } else {
+                "live"
+            }
+            .to_string(),
+        ),
     ];
     if let Some(p) = &spec.prompt {
         f.push(("prompt", p.clone()));
@@ -767,7 +837,10 @@ fn hash_fields(spec: &JobSpec) -> Vec<(&'static str, String)> {
         f.push(("max_duration_s", s.to_string()));
     }
     if !spec.extra.is_empty() {
-        f.push(("extra", serde_json::to_string(&spec.extra).unwrap_or_default()));
+        f.push((
+            "extra",
+            serde_json::to_string(&spec.extra).unwrap_or_default(),
+        ));
     }
     if !spec.warnings.is_empty() {
         f.push(("warnings", spec.warnings.join("; ")));

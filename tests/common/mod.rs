@@ -52,7 +52,14 @@ impl TestRedis {
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--dir", self.dir.to_str().unwrap()])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -166,7 +173,11 @@ impl TestRedis {
 
     pub fn hget(&self, key: &str, field: &str) -> Option<String> {
         let mut con = self.client().get_connection().unwrap();
-        redis::cmd("HGET").arg(key).arg(field).query(&mut con).unwrap()
+        redis::cmd("HGET")
+            .arg(key)
+            .arg(field)
+            .query(&mut con)
+            .unwrap()
     }
 
     /// Runs any command through the redis crate.

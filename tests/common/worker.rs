@@ -53,7 +53,9 @@ impl JobBody for TestBody {
                     }
                     Ok(BodyOutcome::Completed)
                 }
-                "fail" => Err(JobFailure::new(parts.next().unwrap_or("failed").to_string())),
+                "fail" => Err(JobFailure::new(
+                    parts.next().unwrap_or("failed").to_string(),
+                )),
                 "hang" => std::future::pending().await,
                 "panic" => panic!("the test body panics"),
                 other => Err(JobFailure::new(format!("unknown test body {other}"))),
@@ -89,7 +91,9 @@ impl InProcessWorker {
         let store = Store::new(&config.redis_url, &config.key_prefix, 16).unwrap();
         let metrics = Arc::new(Metrics::default());
         let state = Arc::new(WorkerState::default());
-        state.model_loaded.store(true, std::sync::atomic::Ordering::Relaxed);
+        state
+            .model_loaded
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let identity = WorkerIdentity {
             id: id.to_string(),
             model: "test-body".into(),
@@ -121,4 +125,3 @@ impl InProcessWorker {
             .unwrap();
     }
 }
-

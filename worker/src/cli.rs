@@ -116,7 +116,9 @@ pub async fn run(command: Commands, config: Config, json: bool) -> ExitCode {
             Ok(h) => print_fields(&h),
             Err(e) => return client_failure(e),
         },
-        Commands::Results { job_id, follow } => return results(&store, &job_id, follow, json).await,
+        Commands::Results { job_id, follow } => {
+            return results(&store, &job_id, follow, json).await;
+        }
         Commands::Cancel { job_id } => match client::cancel(&store, &job_id).await {
             Ok(v) if json => print_json(&serde_json::json!({"job_id": job_id, "result": v})),
             Ok(v) => println!("{job_id}: {v}"),
@@ -127,7 +129,9 @@ pub async fn run(command: Commands, config: Config, json: bool) -> ExitCode {
                 && free_roam::job::JobStatus::parse(s).is_none()
             {
                 return fail(
-                    format!("--status {s}: use queued, running, completed, failed, cancelled or dead"),
+                    format!(
+                        "--status {s}: use queued, running, completed, failed, cancelled or dead"
+                    ),
                     2,
                 );
             }
@@ -192,7 +196,11 @@ async fn results(store: &Store, job_id: &str, follow: bool, json: bool) -> ExitC
             }
             if fields.get("kind").map(String::as_str) == Some("end") {
                 let ok = fields.get("status").map(String::as_str) == Some("completed");
-                return if ok { ExitCode::SUCCESS } else { ExitCode::from(1) };
+                return if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                };
             }
         }
         last = batch.last().map(|(id, _)| id.clone()).unwrap_or(last);
@@ -221,14 +229,16 @@ fn describe_result(f: &BTreeMap<String, String>) -> String {
 async fn prompt(store: &Store, cmd: PromptCommand, json: bool) -> ExitCode {
     use free_roam::prompt;
     match cmd {
-        PromptCommand::Set { text, no_preserve } => match prompt::set(store, &text, !no_preserve).await {
-            Ok(v) if json => print_json(&serde_json::json!({"version": v})),
-            Ok(v) => println!("{v}"),
-            Err(e) => {
-                let msg = e.server_message().unwrap_or_else(|| e.to_string());
-                return fail(msg, if e.is_transient() { 1 } else { 2 });
+        PromptCommand::Set { text, no_preserve } => {
+            match prompt::set(store, &text, !no_preserve).await {
+                Ok(v) if json => print_json(&serde_json::json!({"version": v})),
+                Ok(v) => println!("{v}"),
+                Err(e) => {
+                    let msg = e.server_message().unwrap_or_else(|| e.to_string());
+                    return fail(msg, if e.is_transient() { 1 } else { 2 });
+                }
             }
-        },
+        }
         PromptCommand::Get => match prompt::get(store).await {
             Ok(Some(p)) if json => print_json(&serde_json::json!(p)),
             Ok(Some(p)) => println!("v{}  {}", p.version, p.text),

@@ -85,13 +85,17 @@ pub async fn run(config: Config) -> ExitCode {
         started: Instant::now(),
     };
     let health_stop = CancellationToken::new();
-    let health_task = match health::serve(config.health_addr, health_ctx, health_stop.clone()).await {
+    let health_task = match health::serve(config.health_addr, health_ctx, health_stop.clone()).await
+    {
         Ok((addr, task)) => {
             tracing::info!(%addr, "health endpoint listening");
             task
         }
         Err(e) => {
-            eprintln!("free-roam: cannot listen on HEALTH_ADDR={}: {e}", config.health_addr);
+            eprintln!(
+                "free-roam: cannot listen on HEALTH_ADDR={}: {e}",
+                config.health_addr
+            );
             return ExitCode::from(2);
         }
     };
@@ -108,7 +112,14 @@ pub async fn run(config: Config) -> ExitCode {
         model: info.name.clone(),
         device: info.device.clone(),
     };
-    let worker = Arc::new(Worker::new(store, config.clone(), body, metrics, state, identity));
+    let worker = Arc::new(Worker::new(
+        store,
+        config.clone(),
+        body,
+        metrics,
+        state,
+        identity,
+    ));
     worker.run(shutdown).await;
     health_stop.cancel();
     let _ = health_task.await;
@@ -118,7 +129,10 @@ pub async fn run(config: Config) -> ExitCode {
 fn spawn_signal_handler(shutdown: CancellationToken, bound: std::time::Duration) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
@@ -137,12 +151,21 @@ fn spawn_signal_handler(shutdown: CancellationToken, bound: std::time::Duration)
 
 /// The model chosen by MODEL_TYPE.
 fn load_model(config: &Config) -> Result<Box<dyn VisionLanguageModel>, String> {
-    match config.model_type.as_str() {
-        "null" => Ok(Box::new(free_roam::model::null::NullModel::new(224))),
-        other => Err(format!(
-            "MODEL_TYPE={other} is not available in this build; use MODEL_TYPE=null"
-        )),
+    use free_roam::model::{DeviceChoice, ModelSettings, ModelType, load_model};
+    if config.model_type == "null" {
+        return Ok(Box::new(free_roam::model::null::NullModel::new(224)));
     }
+    let model_type: ModelType = config.model_type.parse().map_err(|e| format!("{e}"))?;
+    let device: DeviceChoice = config.device.parse().map_err(|e| format!("{e}"))?;
+    let settings = ModelSettings {
+        model_type,
+        model_path: config.model_path.clone(),
+        model_id: config.model_id.clone(),
+        device,
+        max_new_tokens: config.max_new_tokens,
+        detect_threshold: config.detect_threshold,
+    };
+    load_model(&settings).map_err(|e| e.to_string())
 }
 
 /// The job body every job runs.
@@ -157,10 +180,38 @@ fn build_body(
 
 /// `free-roam model ...`.
 pub fn model_command(cmd: ModelCommand) -> ExitCode {
+    use free_roam::model::{ModelSize, ModelType, write_random_model};
     match cmd {
-        ModelCommand::Make { kind, .. } => {
-            eprintln!("free-roam: model make --type {kind} is not available in this build");
-            ExitCode::from(2)
+        ModelCommand::Make {
+            kind,
+            size,
+            seed,
+            dir,
+        } => {
+            let kind: ModelType = match kind.parse() {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("free-roam: --type: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let size: ModelSize = match size.parse() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("free-roam: --size: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match write_random_model(kind, size, seed, &dir) {
+                Ok(()) => {
+                    println!("{}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("free-roam: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
     }
 }

@@ -1,0 +1,119 @@
+//! Times the CLIP backend at full size on random weights: the image tower alone (as the
+//! reference PyTorch bench times it) and the whole `infer` path (preprocessing a 640x480
+//! frame, image tower, scoring against a cached prompt), at batch 1 and 8.
+//!
+//! `cargo run --release --example bench_model -- [TAG] [ITERS] [MODEL_DIR]`, or
+//! `scripts/bench-model.sh`, which alternates it with a PyTorch reference.
+//!
+//! Without MODEL_DIR a full-size random CLIP is written to a temporary folder first. Lines
+//! look like `[candle TAG] image bs=8 median=... ms per-image=... ms`.
+
+use bytes::Bytes;
+use candle_core::{Device, Tensor};
+use free_roam::frame::Frame;
+use free_roam::model::clip::ClipModel;
+use free_roam::model::load::{ModelFiles, select_device};
+use free_roam::model::{
+    DeviceChoice, ModelSettings, ModelSize, ModelType, PromptRef, VisionLanguageModel,
+    write_random_model,
+};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn median_ms(mut f: impl FnMut(), warm: usize, iters: usize) -> (f64, f64, f64) {
+    for _ in 0..warm {
+        f();
+    }
+    let mut times: Vec<f64> = (0..iters)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    (times[times.len() / 2], times[0], times[times.len() - 1])
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let tag = args.next().unwrap_or_else(|| "run".into());
+    let iters: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(10);
+    let dir = match args.next() {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let dir = std::env::temp_dir().join("free-roam-bench-clip-full");
+            if !dir.join("model.safetensors").is_file() {
+                let t = Instant::now();
+                write_random_model(ModelType::Clip, ModelSize::Full, 0, &dir)?;
+                eprintln!("wrote {} in {:?}", dir.display(), t.elapsed());
+            }
+            dir
+        }
+    };
+    let p = |msg: String| println!("[candle {tag}] {msg}");
+    let device = select_device(DeviceChoice::Auto)?;
+    let t = Instant::now();
+    let settings = ModelSettings {
+        model_path: Some(dir.clone()),
+        ..ModelSettings::default()
+    };
+    let mut model = ClipModel::load(&ModelFiles::from_dir(&dir)?, device.clone(), &settings)?;
+    p(format!(
+        "loaded in {:.0} ms on {}",
+        t.elapsed().as_secs_f64() * 1000.0,
+        model.info().device
+    ));
+
+    for bs in [1usize, 8] {
+        let pixels =
+            Tensor::randn(0f32, 1f32, (bs, 3, 224, 224), &Device::Cpu)?.to_device(&device)?;
+        let (med, min, max) = median_ms(
+            || {
+                model
+                    .image_embeddings_from_pixels(&pixels)
+                    .expect("image tower");
+            },
+            3,
+            iters,
+        );
+        p(format!(
+            "image bs={bs} median={med:.2} ms (min {min:.2} max {max:.2}) per-image={:.2} ms",
+            med / bs as f64
+        ));
+    }
+
+    let rgb: Vec<u8> = (0..640 * 480 * 3).map(|i| (i * 31 % 251) as u8).collect();
+    let frame = Frame::new(640, 480, Bytes::from(rgb))?;
+    let prompt = PromptRef {
+        text: Arc::from("Detect all people and vehicles"),
+        version: None,
+    };
+    for bs in [1usize, 8] {
+        let frames: Vec<&Frame> = std::iter::repeat_n(&frame, bs).collect();
+        let (med, min, max) = median_ms(
+            || {
+                model.infer(&frames, &prompt).expect("infer");
+            },
+            3,
+            iters,
+        );
+        p(format!(
+            "infer 640x480 bs={bs} median={med:.2} ms (min {min:.2} max {max:.2}) per-frame={:.2} ms",
+            med / bs as f64
+        ));
+    }
+    let (med, _, _) = median_ms(
+        || {
+            model
+                .preprocessor()
+                .batch(&[&frame], &device)
+                .expect("preprocess");
+        },
+        3,
+        iters,
+    );
+    p(format!("preprocess 640x480 median={med:.2} ms"));
+    Ok(())
+}

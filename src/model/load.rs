@@ -1,0 +1,656 @@
+//! Choosing and loading a model: the settings the binary passes in (`MODEL_TYPE`,
+//! `MODEL_PATH`, `MODEL_ID`, `DEVICE`, ...), finding the files in a local folder or on the
+//! Hugging Face hub, picking the device, and opening safetensors weights with a check that
+//! every tensor the architecture needs is really there.
+
+use super::{ModelError, VisionLanguageModel, blip::BlipModel, clip::ClipModel};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, DeviceLocation};
+use candle_nn::VarBuilder;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Mutex;
+
+/// Default bound on the tokens a BLIP caption may add (`MAX_NEW_TOKENS`).
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 20;
+/// Default probability over which a CLIP phrase counts as detected (`DETECT_THRESHOLD`).
+pub const DEFAULT_DETECT_THRESHOLD: f32 = 0.3;
+
+/// Which backend to run (`MODEL_TYPE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ModelType {
+    /// Zero-shot phrase scoring with CLIP (the openai/clip-vit-base-patch32 layout).
+    #[default]
+    Clip,
+    /// Prompt-conditioned captioning with BLIP (the Salesforce/blip-image-captioning-large
+    /// layout).
+    Blip,
+}
+
+impl ModelType {
+    /// The square side the model's preprocessing produces for the reference checkpoints:
+    /// ingest can use it to pick a default maximum frame side.
+    pub fn input_size(self) -> u32 {
+        match self {
+            ModelType::Clip => 224,
+            ModelType::Blip => 384,
+        }
+    }
+
+    /// The hub model used when neither `MODEL_PATH` nor `MODEL_ID` is set.
+    pub fn default_model_id(self) -> &'static str {
+        match self {
+            ModelType::Clip => "openai/clip-vit-base-patch32",
+            ModelType::Blip => "Salesforce/blip-image-captioning-large",
+        }
+    }
+
+    /// What the outputs mean, as reported in [`super::ModelInfo::task`].
+    pub fn task(self) -> &'static str {
+        match self {
+            ModelType::Clip => "zero-shot-detection",
+            ModelType::Blip => "captioning",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelType::Clip => "clip",
+            ModelType::Blip => "blip",
+        }
+    }
+}
+
+impl fmt::Display for ModelType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A setting value that is not one of the accepted words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{setting} must be one of {expected}, not {value:?}")]
+pub struct ParseSettingError {
+    pub setting: &'static str,
+    pub expected: &'static str,
+    pub value: String,
+}
+
+impl FromStr for ModelType {
+    type Err = ParseSettingError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "clip" => Ok(ModelType::Clip),
+            "blip" => Ok(ModelType::Blip),
+            _ => Err(ParseSettingError {
+                setting: "MODEL_TYPE",
+                expected: "clip, blip",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+/// Where to run (`DEVICE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// CUDA when built with the `cuda` feature and a GPU answers, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// CUDA device 0; an error when the build lacks the `cuda` feature or no GPU answers.
+    Cuda,
+}
+
+impl FromStr for DeviceChoice {
+    type Err = ParseSettingError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
+            _ => Err(ParseSettingError {
+                setting: "DEVICE",
+                expected: "auto, cpu, cuda",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeviceChoice::Auto => "auto",
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+        })
+    }
+}
+
+/// Everything needed to load a model, already validated by the binary.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelSettings {
+    pub model_type: ModelType,
+    /// A local folder with `config.json`, `tokenizer.json` and `model.safetensors` (or a
+    /// `model.safetensors.index.json` with its shards). Wins over `model_id`.
+    pub model_path: Option<PathBuf>,
+    /// A hub model id (`owner/name`); defaults to [`ModelType::default_model_id`].
+    pub model_id: Option<String>,
+    pub device: DeviceChoice,
+    /// BLIP: the most tokens a caption may add after the prompt.
+    pub max_new_tokens: usize,
+    /// CLIP: the probability over which a phrase is listed in `detected`.
+    pub detect_threshold: f32,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            model_type: ModelType::Clip,
+            model_path: None,
+            model_id: None,
+            device: DeviceChoice::Auto,
+            max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
+            detect_threshold: DEFAULT_DETECT_THRESHOLD,
+        }
+    }
+}
+
+/// Loads the model the settings describe. Blocking: reads (and maybe downloads) weights.
+pub fn load_model(settings: &ModelSettings) -> Result<Box<dyn VisionLanguageModel>, ModelError> {
+    let files = resolve_files(settings)?;
+    let device = select_device(settings.device)?;
+    tracing::info!(
+        model_type = %settings.model_type,
+        source = %files.source,
+        device = %device_name(&device),
+        "loading model"
+    );
+    Ok(match settings.model_type {
+        ModelType::Clip => Box::new(ClipModel::load(&files, device, settings)?),
+        ModelType::Blip => Box::new(BlipModel::load(&files, device, settings)?),
+    })
+}
+
+/// The files of one model, wherever they came from.
+#[derive(Clone, Debug)]
+pub struct ModelFiles {
+    /// Where they came from: the folder, or the hub id.
+    pub source: String,
+    /// A short name for results: the hub id's last part or the folder's name.
+    pub name: String,
+    pub config: PathBuf,
+    pub tokenizer: PathBuf,
+    pub weights: Vec<PathBuf>,
+}
+
+impl ModelFiles {
+    /// Finds the files in a local folder.
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+        if !dir.is_dir() {
+            return Err(ModelError::Load(format!(
+                "MODEL_PATH {} is not a folder",
+                dir.display()
+            )));
+        }
+        let need = |file: &str| {
+            let path = dir.join(file);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(ModelError::Load(format!(
+                    "MODEL_PATH {} has no {file}",
+                    dir.display()
+                )))
+            }
+        };
+        let config = need("config.json")?;
+        let tokenizer = need("tokenizer.json")?;
+        let weights = if dir.join("model.safetensors").is_file() {
+            vec![dir.join("model.safetensors")]
+        } else if dir.join("model.safetensors.index.json").is_file() {
+            shard_files(&dir.join("model.safetensors.index.json"))?
+                .into_iter()
+                .map(|f| dir.join(f))
+                .collect()
+        } else {
+            return Err(ModelError::Load(format!(
+                "MODEL_PATH {} has no model.safetensors (nor model.safetensors.index.json)",
+                dir.display()
+            )));
+        };
+        if let Some(missing) = weights.iter().find(|p| !p.is_file()) {
+            return Err(ModelError::Load(format!(
+                "weight shard {} is missing",
+                missing.display()
+            )));
+        }
+        let name = dir
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| dir.display().to_string());
+        Ok(Self {
+            source: dir.display().to_string(),
+            name,
+            config,
+            tokenizer,
+            weights,
+        })
+    }
+}
+
+/// The shard file names listed by a `model.safetensors.index.json`, in first-seen order.
+fn shard_files(index: &Path) -> Result<Vec<String>, ModelError> {
+    let text = std::fs::read_to_string(index)
+        .map_err(|e| ModelError::Load(format!("cannot read {}: {e}", index.display())))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::Load(format!("{} is not JSON: {e}", index.display())))?;
+    let map = value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::Load(format!("{} has no weight_map", index.display())))?;
+    let mut seen = HashSet::new();
+    Ok(map
+        .values()
+        .filter_map(|v| v.as_str())
+        .filter(|f| seen.insert(f.to_string()))
+        .map(str::to_string)
+        .collect())
+}
+
+/// `MODEL_PATH` if set, else the hub.
+fn resolve_files(settings: &ModelSettings) -> Result<ModelFiles, ModelError> {
+    if let Some(dir) = &settings.model_path {
+        return ModelFiles::from_dir(dir);
+    }
+    let id = settings
+        .model_id
+        .clone()
+        .unwrap_or_else(|| settings.model_type.default_model_id().to_string());
+    let client = hf_hub::HFClient::builder()
+        .build_sync()
+        .map_err(|e| hub_error(&id, &e.to_string()))?;
+    hub_files(&client, &id).map_err(|e| hub_error(&id, &e))
+}
+
+/// The error when the hub cannot supply a model: says exactly what to set instead.
+fn hub_error(id: &str, cause: &str) -> ModelError {
+    ModelError::Load(format!(
+        "no MODEL_PATH set and {id} could not be fetched from the Hugging Face hub ({cause}). \
+         Set MODEL_PATH to a folder holding config.json, tokenizer.json and \
+         model.safetensors (`free-roam model make` writes a random one for tests), or make \
+         the hub reachable and set MODEL_ID"
+    ))
+}
+
+/// Logs download progress through `tracing`, one line per file every 10%.
+#[derive(Default)]
+struct LogProgress {
+    reported: Mutex<HashMap<String, u64>>,
+}
+
+impl hf_hub::progress::ProgressHandler for LogProgress {
+    fn on_progress(&self, event: &hf_hub::progress::ProgressEvent) {
+        use hf_hub::progress::{DownloadEvent, ProgressEvent};
+        let ProgressEvent::Download(event) = event else {
+            return;
+        };
+        match event {
+            DownloadEvent::Start {
+                total_files,
+                total_bytes,
+            } => tracing::info!(total_files, total_bytes, "hub download started"),
+            DownloadEvent::Progress { files } => {
+                let Ok(mut reported) = self.reported.lock() else {
+                    return;
+                };
+                for f in files {
+                    let tenth = (f.bytes_completed * 10)
+                        .checked_div(f.total_bytes)
+                        .unwrap_or(10);
+                    let last = reported.entry(f.filename.clone()).or_insert(u64::MAX);
+                    if *last != tenth {
+                        *last = tenth;
+                        tracing::info!(
+                            file = %f.filename,
+                            bytes = f.bytes_completed,
+                            total = f.total_bytes,
+                            "hub download {}%",
+                            tenth * 10
+                        );
+                    }
+                }
+            }
+            DownloadEvent::AggregateProgress {
+                bytes_completed,
+                total_bytes,
+                ..
+            } => tracing::debug!(bytes_completed, total_bytes, "hub download progress"),
+            DownloadEvent::Complete => tracing::info!("hub download complete"),
+        }
+    }
+}
+
+/// Downloads (or finds in the hub cache) the files of a hub model.
+fn hub_files(client: &hf_hub::HFClientSync, id: &str) -> Result<ModelFiles, String> {
+    let (owner, name) = hf_hub::split_id(id);
+    let repo = client.model(owner, name);
+    // HF_HUB_OFFLINE=1 means the cache only, as in the Python tools.
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
+    let get = |file: &str| -> Result<PathBuf, hf_hub::HFError> {
+        repo.download_file()
+            .filename(file)
+            .local_files_only(offline)
+            .progress(LogProgress::default())
+            .send()
+    };
+    let config = get("config.json").map_err(|e| e.to_string())?;
+    let tokenizer = get("tokenizer.json").map_err(|e| format!("tokenizer.json: {e}"))?;
+    let weights = match get("model.safetensors") {
+        Ok(path) => vec![path],
+        Err(single) => {
+            let index = get("model.safetensors.index.json")
+                .map_err(|_| format!("model.safetensors: {single}"))?;
+            shard_files(&index)
+                .map_err(|e| e.to_string())?
+                .iter()
+                .map(|f| get(f).map_err(|e| format!("{f}: {e}")))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+    };
+    Ok(ModelFiles {
+        source: format!("hub:{id}"),
+        name: name.to_string(),
+        config,
+        tokenizer,
+        weights,
+    })
+}
+
+/// Picks the device for a `DEVICE` choice.
+pub fn select_device(choice: DeviceChoice) -> Result<Device, ModelError> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda => cuda_device(),
+        DeviceChoice::Auto => {
+            if cfg!(feature = "cuda") {
+                match cuda_device() {
+                    Ok(device) => return Ok(device),
+                    Err(e) => tracing::warn!(error = %e, "no usable GPU, running on the CPU"),
+                }
+            }
+            Ok(Device::Cpu)
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> Result<Device, ModelError> {
+    Device::new_cuda(0).map_err(|e| ModelError::Load(format!("DEVICE=cuda: no usable GPU: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> Result<Device, ModelError> {
+    Err(ModelError::Load(
+        "DEVICE=cuda needs free-roam built with the `cuda` cargo feature; \
+         use DEVICE=cpu or DEVICE=auto"
+            .into(),
+    ))
+}
+
+/// `cpu` or `cuda:N`, as reported in [`super::ModelInfo::device`].
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        DeviceLocation::Cpu => "cpu".into(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// A tensor the architecture reads: its checkpoint name and shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    pub fn new(name: impl Into<String>, shape: &[usize]) -> Self {
+        Self {
+            name: name.into(),
+            shape: shape.to_vec(),
+        }
+    }
+}
+
+/// Memory-mapped safetensors weights, checked before candle reads them.
+pub struct Weights {
+    tensors: MmapedSafetensors,
+    files: String,
+}
+
+impl Weights {
+    pub fn open(paths: &[PathBuf]) -> Result<Self, ModelError> {
+        let files = paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        // SAFETY: the files are mapped read-only and the mapping is only read; like every
+        // memory-mapped loader this relies on nobody truncating the files while the model
+        // runs, which the folder layout (write once, then serve) gives.
+        let tensors = unsafe { MmapedSafetensors::multi(paths) }
+            .map_err(|e| ModelError::Load(format!("cannot open weights {files}: {e}")))?;
+        Ok(Self { tensors, files })
+    }
+
+    /// Checks that every `expected` tensor is present with the expected shape, except those
+    /// in `optional` (which the caller substitutes itself). Candle would otherwise fail
+    /// late, or silently invent values for some of them.
+    pub fn check(&self, expected: &[TensorSpec], optional: &[&str]) -> Result<(), ModelError> {
+        let present: HashMap<String, Vec<usize>> = self
+            .tensors
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| (name, view.shape().to_vec()))
+            .collect();
+        let mut missing = Vec::new();
+        let mut wrong = Vec::new();
+        for spec in expected {
+            match present.get(&spec.name) {
+                None if optional.contains(&spec.name.as_str()) => {}
+                None => missing.push(spec.name.as_str()),
+                Some(shape) if shape != &spec.shape => wrong.push(format!(
+                    "{} is {:?}, expected {:?}",
+                    spec.name, shape, spec.shape
+                )),
+                Some(_) => {}
+            }
+        }
+        if !missing.is_empty() {
+            let shown = missing
+                .iter()
+                .take(8)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ");
+            let more = missing.len().saturating_sub(8);
+            return Err(ModelError::Load(format!(
+                "{} lacks {} tensor(s) the model needs: {shown}{}",
+                self.files,
+                missing.len(),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        if !wrong.is_empty() {
+            return Err(ModelError::Load(format!(
+                "{} does not match config.json: {}",
+                self.files,
+                wrong.into_iter().take(8).collect::<Vec<_>>().join("; ")
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.get(name).is_ok()
+    }
+
+    /// A var builder reading these weights as f32 on `device`.
+    pub fn var_builder(self, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.tensors), DType::F32, device.clone())
+    }
+}
+
+/// Reads and parses `config.json`.
+pub fn read_config(path: &Path) -> Result<serde_json::Value, ModelError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ModelError::Load(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| ModelError::Load(format!("{} is not valid JSON: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_setting_words() {
+        assert_eq!("CLIP".parse::<ModelType>().unwrap(), ModelType::Clip);
+        assert_eq!(" blip ".parse::<ModelType>().unwrap(), ModelType::Blip);
+        let err = "llava".parse::<ModelType>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "MODEL_TYPE must be one of clip, blip, not \"llava\""
+        );
+        assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+        assert_eq!("Auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
+        assert_eq!("cuda".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda);
+        assert!("tpu".parse::<DeviceChoice>().is_err());
+        assert_eq!(ModelType::Clip.input_size(), 224);
+        assert_eq!(ModelType::Blip.input_size(), 384);
+    }
+
+    #[test]
+    fn auto_and_cpu_devices_work_here() {
+        assert_eq!(
+            device_name(&select_device(DeviceChoice::Cpu).unwrap()),
+            "cpu"
+        );
+        assert!(select_device(DeviceChoice::Auto).is_ok());
+        #[cfg(not(feature = "cuda"))]
+        assert!(
+            select_device(DeviceChoice::Cuda)
+                .unwrap_err()
+                .to_string()
+                .contains("cuda` cargo feature")
+        );
+    }
+
+    #[test]
+    fn an_unreachable_hub_says_what_to_set() {
+        // A closed local port stands in for a hub the network does not reach.
+        let cache = std::env::temp_dir().join(format!("fr-hub-cache-{}", std::process::id()));
+        let client = hf_hub::HFClient::builder()
+            .endpoint("http://127.0.0.1:9")
+            .cache_dir(&cache)
+            .retry_max_attempts(1)
+            .retry_base_delay(std::time::Duration::from_millis(1))
+            .build_sync()
+            .unwrap();
+        let id = ModelType::Clip.default_model_id();
+        let cause = hub_files(&client, id).unwrap_err();
+        let err = hub_error(id, &cause).to_string();
+        assert!(
+            err.contains("Set MODEL_PATH to a folder holding config.json"),
+            "{err}"
+        );
+        assert!(err.contains("openai/clip-vit-base-patch32"), "{err}");
+        let _ = std::fs::remove_dir_all(&cache);
+    }
+
+    #[test]
+    fn sharded_weights_load_like_a_single_file() {
+        use crate::model::PromptRef;
+        use crate::model::make::{ModelSize, write_random_model};
+        use crate::model::testutil::{frame, scratch_dir};
+        let dir = scratch_dir("clip-sharded");
+        write_random_model(ModelType::Clip, ModelSize::Tiny, 5, &dir).unwrap();
+        let settings = ModelSettings {
+            model_path: Some(dir.clone()),
+            ..ModelSettings::default()
+        };
+        let f = frame("rings", 80, 60);
+        let prompt = PromptRef {
+            text: "person, car".into(),
+            version: None,
+        };
+        let single = load_model(&settings)
+            .unwrap()
+            .infer(&[&f], &prompt)
+            .unwrap();
+
+        // Split the weights in two shards with an index, as large hub checkpoints are.
+        let path = dir.join("model.safetensors");
+        let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let (mut first, mut second) = (HashMap::new(), HashMap::new());
+        let mut weight_map = serde_json::Map::new();
+        for (i, (name, t)) in tensors.into_iter().enumerate() {
+            let file = if i % 2 == 0 {
+                "model-00001-of-00002.safetensors"
+            } else {
+                "model-00002-of-00002.safetensors"
+            };
+            weight_map.insert(name.clone(), file.into());
+            if i % 2 == 0 {
+                first.insert(name, t);
+            } else {
+                second.insert(name, t);
+            }
+        }
+        candle_core::safetensors::save(&first, dir.join("model-00001-of-00002.safetensors"))
+            .unwrap();
+        candle_core::safetensors::save(&second, dir.join("model-00002-of-00002.safetensors"))
+            .unwrap();
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        std::fs::remove_file(&path).unwrap();
+
+        let files = ModelFiles::from_dir(&dir).unwrap();
+        assert_eq!(files.weights.len(), 2);
+        let sharded = load_model(&settings)
+            .unwrap()
+            .infer(&[&f], &prompt)
+            .unwrap();
+        assert_eq!(single, sharded);
+
+        std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+        let err = ModelFiles::from_dir(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("model-00002-of-00002.safetensors is missing"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_folder_without_files_names_what_is_missing() {
+        let dir = std::env::temp_dir().join(format!("fr-load-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = ModelFiles::from_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("has no config.json"), "{err}");
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+        let err = ModelFiles::from_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("has no model.safetensors"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,84 @@
+//! Test fixtures shared by the model tests: tiny random models written once per test run,
+//! and deterministic test images (the same integer formulas as scripts/parity).
+
+use super::load::ModelType;
+use super::make::{ModelSize, write_random_model};
+use crate::frame::Frame;
+use bytes::Bytes;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The seed of the shared tiny models; the parity files were made from it.
+pub const SEED: u64 = 7;
+
+/// The images the parity files were made from: (kind, width, height).
+pub const IMAGES: &[(&str, usize, usize)] = &[
+    ("gradient", 320, 240),
+    ("checker", 240, 320),
+    ("rings", 97, 61),
+    ("gradient", 224, 224),
+    ("checker", 500, 300),
+];
+
+/// A tiny random model of `kind` (seed [`SEED`]), written once per test process.
+pub fn tiny_model(kind: ModelType) -> &'static Path {
+    static CLIP: OnceLock<PathBuf> = OnceLock::new();
+    static BLIP: OnceLock<PathBuf> = OnceLock::new();
+    let cell = match kind {
+        ModelType::Clip => &CLIP,
+        ModelType::Blip => &BLIP,
+    };
+    cell.get_or_init(|| {
+        let dir = scratch_dir(&format!("tiny-{kind}"));
+        write_random_model(kind, ModelSize::Tiny, SEED, &dir).expect("write tiny model");
+        dir
+    })
+}
+
+/// A fresh folder for one test, removed first if a previous run left it.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("free-roam-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// Packed RGB from integer formulas only, so Python builds the very same pixels.
+pub fn make_image(kind: &str, w: usize, h: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(w * h * 3);
+    for y in 0..h as i64 {
+        for x in 0..w as i64 {
+            let (wi, hi) = (w as i64, h as i64);
+            let [r, g, b] = match kind {
+                "gradient" => [
+                    x * 255 / (wi - 1),
+                    y * 255 / (hi - 1),
+                    (x + y) * 255 / (wi + hi - 2),
+                ],
+                "checker" => {
+                    let on = ((x / 16) + (y / 16)) % 2 == 1;
+                    let noise = (x * 7 + y * 13) % 31;
+                    let base = if on { [230, 40, 30] } else { [20, 60, 200] };
+                    base.map(|v| v + noise)
+                }
+                "rings" => {
+                    let d = (x - wi / 2).pow(2) + (y - hi / 2).pow(2);
+                    [d % 256, (d / 7) % 256, 255 - (x * 3 + y) % 256]
+                }
+                other => panic!("unknown image kind {other}"),
+            };
+            out.extend([r, g, b].map(|v| (v % 256) as u8));
+        }
+    }
+    out
+}
+
+/// A frame of a generated image.
+pub fn frame(kind: &str, w: usize, h: usize) -> Frame {
+    Frame::new(w as u32, h as u32, Bytes::from(make_image(kind, w, h))).expect("frame")
+}
+
+/// Frames of all [`IMAGES`].
+pub fn frames() -> Vec<Frame> {
+    IMAGES.iter().map(|&(k, w, h)| frame(k, w, h)).collect()
+}

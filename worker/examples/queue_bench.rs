@@ -1,0 +1,125 @@
+//! Queue throughput: N jobs pushed with pipelined XADD, consumed by one in-process worker
+//! whose job body does nothing, through the full lifecycle (claim function, lease, end
+//! entry, hash, event, ack and delete). Prints one line in the format the queue peers use:
+//! `SYSTEM jobs=N produce_s=X consume_s=Y jobs_per_s=Z`.
+//!
+//! Env: REDIS_URL (or REDIS_PORT), JOBS (default 10000), CONCURRENCY (default 8).
+
+use free_roam::config::Config;
+use free_roam::job::{BodyFuture, BodyOutcome, JobBody, JobContext};
+use free_roam::metrics::Metrics;
+use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
+use free_roam::store::Store;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+struct NoopBody;
+
+impl JobBody for NoopBody {
+    fn run(&self, _ctx: JobContext) -> BodyFuture<'_> {
+        Box::pin(async { Ok(BodyOutcome::Completed) })
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| {
+        let port = std::env::var("REDIS_PORT").unwrap_or_else(|_| "6379".into());
+        format!("redis://127.0.0.1:{port}/0")
+    });
+    let jobs: usize = std::env::var("JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let concurrency: usize = std::env::var("CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let prefix = format!("bench{}", std::process::id());
+    let settings: HashMap<&str, String> = HashMap::from([
+        ("REDIS_URL", url.clone()),
+        ("KEY_PREFIX", prefix.clone()),
+        ("MODEL_TYPE", "null".into()),
+        ("MAX_CONCURRENT_STREAMS", concurrency.to_string()),
+        ("RESULT_TTL_S", "300".into()),
+    ]);
+    let config = Arc::new(Config::from_lookup(&|k| settings.get(k).cloned()).expect("config"));
+    let store = Store::new(&url, &prefix, concurrency * 3 + 8).expect("store");
+    store.load_functions().await.expect("functions");
+    store.ensure_group().await.expect("group");
+
+    let produce_start = Instant::now();
+    for chunk in (0..jobs).collect::<Vec<_>>().chunks(1000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            pipe.cmd("XADD")
+                .arg(store.keys().jobs())
+                .arg("*")
+                .arg("stream_ref")
+                .arg(format!("bench:{i}"))
+                .ignore();
+        }
+        store.pipe::<()>(&pipe).await.expect("xadd");
+    }
+    let produce_s = produce_start.elapsed().as_secs_f64();
+
+    let worker = Arc::new(Worker::new(
+        store.clone(),
+        config,
+        Arc::new(NoopBody),
+        Arc::new(Metrics::default()),
+        Arc::new(WorkerState::default()),
+        WorkerIdentity {
+            id: "bench".into(),
+            model: "none".into(),
+            device: "cpu".into(),
+        },
+    ));
+    let shutdown = CancellationToken::new();
+    let consume_start = Instant::now();
+    let handle = tokio::spawn(worker.run(shutdown.clone()));
+    loop {
+        let left: usize = store
+            .query(redis::cmd("XLEN").arg(store.keys().jobs()))
+            .await
+            .expect("xlen");
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let consume_s = consume_start.elapsed().as_secs_f64();
+    shutdown.cancel();
+    let _ = handle.await;
+    println!(
+        "free-roam-c{concurrency} jobs={jobs} produce_s={produce_s:.3} consume_s={consume_s:.3} jobs_per_s={:.0}",
+        jobs as f64 / consume_s
+    );
+    // Leave nothing behind on a shared server.
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = store
+            .query(
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{{{prefix}}}*"))
+                    .arg("COUNT")
+                    .arg(1000),
+            )
+            .await
+            .expect("scan");
+        if !keys.is_empty() {
+            let _: () = store
+                .query(redis::cmd("UNLINK").arg(&keys))
+                .await
+                .expect("unlink");
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+}
