@@ -18,17 +18,17 @@
 //! - [`model`]: the model trait and its candle backends (the only place candle is used).
 pub mod client;
 pub mod config;
+pub mod engine;
 pub mod frame;
 pub mod health;
 pub mod job;
 pub mod keys;
 pub mod metrics;
 pub mod model;
+pub mod pipeline;
 pub mod prompt;
 pub mod queue;
 pub mod results;
-pub mod store;
-pub mod engine;
-pub mod pipeline;
 pub mod sampler;
 pub mod source;
+pub mod store;
