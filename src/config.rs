@@ -102,7 +102,7 @@ pub const SETTINGS: &[Setting] = &[
     ),
     s(
         "DETECT_THRESHOLD",
-        Some("0.5"),
+        Some("0.3"),
         "clip: probability over which a phrase is listed as detected; [0, 1].",
     ),
     s(

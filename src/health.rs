@@ -26,7 +26,6 @@ pub struct HealthContext {
     pub metrics: Arc<Metrics>,
     pub worker_id: String,
     pub capacity: usize,
-    pub model: serde_json::Value,
     pub started: Instant,
 }
 
@@ -134,7 +133,7 @@ async fn health(ctx: &HealthContext) -> Response<Full<Bytes>> {
                 "rtt_ms": redis.as_ref().ok().map(|d| d.as_secs_f64() * 1000.0),
                 "error": redis.as_ref().err(),
             },
-            "model": { "loaded": model_loaded, "info": ctx.model },
+            "model": { "loaded": model_loaded, "info": ctx.state.model_info() },
             "jobs": { "running": ctx.state.running_jobs(), "capacity": ctx.capacity, "ids": ctx.state.running_job_ids() },
             "draining": draining,
         }),

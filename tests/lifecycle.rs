@@ -671,7 +671,6 @@ async fn health_endpoints_answer_over_http() {
         metrics: w.metrics.clone(),
         worker_id: "w-health".into(),
         capacity: 10,
-        model: serde_json::json!({"name": "test-body"}),
         started: std::time::Instant::now(),
     };
     let stop = CancellationToken::new();

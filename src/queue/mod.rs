@@ -38,12 +38,27 @@ pub struct WorkerState {
     pub draining: AtomicBool,
     pub redis_ready: AtomicBool,
     pub model_loaded: AtomicBool,
+    /// What the model reports about itself, once loaded.
+    model_info: Mutex<serde_json::Value>,
     /// Why the worker is not ready, when it is not (Redis unreachable at start, ...).
     pub last_redis_error: Mutex<Option<String>>,
     running: Mutex<HashMap<String, RunningJob>>,
 }
 
 impl WorkerState {
+    /// Records the loaded model; the worker is ready from now on (Redis permitting).
+    pub fn set_model(&self, info: serde_json::Value) {
+        *self.model_info.lock().unwrap_or_else(|e| e.into_inner()) = info;
+        self.model_loaded.store(true, Ordering::Relaxed);
+    }
+
+    pub fn model_info(&self) -> serde_json::Value {
+        self.model_info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn running_jobs(&self) -> usize {
         self.lock_running().len()
     }
@@ -279,15 +294,33 @@ impl Worker {
                 Ok(reply) => {
                     backoff.reset();
                     self.state.redis_ok();
-                    // Entries of one read are claimed concurrently; the next read waits
-                    // for them, so the free-slot count it asks for is accurate.
-                    let mut claims = tokio::task::JoinSet::new();
+                    // Entries of one read are claimed concurrently, except that entries
+                    // naming the same job_id go in order (the first one wins). The next
+                    // read waits for them, so the free-slot count it asks for is accurate.
+                    let mut groups: Vec<(Option<Vec<u8>>, Vec<Entry>)> = Vec::new();
                     for entry in parse_read_reply(&reply) {
                         if shutdown.is_cancelled() {
                             self.hand_back_unstarted(&entry).await;
-                        } else {
-                            claims.spawn(self.clone().take_entry(entry, false));
+                            continue;
                         }
+                        let id = entry
+                            .fields
+                            .iter()
+                            .find(|(k, _)| k.as_slice() == b"job_id")
+                            .map(|(_, v)| v.clone());
+                        match groups.iter_mut().find(|(g, _)| id.is_some() && *g == id) {
+                            Some((_, list)) => list.push(entry),
+                            None => groups.push((id, vec![entry])),
+                        }
+                    }
+                    let mut claims = tokio::task::JoinSet::new();
+                    for (_, list) in groups {
+                        let me = self.clone();
+                        claims.spawn(async move {
+                            for entry in list {
+                                me.clone().take_entry(entry, false).await;
+                            }
+                        });
                     }
                     while claims.join_next().await.is_some() {}
                 }

@@ -91,9 +91,7 @@ impl InProcessWorker {
         let store = Store::new(&config.redis_url, &config.key_prefix, 16).unwrap();
         let metrics = Arc::new(Metrics::default());
         let state = Arc::new(WorkerState::default());
-        state
-            .model_loaded
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        state.set_model(serde_json::json!({"name": "test-body"}));
         let identity = WorkerIdentity {
             id: id.to_string(),
             model: "test-body".into(),

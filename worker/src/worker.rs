@@ -3,15 +3,16 @@
 
 use crate::cli::ModelCommand;
 use free_roam::config::{Config, LogFormat};
+use free_roam::engine::{Engine, EngineSettings};
 use free_roam::health::{self, HealthContext};
 use free_roam::job::JobBody;
 use free_roam::metrics::Metrics;
 use free_roam::model::{ModelInfo, VisionLanguageModel};
+use free_roam::pipeline::StreamJobBody;
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState, default_worker_id};
 use free_roam::store::Store;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -56,32 +57,13 @@ pub async fn run(config: Config) -> ExitCode {
         config.shutdown_timeout + std::time::Duration::from_secs(5),
     );
 
-    // The model may take a while to load: the health endpoint is up meanwhile and says so.
-    let model = {
-        let config = config.clone();
-        match tokio::task::spawn_blocking(move || load_model(&config)).await {
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => {
-                eprintln!("free-roam: {e}");
-                return ExitCode::from(2);
-            }
-            Err(e) => {
-                eprintln!("free-roam: loading the model crashed: {e}");
-                return ExitCode::from(1);
-            }
-        }
-    };
-    let info: ModelInfo = model.info().clone();
-    tracing::info!(model = %info.name, device = %info.device, "model loaded");
-    state.model_loaded.store(true, Ordering::Relaxed);
-
+    // The health endpoint is up while the model loads, and says it is not ready yet.
     let health_ctx = HealthContext {
         store: store.clone(),
         state: state.clone(),
         metrics: metrics.clone(),
         worker_id: worker_id.clone(),
         capacity: config.max_concurrent_streams,
-        model: serde_json::to_value(&info).unwrap_or_default(),
         started: Instant::now(),
     };
     let health_stop = CancellationToken::new();
@@ -100,13 +82,25 @@ pub async fn run(config: Config) -> ExitCode {
         }
     };
 
-    let body = match build_body(&config, model, store.clone(), metrics.clone()) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("free-roam: {e}");
-            return ExitCode::from(2);
+    let model = {
+        let config = config.clone();
+        match tokio::task::spawn_blocking(move || load_model(&config)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                eprintln!("free-roam: {e}");
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                eprintln!("free-roam: loading the model crashed: {e}");
+                return ExitCode::from(1);
+            }
         }
     };
+    let info: ModelInfo = model.info().clone();
+    tracing::info!(model = %info.name, device = %info.device, "model loaded");
+    state.set_model(serde_json::to_value(&info).unwrap_or_default());
+
+    let (body, engine) = build_body(&config, model, store.clone(), metrics.clone());
     let identity = WorkerIdentity {
         id: worker_id,
         model: info.name.clone(),
@@ -121,6 +115,9 @@ pub async fn run(config: Config) -> ExitCode {
         identity,
     ));
     worker.run(shutdown).await;
+    let engine_done =
+        tokio::task::spawn_blocking(move || engine.shutdown(std::time::Duration::from_secs(2)));
+    let _ = engine_done.await;
     health_stop.cancel();
     let _ = health_task.await;
     ExitCode::SUCCESS
@@ -168,14 +165,16 @@ fn load_model(config: &Config) -> Result<Box<dyn VisionLanguageModel>, String> {
     load_model(&settings).map_err(|e| e.to_string())
 }
 
-/// The job body every job runs.
+/// The job body every job runs: sources, sampler and the shared inference engine.
 fn build_body(
-    _config: &Arc<Config>,
-    _model: Box<dyn VisionLanguageModel>,
-    _store: Store,
-    _metrics: Arc<Metrics>,
-) -> Result<Arc<dyn JobBody>, String> {
-    Err("this build has no video ingest yet".into())
+    config: &Arc<Config>,
+    model: Box<dyn VisionLanguageModel>,
+    store: Store,
+    metrics: Arc<Metrics>,
+) -> (Arc<dyn JobBody>, Engine) {
+    let engine = Engine::start(model, EngineSettings::from_config(config), metrics.clone());
+    let body = StreamJobBody::new(config, engine.clone(), store, metrics);
+    (Arc::new(body), engine)
 }
 
 /// `free-roam model ...`.

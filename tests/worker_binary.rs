@@ -1,0 +1,256 @@
+//! The real `free-roam worker` process: a job on a Redis frame stream runs through the real
+//! pipeline (MODEL_TYPE=null), the health endpoint answers, SIGTERM hands a running job
+//! back and the process exits 0, and SIGKILL leaves a job that another worker finishes.
+
+mod common;
+
+use common::{TestRedis, free_port, unique_prefix, wait_until};
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn worker(redis: &TestRedis, prefix: &str, health_port: u16, extra: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_free-roam"));
+    cmd.arg("worker")
+        .env_clear()
+        .env("REDIS_URL", redis.url())
+        .env("KEY_PREFIX", prefix)
+        .env("MODEL_TYPE", "null")
+        .env("HEALTH_ADDR", format!("127.0.0.1:{health_port}"))
+        .env("RECLAIM_INTERVAL_MS", "200")
+        .env("LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("the free-roam binary starts")
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.get(9..12)?.parse().ok()?;
+    Some((
+        code,
+        buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_string(),
+    ))
+}
+
+/// Appends `n` raw 8x8 frames, 100 ms of capture time apart, to a frame stream.
+fn feed_frames(redis: &TestRedis, key: &str, start_ts: i64, n: i64) {
+    let mut con = redis.client().get_connection().unwrap();
+    for i in 0..n {
+        let _: String = redis::cmd("XADD")
+            .arg(key)
+            .arg("*")
+            .arg("data")
+            .arg(vec![(i % 255) as u8; 8 * 8 * 3])
+            .arg("width")
+            .arg(8)
+            .arg("height")
+            .arg(8)
+            .arg("format")
+            .arg("rgb24")
+            .arg("ts")
+            .arg(start_ts + i * 100)
+            .query(&mut con)
+            .unwrap();
+    }
+}
+
+fn signal(child: &Child, sig: i32) {
+    unsafe extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // SAFETY: kill(2) on a child this test spawned and has not reaped.
+    unsafe {
+        kill(child.id() as i32, sig);
+    }
+}
+
+fn results(
+    redis: &TestRedis,
+    prefix: &str,
+    job: &str,
+) -> Vec<std::collections::HashMap<String, String>> {
+    redis
+        .xrange(&format!("{{{prefix}}}:results:{job}"))
+        .into_iter()
+        .map(|(_, f)| f)
+        .collect()
+}
+
+fn ended(redis: &TestRedis, prefix: &str, job: &str) -> Option<String> {
+    results(redis, prefix, job)
+        .into_iter()
+        .find(|f| f.get("kind").map(String::as_str) == Some("end"))
+        .map(|f| f["status"].clone())
+}
+
+#[test]
+fn the_worker_process_runs_a_frame_stream_job_and_answers_health() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let port = free_port();
+    let mut w = worker(&redis, &p, port, &[]);
+    wait_until(WAIT, || {
+        http_get(port, "/health/ready").is_some_and(|(c, _)| c == 200)
+    });
+    feed_frames(&redis, "cam:1", 1_000_000, 30);
+    redis.cli(&[
+        "XADD",
+        &format!("{{{p}}}:jobs"),
+        "*",
+        "stream_ref",
+        "cam:1",
+        "fps",
+        "2",
+        "max_duration_s",
+        "2",
+        "job_id",
+        "j",
+    ]);
+    wait_until(WAIT, || ended(&redis, &p, "j").is_some());
+    assert_eq!(ended(&redis, &p, "j").as_deref(), Some("completed"));
+    let rs = results(&redis, &p, "j");
+    let frames: Vec<&std::collections::HashMap<String, String>> =
+        rs.iter().filter(|f| f["kind"] == "result").collect();
+    assert!(!frames.is_empty(), "the sampled frames reach the model");
+    assert!(
+        frames.len() <= 7,
+        "3 s of frames at 2 fps, never more: {}",
+        frames.len()
+    );
+    assert_eq!(frames[0]["model"], "null");
+    assert_eq!(frames[0]["output"], "{}");
+    let (code, body) = http_get(port, "/health").unwrap();
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["model"]["info"]["name"], "null");
+    let (_, metrics) = http_get(port, "/metrics").unwrap();
+    assert!(
+        metrics.contains("freeroam_jobs_completed_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("freeroam_frames_sampled_total"));
+    signal(&w, 15);
+    assert!(w.wait().unwrap().success());
+}
+
+#[test]
+fn sigterm_and_sigkill_lose_no_job() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let lease = [("JOB_LEASE_MS", "3000")];
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let mut a = worker(&redis, &p, pa, &lease);
+    wait_until(WAIT, || {
+        http_get(pa, "/health/ready").is_some_and(|(c, _)| c == 200)
+    });
+    // A live frame stream that keeps growing while the job runs.
+    let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let feeder = {
+        let feeding = feeding.clone();
+        let url = redis.url();
+        std::thread::spawn(move || {
+            let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let mut ts = 2_000_000i64;
+            while feeding.load(std::sync::atomic::Ordering::Relaxed) {
+                let _: Result<String, _> = redis::cmd("XADD")
+                    .arg("cam:2")
+                    .arg("*")
+                    .arg("data")
+                    .arg(vec![7u8; 8 * 8 * 3])
+                    .arg("width")
+                    .arg(8)
+                    .arg("height")
+                    .arg(8)
+                    .arg("format")
+                    .arg("rgb24")
+                    .arg("ts")
+                    .arg(ts)
+                    .query(&mut con);
+                ts += 100;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    redis.cli(&[
+        "XADD",
+        &format!("{{{p}}}:jobs"),
+        "*",
+        "stream_ref",
+        "cam:2",
+        "fps",
+        "4",
+        "job_id",
+        "live",
+    ]);
+    let job = format!("{{{p}}}:job:live");
+    wait_until(WAIT, || {
+        redis
+            .hget(&job, "results")
+            .is_some_and(|r| r.parse::<u32>().unwrap_or(0) >= 2)
+    });
+
+    // SIGTERM: a hands the job back and exits 0; b takes it at once, long before the lease.
+    let mut b = worker(&redis, &p, pb, &lease);
+    wait_until(WAIT, || {
+        http_get(pb, "/health/ready").is_some_and(|(c, _)| c == 200)
+    });
+    let t = Instant::now();
+    signal(&a, 15);
+    assert!(a.wait().unwrap().success(), "exit 0 on SIGTERM");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "within SHUTDOWN_TIMEOUT_MS"
+    );
+    wait_until(WAIT, || {
+        redis.hget(&job, "handoffs").as_deref() == Some("1")
+            && redis.hget(&job, "status").as_deref() == Some("running")
+    });
+    let before = redis.hget(&job, "results").unwrap().parse::<u32>().unwrap();
+    wait_until(WAIT, || {
+        redis.hget(&job, "results").unwrap().parse::<u32>().unwrap() > before + 2
+    });
+
+    // SIGKILL: b dies mid-job; c takes over after the lease and the job goes on.
+    let mut c = worker(&redis, &p, pc, &lease);
+    wait_until(WAIT, || {
+        http_get(pc, "/health/ready").is_some_and(|(c, _)| c == 200)
+    });
+    signal(&b, 9);
+    let _ = b.wait();
+    let owner_b = redis.hget(&job, "worker").unwrap();
+    wait_until(WAIT, || {
+        redis.hget(&job, "worker").is_some_and(|w| w != owner_b)
+    });
+    assert_eq!(
+        redis.hget(&job, "attempts").as_deref(),
+        Some("2"),
+        "the killed run counts"
+    );
+    let before = redis.hget(&job, "results").unwrap().parse::<u32>().unwrap();
+    wait_until(WAIT, || {
+        redis.hget(&job, "results").unwrap().parse::<u32>().unwrap() > before + 2
+    });
+
+    let cancel = redis.cli(&["FCALL", "fr_cancel", "1", &format!("{{{p}}}"), "live"]);
+    assert_eq!(cancel.trim(), "cancelling");
+    wait_until(WAIT, || ended(&redis, &p, "live").is_some());
+    assert_eq!(ended(&redis, &p, "live").as_deref(), Some("cancelled"));
+    feeding.store(false, std::sync::atomic::Ordering::Relaxed);
+    feeder.join().unwrap();
+    signal(&c, 15);
+    assert!(c.wait().unwrap().success());
+}
