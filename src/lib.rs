@@ -11,7 +11,10 @@
 //! - [`results`]: result entries and job progress; [`prompt`]: the active prompt.
 //! - [`client`]: the user-side operations the CLI speaks (submit, status, cancel, ...).
 //! - [`health`]: the HTTP health and metrics endpoint; [`metrics`]: the counters.
-//! - [`frame`]: the decoded frame type (pure).
+//! - [`frame`]: the decoded frame type (pure); [`sampler`]: fps sampling by timestamp (pure).
+//! - [`source`]: frame sources (HLS through an ffmpeg child, Redis frame streams).
+//! - [`engine`]: the model on its own thread, batching frames across all jobs.
+//! - [`pipeline`]: the stream job body tying a source, the engine and the result sink.
 //! - [`model`]: the model trait and its candle backends (the only place candle is used).
 pub mod client;
 pub mod config;

@@ -4,7 +4,7 @@
 mod common;
 mod ingest_support;
 
-use free_roam::job::{BodyOutcome, FrameCounters, JobSpec, ResumeState, SourceKind};
+use free_roam::job::{BodyOutcome, FrameCounters, JobSpec, ResumeState, SourceKind, StopReason};
 use ingest_support::*;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -126,11 +126,29 @@ async fn a_reclaimed_recording_resumes_after_its_last_result() {
     );
 }
 
+/// Publishes a live playlist over the first `segments` segments of a `make_vod` output
+/// (2 s each), atomically, with ENDLIST when `ended`.
+fn publish_live(dir: &std::path::Path, segments: usize, ended: bool) {
+    let mut text = String::from(
+        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:0\n",
+    );
+    for i in 0..segments {
+        text.push_str(&format!("#EXTINF:2.000000,\nvod{i}.ts\n"));
+    }
+    if ended {
+        text.push_str("#EXT-X-ENDLIST\n");
+    }
+    let tmp = dir.join("live.m3u8.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, dir.join("live.m3u8")).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_live_playlist_is_followed_while_it_grows_and_ends_with_its_endlist() {
+async fn a_live_playlist_is_followed_from_its_edge_as_it_grows_and_ends_with_its_endlist() {
     let dir = TempDir::new("live");
-    let mut encoder = LiveEncoder::start(&dir.0, 7);
-    encoder.wait_segments(4).await;
+    make_vod(&dir.0, 10);
+    // Three segments (6 s) are listed when the job starts.
+    publish_live(&dir.0, 3, false);
     let server = FileServer::start(&dir.0).await;
     let h = Harness::new(model(), &[]);
     let spec = h.spec(&[
@@ -139,36 +157,36 @@ async fn a_live_playlist_is_followed_while_it_grows_and_ends_with_its_endlist() 
         ("job_id", "live"),
     ]);
     let job = h.start(spec, ResumeState::default());
-    // Results arrive while the encoder is still writing segments.
-    let early = h.wait_results("live", 2, LONG).await;
-    let listed = std::fs::read_to_string(&encoder.playlist).unwrap();
-    assert!(
-        !listed.contains("#EXT-X-ENDLIST"),
-        "the playlist was still live"
-    );
-    assert_eq!(early[0]["kind"], "result");
-    encoder.wait_exit();
-    // The encoder ends the playlist with ENDLIST: the job completes on its own.
+    // It starts at the live edge: the newest segment listed.
+    server.wait_request("vod2.ts").await;
+    // The playlist grows by two segments; the job reads them after a reload.
+    publish_live(&dir.0, 5, false);
+    server.wait_request("vod4.ts").await;
+    // ENDLIST: the job completes after the last frame.
+    publish_live(&dir.0, 5, true);
     assert_eq!(job.finish(LONG).await, Ok(BodyOutcome::Completed));
-    let results = h.results("live").await;
-    let frames: Vec<i64> = results.iter().map(|r| num(r, "frame")).collect();
-    assert!(frames.windows(2).all(|w| w[0] < w[1]), "{frames:?}");
-    // Started at the live edge (about 3 s in): fewer results than the whole 7 s would give.
-    assert!(
-        results.len() >= 2 && results.len() < 12,
-        "{} results",
-        results.len()
-    );
+
     let hash = h.job_hash("live").await;
-    assert!(
-        !hash.contains_key("cursor"),
-        "a live stream saves no resume position"
-    );
     let c = |k: &str| hash[k].parse::<u64>().unwrap();
+    // Started at the live edge (the third segment): 3 segments of 4 frames were decoded,
+    // not all 5 listed in the end.
+    assert!(!server.requested("vod0.ts") && !server.requested("vod1.ts"));
+    assert!((9..=13).contains(&c("frames_decoded")), "{hash:?}");
     assert_eq!(
         c("frames_sampled"),
         c("results") + c("frames_dropped") + c("frames_failed")
     );
+    assert!(
+        !hash.contains_key("cursor"),
+        "a live stream saves no resume position"
+    );
+    let frames: Vec<i64> = h
+        .results("live")
+        .await
+        .iter()
+        .map(|r| num(r, "frame"))
+        .collect();
+    assert!(frames.windows(2).all(|w| w[0] < w[1]), "{frames:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,7 +250,12 @@ async fn max_duration_ends_a_live_job_as_completed() {
         h.start(spec, ResumeState::default()).finish(LONG).await,
         Ok(BodyOutcome::Completed)
     );
-    assert!(!h.results("md").await.is_empty());
+    // The encoder runs for 30 s, so the job did not end with the stream.
+    assert!(
+        !std::fs::read_to_string(&encoder.playlist)
+            .unwrap()
+            .contains("ENDLIST")
+    );
 }
 
 /// A spec built field by field, bypassing `JobSpec::parse`, to show the source checks the
@@ -311,4 +334,37 @@ async fn local_files_play_when_allowed() {
     );
     let n = h.results("local").await.len();
     assert!((3..=5).contains(&n), "{n} results");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_stream_faster_than_the_model_drops_frames_instead_of_queueing() {
+    let dir = TempDir::new("slow");
+    let encoder = LiveEncoder::start(&dir.0, 30);
+    encoder.wait_segments(2).await;
+    let server = FileServer::start(&dir.0).await;
+    let h = Harness::new(Box::new(ProbeModel::new(Duration::from_millis(1500))), &[]);
+    let spec = h.spec(&[
+        ("stream_ref", &server.url("live.m3u8")),
+        ("fps", "2"),
+        ("job_id", "slow"),
+    ]);
+    let job = h.start(spec, ResumeState::default());
+    // Frames come every 0.5 s and the model takes 1.5 s: some must be dropped.
+    let start = std::time::Instant::now();
+    while h.counter("slow", "results").await < 2 || h.counter("slow", "frames_dropped").await < 1 {
+        assert!(start.elapsed() < LONG, "{:?}", h.job_hash("slow").await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    job.stop.stop(StopReason::Cancelled);
+    assert_eq!(job.finish(LONG).await, Ok(BodyOutcome::Stopped));
+    let hash = h.job_hash("slow").await;
+    let c = |k: &str| hash[k].parse::<u64>().unwrap();
+    // Every sampled frame was inferred or dropped, except the at most three still on their
+    // way when the job stopped (in the source's slot, the engine's slot, the model).
+    let settled = c("results") + c("frames_dropped");
+    assert!(
+        settled <= c("frames_sampled") && c("frames_sampled") <= settled + 3,
+        "{hash:?}"
+    );
+    drop(encoder);
 }

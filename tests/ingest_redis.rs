@@ -367,3 +367,45 @@ async fn waiting_ends_with_max_duration_and_a_wrong_key_type_fails() {
         .unwrap_err();
     assert!(err.message.contains("not a stream"), "{}", err.message);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_without_its_own_prompt_follows_the_active_one_from_the_next_batch() {
+    let h = Harness::new(Box::new(ProbeModel::new(Duration::ZERO)), &[]);
+    let (prompt_tx, prompt_rx) = watch::channel(PromptRef {
+        text: "cats".into(),
+        version: Some(1),
+    });
+    let spec = h.spec(&[("stream_ref", KEY), ("fps", "2"), ("job_id", "follow")]);
+    let job = h.start_with(spec, ResumeState::default(), PromptFollow::Live(prompt_rx));
+    wait_hash(
+        &h,
+        "follow",
+        "note",
+        &format!("waiting for frame stream {KEY}"),
+    )
+    .await;
+    let png = encode(8, 8, image::ImageFormat::Png);
+    xadd(&h, &[("data", png.clone()), ts(0)]).await;
+    h.wait_results("follow", 1, LONG).await;
+    prompt_tx
+        .send(PromptRef {
+            text: "dogs".into(),
+            version: Some(2),
+        })
+        .unwrap();
+    xadd(&h, &[("data", png), ts(1_000)]).await;
+    let results = h.wait_results("follow", 2, LONG).await;
+    let seen: Vec<(i64, String)> = results
+        .iter()
+        .map(|r| {
+            (
+                num(r, "prompt_version"),
+                output(r)["prompt"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(seen, [(1, "cats".to_string()), (2, "dogs".to_string())]);
+    assert_eq!(h.job_hash("follow").await["prompt_version"], "2");
+    job.stop.stop(StopReason::Shutdown);
+    assert_eq!(job.finish(LONG).await, Ok(BodyOutcome::Stopped));
+}

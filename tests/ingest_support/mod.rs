@@ -18,7 +18,7 @@ use free_roam::store::Store;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -318,6 +318,7 @@ pub struct FileServer {
     pub port: u16,
     pub dir: PathBuf,
     accept: JoinHandle<()>,
+    requests: Arc<Mutex<Vec<String>>>,
 }
 
 impl FileServer {
@@ -325,12 +326,15 @@ impl FileServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let root = dir.to_path_buf();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let log = requests.clone();
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((mut sock, _)) = listener.accept().await else {
                     return;
                 };
                 let root = root.clone();
+                let log = log.clone();
                 tokio::spawn(async move {
                     let mut req = Vec::new();
                     let mut buf = [0u8; 4096];
@@ -343,6 +347,7 @@ impl FileServer {
                     let line = String::from_utf8_lossy(&req);
                     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
                     let name = path.trim_start_matches('/').split('?').next().unwrap_or("");
+                    log.lock().unwrap().push(name.to_string());
                     let file = (!name.contains("..")).then(|| root.join(name));
                     let body = file.and_then(|f| std::fs::read(f).ok());
                     let head = match &body {
@@ -365,6 +370,24 @@ impl FileServer {
             port,
             dir: dir.to_path_buf(),
             accept,
+            requests,
+        }
+    }
+
+    /// Whether a file named `name` has been requested.
+    pub fn requested(&self, name: &str) -> bool {
+        self.requests.lock().unwrap().iter().any(|r| r == name)
+    }
+
+    /// Waits until a file named `name` has been requested.
+    pub async fn wait_request(&self, name: &str) {
+        let start = std::time::Instant::now();
+        while !self.requests.lock().unwrap().iter().any(|r| r == name) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{name} was never requested"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

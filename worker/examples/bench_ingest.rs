@@ -1,7 +1,7 @@
 //! Runs the stream job body outside the worker, for scripts/bench-ingest: N jobs on one
 //! stream URL at once, every frame going to the null model, results written to Redis.
-//! Prints one JSON line with the results and the peak resident memory of this process plus
-//! its ffmpeg children (sampled every 20 ms).
+//! Prints one JSON line with the results, the peak resident memory of this process plus its
+//! ffmpeg children (sampled every 20 ms), and this process's own peak.
 //!
 //! Usage: `bench_ingest URL [STREAMS] [FPS]`, settings from the environment (REDIS_URL,
 //! MAX_FRAME_SIDE, ...), as the worker reads them.
@@ -19,16 +19,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Resident memory in KiB of one process, from /proc.
-fn rss_kib(pid: &str) -> u64 {
+/// A memory figure in KiB of one process (`VmRSS`, `VmHWM`), from /proc.
+fn status_kib(pid: &str, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+fn rss_kib(pid: &str) -> u64 {
+    status_kib(pid, "VmRSS:")
 }
 
 /// This process's resident memory plus that of its direct children.
@@ -168,6 +172,7 @@ fn main() {
             "failures": failures,
             "wall_s": (wall * 100.0).round() / 100.0,
             "peak_rss_kib": peak.load(Ordering::Relaxed),
+            "self_peak_rss_kib": status_kib("self", "VmHWM:"),
         })
     );
     if !failures.is_empty() {
