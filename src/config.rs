@@ -158,7 +158,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "MAX_FRAME_SIDE",
         None,
-        "Longest side frames are scaled to when decoded (default: from the model's input size).",
+        "Longest side HLS frames are scaled to when decoded (default: twice the model's input size, so a 16:9 frame keeps its short side at full model resolution).",
     ),
     s(
         "MAX_FRAME_PIXELS",
