@@ -7,6 +7,9 @@
 //!
 //! Without MODEL_DIR a full-size random CLIP is written to a temporary folder first. Lines
 //! look like `[candle TAG] image bs=8 median=... ms per-image=... ms`.
+//!
+//! With `BENCH_KIND=blip` it times full-size BLIP captioning instead (20 new tokens, batch
+//! 1 and 2): far slower, so use few iterations.
 
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
@@ -36,22 +39,70 @@ fn median_ms(mut f: impl FnMut(), warm: usize, iters: usize) -> (f64, f64, f64) 
     (times[times.len() / 2], times[0], times[times.len() - 1])
 }
 
+fn frame_640x480() -> Result<Frame, Box<dyn std::error::Error>> {
+    let rgb: Vec<u8> = (0..640 * 480 * 3).map(|i| (i * 31 % 251) as u8).collect();
+    Ok(Frame::new(640, 480, Bytes::from(rgb))?)
+}
+
+fn random_full(kind: ModelType) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let dir = std::env::temp_dir().join(format!("free-roam-bench-{kind}-full"));
+    if !dir.join("model.safetensors").is_file() {
+        let t = Instant::now();
+        write_random_model(kind, ModelSize::Full, 0, &dir)?;
+        eprintln!("wrote {} in {:?}", dir.display(), t.elapsed());
+    }
+    Ok(dir)
+}
+
+fn bench_blip(tag: &str, iters: usize, dir: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
+    let p = |msg: String| println!("[candle-blip {tag}] {msg}");
+    let t = Instant::now();
+    let settings = ModelSettings {
+        model_type: ModelType::Blip,
+        model_path: Some(dir),
+        ..ModelSettings::default()
+    };
+    let mut model = free_roam::model::load_model(&settings)?;
+    p(format!(
+        "loaded in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    ));
+    let frame = frame_640x480()?;
+    let prompt = PromptRef {
+        text: Arc::from("a picture of"),
+        version: None,
+    };
+    for bs in [1usize, 2] {
+        let frames: Vec<&Frame> = std::iter::repeat_n(&frame, bs).collect();
+        let (med, min, max) = median_ms(
+            || {
+                model.infer(&frames, &prompt).expect("infer");
+            },
+            1,
+            iters,
+        );
+        p(format!(
+            "caption 640x480 bs={bs} median={med:.0} ms (min {min:.0} max {max:.0}) per-frame={:.0} ms",
+            med / bs as f64
+        ));
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let tag = args.next().unwrap_or_else(|| "run".into());
     let iters: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(10);
+    let kind: ModelType = std::env::var("BENCH_KIND")
+        .unwrap_or_else(|_| "clip".into())
+        .parse()?;
     let dir = match args.next() {
         Some(d) => PathBuf::from(d),
-        None => {
-            let dir = std::env::temp_dir().join("free-roam-bench-clip-full");
-            if !dir.join("model.safetensors").is_file() {
-                let t = Instant::now();
-                write_random_model(ModelType::Clip, ModelSize::Full, 0, &dir)?;
-                eprintln!("wrote {} in {:?}", dir.display(), t.elapsed());
-            }
-            dir
-        }
+        None => random_full(kind)?,
     };
+    if kind == ModelType::Blip {
+        return bench_blip(&tag, iters, dir);
+    }
     let p = |msg: String| println!("[candle {tag}] {msg}");
     let device = select_device(DeviceChoice::Auto)?;
     let t = Instant::now();
@@ -84,8 +135,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ));
     }
 
-    let rgb: Vec<u8> = (0..640 * 480 * 3).map(|i| (i * 31 % 251) as u8).collect();
-    let frame = Frame::new(640, 480, Bytes::from(rgb))?;
+    let frame = frame_640x480()?;
     let prompt = PromptRef {
         text: Arc::from("Detect all people and vehicles"),
         version: None,

@@ -9,16 +9,16 @@
 #              environment (the peers' bench_pt.py); unset: candle only
 #   PYTHON     the interpreter that has torch and transformers (default: python3)
 #
-# The candle side is built in the dev profile with this crate at opt-level 3 (dependencies
-# are already optimised there), which avoids a full release build of every dependency.
+# The candle side is built in the release profile: the dev profile keeps debug assertions
+# on in the (otherwise optimised) dependencies, which slows candle's kernels several times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 passes="${1:-2}"
 iters="${2:-10}"
 python="${PYTHON:-python3}"
 
-cargo build --example bench_model --config 'profile.dev.package.free-roam.opt-level=3'
-bench=target/debug/examples/bench_model
+cargo build --release --example bench_model
+bench=target/release/examples/bench_model
 
 # Write the model once, outside the timed passes.
 "$bench" warmup 1 >/dev/null
