@@ -50,6 +50,8 @@ pub struct FrameMeta {
     pub pts_ms: Option<i64>,
     pub capture_ms: i64,
     pub cursor: Option<String>,
+    /// When the worker received the frame, for measuring how long its result took.
+    pub received: std::time::Instant,
 }
 
 impl FrameMeta {
@@ -59,6 +61,7 @@ impl FrameMeta {
             pts_ms: frame.pts_ms,
             capture_ms: frame.capture_ms,
             cursor: frame.cursor.take(),
+            received: frame.received,
         }
     }
 }

@@ -112,6 +112,9 @@ pub struct Metrics {
     pub inference_errors: Counter,
     pub frames_too_old: Counter,
     pub batch_latency: Histogram,
+    /// From a frame's arrival at the worker to its result being written: unlike
+    /// `frame_age`, this includes the model's time, so it shows a worker falling behind.
+    pub result_delay: Histogram,
 }
 
 impl Default for Metrics {
@@ -139,6 +142,7 @@ impl Default for Metrics {
             inference_errors: Counter::default(),
             frames_too_old: Counter::default(),
             batch_latency: Histogram::new(LATENCY_BUCKETS),
+            result_delay: Histogram::new(LATENCY_BUCKETS),
         }
     }
 }
@@ -265,6 +269,11 @@ impl Metrics {
             &mut out,
             "freeroam_batch_latency_seconds",
             "Time the model took for one batch.",
+        );
+        self.result_delay.render(
+            &mut out,
+            "freeroam_result_delay_seconds",
+            "From a frame's arrival at the worker to its result being written.",
         );
         out
     }

@@ -68,6 +68,7 @@ impl StreamJobBody {
             dropped: 0,
             failed: 0,
             pending: Vec::new(),
+            pending_received: Vec::new(),
             cursor: None,
             note: None,
             in_flight: 0,
@@ -98,6 +99,8 @@ struct Run<'a> {
     failed: u64,
     /// Entries not yet written.
     pending: Vec<ResultEntry>,
+    /// When each pending model result's frame reached the worker.
+    pending_received: Vec<std::time::Instant>,
     /// The newest finished frame's index and resume cursor, not yet written.
     cursor: Option<(u64, String)>,
     note: Option<String>,
@@ -144,6 +147,7 @@ impl Run<'_> {
                 return;
             }
         };
+        self.pending_received.push(r.meta.received);
         self.pending.push(ResultEntry {
             frame: r.meta.index,
             pts_ms: r.meta.pts_ms,
@@ -191,6 +195,9 @@ impl Run<'_> {
         let m = self.metrics;
         let r = &self.reported;
         m.results_written.add(self.pending.len() as u64);
+        for received in self.pending_received.drain(..) {
+            m.result_delay.observe(received.elapsed().as_secs_f64());
+        }
         m.frames_decoded
             .add(counters.frames_decoded.saturating_sub(r.frames_decoded));
         m.frames_sampled

@@ -143,6 +143,16 @@ fn the_worker_process_runs_a_frame_stream_job_and_answers_health() {
         "{metrics}"
     );
     assert!(metrics.contains("freeroam_frames_sampled_total"));
+    let delays: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("freeroam_result_delay_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert_eq!(
+        delays as usize,
+        frames.len(),
+        "one delay per result written"
+    );
     signal(&w, 15);
     assert!(w.wait().unwrap().success());
 }
