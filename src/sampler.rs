@@ -182,3 +182,75 @@ mod tests {
         assert_eq!(kept(1.0, &[0, 1000, 900, 2000]), vec![0, 1000, 2000]);
     }
 }
+
+/// Spreads a live stream's sampled frames over time by their presentation times. A live
+/// HLS source decodes a whole segment at once, so its sampled frames arrive in bursts (two
+/// frames 20 ms apart for 1 s segments at 2 fps); handed over as they come, the second
+/// replaces the first in the engine's one-frame slot whenever the model is busy. Released at
+/// their stream times instead, both get their turn. Pure: the caller sleeps.
+#[derive(Clone, Debug, Default)]
+pub struct Pacer {
+    /// Wall-clock time and pts of the frame the schedule is anchored on.
+    anchor: Option<(std::time::Instant, i64)>,
+}
+
+impl Pacer {
+    /// When to hand over a frame with `pts_ms` that arrived at `now`: `None` for at once.
+    /// A frame whose time has passed re-anchors the schedule on it, so a stall upstream
+    /// never turns into a backlog released in a rush.
+    pub fn due(
+        &mut self,
+        pts_ms: Option<i64>,
+        now: std::time::Instant,
+    ) -> Option<std::time::Instant> {
+        let pts = pts_ms?;
+        if let Some((at, anchor_pts)) = self.anchor
+            && pts >= anchor_pts
+        {
+            let due = at + std::time::Duration::from_millis((pts - anchor_pts) as u64);
+            if due > now {
+                return Some(due);
+            }
+        }
+        self.anchor = Some((now, pts));
+        None
+    }
+}
+
+#[cfg(test)]
+mod pacer_tests {
+    use super::Pacer;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_burst_is_spread_by_presentation_time() {
+        let mut p = Pacer::default();
+        let t0 = Instant::now();
+        assert_eq!(p.due(Some(0), t0), None, "the first frame goes at once");
+        let second = p.due(Some(500), t0 + Duration::from_millis(20));
+        assert_eq!(second, Some(t0 + Duration::from_millis(500)));
+        // The next segment's first frame, on time: at once, and the schedule holds.
+        assert_eq!(p.due(Some(1000), t0 + Duration::from_millis(1000)), None);
+        assert_eq!(
+            p.due(Some(1500), t0 + Duration::from_millis(1010)),
+            Some(t0 + Duration::from_millis(1500))
+        );
+    }
+
+    #[test]
+    fn late_frames_go_at_once_and_reanchor() {
+        let mut p = Pacer::default();
+        let t0 = Instant::now();
+        assert_eq!(p.due(Some(0), t0), None);
+        // A stall of 3 s upstream: the late frames are not held back to catch up.
+        let late = t0 + Duration::from_secs(3);
+        assert_eq!(p.due(Some(500), late), None);
+        assert_eq!(
+            p.due(Some(1000), late + Duration::from_millis(10)),
+            Some(late + Duration::from_millis(500))
+        );
+        // Frames without a pts, or a pts that went backwards, are never held.
+        assert_eq!(p.due(None, late), None);
+        assert_eq!(p.due(Some(100), late + Duration::from_millis(20)), None);
+    }
+}
