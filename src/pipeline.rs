@@ -6,13 +6,11 @@
 
 use crate::config::Config;
 use crate::engine::{Engine, EngineStream, Reply, ReplyOutcome, Submitted};
-use crate::frame::Frame;
 use crate::job::{
     BodyFuture, BodyOutcome, FrameCounters, JobBody, JobContext, JobFailure, StopReason,
 };
 use crate::metrics::Metrics;
 use crate::results::{FrameOutcome, Progress, ResultEntry};
-use crate::sampler::Pacer;
 use crate::source::{BadFrame, Source, SourceCounters, SourceEvent, SourceOptions};
 use crate::store::Store;
 use std::sync::Arc;
@@ -162,20 +160,6 @@ impl Run<'_> {
         self.finished(r.meta.index, r.meta.cursor);
     }
 
-    /// Hands a frame to the engine; a frame it replaced counts as dropped.
-    fn submit(&mut self, stream: &EngineStream, frame: Frame, live: bool) -> Result<(), Step> {
-        match stream.submit(frame, live) {
-            Submitted::Queued => self.in_flight += 1,
-            Submitted::Replaced => self.dropped += 1,
-            Submitted::Closed => {
-                return Err(Step::Fail(JobFailure::new(
-                    "the inference engine has stopped",
-                )));
-            }
-        }
-        Ok(())
-    }
-
     fn bad(&mut self, b: BadFrame, prompt_version: Option<u64>) {
         self.failed += 1;
         self.pending.push(ResultEntry {
@@ -239,21 +223,15 @@ impl Run<'_> {
             .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
         let src = source.counters();
         let mut source_done = false;
-        // A live frame waiting for its stream time (see `Pacer`).
-        let mut pacer = Pacer::default();
-        let mut held: Option<(Frame, tokio::time::Instant)> = None;
         let step = loop {
             let done = ctx.sink.written() + self.pending.len() as u64;
-            if spec.max_frames.is_some_and(|m| done >= m)
-                || (source_done && self.in_flight == 0 && held.is_none())
-            {
+            if spec.max_frames.is_some_and(|m| done >= m) || (source_done && self.in_flight == 0) {
                 break Step::Done;
             }
             // A live stream keeps handing frames over (the engine keeps the newest); a
             // recording sends its next frame once the last one is answered. Never take more
             // than `max_frames` allows.
             let accept = !source_done
-                && held.is_none()
                 && (source.is_live() || self.in_flight == 0)
                 && spec.max_frames.is_none_or(|m| done + self.in_flight < m);
             let mut dirty = false;
@@ -271,30 +249,14 @@ impl Run<'_> {
                     }
                     dirty = true;
                 }
-                _ = sleep_until(held.as_ref().map(|(_, due)| *due)), if held.is_some() => {
-                    if let Some((frame, _)) = held.take()
-                        && let Err(step) = self.submit(&stream, frame, true)
-                    {
-                        break step;
-                    }
-                }
                 event = source.next(), if accept => match event {
-                    SourceEvent::Frame(frame) => {
-                        let live = source.is_live();
-                        let due = if live {
-                            pacer.due(frame.pts_ms, std::time::Instant::now())
-                        } else {
-                            None
-                        };
-                        match due {
-                            Some(due) => held = Some((frame, due.into())),
-                            None => {
-                                if let Err(step) = self.submit(&stream, frame, live) {
-                                    break step;
-                                }
-                            }
+                    SourceEvent::Frame(frame) => match stream.submit(frame, source.is_live()) {
+                        Submitted::Queued => self.in_flight += 1,
+                        Submitted::Replaced => self.dropped += 1,
+                        Submitted::Closed => {
+                            break Step::Fail(JobFailure::new("the inference engine has stopped"));
                         }
-                    }
+                    },
                     SourceEvent::Bad(b) => {
                         self.bad(b, ctx.prompt.current().version);
                         dirty = true;
