@@ -395,15 +395,8 @@ impl VisionLanguageModel for BlipModel {
 mod tests {
     use super::*;
     use crate::model::load::{ModelType, load_model};
-    use crate::model::testutil::{frame, frames, tiny_model};
+    use crate::model::testutil::{frame, frames, prompt, tiny_model};
     use std::time::Instant;
-
-    fn prompt(text: &str) -> PromptRef {
-        PromptRef {
-            text: Arc::from(text),
-            version: None,
-        }
-    }
 
     fn tiny(max_new_tokens: usize) -> BlipModel {
         let files = ModelFiles::from_dir(tiny_model(ModelType::Blip)).unwrap();

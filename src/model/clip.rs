@@ -582,15 +582,8 @@ mod tests {
     use super::*;
     use crate::model::load::{ModelType, load_model};
     use crate::model::make::{ModelSize, write_random_model};
-    use crate::model::testutil::{frame, frames, scratch_dir, tiny_model};
+    use crate::model::testutil::{frame, frames, prompt, scratch_dir, tiny_model};
     use std::time::Instant;
-
-    fn prompt(text: &str) -> PromptRef {
-        PromptRef {
-            text: Arc::from(text),
-            version: None,
-        }
-    }
 
     fn tiny() -> ClipModel {
         let files = ModelFiles::from_dir(tiny_model(ModelType::Clip)).unwrap();

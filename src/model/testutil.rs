@@ -82,3 +82,11 @@ pub fn frame(kind: &str, w: usize, h: usize) -> Frame {
 pub fn frames() -> Vec<Frame> {
     IMAGES.iter().map(|&(k, w, h)| frame(k, w, h)).collect()
 }
+
+/// A job's own prompt (no version), as the engine hands it to a model.
+pub fn prompt(text: &str) -> crate::model::PromptRef {
+    crate::model::PromptRef {
+        text: std::sync::Arc::from(text),
+        version: None,
+    }
+}
