@@ -96,6 +96,11 @@ pub const SETTINGS: &[Setting] = &[
         "Frames older than this when the model could take them are skipped and counted.",
     ),
     s(
+        "LIVE_QUEUE_MS",
+        Some("1000"),
+        "How much of a live stream (in time at the job's fps, at most 64 frames) may wait for the model; the oldest waiting frame is dropped past it. Set it to the HLS segment length to keep every sampled frame of longer segments.",
+    ),
+    s(
         "INFERENCE_TIMEOUT_MS",
         Some("30000"),
         "Bound on one model batch; its frames get error entries when it is exceeded.",
@@ -218,6 +223,7 @@ pub struct Config {
     pub batch_window: Duration,
     pub max_frame_age: Duration,
     pub inference_timeout: Duration,
+    pub live_queue: Duration,
     pub detect_threshold: f32,
     pub max_new_tokens: usize,
     pub max_concurrent_streams: usize,
@@ -421,6 +427,7 @@ impl Config {
             batch_window: r.millis("BATCH_WINDOW_MS", 0)?,
             max_frame_age: r.millis("MAX_FRAME_AGE_MS", 1)?,
             inference_timeout: r.millis("INFERENCE_TIMEOUT_MS", 1)?,
+            live_queue: r.millis("LIVE_QUEUE_MS", 0)?,
             detect_threshold: r.parse(
                 "DETECT_THRESHOLD",
                 "a probability in [0, 1]",

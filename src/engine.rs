@@ -1,12 +1,16 @@
 //! The inference engine: one model on its own OS thread, shared by every job of the worker,
 //! fed in batches formed across all running streams.
 //!
-//! Each job registers a stream and holds at most one waiting frame in it: a newer frame
-//! replaces an older one that the model has not taken yet, so a slow model makes streams
-//! skip frames instead of queueing them. A batcher thread waits up to BATCH_WINDOW_MS for
-//! up to MAX_BATCH_SIZE streams to have a frame, skips frames older than MAX_FRAME_AGE_MS,
-//! groups the rest by prompt (one `infer` call per prompt) and bounds each call with
-//! INFERENCE_TIMEOUT_MS. The model itself runs on a second thread, so a call that never
+//! Each job registers a stream with a short queue of waiting frames: one frame for a
+//! recording (its job sends the next frame once the last is answered), and LIVE_QUEUE_MS
+//! worth of frames at the job's rate for a live stream, because live HLS arrives a whole
+//! segment at a time and a one-frame slot would make each burst replace its own frames.
+//! When the queue is full the oldest waiting frame is dropped for the new one, so a slow
+//! model makes streams skip frames instead of falling further behind. A batcher thread
+//! waits up to BATCH_WINDOW_MS for up to MAX_BATCH_SIZE frames (or a frame from every
+//! stream), takes the longest-waiting frames first, skips frames older than
+//! MAX_FRAME_AGE_MS, groups the rest by prompt (one `infer` call per prompt) and bounds each
+//! call with INFERENCE_TIMEOUT_MS. The model itself runs on a second thread, so a call that never
 //! returns can be given up on: its frames get error entries and the engine goes on once the
 //! model is free again. A model error or panic fails only that call's frames.
 
@@ -15,7 +19,7 @@ use crate::frame::Frame;
 use crate::job::PromptFollow;
 use crate::metrics::Metrics;
 use crate::model::{ModelInfo, PromptRef, VisionLanguageModel};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -30,6 +34,8 @@ pub struct EngineSettings {
     pub batch_window: Duration,
     pub max_frame_age: Duration,
     pub inference_timeout: Duration,
+    /// How much of a live stream, in time at the job's frame rate, may wait for the model.
+    pub live_queue: Duration,
 }
 
 impl EngineSettings {
@@ -39,9 +45,24 @@ impl EngineSettings {
             batch_window: config.batch_window,
             max_frame_age: config.max_frame_age,
             inference_timeout: config.inference_timeout,
+            live_queue: config.live_queue,
+        }
+    }
+
+    /// How many frames of a live stream sampled at `fps` may wait for the model: LIVE_QUEUE_MS
+    /// worth, rounded up, at least one and at most `MAX_LIVE_QUEUE_FRAMES`.
+    pub fn live_queue_frames(&self, fps: f64) -> usize {
+        let frames = (fps * self.live_queue.as_secs_f64()).ceil();
+        if frames.is_finite() && frames >= 1.0 {
+            (frames as usize).min(MAX_LIVE_QUEUE_FRAMES)
+        } else {
+            1
         }
     }
 }
+
+/// Bounds the frames one live stream holds in memory, whatever LIVE_QUEUE_MS and fps say.
+pub const MAX_LIVE_QUEUE_FRAMES: usize = 64;
 
 /// Where a frame came from, carried back with its reply (the pixels are not).
 #[derive(Clone, Debug, PartialEq)]
@@ -91,8 +112,11 @@ pub struct Reply {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Submitted {
     Queued,
-    /// Queued, and a frame the model had not taken yet was dropped for it.
-    Replaced,
+    /// Queued, and this many of the oldest frames the model had not taken yet were dropped
+    /// for it (more than one only when a stream turned from live to recording).
+    Replaced {
+        dropped: u64,
+    },
     /// The engine is shut down; nothing was queued.
     Closed,
 }
@@ -101,11 +125,15 @@ struct Pending {
     frame: Frame,
     /// Frames of a live stream expire; frames of a recording wait as long as it takes.
     live: bool,
+    /// Place in line across all streams: lower goes first.
     seq: u64,
 }
 
 struct StreamState {
-    pending: Option<Pending>,
+    /// Oldest first; `seq`s rise along the queue.
+    waiting: VecDeque<Pending>,
+    /// How many live frames may wait (a recording's frames wait one at a time).
+    live_depth: usize,
     prompt: PromptFollow,
     replies: tokio_mpsc::UnboundedSender<Reply>,
 }
@@ -209,9 +237,11 @@ impl Engine {
         self.shared.model_name.clone()
     }
 
-    /// Registers a job's stream. The prompt is read when the frame is taken for a batch, so
-    /// a new version of a followed prompt applies from the next batch.
-    pub fn register(&self, prompt: PromptFollow) -> EngineStream {
+    /// Registers a job's stream, sampled at `fps` (which sizes its live queue). The prompt
+    /// is read when a frame is taken for a batch, so a new version of a followed prompt
+    /// applies from the next batch.
+    pub fn register(&self, prompt: PromptFollow, fps: f64) -> EngineStream {
+        let live_depth = self.shared.settings.live_queue_frames(fps);
         let (tx, rx) = tokio_mpsc::unbounded_channel();
         let mut st = self.shared.lock();
         let id = st.next_id;
@@ -220,7 +250,8 @@ impl Engine {
             st.streams.insert(
                 id,
                 StreamState {
-                    pending: None,
+                    waiting: VecDeque::new(),
+                    live_depth,
                     prompt,
                     replies: tx,
                 },
@@ -274,29 +305,40 @@ pub struct EngineStream {
 }
 
 impl EngineStream {
-    /// Hands a frame to the engine, replacing this stream's waiting frame if the model has
-    /// not taken it yet. `live` frames are skipped once older than MAX_FRAME_AGE_MS.
+    /// Hands a frame to the engine, dropping this stream's oldest waiting frame if its
+    /// queue is full. `live` frames are skipped once older than MAX_FRAME_AGE_MS.
     pub fn submit(&self, frame: Frame, live: bool) -> Submitted {
         let mut st = self.shared.lock();
-        let seq = st.next_seq;
+        let mut seq = st.next_seq;
         st.next_seq += 1;
         let Some(stream) = st.streams.get_mut(&self.id) else {
             return Submitted::Closed;
         };
-        // A replacing frame keeps its slot's place in line, so a stream that always has a
-        // newer frame is not pushed to the back when there are more streams than a batch.
-        let (seq, replaced) = match stream.pending.take() {
-            Some(old) => (old.seq, true),
-            None => (seq, false),
-        };
-        stream.pending = Some(Pending { frame, live, seq });
-        if !replaced {
-            st.pending += 1;
+        let depth = if live { stream.live_depth } else { 1 };
+        let mut dropped_frames = 0;
+        while stream.waiting.len() >= depth {
+            // Every frame moves up into the place in line of the one before it, so a stream
+            // that always has newer frames is not pushed to the back when there are more
+            // streams than a batch.
+            let Some(dropped) = stream.waiting.pop_front() else {
+                break;
+            };
+            let mut carry = dropped.seq;
+            for p in stream.waiting.iter_mut() {
+                std::mem::swap(&mut p.seq, &mut carry);
+            }
+            seq = carry;
+            dropped_frames += 1;
         }
+        stream.waiting.push_back(Pending { frame, live, seq });
+        st.pending = st.pending + 1 - dropped_frames;
+
         drop(st);
         self.shared.wake.notify_all();
-        if replaced {
-            Submitted::Replaced
+        if dropped_frames > 0 {
+            Submitted::Replaced {
+                dropped: dropped_frames as u64,
+            }
         } else {
             Submitted::Queued
         }
@@ -316,10 +358,8 @@ impl EngineStream {
 impl Drop for EngineStream {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
-        if let Some(s) = st.streams.remove(&self.id)
-            && s.pending.is_some()
-        {
-            st.pending -= 1;
+        if let Some(s) = st.streams.remove(&self.id) {
+            st.pending -= s.waiting.len();
         }
     }
 }
@@ -331,10 +371,13 @@ fn take_batch(shared: &Shared) -> Option<Vec<Taken>> {
     while st.pending == 0 && !st.shutdown {
         st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
     }
-    // Every stream holds at most one frame, so once each has one nothing can be gained by
-    // waiting out the window.
+    // Once every stream has a frame, waiting out the window can only add frames of streams
+    // already in the batch, which then wait one call longer.
     let deadline = Instant::now() + settings.batch_window;
-    while !st.shutdown && st.pending < settings.max_batch_size.min(st.streams.len()) {
+    while !st.shutdown
+        && st.pending < settings.max_batch_size
+        && st.streams.values().any(|s| s.waiting.is_empty())
+    {
         let now = Instant::now();
         if now >= deadline {
             break;
@@ -348,18 +391,19 @@ fn take_batch(shared: &Shared) -> Option<Vec<Taken>> {
     if st.shutdown {
         return None;
     }
-    // Longest-waiting streams first, so no stream starves when there are more than a batch.
+    // Longest-waiting frames first, so no stream starves when there are more than a batch.
+    // A stream's frames are listed in queue order, so taking each from the front matches.
     let mut order: Vec<(u64, u64)> = st
         .streams
         .iter()
-        .filter_map(|(id, s)| s.pending.as_ref().map(|p| (p.seq, *id)))
+        .flat_map(|(id, s)| s.waiting.iter().map(move |p| (p.seq, *id)))
         .collect();
     order.sort_unstable();
     order.truncate(settings.max_batch_size);
     let mut taken = Vec::with_capacity(order.len());
     for (_, id) in order {
         let s = st.streams.get_mut(&id).expect("listed above");
-        let p = s.pending.take().expect("listed above");
+        let p = s.waiting.pop_front().expect("listed above");
         let prompt = s.prompt.current();
         let replies = s.replies.clone();
         st.pending -= 1;
@@ -578,6 +622,7 @@ mod tests {
             batch_window: Duration::from_millis(20),
             max_frame_age: Duration::from_secs(5),
             inference_timeout: Duration::from_secs(5),
+            live_queue: Duration::from_secs(1),
         }
     }
 
@@ -643,12 +688,13 @@ mod tests {
         model.gate = Some(rx);
         let (engine, metrics) = start(model, settings());
         // Hold the model on a first frame, so the next three wait together.
-        let mut first = engine.register(fixed("p"));
+        let mut first = engine.register(fixed("p"), 1.0);
         first.submit(frame(100), true);
         while engine.shared.lock().pending > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let mut streams: Vec<EngineStream> = (0..3).map(|_| engine.register(fixed("p"))).collect();
+        let mut streams: Vec<EngineStream> =
+            (0..3).map(|_| engine.register(fixed("p"), 1.0)).collect();
         for (i, s) in streams.iter().enumerate() {
             assert_eq!(s.submit(frame(i as u64), true), Submitted::Queued);
         }
@@ -677,18 +723,113 @@ mod tests {
         let mut model = Scripted::new();
         model.gate = Some(rx);
         let (engine, _) = start(model, settings());
-        let mut s = engine.register(fixed("p"));
+        let mut s = engine.register(fixed("p"), 1.0);
         s.submit(frame(0), true);
         // Wait until the model holds frame 0 (its gate is closed), then queue two more.
         while engine.shared.lock().pending > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(s.submit(frame(1), true), Submitted::Queued);
-        assert_eq!(s.submit(frame(2), true), Submitted::Replaced);
+        assert_eq!(s.submit(frame(2), true), Submitted::Replaced { dropped: 1 });
         tx.send(()).unwrap();
         tx.send(()).unwrap();
         assert_eq!(s.recv().await.unwrap().meta.index, 0);
         assert_eq!(s.recv().await.unwrap().meta.index, 2);
+        drop(tx);
+        engine.shutdown(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_live_queue_holds_live_queue_ms_of_frames_within_bounds() {
+        let s = settings();
+        assert_eq!(s.live_queue_frames(2.0), 2);
+        assert_eq!(s.live_queue_frames(1.5), 2);
+        assert_eq!(s.live_queue_frames(0.5), 1);
+        assert_eq!(s.live_queue_frames(1000.0), MAX_LIVE_QUEUE_FRAMES);
+        let none = EngineSettings {
+            live_queue: Duration::ZERO,
+            ..settings()
+        };
+        assert_eq!(none.live_queue_frames(30.0), 1);
+    }
+
+    #[tokio::test]
+    async fn a_live_burst_waits_its_turn_and_overflow_drops_the_oldest() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut model = Scripted::new();
+        model.gate = Some(rx);
+        let (engine, _) = start(model, settings());
+        // Two frames a second for one second of queue: two may wait.
+        let mut s = engine.register(fixed("p"), 2.0);
+        s.submit(frame(0), true);
+        while engine.shared.lock().pending > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A segment's burst arrives while the model is busy with frame 0.
+        assert_eq!(s.submit(frame(1), true), Submitted::Queued);
+        assert_eq!(s.submit(frame(2), true), Submitted::Queued);
+        assert_eq!(
+            s.submit(frame(3), true),
+            Submitted::Replaced { dropped: 1 },
+            "the queue is full: frame 1 goes"
+        );
+        // A recording's frames still wait one at a time.
+        assert_eq!(
+            s.submit(frame(4), false),
+            Submitted::Replaced { dropped: 2 }
+        );
+        assert_eq!(engine.shared.lock().pending, 1);
+        assert_eq!(s.submit(frame(5), true), Submitted::Queued);
+        tx.send(()).unwrap();
+        tx.send(()).unwrap();
+        assert_eq!(s.recv().await.unwrap().meta.index, 0);
+        let mut batch = Vec::new();
+        for _ in 0..2 {
+            let r = s.recv().await.unwrap();
+            let ReplyOutcome::Output(v) = r.outcome else {
+                panic!("{r:?}")
+            };
+            batch.push((r.meta.index, v["batch"].as_u64()));
+        }
+        assert_eq!(
+            batch,
+            [(4, Some(2)), (5, Some(2))],
+            "one stream's waiting frames share a batch, oldest first"
+        );
+        drop(tx);
+        engine.shutdown(Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_keeps_its_place_in_line() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut model = Scripted::new();
+        model.gate = Some(rx);
+        let mut s = settings();
+        s.max_batch_size = 2;
+        let (engine, _) = start(model, s);
+        let mut a = engine.register(fixed("p"), 2.0);
+        let mut b = engine.register(fixed("p"), 2.0);
+        a.submit(frame(0), true);
+        while engine.shared.lock().pending > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A's two frames wait first, then B's; A's newest pushes out A's oldest and A
+        // stays ahead of B.
+        a.submit(frame(1), true);
+        a.submit(frame(2), true);
+        b.submit(frame(10), true);
+        b.submit(frame(11), true);
+        assert_eq!(a.submit(frame(3), true), Submitted::Replaced { dropped: 1 });
+        tx.send(()).unwrap();
+        tx.send(()).unwrap();
+        assert_eq!(a.recv().await.unwrap().meta.index, 0);
+        assert_eq!(a.recv().await.unwrap().meta.index, 2);
+        assert_eq!(a.recv().await.unwrap().meta.index, 3);
+        assert!(b.try_recv().is_none(), "B waits for the next batch");
+        tx.send(()).unwrap();
+        assert_eq!(b.recv().await.unwrap().meta.index, 10);
+        assert_eq!(b.recv().await.unwrap().meta.index, 11);
         drop(tx);
         engine.shutdown(Duration::from_secs(5));
     }
@@ -701,8 +842,8 @@ mod tests {
         let mut s = settings();
         s.max_batch_size = 1;
         let (engine, _) = start(model, s);
-        let mut a = engine.register(fixed("p"));
-        let mut b = engine.register(fixed("p"));
+        let mut a = engine.register(fixed("p"), 1.0);
+        let mut b = engine.register(fixed("p"), 1.0);
         a.submit(frame(0), true);
         while engine.shared.lock().pending > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -710,7 +851,7 @@ mod tests {
         // A waits first, then B, then A gets a newer frame: A is still first in line.
         a.submit(frame(1), true);
         b.submit(frame(2), true);
-        assert_eq!(a.submit(frame(3), true), Submitted::Replaced);
+        assert_eq!(a.submit(frame(3), true), Submitted::Replaced { dropped: 1 });
         // Let two calls through: frame 0 and the next batch of one.
         tx.send(()).unwrap();
         tx.send(()).unwrap();
@@ -736,8 +877,8 @@ mod tests {
             text: "cars".into(),
             version: Some(1),
         });
-        let mut live = engine.register(PromptFollow::Live(prx));
-        let mut own = engine.register(fixed("boats"));
+        let mut live = engine.register(PromptFollow::Live(prx), 1.0);
+        let mut own = engine.register(fixed("boats"), 1.0);
         live.submit(frame(0), true);
         own.submit(frame(1), true);
         let a = live.recv().await.unwrap();
@@ -776,7 +917,7 @@ mod tests {
             ("panic", "panicked: tensor shape mismatch"),
             ("short", "returned 0 outputs for 1 frames"),
         ] {
-            let mut s = engine.register(fixed(prompt));
+            let mut s = engine.register(fixed(prompt), 1.0);
             s.submit(frame(0), true);
             let r = s.recv().await.unwrap();
             assert!(
@@ -784,7 +925,7 @@ mod tests {
                 "{r:?}"
             );
         }
-        let mut ok = engine.register(fixed("fine"));
+        let mut ok = engine.register(fixed("fine"), 1.0);
         ok.submit(frame(9), true);
         assert!(matches!(
             ok.recv().await.unwrap().outcome,
@@ -802,7 +943,7 @@ mod tests {
         let mut s = settings();
         s.inference_timeout = Duration::from_millis(100);
         let (engine, _) = start(model, s);
-        let mut st = engine.register(fixed("p"));
+        let mut st = engine.register(fixed("p"), 1.0);
         st.submit(frame(0), true);
         let r = st.recv().await.unwrap();
         assert!(
@@ -825,7 +966,7 @@ mod tests {
         let mut s = settings();
         s.max_frame_age = Duration::from_millis(50);
         let (engine, metrics) = start(Scripted::new(), s);
-        let mut st = engine.register(fixed("p"));
+        let mut st = engine.register(fixed("p"), 1.0);
         let mut old = frame(0);
         old.received = Instant::now() - Duration::from_secs(1);
         st.submit(old.clone(), true);
@@ -842,7 +983,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_closes_streams() {
         let (engine, _) = start(Scripted::new(), settings());
-        let mut st = engine.register(fixed("p"));
+        let mut st = engine.register(fixed("p"), 1.0);
         assert!(engine.shutdown(Duration::from_secs(5)));
         assert_eq!(st.submit(frame(0), true), Submitted::Closed);
         assert!(st.recv().await.is_none());

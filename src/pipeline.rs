@@ -59,7 +59,7 @@ impl StreamJobBody {
 
     async fn run_job(&self, ctx: JobContext) -> Result<BodyOutcome, JobFailure> {
         let source = Source::open(&ctx.spec, &ctx.resume, &self.sources, &self.store)?;
-        let stream = self.engine.register(ctx.prompt.clone());
+        let stream = self.engine.register(ctx.prompt.clone(), ctx.spec.fps);
         let mut run = Run {
             model: self.engine.model_name(),
             metrics: &self.metrics,
@@ -252,7 +252,10 @@ impl Run<'_> {
                 event = source.next(), if accept => match event {
                     SourceEvent::Frame(frame) => match stream.submit(frame, source.is_live()) {
                         Submitted::Queued => self.in_flight += 1,
-                        Submitted::Replaced => self.dropped += 1,
+                        Submitted::Replaced { dropped } => {
+                            self.dropped += dropped;
+                            self.in_flight = (self.in_flight + 1).saturating_sub(dropped);
+                        }
                         Submitted::Closed => {
                             break Step::Fail(JobFailure::new("the inference engine has stopped"));
                         }
