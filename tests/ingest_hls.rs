@@ -359,12 +359,56 @@ async fn a_live_stream_faster_than_the_model_drops_frames_instead_of_queueing() 
     assert_eq!(job.finish(LONG).await, Ok(BodyOutcome::Stopped));
     let hash = h.job_hash("slow").await;
     let c = |k: &str| hash[k].parse::<u64>().unwrap();
-    // Every sampled frame was inferred or dropped, except the at most three still on their
-    // way when the job stopped (in the source's slot, the engine's slot, the model).
+    // Every sampled frame was inferred or dropped, except those still on their way when
+    // the job stopped: one in the source's slot, the engine's queue (LIVE_QUEUE_MS of 1 s
+    // at 2 fps: two frames) and one in the model.
     let settled = c("results") + c("frames_dropped");
     assert!(
-        settled <= c("frames_sampled") && c("frames_sampled") <= settled + 3,
+        settled <= c("frames_sampled") && c("frames_sampled") <= settled + 4,
         "{hash:?}"
+    );
+    drop(encoder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segments_burst_waits_for_a_busy_model_instead_of_replacing_itself() {
+    let dir = TempDir::new("burst");
+    let encoder = LiveEncoder::start(&dir.0, 40);
+    encoder.wait_segments(2).await;
+    let server = FileServer::start(&dir.0).await;
+    // The model has time for every frame (4 a second, 150 ms a call), but they arrive a
+    // segment (four frames) at a time, within milliseconds: while the model runs the first,
+    // the other three must wait rather than replace one another.
+    let h = Harness::new(Box::new(ProbeModel::new(Duration::from_millis(150))), &[]);
+    let spec = h.spec(&[
+        ("stream_ref", &server.url("live.m3u8")),
+        ("fps", "4"),
+        ("job_id", "burst"),
+    ]);
+    let job = h.start(spec, ResumeState::default());
+    // A job starts with whatever ffmpeg hands over first (up to two segments at once), so
+    // count from the fifth result on.
+    let start = std::time::Instant::now();
+    let wait_for = async |n: u64| {
+        while h.counter("burst", "results").await < n {
+            assert!(start.elapsed() < LONG, "{:?}", h.job_hash("burst").await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    wait_for(5).await;
+    let results_before = h.counter("burst", "results").await;
+    let dropped_before = h.counter("burst", "frames_dropped").await;
+    wait_for(results_before + 16).await;
+    job.stop.stop(StopReason::Cancelled);
+    assert_eq!(job.finish(LONG).await, Ok(BodyOutcome::Stopped));
+    let hash = h.job_hash("burst").await;
+    let c = |k: &str| hash[k].parse::<u64>().unwrap();
+    let results = c("results") - results_before;
+    let dropped = c("frames_dropped") - dropped_before;
+    // A one-frame slot loses two frames of every four here; allow a stray hiccup.
+    assert!(
+        dropped * 8 <= results,
+        "{dropped} dropped, {results} inferred since the fifth result: {hash:?}"
     );
     drop(encoder);
 }

@@ -1,11 +1,13 @@
 //! Frame sources: turn a job's `stream_ref` into decoded frames, HLS (and other video URLs)
 //! through an ffmpeg child, or a Redis stream of frames.
 //!
-//! A source runs as its own task and hands frames to the job through a one-frame slot, so
-//! the job can await model replies and result writes without stalling the source. A live
-//! source overwrites the slot (the newest frame wins, the overwritten one counts as
-//! dropped); a finished recording waits for the slot to empty instead, so every sampled
-//! frame of a recording is inferred and ffmpeg simply decodes at the model's pace.
+//! A source runs as its own task and hands frames to the job through a slot, so the job can
+//! await model replies and result writes without stalling the source. A live source adds
+//! to the slot without waiting (the job moves its frames on to the engine, whose per-job
+//! queue decides what is dropped; the slot itself only drops past a few frames, when the
+//! job is stuck on Redis); a finished recording waits for the slot to empty instead, so
+//! every sampled frame of a recording is inferred and ffmpeg simply decodes at the model's
+//! pace.
 
 pub mod ffmpeg_args;
 pub mod hls;
@@ -51,22 +53,26 @@ pub struct SourceCounters {
     pub decoded: AtomicU64,
     /// Frames the sampler kept (HLS: every frame ffmpeg wrote, ffmpeg samples).
     pub sampled: AtomicU64,
-    /// Sampled frames overwritten in the slot before the job took them.
+    /// Sampled frames pushed out of the slot before the job took them.
     pub dropped: AtomicU64,
 }
 
 /// Most error entries held for the job at once; beyond it the oldest are counted dropped.
 const MAX_PENDING_BAD: usize = 64;
 
+/// Most live frames held for the job at once. A segment's frames arrive together and the
+/// job may be awaiting a result write meanwhile; beyond this the oldest are dropped.
+const MAX_PENDING_FRAMES: usize = 8;
+
 #[derive(Default)]
 struct SlotState {
-    frame: Option<Frame>,
+    frames: VecDeque<Frame>,
     bad: VecDeque<BadFrame>,
     note: Option<String>,
     end: Option<SourceEvent>,
 }
 
-/// The one-frame hand-over between a source task and its job.
+/// The hand-over between a source task and its job.
 pub(crate) struct Slot {
     state: Mutex<SlotState>,
     /// Signalled when there is something for the job.
@@ -96,11 +102,16 @@ impl Slot {
         self.live.store(live, Ordering::Relaxed);
     }
 
-    /// Live hand-over: replaces a frame the job has not taken yet (counted as dropped).
+    /// Live hand-over: never waits; past `MAX_PENDING_FRAMES` the oldest frame the job has
+    /// not taken is dropped (and counted).
     pub(crate) fn put_latest(&self, frame: Frame) {
-        let replaced = self.lock().frame.replace(frame).is_some();
-        if replaced {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut st = self.lock();
+            st.frames.push_back(frame);
+            if st.frames.len() > MAX_PENDING_FRAMES {
+                st.frames.pop_front();
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.ready.notify_one();
     }
@@ -110,8 +121,8 @@ impl Slot {
         loop {
             {
                 let mut st = self.lock();
-                if st.frame.is_none() {
-                    st.frame = Some(frame);
+                if st.frames.is_empty() {
+                    st.frames.push_back(frame);
                     break;
                 }
             }
@@ -154,7 +165,7 @@ impl Slot {
                 if let Some(bad) = st.bad.pop_front() {
                     return SourceEvent::Bad(bad);
                 }
-                if let Some(frame) = st.frame.take() {
+                if let Some(frame) = st.frames.pop_front() {
                     drop(st);
                     self.taken.notify_one();
                     return SourceEvent::Frame(frame);
@@ -310,5 +321,58 @@ impl Drop for Source {
     fn drop(&mut self) {
         // The task sees the token and stops its child itself.
         self.cancel.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn frame(index: u64) -> Frame {
+        let mut f = Frame::new(1, 1, Bytes::from_static(&[0, 0, 0])).unwrap();
+        f.index = index;
+        f
+    }
+
+    async fn next_index(slot: &Slot) -> u64 {
+        match slot.next().await {
+            SourceEvent::Frame(f) => f.index,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_live_slot_keeps_a_burst_in_order_and_drops_the_oldest_past_its_bound() {
+        let slot = Slot::new(true);
+        let n = MAX_PENDING_FRAMES as u64 + 2;
+        for i in 0..n {
+            slot.put_latest(frame(i));
+        }
+        assert_eq!(slot.counters.dropped.load(Ordering::Relaxed), 2);
+        for i in 2..n {
+            assert_eq!(next_index(&slot).await, i);
+        }
+        slot.finish(SourceEvent::End);
+        assert!(matches!(slot.next().await, SourceEvent::End));
+    }
+
+    #[tokio::test]
+    async fn a_recording_slot_waits_until_the_job_took_the_frame() {
+        let slot = Slot::new(false);
+        slot.put_wait(frame(0)).await;
+        let second = {
+            let slot = slot.clone();
+            tokio::spawn(async move { slot.put_wait(frame(1)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !second.is_finished(),
+            "the second frame waits for the first to go"
+        );
+        assert_eq!(next_index(&slot).await, 0);
+        second.await.unwrap();
+        assert_eq!(next_index(&slot).await, 1);
+        assert_eq!(slot.counters.dropped.load(Ordering::Relaxed), 0);
     }
 }
