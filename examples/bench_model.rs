@@ -72,6 +72,9 @@ fn bench_blip(tag: &str, iters: usize, dir: PathBuf) -> Result<(), Box<dyn std::
         text: Arc::from("a picture of"),
         version: None,
     };
+    // Equal captions show both sides decoded the same tokens (the PyTorch bench prints its).
+    let first = model.infer(&[&frame], &prompt)?;
+    p(format!("caption={}", first[0]["caption"]));
     for bs in [1usize, 2] {
         let frames: Vec<&Frame> = std::iter::repeat_n(&frame, bs).collect();
         let (med, min, max) = median_ms(

@@ -5,9 +5,12 @@
 #   scripts/bench-model.sh [PASSES] [ITERS]
 #
 # Environment:
-#   BENCH_PT   path to a PyTorch reference script taking a tag argument and ITERS from the
-#              environment (the peers' bench_pt.py); unset: candle only
-#   PYTHON     the interpreter that has torch and transformers (default: python3)
+#   BENCH_KIND     clip (default) or blip: full-size BLIP captioning, 20 new tokens, against
+#                  scripts/bench-blip-pt.py (run when BENCH_PT is set; use few ITERS)
+#   CARGO_FEATURES extra features for the candle side, e.g. mkl
+#   BENCH_PT       path to a PyTorch reference script taking a tag argument and ITERS from the
+#                  environment (the peers' bench_pt.py); unset: candle only
+#   PYTHON         the interpreter that has torch and transformers (default: python3)
 #
 # The candle side is built in the release profile: the dev profile keeps debug assertions
 # on in the (otherwise optimised) dependencies, which slows candle's kernels several times.
@@ -17,8 +20,21 @@ passes="${1:-2}"
 iters="${2:-10}"
 python="${PYTHON:-python3}"
 
-cargo build --release --example bench_model
+cargo build --release --example bench_model ${CARGO_FEATURES:+--features "$CARGO_FEATURES"}
 bench=target/release/examples/bench_model
+
+if [[ "${BENCH_KIND:-clip}" == blip ]]; then
+    # Both sides load the same full-size random BLIP from one folder.
+    dir="${TMPDIR:-/tmp}/free-roam-bench-blip-full"
+    "$bench" warmup 1 "$dir" >/dev/null 2>&1 || "$bench" warmup 1 >/dev/null
+    for pass in $(seq 1 "$passes"); do
+        "$bench" "pass$pass" "$iters" "$dir"
+        if [[ -n "${BENCH_PT:-}" ]]; then
+            "$python" scripts/bench-blip-pt.py "$dir" "pass$pass" "$iters" | grep '^\[torch'
+        fi
+    done
+    exit 0
+fi
 
 # Write the model once, outside the timed passes.
 "$bench" warmup 1 >/dev/null
