@@ -7,7 +7,7 @@
 # Environment:
 #   BENCH_KIND     clip (default) or blip: full-size BLIP captioning, 20 new tokens, against
 #                  scripts/bench-blip-pt.py (run when BENCH_PT is set; use few ITERS)
-#   CARGO_FEATURES extra features for the candle side, e.g. mkl
+#   CARGO_FEATURES extra features for the candle side, e.g. mkl (with MKLROOT set)
 #   BENCH_PT       path to a PyTorch reference script taking a tag argument and ITERS from the
 #                  environment (the peers' bench_pt.py); unset: candle only
 #   PYTHON         the interpreter that has torch and transformers (default: python3)
@@ -21,6 +21,10 @@ iters="${2:-10}"
 python="${PYTHON:-python3}"
 
 cargo build --release --example bench_model ${CARGO_FEATURES:+--features "$CARGO_FEATURES"}
+# An mkl build loads MKL's OpenMP runtime from there (docs/models.md).
+if [[ -n "${MKLROOT:-}" ]]; then
+    export LD_LIBRARY_PATH="$MKLROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 bench=target/release/examples/bench_model
 
 if [[ "${BENCH_KIND:-clip}" == blip ]]; then

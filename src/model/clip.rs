@@ -1,5 +1,6 @@
 //! The CLIP backend: zero-shot scoring of each frame against phrases taken from the prompt,
-//! with candle-transformers' CLIP towers (the openai/clip-vit-base-patch32 layout).
+//! with candle-transformers' CLIP text tower and our own image tower (`clip_vision`), in the
+//! openai/clip-vit-base-patch32 layout.
 //!
 //! # From prompt to phrases
 //!
@@ -23,6 +24,7 @@
 //! (so the probabilities of one frame add up to 1, and a lone phrase always gets 1), and
 //! `detected` lists the phrases whose probability is over the detect threshold.
 
+use super::clip_vision::VisionTower;
 use super::load::{ModelFiles, ModelSettings, TensorSpec, Weights, device_name, read_config};
 use super::preprocess::Preprocessor;
 use super::tokenizer::{self, CLIP_EOS};
@@ -32,7 +34,7 @@ use candle_nn::{Linear, VarBuilder};
 use candle_transformers::models::clip::text_model::{
     Activation, ClipTextConfig, ClipTextTransformer,
 };
-use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
+use candle_transformers::models::clip::vision_model::ClipVisionConfig;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -292,13 +294,14 @@ fn encoder_specs(specs: &mut Vec<TensorSpec>, prefix: &str, layers: usize, d: us
     }
 }
 
-/// The two towers and their projections. Built from candle-transformers' towers rather than
-/// its `ClipModel`, to take the projection size from the top-level `projection_dim` (as
-/// transformers does) and to pool text at the first end-of-text token (as transformers 5
-/// does) instead of at the highest token id.
+/// The two towers and their projections. Built from the towers rather than
+/// candle-transformers' `ClipModel`, to take the projection size from the top-level
+/// `projection_dim` (as transformers does), to pool text at the first end-of-text token (as
+/// transformers 5 does) instead of at the highest token id, and to run our faster image
+/// tower.
 struct ClipNet {
     text: ClipTextTransformer,
-    vision: ClipVisionTransformer,
+    vision: VisionTower,
     visual_projection: Linear,
     text_projection: Linear,
     logit_scale: f32,
@@ -307,7 +310,7 @@ struct ClipNet {
 impl ClipNet {
     fn new(spec: &ClipSpec, vb: VarBuilder) -> candle_core::Result<Self> {
         let text = ClipTextTransformer::new(vb.pp("text_model"), &spec.text)?;
-        let vision = ClipVisionTransformer::new(vb.pp("vision_model"), &spec.vision)?;
+        let vision = VisionTower::new(vb.pp("vision_model"), &spec.vision)?;
         let visual_projection = candle_nn::linear_no_bias(
             spec.vision.embed_dim,
             spec.projection_dim,

@@ -1,0 +1,205 @@
+//! CLIP's image tower, written for the per-frame path: the same arithmetic as transformers'
+//! `CLIPVisionTransformer` (and the same tensor names), arranged to do less work per frame.
+//!
+//! - Patches are cut by a reshape and multiplied by the patch weights in one matrix product
+//!   (the convolution's stride equals its kernel, so no im2col is needed).
+//! - Query, key and value come from one fused projection, with the attention scale folded
+//!   into the query weights once at load.
+//! - Softmax and quick-GELU run as single passes over their tensor (on the CPU).
+//! - The last layer computes only the class token's row after attention: it is all the
+//!   pooled output reads, so the other 49 rows of the last MLP would be thrown away.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_transformers::models::clip::vision_model::ClipVisionConfig;
+use rayon::prelude::*;
+
+/// transformers' CLIP layer-norm epsilon (the backend refuses configs that change it).
+const LAYER_NORM_EPS: f64 = 1e-5;
+
+/// `x * sigmoid(1.702 x)` in one pass on CPU f32 tensors; other devices and dtypes use the
+/// composite form.
+fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.apply_op1_no_bwd(&QuickGelu)
+    } else {
+        x * candle_nn::ops::sigmoid(&(x * 1.702f64)?)?
+    }
+}
+
+struct QuickGelu;
+
+/// Values per parallel task of [`QuickGelu`].
+const QUICK_GELU_CHUNK: usize = 16 * 1024;
+
+impl CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "quick-gelu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("quick-gelu: f32 only")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("quick-gelu: contiguous input only")
+        };
+        let input = &data[start..end];
+        let mut out = vec![0f32; input.len()];
+        // An MLP activation holds tokens x 3072 values per frame: worth both cores.
+        out.par_chunks_mut(QUICK_GELU_CHUNK)
+            .zip(input.par_chunks(QUICK_GELU_CHUNK))
+            .for_each(|(out, input)| {
+                for (o, &v) in out.iter_mut().zip(input) {
+                    *o = v / (1.0 + (-1.702 * v).exp());
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    /// `[q * scale; k; v]` stacked: one matrix product for all three.
+    qkv: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+}
+
+impl EncoderLayer {
+    fn new(vb: VarBuilder, c: &ClipVisionConfig) -> Result<Self> {
+        let d = c.embed_dim;
+        let attn = vb.pp("self_attn");
+        let scale = ((d / c.num_attention_heads) as f64).powf(-0.5);
+        let part = |name: &str| -> Result<(Tensor, Tensor)> {
+            let vb = attn.pp(name);
+            Ok((vb.get((d, d), "weight")?, vb.get(d, "bias")?))
+        };
+        let (qw, qb) = part("q_proj")?;
+        let (kw, kb) = part("k_proj")?;
+        let (vw, vb_) = part("v_proj")?;
+        let qkv = Linear::new(
+            Tensor::cat(&[(qw * scale)?, kw, vw], 0)?,
+            Some(Tensor::cat(&[(qb * scale)?, kb, vb_], 0)?),
+        );
+        Ok(Self {
+            layer_norm1: candle_nn::layer_norm(d, LAYER_NORM_EPS, vb.pp("layer_norm1"))?,
+            qkv,
+            out_proj: candle_nn::linear(d, d, attn.pp("out_proj"))?,
+            layer_norm2: candle_nn::layer_norm(d, LAYER_NORM_EPS, vb.pp("layer_norm2"))?,
+            fc1: candle_nn::linear(d, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: candle_nn::linear(c.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
+            heads: c.num_attention_heads,
+        })
+    }
+
+    /// `x`: `(batch, tokens, dim)`. With `class_only`, returns `(batch, 1, dim)`: the class
+    /// token's row, which attends to every token as usual.
+    fn forward(&self, x: &Tensor, class_only: bool) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let qkv = self
+            .qkv
+            .forward(&self.layer_norm1.forward(x)?)?
+            .reshape((b, n, 3, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let (mut q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let (residual, rows) = if class_only {
+            q = q.narrow(2, 0, 1)?.contiguous()?;
+            (x.narrow(1, 0, 1)?, 1)
+        } else {
+            (x.clone(), n)
+        };
+        let weights = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let attended = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, rows, d))?;
+        let x = (residual + self.out_proj.forward(&attended)?)?;
+        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
+        x + self.fc2.forward(&quick_gelu(&h)?)?
+    }
+}
+
+/// The image tower up to the pooled, post-layer-normed class token: `(batch, embed_dim)`.
+pub struct VisionTower {
+    /// Patch weights as a `(embed_dim, channels * patch * patch)` matrix.
+    patch_weight: Tensor,
+    /// Class embedding plus its position, `(1, 1, dim)`; and the patches' positions,
+    /// `(1, patches, dim)`.
+    class_token: Tensor,
+    patch_positions: Tensor,
+    pre_layer_norm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    post_layer_norm: LayerNorm,
+    patch: usize,
+    grid: usize,
+}
+
+impl VisionTower {
+    /// Reads the tower from `vb` at `vision_model`'s level.
+    pub fn new(vb: VarBuilder, c: &ClipVisionConfig) -> Result<Self> {
+        let d = c.embed_dim;
+        let grid = c.image_size / c.patch_size;
+        let emb = vb.pp("embeddings");
+        let patch_weight = emb
+            .get(
+                (d, c.num_channels, c.patch_size, c.patch_size),
+                "patch_embedding.weight",
+            )?
+            .reshape((d, ()))?;
+        let positions = emb.get((grid * grid + 1, d), "position_embedding.weight")?;
+        let class_token =
+            (emb.get(d, "class_embedding")? + positions.get(0)?)?.reshape((1, 1, d))?;
+        let patch_positions = positions.narrow(0, 1, grid * grid)?.unsqueeze(0)?;
+        let encoder = vb.pp("encoder").pp("layers");
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| EncoderLayer::new(encoder.pp(i), c))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            patch_weight,
+            class_token,
+            patch_positions,
+            pre_layer_norm: candle_nn::layer_norm(d, LAYER_NORM_EPS, vb.pp("pre_layrnorm"))?,
+            layers,
+            post_layer_norm: candle_nn::layer_norm(d, LAYER_NORM_EPS, vb.pp("post_layernorm"))?,
+            patch: c.patch_size,
+            grid,
+        })
+    }
+
+    /// Cuts `(batch, channels, side, side)` pixels into rows of flattened patches,
+    /// `(batch * patches, channels * patch * patch)`, in the convolution's weight order.
+    fn patches(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, c, _, _) = pixels.dims4()?;
+        let (g, p) = (self.grid, self.patch);
+        pixels
+            .reshape((b, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * g * g, c * p * p))
+    }
+}
+
+impl Module for VisionTower {
+    fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let b = pixels.dim(0)?;
+        let d = self.patch_weight.dim(0)?;
+        let patches = self
+            .patches(pixels)?
+            .matmul(&self.patch_weight.t()?)?
+            .reshape((b, self.grid * self.grid, d))?
+            .broadcast_add(&self.patch_positions)?;
+        let class = self.class_token.broadcast_as((b, 1, d))?;
+        let mut x = self
+            .pre_layer_norm
+            .forward(&Tensor::cat(&[&class, &patches], 1)?)?;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, i == last)?;
+        }
+        self.post_layer_norm
+            .forward(&x.narrow(1, 0, 1)?.squeeze(1)?)
+    }
+}
