@@ -14,6 +14,7 @@
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
 use free_roam::frame::Frame;
+use free_roam::model::blip::BlipModel;
 use free_roam::model::clip::ClipModel;
 use free_roam::model::load::{ModelFiles, select_device};
 use free_roam::model::{
@@ -59,10 +60,11 @@ fn bench_blip(tag: &str, iters: usize, dir: PathBuf) -> Result<(), Box<dyn std::
     let t = Instant::now();
     let settings = ModelSettings {
         model_type: ModelType::Blip,
-        model_path: Some(dir),
+        model_path: Some(dir.clone()),
         ..ModelSettings::default()
     };
-    let mut model = free_roam::model::load_model(&settings)?;
+    let device = select_device(DeviceChoice::Auto)?;
+    let mut model = BlipModel::load(&ModelFiles::from_dir(&dir)?, device.clone(), &settings)?;
     p(format!(
         "loaded in {:.0} ms",
         t.elapsed().as_secs_f64() * 1000.0
@@ -72,9 +74,14 @@ fn bench_blip(tag: &str, iters: usize, dir: PathBuf) -> Result<(), Box<dyn std::
         text: Arc::from("a picture of"),
         version: None,
     };
-    // Equal captions show both sides decoded the same tokens (the PyTorch bench prints its).
-    let first = model.infer(&[&frame], &prompt)?;
-    p(format!("caption={}", first[0]["caption"]));
+    // The PyTorch bench prints the same two figures: both sides must decode as many tokens.
+    let prefix = model.prefix_ids(&prompt.text)?;
+    let ids = model.generate_ids(&model.preprocessor().batch(&[&frame], &device)?, &prefix)?;
+    p(format!(
+        "new_tokens={} caption={}",
+        ids[0].len() - prefix.len(),
+        model.infer(&[&frame], &prompt)?[0]["caption"]
+    ));
     for bs in [1usize, 2] {
         let frames: Vec<&Frame> = std::iter::repeat_n(&frame, bs).collect();
         let (med, min, max) = median_ms(

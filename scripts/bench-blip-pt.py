@@ -67,7 +67,8 @@ def main():
                 times.append((time.perf_counter() - t) * 1000)
         new_tokens = out.shape[1] - (len(prompt_ids) - 1)
         if bs == 1:
-            say(f"caption={json.dumps(tok.decode(out[0].tolist(), skip_special_tokens=True))}")
+            caption = json.dumps(tok.decode(out[0].tolist(), skip_special_tokens=True))
+            say(f"new_tokens={new_tokens} caption={caption}")
         med = statistics.median(times)
         say(
             f"caption 640x480 bs={bs} new_tokens={new_tokens} median={med:.0f} ms "

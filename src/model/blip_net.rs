@@ -310,7 +310,8 @@ impl TextDecoder {
             x = layer.output_norm.forward(&(ff + &x)?)?;
         }
         state.position += len;
-        let last = x.narrow(1, len - 1, 1)?.squeeze(1)?;
+        // Contiguous, because candle's MKL matmul refuses a strided left operand.
+        let last = x.narrow(1, len - 1, 1)?.squeeze(1)?.contiguous()?;
         let h = self
             .transform_norm
             .forward(&last.apply(&self.transform)?.apply(&self.act)?)?;
