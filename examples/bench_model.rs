@@ -177,3 +177,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     p(format!("preprocess 640x480 median={med:.2} ms"));
     Ok(())
 }
+
+// The worker binary's allocator, so the figures are the worker's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -12,6 +12,11 @@ use free_roam::config::Config;
 use settings::RawSettings;
 use std::process::ExitCode;
 
+// candle allocates a fresh buffer for every tensor it makes; mimalloc reuses them with far
+// fewer page faults than the system allocator (BENCHMARKS.md, Model).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "free-roam",
