@@ -100,6 +100,7 @@ fn bench_blip(tag: &str, iters: usize, dir: PathBuf) -> Result<(), Box<dyn std::
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    free_roam::model::prepare_cpu_threads();
     let mut args = std::env::args().skip(1);
     let tag = args.next().unwrap_or_else(|| "run".into());
     let iters: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(10);

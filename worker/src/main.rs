@@ -66,6 +66,7 @@ enum Commands {
 }
 
 fn main() -> ExitCode {
+    free_roam::model::prepare_cpu_threads();
     let cli = Cli::parse();
     let config = match Config::from_lookup(&|name| cli.settings.get(name)) {
         Ok(c) => c,
