@@ -26,6 +26,11 @@ fn join_heads(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.reshape((b, len, heads * dim))
 }
 
+/// Dot-product attention for queries that already carry the `1 / sqrt(head_dim)` scale.
+fn attend_prescaled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(v)
+}
+
 /// Scaled dot-product attention with an optional additive mask.
 fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
@@ -39,6 +44,8 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<T
 
 struct VisionLayer {
     norm1: LayerNorm,
+    /// The checkpoint's fused projection with the attention scale folded into its query
+    /// third, so the `(heads, tokens, tokens)` scores need no extra pass per layer.
     qkv: Linear,
     projection: Linear,
     norm2: LayerNorm,
@@ -52,9 +59,15 @@ impl VisionLayer {
     fn new(cfg: &blip::VisionConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
+        let scale = ((d / cfg.num_attention_heads) as f64).powf(-0.5);
+        let fused = vb.pp("self_attn.qkv");
+        let (weight, bias) = (fused.get((3 * d, d), "weight")?, fused.get(3 * d, "bias")?);
+        let scale_query = |t: &Tensor| -> Result<Tensor> {
+            Tensor::cat(&[(t.narrow(0, 0, d)? * scale)?, t.narrow(0, d, 2 * d)?], 0)
+        };
         Ok(Self {
             norm1: candle_nn::layer_norm(d, eps, vb.pp("layer_norm1"))?,
-            qkv: candle_nn::linear(d, 3 * d, vb.pp("self_attn.qkv"))?,
+            qkv: Linear::new(scale_query(&weight)?, Some(scale_query(&bias)?)),
             projection: candle_nn::linear(d, d, vb.pp("self_attn.projection"))?,
             norm2: candle_nn::layer_norm(d, eps, vb.pp("layer_norm2"))?,
             fc1: candle_nn::linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
@@ -71,11 +84,10 @@ impl VisionLayer {
             .forward(x)?
             .apply(&self.qkv)?
             .reshape((b, n, 3, self.heads, d / self.heads))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let attended = join_heads(&attend(&q, &k, &v, None)?)?.apply(&self.projection)?;
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let attended = join_heads(&attend_prescaled(&q, &k, &v)?)?.apply(&self.projection)?;
         let x = (x + attended)?;
         let mlp = self
             .norm2
