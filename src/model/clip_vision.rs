@@ -23,8 +23,13 @@ fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         x.apply_op1_no_bwd(&QuickGelu)
     } else {
-        x * candle_nn::ops::sigmoid(&(x * 1.702f64)?)?
+        quick_gelu_composite(x)
     }
+}
+
+/// quick-GELU from candle's own operations, for devices the one-pass version does not cover.
+fn quick_gelu_composite(x: &Tensor) -> Result<Tensor> {
+    x * candle_nn::ops::sigmoid(&(x * 1.702f64)?)?
 }
 
 struct QuickGelu;
@@ -201,5 +206,30 @@ impl Module for VisionTower {
         }
         self.post_layer_norm
             .forward(&x.narrow(1, 0, 1)?.squeeze(1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn one_pass_quick_gelu_matches_the_composite_form() {
+        // Large enough to be split across threads, with values well into both tails.
+        let x = Tensor::arange(-40_000f32, 40_000f32, &Device::Cpu)
+            .and_then(|t| t * 1e-3)
+            .unwrap();
+        let fast = quick_gelu(&x).unwrap();
+        let reference = quick_gelu_composite(&x).unwrap();
+        let diff = (fast - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "max difference {diff}");
     }
 }
