@@ -649,6 +649,23 @@ mod tests {
         }
     }
 
+    impl Scripted {
+        /// A model that answers one call per `()` sent, to hold it busy while frames queue.
+        fn gated() -> (std::sync::mpsc::Sender<()>, Self) {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let mut model = Self::new();
+            model.gate = Some(rx);
+            (tx, model)
+        }
+    }
+
+    /// Waits until no frame is waiting: the (gated) model holds whatever was submitted.
+    async fn until_the_model_took_everything(engine: &Engine) {
+        while engine.shared.lock().pending > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     impl VisionLanguageModel for Scripted {
         fn info(&self) -> &ModelInfo {
             &self.info
@@ -683,16 +700,12 @@ mod tests {
 
     #[tokio::test]
     async fn frames_of_many_streams_share_a_batch_and_come_back_to_their_job() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let mut model = Scripted::new();
-        model.gate = Some(rx);
+        let (tx, model) = Scripted::gated();
         let (engine, metrics) = start(model, settings());
         // Hold the model on a first frame, so the next three wait together.
         let mut first = engine.register(fixed("p"), 1.0);
         first.submit(frame(100), true);
-        while engine.shared.lock().pending > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_the_model_took_everything(&engine).await;
         let mut streams: Vec<EngineStream> =
             (0..3).map(|_| engine.register(fixed("p"), 1.0)).collect();
         for (i, s) in streams.iter().enumerate() {
@@ -719,16 +732,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_newer_frame_replaces_one_the_model_has_not_taken() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let mut model = Scripted::new();
-        model.gate = Some(rx);
+        let (tx, model) = Scripted::gated();
         let (engine, _) = start(model, settings());
         let mut s = engine.register(fixed("p"), 1.0);
         s.submit(frame(0), true);
         // Wait until the model holds frame 0 (its gate is closed), then queue two more.
-        while engine.shared.lock().pending > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_the_model_took_everything(&engine).await;
         assert_eq!(s.submit(frame(1), true), Submitted::Queued);
         assert_eq!(s.submit(frame(2), true), Submitted::Replaced { dropped: 1 });
         tx.send(()).unwrap();
@@ -755,16 +764,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_live_burst_waits_its_turn_and_overflow_drops_the_oldest() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let mut model = Scripted::new();
-        model.gate = Some(rx);
+        let (tx, model) = Scripted::gated();
         let (engine, _) = start(model, settings());
         // Two frames a second for one second of queue: two may wait.
         let mut s = engine.register(fixed("p"), 2.0);
         s.submit(frame(0), true);
-        while engine.shared.lock().pending > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_the_model_took_everything(&engine).await;
         // A segment's burst arrives while the model is busy with frame 0.
         assert_eq!(s.submit(frame(1), true), Submitted::Queued);
         assert_eq!(s.submit(frame(2), true), Submitted::Queued);
@@ -802,18 +807,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_keeps_its_place_in_line() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let mut model = Scripted::new();
-        model.gate = Some(rx);
+        let (tx, model) = Scripted::gated();
         let mut s = settings();
         s.max_batch_size = 2;
         let (engine, _) = start(model, s);
         let mut a = engine.register(fixed("p"), 2.0);
         let mut b = engine.register(fixed("p"), 2.0);
         a.submit(frame(0), true);
-        while engine.shared.lock().pending > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_the_model_took_everything(&engine).await;
         // A's two frames wait first, then B's; A's newest pushes out A's oldest and A
         // stays ahead of B.
         a.submit(frame(1), true);
@@ -836,18 +837,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_replaced_frame_keeps_its_place_in_line() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let mut model = Scripted::new();
-        model.gate = Some(rx);
+        let (tx, model) = Scripted::gated();
         let mut s = settings();
         s.max_batch_size = 1;
         let (engine, _) = start(model, s);
         let mut a = engine.register(fixed("p"), 1.0);
         let mut b = engine.register(fixed("p"), 1.0);
         a.submit(frame(0), true);
-        while engine.shared.lock().pending > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_the_model_took_everything(&engine).await;
         // A waits first, then B, then A gets a newer frame: A is still first in line.
         a.submit(frame(1), true);
         b.submit(frame(2), true);
@@ -937,9 +934,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_over_the_timeout_fails_its_frames_and_the_engine_recovers() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let mut model = Scripted::new();
-        model.gate = Some(rx);
+        let (tx, model) = Scripted::gated();
         let mut s = settings();
         s.inference_timeout = Duration::from_millis(100);
         let (engine, _) = start(model, s);
