@@ -1,5 +1,6 @@
-//! BLIP's vision tower and caption decoder, built from candle-nn layers on the same
-//! checkpoint names as transformers' `BlipForConditionalGeneration`.
+//! BLIP's vision tower and caption decoder, built from candle-nn layers and fused linear
+//! layers ([`FusedLinear`]) on the same checkpoint names as transformers'
+//! `BlipForConditionalGeneration`.
 //!
 //! candle-transformers' BLIP falls short for serving: its decoder recomputes the
 //! cross-attention keys and values of all image tokens at every generated token (at full
@@ -8,8 +9,9 @@
 //! image keys and values are projected once per call and kept in [`DecodeState`], and all
 //! frames of a call decode as one batch.
 
+use super::fused_linear::{self, FusedLinear};
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Activation, Conv2d, Conv2dConfig, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Activation, Conv2d, Conv2dConfig, Embedding, LayerNorm, VarBuilder};
 use candle_transformers::models::{blip, blip_text};
 
 /// Splits `(batch, len, heads * dim)` into `(batch, heads, len, dim)`.
@@ -42,16 +44,30 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<T
     candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
 }
 
+/// A configured activation, folded into the linear layer before it where it can be.
+#[derive(Clone, Copy)]
+struct Act(Activation);
+
+impl Act {
+    /// `act(layer(x))`.
+    fn after(self, layer: &FusedLinear, x: &Tensor) -> Result<Tensor> {
+        match fused_linear::Activation::fused(self.0) {
+            Some(fused) => layer.forward_with(x, None, fused),
+            None => layer.forward(x)?.apply(&self.0),
+        }
+    }
+}
+
 struct VisionLayer {
     norm1: LayerNorm,
     /// The checkpoint's fused projection with the attention scale folded into its query
     /// third, so the `(heads, tokens, tokens)` scores need no extra pass per layer.
-    qkv: Linear,
-    projection: Linear,
+    qkv: FusedLinear,
+    projection: FusedLinear,
     norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    act: Activation,
+    fc1: FusedLinear,
+    fc2: FusedLinear,
+    act: Act,
     heads: usize,
 }
 
@@ -67,12 +83,12 @@ impl VisionLayer {
         };
         Ok(Self {
             norm1: candle_nn::layer_norm(d, eps, vb.pp("layer_norm1"))?,
-            qkv: Linear::new(scale_query(&weight)?, Some(scale_query(&bias)?)),
-            projection: candle_nn::linear(d, d, vb.pp("self_attn.projection"))?,
+            qkv: FusedLinear::new(scale_query(&weight)?, scale_query(&bias)?),
+            projection: FusedLinear::load(d, d, vb.pp("self_attn.projection"))?,
             norm2: candle_nn::layer_norm(d, eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
-            act: cfg.hidden_act,
+            fc1: FusedLinear::load(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: FusedLinear::load(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
+            act: Act(cfg.hidden_act),
             heads: cfg.num_attention_heads,
         })
     }
@@ -87,15 +103,13 @@ impl VisionLayer {
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let attended = join_heads(&attend_prescaled(&q, &k, &v)?)?.apply(&self.projection)?;
-        let x = (x + attended)?;
-        let mlp = self
-            .norm2
-            .forward(&x)?
-            .apply(&self.fc1)?
-            .apply(&self.act)?
-            .apply(&self.fc2)?;
-        x + mlp
+        let attended = join_heads(&attend_prescaled(&q, &k, &v)?)?;
+        let x = self
+            .projection
+            .forward_with(&attended, Some(x), fused_linear::Activation::None)?;
+        let h = self.act.after(&self.fc1, &self.norm2.forward(&x)?)?;
+        self.fc2
+            .forward_with(&h, Some(&x), fused_linear::Activation::None)
     }
 }
 
@@ -155,10 +169,10 @@ impl VisionTower {
 
 /// One BERT-style attention block: attention, output projection, residual, LayerNorm.
 struct AttentionBlock {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    dense: Linear,
+    query: FusedLinear,
+    key: FusedLinear,
+    value: FusedLinear,
+    dense: FusedLinear,
     norm: LayerNorm,
 }
 
@@ -166,25 +180,28 @@ impl AttentionBlock {
     fn new(cfg: &blip_text::Config, kv_in: usize, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            query: candle_nn::linear(h, h, vb.pp("self.query"))?,
-            key: candle_nn::linear(kv_in, h, vb.pp("self.key"))?,
-            value: candle_nn::linear(kv_in, h, vb.pp("self.value"))?,
-            dense: candle_nn::linear(h, h, vb.pp("output.dense"))?,
+            query: FusedLinear::load(h, h, vb.pp("self.query"))?,
+            key: FusedLinear::load(kv_in, h, vb.pp("self.key"))?,
+            value: FusedLinear::load(kv_in, h, vb.pp("self.value"))?,
+            dense: FusedLinear::load(h, h, vb.pp("output.dense"))?,
             norm: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
         })
     }
 
     fn finish(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        self.norm
-            .forward(&(join_heads(context)?.apply(&self.dense)? + x)?)
+        self.norm.forward(&self.dense.forward_with(
+            &join_heads(context)?,
+            Some(x),
+            fused_linear::Activation::None,
+        )?)
     }
 }
 
 struct DecoderLayer {
     self_attn: AttentionBlock,
     cross_attn: AttentionBlock,
-    intermediate: Linear,
-    output: Linear,
+    intermediate: FusedLinear,
+    output: FusedLinear,
     output_norm: LayerNorm,
 }
 
@@ -205,9 +222,9 @@ pub struct TextDecoder {
     position_embeddings: Embedding,
     embeddings_norm: LayerNorm,
     layers: Vec<DecoderLayer>,
-    transform: Linear,
+    transform: FusedLinear,
     transform_norm: LayerNorm,
-    act: Activation,
+    act: Act,
     output_weight: Tensor,
     output_bias: Tensor,
     heads: usize,
@@ -231,12 +248,12 @@ impl TextDecoder {
                         cfg.encoder_hidden_size,
                         l.pp("crossattention"),
                     )?,
-                    intermediate: candle_nn::linear(
+                    intermediate: FusedLinear::load(
                         h,
                         cfg.intermediate_size,
                         l.pp("intermediate.dense"),
                     )?,
-                    output: candle_nn::linear(cfg.intermediate_size, h, l.pp("output.dense"))?,
+                    output: FusedLinear::load(cfg.intermediate_size, h, l.pp("output.dense"))?,
                     output_norm: candle_nn::layer_norm(h, eps, l.pp("output.LayerNorm"))?,
                 })
             })
@@ -256,9 +273,9 @@ impl TextDecoder {
             embeddings_norm: candle_nn::layer_norm(h, eps, e.pp("LayerNorm"))?,
             word_embeddings,
             layers,
-            transform: candle_nn::linear(h, h, p.pp("transform.dense"))?,
+            transform: FusedLinear::load(h, h, p.pp("transform.dense"))?,
             transform_norm: candle_nn::layer_norm(h, eps, p.pp("transform.LayerNorm"))?,
-            act: cfg.hidden_act,
+            act: Act(cfg.hidden_act),
             output_weight,
             output_bias: p.get(cfg.vocab_size, "bias")?,
             heads: cfg.num_attention_heads,
@@ -314,19 +331,19 @@ impl TextDecoder {
             let (k, v) = &state.cross_kv[i];
             x = c.finish(&x, &attend(&q, k, v, None)?)?;
 
-            let ff = layer
-                .intermediate
-                .forward(&x)?
-                .apply(&self.act)?
-                .apply(&layer.output)?;
-            x = layer.output_norm.forward(&(ff + &x)?)?;
+            let ff = self.act.after(&layer.intermediate, &x)?;
+            x = layer.output_norm.forward(&layer.output.forward_with(
+                &ff,
+                Some(&x),
+                fused_linear::Activation::None,
+            )?)?;
         }
         state.position += len;
         // Contiguous, because candle's MKL matmul refuses a strided left operand.
         let last = x.narrow(1, len - 1, 1)?.squeeze(1)?.contiguous()?;
         let h = self
             .transform_norm
-            .forward(&last.apply(&self.transform)?.apply(&self.act)?)?;
+            .forward(&self.act.after(&self.transform, &last)?)?;
         h.matmul(&self.output_weight.t()?)?
             .broadcast_add(&self.output_bias)
     }

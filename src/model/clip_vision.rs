@@ -5,72 +5,27 @@
 //!   (the convolution's stride equals its kernel, so no im2col is needed).
 //! - Query, key and value come from one fused projection, with the attention scale folded
 //!   into the query weights once at load.
-//! - Softmax and quick-GELU run as single passes over their tensor (on the CPU).
+//! - Bias, residual and quick-GELU are folded into the linear layers' products
+//!   ([`FusedLinear`]), and softmax runs as one pass (on the CPU).
 //! - The last layer computes only the class token's row after attention: it is all the
 //!   pooled output reads, so the other 49 rows of the last MLP would be thrown away.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use super::fused_linear::{Activation, FusedLinear};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{LayerNorm, VarBuilder};
 use candle_transformers::models::clip::vision_model::ClipVisionConfig;
-use rayon::prelude::*;
 
 /// transformers' CLIP layer-norm epsilon (the backend refuses configs that change it).
 const LAYER_NORM_EPS: f64 = 1e-5;
 
-/// `x * sigmoid(1.702 x)` in one pass on CPU f32 tensors; other devices and dtypes use the
-/// composite form.
-fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.apply_op1_no_bwd(&QuickGelu)
-    } else {
-        quick_gelu_composite(x)
-    }
-}
-
-/// quick-GELU from candle's own operations, for devices the one-pass version does not cover.
-fn quick_gelu_composite(x: &Tensor) -> Result<Tensor> {
-    x * candle_nn::ops::sigmoid(&(x * 1.702f64)?)?
-}
-
-struct QuickGelu;
-
-/// Values per parallel task of [`QuickGelu`].
-const QUICK_GELU_CHUNK: usize = 16 * 1024;
-
-impl CustomOp1 for QuickGelu {
-    fn name(&self) -> &'static str {
-        "quick-gelu"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("quick-gelu: f32 only")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("quick-gelu: contiguous input only")
-        };
-        let input = &data[start..end];
-        let mut out = vec![0f32; input.len()];
-        // An MLP activation holds tokens x 3072 values per frame: worth both cores.
-        out.par_chunks_mut(QUICK_GELU_CHUNK)
-            .zip(input.par_chunks(QUICK_GELU_CHUNK))
-            .for_each(|(out, input)| {
-                for (o, &v) in out.iter_mut().zip(input) {
-                    *o = v / (1.0 + (-1.702 * v).exp());
-                }
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-}
-
 struct EncoderLayer {
     layer_norm1: LayerNorm,
     /// `[q * scale; k; v]` stacked: one matrix product for all three.
-    qkv: Linear,
-    out_proj: Linear,
+    qkv: FusedLinear,
+    out_proj: FusedLinear,
     layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: FusedLinear,
+    fc2: FusedLinear,
     heads: usize,
 }
 
@@ -86,17 +41,17 @@ impl EncoderLayer {
         let (qw, qb) = part("q_proj")?;
         let (kw, kb) = part("k_proj")?;
         let (vw, vb_) = part("v_proj")?;
-        let qkv = Linear::new(
+        let qkv = FusedLinear::new(
             Tensor::cat(&[(qw * scale)?, kw, vw], 0)?,
-            Some(Tensor::cat(&[(qb * scale)?, kb, vb_], 0)?),
+            Tensor::cat(&[(qb * scale)?, kb, vb_], 0)?,
         );
         Ok(Self {
             layer_norm1: candle_nn::layer_norm(d, LAYER_NORM_EPS, vb.pp("layer_norm1"))?,
             qkv,
-            out_proj: candle_nn::linear(d, d, attn.pp("out_proj"))?,
+            out_proj: FusedLinear::load(d, d, attn.pp("out_proj"))?,
             layer_norm2: candle_nn::layer_norm(d, LAYER_NORM_EPS, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(d, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: candle_nn::linear(c.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
+            fc1: FusedLinear::load(d, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: FusedLinear::load(c.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
             heads: c.num_attention_heads,
         })
     }
@@ -121,9 +76,13 @@ impl EncoderLayer {
         };
         let weights = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
         let attended = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, rows, d))?;
-        let x = (residual + self.out_proj.forward(&attended)?)?;
-        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
-        x + self.fc2.forward(&quick_gelu(&h)?)?
+        let x = self
+            .out_proj
+            .forward_with(&attended, Some(&residual), Activation::None)?;
+        let h =
+            self.fc1
+                .forward_with(&self.layer_norm2.forward(&x)?, None, Activation::QuickGelu)?;
+        self.fc2.forward_with(&h, Some(&x), Activation::None)
     }
 }
 
@@ -206,30 +165,5 @@ impl Module for VisionTower {
         }
         self.post_layer_norm
             .forward(&x.narrow(1, 0, 1)?.squeeze(1)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn one_pass_quick_gelu_matches_the_composite_form() {
-        // Large enough to be split across threads, with values well into both tails.
-        let x = Tensor::arange(-40_000f32, 40_000f32, &Device::Cpu)
-            .and_then(|t| t * 1e-3)
-            .unwrap();
-        let fast = quick_gelu(&x).unwrap();
-        let reference = quick_gelu_composite(&x).unwrap();
-        let diff = (fast - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-5, "max difference {diff}");
     }
 }
