@@ -9,6 +9,7 @@
 //! image keys and values are projected once per call and kept in [`DecodeState`], and all
 //! frames of a call decode as one batch.
 
+use super::cpu_kernels;
 use super::fused_linear::{self, FusedLinear};
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Activation, Conv2d, Conv2dConfig, Embedding, LayerNorm, VarBuilder};
@@ -30,7 +31,7 @@ fn join_heads(x: &Tensor) -> Result<Tensor> {
 
 /// Dot-product attention for queries that already carry the `1 / sqrt(head_dim)` scale.
 fn attend_prescaled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(v)
+    cpu_kernels::softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(v)
 }
 
 /// Scaled dot-product attention with an optional additive mask.
@@ -41,7 +42,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<T
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
-    candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+    cpu_kernels::softmax_last_dim(&scores)?.matmul(v)
 }
 
 /// A configured activation, folded into the linear layer before it where it can be.

@@ -10,6 +10,7 @@
 //! - The last layer computes only the class token's row after attention: it is all the
 //!   pooled output reads, so the other 49 rows of the last MLP would be thrown away.
 
+use super::cpu_kernels;
 use super::fused_linear::{Activation, FusedLinear};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
@@ -74,7 +75,7 @@ impl EncoderLayer {
         } else {
             (x.clone(), n)
         };
-        let weights = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let weights = cpu_kernels::softmax_last_dim(&q.matmul(&k.t()?)?)?;
         let attended = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, rows, d))?;
         let x = self
             .out_proj

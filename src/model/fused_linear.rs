@@ -9,6 +9,7 @@
 //! MKL's own layout. Other devices and dtypes use candle's own operations, with the same
 //! arithmetic.
 
+use super::cpu_kernels;
 #[cfg(feature = "mkl")]
 use candle_core::CustomOp2;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Storage, Tensor};
@@ -21,7 +22,7 @@ pub enum Activation {
     None,
     /// CLIP's `x * sigmoid(1.702 x)`.
     QuickGelu,
-    /// The exact GELU, `x * (1 + erf(x / √2)) / 2`, as candle's `gelu_erf` computes it.
+    /// The exact GELU, `x * (1 + erf(x / √2)) / 2` (candle's `gelu_erf`).
     GeluErf,
 }
 
@@ -209,17 +210,12 @@ impl FusedLinearOp<'_> {
         product(&mut out, x, rows);
         match self.activation {
             Activation::None => {}
-            Activation::QuickGelu => out.par_chunks_mut(CHUNK).for_each(|chunk| {
-                for v in chunk {
-                    *v /= 1.0 + (-1.702 * *v).exp();
-                }
-            }),
-            Activation::GeluErf => out.par_chunks_mut(CHUNK).for_each(|chunk| {
-                use candle_core::cpu::erf::erf_f32;
-                for v in chunk {
-                    *v *= (erf_f32(*v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5;
-                }
-            }),
+            Activation::QuickGelu => out
+                .par_chunks_mut(CHUNK)
+                .for_each(cpu_kernels::quick_gelu_in_place),
+            Activation::GeluErf => out
+                .par_chunks_mut(CHUNK)
+                .for_each(cpu_kernels::gelu_erf_in_place),
         }
         Ok((CpuStorage::F32(out), out_shape))
     }
