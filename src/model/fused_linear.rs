@@ -180,11 +180,15 @@ impl FusedLinearOp<'_> {
         *out_dims.last_mut().expect("checked above") = out_dim;
         let out_shape = Shape::from(out_dims);
 
-        let mut out = vec![0f32; rows * out_dim];
+        // Not zeroed first: bias (plus residual) is written over every value.
+        let mut out: Vec<f32> = Vec::with_capacity(rows * out_dim);
+        let spare = &mut out.spare_capacity_mut()[..rows * out_dim];
         match self.residual {
-            None => out
-                .par_chunks_mut(out_dim)
-                .for_each(|row| row.copy_from_slice(bias)),
+            None => spare.par_chunks_mut(out_dim).for_each(|row| {
+                for (o, &b) in row.iter_mut().zip(bias) {
+                    o.write(b);
+                }
+            }),
             Some(residual) => {
                 if residual.shape() != &out_shape {
                     candle_core::bail!(
@@ -198,15 +202,19 @@ impl FusedLinearOp<'_> {
                     candle_core::bail!("fused linear: residual must be on the CPU")
                 };
                 let residual = f32_slice(storage, layout, "residual")?;
-                out.par_chunks_mut(out_dim)
+                spare
+                    .par_chunks_mut(out_dim)
                     .zip(residual.par_chunks(out_dim))
                     .for_each(|(row, residual)| {
                         for ((o, &r), &b) in row.iter_mut().zip(residual).zip(bias) {
-                            *o = r + b;
+                            o.write(r + b);
                         }
                     });
             }
         }
+        // SAFETY: both arms wrote all rows × out_dim values (bias has out_dim values, and
+        // the residual has the output's shape, checked above).
+        unsafe { out.set_len(rows * out_dim) };
         product(&mut out, x, rows);
         match self.activation {
             Activation::None => {}
