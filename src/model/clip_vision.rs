@@ -6,7 +6,7 @@
 //! - Query, key and value come from one fused projection, with the attention scale folded
 //!   into the query weights once at load.
 //! - Bias, residual and quick-GELU are folded into the linear layers' products
-//!   ([`FusedLinear`]), and softmax runs as one pass (on the CPU).
+//!   ([`FusedLinear`]), and the softmax is one vectorised pass ([`cpu_kernels`]) on the CPU.
 //! - The last layer computes only the class token's row after attention: it is all the
 //!   pooled output reads, so the other 49 rows of the last MLP would be thrown away.
 
