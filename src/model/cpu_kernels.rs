@@ -37,10 +37,12 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r * r + r + 1.0;
     // n is in [-126, 128] after the clamp; 2^128 does not fit, so scale in two steps.
+    // Wrapping arithmetic: it cannot overflow here, and builds with overflow checks (the
+    // dev profile) would otherwise branch on every value and stop the loop vectorising.
     let n = n as i32;
     let half = n >> 1;
-    let scale_a = f32::from_bits(((half + 127) as u32) << 23);
-    let scale_b = f32::from_bits(((n - half + 127) as u32) << 23);
+    let scale_a = f32::from_bits((half.wrapping_add(127) as u32) << 23);
+    let scale_b = f32::from_bits((n.wrapping_sub(half).wrapping_add(127) as u32) << 23);
     let value = p * scale_a * scale_b;
     if underflow { 0.0 } else { value }
 }
