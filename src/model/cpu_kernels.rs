@@ -206,6 +206,7 @@ impl CustomOp1 for SoftmaxLastDim {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testutil::max_abs_difference;
     use candle_core::Device;
 
     fn ulps(a: f32, b: f32) -> u32 {
@@ -290,12 +291,7 @@ mod tests {
             let x = Tensor::randn(0f32, 3.0, (3, 70, width), &dev).unwrap();
             let ours = softmax_last_dim(&x).unwrap();
             let theirs = candle_nn::ops::softmax_last_dim(&x).unwrap();
-            let diff = (ours - theirs)
-                .and_then(|d| d.abs())
-                .and_then(|d| d.flatten_all())
-                .and_then(|d| d.max(0))
-                .and_then(|d| d.to_scalar::<f32>())
-                .unwrap();
+            let diff = max_abs_difference(&ours, &theirs);
             assert!(diff < 1e-6, "width {width}: max difference {diff}");
         }
     }
@@ -309,17 +305,8 @@ mod tests {
         assert!((rows[0][0] + rows[0][2] - 1.0).abs() < 1e-6);
         assert!(rows[1].iter().all(|&p| (p - 1.0 / 3.0).abs() < 1e-6));
         let strided = Tensor::randn(0f32, 1.0, (6, 4), &dev).unwrap().t().unwrap();
-        let diff = (softmax_last_dim(&strided).unwrap()
-            - candle_nn::ops::softmax_last_dim(&strided.contiguous().unwrap()).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+        let theirs = candle_nn::ops::softmax_last_dim(&strided.contiguous().unwrap()).unwrap();
+        let diff = max_abs_difference(&softmax_last_dim(&strided).unwrap(), &theirs);
         assert!(diff < 1e-6);
     }
 }

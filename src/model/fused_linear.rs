@@ -541,14 +541,7 @@ mod tests {
     use candle_core::Device;
     use candle_nn::Linear;
 
-    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.flatten_all())
-            .and_then(|d| d.max(0))
-            .and_then(|d| d.to_scalar::<f32>())
-            .unwrap()
-    }
+    use crate::model::testutil::max_abs_difference as max_difference;
 
     #[test]
     fn fused_forms_match_candles_composite_layer() {
@@ -597,12 +590,7 @@ mod tests {
             .gelu_erf()
             .unwrap();
         assert_eq!(got.dtype(), DType::F64);
-        let diff = (got - expected)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.flatten_all())
-            .and_then(|d| d.max(0))
-            .and_then(|d| d.to_scalar::<f64>())
-            .unwrap();
+        let diff = max_difference(&got, &expected);
         assert!(diff < 1e-12, "max difference {diff}");
     }
 

@@ -1,5 +1,6 @@
 //! Test fixtures shared by the model tests: tiny random models written once per test run,
-//! and deterministic test images (the same integer formulas as scripts/parity).
+//! deterministic test images (the same integer formulas as scripts/parity), and tensor
+//! comparison.
 
 use super::load::ModelType;
 use super::make::{ModelSize, write_random_model};
@@ -89,4 +90,15 @@ pub fn prompt(text: &str) -> crate::model::PromptRef {
         text: std::sync::Arc::from(text),
         version: None,
     }
+}
+
+/// The largest absolute difference between two tensors of one shape, in f64.
+pub fn max_abs_difference(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_dtype(candle_core::DType::F64))
+        .and_then(|d| d.to_scalar::<f64>())
+        .expect("tensors of one shape and float dtype")
 }
