@@ -105,12 +105,9 @@ impl VisionLayer {
             .contiguous()?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
         let attended = join_heads(&attend_prescaled(&q, &k, &v)?)?;
-        let x = self
-            .projection
-            .forward_with(&attended, Some(x), fused_linear::Activation::None)?;
+        let x = self.projection.forward_add(&attended, x)?;
         let h = self.act.after(&self.fc1, &self.norm2.forward(&x)?)?;
-        self.fc2
-            .forward_with(&h, Some(&x), fused_linear::Activation::None)
+        self.fc2.forward_add(&h, &x)
     }
 }
 
@@ -190,11 +187,8 @@ impl AttentionBlock {
     }
 
     fn finish(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        self.norm.forward(&self.dense.forward_with(
-            &join_heads(context)?,
-            Some(x),
-            fused_linear::Activation::None,
-        )?)
+        self.norm
+            .forward(&self.dense.forward_add(&join_heads(context)?, x)?)
     }
 }
 
@@ -333,11 +327,9 @@ impl TextDecoder {
             x = c.finish(&x, &attend(&q, k, v, None)?)?;
 
             let ff = self.act.after(&layer.intermediate, &x)?;
-            x = layer.output_norm.forward(&layer.output.forward_with(
-                &ff,
-                Some(&x),
-                fused_linear::Activation::None,
-            )?)?;
+            x = layer
+                .output_norm
+                .forward(&layer.output.forward_add(&ff, &x)?)?;
         }
         state.position += len;
         // Contiguous, because candle's MKL matmul refuses a strided left operand.

@@ -77,13 +77,11 @@ impl EncoderLayer {
         };
         let weights = cpu_kernels::softmax_last_dim(&q.matmul(&k.t()?)?)?;
         let attended = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, rows, d))?;
-        let x = self
-            .out_proj
-            .forward_with(&attended, Some(&residual), Activation::None)?;
+        let x = self.out_proj.forward_add(&attended, &residual)?;
         let h =
             self.fc1
                 .forward_with(&self.layer_norm2.forward(&x)?, None, Activation::QuickGelu)?;
-        self.fc2.forward_with(&h, Some(&x), Activation::None)
+        self.fc2.forward_add(&h, &x)
     }
 }
 

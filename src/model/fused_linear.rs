@@ -45,7 +45,7 @@ impl Activation {
 }
 
 /// quick-GELU from candle's own operations.
-pub fn quick_gelu_composite(x: &Tensor) -> Result<Tensor> {
+fn quick_gelu_composite(x: &Tensor) -> Result<Tensor> {
     x * candle_nn::ops::sigmoid(&(x * 1.702f64)?)?
 }
 
@@ -67,7 +67,7 @@ impl FusedLinear {
     pub fn new(weight: Tensor, bias: Tensor) -> Self {
         #[cfg(feature = "mkl")]
         if let Some(packed) = mkl_packed::PackedWeight::new(&weight) {
-            // The packed copy replaces the weight, so the layer holds its weights once.
+            // The packed copy replaces the weight (MKL's layout is somewhat larger).
             return Self {
                 weight: Weight::Packed(packed),
                 bias,
@@ -85,6 +85,11 @@ impl FusedLinear {
             vb.get((out_dim, in_dim), "weight")?,
             vb.get(out_dim, "bias")?,
         ))
+    }
+
+    /// `x Wᵀ + b + residual`, where `residual` has the output's shape.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Some(residual), Activation::None)
     }
 
     /// `activation(x Wᵀ + b + residual)`; `residual`, when given, has the output's shape.
@@ -168,7 +173,7 @@ impl FusedLinearOp<'_> {
         let x = f32_slice(x, x_layout, "input")?;
         let bias = f32_slice(bias, bias_layout, "bias")?;
         let dims = x_layout.shape().dims();
-        if dims.last() != Some(&in_dim) || bias.len() != out_dim {
+        if in_dim == 0 || dims.last() != Some(&in_dim) || bias.len() != out_dim {
             candle_core::bail!(
                 "fused linear: input {:?}, weight ({out_dim}, {in_dim}), bias {}",
                 dims,
@@ -559,9 +564,7 @@ mod tests {
         assert_eq!(fused.dims(), plain.dims());
         assert!(max_difference(&fused, &plain) < 1e-5);
 
-        let with_residual = layer
-            .forward_with(&x, Some(&residual), Activation::None)
-            .unwrap();
+        let with_residual = layer.forward_add(&x, &residual).unwrap();
         assert!(max_difference(&with_residual, &(&plain + &residual).unwrap()) < 1e-5);
 
         let activated = layer
