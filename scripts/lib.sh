@@ -25,6 +25,9 @@ ensure_tools() {
   ensure_command redis-server redis-server
   ensure_command redis-cli redis-tools
   ensure_command ffmpeg ffmpeg
+  # libjpeg-turbo is built from its bundled source (src/source/image_decode.rs).
+  ensure_command cmake cmake
+  ensure_command nasm nasm
   ensure_command cargo cargo || { say "Rust (cargo) is needed: see https://rustup.rs"; return 1; }
 }
 

@@ -14,6 +14,8 @@ pub mod load;
 pub mod make;
 #[cfg(test)]
 mod parity;
+#[cfg(test)]
+mod parity_jpeg;
 pub mod preprocess;
 #[cfg(test)]
 mod testutil;

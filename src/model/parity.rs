@@ -14,7 +14,7 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 /// The bound the brief sets on embedding and logit differences.
-const TOLERANCE: f32 = 1e-4;
+pub(super) const TOLERANCE: f32 = 1e-4;
 
 fn expected(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -50,7 +50,7 @@ fn expected(name: &str) -> Value {
     value
 }
 
-fn matrix(v: &Value) -> Vec<Vec<f32>> {
+pub(super) fn matrix(v: &Value) -> Vec<Vec<f32>> {
     v.as_array()
         .unwrap()
         .iter()
@@ -72,7 +72,7 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+pub(super) fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     assert_eq!(a.len(), b.len(), "row count");
     a.iter()
         .zip(b)
@@ -83,7 +83,7 @@ fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn to_rows(t: &Tensor) -> Vec<Vec<f32>> {
+pub(super) fn to_rows(t: &Tensor) -> Vec<Vec<f32>> {
     t.to_vec2::<f32>().unwrap()
 }
 
@@ -132,6 +132,17 @@ fn settings(kind: ModelType) -> ModelSettings {
     }
 }
 
+/// CLIP's logits per image, as transformers computes them: scaled cosine similarities.
+pub(super) fn clip_logits(model: &ClipModel, image: &Tensor, text: &Tensor) -> Tensor {
+    let norm = |t: &Tensor| t.broadcast_div(&t.sqr()?.sum_keepdim(1)?.sqrt()?);
+    (norm(image)
+        .unwrap()
+        .matmul(&norm(text).unwrap().t().unwrap())
+        .unwrap()
+        * model.logit_scale() as f64)
+        .unwrap()
+}
+
 #[test]
 fn clip_matches_transformers() {
     let exp = expected("clip.json");
@@ -159,13 +170,7 @@ fn clip_matches_transformers() {
     let image_diff = max_abs_diff(&to_rows(&image), &matrix(&exp["image_embeds"]));
     let text_diff = max_abs_diff(&to_rows(&text), &matrix(&exp["text_embeds"]));
 
-    let norm = |t: &Tensor| t.broadcast_div(&t.sqr()?.sum_keepdim(1)?.sqrt()?);
-    let logits = (norm(&image)
-        .unwrap()
-        .matmul(&norm(&text).unwrap().t().unwrap())
-        .unwrap()
-        * model.logit_scale() as f64)
-        .unwrap();
+    let logits = clip_logits(&model, &image, &text);
     let logit_diff = max_abs_diff(&to_rows(&logits), &matrix(&exp["logits_per_image"]));
     eprintln!(
         "clip parity: pixels {pixel_diff:e}, image embeds {image_diff:e}, \

@@ -11,6 +11,7 @@
 
 pub mod ffmpeg_args;
 pub mod hls;
+pub mod image_decode;
 pub mod redis_frames;
 
 use crate::frame::Frame;

@@ -5,6 +5,7 @@
 //! A bad entry (an unknown encoding, raw data of the wrong length, an image larger than
 //! MAX_FRAME_PIXELS) becomes an error entry for that frame and the stream goes on.
 
+use super::image_decode::{check_pixels, decode_image};
 use super::{BadFrame, Slot, SourceEvent};
 use crate::frame::Frame;
 use crate::sampler::Sampler;
@@ -14,7 +15,6 @@ use redis::Value;
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::io::Cursor;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -205,16 +205,6 @@ pub fn parse_entry(map: &mut HashMap<String, Value>) -> ParsedEntry {
 /// Decodes a payload into a frame. Image headers are read before anything is decoded, so an
 /// image bomb is refused by its declared size.
 pub fn decode_payload(payload: Payload, max_pixels: u64) -> Result<Frame, String> {
-    let check = |w: u32, h: u32| {
-        let pixels = u64::from(w) * u64::from(h);
-        if pixels > max_pixels {
-            Err(format!(
-                "image is {w}x{h} ({pixels} pixels), over MAX_FRAME_PIXELS={max_pixels}"
-            ))
-        } else {
-            Ok(())
-        }
-    };
     match payload {
         Payload::Raw {
             width,
@@ -222,7 +212,7 @@ pub fn decode_payload(payload: Payload, max_pixels: u64) -> Result<Frame, String
             format,
             data,
         } => {
-            check(width, height)?;
+            check_pixels(width, height, max_pixels)?;
             let pixels = (width as usize) * (height as usize);
             let (expected, name) = match format {
                 RawFormat::Rgb24 => (pixels * 3, "rgb24"),
@@ -246,38 +236,7 @@ pub fn decode_payload(payload: Payload, max_pixels: u64) -> Result<Frame, String
             };
             Frame::new(width, height, rgb).map_err(|e| e.to_string())
         }
-        Payload::Encoded(data) => {
-            let open = || {
-                image::ImageReader::new(Cursor::new(&data[..]))
-                    .with_guessed_format()
-                    .map_err(|e| format!("reading image: {e}"))
-            };
-            let reader = open()?;
-            match reader.format() {
-                Some(image::ImageFormat::Jpeg) | Some(image::ImageFormat::Png) => {}
-                _ => {
-                    return Err(
-                        "data is not a JPEG or PNG image (raw pixels need `format` rgb24 or gray8)"
-                            .into(),
-                    );
-                }
-            }
-            let (w, h) = reader
-                .into_dimensions()
-                .map_err(|e| format!("bad image header: {e}"))?;
-            check(w, h)?;
-            let mut reader = open()?;
-            let mut limits = image::Limits::default();
-            limits.max_image_width = Some(w);
-            limits.max_image_height = Some(h);
-            reader.limits(limits);
-            let img = reader
-                .decode()
-                .map_err(|e| format!("bad image data: {e}"))?;
-            let rgb = img.into_rgb8();
-            let (w, h) = rgb.dimensions();
-            Frame::new(w, h, Bytes::from(rgb.into_raw())).map_err(|e| e.to_string())
-        }
+        Payload::Encoded(data) => decode_image(&data, max_pixels),
     }
 }
 
@@ -499,6 +458,7 @@ fn permanent(e: &StoreError, key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Cursor;
 
     fn entry(fields: Vec<(&str, Vec<u8>)>) -> HashMap<String, Value> {
         fields
