@@ -18,7 +18,7 @@ use free_roam::model::blip::BlipModel;
 use free_roam::model::clip::ClipModel;
 use free_roam::model::load::{ModelFiles, select_device};
 use free_roam::model::{
-    DeviceChoice, ModelSettings, ModelSize, ModelType, PromptRef, VisionLanguageModel,
+    DeviceChoice, DtypeChoice, ModelSettings, ModelSize, ModelType, PromptRef, VisionLanguageModel,
     write_random_model,
 };
 use std::path::PathBuf;
@@ -119,14 +119,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
     let settings = ModelSettings {
         model_path: Some(dir.clone()),
+        dtype: std::env::var("DTYPE")
+            .ok()
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or_default(),
         ..ModelSettings::default()
     };
     let mut model = ClipModel::load(&ModelFiles::from_dir(&dir)?, device.clone(), &settings)?;
     p(format!(
-        "loaded in {:.0} ms on {}",
+        "loaded in {:.0} ms on {} dtype={}",
         t.elapsed().as_secs_f64() * 1000.0,
-        model.info().device
+        model.info().device,
+        model.info().dtype
     ));
+    if model.info().dtype != "f32" {
+        let reference = ClipModel::load(
+            &ModelFiles::from_dir(&dir)?,
+            device.clone(),
+            &ModelSettings {
+                dtype: DtypeChoice::F32,
+                ..settings.clone()
+            },
+        )?;
+        let pixels =
+            Tensor::randn(0f32, 1f32, (8, 3, 224, 224), &Device::Cpu)?.to_device(&device)?;
+        let a = model.image_embeddings_from_pixels(&pixels)?;
+        let b = reference.image_embeddings_from_pixels(&pixels)?;
+        let cosine = ((&a * &b)?.sum(1)? / ((a.sqr()?.sum(1)? * b.sqr()?.sum(1)?)?.sqrt()?))?
+            .to_vec1::<f32>()?;
+        p(format!(
+            "cosine against f32 over 8 random images: min {:.6}",
+            cosine.iter().copied().fold(1f32, f32::min)
+        ));
+    }
 
     for bs in [1usize, 8] {
         let pixels =

@@ -7,7 +7,12 @@
 # Environment:
 #   BENCH_KIND     clip (default) or blip: full-size BLIP captioning, 20 new tokens, against
 #                  scripts/bench-blip-pt.py (run when BENCH_PT is set; use few ITERS)
-#   CARGO_FEATURES extra features for the candle side, e.g. mkl (with MKLROOT set)
+#   CARGO_FEATURES extra features for the candle side; the build is the fast one for this
+#                  machine (scripts/lib.sh use_fast_build: mkl on x86_64), unless
+#                  FREE_ROAM_PLAIN_BUILD=1
+#   DTYPE          auto (default), f32 or bf16 for the candle side's image tower
+#   BENCH_PT_DTYPE f32 or bf16: also run scripts/bench-clip-pt.py (PyTorch, bf16 under
+#                  autocast) alternately with the candle side
 #   BENCH_PT       path to a PyTorch reference script taking a tag argument and ITERS from the
 #                  environment (the peers' bench_pt.py); unset: candle only
 #   PYTHON         the interpreter that has torch and transformers (default: python3)
@@ -20,7 +25,9 @@ passes="${1:-2}"
 iters="${2:-10}"
 python="${PYTHON:-python3}"
 
-cargo build --release --example bench_model ${CARGO_FEATURES:+--features "$CARGO_FEATURES"}
+. scripts/lib.sh
+use_fast_build
+cargo build --release --example bench_model ${FEATURES:+--features "$FEATURES"}
 # An mkl build loads MKL's OpenMP runtime from there (docs/models.md).
 if [[ -n "${MKLROOT:-}" ]]; then
     export LD_LIBRARY_PATH="$MKLROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -47,5 +54,9 @@ for pass in $(seq 1 "$passes"); do
     "$bench" "pass$pass" "$iters"
     if [[ -n "${BENCH_PT:-}" ]]; then
         ITERS="$iters" "$python" "$BENCH_PT" "pass$pass" | grep '^\[torch'
+    fi
+    if [[ -n "${BENCH_PT_DTYPE:-}" ]]; then
+        ITERS="$iters" "$python" scripts/bench-clip-pt.py "pass$pass" "$BENCH_PT_DTYPE" \
+            | grep '^\[torch'
     fi
 done

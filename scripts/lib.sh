@@ -25,10 +25,59 @@ ensure_tools() {
   ensure_command redis-server redis-server
   ensure_command redis-cli redis-tools
   ensure_command ffmpeg ffmpeg
+  ensure_build_tools
+}
+
+# ensure_build_tools: what building the worker needs.
+ensure_build_tools() {
   # libjpeg-turbo is built from its bundled source (src/source/image_decode.rs).
   ensure_command cmake cmake
   ensure_command nasm nasm
   ensure_command cargo cargo || { say "Rust (cargo) is needed: see https://rustup.rs"; return 1; }
+}
+
+# The fast build. On x86_64 the worker links Intel MKL statically, OpenMP runtime included
+# (docs/models.md), so it starts with no library path set; MKL comes from PyPI by package
+# name into .deps/mkl (ignored by git) on first need. Elsewhere, where MKL cannot be had, or
+# with FREE_ROAM_PLAIN_BUILD=1, the plain build is used and one line says what it costs.
+MKL_DIR=${MKL_DIR:-$(pwd)/.deps/mkl}
+PLAIN_BUILD_COST="CLIP then runs at about 1.5x to 1.8x PyTorch's time per frame instead of at or under it (BENCHMARKS.md)"
+
+# ensure_mkl: installs MKL's static libraries, headers and OpenMP runtime into $MKL_DIR.
+ensure_mkl() {
+  [ -f "$MKL_DIR/include/mkl.h" ] && [ -f "$MKL_DIR/lib/libiomp5.a" ] && return 0
+  command -v python3 >/dev/null 2>&1 || { say "python3 (with pip) is needed to fetch MKL"; return 1; }
+  say "installing Intel MKL from PyPI into $MKL_DIR (once; about 300 MB to download)"
+  local tmp="$MKL_DIR.partial"
+  rm -rf "$tmp"
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps --ignore-installed \
+      --prefix "$tmp" mkl-static mkl-include intel-openmp >&2 || { rm -rf "$tmp"; return 1; }
+  # Without the shared OpenMP runtime beside it the linker takes libiomp5.a: the binary then
+  # needs no LD_LIBRARY_PATH. Only the libraries the lp64 OpenMP build links are kept.
+  mkdir -p "$tmp/keep"
+  mv "$tmp"/lib/libmkl_intel_lp64.a "$tmp"/lib/libmkl_intel_thread.a "$tmp"/lib/libmkl_core.a \
+     "$tmp"/lib/libiomp5.a "$tmp/keep/"
+  rm -rf "$tmp/lib" "$tmp/opt" "$tmp/share"
+  mv "$tmp/keep" "$tmp/lib"
+  rm -rf "$MKL_DIR"
+  mkdir -p "$(dirname "$MKL_DIR")"
+  mv "$tmp" "$MKL_DIR"
+}
+
+# use_fast_build: sets FEATURES to the cargo features of the fast build for this machine
+# (adding to CARGO_FEATURES) and exports MKLROOT when it is the mkl build.
+use_fast_build() {
+  FEATURES=${CARGO_FEATURES:-}
+  if [ -n "${FREE_ROAM_PLAIN_BUILD:-}" ]; then
+    say "plain build (FREE_ROAM_PLAIN_BUILD is set): $PLAIN_BUILD_COST"
+  elif [ "$(uname -m)" != x86_64 ]; then
+    say "plain build: Intel MKL is for x86_64 and this is $(uname -m). $PLAIN_BUILD_COST"
+  elif ensure_mkl; then
+    export MKLROOT=$MKL_DIR
+    case ",$FEATURES," in *,mkl,*) ;; *) FEATURES="mkl${FEATURES:+,$FEATURES}" ;; esac
+  else
+    say "plain build: Intel MKL could not be installed from PyPI. $PLAIN_BUILD_COST"
+  fi
 }
 
 free_port() {

@@ -71,6 +71,11 @@ pub const SETTINGS: &[Setting] = &[
         "auto, cpu or cuda (cuda needs a build with the `cuda` feature).",
     ),
     s(
+        "DTYPE",
+        Some("auto"),
+        "Number format of the image towers' matrix products: auto, f32 or bf16. auto picks bf16 in an mkl build on an Intel CPU with AMX-BF16 or AVX512-BF16, else f32; bf16 elsewhere is an error (docs/models.md).",
+    ),
+    s(
         "DEFAULT_FPS",
         Some("2.0"),
         "Frames per second sampled when a job gives no fps; (0, 30].",
@@ -217,6 +222,7 @@ pub struct Config {
     pub model_path: Option<PathBuf>,
     pub model_id: Option<String>,
     pub device: String,
+    pub dtype: String,
     pub default_fps: f64,
     pub default_prompt: String,
     pub max_batch_size: usize,
@@ -413,6 +419,7 @@ impl Config {
             model_path: r.raw("MODEL_PATH").map(PathBuf::from),
             model_id: r.raw("MODEL_ID"),
             device: r.one_of("DEVICE", &["auto", "cpu", "cuda"])?,
+            dtype: r.one_of("DTYPE", &["auto", "f32", "bf16"])?,
             default_fps: r.parse("DEFAULT_FPS", "a number in (0, 30]", |f: &f64| {
                 f.is_finite() && *f > 0.0 && *f <= crate::job::MAX_FPS
             })?,

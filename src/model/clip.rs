@@ -25,7 +25,10 @@
 //! `detected` lists the phrases whose probability is over the detect threshold.
 
 use super::clip_vision::VisionTower;
-use super::load::{ModelFiles, ModelSettings, TensorSpec, Weights, device_name, read_config};
+use super::fused_linear::MatmulPrecision;
+use super::load::{
+    ModelFiles, ModelSettings, TensorSpec, Weights, device_name, read_config, resolve_precision,
+};
 use super::preprocess::Preprocessor;
 use super::tokenizer::{self, CLIP_EOS};
 use super::{Frame, ModelError, ModelInfo, PromptRef, VisionLanguageModel};
@@ -308,9 +311,13 @@ struct ClipNet {
 }
 
 impl ClipNet {
-    fn new(spec: &ClipSpec, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(
+        spec: &ClipSpec,
+        vb: VarBuilder,
+        precision: MatmulPrecision,
+    ) -> candle_core::Result<Self> {
         let text = ClipTextTransformer::new(vb.pp("text_model"), &spec.text)?;
-        let vision = VisionTower::new(vb.pp("vision_model"), &spec.vision)?;
+        let vision = VisionTower::new(vb.pp("vision_model"), &spec.vision, precision)?;
         let visual_projection = candle_nn::linear_no_bias(
             spec.vision.embed_dim,
             spec.projection_dim,
@@ -377,7 +384,9 @@ impl ClipModel {
         }
         let weights = Weights::open(&files.weights)?;
         weights.check(&spec.tensor_specs(), &[])?;
-        let net = ClipNet::new(&spec, weights.var_builder(&device))
+        let (precision, why) = resolve_precision(settings.dtype, &device)?;
+        tracing::info!(dtype = %precision, "CLIP image tower: {why}");
+        let net = ClipNet::new(&spec, weights.var_builder(&device), precision)
             .map_err(|e| ModelError::Load(format!("building CLIP: {e}")))?;
         Ok(Self {
             info: ModelInfo {
@@ -385,7 +394,7 @@ impl ClipModel {
                 task: "zero-shot-detection".into(),
                 input_size: spec.vision.image_size as u32,
                 device: device_name(&device),
-                dtype: "f32".into(),
+                dtype: precision.to_string(),
             },
             net,
             tokenizer,
@@ -785,5 +794,51 @@ mod tests {
             ["fire in the kitchen"]
         );
         assert!(prompt_phrases(" , ; and ").is_empty());
+    }
+
+    /// The bf16 image tower stays within cosine 0.9999 of the f32 one on the parity frames.
+    #[cfg(feature = "mkl")]
+    #[test]
+    fn bf16_image_embeddings_stay_close_to_f32() {
+        use crate::model::DtypeChoice;
+        let files = ModelFiles::from_dir(tiny_model(ModelType::Clip)).unwrap();
+        let embed = |dtype| {
+            let settings = ModelSettings {
+                dtype,
+                ..ModelSettings::default()
+            };
+            let model = ClipModel::load(&files, Device::Cpu, &settings).unwrap();
+            let frames = frames();
+            let refs: Vec<&Frame> = frames.iter().collect();
+            let pixels = model.preprocessor().batch(&refs, &Device::Cpu).unwrap();
+            (
+                model.info().dtype.clone(),
+                model.image_embeddings_from_pixels(&pixels).unwrap(),
+            )
+        };
+        let (f32_name, f32_rows) = embed(DtypeChoice::F32);
+        let (bf16_name, bf16_rows) = embed(DtypeChoice::Bf16);
+        assert_eq!((f32_name.as_str(), bf16_name.as_str()), ("f32", "bf16"));
+        let cosine = (f32_rows.clone() * &bf16_rows)
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .broadcast_div(
+                &(f32_rows.sqr().unwrap().sum(1).unwrap()
+                    * bf16_rows.sqr().unwrap().sum(1).unwrap())
+                .unwrap()
+                .sqrt()
+                .unwrap(),
+            )
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let worst = cosine.iter().copied().fold(1f32, f32::min);
+        eprintln!("bf16 against f32 image embeddings: lowest cosine {worst}");
+        assert!(worst >= 0.9999, "cosine {worst}");
+        assert_ne!(
+            f32_rows.to_vec2::<f32>().unwrap(),
+            bf16_rows.to_vec2::<f32>().unwrap()
+        );
     }
 }

@@ -11,7 +11,7 @@
 //!   pooled output reads, so the other 49 rows of the last MLP would be thrown away.
 
 use super::cpu_kernels;
-use super::fused_linear::{Activation, FusedLinear};
+use super::fused_linear::{Activation, FusedLinear, MatmulPrecision};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use candle_transformers::models::clip::vision_model::ClipVisionConfig;
@@ -31,7 +31,7 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(vb: VarBuilder, c: &ClipVisionConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, c: &ClipVisionConfig, precision: MatmulPrecision) -> Result<Self> {
         let d = c.embed_dim;
         let attn = vb.pp("self_attn");
         let scale = ((d / c.num_attention_heads) as f64).powf(-0.5);
@@ -42,17 +42,19 @@ impl EncoderLayer {
         let (qw, qb) = part("q_proj")?;
         let (kw, kb) = part("k_proj")?;
         let (vw, vb_) = part("v_proj")?;
-        let qkv = FusedLinear::new(
+        let qkv = FusedLinear::new_as(
             Tensor::cat(&[(qw * scale)?, kw, vw], 0)?,
             Tensor::cat(&[(qb * scale)?, kb, vb_], 0)?,
+            precision,
         );
+        let linear = |i, o, vb| FusedLinear::load_as(i, o, vb, precision);
         Ok(Self {
             layer_norm1: candle_nn::layer_norm(d, LAYER_NORM_EPS, vb.pp("layer_norm1"))?,
             qkv,
-            out_proj: FusedLinear::load(d, d, attn.pp("out_proj"))?,
+            out_proj: linear(d, d, attn.pp("out_proj"))?,
             layer_norm2: candle_nn::layer_norm(d, LAYER_NORM_EPS, vb.pp("layer_norm2"))?,
-            fc1: FusedLinear::load(d, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: FusedLinear::load(c.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
+            fc1: linear(d, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(c.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
             heads: c.num_attention_heads,
         })
     }
@@ -101,8 +103,9 @@ pub struct VisionTower {
 }
 
 impl VisionTower {
-    /// Reads the tower from `vb` at `vision_model`'s level.
-    pub fn new(vb: VarBuilder, c: &ClipVisionConfig) -> Result<Self> {
+    /// Reads the tower from `vb` at `vision_model`'s level; its linear layers multiply in
+    /// `precision`.
+    pub fn new(vb: VarBuilder, c: &ClipVisionConfig, precision: MatmulPrecision) -> Result<Self> {
         let d = c.embed_dim;
         let grid = c.image_size / c.patch_size;
         let emb = vb.pp("embeddings");
@@ -118,7 +121,7 @@ impl VisionTower {
         let patch_positions = positions.narrow(0, 1, grid * grid)?.unsqueeze(0)?;
         let encoder = vb.pp("encoder").pp("layers");
         let layers = (0..c.num_hidden_layers)
-            .map(|i| EncoderLayer::new(encoder.pp(i), c))
+            .map(|i| EncoderLayer::new(encoder.pp(i), c, precision))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             patch_weight,

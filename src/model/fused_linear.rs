@@ -49,6 +49,29 @@ fn quick_gelu_composite(x: &Tensor) -> Result<Tensor> {
     x * candle_nn::ops::sigmoid(&(x * 1.702f64)?)?
 }
 
+/// The number format of a layer's matrix product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MatmulPrecision {
+    /// f32 inputs, f32 accumulation.
+    #[default]
+    F32,
+    /// bf16 weight and inputs, f32 accumulation and output: MKL's bf16 product, which runs
+    /// on AMX or AVX512-BF16 where the CPU has them. Bias, residual, activation and
+    /// everything outside the product stay f32. Only an mkl build on the CPU has it; a
+    /// layer asked for bf16 anywhere else stays f32 (`model::load` refuses `DTYPE=bf16`
+    /// there, so this happens only in tests).
+    Bf16,
+}
+
+impl std::fmt::Display for MatmulPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
 enum Weight {
     /// `(out, in)`, as stored.
     Tensor(Tensor),
@@ -64,26 +87,45 @@ pub struct FusedLinear {
 }
 
 impl FusedLinear {
+    /// An f32 layer.
     pub fn new(weight: Tensor, bias: Tensor) -> Self {
+        Self::new_as(weight, bias, MatmulPrecision::F32)
+    }
+
+    /// A layer whose product runs in `precision` (see [`MatmulPrecision`]).
+    pub fn new_as(weight: Tensor, bias: Tensor, precision: MatmulPrecision) -> Self {
         #[cfg(feature = "mkl")]
-        if let Some(packed) = mkl_packed::PackedWeight::new(&weight) {
+        if let Some(packed) = mkl_packed::PackedWeight::new(&weight, precision) {
             // The packed copy replaces the weight (MKL's layout is somewhat larger).
             return Self {
                 weight: Weight::Packed(packed),
                 bias,
             };
         }
+        #[cfg(not(feature = "mkl"))]
+        let _ = precision;
         Self {
             weight: Weight::Tensor(weight),
             bias,
         }
     }
 
-    /// Reads `weight` and `bias` from `vb`, as `candle_nn::linear` does.
+    /// Reads `weight` and `bias` from `vb`, as `candle_nn::linear` does: an f32 layer.
     pub fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self::new(
+        Self::load_as(in_dim, out_dim, vb, MatmulPrecision::F32)
+    }
+
+    /// Reads `weight` and `bias` from `vb`, for a product in `precision`.
+    pub fn load_as(
+        in_dim: usize,
+        out_dim: usize,
+        vb: VarBuilder,
+        precision: MatmulPrecision,
+    ) -> Result<Self> {
+        Ok(Self::new_as(
             vb.get((out_dim, in_dim), "weight")?,
             vb.get(out_dim, "bias")?,
+            precision,
         ))
     }
 
@@ -395,10 +437,13 @@ fn accumulate_product(
 
 /// Weights kept in MKL's packed format, so that a product does not re-pack the weight into
 /// its kernel's layout every call (that copy took about a tenth of CLIP's image tower).
+/// A bf16 weight is rounded to bf16 once, here, and each product rounds its input rows.
 #[cfg(feature = "mkl")]
 mod mkl_packed {
+    use super::MatmulPrecision;
     use candle_core::{DType, Storage, Tensor};
     use std::alloc::Layout;
+    use std::cell::RefCell;
 
     const ROW_MAJOR: i32 = 101;
     const NO_TRANSPOSE: i32 = 111;
@@ -439,12 +484,46 @@ mod mkl_packed {
             c: *mut f32,
             ldc: i32,
         );
+        fn cblas_gemm_bf16bf16f32_pack_get_size(identifier: i32, m: i32, n: i32, k: i32) -> usize;
+        fn cblas_gemm_bf16bf16f32_pack(
+            layout: i32,
+            identifier: i32,
+            trans: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            src: *const u16,
+            ld: i32,
+            dest: *mut u16,
+        );
+        fn cblas_gemm_bf16bf16f32_compute(
+            layout: i32,
+            transa: i32,
+            transb: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const u16,
+            lda: i32,
+            b: *const u16,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+    }
+
+    thread_local! {
+        /// Each product's input rows, rounded to bf16: reused across calls.
+        static BF16_ROWS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     }
 
     /// A `(out, in)` weight packed as the right-hand `Wᵀ` of `x Wᵀ`.
     pub struct PackedWeight {
-        data: *mut f32,
+        data: *mut u8,
         layout: Layout,
+        precision: MatmulPrecision,
         out_dim: i32,
         in_dim: i32,
     }
@@ -454,9 +533,9 @@ mod mkl_packed {
     unsafe impl Sync for PackedWeight {}
 
     impl PackedWeight {
-        /// Packs a contiguous CPU f32 weight; `None` for anything else (the caller then
-        /// keeps it unpacked).
-        pub fn new(weight: &Tensor) -> Option<Self> {
+        /// Packs a contiguous CPU f32 weight for a product in `precision`; `None` for
+        /// anything else (the caller then keeps it unpacked).
+        pub fn new(weight: &Tensor, precision: MatmulPrecision) -> Option<Self> {
             if weight.dtype() != DType::F32 {
                 return None;
             }
@@ -468,34 +547,61 @@ mod mkl_packed {
             };
             let (start, end) = layout.contiguous_offsets()?;
             let src = &data[start..end];
-            // SAFETY: a pure size query.
-            let bytes = unsafe { cblas_sgemm_pack_get_size(B_MATRIX, ROWS_HINT, out_dim, in_dim) };
+            // SAFETY: pure size queries.
+            let bytes = unsafe {
+                match precision {
+                    MatmulPrecision::F32 => {
+                        cblas_sgemm_pack_get_size(B_MATRIX, ROWS_HINT, out_dim, in_dim)
+                    }
+                    MatmulPrecision::Bf16 => {
+                        cblas_gemm_bf16bf16f32_pack_get_size(B_MATRIX, ROWS_HINT, out_dim, in_dim)
+                    }
+                }
+            };
             let buffer = Layout::from_size_align(bytes.max(4), 64).ok()?;
             // SAFETY: non-zero size; freed in Drop with the same layout. MKL asks that the
             // packed buffer never moves, and it does not: it lives until Drop.
-            let packed = unsafe { std::alloc::alloc(buffer) } as *mut f32;
+            let packed = unsafe { std::alloc::alloc(buffer) };
             if packed.is_null() {
                 return None;
             }
             // SAFETY: `src` holds out_dim × in_dim values, row-major (ld = in_dim), and
             // `packed` has the size MKL asked for.
             unsafe {
-                cblas_sgemm_pack(
-                    ROW_MAJOR,
-                    B_MATRIX,
-                    TRANSPOSE,
-                    ROWS_HINT,
-                    out_dim,
-                    in_dim,
-                    1.0,
-                    src.as_ptr(),
-                    in_dim,
-                    packed,
-                )
+                match precision {
+                    MatmulPrecision::F32 => cblas_sgemm_pack(
+                        ROW_MAJOR,
+                        B_MATRIX,
+                        TRANSPOSE,
+                        ROWS_HINT,
+                        out_dim,
+                        in_dim,
+                        1.0,
+                        src.as_ptr(),
+                        in_dim,
+                        packed as *mut f32,
+                    ),
+                    MatmulPrecision::Bf16 => {
+                        let mut rounded = vec![0u16; src.len()];
+                        super::cpu_kernels::round_to_bf16(src, &mut rounded);
+                        cblas_gemm_bf16bf16f32_pack(
+                            ROW_MAJOR,
+                            B_MATRIX,
+                            TRANSPOSE,
+                            ROWS_HINT,
+                            out_dim,
+                            in_dim,
+                            rounded.as_ptr(),
+                            in_dim,
+                            packed as *mut u16,
+                        )
+                    }
+                }
             };
             Some(Self {
                 data: packed,
                 layout: buffer,
+                precision,
                 out_dim,
                 in_dim,
             })
@@ -511,23 +617,49 @@ mod mkl_packed {
             let rows = i32::try_from(rows).expect("rows fit MKL's 32-bit sizes");
             assert_eq!(x.len(), rows as usize * self.in_dim as usize);
             assert_eq!(out.len(), rows as usize * self.out_dim as usize);
-            // SAFETY: sizes checked above; the packed weight matches out_dim × in_dim.
-            unsafe {
-                cblas_sgemm_compute(
-                    ROW_MAJOR,
-                    NO_TRANSPOSE,
-                    PACKED,
-                    rows,
-                    self.out_dim,
-                    self.in_dim,
-                    x.as_ptr(),
-                    self.in_dim,
-                    self.data,
-                    self.in_dim,
-                    1.0,
-                    out.as_mut_ptr(),
-                    self.out_dim,
-                )
+            match self.precision {
+                // SAFETY: sizes checked above; the packed weight matches out_dim × in_dim.
+                MatmulPrecision::F32 => unsafe {
+                    cblas_sgemm_compute(
+                        ROW_MAJOR,
+                        NO_TRANSPOSE,
+                        PACKED,
+                        rows,
+                        self.out_dim,
+                        self.in_dim,
+                        x.as_ptr(),
+                        self.in_dim,
+                        self.data as *const f32,
+                        self.in_dim,
+                        1.0,
+                        out.as_mut_ptr(),
+                        self.out_dim,
+                    )
+                },
+                MatmulPrecision::Bf16 => BF16_ROWS.with(|cell| {
+                    let mut rounded = cell.borrow_mut();
+                    rounded.resize(x.len(), 0);
+                    super::cpu_kernels::round_to_bf16(x, &mut rounded);
+                    // SAFETY: as above; `rounded` holds the rows × in_dim input.
+                    unsafe {
+                        cblas_gemm_bf16bf16f32_compute(
+                            ROW_MAJOR,
+                            NO_TRANSPOSE,
+                            PACKED,
+                            rows,
+                            self.out_dim,
+                            self.in_dim,
+                            1.0,
+                            rounded.as_ptr(),
+                            self.in_dim,
+                            self.data as *const u16,
+                            self.in_dim,
+                            1.0,
+                            out.as_mut_ptr(),
+                            self.out_dim,
+                        )
+                    }
+                }),
             }
         }
     }
@@ -535,7 +667,7 @@ mod mkl_packed {
     impl Drop for PackedWeight {
         fn drop(&mut self) {
             // SAFETY: allocated in `new` with this layout.
-            unsafe { std::alloc::dealloc(self.data as *mut u8, self.layout) }
+            unsafe { std::alloc::dealloc(self.data, self.layout) }
         }
     }
 }
@@ -575,6 +707,50 @@ mod tests {
 
         let gelu = layer.forward_with(&x, None, Activation::GeluErf).unwrap();
         assert!(max_difference(&gelu, &plain.gelu_erf().unwrap()) < 1e-5);
+    }
+
+    /// The bf16 product equals f32 arithmetic on bf16-rounded weight and input, up to the
+    /// order of the f32 accumulation.
+    #[cfg(feature = "mkl")]
+    #[test]
+    fn a_bf16_product_multiplies_rounded_values_and_accumulates_in_f32() {
+        let dev = Device::Cpu;
+        let (rows, in_dim, out_dim) = (37, 96, 130);
+        let weight = Tensor::randn(0f32, 0.2, (out_dim, in_dim), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, out_dim, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (rows, in_dim), &dev).unwrap();
+        let residual = Tensor::randn(0f32, 1.0, (rows, out_dim), &dev).unwrap();
+        let layer = FusedLinear::new_as(weight.clone(), bias.clone(), MatmulPrecision::Bf16);
+        let got = layer.forward_add(&x, &residual).unwrap();
+
+        let rounded = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+        };
+        let expected = rounded(&x)
+            .matmul(&rounded(&weight).t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .add(&residual.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let diff = max_difference(&got, &expected);
+        assert!(diff < 1e-4, "bf16 product off its definition by {diff}");
+        // And it really rounds: plain f32 differs by about bf16's precision.
+        let f32_diff = max_difference(
+            &got,
+            &FusedLinear::new(weight, bias)
+                .forward_add(&x, &residual)
+                .unwrap(),
+        );
+        assert!(
+            f32_diff > 1e-4 && f32_diff < 0.1,
+            "f32 against bf16: {f32_diff}"
+        );
     }
 
     #[test]

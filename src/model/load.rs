@@ -1,8 +1,10 @@
 //! Choosing and loading a model: the settings the binary passes in (`MODEL_TYPE`,
-//! `MODEL_PATH`, `MODEL_ID`, `DEVICE`, ...), finding the files in a local folder or on the
+//! `MODEL_PATH`, `MODEL_ID`, `DEVICE`, `DTYPE`, ...), finding the files in a local folder or on the
 //! Hugging Face hub, picking the device, and opening safetensors weights with a check that
 //! every tensor the architecture needs is really there.
 
+use super::cpu_kernels;
+use super::fused_linear::MatmulPrecision;
 use super::{ModelError, VisionLanguageModel, blip::BlipModel, clip::ClipModel};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, DeviceLocation};
@@ -130,6 +132,64 @@ impl fmt::Display for DeviceChoice {
     }
 }
 
+/// The number format of the image towers' matrix products (`DTYPE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DtypeChoice {
+    /// bf16 where it is fast (an mkl build, on the CPU, where the CPU is an Intel one with
+    /// AMX-BF16 or AVX512-BF16), else f32.
+    #[default]
+    Auto,
+    F32,
+    /// bf16 products; an error where the build has no bf16 path (not mkl, or not the CPU).
+    Bf16,
+}
+
+impl FromStr for DtypeChoice {
+    type Err = ParseSettingError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(DtypeChoice::Auto),
+            "f32" | "fp32" | "float32" => Ok(DtypeChoice::F32),
+            "bf16" | "bfloat16" => Ok(DtypeChoice::Bf16),
+            _ => Err(ParseSettingError {
+                setting: "DTYPE",
+                expected: "auto, f32, bf16",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+/// What `DTYPE` comes to on this build, device and CPU, with the reason to log.
+pub fn resolve_precision(
+    choice: DtypeChoice,
+    device: &Device,
+) -> Result<(MatmulPrecision, String), ModelError> {
+    let has_bf16_path = cfg!(feature = "mkl") && device.is_cpu();
+    match choice {
+        DtypeChoice::F32 => Ok((MatmulPrecision::F32, "DTYPE=f32".into())),
+        DtypeChoice::Bf16 if has_bf16_path => Ok((MatmulPrecision::Bf16, "DTYPE=bf16".into())),
+        DtypeChoice::Bf16 => Err(ModelError::Load(
+            "DTYPE=bf16 needs the mkl build (scripts/build) on the CPU; use DTYPE=auto or f32"
+                .into(),
+        )),
+        DtypeChoice::Auto if !has_bf16_path => Ok((
+            MatmulPrecision::F32,
+            "DTYPE=auto: f32, this build has no bf16 path (not mkl, or not the CPU)".into(),
+        )),
+        DtypeChoice::Auto => match cpu_kernels::bf16_matrix_unit() {
+            Some(unit) => Ok((
+                MatmulPrecision::Bf16,
+                format!("DTYPE=auto: bf16, this CPU has {unit}"),
+            )),
+            None => Ok((
+                MatmulPrecision::F32,
+                "DTYPE=auto: f32, this CPU is not an Intel one with AMX-BF16 or AVX512-BF16".into(),
+            )),
+        },
+    }
+}
+
 /// Everything needed to load a model, already validated by the binary.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSettings {
@@ -140,6 +200,8 @@ pub struct ModelSettings {
     /// A hub model id (`owner/name`); defaults to [`ModelType::default_model_id`].
     pub model_id: Option<String>,
     pub device: DeviceChoice,
+    /// The image towers' matrix products: f32 or bf16.
+    pub dtype: DtypeChoice,
     /// BLIP: the most tokens a caption may add after the prompt.
     pub max_new_tokens: usize,
     /// CLIP: the probability over which a phrase is listed in `detected`.
@@ -153,6 +215,7 @@ impl Default for ModelSettings {
             model_path: None,
             model_id: None,
             device: DeviceChoice::Auto,
+            dtype: DtypeChoice::Auto,
             max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
             detect_threshold: DEFAULT_DETECT_THRESHOLD,
         }

@@ -22,8 +22,8 @@ mod testutil;
 pub mod tokenizer;
 
 pub use load::{
-    DEFAULT_DETECT_THRESHOLD, DEFAULT_MAX_NEW_TOKENS, DeviceChoice, ModelSettings, ModelType,
-    ParseSettingError, load_model,
+    DEFAULT_DETECT_THRESHOLD, DEFAULT_MAX_NEW_TOKENS, DeviceChoice, DtypeChoice, ModelSettings,
+    ModelType, ParseSettingError, load_model,
 };
 pub use make::{ModelSize, write_random_model};
 

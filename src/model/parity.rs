@@ -6,7 +6,7 @@
 use super::Frame;
 use super::blip::BlipModel;
 use super::clip::ClipModel;
-use super::load::{ModelFiles, ModelSettings, ModelType};
+use super::load::{DtypeChoice, ModelFiles, ModelSettings, ModelType};
 use super::make::{ModelSize, write_random_model};
 use super::testutil::{IMAGES, SEED, frames, tiny_model};
 use candle_core::{Device, Tensor};
@@ -128,6 +128,8 @@ fn settings(kind: ModelType) -> ModelSettings {
     ModelSettings {
         model_type: kind,
         model_path: Some(tiny_model(kind).to_path_buf()),
+        // Parity is shown for the f32 path; bf16 is compared with f32 (fused_linear).
+        dtype: DtypeChoice::F32,
         ..ModelSettings::default()
     }
 }

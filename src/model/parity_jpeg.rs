@@ -4,7 +4,7 @@
 
 use super::Frame;
 use super::clip::ClipModel;
-use super::load::{ModelFiles, ModelSettings, ModelType};
+use super::load::{DtypeChoice, ModelFiles, ModelSettings, ModelType};
 use super::parity::{TOLERANCE, clip_logits, matrix, max_abs_diff, to_rows};
 use super::testutil::{SEED, tiny_model};
 use crate::source::image_decode::decode_image;
@@ -32,6 +32,8 @@ fn clip_on_jpeg_frames_matches_transformers_on_pil() {
     let settings = ModelSettings {
         model_type: ModelType::Clip,
         model_path: Some(tiny_model(ModelType::Clip).to_path_buf()),
+        // Parity is shown for the f32 path; bf16 is compared with f32 (fused_linear).
+        dtype: DtypeChoice::F32,
         ..ModelSettings::default()
     };
     let files = ModelFiles::from_dir(tiny_model(ModelType::Clip)).unwrap();

@@ -97,7 +97,7 @@ pub async fn run(config: Config) -> ExitCode {
         }
     };
     let info: ModelInfo = model.info().clone();
-    tracing::info!(model = %info.name, device = %info.device, "model loaded");
+    tracing::info!(model = %info.name, device = %info.device, dtype = %info.dtype, "model loaded");
     state.set_model(serde_json::to_value(&info).unwrap_or_default());
 
     let (body, engine) = build_body(&config, model, store.clone(), metrics.clone());
@@ -148,17 +148,19 @@ fn spawn_signal_handler(shutdown: CancellationToken, bound: std::time::Duration)
 
 /// The model chosen by MODEL_TYPE.
 fn load_model(config: &Config) -> Result<Box<dyn VisionLanguageModel>, String> {
-    use free_roam::model::{DeviceChoice, ModelSettings, ModelType, load_model};
+    use free_roam::model::{DeviceChoice, DtypeChoice, ModelSettings, ModelType, load_model};
     if config.model_type == "null" {
         return Ok(Box::new(free_roam::model::null::NullModel::new(224)));
     }
     let model_type: ModelType = config.model_type.parse().map_err(|e| format!("{e}"))?;
     let device: DeviceChoice = config.device.parse().map_err(|e| format!("{e}"))?;
+    let dtype: DtypeChoice = config.dtype.parse().map_err(|e| format!("{e}"))?;
     let settings = ModelSettings {
         model_type,
         model_path: config.model_path.clone(),
         model_id: config.model_id.clone(),
         device,
+        dtype,
         max_new_tokens: config.max_new_tokens,
         detect_threshold: config.detect_threshold,
     };
