@@ -3,22 +3,26 @@
 
 say() { printf '==> %s\n' "$*" >&2; }
 
-# ensure_command CMD PACKAGE: installs PACKAGE with apt-get when CMD is missing and we are
-# root; otherwise says exactly what to install.
-ensure_command() {
-  local cmd=$1 pkg=$2
-  command -v "$cmd" >/dev/null 2>&1 && return 0
+# apt_install PACKAGE WHY: installs PACKAGE with apt-get when we are root; otherwise says
+# exactly what to install.
+apt_install() {
+  local pkg=$1 why=$2
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    say "installing $pkg (for $cmd)"
+    say "installing $pkg ($why)"
     if [ -z "${FREE_ROAM_APT_UPDATED:-}" ]; then
       DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
       export FREE_ROAM_APT_UPDATED=1
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >&2
   else
-    say "missing: $cmd. Install the '$pkg' package (for example: sudo apt-get install -y $pkg)."
+    say "missing: $why. Install the '$pkg' package (for example: sudo apt-get install -y $pkg)."
     return 1
   fi
+}
+
+# ensure_command CMD PACKAGE: installs PACKAGE when CMD is missing.
+ensure_command() {
+  command -v "$1" >/dev/null 2>&1 || apt_install "$2" "the $1 command"
 }
 
 ensure_tools() {
@@ -26,6 +30,13 @@ ensure_tools() {
   ensure_command redis-cli redis-tools
   ensure_command ffmpeg ffmpeg
   ensure_command cargo cargo || { say "Rust (cargo) is needed: see https://rustup.rs"; return 1; }
+}
+
+# ensure_python_venv: python3 with its venv module (Debian splits it out), for the scripts
+# that install Python tools by package name into a venv.
+ensure_python_venv() {
+  ensure_command python3 python3
+  python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv "python3's venv module"
 }
 
 free_port() {
