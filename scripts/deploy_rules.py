@@ -92,6 +92,11 @@ check(stop > int(default_shutdown.group(1)) / 1000, "systemd: TimeoutStopSec mus
 dockerfile = (ROOT / "deploy/Dockerfile").read_text()
 check(f"127.0.0.1:{health_port}/health/live" in dockerfile, "Dockerfile: HEALTHCHECK probes /health/live on HEALTH_ADDR's port")
 check(re.search(r"^USER (?!0|root)", dockerfile, re.M) is not None, "Dockerfile: runs as a non-root user")
+# The image builds the way a bare machine does, so the script's checks cover it.
+check(re.search(r"^RUN .*scripts/build-release$", dockerfile, re.M) is not None,
+      "Dockerfile: the build stage runs scripts/build-release")
+check(re.search(r"^FROM .* AS build$", dockerfile, re.M) and dockerfile.count("\nFROM ") >= 1,
+      "Dockerfile: multi-stage")
 
 dashboard = json.loads((ROOT / "deploy/grafana/free-roam.json").read_text())
 check(dashboard.get("panels"), "grafana: the dashboard has panels")

@@ -152,7 +152,14 @@ async fn stream_length_never_wants_fewer_workers_than_running_jobs_need() {
     for (id, n) in &jobs {
         let hash = redis.hgetall(&keys.job(id));
         assert_eq!(hash["status"], "completed", "{id}: {hash:?}");
-        assert_eq!(hash["results"], n.to_string(), "{id}: {hash:?}");
+        let frames: Vec<String> = redis
+            .xrange(&keys.results(id))
+            .into_iter()
+            .filter(|(_, f)| f["kind"] == "result")
+            .map(|(_, f)| f["frame"].clone())
+            .collect();
+        let expected: Vec<String> = (0..*n).map(|i| i.to_string()).collect();
+        assert_eq!(frames, expected, "{id}: each result once, in order");
     }
     eprintln!(
         "most replicas {most_replicas}, workers started {started}, scale-ins {scale_ins}, \
