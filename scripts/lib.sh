@@ -3,22 +3,26 @@
 
 say() { printf '==> %s\n' "$*" >&2; }
 
-# ensure_command CMD PACKAGE: installs PACKAGE with apt-get when CMD is missing and we are
-# root; otherwise says exactly what to install.
-ensure_command() {
-  local cmd=$1 pkg=$2
-  command -v "$cmd" >/dev/null 2>&1 && return 0
+# apt_install PACKAGE WHY: installs PACKAGE with apt-get when we are root; otherwise says
+# exactly what to install.
+apt_install() {
+  local pkg=$1 why=$2
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    say "installing $pkg (for $cmd)"
+    say "installing $pkg ($why)"
     if [ -z "${FREE_ROAM_APT_UPDATED:-}" ]; then
       DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
       export FREE_ROAM_APT_UPDATED=1
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >&2
   else
-    say "missing: $cmd. Install the '$pkg' package (for example: sudo apt-get install -y $pkg)."
+    say "missing: $why. Install the '$pkg' package (for example: sudo apt-get install -y $pkg)."
     return 1
   fi
+}
+
+# ensure_command CMD PACKAGE: installs PACKAGE when CMD is missing.
+ensure_command() {
+  command -v "$1" >/dev/null 2>&1 || apt_install "$2" "the $1 command"
 }
 
 ensure_tools() {
@@ -36,6 +40,13 @@ ensure_build_tools() {
   ensure_command cargo cargo || { say "Rust (cargo) is needed: see https://rustup.rs"; return 1; }
 }
 
+# ensure_python_venv: python3 with its venv module (Debian splits it out), for the scripts
+# that install Python tools by package name into a venv.
+ensure_python_venv() {
+  ensure_command python3 python3
+  python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv "python3's venv module"
+}
+
 # The fast build. On x86_64 the worker links Intel MKL statically, OpenMP runtime included
 # (docs/models.md), so it starts with no library path set; MKL comes from PyPI by package
 # name into .deps/mkl (ignored by git) on first need. Elsewhere, where MKL cannot be had, or
@@ -46,18 +57,19 @@ PLAIN_BUILD_COST="CLIP then runs at about 1.5x to 1.8x PyTorch's time per frame 
 # ensure_mkl: installs MKL's static libraries, headers and OpenMP runtime into $MKL_DIR.
 ensure_mkl() {
   [ -f "$MKL_DIR/include/mkl.h" ] && [ -f "$MKL_DIR/lib/libiomp5.a" ] && return 0
-  command -v python3 >/dev/null 2>&1 || { say "python3 (with pip) is needed to fetch MKL"; return 1; }
+  ensure_python_venv || return 1
   say "installing Intel MKL from PyPI into $MKL_DIR (once; about 300 MB to download)"
   local tmp="$MKL_DIR.partial"
   rm -rf "$tmp"
-  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps --ignore-installed \
-      --prefix "$tmp" mkl-static mkl-include intel-openmp >&2 || { rm -rf "$tmp"; return 1; }
+  # A virtual environment, so that a Debian python3 (externally managed) installs too.
+  { python3 -m venv "$tmp" && "$tmp/bin/pip" install -q --disable-pip-version-check --no-deps \
+      mkl-static mkl-include intel-openmp >&2; } || { rm -rf "$tmp"; return 1; }
   # Without the shared OpenMP runtime beside it the linker takes libiomp5.a: the binary then
   # needs no LD_LIBRARY_PATH. Only the libraries the lp64 OpenMP build links are kept.
   mkdir -p "$tmp/keep"
   mv "$tmp"/lib/libmkl_intel_lp64.a "$tmp"/lib/libmkl_intel_thread.a "$tmp"/lib/libmkl_core.a \
      "$tmp"/lib/libiomp5.a "$tmp/keep/"
-  rm -rf "$tmp/lib" "$tmp/opt" "$tmp/share"
+  rm -rf "$tmp/lib" "$tmp/lib64" "$tmp/bin" "$tmp/opt" "$tmp/share" "$tmp/pyvenv.cfg"
   mv "$tmp/keep" "$tmp/lib"
   rm -rf "$MKL_DIR"
   mkdir -p "$(dirname "$MKL_DIR")"

@@ -509,6 +509,7 @@ fn run_group(
         }
         metrics.inference_batches.inc();
         metrics.inference_frames.add(n as u64);
+        metrics.batch_size.observe(n as f64);
         match wait_for(seq) {
             Ok(d) => {
                 metrics.batch_latency.observe(d.elapsed.as_secs_f64());

@@ -92,15 +92,53 @@ async fn route(ctx: &HealthContext, req: Request<Incoming>) -> Response<Full<Byt
         "/health" => health(ctx).await,
         "/health/ready" => ready(ctx).await,
         "/health/live" => json(StatusCode::OK, serde_json::json!({"status": "alive"})),
-        "/metrics" => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            ctx.metrics.render(),
-        ),
+        "/metrics" => {
+            read_queue_depth(ctx).await;
+            respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                ctx.metrics.render(),
+            )
+        }
         _ => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "not found"}),
         ),
+    }
+}
+
+/// Reads the jobs stream's depth into the queue gauges, once per scrape: finished entries
+/// are deleted, so XLEN counts the jobs waiting plus those delivered and not yet finished
+/// (the group's pending entries). Left as they were when Redis does not answer in time.
+async fn read_queue_depth(ctx: &HealthContext) {
+    let jobs = ctx.store.keys().jobs();
+    let mut pipe = redis::pipe();
+    pipe.cmd("XLEN")
+        .arg(&jobs)
+        .cmd("XPENDING")
+        .arg(&jobs)
+        .arg(crate::keys::WORKER_GROUP);
+    let reply = tokio::time::timeout(
+        Duration::from_secs(1),
+        ctx.store.pipe::<(u64, redis::Value)>(&pipe),
+    )
+    .await;
+    match reply {
+        Ok(Ok((length, pending))) => {
+            let running = match pending {
+                redis::Value::Array(parts) => parts
+                    .first()
+                    .and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
+                    .unwrap_or(0),
+                _ => 0,
+            };
+            ctx.metrics.queue_running.set(running);
+            ctx.metrics
+                .queue_waiting
+                .set(length.saturating_sub(running));
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, "reading the queue depth for /metrics"),
+        Err(_) => tracing::debug!("reading the queue depth for /metrics timed out"),
     }
 }
 

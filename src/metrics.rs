@@ -34,13 +34,14 @@ impl Gauge {
     }
 }
 
-/// A histogram over fixed bucket bounds (seconds), Prometheus style (cumulative on render).
+/// A histogram over fixed bucket bounds (in the metric's unit), Prometheus style (cumulative
+/// on render).
 #[derive(Debug)]
 pub struct Histogram {
     bounds: &'static [f64],
     buckets: Vec<AtomicU64>,
     count: AtomicU64,
-    /// Sum in microseconds, so it fits an atomic integer.
+    /// Sum in millionths of the unit, so it fits an atomic integer.
     sum_us: AtomicU64,
 }
 
@@ -48,6 +49,9 @@ pub struct Histogram {
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// Buckets for frames per model batch.
+pub const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
 impl Histogram {
     pub fn new(bounds: &'static [f64]) -> Self {
@@ -59,13 +63,13 @@ impl Histogram {
         }
     }
 
-    pub fn observe(&self, seconds: f64) {
-        if let Some(i) = self.bounds.iter().position(|b| seconds <= *b) {
+    pub fn observe(&self, value: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| value <= *b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_us
-            .fetch_add((seconds.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+            .fetch_add((value.max(0.0) * 1e6) as u64, Ordering::Relaxed);
     }
 
     pub fn count(&self) -> u64 {
@@ -112,9 +116,17 @@ pub struct Metrics {
     pub inference_errors: Counter,
     pub frames_too_old: Counter,
     pub batch_latency: Histogram,
+    /// Frames in each model batch: batches near MAX_BATCH_SIZE mean the model is the limit.
+    pub batch_size: Histogram,
     /// From a frame's arrival at the worker to its result being written: unlike
     /// `frame_age`, this includes the model's time, so it shows a worker falling behind.
     pub result_delay: Histogram,
+    /// MAX_CONCURRENT_STREAMS, so dashboards can show how full the fleet is.
+    pub capacity: Gauge,
+    /// The jobs stream when `/metrics` was last read: entries not yet delivered, and those
+    /// delivered and not finished (running, or waiting for a reclaim).
+    pub queue_waiting: Gauge,
+    pub queue_running: Gauge,
 }
 
 impl Default for Metrics {
@@ -142,7 +154,11 @@ impl Default for Metrics {
             inference_errors: Counter::default(),
             frames_too_old: Counter::default(),
             batch_latency: Histogram::new(LATENCY_BUCKETS),
+            batch_size: Histogram::new(BATCH_SIZE_BUCKETS),
             result_delay: Histogram::new(LATENCY_BUCKETS),
+            capacity: Gauge::default(),
+            queue_waiting: Gauge::default(),
+            queue_running: Gauge::default(),
         }
     }
 }
@@ -255,10 +271,34 @@ impl Metrics {
                 counter.get()
             );
         }
+        let gauges: &[(&str, u64, &str)] = &[
+            (
+                "freeroam_jobs_running",
+                self.running_jobs.get(),
+                "Jobs running on this worker.",
+            ),
+            (
+                "freeroam_jobs_capacity",
+                self.capacity.get(),
+                "Jobs this worker runs at most (MAX_CONCURRENT_STREAMS).",
+            ),
+        ];
+        for (name, value, help) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
         let _ = writeln!(
             out,
-            "# HELP freeroam_running_jobs Jobs running on this worker.\n# TYPE freeroam_running_jobs gauge\nfreeroam_running_jobs {}",
-            self.running_jobs.get()
+            "# HELP freeroam_queue_jobs Entries of the jobs stream (the whole fleet's), read when /metrics is.\n# TYPE freeroam_queue_jobs gauge\nfreeroam_queue_jobs{{state=\"waiting\"}} {}\nfreeroam_queue_jobs{{state=\"running\"}} {}",
+            self.queue_waiting.get(),
+            self.queue_running.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP freeroam_build_info The worker's version; count it to count live workers.\n# TYPE freeroam_build_info gauge\nfreeroam_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
         );
         self.frame_age.render(
             &mut out,
@@ -267,8 +307,13 @@ impl Metrics {
         );
         self.batch_latency.render(
             &mut out,
-            "freeroam_batch_latency_seconds",
+            "freeroam_inference_batch_duration_seconds",
             "Time the model took for one batch.",
+        );
+        self.batch_size.render(
+            &mut out,
+            "freeroam_inference_batch_size_frames",
+            "Frames in one model batch.",
         );
         self.result_delay.render(
             &mut out,

@@ -703,7 +703,7 @@ async fn health_endpoints_answer_over_http() {
         metrics.contains("freeroam_jobs_claimed_total 1"),
         "{metrics}"
     );
-    assert!(metrics.contains("freeroam_running_jobs 1"));
+    assert!(metrics.contains("freeroam_jobs_running 1"));
     assert_eq!(http_get(addr, "/jobs").await.0, 404);
 
     // Redis away: not ready, and it says why.

@@ -4,79 +4,9 @@
 
 mod common;
 
+use common::process::{WAIT, feed_frames, http_get, signal, worker};
 use common::{TestRedis, free_port, unique_prefix, wait_until};
-use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const WAIT: Duration = Duration::from_secs(30);
-
-fn worker(redis: &TestRedis, prefix: &str, health_port: u16, extra: &[(&str, &str)]) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_free-roam"));
-    cmd.arg("worker")
-        .env_clear()
-        .env("REDIS_URL", redis.url())
-        .env("KEY_PREFIX", prefix)
-        .env("MODEL_TYPE", "null")
-        .env("HEALTH_ADDR", format!("127.0.0.1:{health_port}"))
-        .env("RECLAIM_INTERVAL_MS", "200")
-        .env("LOG_LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    cmd.spawn().expect("the free-roam binary starts")
-}
-
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let code = buf.get(9..12)?.parse().ok()?;
-    Some((
-        code,
-        buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_string(),
-    ))
-}
-
-/// Appends `n` raw 8x8 frames, 100 ms of capture time apart, to a frame stream.
-fn feed_frames(redis: &TestRedis, key: &str, start_ts: i64, n: i64) {
-    let mut con = redis.client().get_connection().unwrap();
-    for i in 0..n {
-        let _: String = redis::cmd("XADD")
-            .arg(key)
-            .arg("*")
-            .arg("data")
-            .arg(vec![(i % 255) as u8; 8 * 8 * 3])
-            .arg("width")
-            .arg(8)
-            .arg("height")
-            .arg(8)
-            .arg("format")
-            .arg("rgb24")
-            .arg("ts")
-            .arg(start_ts + i * 100)
-            .query(&mut con)
-            .unwrap();
-    }
-}
-
-fn signal(child: &Child, sig: i32) {
-    unsafe extern "C" {
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
-    // SAFETY: kill(2) on a child this test spawned and has not reaped.
-    unsafe {
-        kill(child.id() as i32, sig);
-    }
-}
 
 fn results(
     redis: &TestRedis,

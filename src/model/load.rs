@@ -13,7 +13,6 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Mutex;
 
 /// Default bound on the tokens a BLIP caption may add (`MAX_NEW_TOKENS`).
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 20;
@@ -334,10 +333,26 @@ fn resolve_files(settings: &ModelSettings) -> Result<ModelFiles, ModelError> {
         .model_id
         .clone()
         .unwrap_or_else(|| settings.model_type.default_model_id().to_string());
-    let client = hf_hub::HFClient::builder()
-        .build_sync()
-        .map_err(|e| hub_error(&id, &e.to_string()))?;
-    hub_files(&client, &id).map_err(|e| hub_error(&id, &e))
+    let (api, cache) = hub_client().map_err(|e| hub_error(&id, &e))?;
+    hub_files(&api, &cache, &id).map_err(|e| hub_error(&id, &e))
+}
+
+/// The hub client and its cache, configured by the variables the Python tools read:
+/// `HF_HUB_CACHE` (else `HF_HOME`/hub), `HF_ENDPOINT` and `HF_TOKEN` (else the token file).
+fn hub_client() -> Result<(hf_hub::api::sync::Api, hf_hub::Cache), String> {
+    let cache = match std::env::var_os("HF_HUB_CACHE") {
+        Some(dir) => hf_hub::Cache::new(dir.into()),
+        None => hf_hub::Cache::from_env(),
+    };
+    let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone()).with_progress(false);
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+        builder = builder.with_endpoint(endpoint);
+    }
+    if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder.build().map_err(|e| e.to_string())?;
+    Ok((api, cache))
 }
 
 /// The error when the hub cannot supply a model: says exactly what to set instead.
@@ -350,68 +365,63 @@ fn hub_error(id: &str, cause: &str) -> ModelError {
     ))
 }
 
-/// Logs download progress through `tracing`, one line per file every 10%.
+/// Logs a file's download progress through `tracing`, one line every 10%.
 #[derive(Default)]
 struct LogProgress {
-    reported: Mutex<HashMap<String, u64>>,
+    file: String,
+    total: usize,
+    done: usize,
+    reported: Option<usize>,
 }
 
-impl hf_hub::progress::ProgressHandler for LogProgress {
-    fn on_progress(&self, event: &hf_hub::progress::ProgressEvent) {
-        use hf_hub::progress::{DownloadEvent, ProgressEvent};
-        let ProgressEvent::Download(event) = event else {
-            return;
-        };
-        match event {
-            DownloadEvent::Start {
-                total_files,
-                total_bytes,
-            } => tracing::info!(total_files, total_bytes, "hub download started"),
-            DownloadEvent::Progress { files } => {
-                let Ok(mut reported) = self.reported.lock() else {
-                    return;
-                };
-                for f in files {
-                    let tenth = (f.bytes_completed * 10)
-                        .checked_div(f.total_bytes)
-                        .unwrap_or(10);
-                    let last = reported.entry(f.filename.clone()).or_insert(u64::MAX);
-                    if *last != tenth {
-                        *last = tenth;
-                        tracing::info!(
-                            file = %f.filename,
-                            bytes = f.bytes_completed,
-                            total = f.total_bytes,
-                            "hub download {}%",
-                            tenth * 10
-                        );
-                    }
-                }
-            }
-            DownloadEvent::AggregateProgress {
-                bytes_completed,
-                total_bytes,
-                ..
-            } => tracing::debug!(bytes_completed, total_bytes, "hub download progress"),
-            DownloadEvent::Complete => tracing::info!("hub download complete"),
+impl hf_hub::api::Progress for LogProgress {
+    fn init(&mut self, size: usize, filename: &str) {
+        self.file = filename.to_string();
+        self.total = size;
+        tracing::info!(file = %self.file, bytes = size, "hub download started");
+    }
+
+    fn update(&mut self, size: usize) {
+        self.done += size;
+        let tenth = (self.done * 10).checked_div(self.total).unwrap_or(10);
+        if self.reported != Some(tenth) {
+            self.reported = Some(tenth);
+            tracing::info!(
+                file = %self.file,
+                bytes = self.done,
+                total = self.total,
+                "hub download {}%",
+                tenth * 10
+            );
         }
+    }
+
+    fn finish(&mut self) {
+        tracing::info!(file = %self.file, "hub download complete");
     }
 }
 
-/// Downloads (or finds in the hub cache) the files of a hub model.
-fn hub_files(client: &hf_hub::HFClientSync, id: &str) -> Result<ModelFiles, String> {
-    let (owner, name) = hf_hub::split_id(id);
-    let repo = client.model(owner, name);
+/// Finds the files of a hub model in the hub cache (`HF_HOME`), downloading those missing.
+fn hub_files(
+    api: &hf_hub::api::sync::Api,
+    cache: &hf_hub::Cache,
+    id: &str,
+) -> Result<ModelFiles, String> {
+    let name = id.rsplit('/').next().unwrap_or(id);
+    let cached = cache.model(id.to_string());
+    let repo = api.model(id.to_string());
     // HF_HUB_OFFLINE=1 means the cache only, as in the Python tools.
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
-    let get = |file: &str| -> Result<PathBuf, hf_hub::HFError> {
-        repo.download_file()
-            .filename(file)
-            .local_files_only(offline)
-            .progress(LogProgress::default())
-            .send()
+    let get = |file: &str| -> Result<PathBuf, String> {
+        match cached.get(file) {
+            Some(path) => Ok(path),
+            None if offline => Err(format!("{file} is not in the hub cache (HF_HUB_OFFLINE)")),
+            None => repo
+                .download_with_progress(file, LogProgress::default())
+                .map_err(|e| e.to_string()),
+        }
     };
-    let config = get("config.json").map_err(|e| e.to_string())?;
+    let config = get("config.json")?;
     let tokenizer = get("tokenizer.json").map_err(|e| format!("tokenizer.json: {e}"))?;
     let weights = match get("model.safetensors") {
         Ok(path) => vec![path],
@@ -622,15 +632,13 @@ mod tests {
     fn an_unreachable_hub_says_what_to_set() {
         // A closed local port stands in for a hub the network does not reach.
         let cache = std::env::temp_dir().join(format!("fr-hub-cache-{}", std::process::id()));
-        let client = hf_hub::HFClient::builder()
-            .endpoint("http://127.0.0.1:9")
-            .cache_dir(&cache)
-            .retry_max_attempts(1)
-            .retry_base_delay(std::time::Duration::from_millis(1))
-            .build_sync()
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache.clone()))
+            .with_endpoint("http://127.0.0.1:9".to_string())
+            .with_progress(false)
+            .build()
             .unwrap();
         let id = ModelType::Clip.default_model_id();
-        let cause = hub_files(&client, id).unwrap_err();
+        let cause = hub_files(&api, &hf_hub::Cache::new(cache.clone()), id).unwrap_err();
         let err = hub_error(id, &cause).to_string();
         assert!(
             err.contains("Set MODEL_PATH to a folder holding config.json"),

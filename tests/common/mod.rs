@@ -2,6 +2,7 @@
 //! and small helpers to wait for conditions.
 #![allow(dead_code)]
 
+pub mod process;
 pub mod worker;
 
 use std::net::TcpListener;

@@ -37,6 +37,7 @@ pub async fn run(config: Config) -> ExitCode {
     init_logging(&config);
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::default());
+    metrics.capacity.set(config.max_concurrent_streams as u64);
     let state = Arc::new(WorkerState::default());
     let worker_id = config.worker_id.clone().unwrap_or_else(default_worker_id);
     let store = match Store::new(
