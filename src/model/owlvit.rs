@@ -168,12 +168,13 @@ pub fn post_process(
     let (w, h) = (width as f32, height as f32);
     for (token_logits, b) in logits.iter().zip(boxes) {
         // torch.max returns the first index of the maximum.
-        let (label, logit) = token_logits
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-                if v > bv { (i, v) } else { (bi, bv) }
-            });
+        let (label, logit) =
+            token_logits
+                .iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                    if v > bv { (i, v) } else { (bi, bv) }
+                });
         let score = sigmoid(logit);
         for (best, &l) in best_per_query.iter_mut().zip(token_logits) {
             *best = best.max(sigmoid(l));

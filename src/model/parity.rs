@@ -18,14 +18,33 @@ use std::path::PathBuf;
 /// The bound the brief sets on embedding and logit differences.
 const TOLERANCE: f32 = 1e-4;
 
+/// Where the expected outputs and the models come from: the committed files and the tiny
+/// models, or, with `PARITY_FULL=DIR` (a by-hand run at full size, see
+/// scripts/parity/README.md), `DIR/json/*.json` and the full-size models in `DIR/<kind>`.
+fn full_size_root() -> Option<PathBuf> {
+    std::env::var_os("PARITY_FULL").map(PathBuf::from)
+}
+
+fn model_dir(kind: ModelType) -> PathBuf {
+    match full_size_root() {
+        Some(root) => root.join(kind.as_str()),
+        None => tiny_model(kind).to_path_buf(),
+    }
+}
+
 fn expected(name: &str) -> Value {
     expected_with(name, IMAGES)
 }
 
 fn expected_with(name: &str, images_used: &[(&str, usize, usize)]) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/parity")
-        .join(name);
+    let (dir, size) = match full_size_root() {
+        Some(root) => (root.join("json"), "full"),
+        None => (
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/parity"),
+            "tiny",
+        ),
+    };
+    let path = dir.join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e} (see scripts/parity/README.md)", path.display()));
     let value: Value = serde_json::from_str(&text).expect("parity JSON");
@@ -35,7 +54,7 @@ fn expected_with(name: &str, images_used: &[(&str, usize, usize)]) -> Value {
         Some(SEED),
         "parity file made from another seed"
     );
-    assert_eq!(model["size"], "tiny");
+    assert_eq!(model["size"], size);
     let images: Vec<(String, usize, usize)> = value["images"]
         .as_array()
         .unwrap()
@@ -134,7 +153,7 @@ fn check_pixels(pixels: &Tensor, expected: &Value) -> f32 {
 fn settings(kind: ModelType) -> ModelSettings {
     ModelSettings {
         model_type: kind,
-        model_path: Some(tiny_model(kind).to_path_buf()),
+        model_path: Some(model_dir(kind)),
         ..ModelSettings::default()
     }
 }
@@ -143,7 +162,7 @@ fn settings(kind: ModelType) -> ModelSettings {
 fn clip_matches_transformers() {
     let exp = expected("clip.json");
     let s = settings(ModelType::Clip);
-    let files = ModelFiles::from_dir(tiny_model(ModelType::Clip)).unwrap();
+    let files = ModelFiles::from_dir(&model_dir(ModelType::Clip)).unwrap();
     let model = ClipModel::load(&files, Device::Cpu, &s).unwrap();
 
     let frames = frames();
@@ -201,7 +220,7 @@ fn texts(v: &Value) -> Vec<String> {
 fn siglip_matches_transformers() {
     let exp = expected_with("siglip.json", SIGLIP_IMAGES);
     let s = settings(ModelType::Siglip);
-    let files = ModelFiles::from_dir(tiny_model(ModelType::Siglip)).unwrap();
+    let files = ModelFiles::from_dir(&model_dir(ModelType::Siglip)).unwrap();
     let model = SiglipModel::load(&files, Device::Cpu, &s).unwrap();
 
     let frames = frames_of(SIGLIP_IMAGES);
@@ -249,7 +268,7 @@ const BOX_TOLERANCE_PX: f32 = 0.5;
 fn owlvit_matches_transformers() {
     let exp = expected("owlvit.json");
     let s = settings(ModelType::OwlVit);
-    let files = ModelFiles::from_dir(tiny_model(ModelType::OwlVit)).unwrap();
+    let files = ModelFiles::from_dir(&model_dir(ModelType::OwlVit)).unwrap();
     let model = OwlVitModel::load(&files, Device::Cpu, &s).unwrap();
     let threshold = exp["threshold"].as_f64().unwrap() as f32;
 
@@ -356,7 +375,7 @@ fn blip_matches_transformers() {
     let exp = expected("blip.json");
     let mut s = settings(ModelType::Blip);
     s.max_new_tokens = exp["max_new_tokens"].as_u64().unwrap() as usize;
-    let files = ModelFiles::from_dir(tiny_model(ModelType::Blip)).unwrap();
+    let files = ModelFiles::from_dir(&model_dir(ModelType::Blip)).unwrap();
     let model = BlipModel::load(&files, Device::Cpu, &s).unwrap();
 
     let frames = frames();
