@@ -14,15 +14,17 @@
 //! # Output
 //!
 //! Per frame:
-//! `{"detections":[{"label","score","box":[x1,y1,x2,y2]}...],"phrases":[{"phrase","max_score","count"}...],"detected":[...]}`
+//! `{"detections":[{"label","score","box":[x1,y1,x2,y2]}...],"phrases":[{"phrase","max_score","count"}...],"detected":[...],"frame_size":[w,h]}`
 //!
 //! - Each patch token proposes one box and scores it against every query; as in
 //!   transformers' `post_process_object_detection`, the box gets the query with the
 //!   highest logit as its `label` and the sigmoid of that logit as its `score`, and it is
 //!   kept when the score is over the detect threshold (0.1 by default).
-//! - `box` is in pixels of the frame as it arrived: the model sees the frame squashed to
-//!   768 x 768, and its boxes (relative to that square) are scaled by the frame's width and
-//!   height. Corners are not clipped to the frame, as in the reference.
+//! - `box` is in pixels of the frame as it arrived (`frame_size`, its width and height):
+//!   the model sees the frame squashed to 768 x 768, and its boxes (relative to that
+//!   square) are scaled by the frame's width and height. Corners are not clipped to the
+//!   frame, as in the reference. (A source larger than `MAX_FRAME_SIDE` is scaled down at
+//!   ingest; boxes are then in the scaled frame, whose size `frame_size` gives.)
 //! - Detections are sorted by score, highest first.
 //! - `phrases` has one entry per phrase: the best score any box gave it (kept or not) and
 //!   the number of kept boxes labelled with it. `detected` lists the phrases with at least
@@ -449,7 +451,8 @@ impl VisionLanguageModel for OwlVitModel {
                     .filter(|(_, c)| **c > 0)
                     .map(|(p, _)| p)
                     .collect();
-                json!({"detections": detections, "phrases": summary, "detected": detected})
+                json!({"detections": detections, "phrases": summary, "detected": detected,
+                       "frame_size": [frame.width, frame.height]})
             })
             .collect())
     }
@@ -514,6 +517,7 @@ mod tests {
                 }
             }
             assert_eq!(o["detected"], json!(detected));
+            assert_eq!(o["frame_size"], json!([f.width, f.height]));
         }
         assert!(any > 0, "the tiny model should keep some boxes at 0.3");
         assert_ne!(out[0]["phrases"], out[1]["phrases"]);
