@@ -9,14 +9,17 @@
 //! look like `[candle TAG] image bs=8 median=... ms per-image=... ms`.
 //!
 //! With `BENCH_KIND=blip` it times full-size BLIP captioning instead (20 new tokens, batch
-//! 1 and 2): far slower, so use few iterations.
+//! 1 and 2): far slower, so use few iterations. With `BENCH_KIND=siglip` or `owlvit` it
+//! times the whole `infer` path of that model on a 640x480 frame at batch 1 and 4 (the
+//! prompt's text embeddings cached, as in serving), the work
+//! `scripts/bench-presence-pt.py` times for transformers.
 
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
 use free_roam::frame::Frame;
 use free_roam::model::blip::BlipModel;
 use free_roam::model::clip::ClipModel;
-use free_roam::model::load::{ModelFiles, select_device};
+use free_roam::model::load::{ModelFiles, load_model, select_device};
 use free_roam::model::{
     DeviceChoice, DtypeChoice, ModelSettings, ModelSize, ModelType, PromptRef, VisionLanguageModel,
     write_random_model,
@@ -99,6 +102,47 @@ fn bench_blip(tag: &str, iters: usize, dir: PathBuf) -> Result<(), Box<dyn std::
     Ok(())
 }
 
+fn bench_infer(
+    kind: ModelType,
+    tag: &str,
+    iters: usize,
+    dir: PathBuf,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let p = |msg: String| println!("[candle-{kind} {tag}] {msg}");
+    let t = Instant::now();
+    let settings = ModelSettings {
+        model_type: kind,
+        model_path: Some(dir),
+        ..ModelSettings::default()
+    };
+    let mut model = load_model(&settings)?;
+    p(format!(
+        "loaded in {:.0} ms on {}",
+        t.elapsed().as_secs_f64() * 1000.0,
+        model.info().device
+    ));
+    let frame = frame_640x480()?;
+    let prompt = PromptRef {
+        text: Arc::from("Detect all people and vehicles"),
+        version: None,
+    };
+    for bs in [1usize, 4] {
+        let frames: Vec<&Frame> = std::iter::repeat_n(&frame, bs).collect();
+        let (med, min, max) = median_ms(
+            || {
+                model.infer(&frames, &prompt).expect("infer");
+            },
+            1,
+            iters,
+        );
+        p(format!(
+            "infer 640x480 bs={bs} median={med:.1} ms (min {min:.1} max {max:.1}) per-frame={:.1} ms",
+            med / bs as f64
+        ));
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     free_roam::model::prepare_cpu_threads();
     let mut args = std::env::args().skip(1);
@@ -111,8 +155,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(d) => PathBuf::from(d),
         None => random_full(kind)?,
     };
-    if kind == ModelType::Blip {
-        return bench_blip(&tag, iters, dir);
+    match kind {
+        ModelType::Blip => return bench_blip(&tag, iters, dir),
+        ModelType::Siglip | ModelType::OwlVit => return bench_infer(kind, &tag, iters, dir),
+        ModelType::Clip => {}
     }
     let p = |msg: String| println!("[candle {tag}] {msg}");
     let device = select_device(DeviceChoice::Auto)?;

@@ -6,7 +6,9 @@
 #
 # Environment:
 #   BENCH_KIND     clip (default) or blip: full-size BLIP captioning, 20 new tokens, against
-#                  scripts/bench-blip-pt.py (run when BENCH_PT is set; use few ITERS)
+#                  scripts/bench-blip-pt.py (run when BENCH_PT is set; use few ITERS);
+#                  siglip or owlvit: the whole infer path at batch 1 and 4, against
+#                  scripts/bench-presence-pt.py (run when BENCH_PT is set)
 #   CARGO_FEATURES extra features for the candle side; the build is the fast one for this
 #                  machine (scripts/lib.sh use_fast_build: mkl on x86_64), unless
 #                  FREE_ROAM_PLAIN_BUILD=1
@@ -34,14 +36,19 @@ if [[ -n "${MKLROOT:-}" ]]; then
 fi
 bench=target/release/examples/bench_model
 
-if [[ "${BENCH_KIND:-clip}" == blip ]]; then
-    # Both sides load the same full-size random BLIP from one folder.
-    dir="${TMPDIR:-/tmp}/free-roam-bench-blip-full"
-    "$bench" warmup 1 "$dir" >/dev/null 2>&1 || "$bench" warmup 1 >/dev/null
+kind="${BENCH_KIND:-clip}"
+if [[ "$kind" != clip ]]; then
+    # Both sides load the same full-size random model from one folder; the first run
+    # writes it.
+    dir="${TMPDIR:-/tmp}/free-roam-bench-$kind-full"
+    [[ -f "$dir/model.safetensors" ]] || "$bench" warmup 1 >/dev/null
+    pt=scripts/bench-presence-pt.py
     for pass in $(seq 1 "$passes"); do
         "$bench" "pass$pass" "$iters" "$dir"
-        if [[ -n "${BENCH_PT:-}" ]]; then
+        if [[ -n "${BENCH_PT:-}" && "$kind" == blip ]]; then
             "$python" scripts/bench-blip-pt.py "$dir" "pass$pass" "$iters" | grep '^\[torch'
+        elif [[ -n "${BENCH_PT:-}" ]]; then
+            "$python" "$pt" "$kind" "$dir" "pass$pass" "$iters" | grep '^\[torch'
         fi
     done
     exit 0

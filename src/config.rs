@@ -53,7 +53,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "MODEL_TYPE",
         Some("clip"),
-        "Model backend: clip, blip, or null (no model: one empty output per frame, for pipeline tests and benchmarks).",
+        "Model backend: clip, siglip, owlvit, blip, or null (no model: one empty output per frame, for pipeline tests and benchmarks).",
     ),
     s(
         "MODEL_PATH",
@@ -112,8 +112,13 @@ pub const SETTINGS: &[Setting] = &[
     ),
     s(
         "DETECT_THRESHOLD",
-        Some("0.3"),
-        "clip: probability over which a phrase is listed as detected; [0, 1].",
+        None,
+        "Score over which a phrase is listed as detected; [0, 1]. Default per model: clip 0.5 (presence against neutral captions), siglip 0.1 (probability), owlvit 0.1 (box score); see docs/models.md.",
+    ),
+    s(
+        "NMS_IOU",
+        None,
+        "owlvit: drop a box that overlaps a better box of the same label by more than this IoU, in (0, 1]; unset keeps every box, as the reference does.",
     ),
     s(
         "MAX_NEW_TOKENS",
@@ -230,7 +235,10 @@ pub struct Config {
     pub max_frame_age: Duration,
     pub inference_timeout: Duration,
     pub live_queue: Duration,
-    pub detect_threshold: f32,
+    /// `None`: the model's own default.
+    pub detect_threshold: Option<f32>,
+    /// owlvit's per-label non-maximum suppression; `None`: off.
+    pub nms_iou: Option<f32>,
     pub max_new_tokens: usize,
     pub max_concurrent_streams: usize,
     pub job_lease: Duration,
@@ -415,7 +423,7 @@ impl Config {
         Ok(Config {
             redis_url,
             key_prefix,
-            model_type: r.one_of("MODEL_TYPE", &["clip", "blip", "null"])?,
+            model_type: r.one_of("MODEL_TYPE", &["clip", "siglip", "owlvit", "blip", "null"])?,
             model_path: r.raw("MODEL_PATH").map(PathBuf::from),
             model_id: r.raw("MODEL_ID"),
             device: r.one_of("DEVICE", &["auto", "cpu", "cuda"])?,
@@ -435,11 +443,18 @@ impl Config {
             max_frame_age: r.millis("MAX_FRAME_AGE_MS", 1)?,
             inference_timeout: r.millis("INFERENCE_TIMEOUT_MS", 1)?,
             live_queue: r.millis("LIVE_QUEUE_MS", 0)?,
-            detect_threshold: r.parse(
-                "DETECT_THRESHOLD",
-                "a probability in [0, 1]",
-                |t: &f32| (0.0..=1.0).contains(t),
-            )?,
+            detect_threshold: match r.raw("DETECT_THRESHOLD") {
+                None => None,
+                Some(_) => Some(r.parse("DETECT_THRESHOLD", "a score in [0, 1]", |t: &f32| {
+                    (0.0..=1.0).contains(t)
+                })?),
+            },
+            nms_iou: match r.raw("NMS_IOU") {
+                None => None,
+                Some(_) => Some(r.parse("NMS_IOU", "an IoU in (0, 1]", |t: &f32| {
+                    *t > 0.0 && *t <= 1.0
+                })?),
+            },
             max_new_tokens: r.count("MAX_NEW_TOKENS", 1)?,
             max_concurrent_streams: r.count("MAX_CONCURRENT_STREAMS", 1)?,
             reclaim_interval: r.millis("RECLAIM_INTERVAL_MS", 50)?,

@@ -18,16 +18,28 @@
 //!
 //! # Output
 //!
-//! Per frame: `{"phrases":[{"phrase","probability","similarity"}...],"detected":[...]}`,
-//! where `similarity` is the cosine similarity of the image and phrase embeddings,
-//! `probability` the softmax over the phrases of the similarities times CLIP's logit scale
-//! (so the probabilities of one frame add up to 1, and a lone phrase always gets 1), and
-//! `detected` lists the phrases whose probability is over the detect threshold.
+//! Per frame:
+//! `{"phrases":[{"phrase","probability","presence","similarity"}...],"detected":[...]}`.
+//!
+//! - `similarity`: the cosine similarity of the image and phrase embeddings.
+//! - `probability`: the softmax over the prompt's phrases of the similarities times CLIP's
+//!   logit scale. It is relative: the probabilities of one frame add up to 1, so a lone
+//!   phrase always gets 1 and an empty scene still gives some phrase the most.
+//! - `presence`: the phrase against [`NEUTRAL_TEXTS`], captions that fit any photo. It is
+//!   `sigmoid(logit_scale * (similarity - best neutral similarity))`, the softmax of the
+//!   phrase against the closest neutral caption alone; it does not depend on the other
+//!   phrases, and it is under 0.5 when some neutral caption fits the frame better than the
+//!   phrase does.
+//! - `detected`: the phrases whose presence is over the detect threshold (0.5 by default:
+//!   the phrase fits better than every neutral caption). A frame can list nothing.
+//!
+//! CLIP says whether a phrase fits the frame, not where: use `owlvit` for boxes.
 
-use super::clip_vision::VisionTower;
+use super::clip_vision::{PreNormName, VisionTower};
 use super::fused_linear::MatmulPrecision;
 use super::load::{
-    ModelFiles, ModelSettings, TensorSpec, Weights, device_name, read_config, resolve_precision,
+    ModelFiles, ModelSettings, ModelType, TensorSpec, Weights, device_name, read_config,
+    resolve_precision,
 };
 use super::preprocess::Preprocessor;
 use super::tokenizer::{self, CLIP_EOS};
@@ -45,6 +57,15 @@ use tokenizers::Tokenizer;
 
 /// How each phrase is put to the text tower.
 pub const PHRASE_TEMPLATE: &str = "a photo of {phrase}.";
+/// Captions that fit any photo, against which each phrase's presence is scored (see the
+/// module docs). Their embeddings are computed once, at load.
+pub const NEUTRAL_TEXTS: &[&str] = &[
+    "a photo.",
+    "a photo of something.",
+    "a photo of a scene.",
+    "a photo of an object.",
+    "a photo of a place.",
+];
 /// Words dropped from the front of a phrase (see the module docs).
 pub const FILLER_WORDS: &[&str] = &[
     "detect",
@@ -87,7 +108,67 @@ pub const FILLER_WORDS: &[&str] = &[
 /// changes, and a column of every frame's output).
 pub const MAX_PHRASES: usize = 64;
 /// How many prompts' text embeddings are kept.
-const PROMPT_CACHE: usize = 16;
+pub const PROMPT_CACHE: usize = 16;
+
+/// Per-prompt work (text embeddings) kept while prompts repeat: the last [`PROMPT_CACHE`]
+/// prompt texts, oldest dropped first.
+pub struct PromptCache<T> {
+    entries: VecDeque<(Arc<str>, Arc<T>)>,
+}
+
+impl<T> Default for PromptCache<T> {
+    fn default() -> Self {
+        Self {
+            entries: VecDeque::new(),
+        }
+    }
+}
+
+impl<T> PromptCache<T> {
+    /// The entry for `text`, made by `make` when it is not kept.
+    pub fn get_or_try_insert(
+        &mut self,
+        text: &Arc<str>,
+        make: impl FnOnce() -> Result<T, ModelError>,
+    ) -> Result<Arc<T>, ModelError> {
+        if let Some((_, hit)) = self.entries.iter().find(|(k, _)| k == text) {
+            return Ok(hit.clone());
+        }
+        let entry = Arc::new(make()?);
+        if self.entries.len() >= PROMPT_CACHE {
+            self.entries.pop_front();
+        }
+        self.entries.push_back((text.clone(), entry.clone()));
+        Ok(entry)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The phrases of a prompt by [`prompt_phrases`], or a prompt error when there are none or
+/// too many.
+pub fn checked_phrases(prompt: &str) -> Result<Vec<String>, ModelError> {
+    let phrases = prompt_phrases(prompt);
+    if phrases.is_empty() {
+        return Err(ModelError::Prompt(
+            "the prompt names nothing to look for; give phrases such as \"person, car, dog\""
+                .into(),
+        ));
+    }
+    if phrases.len() > MAX_PHRASES {
+        return Err(ModelError::Prompt(format!(
+            "the prompt gives {} phrases; at most {MAX_PHRASES} are scored",
+            phrases.len()
+        )));
+    }
+    Ok(phrases)
+}
 
 /// Splits a prompt into candidate phrases by the rule in the module docs.
 pub fn prompt_phrases(prompt: &str) -> Vec<String> {
@@ -274,17 +355,23 @@ impl ClipSpec {
     }
 }
 
-fn layer_norm_specs(specs: &mut Vec<TensorSpec>, prefix: &str, dim: usize) {
+pub(super) fn layer_norm_specs(specs: &mut Vec<TensorSpec>, prefix: &str, dim: usize) {
     specs.push(TensorSpec::new(format!("{prefix}.weight"), &[dim]));
     specs.push(TensorSpec::new(format!("{prefix}.bias"), &[dim]));
 }
 
-fn linear_specs(specs: &mut Vec<TensorSpec>, prefix: &str, out: usize, inp: usize) {
+pub(super) fn linear_specs(specs: &mut Vec<TensorSpec>, prefix: &str, out: usize, inp: usize) {
     specs.push(TensorSpec::new(format!("{prefix}.weight"), &[out, inp]));
     specs.push(TensorSpec::new(format!("{prefix}.bias"), &[out]));
 }
 
-fn encoder_specs(specs: &mut Vec<TensorSpec>, prefix: &str, layers: usize, d: usize, inter: usize) {
+pub(super) fn encoder_specs(
+    specs: &mut Vec<TensorSpec>,
+    prefix: &str,
+    layers: usize,
+    d: usize,
+    inter: usize,
+) {
     for i in 0..layers {
         let p = format!("{prefix}.layers.{i}");
         for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
@@ -297,46 +384,18 @@ fn encoder_specs(specs: &mut Vec<TensorSpec>, prefix: &str, layers: usize, d: us
     }
 }
 
-/// The two towers and their projections. Built from the towers rather than
-/// candle-transformers' `ClipModel`, to take the projection size from the top-level
-/// `projection_dim` (as transformers does), to pool text at the first end-of-text token (as
-/// transformers 5 does) instead of at the highest token id, and to run our faster image
-/// tower.
-struct ClipNet {
-    text: ClipTextTransformer,
-    vision: VisionTower,
-    visual_projection: Linear,
-    text_projection: Linear,
-    logit_scale: f32,
-}
-
-impl ClipNet {
-    fn new(
-        spec: &ClipSpec,
-        vb: VarBuilder,
-        precision: MatmulPrecision,
-    ) -> candle_core::Result<Self> {
-        let text = ClipTextTransformer::new(vb.pp("text_model"), &spec.text)?;
-        let vision = VisionTower::new(vb.pp("vision_model"), &spec.vision, precision)?;
-        let visual_projection = candle_nn::linear_no_bias(
-            spec.vision.embed_dim,
-            spec.projection_dim,
-            vb.pp("visual_projection"),
-        )?;
-        let text_projection = candle_nn::linear_no_bias(
-            spec.text.embed_dim,
-            spec.projection_dim,
-            vb.pp("text_projection"),
-        )?;
-        let logit_scale = vb.get((), "logit_scale")?.to_scalar::<f32>()?;
-        Ok(Self {
-            text,
-            vision,
-            visual_projection,
-            text_projection,
-            logit_scale,
-        })
-    }
+/// CLIP's text side: tokenizer, text tower and projection. Built from candle-transformers'
+/// text tower rather than its `ClipModel`, to take the projection size from the top-level
+/// `projection_dim` (as transformers does) and to pool text at the first end-of-text token
+/// (as transformers 5 does) instead of at the highest token id. OWL-ViT's text side is the
+/// same.
+pub struct ClipTextEncoder {
+    tower: ClipTextTransformer,
+    projection: Linear,
+    tokenizer: Tokenizer,
+    eos_id: u32,
+    max_positions: usize,
+    device: Device,
 }
 
 /// Tokenised texts, padded with end-of-text to one length.
@@ -349,32 +408,40 @@ struct TextBatch {
 /// Text embeddings of one prompt, kept while the prompt repeats.
 struct PromptEmbedding {
     phrases: Vec<String>,
-    /// `(phrases, projection_dim)`, L2-normalised.
-    text: Tensor,
+    /// `(phrases + neutral texts, projection_dim)`, L2-normalised and transposed, so one
+    /// product per batch scores the phrases and the neutral captions together.
+    text_t: Tensor,
+}
+
+/// The presence of a phrase with cosine similarity `phrase` when the best neutral caption
+/// has `best_neutral` (see the module docs).
+pub fn presence(phrase: f32, best_neutral: f32, logit_scale: f32) -> f32 {
+    1.0 / (1.0 + (-(logit_scale * (phrase - best_neutral))).exp())
 }
 
 /// CLIP zero-shot scoring behind [`VisionLanguageModel`].
 pub struct ClipModel {
     info: ModelInfo,
-    net: ClipNet,
-    tokenizer: Tokenizer,
-    eos_id: u32,
-    max_positions: usize,
+    text: ClipTextEncoder,
+    vision: VisionTower,
+    visual_projection: Linear,
+    logit_scale: f32,
     preprocessor: Preprocessor,
     device: Device,
     detect_threshold: f32,
-    cache: VecDeque<(Arc<str>, Arc<PromptEmbedding>)>,
+    /// `(neutral texts, projection_dim)`, L2-normalised.
+    neutral: Tensor,
+    cache: PromptCache<PromptEmbedding>,
 }
 
-impl ClipModel {
-    /// Loads CLIP from its files, after checking every tensor is present.
-    pub fn load(
-        files: &ModelFiles,
-        device: Device,
-        settings: &ModelSettings,
+impl ClipTextEncoder {
+    /// Reads the text side: `vb` at the level holding `text_model` and `text_projection`.
+    pub fn new(
+        spec: &ClipSpec,
+        tokenizer: Tokenizer,
+        vb: VarBuilder,
+        device: &Device,
     ) -> Result<Self, ModelError> {
-        let spec = ClipSpec::from_config(&read_config(&files.config)?)?;
-        let tokenizer = tokenizer::load(&files.tokenizer)?;
         let eos_id = tokenizer::required_id(&tokenizer, CLIP_EOS)?;
         if eos_id as usize >= spec.text.vocab_size {
             return Err(ModelError::Load(format!(
@@ -382,28 +449,25 @@ impl ClipModel {
                 spec.text.vocab_size
             )));
         }
-        let weights = Weights::open(&files.weights)?;
-        weights.check(&spec.tensor_specs(), &[])?;
-        let (precision, why) = resolve_precision(settings.dtype, &device)?;
-        tracing::info!(dtype = %precision, "CLIP image tower: {why}");
-        let net = ClipNet::new(&spec, weights.var_builder(&device), precision)
-            .map_err(|e| ModelError::Load(format!("building CLIP: {e}")))?;
+        let build = || -> candle_core::Result<_> {
+            Ok((
+                ClipTextTransformer::new(vb.pp("text_model"), &spec.text)?,
+                candle_nn::linear_no_bias(
+                    spec.text.embed_dim,
+                    spec.projection_dim,
+                    vb.pp("text_projection"),
+                )?,
+            ))
+        };
+        let (tower, projection) =
+            build().map_err(|e| ModelError::Load(format!("building the text tower: {e}")))?;
         Ok(Self {
-            info: ModelInfo {
-                name: files.name.clone(),
-                task: "zero-shot-detection".into(),
-                input_size: spec.vision.image_size as u32,
-                device: device_name(&device),
-                dtype: precision.to_string(),
-            },
-            net,
+            tower,
+            projection,
             tokenizer,
             eos_id,
             max_positions: spec.text.max_position_embeddings,
-            preprocessor: Preprocessor::clip(spec.vision.image_size),
-            device,
-            detect_threshold: settings.detect_threshold,
-            cache: VecDeque::new(),
+            device: device.clone(),
         })
     }
 
@@ -444,12 +508,11 @@ impl ClipModel {
     }
 
     /// Projected (not normalised) text embeddings, `(texts, projection_dim)`.
-    pub fn text_embeddings(&self, texts: &[String]) -> Result<Tensor, ModelError> {
+    pub fn embeddings(&self, texts: &[String]) -> Result<Tensor, ModelError> {
         let batch = self.text_batch(texts)?;
         let (n, len) = batch.ids.dims2().map_err(infer_err)?;
         let hidden = self
-            .net
-            .text
+            .tower
             .forward_with_mask(&batch.ids, usize::MAX)
             .map_err(infer_err)?;
         let rows: Vec<u32> = batch
@@ -463,16 +526,81 @@ impl ClipModel {
         hidden
             .reshape((n * len, dim))
             .and_then(|h| h.index_select(&rows, 0))
-            .and_then(|pooled| self.net.text_projection.forward(&pooled))
+            .and_then(|pooled| self.projection.forward(&pooled))
             .map_err(infer_err)
+    }
+}
+
+impl ClipModel {
+    /// Loads CLIP from its files, after checking every tensor is present.
+    pub fn load(
+        files: &ModelFiles,
+        device: Device,
+        settings: &ModelSettings,
+    ) -> Result<Self, ModelError> {
+        let spec = ClipSpec::from_config(&read_config(&files.config)?)?;
+        let tokenizer = tokenizer::load(&files.tokenizer)?;
+        let weights = Weights::open(&files.weights)?;
+        weights.check(&spec.tensor_specs(), &[])?;
+        let vb = weights.var_builder(&device);
+        let text = ClipTextEncoder::new(&spec, tokenizer, vb.clone(), &device)?;
+        let (precision, why) = resolve_precision(settings.dtype, &device)?;
+        tracing::info!(dtype = %precision, "CLIP image tower: {why}");
+        let build = || -> candle_core::Result<_> {
+            Ok((
+                VisionTower::new(
+                    vb.pp("vision_model"),
+                    &spec.vision,
+                    PreNormName::Clip,
+                    precision,
+                )?,
+                candle_nn::linear_no_bias(
+                    spec.vision.embed_dim,
+                    spec.projection_dim,
+                    vb.pp("visual_projection"),
+                )?,
+                vb.get((), "logit_scale")?.to_scalar::<f32>()?,
+            ))
+        };
+        let (vision, visual_projection, logit_scale) =
+            build().map_err(|e| ModelError::Load(format!("building CLIP: {e}")))?;
+        let neutral: Vec<String> = NEUTRAL_TEXTS.iter().map(|t| t.to_string()).collect();
+        let neutral = l2_normalise(&text.embeddings(&neutral)?)?;
+        Ok(Self {
+            info: ModelInfo {
+                name: files.name.clone(),
+                task: ModelType::Clip.task().into(),
+                input_size: spec.vision.image_size as u32,
+                device: device_name(&device),
+                dtype: precision.to_string(),
+            },
+            text,
+            vision,
+            visual_projection,
+            logit_scale,
+            preprocessor: Preprocessor::clip(spec.vision.image_size),
+            device,
+            detect_threshold: settings.detect_threshold(),
+            neutral,
+            cache: PromptCache::default(),
+        })
+    }
+
+    /// Token ids as the text tower reads them (see [`ClipTextEncoder::token_ids`]).
+    pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        self.text.token_ids(text)
+    }
+
+    /// Projected (not normalised) text embeddings, `(texts, projection_dim)`.
+    pub fn text_embeddings(&self, texts: &[String]) -> Result<Tensor, ModelError> {
+        self.text.embeddings(texts)
     }
 
     /// Projected (not normalised) image embeddings of preprocessed pixels.
     pub fn image_embeddings_from_pixels(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
-        self.net
-            .vision
+        self.vision
             .forward(pixels)
-            .and_then(|x| self.net.visual_projection.forward(&x))
+            .and_then(|x| self.visual_projection.forward(&x))
             .map_err(infer_err)
     }
 
@@ -489,46 +617,35 @@ impl ClipModel {
 
     /// `exp(logit_scale)`, the factor from cosine similarity to logit.
     pub fn logit_scale(&self) -> f32 {
-        self.net.logit_scale.exp()
+        self.logit_scale.exp()
     }
 
     /// Text embeddings of a prompt's phrases, from the cache when the prompt repeats.
     fn prompt_embedding(&mut self, prompt: &PromptRef) -> Result<Arc<PromptEmbedding>, ModelError> {
-        if let Some((_, hit)) = self.cache.iter().find(|(k, _)| *k == prompt.text) {
-            return Ok(hit.clone());
-        }
-        let phrases = prompt_phrases(&prompt.text);
-        if phrases.is_empty() {
-            return Err(ModelError::Prompt(
-                "the prompt names nothing to look for; give phrases such as \"person, car, dog\""
-                    .into(),
-            ));
-        }
-        if phrases.len() > MAX_PHRASES {
-            return Err(ModelError::Prompt(format!(
-                "the prompt gives {} phrases; at most {MAX_PHRASES} are scored",
-                phrases.len()
-            )));
-        }
-        let texts: Vec<String> = phrases
-            .iter()
-            .map(|p| PHRASE_TEMPLATE.replace("{phrase}", p))
-            .collect();
-        let text = l2_normalise(&self.text_embeddings(&texts)?)?;
-        let entry = Arc::new(PromptEmbedding { phrases, text });
-        if self.cache.len() >= PROMPT_CACHE {
-            self.cache.pop_front();
-        }
-        self.cache.push_back((prompt.text.clone(), entry.clone()));
-        Ok(entry)
+        let mut cache = std::mem::take(&mut self.cache);
+        let entry = cache.get_or_try_insert(&prompt.text, || {
+            let phrases = checked_phrases(&prompt.text)?;
+            let texts: Vec<String> = phrases
+                .iter()
+                .map(|p| PHRASE_TEMPLATE.replace("{phrase}", p))
+                .collect();
+            let text = l2_normalise(&self.text_embeddings(&texts)?)?;
+            let text_t = Tensor::cat(&[&text, &self.neutral], 0)
+                .and_then(|t| t.t())
+                .and_then(|t| t.contiguous())
+                .map_err(infer_err)?;
+            Ok(PromptEmbedding { phrases, text_t })
+        });
+        self.cache = cache;
+        entry
     }
 }
 
-fn infer_err(e: candle_core::Error) -> ModelError {
+pub(super) fn infer_err(e: candle_core::Error) -> ModelError {
     ModelError::Inference(e.to_string())
 }
 
-fn l2_normalise(x: &Tensor) -> Result<Tensor, ModelError> {
+pub(super) fn l2_normalise(x: &Tensor) -> Result<Tensor, ModelError> {
     x.sqr()
         .and_then(|s| s.sum_keepdim(D::Minus1))
         .and_then(|s| s.sqrt())
@@ -537,7 +654,7 @@ fn l2_normalise(x: &Tensor) -> Result<Tensor, ModelError> {
 }
 
 /// Rounds for the JSON output: six decimals is far below CLIP's own noise.
-fn round6(x: f32) -> f64 {
+pub(super) fn round6(x: f32) -> f64 {
     (x as f64 * 1e6).round() / 1e6
 }
 
@@ -551,37 +668,39 @@ impl VisionLanguageModel for ClipModel {
             return Ok(Vec::new());
         }
         let prompt_embedding = self.prompt_embedding(prompt)?;
+        let phrase_count = prompt_embedding.phrases.len();
         let image = l2_normalise(&self.image_embeddings(frames)?)?;
-        let similarity = image
-            .matmul(&prompt_embedding.text.t().map_err(infer_err)?)
-            .map_err(infer_err)?;
+        let all = image.matmul(&prompt_embedding.text_t).map_err(infer_err)?;
+        let similarity = all.narrow(1, 0, phrase_count).map_err(infer_err)?;
         let probability = (&similarity * self.logit_scale() as f64)
             .and_then(|logits| candle_nn::ops::softmax_last_dim(&logits))
             .and_then(|p| p.to_dtype(DType::F32))
             .and_then(|p| p.to_vec2::<f32>())
             .map_err(infer_err)?;
-        let similarity = similarity
+        let all = all
             .to_dtype(DType::F32)
             .and_then(|s| s.to_vec2::<f32>())
             .map_err(infer_err)?;
-        Ok(similarity
+        let scale = self.logit_scale();
+        Ok(all
             .iter()
             .zip(&probability)
-            .map(|(sims, probs)| {
+            .map(|(row, probs)| {
+                let (sims, neutral) = row.split_at(phrase_count);
+                let best_neutral = neutral.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut detected: Vec<&String> = Vec::new();
                 let phrases: Vec<Value> = prompt_embedding
                     .phrases
                     .iter()
                     .zip(sims.iter().zip(probs))
                     .map(|(phrase, (s, p))| {
-                        json!({"phrase": phrase, "probability": round6(*p), "similarity": round6(*s)})
+                        let presence = presence(*s, best_neutral, scale);
+                        if presence > self.detect_threshold {
+                            detected.push(phrase);
+                        }
+                        json!({"phrase": phrase, "probability": round6(*p),
+                               "presence": round6(presence), "similarity": round6(*s)})
                     })
-                    .collect();
-                let detected: Vec<&String> = prompt_embedding
-                    .phrases
-                    .iter()
-                    .zip(probs)
-                    .filter(|(_, p)| **p > self.detect_threshold)
-                    .map(|(phrase, _)| phrase)
                     .collect();
                 json!({"phrases": phrases, "detected": detected})
             })
@@ -617,12 +736,12 @@ mod tests {
         let start = Instant::now();
         let settings = ModelSettings {
             model_path: Some(dir.to_path_buf()),
-            detect_threshold: 0.3,
+            detect_threshold: Some(0.3),
             ..ModelSettings::default()
         };
         let mut model = load_model(&settings).unwrap();
         let loaded = start.elapsed();
-        assert_eq!(model.info().task, "zero-shot-detection");
+        assert_eq!(model.info().task, "zero-shot-scoring");
         assert_eq!(model.info().input_size, 224);
         assert_eq!(model.info().device, "cpu");
         let frames = frames();
@@ -647,15 +766,17 @@ mod tests {
                 .iter()
                 .map(|d| d.as_str().unwrap())
                 .collect();
-            let expect: Vec<&str> = names
+            let expect: Vec<&str> = o["phrases"]
+                .as_array()
+                .unwrap()
                 .iter()
-                .zip(&probs)
-                .filter(|(_, p)| **p > 0.3)
-                .map(|(n, _)| *n)
+                .filter(|p| p["presence"].as_f64().unwrap() > 0.3)
+                .map(|p| p["phrase"].as_str().unwrap())
                 .collect();
             assert_eq!(detected, expect);
             for p in o["phrases"].as_array().unwrap() {
                 assert!(p["similarity"].as_f64().unwrap().abs() <= 1.0);
+                assert!((0.0..=1.0).contains(&p["presence"].as_f64().unwrap()));
             }
         }
         // Different images must score differently, or the image tower is not being read.
@@ -663,6 +784,41 @@ mod tests {
         eprintln!(
             "tiny clip load {loaded:?}, load + infer of 5 frames {:?}",
             start.elapsed()
+        );
+    }
+
+    #[test]
+    fn presence_is_the_phrase_against_the_best_neutral_caption() {
+        assert!((presence(0.3, 0.3, 100.0) - 0.5).abs() < 1e-6);
+        assert!(presence(0.25, 0.3, 100.0) < 0.01);
+        assert!(presence(0.35, 0.3, 100.0) > 0.99);
+    }
+
+    /// A lone phrase gets probability 1 by construction, but its presence is its own: over
+    /// several one-phrase prompts and frames, some are absent and some present, and
+    /// `detected` follows presence alone.
+    #[test]
+    fn a_one_phrase_prompt_is_not_detected_on_every_frame() {
+        let mut model = tiny();
+        let frames = frames();
+        let refs: Vec<&Frame> = frames.iter().collect();
+        let (mut absent, mut present) = (0, 0);
+        for phrase in ["people", "cars", "dogs", "a red boat", "trees"] {
+            for o in model.infer(&refs, &prompt(phrase)).unwrap() {
+                let p = &o["phrases"][0];
+                assert_eq!(p["probability"].as_f64().unwrap(), 1.0);
+                let detected = !o["detected"].as_array().unwrap().is_empty();
+                assert_eq!(detected, p["presence"].as_f64().unwrap() > 0.5);
+                if detected {
+                    present += 1;
+                } else {
+                    absent += 1;
+                }
+            }
+        }
+        assert!(
+            absent > 0 && present > 0,
+            "absent {absent}, present {present}"
         );
     }
 

@@ -7,8 +7,10 @@
 //!   into the query weights once at load.
 //! - Bias, residual and quick-GELU are folded into the linear layers' products
 //!   ([`FusedLinear`]), and the softmax is one vectorised pass ([`cpu_kernels`]) on the CPU.
-//! - The last layer computes only the class token's row after attention: it is all the
-//!   pooled output reads, so the other 49 rows of the last MLP would be thrown away.
+//! - For the pooled output ([`Module::forward`]), the last layer computes only the class
+//!   token's row after attention: it is all the pooled output reads, so the other 49 rows
+//!   of the last MLP would be thrown away. OWL-ViT reads every token
+//!   ([`VisionTower::forward_tokens`]).
 
 use super::cpu_kernels;
 use super::fused_linear::{Activation, FusedLinear, MatmulPrecision};
@@ -87,6 +89,23 @@ impl EncoderLayer {
     }
 }
 
+/// The name of the layer norm before the encoder: CLIP checkpoints spell it `pre_layrnorm`,
+/// OWL-ViT checkpoints `pre_layernorm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreNormName {
+    Clip,
+    OwlVit,
+}
+
+impl PreNormName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PreNormName::Clip => "pre_layrnorm",
+            PreNormName::OwlVit => "pre_layernorm",
+        }
+    }
+}
+
 /// The image tower up to the pooled, post-layer-normed class token: `(batch, embed_dim)`.
 pub struct VisionTower {
     /// Patch weights as a `(embed_dim, channels * patch * patch)` matrix.
@@ -105,7 +124,12 @@ pub struct VisionTower {
 impl VisionTower {
     /// Reads the tower from `vb` at `vision_model`'s level; its linear layers multiply in
     /// `precision`.
-    pub fn new(vb: VarBuilder, c: &ClipVisionConfig, precision: MatmulPrecision) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        c: &ClipVisionConfig,
+        pre_norm: PreNormName,
+        precision: MatmulPrecision,
+    ) -> Result<Self> {
         let d = c.embed_dim;
         let grid = c.image_size / c.patch_size;
         let emb = vb.pp("embeddings");
@@ -127,7 +151,7 @@ impl VisionTower {
             patch_weight,
             class_token,
             patch_positions,
-            pre_layer_norm: candle_nn::layer_norm(d, LAYER_NORM_EPS, vb.pp("pre_layrnorm"))?,
+            pre_layer_norm: candle_nn::layer_norm(d, LAYER_NORM_EPS, vb.pp(pre_norm.as_str()))?,
             layers,
             post_layer_norm: candle_nn::layer_norm(d, LAYER_NORM_EPS, vb.pp("post_layernorm"))?,
             patch: c.patch_size,
@@ -148,8 +172,10 @@ impl VisionTower {
     }
 }
 
-impl Module for VisionTower {
-    fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+impl VisionTower {
+    /// The encoder's input: class token and patches with their positions, layer-normed,
+    /// `(batch, 1 + patches, dim)`.
+    fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
         let b = pixels.dim(0)?;
         let d = self.patch_weight.dim(0)?;
         let patches = self
@@ -158,9 +184,29 @@ impl Module for VisionTower {
             .reshape((b, self.grid * self.grid, d))?
             .broadcast_add(&self.patch_positions)?;
         let class = self.class_token.broadcast_as((b, 1, d))?;
-        let mut x = self
-            .pre_layer_norm
-            .forward(&Tensor::cat(&[&class, &patches], 1)?)?;
+        self.pre_layer_norm
+            .forward(&Tensor::cat(&[&class, &patches], 1)?)
+    }
+
+    /// Every token of the last layer, post-layer-normed: `(batch, 1 + patches, dim)`, the
+    /// class token first, then the patches row by row.
+    pub fn forward_tokens(&self, pixels: &Tensor) -> Result<Tensor> {
+        let mut x = self.embed(pixels)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, false)?;
+        }
+        self.post_layer_norm.forward(&x)
+    }
+
+    /// Patches per side.
+    pub fn grid(&self) -> usize {
+        self.grid
+    }
+}
+
+impl Module for VisionTower {
+    fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let mut x = self.embed(pixels)?;
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, i == last)?;

@@ -5,7 +5,10 @@
 
 use super::cpu_kernels;
 use super::fused_linear::MatmulPrecision;
-use super::{ModelError, VisionLanguageModel, blip::BlipModel, clip::ClipModel};
+use super::{
+    ModelError, VisionLanguageModel, blip::BlipModel, clip::ClipModel, owlvit::OwlVitModel,
+    siglip::SiglipModel,
+};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, DeviceLocation};
 use candle_nn::VarBuilder;
@@ -16,8 +19,6 @@ use std::str::FromStr;
 
 /// Default bound on the tokens a BLIP caption may add (`MAX_NEW_TOKENS`).
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 20;
-/// Default probability over which a CLIP phrase counts as detected (`DETECT_THRESHOLD`).
-pub const DEFAULT_DETECT_THRESHOLD: f32 = 0.3;
 
 /// Which backend to run (`MODEL_TYPE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -25,6 +26,12 @@ pub enum ModelType {
     /// Zero-shot phrase scoring with CLIP (the openai/clip-vit-base-patch32 layout).
     #[default]
     Clip,
+    /// A presence probability per phrase with SigLIP (the google/siglip-base-patch16-224
+    /// layout).
+    Siglip,
+    /// Open-vocabulary detection with boxes with OWL-ViT (the google/owlvit-base-patch32
+    /// layout).
+    OwlVit,
     /// Prompt-conditioned captioning with BLIP (the Salesforce/blip-image-captioning-large
     /// layout).
     Blip,
@@ -35,8 +42,9 @@ impl ModelType {
     /// ingest can use it to pick a default maximum frame side.
     pub fn input_size(self) -> u32 {
         match self {
-            ModelType::Clip => 224,
+            ModelType::Clip | ModelType::Siglip => 224,
             ModelType::Blip => 384,
+            ModelType::OwlVit => 768,
         }
     }
 
@@ -44,14 +52,29 @@ impl ModelType {
     pub fn default_model_id(self) -> &'static str {
         match self {
             ModelType::Clip => "openai/clip-vit-base-patch32",
+            ModelType::Siglip => "google/siglip-base-patch16-224",
+            ModelType::OwlVit => "google/owlvit-base-patch32",
             ModelType::Blip => "Salesforce/blip-image-captioning-large",
+        }
+    }
+
+    /// The score over which a phrase is listed in `detected` when `DETECT_THRESHOLD` is
+    /// unset: CLIP's presence against its neutral captions (0.5: the phrase fits better
+    /// than every neutral caption), SigLIP's sigmoid probability, and OWL-ViT's box score
+    /// (0.1, as transformers' examples use). BLIP lists nothing as detected.
+    pub fn default_detect_threshold(self) -> f32 {
+        match self {
+            ModelType::Clip | ModelType::Blip => 0.5,
+            ModelType::Siglip | ModelType::OwlVit => 0.1,
         }
     }
 
     /// What the outputs mean, as reported in [`super::ModelInfo::task`].
     pub fn task(self) -> &'static str {
         match self {
-            ModelType::Clip => "zero-shot-detection",
+            ModelType::Clip => "zero-shot-scoring",
+            ModelType::Siglip => "presence",
+            ModelType::OwlVit => "detection",
             ModelType::Blip => "captioning",
         }
     }
@@ -59,6 +82,8 @@ impl ModelType {
     pub fn as_str(self) -> &'static str {
         match self {
             ModelType::Clip => "clip",
+            ModelType::Siglip => "siglip",
+            ModelType::OwlVit => "owlvit",
             ModelType::Blip => "blip",
         }
     }
@@ -84,10 +109,12 @@ impl FromStr for ModelType {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "clip" => Ok(ModelType::Clip),
+            "siglip" => Ok(ModelType::Siglip),
+            "owlvit" => Ok(ModelType::OwlVit),
             "blip" => Ok(ModelType::Blip),
             _ => Err(ParseSettingError {
                 setting: "MODEL_TYPE",
-                expected: "clip, blip",
+                expected: "clip, siglip, owlvit, blip",
                 value: s.to_string(),
             }),
         }
@@ -203,8 +230,20 @@ pub struct ModelSettings {
     pub dtype: DtypeChoice,
     /// BLIP: the most tokens a caption may add after the prompt.
     pub max_new_tokens: usize,
-    /// CLIP: the probability over which a phrase is listed in `detected`.
-    pub detect_threshold: f32,
+    /// The score over which a phrase is listed in `detected`; `None` for the model's
+    /// default ([`ModelType::default_detect_threshold`]).
+    pub detect_threshold: Option<f32>,
+    /// OWL-ViT: drop a kept box that overlaps a better box of the same label by more than
+    /// this IoU; `None` (the default) keeps every box, as the reference does.
+    pub nms_iou: Option<f32>,
+}
+
+impl ModelSettings {
+    /// The detect threshold in force: the one set, else the model's default.
+    pub fn detect_threshold(&self) -> f32 {
+        self.detect_threshold
+            .unwrap_or_else(|| self.model_type.default_detect_threshold())
+    }
 }
 
 impl Default for ModelSettings {
@@ -216,7 +255,8 @@ impl Default for ModelSettings {
             device: DeviceChoice::Auto,
             dtype: DtypeChoice::Auto,
             max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
-            detect_threshold: DEFAULT_DETECT_THRESHOLD,
+            detect_threshold: None,
+            nms_iou: None,
         }
     }
 }
@@ -233,6 +273,8 @@ pub fn load_model(settings: &ModelSettings) -> Result<Box<dyn VisionLanguageMode
     );
     Ok(match settings.model_type {
         ModelType::Clip => Box::new(ClipModel::load(&files, device, settings)?),
+        ModelType::Siglip => Box::new(SiglipModel::load(&files, device, settings)?),
+        ModelType::OwlVit => Box::new(OwlVitModel::load(&files, device, settings)?),
         ModelType::Blip => Box::new(BlipModel::load(&files, device, settings)?),
     })
 }
@@ -602,7 +644,7 @@ mod tests {
         let err = "llava".parse::<ModelType>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "MODEL_TYPE must be one of clip, blip, not \"llava\""
+            "MODEL_TYPE must be one of clip, siglip, owlvit, blip, not \"llava\""
         );
         assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
         assert_eq!("Auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);

@@ -11,9 +11,12 @@ use super::ModelError;
 use super::blip::BlipSpec;
 use super::clip::ClipSpec;
 use super::load::{ModelType, ParseSettingError, TensorSpec};
-use super::preprocess::{CLIP_MEAN, CLIP_STD};
+use super::owlvit::OwlVitSpec;
+use super::preprocess::{CLIP_MEAN, CLIP_STD, SIGLIP_MEAN_STD};
+use super::siglip::SiglipSpec;
 use super::tokenizer::{
-    self, BERT_CLS, BERT_MASK, BERT_PAD, BERT_SEP, BERT_UNK, BLIP_DEC, BLIP_ENC, CLIP_BOS, CLIP_EOS,
+    self, BERT_CLS, BERT_MASK, BERT_PAD, BERT_SEP, BERT_UNK, BLIP_DEC, BLIP_ENC, CLIP_BOS,
+    CLIP_EOS, SIGLIP_EOS, SIGLIP_UNK,
 };
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -85,6 +88,47 @@ pub fn write_random_model(
                 "bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "pad_token": CLIP_EOS,
                 "unk_token": CLIP_EOS, "do_lower_case": true,
                 "model_max_length": spec.text.max_position_embeddings
+            });
+            (config, tok, tok_config, preprocessor, spec.tensor_specs())
+        }
+        ModelType::OwlVit => {
+            let (tok, vocab) = tokenizer::clip_tiny_tokenizer();
+            let config = owlvit_config(size, vocab);
+            let spec = OwlVitSpec::from_config(&config)?;
+            let side = spec.clip.vision.image_size;
+            let preprocessor = json!({
+                "crop_size": {"height": side, "width": side},
+                "do_center_crop": false, "do_convert_rgb": true, "do_normalize": true,
+                "do_rescale": true, "do_resize": true,
+                "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+                "image_processor_type": "OwlViTImageProcessor",
+                "processor_class": "OwlViTProcessor", "resample": 3,
+                "rescale_factor": 1.0 / 255.0, "size": {"height": side, "width": side}
+            });
+            let tok_config = json!({
+                "tokenizer_class": "CLIPTokenizer", "processor_class": "OwlViTProcessor",
+                "bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "pad_token": CLIP_EOS,
+                "unk_token": CLIP_EOS, "do_lower_case": true,
+                "model_max_length": spec.clip.text.max_position_embeddings
+            });
+            (config, tok, tok_config, preprocessor, spec.tensor_specs())
+        }
+        ModelType::Siglip => {
+            let (tok, vocab) = tokenizer::siglip_tiny_tokenizer();
+            let config = siglip_config(size, vocab);
+            let spec = SiglipSpec::from_config(&config)?;
+            let side = spec.config.vision_config.image_size;
+            let preprocessor = json!({
+                "do_convert_rgb": null, "do_normalize": true, "do_rescale": true,
+                "do_resize": true, "image_mean": SIGLIP_MEAN_STD, "image_std": SIGLIP_MEAN_STD,
+                "image_processor_type": "SiglipImageProcessor",
+                "processor_class": "SiglipProcessor", "resample": 3,
+                "rescale_factor": 1.0 / 255.0, "size": {"height": side, "width": side}
+            });
+            let tok_config = json!({
+                "tokenizer_class": "PreTrainedTokenizerFast", "processor_class": "SiglipProcessor",
+                "eos_token": SIGLIP_EOS, "pad_token": SIGLIP_EOS, "unk_token": SIGLIP_UNK,
+                "model_max_length": spec.config.text_config.max_position_embeddings
             });
             (config, tok, tok_config, preprocessor, spec.tensor_specs())
         }
@@ -163,6 +207,75 @@ fn clip_config(size: ModelSize, tiny_vocab: usize) -> Value {
             "model_type": "clip_vision_model", "num_attention_heads": v_heads,
             "num_channels": 3, "num_hidden_layers": v_layers, "patch_size": 32,
             "projection_dim": proj
+        }
+    })
+}
+
+/// A transformers 5 `OwlViTConfig`, as `save_pretrained` writes it. OWL-ViT's class head
+/// needs `projection_dim` equal to the text hidden size, so the tiny one projects to 32.
+fn owlvit_config(size: ModelSize, tiny_vocab: usize) -> Value {
+    let (bos, eos) = (tiny_vocab - 2, tiny_vocab - 1);
+    let (vocab, t_hidden, t_inter, t_layers, t_heads, v_hidden, v_inter, v_layers, v_heads) =
+        match size {
+            ModelSize::Tiny => (tiny_vocab, 32, 64, 2, 4, 32, 64, 2, 4),
+            ModelSize::Full => (49408, 512, 2048, 12, 8, 768, 3072, 12, 12),
+        };
+    json!({
+        "_name_or_path": format!("random-owlvit-{size}"),
+        "architectures": ["OwlViTForObjectDetection"],
+        "dtype": "float32",
+        "initializer_factor": 1.0,
+        "logit_scale_init_value": 2.6592,
+        "model_type": "owlvit",
+        "projection_dim": t_hidden,
+        "return_dict": true,
+        "text_config": {
+            "attention_dropout": 0.0, "bos_token_id": bos, "eos_token_id": eos,
+            "hidden_act": "quick_gelu", "hidden_size": t_hidden, "initializer_factor": 1.0,
+            "initializer_range": 0.02, "intermediate_size": t_inter, "layer_norm_eps": 1e-5,
+            "max_position_embeddings": 16, "model_type": "owlvit_text_model",
+            "num_attention_heads": t_heads, "num_hidden_layers": t_layers,
+            "pad_token_id": 0, "vocab_size": vocab
+        },
+        "transformers_version": "5.24.0",
+        "vision_config": {
+            "attention_dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": v_hidden,
+            "image_size": 768, "initializer_factor": 1.0, "initializer_range": 0.02,
+            "intermediate_size": v_inter, "layer_norm_eps": 1e-5,
+            "model_type": "owlvit_vision_model", "num_attention_heads": v_heads,
+            "num_channels": 3, "num_hidden_layers": v_layers, "patch_size": 32
+        }
+    })
+}
+
+/// A transformers 5 `SiglipConfig`, as `save_pretrained` writes it. The text tower pads
+/// with `</s>` (id 1), as google's checkpoints do.
+fn siglip_config(size: ModelSize, tiny_vocab: usize) -> Value {
+    let (vocab, hidden, inter, layers, heads) = match size {
+        ModelSize::Tiny => (tiny_vocab, 32, 64, 2, 4),
+        ModelSize::Full => (32000, 768, 3072, 12, 12),
+    };
+    json!({
+        "_name_or_path": format!("random-siglip-{size}"),
+        "architectures": ["SiglipModel"],
+        "dtype": "float32",
+        "initializer_factor": 1.0,
+        "model_type": "siglip",
+        "text_config": {
+            "attention_dropout": 0.0, "bos_token_id": 49406, "eos_token_id": 1,
+            "hidden_act": "gelu_pytorch_tanh", "hidden_size": hidden,
+            "intermediate_size": inter, "layer_norm_eps": 1e-6,
+            "max_position_embeddings": 64, "model_type": "siglip_text_model",
+            "num_attention_heads": heads, "num_hidden_layers": layers, "pad_token_id": 1,
+            "projection_size": hidden, "vocab_size": vocab
+        },
+        "transformers_version": "5.24.0",
+        "vision_config": {
+            "attention_dropout": 0.0, "hidden_act": "gelu_pytorch_tanh", "hidden_size": hidden,
+            "image_size": 224, "intermediate_size": inter, "layer_norm_eps": 1e-6,
+            "model_type": "siglip_vision_model", "num_attention_heads": heads,
+            "num_channels": 3, "num_hidden_layers": layers, "patch_size": 16,
+            "vision_use_head": true
         }
     })
 }

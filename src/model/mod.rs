@@ -12,18 +12,20 @@ pub mod cpu_kernels;
 pub mod fused_linear;
 pub mod load;
 pub mod make;
+pub mod owlvit;
 #[cfg(test)]
 mod parity;
 #[cfg(test)]
 mod parity_jpeg;
 pub mod preprocess;
+pub mod siglip;
 #[cfg(test)]
 mod testutil;
 pub mod tokenizer;
 
 pub use load::{
-    DEFAULT_DETECT_THRESHOLD, DEFAULT_MAX_NEW_TOKENS, DeviceChoice, DtypeChoice, ModelSettings,
-    ModelType, ParseSettingError, load_model,
+    DEFAULT_MAX_NEW_TOKENS, DeviceChoice, DtypeChoice, ModelSettings, ModelType,
+    ParseSettingError, load_model,
 };
 pub use make::{ModelSize, write_random_model};
 
@@ -54,7 +56,7 @@ use serde::Serialize;
 pub struct ModelInfo {
     /// Short name written into every result entry, e.g. `clip-vit-base-patch32`.
     pub name: String,
-    /// What the outputs mean: `zero-shot-detection`, `captioning`, `test`.
+    /// What the outputs mean: `zero-shot-scoring`, `presence`, `detection`, `captioning`, `test`.
     pub task: String,
     /// The square input side the model resizes frames to (224 for CLIP, 384 for BLIP).
     pub input_size: u32,

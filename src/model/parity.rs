@@ -8,7 +8,9 @@ use super::blip::BlipModel;
 use super::clip::ClipModel;
 use super::load::{DtypeChoice, ModelFiles, ModelSettings, ModelType};
 use super::make::{ModelSize, write_random_model};
-use super::testutil::{IMAGES, SEED, frames, tiny_model};
+use super::owlvit::{OwlVitModel, post_process};
+use super::siglip::SiglipModel;
+use super::testutil::{IMAGES, SEED, SIGLIP_IMAGES, frames, frames_of, tiny_model};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -16,10 +18,33 @@ use std::path::PathBuf;
 /// The bound the brief sets on embedding and logit differences.
 pub(super) const TOLERANCE: f32 = 1e-4;
 
+/// Where the expected outputs and the models come from: the committed files and the tiny
+/// models, or, with `PARITY_FULL=DIR` (a by-hand run at full size, see
+/// scripts/parity/README.md), `DIR/json/*.json` and the full-size models in `DIR/<kind>`.
+fn full_size_root() -> Option<PathBuf> {
+    std::env::var_os("PARITY_FULL").map(PathBuf::from)
+}
+
+fn model_dir(kind: ModelType) -> PathBuf {
+    match full_size_root() {
+        Some(root) => root.join(kind.as_str()),
+        None => tiny_model(kind).to_path_buf(),
+    }
+}
+
 fn expected(name: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/parity")
-        .join(name);
+    expected_with(name, IMAGES)
+}
+
+fn expected_with(name: &str, images_used: &[(&str, usize, usize)]) -> Value {
+    let (dir, size) = match full_size_root() {
+        Some(root) => (root.join("json"), "full"),
+        None => (
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/parity"),
+            "tiny",
+        ),
+    };
+    let path = dir.join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e} (see scripts/parity/README.md)", path.display()));
     let value: Value = serde_json::from_str(&text).expect("parity JSON");
@@ -29,7 +54,7 @@ fn expected(name: &str) -> Value {
         Some(SEED),
         "parity file made from another seed"
     );
-    assert_eq!(model["size"], "tiny");
+    assert_eq!(model["size"], size);
     let images: Vec<(String, usize, usize)> = value["images"]
         .as_array()
         .unwrap()
@@ -42,7 +67,7 @@ fn expected(name: &str) -> Value {
             )
         })
         .collect();
-    let ours: Vec<(String, usize, usize)> = IMAGES
+    let ours: Vec<(String, usize, usize)> = images_used
         .iter()
         .map(|&(k, w, h)| (k.to_string(), w, h))
         .collect();
@@ -104,7 +129,8 @@ fn check_pixels(pixels: &Tensor, expected: &Value) -> f32 {
         // A single pixel off by 1/255 moves the sum by about 0.015.
         assert!(
             (sum - exp["sum"].as_f64().unwrap()).abs() < 1e-2,
-            "image {i} pixel sum"
+            "image {i} pixel sum {sum} against {}",
+            exp["sum"]
         );
         assert!(
             (abs_sum - exp["abs_sum"].as_f64().unwrap()).abs() < 1e-2,
@@ -127,7 +153,7 @@ fn check_pixels(pixels: &Tensor, expected: &Value) -> f32 {
 fn settings(kind: ModelType) -> ModelSettings {
     ModelSettings {
         model_type: kind,
-        model_path: Some(tiny_model(kind).to_path_buf()),
+        model_path: Some(model_dir(kind)),
         // Parity is shown for the f32 path; bf16 is compared with f32 (fused_linear).
         dtype: DtypeChoice::F32,
         ..ModelSettings::default()
@@ -149,7 +175,7 @@ pub(super) fn clip_logits(model: &ClipModel, image: &Tensor, text: &Tensor) -> T
 fn clip_matches_transformers() {
     let exp = expected("clip.json");
     let s = settings(ModelType::Clip);
-    let files = ModelFiles::from_dir(tiny_model(ModelType::Clip)).unwrap();
+    let files = ModelFiles::from_dir(&model_dir(ModelType::Clip)).unwrap();
     let model = ClipModel::load(&files, Device::Cpu, &s).unwrap();
 
     let frames = frames();
@@ -189,12 +215,174 @@ fn clip_matches_transformers() {
     assert!(logit_diff <= TOLERANCE, "logits differ by {logit_diff}");
 }
 
+fn texts(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn siglip_matches_transformers() {
+    let exp = expected_with("siglip.json", SIGLIP_IMAGES);
+    let s = settings(ModelType::Siglip);
+    let files = ModelFiles::from_dir(&model_dir(ModelType::Siglip)).unwrap();
+    let model = SiglipModel::load(&files, Device::Cpu, &s).unwrap();
+
+    let frames = frames_of(SIGLIP_IMAGES);
+    let refs: Vec<&Frame> = frames.iter().collect();
+    let pixels = model.preprocessor().batch(&refs, &Device::Cpu).unwrap();
+    let pixel_diff = check_pixels(&pixels, &exp["pixels"]);
+
+    let texts = texts(&exp["texts"]);
+    for (text, want) in texts.iter().zip(exp["input_ids"].as_array().unwrap()) {
+        assert_eq!(model.token_ids(text).unwrap(), ids(want), "ids of {text:?}");
+    }
+    let image = model.image_embeddings_from_pixels(&pixels).unwrap();
+    let text = model.text_embeddings(&texts).unwrap();
+    let image_diff = max_abs_diff(&to_rows(&image), &matrix(&exp["image_embeds"]));
+    let text_diff = max_abs_diff(&to_rows(&text), &matrix(&exp["text_embeds"]));
+
+    let norm = |t: &Tensor| t.broadcast_div(&t.sqr()?.sum_keepdim(1)?.sqrt()?);
+    let (scale, bias) = model.logit_scale_and_bias();
+    let logits = (norm(&image)
+        .unwrap()
+        .matmul(&norm(&text).unwrap().t().unwrap())
+        .unwrap()
+        .affine(scale as f64, bias as f64))
+    .unwrap();
+    let logit_diff = max_abs_diff(&to_rows(&logits), &matrix(&exp["logits_per_image"]));
+    eprintln!(
+        "siglip parity: pixels {pixel_diff:e}, image embeds {image_diff:e}, \
+         text embeds {text_diff:e}, logits {logit_diff:e}"
+    );
+    assert!(
+        image_diff <= TOLERANCE,
+        "image embeddings differ by {image_diff}"
+    );
+    assert!(
+        text_diff <= TOLERANCE,
+        "text embeddings differ by {text_diff}"
+    );
+    assert!(logit_diff <= TOLERANCE, "logits differ by {logit_diff}");
+}
+
+/// The bound on box corners after mapping back to the frame, in pixels.
+const BOX_TOLERANCE_PX: f32 = 0.5;
+
+#[test]
+fn owlvit_matches_transformers() {
+    let exp = expected("owlvit.json");
+    let s = settings(ModelType::OwlVit);
+    let files = ModelFiles::from_dir(&model_dir(ModelType::OwlVit)).unwrap();
+    let model = OwlVitModel::load(&files, Device::Cpu, &s).unwrap();
+    let threshold = exp["threshold"].as_f64().unwrap() as f32;
+
+    let frames = frames();
+    let refs: Vec<&Frame> = frames.iter().collect();
+    let pixels = model.preprocessor().batch(&refs, &Device::Cpu).unwrap();
+    let pixel_diff = check_pixels(&pixels, &exp["pixels"]);
+
+    let texts = texts(&exp["texts"]);
+    for (text, want) in texts.iter().zip(exp["input_ids"].as_array().unwrap()) {
+        assert_eq!(model.token_ids(text).unwrap(), ids(want), "ids of {text:?}");
+    }
+    let queries = model.query_embeddings(&texts).unwrap();
+    let out = model
+        .heads(&pixels, &model.normalised_queries_t(&texts).unwrap())
+        .unwrap();
+    let (mut text_diff, mut logit_diff, mut box_diff, mut kept_total) = (0f32, 0f32, 0f32, 0);
+    for (i, (want, f)) in exp["per_image"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&frames)
+        .enumerate()
+    {
+        text_diff = text_diff.max(max_abs_diff(
+            &to_rows(&queries),
+            &matrix(&want["text_embeds"]),
+        ));
+        let logits = to_rows(&out.logits.get(i).unwrap());
+        let boxes = to_rows(&out.boxes.get(i).unwrap());
+        logit_diff = logit_diff.max(max_abs_diff(&logits, &matrix(&want["logits"])));
+        // Every token's box, kept or not, mapped to the frame.
+        let corners = |b: &[f32]| {
+            let (w, h) = (f.width as f32, f.height as f32);
+            [
+                (b[0] - 0.5 * b[2]) * w,
+                (b[1] - 0.5 * b[3]) * h,
+                (b[0] + 0.5 * b[2]) * w,
+                (b[1] + 0.5 * b[3]) * h,
+            ]
+        };
+        let theirs_all = matrix(&want["pred_boxes"]);
+        assert_eq!(theirs_all.len(), boxes.len(), "tokens of image {i}");
+        for (a, b) in boxes.iter().zip(&theirs_all) {
+            for (x, y) in corners(a).iter().zip(corners(b)) {
+                box_diff = box_diff.max((x - y).abs());
+            }
+        }
+        let (ours, _) = post_process(&logits, &boxes, f.width, f.height, threshold, texts.len());
+        let mut theirs: Vec<(usize, f32, Vec<f32>)> = want["kept"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| {
+                (
+                    k["label"].as_u64().unwrap() as usize,
+                    k["score"].as_f64().unwrap() as f32,
+                    k["box"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_f64().unwrap() as f32)
+                        .collect(),
+                )
+            })
+            .collect();
+        theirs.sort_by(|a, b| b.1.total_cmp(&a.1));
+        assert_eq!(ours.len(), theirs.len(), "boxes kept for image {i}");
+        kept_total += ours.len();
+        for (o, t) in ours.iter().zip(&theirs) {
+            assert_eq!(o.label, t.0, "label of a box of image {i}");
+            assert!(
+                (o.score - t.1).abs() <= TOLERANCE,
+                "score {} vs {}",
+                o.score,
+                t.1
+            );
+            for (a, b) in o.corners.iter().zip(&t.2) {
+                box_diff = box_diff.max((a - b).abs());
+            }
+        }
+    }
+    eprintln!(
+        "owlvit parity: pixels {pixel_diff:e}, query embeds {text_diff:e}, logits \
+         {logit_diff:e}, box corners {box_diff:e} px, {kept_total} boxes kept at {threshold}"
+    );
+    assert!(
+        kept_total > 0,
+        "the parity file keeps no box: nothing is compared"
+    );
+    assert!(
+        text_diff <= TOLERANCE,
+        "query embeddings differ by {text_diff}"
+    );
+    assert!(logit_diff <= TOLERANCE, "logits differ by {logit_diff}");
+    assert!(
+        box_diff <= BOX_TOLERANCE_PX,
+        "box corners differ by {box_diff} px"
+    );
+}
+
 #[test]
 fn blip_matches_transformers() {
     let exp = expected("blip.json");
     let mut s = settings(ModelType::Blip);
     s.max_new_tokens = exp["max_new_tokens"].as_u64().unwrap() as usize;
-    let files = ModelFiles::from_dir(tiny_model(ModelType::Blip)).unwrap();
+    let files = ModelFiles::from_dir(&model_dir(ModelType::Blip)).unwrap();
     let model = BlipModel::load(&files, Device::Cpu, &s).unwrap();
 
     let frames = frames();
@@ -256,7 +444,12 @@ fn write_parity_model() {
     let dir = std::env::var_os("PARITY_MODEL_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("free-roam-parity"));
-    for kind in [ModelType::Clip, ModelType::Blip] {
+    for kind in [
+        ModelType::Clip,
+        ModelType::Siglip,
+        ModelType::OwlVit,
+        ModelType::Blip,
+    ] {
         write_random_model(kind, ModelSize::Tiny, SEED, &dir.join(kind.as_str())).unwrap();
     }
     eprintln!("wrote {}", dir.display());

@@ -21,6 +21,9 @@ pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// The CLIP image standard deviation used by both CLIP and BLIP checkpoints.
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
+/// SigLIP's image mean and standard deviation (the same value for both, per channel).
+pub const SIGLIP_MEAN_STD: [f32; 3] = [0.5, 0.5, 0.5];
+
 /// How a frame becomes a square model input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Geometry {
@@ -48,6 +51,21 @@ impl Preprocessor {
             mean: CLIP_MEAN,
             std: CLIP_STD,
         }
+    }
+
+    /// SigLIP: straight to `side` x `side` like BLIP, normalised to [-1, 1].
+    pub fn siglip(side: usize) -> Self {
+        Self {
+            side,
+            geometry: Geometry::Squash,
+            mean: SIGLIP_MEAN_STD,
+            std: SIGLIP_MEAN_STD,
+        }
+    }
+
+    /// OWL-ViT: straight to `side` x `side` like BLIP, with the CLIP mean and std.
+    pub fn owlvit(side: usize) -> Self {
+        Self::blip(side)
     }
 
     pub fn blip(side: usize) -> Self {

@@ -23,6 +23,12 @@ pub const BERT_MASK: &str = "[MASK]";
 pub const BLIP_DEC: &str = "[DEC]";
 pub const BLIP_ENC: &str = "[ENC]";
 
+/// SigLIP's padding token (id 0 in its SentencePiece vocabulary).
+pub const SIGLIP_PAD: &str = "<pad>";
+/// SigLIP's end-of-sequence token, appended to every text; its checkpoints also pad with it.
+pub const SIGLIP_EOS: &str = "</s>";
+pub const SIGLIP_UNK: &str = "<unk>";
+
 /// Words the small vocabularies spell as whole tokens, so typical prompts tokenise into
 /// short, realistic sequences. Anything else still tokenises (bytes or letters).
 const WORDS: &[&str] = &[
@@ -182,6 +188,60 @@ pub fn clip_tiny_tokenizer() -> (Value, usize) {
     (tokenizer, vocab.len())
 }
 
+/// A small SigLIP-style SentencePiece (Unigram) tokenizer: `<pad>`, `</s>`, `<unk>` as ids
+/// 0, 1, 2 as in the real vocabulary, the word-start marker, letters, digits and
+/// punctuation, and [`WORDS`] as whole pieces; lower-cased, with `</s>` appended. Returns
+/// the JSON and the vocabulary size.
+pub fn siglip_tiny_tokenizer() -> (Value, usize) {
+    let mut vocab: Vec<(String, f64)> = [SIGLIP_PAD, SIGLIP_EOS, SIGLIP_UNK]
+        .iter()
+        .map(|t| (t.to_string(), 0.0))
+        .collect();
+    vocab.push(("\u{2581}".to_string(), -3.0));
+    for c in ".,;:!?'\"-()/&".chars().chain('0'..='9').chain('a'..='z') {
+        vocab.push((c.to_string(), -5.0));
+    }
+    for w in WORDS {
+        vocab.push((format!("\u{2581}{w}"), -2.0));
+    }
+    let special = |id: usize, content: &str| {
+        json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+               "rstrip": false, "normalized": false, "special": true})
+    };
+    let metaspace = json!({"type": "Metaspace", "replacement": "\u{2581}",
+                           "prepend_scheme": "always", "split": true});
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(0, SIGLIP_PAD), special(1, SIGLIP_EOS), special(2, SIGLIP_UNK)],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}
+        ]},
+        "pre_tokenizer": metaspace,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": SIGLIP_EOS, "type_id": 0}}
+            ],
+            "pair": [
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": SIGLIP_EOS, "type_id": 0}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+                {"SpecialToken": {"id": SIGLIP_EOS, "type_id": 1}}
+            ],
+            "special_tokens": {
+                SIGLIP_EOS: {"id": SIGLIP_EOS, "ids": [1], "tokens": [SIGLIP_EOS]}
+            }
+        },
+        "decoder": metaspace,
+        "model": {"type": "Unigram", "unk_id": 2, "vocab": vocab, "byte_fallback": false}
+    });
+    (tokenizer, vocab.len())
+}
+
 /// Special token ids of the small BERT vocabulary.
 #[derive(Clone, Copy, Debug)]
 pub struct BertSpecialIds {
@@ -310,6 +370,31 @@ mod tests {
         let enc = tok.encode("zebra ü", true).unwrap();
         assert!(enc.get_ids().iter().all(|&i| (i as usize) < n));
         assert_eq!(*enc.get_ids().last().unwrap() as usize, eos);
+    }
+
+    #[test]
+    fn siglip_tiny_tokenizer_is_deterministic_and_works() {
+        let (a, n) = siglip_tiny_tokenizer();
+        assert_eq!(a.to_string(), siglip_tiny_tokenizer().0.to_string());
+        let tok = build(&a);
+        assert_eq!(tok.get_vocab_size(true), n);
+        assert_eq!(required_id(&tok, SIGLIP_EOS).unwrap(), 1);
+        let enc = tok.encode("A photo of  PEOPLE.", true).unwrap();
+        assert_eq!(
+            enc.get_tokens(),
+            &[
+                "\u{2581}a",
+                "\u{2581}photo",
+                "\u{2581}of",
+                "\u{2581}people",
+                ".",
+                "</s>"
+            ]
+        );
+        let enc = tok.encode("zebra ü", true).unwrap();
+        assert!(enc.get_ids().iter().all(|&i| (i as usize) < n));
+        assert!(enc.get_ids().contains(&2), "ü is unknown");
+        assert_eq!(*enc.get_ids().last().unwrap(), 1);
     }
 
     #[test]

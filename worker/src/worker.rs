@@ -164,6 +164,7 @@ fn load_model(config: &Config) -> Result<Box<dyn VisionLanguageModel>, String> {
         dtype,
         max_new_tokens: config.max_new_tokens,
         detect_threshold: config.detect_threshold,
+        nms_iou: config.nms_iou,
     };
     load_model(&settings).map_err(|e| e.to_string())
 }
