@@ -1,7 +1,8 @@
-//! Writes a job's output: one `{fr}:results:<id>` entry per frame and the job's progress in
-//! its hash, both in one atomic pipeline per batch, retried through Redis outages.
+//! A job's own slot (`{fr:<id>}`): writes its output, one `results` entry per frame and its
+//! `progress` hash, both in one atomic pipeline per batch, retried through Redis outages;
+//! writes the end entry once; reads where a job left off.
 
-use crate::job::{FrameCounters, StopSignal};
+use crate::job::{FrameCounters, JobStatus, ResumeState, StopSignal};
 use crate::store::{Backoff, Store, StoreResult, now_ms};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,7 +44,7 @@ pub struct Progress {
 #[derive(Clone)]
 pub struct ResultSink {
     store: Store,
-    job_key: Arc<str>,
+    progress_key: Arc<str>,
     results_key: Arc<str>,
     maxlen: usize,
     stop: StopSignal,
@@ -59,7 +60,7 @@ impl ResultSink {
         already_written: u64,
     ) -> Self {
         Self {
-            job_key: store.keys().job(job_id).into(),
+            progress_key: store.keys().progress(job_id).into(),
             results_key: store.keys().results(job_id).into(),
             store,
             maxlen,
@@ -87,7 +88,7 @@ impl ResultSink {
                 }
                 Err(e) if e.is_transient() && !self.stop.is_stopped() => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, job = %self.job_key, ?delay, "result write failed; retrying");
+                    tracing::warn!(error = %e, job = %self.progress_key, ?delay, "result write failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.stop.stopped() => {}
@@ -141,7 +142,7 @@ impl ResultSink {
         let c = &progress.counters;
         let hset = pipe
             .cmd("HSET")
-            .arg(&*self.job_key)
+            .arg(&*self.progress_key)
             .arg("updated_ms")
             .arg(now_ms())
             .arg("frames_decoded")
@@ -164,7 +165,7 @@ impl ResultSink {
         hset.ignore();
         if !entries.is_empty() {
             pipe.cmd("HINCRBY")
-                .arg(&*self.job_key)
+                .arg(&*self.progress_key)
                 .arg("results")
                 .arg(entries.len())
                 .ignore();
@@ -179,4 +180,73 @@ impl std::fmt::Debug for ResultSink {
             .field("results_key", &self.results_key)
             .finish()
     }
+}
+
+/// What a job's progress hash says: where it left off, and whether its end entry is written.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SavedProgress {
+    /// The resume state, less the attempt (the queue's slot counts those).
+    pub resume: ResumeState,
+    /// The final status in the end entry, once written.
+    pub ended: Option<JobStatus>,
+}
+
+const PROGRESS_FIELDS: [&str; 7] = [
+    "ended",
+    "cursor",
+    "results",
+    "frames_decoded",
+    "frames_sampled",
+    "frames_dropped",
+    "frames_failed",
+];
+
+/// Reads a job's progress hash (one `HMGET` in its slot).
+pub async fn saved_progress(store: &Store, job_id: &str) -> StoreResult<SavedProgress> {
+    let mut cmd = redis::cmd("HMGET");
+    cmd.arg(store.keys().progress(job_id))
+        .arg(&PROGRESS_FIELDS[..]);
+    let v: Vec<Option<String>> = store.query(&cmd).await?;
+    let text = |i: usize| v.get(i).cloned().flatten().filter(|s| !s.is_empty());
+    let num = |i: usize| text(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    Ok(SavedProgress {
+        ended: text(0).as_deref().and_then(JobStatus::parse),
+        resume: ResumeState {
+            cursor: text(1),
+            results: num(2),
+            counters: FrameCounters {
+                frames_decoded: num(3),
+                frames_sampled: num(4),
+                frames_dropped: num(5),
+                frames_failed: num(6),
+            },
+            attempt: 0,
+        },
+    })
+}
+
+/// How long a finished job's keys are kept, and how long its result stream may grow.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    pub results_maxlen: usize,
+    pub ttl_s: u64,
+}
+
+/// Writes a job's end entry unless one is there (`fr_job_end`, in the job's slot); returns
+/// the final status and results count as recorded, which may be an earlier call's.
+pub async fn write_end(
+    store: &Store,
+    job_id: &str,
+    status: JobStatus,
+    error: &str,
+    retention: Retention,
+) -> StoreResult<(String, u64)> {
+    let tag = store.keys().job_tag(job_id);
+    let args: [&dyn crate::store::ToRedisArgsDyn; 4] = [
+        &status.as_str(),
+        &error,
+        &retention.results_maxlen,
+        &retention.ttl_s,
+    ];
+    store.fcall_on(&tag, "fr_job_end", &args).await
 }

@@ -6,6 +6,8 @@ use crate::keys::Keys;
 use deadpool_redis::{Manager, Pool, Runtime};
 use redis::aio::ConnectionLike;
 use redis::{AsyncConnectionConfig, FromRedisValue, ToRedisArgs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The Redis function library every worker and the CLI load with `FUNCTION LOAD REPLACE`.
@@ -78,6 +80,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub struct Store {
     pool: Pool,
     keys: Keys,
+    /// Requests sent through this handle (a pipeline is one), for benchmarks to count.
+    round_trips: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -99,11 +103,22 @@ impl Store {
         Ok(Self {
             pool,
             keys: Keys::new(key_prefix),
+            round_trips: Arc::new(AtomicU64::new(0)),
         })
     }
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// Requests sent through this handle and its clones so far: commands, pipelines and
+    /// function calls each count one (blocking reads on a [`Store::conn`] are not counted).
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    fn count_trip(&self) {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A connection from the pool; hold it only for one exchange (or one blocking read).
@@ -114,12 +129,14 @@ impl Store {
     /// Runs one command on a pooled connection.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> StoreResult<T> {
         let mut conn = self.conn().await?;
+        self.count_trip();
         Ok(cmd.query_async(&mut conn).await?)
     }
 
     /// Runs a pipeline on a pooled connection.
     pub async fn pipe<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> StoreResult<T> {
         let mut conn = self.conn().await?;
+        self.count_trip();
         Ok(pipe.query_async(&mut conn).await?)
     }
 
@@ -136,21 +153,34 @@ impl Store {
         load_functions_on(&mut conn).await
     }
 
-    /// Calls one of the library's functions with the contract's hash tag as its only key,
+    /// Calls one of the queue's functions with the contract's hash tag as its only key,
     /// loading the library first when the server does not have it.
     pub async fn fcall<T: FromRedisValue>(
         &self,
         function: &str,
         args: &[&dyn ToRedisArgsDyn],
     ) -> StoreResult<T> {
+        self.fcall_on(self.keys.tag(), function, args).await
+    }
+
+    /// Calls a function whose one key is `tag` (a job's own tag for `fr_job_end`).
+    pub async fn fcall_on<T: FromRedisValue>(
+        &self,
+        tag: &str,
+        function: &str,
+        args: &[&dyn ToRedisArgsDyn],
+    ) -> StoreResult<T> {
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg(function).arg(1).arg(self.keys.tag());
+        cmd.arg(function).arg(1).arg(tag);
         for a in args {
             a.write_to(&mut cmd);
         }
         let mut conn = self.conn().await?;
+        self.count_trip();
         match cmd.query_async(&mut conn).await {
             Err(e) if is_missing_function(&e) => {
+                self.count_trip();
+                self.count_trip();
                 load_functions_on(&mut conn).await?;
                 Ok(cmd.query_async(&mut conn).await?)
             }

@@ -117,6 +117,11 @@ fn submit_status_cancel_and_list_without_a_worker() {
     assert_eq!(v["status"], "queued");
     assert_eq!(v["stream_ref"], "cam:1");
     assert_eq!(v["fps"], "1");
+    assert_eq!(
+        v["results_key"],
+        format!("{{{p}:j1}}:results"),
+        "status names the job's result stream"
+    );
 
     // An entry pushed with redis-cli that no worker has read yet is found too.
     redis.cli(&[

@@ -119,11 +119,13 @@ pub async fn run(command: Commands, config: Config, json: bool) -> ExitCode {
         Commands::Results { job_id, follow } => {
             return results(&store, &job_id, follow, json).await;
         }
-        Commands::Cancel { job_id } => match client::cancel(&store, &job_id).await {
-            Ok(v) if json => print_json(&serde_json::json!({"job_id": job_id, "result": v})),
-            Ok(v) => println!("{job_id}: {v}"),
-            Err(e) => return client_failure(e),
-        },
+        Commands::Cancel { job_id } => {
+            match client::cancel(&store, &job_id, retention(&config)).await {
+                Ok(v) if json => print_json(&serde_json::json!({"job_id": job_id, "result": v})),
+                Ok(v) => println!("{job_id}: {v}"),
+                Err(e) => return client_failure(e),
+            }
+        }
         Commands::Jobs { status, limit } => {
             if let Some(s) = &status
                 && free_roam::job::JobStatus::parse(s).is_none()
@@ -156,6 +158,14 @@ pub async fn run(command: Commands, config: Config, json: bool) -> ExitCode {
         Commands::Worker | Commands::Model(_) => unreachable!("handled by the caller"),
     }
     ExitCode::SUCCESS
+}
+
+/// The expiry and cap a cancelled job's end entry gets; the workers use the same settings.
+fn retention(config: &Config) -> free_roam::results::Retention {
+    free_roam::results::Retention {
+        results_maxlen: config.results_maxlen,
+        ttl_s: config.result_ttl.as_secs(),
+    }
 }
 
 fn print_fields(h: &BTreeMap<String, String>) {
