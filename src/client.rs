@@ -212,25 +212,24 @@ pub async fn list(
             break;
         }
         offset += PAGE;
-        // Two pipelines: the hashes share one slot, the progress hashes are each in their own.
+        // The hashes share one slot and come in one pipeline; each progress hash is in its
+        // job's own slot (a Cluster refuses a pipeline across slots), read for listed jobs.
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.cmd("HGETALL").arg(store.keys().job(id));
         }
         let hashes: Vec<BTreeMap<String, String>> = store.pipe(&pipe).await?;
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.cmd("HGETALL").arg(store.keys().progress(id));
-        }
-        let progress: Vec<BTreeMap<String, String>> = store.pipe(&pipe).await?;
-        for ((id, h), p) in ids.into_iter().zip(hashes).zip(progress) {
+        for (id, h) in ids.into_iter().zip(hashes) {
             if h.is_empty() {
                 continue;
             }
-            let mut h = with_progress(store, &id, h, p);
             if status.is_some_and(|s| h.get("status").map(String::as_str) != Some(s)) {
                 continue;
             }
+            let mut cmd = redis::cmd("HGETALL");
+            cmd.arg(store.keys().progress(&id));
+            let progress: BTreeMap<String, String> = store.query(&cmd).await?;
+            let mut h = with_progress(store, &id, h, progress);
             h.insert("job_id".into(), id);
             out.push(h);
             if out.len() >= limit {

@@ -26,6 +26,11 @@ pub const SETTINGS: &[Setting] = &[
         "Redis URL (redis:// or rediss:// for TLS). When unset it is built from REDIS_HOST, REDIS_PORT, REDIS_PASSWORD and REDIS_DB.",
     ),
     s(
+        "REDIS_CLUSTER_NODES",
+        None,
+        "Seed nodes of a Redis Cluster, comma-separated (`redis://host:port`, `rediss://` for TLS, or `host:port`; a password goes in each URL). When set, the worker and the CLI use the Cluster and REDIS_URL and its parts are not used.",
+    ),
+    s(
         "REDIS_HOST",
         Some("localhost"),
         "Redis host, used when REDIS_URL is unset.",
@@ -212,6 +217,8 @@ pub enum LogFormat {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub redis_url: String,
+    /// Seed nodes of a Redis Cluster; empty for a single node (`redis_url`).
+    pub redis_cluster_nodes: Vec<String>,
     pub key_prefix: String,
     pub model_type: String,
     pub model_path: Option<PathBuf>,
@@ -357,6 +364,35 @@ impl Config {
                 }
             }
         };
+        let redis_cluster_nodes = match r.raw("REDIS_CLUSTER_NODES") {
+            None => Vec::new(),
+            Some(list) => {
+                let mut nodes = Vec::new();
+                for node in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    let url = if node.contains("://") {
+                        node.to_string()
+                    } else {
+                        format!("redis://{node}")
+                    };
+                    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                        return Err(Reader::err(
+                            "REDIS_CLUSTER_NODES",
+                            &list,
+                            "comma-separated redis://host:port, rediss://host:port or host:port",
+                        ));
+                    }
+                    nodes.push(url);
+                }
+                if nodes.is_empty() {
+                    return Err(Reader::err(
+                        "REDIS_CLUSTER_NODES",
+                        &list,
+                        "at least one node: redis://host:port or host:port",
+                    ));
+                }
+                nodes
+            }
+        };
         let key_prefix = r.string("KEY_PREFIX");
         if key_prefix.is_empty()
             || key_prefix.len() > 64
@@ -408,6 +444,7 @@ impl Config {
         let job_lease = r.millis("JOB_LEASE_MS", 1000)?;
         Ok(Config {
             redis_url,
+            redis_cluster_nodes,
             key_prefix,
             model_type: r.one_of("MODEL_TYPE", &["clip", "blip", "null"])?,
             model_path: r.raw("MODEL_PATH").map(PathBuf::from),

@@ -90,7 +90,7 @@ pub async fn run(command: Commands, config: Config, json: bool) -> ExitCode {
     if let Commands::Model(cmd) = command {
         return crate::worker::model_command(cmd);
     }
-    let store = match Store::new(&config.redis_url, &config.key_prefix, 4) {
+    let store = match Store::for_config(&config, 4) {
         Ok(s) => s,
         Err(e) => return fail(e, 2),
     };
