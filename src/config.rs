@@ -53,7 +53,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "KEY_PREFIX",
         Some("fr"),
-        "Prefix of every key; keys are `{KEY_PREFIX}:...` (one hash tag, so Redis Cluster works).",
+        "Prefix of every key: the queue's keys are `{KEY_PREFIX}:...` (one hash tag, one Cluster slot), each job's results and progress `{KEY_PREFIX:<job_id>}:...` (a slot of its own).",
     ),
     s(
         "MODEL_TYPE",
