@@ -39,6 +39,10 @@ impl Keys {
     pub fn results(&self, job_id: &str) -> String {
         format!("{}:results:{job_id}", self.tag)
     }
+    /// The capped stream of alert start and end events of every job.
+    pub fn alerts(&self) -> String {
+        format!("{}:alerts", self.tag)
+    }
     pub fn events(&self) -> String {
         format!("{}:events", self.tag)
     }
@@ -68,6 +72,7 @@ mod tests {
         assert_eq!(k.job("a"), "{fr}:job:a");
         assert_eq!(k.results("a"), "{fr}:results:a");
         assert_eq!(k.prompt_history(), "{fr}:prompt:history");
+        assert_eq!(k.alerts(), "{fr}:alerts");
         assert_eq!(k.worker("w1"), "{fr}:worker:w1");
     }
 }

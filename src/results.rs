@@ -1,6 +1,7 @@
 //! Writes a job's output: one `{fr}:results:<id>` entry per frame and the job's progress in
 //! its hash, both in one atomic pipeline per batch, retried through Redis outages.
 
+use crate::alerts::AlertEvent;
 use crate::job::{FrameCounters, StopSignal};
 use crate::store::{Backoff, Store, StoreResult, now_ms};
 use std::sync::Arc;
@@ -14,6 +15,9 @@ pub enum FrameOutcome {
     Output(serde_json::Value),
     /// The frame could not be decoded or inferred; the job goes on.
     Error(String),
+    /// The scene gate found the scene unchanged: the output of frame `from`, repeated
+    /// (serialised once, when that output came).
+    Reused { output: Arc<str>, from: u64 },
 }
 
 /// One result entry: a frame's output or its error.
@@ -37,12 +41,28 @@ pub struct Progress {
     pub cursor: Option<String>,
     /// A short note for people reading the hash (e.g. "waiting for frame stream").
     pub note: Option<String>,
+    /// Frames whose output the scene gate reused, across deliveries; `None` leaves it.
+    pub frames_reused: Option<u64>,
+    /// Alert events to add to `{fr}:alerts` and the alert state to save with them, in the
+    /// same atomic write as the entries they come from.
+    pub alerts: Option<AlertWrite>,
+}
+
+/// A job's alert output for one write.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AlertWrite {
+    pub events: Vec<AlertEvent>,
+    /// The job's alert state (JSON), saved as `alert_state` in its hash.
+    pub state: String,
+    /// ALERTS_MAXLEN.
+    pub maxlen: usize,
 }
 
 /// A job's handle for writing results. Cheap to clone.
 #[derive(Clone)]
 pub struct ResultSink {
     store: Store,
+    job_id: Arc<str>,
     job_key: Arc<str>,
     results_key: Arc<str>,
     maxlen: usize,
@@ -59,6 +79,7 @@ impl ResultSink {
         already_written: u64,
     ) -> Self {
         Self {
+            job_id: job_id.into(),
             job_key: store.keys().job(job_id).into(),
             results_key: store.keys().results(job_id).into(),
             store,
@@ -116,7 +137,9 @@ impl ResultSink {
                 .arg(self.maxlen)
                 .arg("*");
             match &e.outcome {
-                FrameOutcome::Output(_) => cmd.arg("kind").arg("result"),
+                FrameOutcome::Output(_) | FrameOutcome::Reused { .. } => {
+                    cmd.arg("kind").arg("result")
+                }
                 FrameOutcome::Error(_) => cmd.arg("kind").arg("error"),
             };
             cmd.arg("frame").arg(e.frame);
@@ -135,6 +158,11 @@ impl ResultSink {
             match &e.outcome {
                 FrameOutcome::Output(v) => cmd.arg("output").arg(v.to_string()),
                 FrameOutcome::Error(msg) => cmd.arg("error").arg(msg),
+                FrameOutcome::Reused { output, from } => cmd
+                    .arg("output")
+                    .arg(&**output)
+                    .arg("reused_from")
+                    .arg(*from),
             };
             cmd.ignore();
         }
@@ -155,6 +183,12 @@ impl ResultSink {
         if let Some(cursor) = &progress.cursor {
             hset.arg("cursor").arg(cursor);
         }
+        if let Some(n) = progress.frames_reused {
+            hset.arg("frames_reused").arg(n);
+        }
+        if let Some(a) = &progress.alerts {
+            hset.arg("alert_state").arg(&a.state);
+        }
         if let Some(note) = &progress.note {
             hset.arg("note").arg(note);
         }
@@ -162,6 +196,24 @@ impl ResultSink {
             hset.arg("prompt_version").arg(v);
         }
         hset.ignore();
+        if let Some(a) = &progress.alerts {
+            let alerts_key = self.store.keys().alerts();
+            for e in &a.events {
+                let cmd = pipe
+                    .cmd("XADD")
+                    .arg(&alerts_key)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(a.maxlen)
+                    .arg("*")
+                    .arg("job_id")
+                    .arg(&*self.job_id);
+                for (name, value) in e.fields() {
+                    cmd.arg(name).arg(value);
+                }
+                cmd.ignore();
+            }
+        }
         if !entries.is_empty() {
             pipe.cmd("HINCRBY")
                 .arg(&*self.job_key)
