@@ -167,31 +167,46 @@ impl SceneGate {
 
 impl Thumb {
     /// Box-filters the frame to about `THUMB_LONG_SIDE` px on the long side, in grey
-    /// (R + 2G + B, the usual cheap luma), and removes the mean.
+    /// (the mean of R, G and B), and removes the mean.
     fn of(frame: &Frame) -> Self {
         let (w, h) = (frame.width as usize, frame.height as usize);
         let long = w.max(h);
         let block = long.div_ceil(THUMB_LONG_SIDE as usize).max(1);
         let (tw, th) = (w.div_ceil(block), h.div_ceil(block));
         let mut sums = vec![0u32; tw * th];
-        let rgb = &frame.rgb[..];
-        for y in 0..h {
-            let row = &rgb[y * w * 3..(y + 1) * w * 3];
-            let out = &mut sums[(y / block) * tw..(y / block + 1) * tw];
-            for (sum, chunk) in out.iter_mut().zip(row.chunks(block * 3)) {
-                *sum += chunk
-                    .chunks_exact(3)
-                    .map(|p| p[0] as u32 + 2 * p[1] as u32 + p[2] as u32)
-                    .sum::<u32>();
+        // Every other row of each band of `block` rows is added into per-byte column sums
+        // (contiguous u16 lanes, so it vectorises; 257 rows of bytes fit a u16), then folded
+        // into its thumbnail row once. Half the rows of a block average as well as all of
+        // them for this purpose and halve the memory read, which is what the gate costs.
+        // The plain sum of R, G and B is grey enough to see a change.
+        const U16_ROWS: usize = 257;
+        let mut narrow = vec![0u16; w * 3];
+        let mut wide = vec![0u32; w * 3];
+        for (band, rows) in frame.rgb.chunks(block * w * 3).enumerate() {
+            wide.fill(0);
+            for group in rows.chunks(2 * U16_ROWS * w * 3) {
+                narrow.fill(0);
+                for row in group.chunks_exact(w * 3).step_by(2) {
+                    for (c, &v) in narrow.iter_mut().zip(row) {
+                        *c += u16::from(v);
+                    }
+                }
+                for (c, &n) in wide.iter_mut().zip(&narrow) {
+                    *c += u32::from(n);
+                }
+            }
+            let out = &mut sums[band * tw..(band + 1) * tw];
+            for (sum, chunk) in out.iter_mut().zip(wide.chunks(block * 3)) {
+                *sum = chunk.iter().sum();
             }
         }
         // Edge blocks may be partial: divide each by its own pixel count.
         let mut pixels = Vec::with_capacity(tw * th);
         for ty in 0..th {
-            let rows = block.min(h - ty * block);
+            let rows = block.min(h - ty * block).div_ceil(2);
             for tx in 0..tw {
                 let cols = block.min(w - tx * block);
-                let n = (rows * cols * 4) as f32;
+                let n = (rows * cols * 3) as f32;
                 pixels.push(sums[ty * tw + tx] as f32 / n);
             }
         }
