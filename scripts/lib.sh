@@ -21,10 +21,33 @@ ensure_command() {
   fi
 }
 
+# The RTSP camera the tests serve (tests/rtsp/serve.py): GStreamer's RTSP server with an
+# H.264 encoder, driven from the system Python.
+RTSP_TEST_PACKAGES="python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly"
+rtsp_server_ready() {
+  /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0"); gi.require_version("Gst", "1.0"); from gi.repository import Gst, GstRtspServer; Gst.init(None); assert Gst.ElementFactory.find("x264enc") and Gst.ElementFactory.find("rtph264pay")' >/dev/null 2>&1
+}
+ensure_rtsp_server() {
+  rtsp_server_ready && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing the RTSP test server ($RTSP_TEST_PACKAGES)"
+    if [ -z "${FREE_ROAM_APT_UPDATED:-}" ]; then
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+      export FREE_ROAM_APT_UPDATED=1
+    fi
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $RTSP_TEST_PACKAGES >&2
+  else
+    say "missing: the RTSP test server. Install: sudo apt-get install -y $RTSP_TEST_PACKAGES"
+    return 1
+  fi
+}
+
 ensure_tools() {
   ensure_command redis-server redis-server
   ensure_command redis-cli redis-tools
   ensure_command ffmpeg ffmpeg
+  ensure_rtsp_server
   ensure_command cargo cargo || { say "Rust (cargo) is needed: see https://rustup.rs"; return 1; }
 }
 

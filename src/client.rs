@@ -171,6 +171,28 @@ pub async fn results_after(
         .unwrap_or_default())
 }
 
+/// Reads `{fr}:alerts` after `after` (an entry id; `0` for all, `$` for only new ones).
+/// With `block_ms`, waits up to that long for new ones.
+pub async fn alerts_after(
+    store: &Store,
+    after: &str,
+    count: usize,
+    block_ms: Option<u64>,
+) -> Result<Vec<ResultRecord>, ClientError> {
+    let key = store.keys().alerts();
+    let mut cmd = redis::cmd("XREAD");
+    cmd.arg("COUNT").arg(count);
+    if let Some(ms) = block_ms {
+        cmd.arg("BLOCK").arg(ms.min(MAX_BLOCK_MS));
+    }
+    cmd.arg("STREAMS").arg(&key).arg(after);
+    let reply: Option<Vec<(String, Vec<ResultRecord>)>> = store.query(&cmd).await?;
+    Ok(reply
+        .and_then(|streams| streams.into_iter().next())
+        .map(|(_, entries)| entries)
+        .unwrap_or_default())
+}
+
 /// Asks a job to stop: returns `cancelled`, `cancelling` or `already <status>`. A queued job
 /// gets its end entry at once (a worker would write it too, on reading the entry).
 pub async fn cancel(

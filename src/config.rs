@@ -116,6 +116,21 @@ pub const SETTINGS: &[Setting] = &[
         "clip: probability over which a phrase is listed as detected; [0, 1].",
     ),
     s(
+        "SCENE_GATE",
+        Some("true"),
+        "Skip the model on frames where the scene has not changed and repeat the last output (entries say `reused_from`); a job's `scene_gate` field (on/off) overrides it.",
+    ),
+    s(
+        "SCENE_CHANGE_MIN_AREA",
+        Some("0.002"),
+        "Share of the frame (0 to 1] that must change, against what the model last saw, for the model to run on a frame when the scene gate is on.",
+    ),
+    s(
+        "SCENE_MAX_REUSE_MS",
+        Some("10000"),
+        "The longest (in capture time) the scene gate repeats one model output before the model runs again.",
+    ),
+    s(
         "MAX_NEW_TOKENS",
         Some("20"),
         "blip: most tokens generated per caption.",
@@ -154,6 +169,11 @@ pub const SETTINGS: &[Setting] = &[
         "EVENTS_MAXLEN",
         Some("10000"),
         "Approximate cap on the events stream (MAXLEN ~).",
+    ),
+    s(
+        "ALERTS_MAXLEN",
+        Some("10000"),
+        "Approximate cap on the alerts stream (MAXLEN ~).",
     ),
     s(
         "SOURCE_RETRIES",
@@ -232,6 +252,9 @@ pub struct Config {
     pub inference_timeout: Duration,
     pub live_queue: Duration,
     pub detect_threshold: f32,
+    pub scene_gate: bool,
+    pub scene_change_min_area: f32,
+    pub scene_max_reuse: Duration,
     pub max_new_tokens: usize,
     pub max_concurrent_streams: usize,
     pub job_lease: Duration,
@@ -240,6 +263,7 @@ pub struct Config {
     pub result_ttl: Duration,
     pub results_maxlen: usize,
     pub events_maxlen: usize,
+    pub alerts_maxlen: usize,
     pub source_retries: u32,
     pub allow_file_sources: bool,
     pub max_frame_side: Option<u32>,
@@ -470,6 +494,13 @@ impl Config {
                 "a probability in [0, 1]",
                 |t: &f32| (0.0..=1.0).contains(t),
             )?,
+            scene_gate: r.boolean("SCENE_GATE")?,
+            scene_change_min_area: r.parse(
+                "SCENE_CHANGE_MIN_AREA",
+                "a share of the frame in (0, 1]",
+                |a: &f32| *a > 0.0 && *a <= 1.0,
+            )?,
+            scene_max_reuse: r.millis("SCENE_MAX_REUSE_MS", 0)?,
             max_new_tokens: r.count("MAX_NEW_TOKENS", 1)?,
             max_concurrent_streams: r.count("MAX_CONCURRENT_STREAMS", 1)?,
             reclaim_interval: r.millis("RECLAIM_INTERVAL_MS", 50)?,
@@ -484,6 +515,7 @@ impl Config {
             )?),
             results_maxlen: r.count("RESULTS_MAXLEN", 1)?,
             events_maxlen: r.count("EVENTS_MAXLEN", 1)?,
+            alerts_maxlen: r.count("ALERTS_MAXLEN", 1)?,
             source_retries: r.parse("SOURCE_RETRIES", "a whole number, 0 or more", |_: &u32| {
                 true
             })?,
@@ -548,6 +580,9 @@ mod tests {
         assert_eq!(c.result_ttl, Duration::from_secs(86400));
         assert_eq!(c.model_type, "clip");
         assert!(!c.allow_file_sources);
+        assert!(c.scene_gate);
+        assert_eq!(c.scene_change_min_area, 0.002);
+        assert_eq!(c.scene_max_reuse, Duration::from_secs(10));
     }
 
     #[test]
@@ -578,6 +613,9 @@ mod tests {
             ("ALLOW_FILE_SOURCES", "maybe"),
             ("REDIS_URL", "http://x"),
             ("MODEL_TYPE", "gpt"),
+            ("SCENE_GATE", "sometimes"),
+            ("SCENE_CHANGE_MIN_AREA", "0"),
+            ("SCENE_CHANGE_MIN_AREA", "1.5"),
         ];
         for (name, value) in cases {
             let e = with(&[(name, value)]).unwrap_err();

@@ -58,6 +58,10 @@ impl Keys {
     pub fn settings(&self) -> String {
         format!("{}:settings", self.tag)
     }
+    /// The capped stream of alert start and end events of every job.
+    pub fn alerts(&self) -> String {
+        format!("{}:alerts", self.tag)
+    }
     pub fn events(&self) -> String {
         format!("{}:events", self.tag)
     }
@@ -86,6 +90,7 @@ mod tests {
         assert_eq!(k.jobs(), "{fr}:jobs");
         assert_eq!(k.job("a"), "{fr}:job:a");
         assert_eq!(k.prompt_history(), "{fr}:prompt:history");
+        assert_eq!(k.alerts(), "{fr}:alerts");
         assert_eq!(k.worker("w1"), "{fr}:worker:w1");
         assert_eq!(k.settings(), "{fr}:settings");
         assert_eq!(k.job_tag("cam-1:a"), "{fr:cam-1:a}");

@@ -115,6 +115,9 @@ pub struct Metrics {
     /// From a frame's arrival at the worker to its result being written: unlike
     /// `frame_age`, this includes the model's time, so it shows a worker falling behind.
     pub result_delay: Histogram,
+    /// Camera behaviour (scene gate, alerts); named to Prometheus conventions.
+    pub frames_reused: Counter,
+    pub alerts_written: Counter,
 }
 
 impl Default for Metrics {
@@ -143,6 +146,8 @@ impl Default for Metrics {
             frames_too_old: Counter::default(),
             batch_latency: Histogram::new(LATENCY_BUCKETS),
             result_delay: Histogram::new(LATENCY_BUCKETS),
+            frames_reused: Counter::default(),
+            alerts_written: Counter::default(),
         }
     }
 }
@@ -275,7 +280,31 @@ impl Metrics {
             "freeroam_result_delay_seconds",
             "From a frame's arrival at the worker to its result being written.",
         );
+        self.render_camera(&mut out);
         out
+    }
+
+    /// The scene gate's and alerts' metrics.
+    fn render_camera(&self, out: &mut String) {
+        let counters: &[(&str, &Counter, &str)] = &[
+            (
+                "free_roam_frames_reused_total",
+                &self.frames_reused,
+                "Sampled frames whose result repeated the last model output (scene unchanged).",
+            ),
+            (
+                "free_roam_alerts_total",
+                &self.alerts_written,
+                "Alert start and end events written to the alerts stream.",
+            ),
+        ];
+        for (name, counter, help) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                counter.get()
+            );
+        }
     }
 }
 

@@ -576,3 +576,180 @@ fn running_jobs_survive_a_failover_of_the_master_holding_the_queue() {
     let _ = w.kill();
     let _ = w.wait();
 }
+
+/// Sees "bright" in a frame whose first pixel is brighter than mid grey: the feeder's frames
+/// change brightness every 100 ms, so a job sees the label come and go. (The worker
+/// binary's `null` model detects nothing, so this test runs a worker in-process.)
+struct BrightModel {
+    info: free_roam::model::ModelInfo,
+}
+
+impl free_roam::model::VisionLanguageModel for BrightModel {
+    fn info(&self) -> &free_roam::model::ModelInfo {
+        &self.info
+    }
+
+    fn infer(
+        &mut self,
+        frames: &[&free_roam::frame::Frame],
+        _prompt: &free_roam::model::PromptRef,
+    ) -> Result<Vec<serde_json::Value>, free_roam::model::ModelError> {
+        Ok(frames
+            .iter()
+            .map(|f| {
+                let bright = f.rgb.first().is_some_and(|v| *v > 127);
+                let detected: Vec<&str> = if bright { vec!["bright"] } else { vec![] };
+                serde_json::json!({ "detected": detected })
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn alerts_on_a_cluster_go_to_the_queue_slot_and_their_state_to_the_job_slot() {
+    use free_roam::engine::{Engine, EngineSettings};
+    use free_roam::metrics::Metrics;
+    use free_roam::pipeline::StreamJobBody;
+    use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
+    use free_roam::store::Store;
+
+    let _serial = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let cluster = TestCluster::start();
+    let p = unique_prefix();
+    let keys = Keys::new(&p);
+    let streams = one_key_per_master(&cluster);
+    let _feeder = Feeder::start(&cluster, streams.clone());
+    // A job whose own slot is not the queue's, so the alerts and the alert state are on
+    // different masters.
+    let job = (0..)
+        .map(|i| format!("alerting-{i}"))
+        .find(|j| cluster.master_of(&keys.job_tag(j)) != cluster.master_of(keys.tag()))
+        .unwrap();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let seeds = cluster.seeds();
+    let config = Arc::new(common::worker::config(
+        "redis://127.0.0.1:1",
+        &p,
+        &[("REDIS_CLUSTER_NODES", seeds.as_str())],
+    ));
+    let (shutdown, handle, metrics, engine) = rt.block_on(async {
+        let store = Store::for_config(&config, 16).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let engine = Engine::start(
+            Box::new(BrightModel {
+                info: free_roam::model::ModelInfo {
+                    name: "bright".into(),
+                    task: "test".into(),
+                    input_size: 64,
+                    device: "cpu".into(),
+                    dtype: "none".into(),
+                },
+            }),
+            EngineSettings::from_config(&config),
+            metrics.clone(),
+        );
+        let body = StreamJobBody::new(&config, engine.clone(), store.clone(), metrics.clone());
+        let worker = Arc::new(Worker::new(
+            store,
+            config.clone(),
+            Arc::new(body),
+            metrics.clone(),
+            Arc::new(WorkerState::default()),
+            WorkerIdentity {
+                id: "alerts-w".into(),
+                model: "bright".into(),
+                device: "cpu".into(),
+            },
+        ));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let handle = tokio::spawn(worker.run(shutdown.clone()));
+        (shutdown, handle, metrics, engine)
+    });
+
+    let _: String = cluster.cmd(&[
+        "XADD",
+        &keys.jobs(),
+        "*",
+        "stream_ref",
+        &streams[0],
+        "fps",
+        "10",
+        "job_id",
+        &job,
+        "scene_gate",
+        "off",
+        "alert_min_frames",
+        "1",
+        "alert_clear_ms",
+        "60000",
+    ]);
+    let alerts = || -> Vec<HashMap<String, String>> {
+        let reply: redis::streams::StreamRangeReply =
+            cluster.cmd(&["XRANGE", &keys.alerts(), "-", "+"]);
+        reply
+            .ids
+            .into_iter()
+            .map(|e| {
+                e.map
+                    .into_iter()
+                    .map(|(k, v)| (k, redis::from_redis_value::<String>(v).unwrap_or_default()))
+                    .collect::<HashMap<String, String>>()
+            })
+            .filter(|f| f.get("job_id") == Some(&job))
+            .collect()
+    };
+    wait_until(WAIT, || !alerts().is_empty());
+    // The alert state is saved in the job's slot with the results, never in the job hash.
+    wait_until(WAIT, || {
+        cluster
+            .cmd::<HashMap<String, String>>(&["HGETALL", &keys.progress(&job)])
+            .get("alert_state")
+            .is_some_and(|s| s.contains("bright"))
+    });
+    let hash: HashMap<String, String> = cluster.cmd(&["HGETALL", &keys.job(&job)]);
+    assert!(!hash.contains_key("alert_state"), "{hash:?}");
+
+    // Cancelling closes the open alert before the end entry.
+    let (code, out) = cli(&cluster, &p, &["cancel", &job]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("{job}: cancelling").as_str())
+    );
+    wait_until(WAIT, || {
+        ended(&cluster, &keys, &job).as_deref() == Some("cancelled")
+    });
+    let events = alerts();
+    let kinds: Vec<(&str, &str, &str)> = events
+        .iter()
+        .map(|f| {
+            let g = |k: &str| f.get(k).map_or("", String::as_str);
+            (g("kind"), g("label"), g("reason"))
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [("start", "bright", ""), ("end", "bright", "job_cancelled")],
+        "{events:?}"
+    );
+    let alert_id = format!("{job}:bright:{}", events[0]["first_frame"]);
+    assert!(
+        events.iter().all(|e| e["alert_id"] == alert_id),
+        "{events:?}"
+    );
+    assert_eq!(metrics.alerts_written.get(), 2);
+
+    rt.block_on(async {
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), handle).await;
+        tokio::task::spawn_blocking(move || engine.shutdown(Duration::from_secs(2)))
+            .await
+            .unwrap();
+    });
+}

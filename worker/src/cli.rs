@@ -1,4 +1,4 @@
-//! The user-side subcommands: submit, status, results, cancel, jobs, prompt, model. Text for
+//! The user-side subcommands: submit, status, results, alerts, cancel, jobs, prompt, model. Text for
 //! people by default, JSON with `--json`.
 
 use crate::Commands;
@@ -119,6 +119,9 @@ pub async fn run(command: Commands, config: Config, json: bool) -> ExitCode {
         Commands::Results { job_id, follow } => {
             return results(&store, &job_id, follow, json).await;
         }
+        Commands::Alerts { follow, job_id } => {
+            return alerts(&store, job_id.as_deref(), follow, json).await;
+        }
         Commands::Cancel { job_id } => {
             match client::cancel(&store, &job_id, retention(&config)).await {
                 Ok(v) if json => print_json(&serde_json::json!({"job_id": job_id, "result": v})),
@@ -234,6 +237,49 @@ fn describe_result(f: &BTreeMap<String, String>) -> String {
             g("output")
         ),
     }
+}
+
+async fn alerts(store: &Store, job_id: Option<&str>, follow: bool, json: bool) -> ExitCode {
+    let mut last = "0".to_string();
+    loop {
+        let block = if follow { Some(1000) } else { None };
+        let batch = match client::alerts_after(store, &last, 500, block).await {
+            Ok(b) => b,
+            Err(e) => return client_failure(e),
+        };
+        if batch.is_empty() && !follow {
+            return ExitCode::SUCCESS;
+        }
+        for (id, fields) in &batch {
+            if job_id.is_some_and(|j| fields.get("job_id").map(String::as_str) != Some(j)) {
+                continue;
+            }
+            if json {
+                print_json(&serde_json::json!({"id": id, "fields": fields}));
+            } else {
+                println!("{}", describe_alert(fields));
+            }
+        }
+        last = batch.last().map(|(id, _)| id.clone()).unwrap_or(last);
+    }
+}
+
+/// One line per alert event, for people.
+fn describe_alert(f: &BTreeMap<String, String>) -> String {
+    let g = |k: &str| f.get(k).map(String::as_str).unwrap_or("-");
+    let reason = f
+        .get("reason")
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    format!(
+        "{:<5}  job={}  {}  frames {}..{}  peak={}{reason}",
+        g("kind"),
+        g("job_id"),
+        g("label"),
+        g("first_frame"),
+        g("last_frame"),
+        g("peak_score"),
+    )
 }
 
 async fn prompt(store: &Store, cmd: PromptCommand, json: bool) -> ExitCode {
