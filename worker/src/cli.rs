@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use free_roam::client::{self, ClientError, Submission};
 use free_roam::config::Config;
 use free_roam::store::Store;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::process::ExitCode;
 
 #[derive(Args, Debug)]
@@ -241,6 +241,7 @@ fn describe_result(f: &BTreeMap<String, String>) -> String {
 
 async fn alerts(store: &Store, job_id: Option<&str>, follow: bool, json: bool) -> ExitCode {
     let mut last = "0".to_string();
+    let mut seen = SeenAlerts::default();
     loop {
         let block = if follow { Some(1000) } else { None };
         let batch = match client::alerts_after(store, &last, 500, block).await {
@@ -251,7 +252,9 @@ async fn alerts(store: &Store, job_id: Option<&str>, follow: bool, json: bool) -
             return ExitCode::SUCCESS;
         }
         for (id, fields) in &batch {
-            if job_id.is_some_and(|j| fields.get("job_id").map(String::as_str) != Some(j)) {
+            if job_id.is_some_and(|j| fields.get("job_id").map(String::as_str) != Some(j))
+                || !seen.first_time(fields)
+            {
                 continue;
             }
             if json {
@@ -261,6 +264,37 @@ async fn alerts(store: &Store, job_id: Option<&str>, follow: bool, json: bool) -
             }
         }
         last = batch.last().map(|(id, _)| id.clone()).unwrap_or(last);
+    }
+}
+
+/// Alert events already printed, by `alert_id` and `kind`: a write retried after a failure
+/// may add an event twice (delivery is at least once). Repeats come within one retry of each
+/// other, so the newest `SEEN_ALERTS` are enough.
+#[derive(Default)]
+struct SeenAlerts {
+    order: VecDeque<(String, String)>,
+    set: HashSet<(String, String)>,
+}
+
+const SEEN_ALERTS: usize = 10_000;
+
+impl SeenAlerts {
+    /// Whether this event is new; an entry without `alert_id` always is.
+    fn first_time(&mut self, f: &BTreeMap<String, String>) -> bool {
+        let (Some(id), Some(kind)) = (f.get("alert_id"), f.get("kind")) else {
+            return true;
+        };
+        let key = (id.clone(), kind.clone());
+        if !self.set.insert(key.clone()) {
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() > SEEN_ALERTS
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
     }
 }
 
