@@ -243,7 +243,18 @@ impl Drop for TestCluster {
     }
 }
 
-fn worker(cluster: &TestCluster, prefix: &str, extra: &[(&str, &str)]) -> Child {
+/// A worker process, killed when dropped: also when an assertion fails, so a failed test
+/// leaves no worker retrying a cluster that is gone.
+struct WorkerProcess(Child);
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn worker(cluster: &TestCluster, prefix: &str, extra: &[(&str, &str)]) -> WorkerProcess {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_free-roam"));
     cmd.arg("worker")
         .env_clear()
@@ -258,7 +269,7 @@ fn worker(cluster: &TestCluster, prefix: &str, extra: &[(&str, &str)]) -> Child 
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    cmd.spawn().expect("the free-roam binary starts")
+    WorkerProcess(cmd.spawn().expect("the free-roam binary starts"))
 }
 
 /// The CLI against the cluster: (exit code, stdout).
@@ -411,7 +422,7 @@ fn a_cluster_runs_the_whole_contract_and_spreads_result_writes_over_its_masters(
     assert_eq!(masters.len(), 3);
     let streams = one_key_per_master(&cluster);
     let _feeder = Feeder::start(&cluster, streams.clone());
-    let mut w = worker(&cluster, &p, &[("MAX_CONCURRENT_STREAMS", "32")]);
+    let w = worker(&cluster, &p, &[("MAX_CONCURRENT_STREAMS", "32")]);
 
     let (code, out) = cli(&cluster, &p, &["prompt", "set", "find cats"]);
     assert_eq!((code, out.trim()), (0, "1"));
@@ -492,8 +503,7 @@ fn a_cluster_runs_the_whole_contract_and_spreads_result_writes_over_its_masters(
     assert_eq!(code, 0, "{out}");
     let running: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(running.as_array().unwrap().len(), 29);
-    let _ = w.kill();
-    let _ = w.wait();
+    drop(w);
 }
 
 #[test]
@@ -506,7 +516,7 @@ fn running_jobs_survive_a_failover_of_the_master_holding_the_queue() {
     let keys = Keys::new(&p);
     let streams = one_key_per_master(&cluster);
     let _feeder = Feeder::start(&cluster, streams.clone());
-    let mut w = worker(&cluster, &p, &[("JOB_LEASE_MS", "10000")]);
+    let w = worker(&cluster, &p, &[("JOB_LEASE_MS", "10000")]);
     let jobs: Vec<String> = (0..6).map(|i| format!("long-{i}")).collect();
     for (i, job) in jobs.iter().enumerate() {
         submit(&cluster, &p, job, &streams[i % 3], &[]);
@@ -573,8 +583,7 @@ fn running_jobs_survive_a_failover_of_the_master_holding_the_queue() {
     wait_until(WAIT, || {
         ended(&cluster, &keys, "long-0").as_deref() == Some("cancelled")
     });
-    let _ = w.kill();
-    let _ = w.wait();
+    drop(w);
 }
 
 /// Sees "bright" in a frame whose first pixel is brighter than mid grey: the feeder's frames
