@@ -1,6 +1,7 @@
 //! A job's own slot (`{fr:<id>}`): writes its output, one `results` entry per frame and its
-//! `progress` hash, both in one atomic pipeline per batch, retried through Redis outages;
-//! writes the end entry once; reads where a job left off.
+//! `progress` hash, both in one atomic pipeline per batch, retried through Redis outages
+//! (a batch's alert events go first, to `{fr}:alerts`); writes the end entry once; reads
+//! where a job left off.
 
 use crate::alerts::AlertEvent;
 use crate::job::{FrameCounters, JobStatus, ResumeState, StopSignal};
