@@ -25,10 +25,25 @@ ensure_command() {
   command -v "$1" >/dev/null 2>&1 || apt_install "$2" "the $1 command"
 }
 
+# The RTSP camera the tests serve (tests/rtsp/serve.py): GStreamer's RTSP server with an
+# H.264 encoder, driven from the system Python.
+RTSP_TEST_PACKAGES="python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly"
+rtsp_server_ready() {
+  /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0"); gi.require_version("Gst", "1.0"); from gi.repository import Gst, GstRtspServer; Gst.init(None); assert Gst.ElementFactory.find("x264enc") and Gst.ElementFactory.find("rtph264pay")' >/dev/null 2>&1
+}
+ensure_rtsp_server() {
+  rtsp_server_ready && return 0
+  local pkg
+  for pkg in $RTSP_TEST_PACKAGES; do
+    apt_install "$pkg" "the RTSP test server" || return 1
+  done
+}
+
 ensure_tools() {
   ensure_command redis-server redis-server
   ensure_command redis-cli redis-tools
   ensure_command ffmpeg ffmpeg
+  ensure_rtsp_server
   ensure_build_tools
 }
 

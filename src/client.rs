@@ -1,7 +1,8 @@
 //! The user's operations on the contract, as the CLI performs them: submit, status, results,
 //! cancel and listing. They do exactly what `redis-cli` would, so either can be used.
 
-use crate::job::{JobSpec, SpecError};
+use crate::job::{JobSpec, JobStatus, SpecError};
+use crate::results::{Retention, write_end};
 use crate::store::{MAX_BLOCK_MS, Store, StoreError};
 use std::collections::BTreeMap;
 
@@ -78,21 +79,43 @@ pub async fn submit(store: &Store, sub: &Submission) -> Result<String, ClientErr
     }
 }
 
-/// A job's hash, or, for an entry no worker has read yet, what the entry says.
+/// A job's hash with its progress (counters, results written) and the key of its result
+/// stream, or, for an entry no worker has read yet, what the entry says.
 pub async fn status(store: &Store, job_id: &str) -> Result<BTreeMap<String, String>, ClientError> {
     let mut cmd = redis::cmd("HGETALL");
     cmd.arg(store.keys().job(job_id));
     let hash: BTreeMap<String, String> = store.query(&cmd).await?;
     if !hash.is_empty() {
-        return Ok(hash);
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(store.keys().progress(job_id));
+        let progress: BTreeMap<String, String> = store.query(&cmd).await?;
+        return Ok(with_progress(store, job_id, hash, progress));
     }
     if let Some((entry_id, mut fields)) = find_unread_entry(store, job_id).await? {
         fields.insert("status".into(), "queued".into());
         fields.insert("entry_id".into(), entry_id);
         fields.insert("note".into(), "not yet claimed by a worker".into());
+        fields.insert("results_key".into(), store.keys().results(job_id));
         return Ok(fields);
     }
     Err(ClientError::NotFound(format!("no job with id {job_id}")))
+}
+
+/// The job hash (queue slot) and the progress hash (job slot) as one view. The hash's
+/// status and times win; `ended` is the end entry's status, shown only through `status`.
+fn with_progress(
+    store: &Store,
+    job_id: &str,
+    mut hash: BTreeMap<String, String>,
+    progress: BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    for (k, v) in progress {
+        if k != "ended" && k != "updated_ms" {
+            hash.entry(k).or_insert(v);
+        }
+    }
+    hash.insert("results_key".into(), store.keys().results(job_id));
+    hash
 }
 
 /// Looks for an entry with this job_id still in the queue.
@@ -148,9 +171,40 @@ pub async fn results_after(
         .unwrap_or_default())
 }
 
-/// Asks a job to stop: returns `cancelled`, `cancelling` or `already <status>`.
-pub async fn cancel(store: &Store, job_id: &str) -> Result<String, ClientError> {
+/// Reads `{fr}:alerts` after `after` (an entry id; `0` for all, `$` for only new ones).
+/// With `block_ms`, waits up to that long for new ones.
+pub async fn alerts_after(
+    store: &Store,
+    after: &str,
+    count: usize,
+    block_ms: Option<u64>,
+) -> Result<Vec<ResultRecord>, ClientError> {
+    let key = store.keys().alerts();
+    let mut cmd = redis::cmd("XREAD");
+    cmd.arg("COUNT").arg(count);
+    if let Some(ms) = block_ms {
+        cmd.arg("BLOCK").arg(ms.min(MAX_BLOCK_MS));
+    }
+    cmd.arg("STREAMS").arg(&key).arg(after);
+    let reply: Option<Vec<(String, Vec<ResultRecord>)>> = store.query(&cmd).await?;
+    Ok(reply
+        .and_then(|streams| streams.into_iter().next())
+        .map(|(_, entries)| entries)
+        .unwrap_or_default())
+}
+
+/// Asks a job to stop: returns `cancelled`, `cancelling` or `already <status>`. A queued job
+/// gets its end entry at once (a worker would write it too, on reading the entry).
+pub async fn cancel(
+    store: &Store,
+    job_id: &str,
+    retention: Retention,
+) -> Result<String, ClientError> {
     match store.fcall::<String>("fr_cancel", &[&job_id]).await {
+        Ok(v) if v == "cancelled" => {
+            write_end(store, job_id, JobStatus::Cancelled, "", retention).await?;
+            Ok(v)
+        }
         Ok(v) => Ok(v),
         Err(e) => match e.server_message() {
             Some(m) if m.contains("unknown job") => {
@@ -180,18 +234,24 @@ pub async fn list(
             break;
         }
         offset += PAGE;
+        // The hashes share one slot and come in one pipeline; each progress hash is in its
+        // job's own slot (a Cluster refuses a pipeline across slots), read for listed jobs.
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.cmd("HGETALL").arg(store.keys().job(id));
         }
         let hashes: Vec<BTreeMap<String, String>> = store.pipe(&pipe).await?;
-        for (id, mut h) in ids.into_iter().zip(hashes) {
+        for (id, h) in ids.into_iter().zip(hashes) {
             if h.is_empty() {
                 continue;
             }
             if status.is_some_and(|s| h.get("status").map(String::as_str) != Some(s)) {
                 continue;
             }
+            let mut cmd = redis::cmd("HGETALL");
+            cmd.arg(store.keys().progress(&id));
+            let progress: BTreeMap<String, String> = store.query(&cmd).await?;
+            let mut h = with_progress(store, &id, h, progress);
             h.insert("job_id".into(), id);
             out.push(h);
             if out.len() >= limit {

@@ -26,6 +26,11 @@ pub const SETTINGS: &[Setting] = &[
         "Redis URL (redis:// or rediss:// for TLS). When unset it is built from REDIS_HOST, REDIS_PORT, REDIS_PASSWORD and REDIS_DB.",
     ),
     s(
+        "REDIS_CLUSTER_NODES",
+        None,
+        "Seed nodes of a Redis Cluster, comma-separated (`redis://host:port`, `rediss://` for TLS, or `host:port`; a password goes in each URL). When set, the worker and the CLI use the Cluster and REDIS_URL and its parts are not used.",
+    ),
+    s(
         "REDIS_HOST",
         Some("localhost"),
         "Redis host, used when REDIS_URL is unset.",
@@ -48,7 +53,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "KEY_PREFIX",
         Some("fr"),
-        "Prefix of every key; keys are `{KEY_PREFIX}:...` (one hash tag, so Redis Cluster works).",
+        "Prefix of every key: the queue's keys are `{KEY_PREFIX}:...` (one hash tag, one Cluster slot), each job's results and progress `{KEY_PREFIX:<job_id>}:...` (a slot of its own).",
     ),
     s(
         "MODEL_TYPE",
@@ -121,6 +126,21 @@ pub const SETTINGS: &[Setting] = &[
         "owlvit: drop a box that overlaps a better box of the same label by more than this IoU, in (0, 1]; unset keeps every box, as the reference does.",
     ),
     s(
+        "SCENE_GATE",
+        Some("true"),
+        "Skip the model on frames where the scene has not changed and repeat the last output (entries say `reused_from`); a job's `scene_gate` field (on/off) overrides it.",
+    ),
+    s(
+        "SCENE_CHANGE_MIN_AREA",
+        Some("0.002"),
+        "Share of the frame (0 to 1] that must change, against what the model last saw, for the model to run on a frame when the scene gate is on.",
+    ),
+    s(
+        "SCENE_MAX_REUSE_MS",
+        Some("10000"),
+        "The longest (in capture time) the scene gate repeats one model output before the model runs again.",
+    ),
+    s(
         "MAX_NEW_TOKENS",
         Some("20"),
         "blip: most tokens generated per caption.",
@@ -159,6 +179,11 @@ pub const SETTINGS: &[Setting] = &[
         "EVENTS_MAXLEN",
         Some("10000"),
         "Approximate cap on the events stream (MAXLEN ~).",
+    ),
+    s(
+        "ALERTS_MAXLEN",
+        Some("10000"),
+        "Approximate cap on the alerts stream (MAXLEN ~).",
     ),
     s(
         "SOURCE_RETRIES",
@@ -222,6 +247,8 @@ pub enum LogFormat {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub redis_url: String,
+    /// Seed nodes of a Redis Cluster; empty for a single node (`redis_url`).
+    pub redis_cluster_nodes: Vec<String>,
     pub key_prefix: String,
     pub model_type: String,
     pub model_path: Option<PathBuf>,
@@ -239,6 +266,9 @@ pub struct Config {
     pub detect_threshold: Option<f32>,
     /// owlvit's per-label non-maximum suppression; `None`: off.
     pub nms_iou: Option<f32>,
+    pub scene_gate: bool,
+    pub scene_change_min_area: f32,
+    pub scene_max_reuse: Duration,
     pub max_new_tokens: usize,
     pub max_concurrent_streams: usize,
     pub job_lease: Duration,
@@ -247,6 +277,7 @@ pub struct Config {
     pub result_ttl: Duration,
     pub results_maxlen: usize,
     pub events_maxlen: usize,
+    pub alerts_maxlen: usize,
     pub source_retries: u32,
     pub allow_file_sources: bool,
     pub max_frame_side: Option<u32>,
@@ -371,6 +402,35 @@ impl Config {
                 }
             }
         };
+        let redis_cluster_nodes = match r.raw("REDIS_CLUSTER_NODES") {
+            None => Vec::new(),
+            Some(list) => {
+                let mut nodes = Vec::new();
+                for node in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    let url = if node.contains("://") {
+                        node.to_string()
+                    } else {
+                        format!("redis://{node}")
+                    };
+                    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                        return Err(Reader::err(
+                            "REDIS_CLUSTER_NODES",
+                            &list,
+                            "comma-separated redis://host:port, rediss://host:port or host:port",
+                        ));
+                    }
+                    nodes.push(url);
+                }
+                if nodes.is_empty() {
+                    return Err(Reader::err(
+                        "REDIS_CLUSTER_NODES",
+                        &list,
+                        "at least one node: redis://host:port or host:port",
+                    ));
+                }
+                nodes
+            }
+        };
         let key_prefix = r.string("KEY_PREFIX");
         if key_prefix.is_empty()
             || key_prefix.len() > 64
@@ -422,6 +482,7 @@ impl Config {
         let job_lease = r.millis("JOB_LEASE_MS", 1000)?;
         Ok(Config {
             redis_url,
+            redis_cluster_nodes,
             key_prefix,
             model_type: r.one_of("MODEL_TYPE", &["clip", "siglip", "owlvit", "blip", "null"])?,
             model_path: r.raw("MODEL_PATH").map(PathBuf::from),
@@ -455,6 +516,13 @@ impl Config {
                     *t > 0.0 && *t <= 1.0
                 })?),
             },
+            scene_gate: r.boolean("SCENE_GATE")?,
+            scene_change_min_area: r.parse(
+                "SCENE_CHANGE_MIN_AREA",
+                "a share of the frame in (0, 1]",
+                |a: &f32| *a > 0.0 && *a <= 1.0,
+            )?,
+            scene_max_reuse: r.millis("SCENE_MAX_REUSE_MS", 0)?,
             max_new_tokens: r.count("MAX_NEW_TOKENS", 1)?,
             max_concurrent_streams: r.count("MAX_CONCURRENT_STREAMS", 1)?,
             reclaim_interval: r.millis("RECLAIM_INTERVAL_MS", 50)?,
@@ -469,6 +537,7 @@ impl Config {
             )?),
             results_maxlen: r.count("RESULTS_MAXLEN", 1)?,
             events_maxlen: r.count("EVENTS_MAXLEN", 1)?,
+            alerts_maxlen: r.count("ALERTS_MAXLEN", 1)?,
             source_retries: r.parse("SOURCE_RETRIES", "a whole number, 0 or more", |_: &u32| {
                 true
             })?,
@@ -533,6 +602,9 @@ mod tests {
         assert_eq!(c.result_ttl, Duration::from_secs(86400));
         assert_eq!(c.model_type, "clip");
         assert!(!c.allow_file_sources);
+        assert!(c.scene_gate);
+        assert_eq!(c.scene_change_min_area, 0.002);
+        assert_eq!(c.scene_max_reuse, Duration::from_secs(10));
     }
 
     #[test]
@@ -563,6 +635,9 @@ mod tests {
             ("ALLOW_FILE_SOURCES", "maybe"),
             ("REDIS_URL", "http://x"),
             ("MODEL_TYPE", "gpt"),
+            ("SCENE_GATE", "sometimes"),
+            ("SCENE_CHANGE_MIN_AREA", "0"),
+            ("SCENE_CHANGE_MIN_AREA", "1.5"),
         ];
         for (name, value) in cases {
             let e = with(&[(name, value)]).unwrap_err();

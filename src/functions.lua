@@ -1,8 +1,11 @@
 #!lua name=freeroam
 -- free-roam's Redis functions: every operation of the contract that must be atomic.
--- Each function takes exactly one key, the contract's hash tag (`{fr}` by default), and
--- derives the key names from it, so all keys live in one Cluster slot. Workers and the CLI
--- load this library with FUNCTION LOAD REPLACE at start; see docs/redis-contract.md.
+-- Each function takes exactly one key, a hash tag, and derives the key names from it, so it
+-- touches one Cluster slot only. The queue's functions take the deployment's tag (`{fr}` by
+-- default); fr_job_end takes one job's tag (`{fr:<job_id>}`), where its results and progress
+-- live. A job's end spans both slots: the end entry is written first, then the queue entry
+-- is acked, and each step is safe to repeat. Workers and the CLI load this library with
+-- FUNCTION LOAD REPLACE at start; see docs/redis-contract.md.
 
 local GROUP = 'workers'
 local TERMINAL = { completed = true, failed = true, cancelled = true, dead = true }
@@ -39,28 +42,27 @@ local function ack_and_delete(tag, entry_id)
   redis.call('XDEL', tag .. ':jobs', entry_id)
 end
 
--- Moves a job to a terminal state: hash, end entry, expiry, event. Does not touch the queue.
+-- Moves a job's hash to a terminal state: status, expiry, event. The end entry lives in the
+-- job's own slot (fr_job_end) and the queue entry is acked separately, by the caller.
 local function finalize(tag, job_id, status, err, worker)
   local jk = tag .. ':job:' .. job_id
-  local rk = tag .. ':results:' .. job_id
   local from = redis.call('HGET', jk, 'status') or 'queued'
   local now = now_ms()
   redis.call('HSET', jk, 'status', status, 'finished_ms', now, 'updated_ms', now)
   if err and err ~= '' then
     redis.call('HSET', jk, 'error', err)
   end
-  redis.call('HDEL', jk, 'cancel_requested', 'note')
-  local results = redis.call('HGET', jk, 'results') or '0'
-  local args = { rk, 'MAXLEN', '~', setting(tag, 'results_maxlen', 10000), '*',
-    'kind', 'end', 'status', status, 'results', results, 'time_ms', now }
-  if err and err ~= '' then
-    table.insert(args, 'error'); table.insert(args, err)
-  end
-  redis.call('XADD', unpack(args))
-  local ttl = setting(tag, 'result_ttl_s', 86400)
-  redis.call('EXPIRE', jk, ttl)
-  redis.call('EXPIRE', rk, ttl)
+  redis.call('HDEL', jk, 'cancel_requested')
+  redis.call('EXPIRE', jk, setting(tag, 'result_ttl_s', 86400))
   event(tag, job_id, from, status, worker, err, redis.call('HGET', jk, 'entry_id'))
+end
+
+-- The reply that tells a worker the job is final in the queue's slot: it writes the end
+-- entry (fr_job_end) and then acks the entry (fr_job_ack). A worker that dies in between
+-- leaves the entry pending; the next claim answers 'finished' and the two steps repeat.
+local function final_reply(verdict, jk, extra)
+  local v = redis.call('HMGET', jk, 'status', 'error')
+  return { verdict, v[1] or '', v[2] or '', extra or '' }
 end
 
 -- Sets hash fields from a flat {name, value, ...} argument list starting at `first`.
@@ -93,7 +95,7 @@ local function fr_submit(keys, args)
   local entry_id = redis.call('XADD', tag .. ':jobs', '*', unpack(fields))
   local now = now_ms()
   redis.call('HSET', jk, 'status', 'queued', 'entry_id', entry_id, 'created_ms', now,
-    'updated_ms', now, 'attempts', 0, 'handoffs', 0, 'results', 0)
+    'updated_ms', now, 'attempts', 0, 'handoffs', 0)
   for i = 2, #args, 2 do
     if args[i] == 'stream_ref' or args[i] == 'fps' or args[i] == 'source' or
        args[i] == 'max_frames' or args[i] == 'max_duration_s' or args[i] == 'prompt' then
@@ -108,13 +110,15 @@ end
 -- fr_job_claim KEY=tag ARGV: entry_id, worker, max_attempts, job_id, field, value, ...
 -- Called by the worker that just received an entry (new or reclaimed). Decides whether it
 -- runs, and records it. Returns {verdict, ...}:
---   {'run', attempt, cursor, results, frames_decoded, frames_sampled, frames_dropped, frames_failed}
+--   {'run', attempt}  run it; where to resume is in the job's progress hash (its own slot)
 --   {'lost'}      another worker owns the entry now
 --   {'gone'}      the entry is no longer pending (already finished)
---   {'finished', status}  the job had ended; the entry was acked and deleted
 --   {'duplicate', status} the job_id belongs to another entry; this one was dropped
---   {'cancelled'} cancelled before it ran
---   {'dead', attempts}    delivered too often; moved to the dead-letter stream
+-- and, with the entry left pending for the end entry and the ack (see final_reply):
+--   {'finished', status, error, ''}  the job had ended already (a cancel while queued, or
+--                 a worker that stopped between its end entry and its ack)
+--   {'cancelled', 'cancelled', '', ''}  cancelled before it ran
+--   {'dead', 'dead', error, attempts}   delivered too often; moved to the dead-letter stream
 local function fr_job_claim(keys, args)
   local tag, entry_id, worker = keys[1], args[1], args[2]
   local max_attempts, job_id = tonumber(args[3]), args[4]
@@ -134,13 +138,11 @@ local function fr_job_claim(keys, args)
       return { 'duplicate', status or '' }
     end
     if TERMINAL[status] then
-      ack_and_delete(tag, entry_id)
-      return { 'finished', status }
+      return final_reply('finished', jk)
     end
     if redis.call('HGET', jk, 'cancel_requested') == '1' then
       finalize(tag, job_id, 'cancelled', nil, worker)
-      ack_and_delete(tag, entry_id)
-      return { 'cancelled' }
+      return final_reply('cancelled', jk)
     end
   end
 
@@ -167,13 +169,12 @@ local function fr_job_claim(keys, args)
     end
     redis.call('XADD', unpack(dead))
     finalize(tag, job_id, 'dead', err, worker)
-    ack_and_delete(tag, entry_id)
-    return { 'dead', attempt - 1 }
+    return final_reply('dead', jk, attempt - 1)
   end
 
   local now = now_ms()
   if not exists then
-    redis.call('HSET', jk, 'entry_id', entry_id, 'created_ms', now, 'handoffs', 0, 'results', 0)
+    redis.call('HSET', jk, 'entry_id', entry_id, 'created_ms', now, 'handoffs', 0)
     redis.call('ZADD', tag .. ':jobs:index', now, job_id)
     status = 'queued'
   end
@@ -183,13 +184,13 @@ local function fr_job_claim(keys, args)
     'updated_ms', now)
   redis.call('HSETNX', jk, 'started_ms', now)
   event(tag, job_id, status, 'running', worker, nil, entry_id)
-  local v = redis.call('HMGET', jk, 'cursor', 'results', 'frames_decoded', 'frames_sampled',
-    'frames_dropped', 'frames_failed')
-  return { 'run', attempt, v[1] or '', v[2] or '0', v[3] or '0', v[4] or '0', v[5] or '0', v[6] or '0' }
+  return { 'run', attempt }
 end
 
 -- fr_job_reject KEY=tag ARGV: entry_id, worker, job_id, error, field, value, ...
--- Ends a malformed entry as failed with the reason, and drops the entry.
+-- Ends a malformed entry's job as failed with the reason. Returns final_reply('failed'): the
+-- caller writes the end entry and acks. 'duplicate' (entry dropped at once) when the job_id
+-- belongs to another entry.
 local function fr_job_reject(keys, args)
   local tag, entry_id, worker, job_id, err = keys[1], args[1], args[2], args[3], args[4]
   local jk = tag .. ':job:' .. job_id
@@ -200,13 +201,14 @@ local function fr_job_reject(keys, args)
     return 'duplicate'
   end
   local now = now_ms()
-  redis.call('HSET', jk, 'entry_id', entry_id, 'created_ms', now, 'worker', worker,
-    'attempts', 1, 'results', 0)
-  hset_from(jk, args, 5)
-  redis.call('ZADD', tag .. ':jobs:index', now, job_id)
-  finalize(tag, job_id, 'failed', err, worker)
-  ack_and_delete(tag, entry_id)
-  return 'failed'
+  if not TERMINAL[redis.call('HGET', jk, 'status')] then
+    redis.call('HSET', jk, 'entry_id', entry_id, 'created_ms', now, 'worker', worker,
+      'attempts', 1)
+    hset_from(jk, args, 5)
+    redis.call('ZADD', tag .. ':jobs:index', now, job_id)
+    finalize(tag, job_id, 'failed', err, worker)
+  end
+  return final_reply('failed', jk)
 end
 
 -- fr_job_heartbeat KEY=tag ARGV: worker, entry_id, job_id, entry_id, job_id, ...
@@ -237,7 +239,8 @@ local function fr_job_heartbeat(keys, args)
 end
 
 -- fr_job_finish KEY=tag ARGV: entry_id, worker, job_id, status, error
--- Ends a job this worker owns: final status, end entry, ack and delete. 'ok' or 'lost'.
+-- Ends a job this worker owns, after fr_job_end wrote its end entry: final status, expiry,
+-- event, ack and delete. A job already final keeps its status. 'ok' or 'lost'.
 local function fr_job_finish(keys, args)
   local tag, entry_id, worker, job_id, status, err = keys[1], args[1], args[2], args[3], args[4], args[5]
   if not TERMINAL[status] then
@@ -245,9 +248,47 @@ local function fr_job_finish(keys, args)
   end
   local owner = owner_of(tag, entry_id)
   if owner ~= worker then return 'lost' end
-  finalize(tag, job_id, status, err, worker)
+  if not TERMINAL[redis.call('HGET', tag .. ':job:' .. job_id, 'status')] then
+    finalize(tag, job_id, status, err, worker)
+  end
   ack_and_delete(tag, entry_id)
   return 'ok'
+end
+
+-- fr_job_ack KEY=tag ARGV: entry_id, worker
+-- Drops the entry of a job that is final (its end entry written). 'ok' or 'lost'.
+local function fr_job_ack(keys, args)
+  local tag, entry_id, worker = keys[1], args[1], args[2]
+  if owner_of(tag, entry_id) ~= worker then return 'lost' end
+  ack_and_delete(tag, entry_id)
+  return 'ok'
+end
+
+-- fr_job_end KEY=job tag ({fr:<job_id>}) ARGV: status, error, results_maxlen, ttl_s
+-- Writes a job's end entry once: the first call adds it (with the results count from the
+-- progress hash) and marks the progress hash `ended`; later calls change nothing. Both keys
+-- expire after ttl_s. Returns {status, results} as recorded.
+local function fr_job_end(keys, args)
+  local tag, status, err, maxlen, ttl = keys[1], args[1], args[2], args[3], args[4]
+  if not TERMINAL[status] then
+    return redis.error_reply('ERR not a final status: ' .. tostring(status))
+  end
+  local pk, rk = tag .. ':progress', tag .. ':results'
+  local v = redis.call('HMGET', pk, 'ended', 'results')
+  local results = v[2] or '0'
+  if v[1] then return { v[1], results } end
+  local now = now_ms()
+  local entry = { rk, 'MAXLEN', '~', maxlen, '*', 'kind', 'end', 'status', status,
+    'results', results, 'time_ms', now }
+  if err and err ~= '' then
+    table.insert(entry, 'error'); table.insert(entry, err)
+  end
+  redis.call('XADD', unpack(entry))
+  redis.call('HSET', pk, 'ended', status, 'results', results, 'updated_ms', now)
+  redis.call('HDEL', pk, 'note')
+  redis.call('EXPIRE', pk, ttl)
+  redis.call('EXPIRE', rk, ttl)
+  return { status, results }
 end
 
 -- fr_job_handback KEY=tag ARGV: entry_id, worker, job_id, idle_ms
@@ -269,7 +310,9 @@ end
 
 -- fr_cancel KEY=tag ARGV: job_id
 -- A queued job is cancelled at once and never runs; a running one is flagged and its worker
--- stops it within a second. Returns 'cancelled', 'cancelling', or 'already <status>'.
+-- stops it within a second. Returns 'cancelled', 'cancelling', or 'already <status>'. A
+-- cancelled queued job's entry stays until a worker reads it, writes the end entry (in the
+-- job's slot, which this function cannot reach) and acks it; the CLI writes it at once.
 local function fr_cancel(keys, args)
   local tag, job_id = keys[1], args[1]
   if not job_id or job_id == '' then
@@ -283,9 +326,7 @@ local function fr_cancel(keys, args)
       redis.call('HSET', jk, 'cancel_requested', 1, 'updated_ms', now_ms())
       return 'cancelling'
     end
-    local entry_id = redis.call('HGET', jk, 'entry_id')
     finalize(tag, job_id, 'cancelled', nil, '')
-    if entry_id then ack_and_delete(tag, entry_id) end
     return 'cancelled'
   end
   -- Not yet seen by any worker: look for the entry in the queue itself.
@@ -300,7 +341,7 @@ local function fr_cancel(keys, args)
         if f[i] == 'job_id' and f[i + 1] == job_id then
           local now = now_ms()
           redis.call('HSET', jk, 'status', 'queued', 'entry_id', e[1], 'created_ms', now,
-            'attempts', 0, 'handoffs', 0, 'results', 0)
+            'attempts', 0, 'handoffs', 0)
           for j = 1, #f, 2 do
             if f[j] == 'stream_ref' or f[j] == 'fps' or f[j] == 'source' or f[j] == 'prompt' then
               redis.call('HSET', jk, f[j], f[j + 1])
@@ -308,7 +349,6 @@ local function fr_cancel(keys, args)
           end
           redis.call('ZADD', tag .. ':jobs:index', now, job_id)
           finalize(tag, job_id, 'cancelled', nil, '')
-          ack_and_delete(tag, e[1])
           return 'cancelled'
         end
       end
@@ -377,6 +417,8 @@ redis.register_function('fr_job_claim', fr_job_claim)
 redis.register_function('fr_job_reject', fr_job_reject)
 redis.register_function('fr_job_heartbeat', fr_job_heartbeat)
 redis.register_function('fr_job_finish', fr_job_finish)
+redis.register_function('fr_job_ack', fr_job_ack)
+redis.register_function('fr_job_end', fr_job_end)
 redis.register_function('fr_job_handback', fr_job_handback)
 redis.register_function('fr_cancel', fr_cancel)
 redis.register_function('fr_prompt_set', fr_prompt_set)

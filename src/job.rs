@@ -1,6 +1,7 @@
 //! What a job is: its spec parsed and validated from a `{fr}:jobs` entry, its statuses, and
 //! the `JobBody` trait that the pipeline (or a test body) implements to do a job's work.
 
+use crate::alerts::AlertSettings;
 use crate::model::PromptRef;
 use crate::results::ResultSink;
 use std::collections::BTreeMap;
@@ -28,6 +29,11 @@ pub const KNOWN_FIELDS: &[&str] = &[
     "max_frames",
     "max_duration_s",
     "source",
+    "scene_gate",
+    "alerts",
+    "alert_min_frames",
+    "alert_clear_ms",
+    "rtsp_transport",
 ];
 
 /// Where a job's frames come from.
@@ -58,6 +64,33 @@ impl SourceKind {
             SourceKind::Hls
         } else {
             SourceKind::Redis
+        }
+    }
+}
+
+/// How an RTSP camera sends its media: the job field `rtsp_transport`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RtspTransport {
+    /// Interleaved on the RTSP connection: passes NAT and firewalls, loses nothing.
+    #[default]
+    Tcp,
+    /// RTP over UDP: lower latency on a clean network, may lose packets.
+    Udp,
+}
+
+impl RtspTransport {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "tcp" => Some(RtspTransport::Tcp),
+            "udp" => Some(RtspTransport::Udp),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RtspTransport::Tcp => "tcp",
+            RtspTransport::Udp => "udp",
         }
     }
 }
@@ -115,6 +148,13 @@ pub struct JobSpec {
     pub fps: f64,
     pub max_frames: Option<u64>,
     pub max_duration_s: Option<f64>,
+    /// `scene_gate`: on or off for this job; `None` follows SCENE_GATE.
+    pub scene_gate: Option<bool>,
+    /// `alerts` (on/off, default on), `alert_min_frames`, `alert_clear_ms`: `None` when
+    /// alerts are off.
+    pub alerts: Option<AlertSettings>,
+    /// `rtsp_transport`: `tcp` (default) or `udp`, for `rtsp://` and `rtsps://` streams.
+    pub rtsp_transport: RtspTransport,
     /// Fields the contract does not know, kept as they came.
     pub extra: BTreeMap<String, String>,
     /// Things the producer should know about but that did not stop the job.
@@ -306,6 +346,26 @@ impl JobSpec {
                 }
             },
         };
+        let scene_gate = match on_off(&values, "scene_gate") {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        let alerts = match alert_settings(&values) {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        let rtsp_transport = match values.get("rtsp_transport") {
+            None => RtspTransport::default(),
+            Some(raw) => match RtspTransport::parse(raw) {
+                Some(t) => t,
+                None => {
+                    return fail(SpecError::new(
+                        "rtsp_transport",
+                        format!("must be `tcp` or `udp`, got `{raw}`"),
+                    ));
+                }
+            },
+        };
         let extra: BTreeMap<String, String> = values
             .iter()
             .filter(|(k, _)| !KNOWN_FIELDS.contains(&k.as_str()))
@@ -325,10 +385,57 @@ impl JobSpec {
             fps,
             max_frames,
             max_duration_s,
+            scene_gate,
+            alerts,
+            rtsp_transport,
             extra,
             warnings,
         })
     }
+}
+
+/// An optional `on`/`off` field.
+fn on_off(values: &BTreeMap<String, String>, field: &str) -> Result<Option<bool>, SpecError> {
+    match values.get(field).map(|v| v.trim().to_ascii_lowercase()) {
+        None => Ok(None),
+        Some(v) if v == "on" => Ok(Some(true)),
+        Some(v) if v == "off" => Ok(Some(false)),
+        Some(v) => Err(SpecError::new(
+            field,
+            format!("must be `on` or `off`, got `{v}`"),
+        )),
+    }
+}
+
+/// Most consecutive frames `alert_min_frames` may ask for.
+pub const MAX_ALERT_MIN_FRAMES: u32 = 1000;
+
+/// The `alerts`, `alert_min_frames` and `alert_clear_ms` fields.
+fn alert_settings(values: &BTreeMap<String, String>) -> Result<Option<AlertSettings>, SpecError> {
+    if on_off(values, "alerts")? == Some(false) {
+        return Ok(None);
+    }
+    let mut settings = AlertSettings::default();
+    if let Some(raw) = values.get("alert_min_frames") {
+        settings.min_frames = match raw.trim().parse::<u32>() {
+            Ok(n) if (1..=MAX_ALERT_MIN_FRAMES).contains(&n) => n,
+            _ => {
+                return Err(SpecError::new(
+                    "alert_min_frames",
+                    format!("must be a whole number from 1 to {MAX_ALERT_MIN_FRAMES}, got `{raw}`"),
+                ));
+            }
+        };
+    }
+    if let Some(raw) = values.get("alert_clear_ms") {
+        settings.clear_ms = raw.trim().parse::<u64>().map_err(|_| {
+            SpecError::new(
+                "alert_clear_ms",
+                format!("must be a whole number of milliseconds, got `{raw}`"),
+            )
+        })?;
+    }
+    Ok(Some(settings))
 }
 
 /// Why a running job was told to stop before it finished on its own.
@@ -390,6 +497,14 @@ impl PromptFollow {
         match self {
             PromptFollow::Fixed(p) => p.clone(),
             PromptFollow::Live(rx) => rx.borrow().clone(),
+        }
+    }
+
+    /// The version `current` would give, without copying the prompt.
+    pub fn version(&self) -> Option<u64> {
+        match self {
+            PromptFollow::Fixed(p) => p.version,
+            PromptFollow::Live(rx) => rx.borrow().version,
         }
     }
 }
@@ -481,6 +596,8 @@ mod tests {
         assert_eq!(spec.source, SourceKind::Hls);
         assert_eq!(spec.fps, 2.0);
         assert_eq!(spec.prompt, None);
+        assert_eq!(spec.scene_gate, None);
+        assert_eq!(spec.alerts, Some(AlertSettings::default()));
         let spec = parse(&[("stream_ref", "frames:cam1"), ("job_id", "j-1")]).unwrap();
         assert_eq!(spec.source, SourceKind::Redis);
         assert_eq!(spec.job_id, "j-1");
@@ -502,6 +619,16 @@ mod tests {
                 "max_duration_s",
             ),
             (&[("stream_ref", "a"), ("job_id", "has space")], "job_id"),
+            (&[("stream_ref", "a"), ("scene_gate", "yes")], "scene_gate"),
+            (&[("stream_ref", "a"), ("alerts", "1")], "alerts"),
+            (
+                &[("stream_ref", "a"), ("alert_min_frames", "0")],
+                "alert_min_frames",
+            ),
+            (
+                &[("stream_ref", "a"), ("alert_clear_ms", "-5")],
+                "alert_clear_ms",
+            ),
         ];
         for (pairs, field) in cases {
             let (err, _) = parse(pairs).unwrap_err();

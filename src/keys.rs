@@ -1,12 +1,15 @@
 //! Every Redis key name of the contract, in one place (see docs/redis-contract.md).
 //!
-//! All keys share the hash tag `{prefix}` so that one function call can touch any of them
-//! on Redis Cluster too.
+//! The queue, the job hashes, the prompt and the fleet's bookkeeping share the hash tag
+//! `{prefix}`, so one function call can touch any of them on Redis Cluster too. What a job
+//! writes per frame (its results and progress) lives under the job's own tag
+//! `{prefix:<job_id>}`, so a Cluster spreads that load over its masters.
 
 /// The key names for one `KEY_PREFIX`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Keys {
-    /// `{prefix}`: the hash tag every key starts with, and the one key every function takes.
+    prefix: String,
+    /// `{prefix}`: the hash tag of the queue's keys, and the one key its functions take.
     tag: String,
 }
 
@@ -16,11 +19,12 @@ pub const WORKER_GROUP: &str = "workers";
 impl Keys {
     pub fn new(prefix: &str) -> Self {
         Self {
+            prefix: prefix.to_string(),
             tag: format!("{{{prefix}}}"),
         }
     }
 
-    /// The hash tag itself: the single key passed to every `FCALL`.
+    /// The hash tag itself: the single key passed to the queue's functions.
     pub fn tag(&self) -> &str {
         &self.tag
     }
@@ -36,8 +40,27 @@ impl Keys {
     pub fn jobs_dead(&self) -> String {
         format!("{}:jobs:dead", self.tag)
     }
+    /// `{prefix:<job_id>}`: one job's own hash tag, the key `fr_job_end` takes. Job ids
+    /// hold no braces (see `job::validate_job_id`), so the tag is the whole braced part.
+    pub fn job_tag(&self, job_id: &str) -> String {
+        format!("{{{}:{job_id}}}", self.prefix)
+    }
+    /// The job's result stream, in the job's own slot.
     pub fn results(&self, job_id: &str) -> String {
-        format!("{}:results:{job_id}", self.tag)
+        format!("{}:results", self.job_tag(job_id))
+    }
+    /// The job's progress hash (counters, cursor, results written, end marker), in the
+    /// job's own slot so that each result write touches one slot.
+    pub fn progress(&self, job_id: &str) -> String {
+        format!("{}:progress", self.job_tag(job_id))
+    }
+    /// Fleet-wide settings workers publish for the functions to read.
+    pub fn settings(&self) -> String {
+        format!("{}:settings", self.tag)
+    }
+    /// The capped stream of alert start and end events of every job.
+    pub fn alerts(&self) -> String {
+        format!("{}:alerts", self.tag)
     }
     pub fn events(&self) -> String {
         format!("{}:events", self.tag)
@@ -61,13 +84,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_key_carries_the_hash_tag() {
+    fn queue_keys_share_one_tag_and_job_keys_have_their_own() {
         let k = Keys::new("fr");
         assert_eq!(k.tag(), "{fr}");
         assert_eq!(k.jobs(), "{fr}:jobs");
         assert_eq!(k.job("a"), "{fr}:job:a");
-        assert_eq!(k.results("a"), "{fr}:results:a");
         assert_eq!(k.prompt_history(), "{fr}:prompt:history");
+        assert_eq!(k.alerts(), "{fr}:alerts");
         assert_eq!(k.worker("w1"), "{fr}:worker:w1");
+        assert_eq!(k.settings(), "{fr}:settings");
+        assert_eq!(k.job_tag("cam-1:a"), "{fr:cam-1:a}");
+        assert_eq!(k.results("cam-1:a"), "{fr:cam-1:a}:results");
+        assert_eq!(k.progress("cam-1:a"), "{fr:cam-1:a}:progress");
     }
 }

@@ -13,13 +13,18 @@
 //! - [`health`]: the HTTP health and metrics endpoint; [`metrics`]: the counters.
 //! - [`frame`]: the decoded frame type (pure); [`sampler`]: fps sampling by timestamp (pure).
 //! - [`source`]: frame sources (HLS through an ffmpeg child, Redis frame streams).
+//! - [`gate`]: the scene-change gate that lets a job reuse the last output on a still scene
+//!   (pure).
+//! - [`alerts`]: start and end events from a job's detected labels (pure).
 //! - [`engine`]: the model on its own thread, batching frames across all jobs.
 //! - [`pipeline`]: the stream job body tying a source, the engine and the result sink.
 //! - [`model`]: the model trait and its candle backends (the only place candle is used).
+pub mod alerts;
 pub mod client;
 pub mod config;
 pub mod engine;
 pub mod frame;
+pub mod gate;
 pub mod health;
 pub mod job;
 pub mod keys;

@@ -127,6 +127,9 @@ pub struct Metrics {
     /// delivered and not finished (running, or waiting for a reclaim).
     pub queue_waiting: Gauge,
     pub queue_running: Gauge,
+    /// Camera behaviour: frames the scene gate answered, alert events written.
+    pub frames_reused: Counter,
+    pub alerts_written: Counter,
 }
 
 impl Default for Metrics {
@@ -159,6 +162,8 @@ impl Default for Metrics {
             capacity: Gauge::default(),
             queue_waiting: Gauge::default(),
             queue_running: Gauge::default(),
+            frames_reused: Counter::default(),
+            alerts_written: Counter::default(),
         }
     }
 }
@@ -263,6 +268,16 @@ impl Metrics {
                 &self.frames_too_old,
                 "Frames skipped as older than MAX_FRAME_AGE_MS.",
             ),
+            (
+                "freeroam_frames_reused_total",
+                &self.frames_reused,
+                "Sampled frames whose result repeated the last model output (scene unchanged).",
+            ),
+            (
+                "freeroam_alerts_total",
+                &self.alerts_written,
+                "Alert start and end events written to the alerts stream.",
+            ),
         ];
         for (name, counter, help) in counters {
             let _ = writeln!(
@@ -321,25 +336,5 @@ impl Metrics {
             "From a frame's arrival at the worker to its result being written.",
         );
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renders_counters_and_cumulative_buckets() {
-        let m = Metrics::default();
-        m.jobs_claimed.add(3);
-        m.frame_age.observe(0.02);
-        m.frame_age.observe(0.3);
-        m.frame_age.observe(60.0);
-        let text = m.render();
-        assert!(text.contains("freeroam_jobs_claimed_total 3\n"));
-        assert!(text.contains("freeroam_frame_age_seconds_bucket{le=\"0.025\"} 1\n"));
-        assert!(text.contains("freeroam_frame_age_seconds_bucket{le=\"0.5\"} 2\n"));
-        assert!(text.contains("freeroam_frame_age_seconds_bucket{le=\"+Inf\"} 3\n"));
-        assert!(text.contains("freeroam_frame_age_seconds_count 3\n"));
     }
 }

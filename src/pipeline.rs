@@ -1,16 +1,26 @@
-//! The job body that turns a stream job into results: opens the job's source, hands its
-//! frames to the shared inference engine, and writes one result entry per frame (with the
-//! job's counters and resume cursor) in one pipelined write per batch of replies.
+//! The job body that turns a stream job into results: opens the job's source, passes each
+//! sampled frame through the job's scene gate, hands the frames that need the model to the
+//! shared inference engine, and writes one result entry per frame (a model output, an error,
+//! or the last output reused) with the job's counters and resume cursor, in one pipelined
+//! write per batch of replies.
+//!
+//! A frame's path reads straight through: source, gate, the engine's per-job queue (the one
+//! place a frame waits, and so the one place it is dropped, counted in `frames_dropped`),
+//! the model, the result entry. The job keeps taking frames while a write is under way, so
+//! nothing waits on Redis.
 //!
 //! This is the only module that knows sources, the engine and the result sink together.
 
+use crate::alerts::{AlertEvent, AlertSettings, AlertState, EndReason, Observation};
 use crate::config::Config;
 use crate::engine::{Engine, EngineStream, Reply, ReplyOutcome, Submitted};
+use crate::frame::Frame;
+use crate::gate::{Decision, GateSettings, SceneGate};
 use crate::job::{
     BodyFuture, BodyOutcome, FrameCounters, JobBody, JobContext, JobFailure, StopReason,
 };
 use crate::metrics::Metrics;
-use crate::results::{FrameOutcome, Progress, ResultEntry};
+use crate::results::{AlertWrite, FrameOutcome, Progress, ResultEntry};
 use crate::source::{BadFrame, Source, SourceCounters, SourceEvent, SourceOptions};
 use crate::store::Store;
 use std::sync::Arc;
@@ -31,6 +41,10 @@ pub struct StreamJobBody {
     store: Store,
     metrics: Arc<Metrics>,
     sources: SourceOptions,
+    /// SCENE_GATE: whether jobs without a `scene_gate` field use the gate.
+    scene_gate: bool,
+    gate: GateSettings,
+    alerts_maxlen: usize,
 }
 
 impl StreamJobBody {
@@ -43,6 +57,12 @@ impl StreamJobBody {
             engine,
             store,
             metrics,
+            scene_gate: config.scene_gate,
+            gate: GateSettings {
+                min_area: config.scene_change_min_area,
+                max_reuse_ms: config.scene_max_reuse.as_millis() as i64,
+            },
+            alerts_maxlen: config.alerts_maxlen,
         }
     }
 
@@ -59,30 +79,167 @@ impl StreamJobBody {
 
     async fn run_job(&self, ctx: JobContext) -> Result<BodyOutcome, JobFailure> {
         let source = Source::open(&ctx.spec, &ctx.resume, &self.sources, &self.store)?;
+        let saved = self.saved_camera_state(&ctx.spec.job_id).await?;
         let stream = self.engine.register(ctx.prompt.clone(), ctx.spec.fps);
+        let gate = ctx
+            .spec
+            .scene_gate
+            .unwrap_or(self.scene_gate)
+            .then(|| SceneGate::new(self.gate));
         let mut run = Run {
             model: self.engine.model_name(),
             metrics: &self.metrics,
             base: ctx.resume.counters,
+            base_reused: saved.frames_reused,
             reported: FrameCounters::default(),
+            reported_reused: 0,
             dropped: 0,
             failed: 0,
+            reused: 0,
             pending: Vec::new(),
             pending_received: Vec::new(),
+            writing: 0,
+            held: Vec::new(),
+            dirty: false,
             cursor: None,
             note: None,
             in_flight: 0,
+            gate,
+            last_output: None,
+            source_done: false,
+            source_failed: None,
+            alerts: ctx.spec.alerts.map(|settings| Alerts {
+                settings,
+                state: saved.alerts,
+                events: Vec::new(),
+                changed: false,
+                maxlen: self.alerts_maxlen,
+                last: None,
+            }),
         };
         run.reported = run.counters(source.counters());
+        run.reported_reused = run.base_reused;
         let outcome = run.drive(&ctx, &source, stream).await;
         source.close().await;
         outcome
     }
+
+    /// What earlier deliveries of the job saved beyond the resume state: per-frame state,
+    /// so it lives in the job's progress hash, in the job's own slot.
+    async fn saved_camera_state(&self, job_id: &str) -> Result<SavedState, JobFailure> {
+        let key = self.store.keys().progress(job_id);
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(&key).arg("frames_reused").arg("alert_state");
+        let v = match self.store.query::<Vec<Option<String>>>(&cmd).await {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(JobFailure::new(format!(
+                    "reading the job's saved alert state failed: {e}"
+                )));
+            }
+        };
+        let field = |i: usize| v.get(i).cloned().flatten();
+        let alerts = match field(1) {
+            None => AlertState::default(),
+            Some(json) => serde_json::from_str(&json).unwrap_or_else(|e| {
+                tracing::warn!(job = %job_id, error = %e, "the saved alert state is unreadable; starting afresh");
+                AlertState::default()
+            }),
+        };
+        Ok(SavedState {
+            frames_reused: field(0).and_then(|n| n.parse().ok()).unwrap_or(0),
+            alerts,
+        })
+    }
+}
+
+/// What a job's progress hash holds for the camera behaviour of earlier deliveries.
+#[derive(Debug, Default)]
+struct SavedState {
+    frames_reused: u64,
+    alerts: AlertState,
 }
 
 impl JobBody for StreamJobBody {
     fn run(&self, ctx: JobContext) -> BodyFuture<'_> {
         Box::pin(self.run_job(ctx))
+    }
+}
+
+/// The newest model output of a job, kept for the scene gate to repeat.
+struct LastOutput {
+    index: u64,
+    prompt_version: Option<u64>,
+    /// Serialised once, repeated in every reused entry.
+    json: Arc<str>,
+}
+
+/// A job's alerts while it runs.
+struct Alerts {
+    settings: AlertSettings,
+    state: AlertState,
+    /// Events not yet written.
+    events: Vec<AlertEvent>,
+    /// The state changed since it was last written.
+    changed: bool,
+    maxlen: usize,
+    /// What the newest model output said, for the frames that reuse it.
+    last: Option<(u64, Option<Observation>)>,
+}
+
+impl Alerts {
+    /// Takes a model output of frame `index` into account.
+    fn output(
+        &mut self,
+        index: u64,
+        capture_ms: i64,
+        version: Option<u64>,
+        output: &serde_json::Value,
+    ) {
+        let obs = Observation::from_output(output);
+        if let Some(o) = &obs {
+            self.observe(index, capture_ms, version, o);
+        }
+        if self.last.as_ref().is_none_or(|(i, _)| *i < index) {
+            self.last = Some((index, obs));
+        }
+    }
+
+    /// Takes a frame that reused frame `from`'s output into account.
+    fn reused(&mut self, index: u64, capture_ms: i64, version: Option<u64>, from: u64) {
+        if let Some((i, Some(obs))) = self.last.take() {
+            if i == from {
+                self.observe(index, capture_ms, version, &obs);
+            }
+            self.last = Some((i, Some(obs)));
+        }
+    }
+
+    fn observe(&mut self, index: u64, capture_ms: i64, version: Option<u64>, obs: &Observation) {
+        let events = self
+            .state
+            .observe(&self.settings, index, capture_ms, version, obs);
+        self.events.extend(events);
+        self.changed = true;
+    }
+
+    fn close(&mut self, reason: EndReason) {
+        let events = self.state.close_all(reason);
+        self.changed |= !events.is_empty();
+        self.events.extend(events);
+    }
+
+    /// The events and state for the next write, if there is anything new.
+    fn take_write(&mut self) -> Option<AlertWrite> {
+        if !self.changed && self.events.is_empty() {
+            return None;
+        }
+        self.changed = false;
+        Some(AlertWrite {
+            events: std::mem::take(&mut self.events),
+            state: serde_json::to_string(&self.state).unwrap_or_default(),
+            maxlen: self.maxlen,
+        })
     }
 }
 
@@ -92,20 +249,41 @@ struct Run<'a> {
     metrics: &'a Metrics,
     /// Counters saved by earlier deliveries.
     base: FrameCounters,
+    base_reused: u64,
     /// What has already been added to the worker's metrics.
     reported: FrameCounters,
-    /// Frames the engine dropped (replaced or too old) for this job.
+    reported_reused: u64,
+    /// Frames the engine dropped (replaced or too old) for this job: the one place a
+    /// sampled frame waits, and so the one place it is dropped.
     dropped: u64,
     failed: u64,
+    /// Frames whose entry repeated the last output.
+    reused: u64,
     /// Entries not yet written.
     pending: Vec<ResultEntry>,
-    /// When each pending model result's frame reached the worker.
+    /// When each pending entry's frame reached the worker.
     pending_received: Vec<std::time::Instant>,
+    /// Entries in the write under way.
+    writing: u64,
+    /// Reused entries (with their frame's arrival and cursor) made while earlier frames
+    /// were still with the model: released once those are answered, so entries, the
+    /// cursor and alerts follow frame order.
+    held: Vec<(ResultEntry, std::time::Instant, Option<String>)>,
+    /// Something the job hash should show has changed since the last write.
+    dirty: bool,
     /// The newest finished frame's index and resume cursor, not yet written.
     cursor: Option<(u64, String)>,
     note: Option<String>,
     /// Frames handed to the engine and not answered yet.
     in_flight: u64,
+    /// The scene gate, when the job uses it.
+    gate: Option<SceneGate>,
+    last_output: Option<LastOutput>,
+    source_done: bool,
+    /// The source cannot go on: why.
+    source_failed: Option<String>,
+    /// `None` when the job's alerts are off.
+    alerts: Option<Alerts>,
 }
 
 enum Step {
@@ -133,23 +311,67 @@ impl Run<'_> {
         }
     }
 
+    /// Result entries written, being written and waiting: what counts toward `max_frames`.
+    fn done(&self, ctx: &JobContext) -> u64 {
+        ctx.sink.written() + self.writing + (self.pending.len() + self.held.len()) as u64
+    }
+
+    /// Whether the job takes the source's next event now. A live stream's frames go on to
+    /// the engine as they come (its per-job queue keeps the newest); a recording sends its
+    /// next frame once the last one is answered. Never more than `max_frames` allows.
+    fn accepts(&self, ctx: &JobContext, source: &Source) -> bool {
+        !self.source_done
+            && self.source_failed.is_none()
+            && (source.is_live() || self.in_flight == 0)
+            && ctx
+                .spec
+                .max_frames
+                .is_none_or(|m| self.done(ctx) + self.in_flight < m)
+    }
+
     fn reply(&mut self, r: Reply) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        self.dirty = true;
+        let index = r.meta.index;
         let outcome = match r.outcome {
-            ReplyOutcome::Output(v) => FrameOutcome::Output(v),
+            ReplyOutcome::Output(v) => {
+                if let Some(a) = &mut self.alerts {
+                    a.output(index, r.meta.capture_ms, r.prompt_version, &v);
+                }
+                if let Some(gate) = &mut self.gate {
+                    gate.answered(index, r.prompt_version);
+                    if self.last_output.as_ref().is_none_or(|l| l.index < index) {
+                        self.last_output = Some(LastOutput {
+                            index,
+                            prompt_version: r.prompt_version,
+                            json: v.to_string().into(),
+                        });
+                    }
+                }
+                FrameOutcome::Output(v)
+            }
             ReplyOutcome::Error(e) => {
                 self.failed += 1;
+                if let Some(gate) = &mut self.gate {
+                    gate.lost(index);
+                }
                 FrameOutcome::Error(e)
             }
             ReplyOutcome::TooOld => {
                 self.dropped += 1;
-                self.finished(r.meta.index, r.meta.cursor);
+                if let Some(gate) = &mut self.gate {
+                    gate.lost(index);
+                }
+                self.finished(index, r.meta.cursor);
+                if self.in_flight == 0 {
+                    self.release_held();
+                }
                 return;
             }
         };
         self.pending_received.push(r.meta.received);
         self.pending.push(ResultEntry {
-            frame: r.meta.index,
+            frame: index,
             pts_ms: r.meta.pts_ms,
             capture_ms: r.meta.capture_ms,
             prompt_version: r.prompt_version,
@@ -157,11 +379,16 @@ impl Run<'_> {
             latency_ms: r.latency_ms,
             outcome,
         });
-        self.finished(r.meta.index, r.meta.cursor);
+        self.finished(index, r.meta.cursor);
+        if self.in_flight == 0 {
+            self.release_held();
+        }
     }
 
     fn bad(&mut self, b: BadFrame, prompt_version: Option<u64>) {
         self.failed += 1;
+        self.dirty = true;
+        self.pending_received.push(std::time::Instant::now());
         self.pending.push(ResultEntry {
             frame: b.index,
             pts_ms: None,
@@ -174,16 +401,134 @@ impl Run<'_> {
         self.finished(b.index, b.cursor);
     }
 
+    /// Moves held reused entries to the pending ones (nothing is with the model now).
+    fn release_held(&mut self) {
+        for (entry, received, cursor) in std::mem::take(&mut self.held) {
+            let FrameOutcome::Reused { from, .. } = &entry.outcome else {
+                continue;
+            };
+            self.reused += 1;
+            self.dirty = true;
+            if let Some(a) = &mut self.alerts {
+                a.reused(entry.frame, entry.capture_ms, entry.prompt_version, *from);
+            }
+            self.finished(entry.frame, cursor);
+            self.pending_received.push(received);
+            self.pending.push(entry);
+        }
+    }
+
+    /// Takes one source event; a frame goes through the gate to the engine, or becomes a
+    /// reused entry at once.
+    fn on_event(
+        &mut self,
+        event: SourceEvent,
+        ctx: &JobContext,
+        source: &Source,
+        stream: &EngineStream,
+    ) {
+        match event {
+            SourceEvent::Frame(frame) => self.on_frame(frame, ctx, source.is_live(), stream),
+            SourceEvent::Bad(b) => self.bad(b, ctx.prompt.version()),
+            SourceEvent::Note(n) => {
+                self.note = Some(n);
+                self.dirty = true;
+            }
+            SourceEvent::End => self.source_done = true,
+            SourceEvent::Failed(msg) => self.source_failed = Some(msg),
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame, ctx: &JobContext, live: bool, stream: &EngineStream) {
+        let reuse = match &mut self.gate {
+            Some(gate) => match gate.decide(&frame, ctx.prompt.version()) {
+                Decision::Reuse { from } => self
+                    .last_output
+                    .as_ref()
+                    .filter(|l| l.index == from)
+                    .map(|l| (from, l.prompt_version, l.json.clone())),
+                Decision::Infer(_) => None,
+            },
+            None => None,
+        };
+        if let Some((from, version, output)) = reuse {
+            let entry = ResultEntry {
+                frame: frame.index,
+                pts_ms: frame.pts_ms,
+                capture_ms: frame.capture_ms,
+                prompt_version: version,
+                model: self.model.clone(),
+                latency_ms: 0.0,
+                outcome: FrameOutcome::Reused { output, from },
+            };
+            self.held.push((entry, frame.received, frame.cursor));
+            if self.in_flight == 0 {
+                self.release_held();
+            }
+            return;
+        }
+        match stream.submit(frame, live) {
+            Submitted::Queued => self.in_flight += 1,
+            Submitted::Replaced { dropped } => {
+                self.dropped += dropped;
+                self.in_flight = (self.in_flight + 1).saturating_sub(dropped);
+            }
+            Submitted::Closed => {
+                self.source_failed = Some("the inference engine has stopped".into());
+            }
+        }
+    }
+
     /// Writes pending entries with the job's counters and cursor in one round trip, and
-    /// adds what changed to the worker's metrics.
-    async fn flush(&mut self, ctx: &JobContext, src: &SourceCounters) -> Result<(), Step> {
+    /// adds what changed to the worker's metrics. While the write is under way the job
+    /// keeps taking the source's events, so frames never wait on Redis: they wait only in
+    /// the engine's per-job queue.
+    async fn flush(
+        &mut self,
+        ctx: &JobContext,
+        source: &Source,
+        stream: Option<&EngineStream>,
+    ) -> Result<(), Step> {
+        let src = source.counters();
         let counters = self.counters(src);
+        let reused = self.base_reused + self.reused;
         let progress = Progress {
             counters,
             cursor: self.cursor.as_ref().map(|(_, c)| c.clone()),
             note: self.note.take(),
+            frames_reused: self.gate.is_some().then_some(reused),
+            alerts: self.alerts.as_mut().and_then(Alerts::take_write),
         };
-        if let Err(e) = ctx.sink.write(&self.pending, &progress).await {
+        let mut entries = std::mem::take(&mut self.pending);
+        let received = std::mem::take(&mut self.pending_received);
+        self.dirty = false;
+        self.writing = entries.len() as u64;
+        let alert_events = progress.alerts.as_ref().map_or(0, |a| a.events.len());
+        let result = {
+            let write = ctx.sink.write(&entries, &progress);
+            tokio::pin!(write);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut write => break r,
+                    event = source.next(), if stream.is_some() && self.accepts(ctx, source) => {
+                        if let Some(stream) = stream {
+                            self.on_event(event, ctx, source, stream);
+                        }
+                    }
+                }
+            }
+        };
+        self.writing = 0;
+        if let Err(e) = result {
+            // Keep the entries and alert events for the final write, in order.
+            if let (Some(a), Some(w)) = (&mut self.alerts, progress.alerts) {
+                let newer = std::mem::replace(&mut a.events, w.events);
+                a.events.extend(newer);
+                a.changed = true;
+            }
+            entries.append(&mut self.pending);
+            self.pending = entries;
             return Err(if ctx.stop.is_stopped() {
                 Step::Stop
             } else {
@@ -194,9 +539,9 @@ impl Run<'_> {
         }
         let m = self.metrics;
         let r = &self.reported;
-        m.results_written.add(self.pending.len() as u64);
-        for received in self.pending_received.drain(..) {
-            m.result_delay.observe(received.elapsed().as_secs_f64());
+        m.results_written.add(entries.len() as u64);
+        for at in received {
+            m.result_delay.observe(at.elapsed().as_secs_f64());
         }
         m.frames_decoded
             .add(counters.frames_decoded.saturating_sub(r.frames_decoded));
@@ -206,8 +551,11 @@ impl Run<'_> {
             .add(counters.frames_dropped.saturating_sub(r.frames_dropped));
         m.frames_failed
             .add(counters.frames_failed.saturating_sub(r.frames_failed));
+        m.frames_reused
+            .add(reused.saturating_sub(self.reported_reused));
+        m.alerts_written.add(alert_events as u64);
         self.reported = counters;
-        self.pending.clear();
+        self.reported_reused = reused;
         Ok(())
     }
 
@@ -221,20 +569,16 @@ impl Run<'_> {
         let deadline = spec
             .max_duration_s
             .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
-        let src = source.counters();
-        let mut source_done = false;
         let step = loop {
-            let done = ctx.sink.written() + self.pending.len() as u64;
-            if spec.max_frames.is_some_and(|m| done >= m) || (source_done && self.in_flight == 0) {
+            if let Some(msg) = self.source_failed.take() {
+                break Step::Fail(JobFailure::new(msg));
+            }
+            if spec.max_frames.is_some_and(|m| self.done(ctx) >= m)
+                || (self.source_done && self.in_flight == 0)
+            {
                 break Step::Done;
             }
-            // A live stream keeps handing frames over (the engine keeps the newest); a
-            // recording sends its next frame once the last one is answered. Never take more
-            // than `max_frames` allows.
-            let accept = !source_done
-                && (source.is_live() || self.in_flight == 0)
-                && spec.max_frames.is_none_or(|m| done + self.in_flight < m);
-            let mut dirty = false;
+            let accept = self.accepts(ctx, source);
             tokio::select! {
                 biased;
                 _ = ctx.stop.stopped() => break Step::Stop,
@@ -247,41 +591,35 @@ impl Run<'_> {
                     while let Some(r) = stream.try_recv() {
                         self.reply(r);
                     }
-                    dirty = true;
                 }
-                event = source.next(), if accept => match event {
-                    SourceEvent::Frame(frame) => match stream.submit(frame, source.is_live()) {
-                        Submitted::Queued => self.in_flight += 1,
-                        Submitted::Replaced { dropped } => {
-                            self.dropped += dropped;
-                            self.in_flight = (self.in_flight + 1).saturating_sub(dropped);
-                        }
-                        Submitted::Closed => {
-                            break Step::Fail(JobFailure::new("the inference engine has stopped"));
-                        }
-                    },
-                    SourceEvent::Bad(b) => {
-                        self.bad(b, ctx.prompt.current().version);
-                        dirty = true;
-                    }
-                    SourceEvent::Note(n) => {
-                        self.note = Some(n);
-                        dirty = true;
-                    }
-                    SourceEvent::End => source_done = true,
-                    SourceEvent::Failed(msg) => break Step::Fail(JobFailure::new(msg)),
-                },
+                event = source.next(), if accept => self.on_event(event, ctx, source, &stream),
             }
-            if dirty && let Err(step) = self.flush(ctx, src).await {
+            if self.dirty
+                && let Err(step) = self.flush(ctx, source, Some(&stream)).await
+            {
                 break step;
             }
         };
         drop(stream);
+        // A job that ends closes its open alerts here, before the queue writes its end entry
+        // (`fr_job_end`) and finishes it; one handed back or taken over keeps them open in
+        // its progress hash for the next delivery.
+        let end_reason = match (&step, ctx.stop.reason()) {
+            (Step::Fail(_), _) => Some(EndReason::JobFailed),
+            (Step::Done, _) | (Step::Stop, Some(StopReason::Deadline)) => {
+                Some(EndReason::JobCompleted)
+            }
+            (Step::Stop, Some(StopReason::Cancelled)) => Some(EndReason::JobCancelled),
+            (Step::Stop, _) => None,
+        };
+        if let (Some(a), Some(reason)) = (&mut self.alerts, end_reason) {
+            a.close(reason);
+        }
         // Save what is in hand (the final counters and cursor) unless another worker owns
         // the job now.
         let save = !matches!(ctx.stop.reason(), Some(StopReason::LeaseLost));
         let flushed = if save {
-            self.flush(ctx, src).await
+            self.flush(ctx, source, None).await
         } else {
             Ok(())
         };

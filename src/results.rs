@@ -1,7 +1,10 @@
-//! Writes a job's output: one `{fr}:results:<id>` entry per frame and the job's progress in
-//! its hash, both in one atomic pipeline per batch, retried through Redis outages.
+//! A job's own slot (`{fr:<id>}`): writes its output, one `results` entry per frame and its
+//! `progress` hash, both in one atomic pipeline per batch, retried through Redis outages
+//! (a batch's alert events go first, to `{fr}:alerts`); writes the end entry once; reads
+//! where a job left off.
 
-use crate::job::{FrameCounters, StopSignal};
+use crate::alerts::AlertEvent;
+use crate::job::{FrameCounters, JobStatus, ResumeState, StopSignal};
 use crate::store::{Backoff, Store, StoreResult, now_ms};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +17,9 @@ pub enum FrameOutcome {
     Output(serde_json::Value),
     /// The frame could not be decoded or inferred; the job goes on.
     Error(String),
+    /// The scene gate found the scene unchanged: the output of frame `from`, repeated
+    /// (serialised once, when that output came).
+    Reused { output: Arc<str>, from: u64 },
 }
 
 /// One result entry: a frame's output or its error.
@@ -37,13 +43,29 @@ pub struct Progress {
     pub cursor: Option<String>,
     /// A short note for people reading the hash (e.g. "waiting for frame stream").
     pub note: Option<String>,
+    /// Frames whose output the scene gate reused, across deliveries; `None` leaves it.
+    pub frames_reused: Option<u64>,
+    /// Alert events to add to `{fr}:alerts` (written first, in the queue's slot) and the
+    /// alert state to save in the progress hash with the entries they come from.
+    pub alerts: Option<AlertWrite>,
+}
+
+/// A job's alert output for one write.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AlertWrite {
+    pub events: Vec<AlertEvent>,
+    /// The job's alert state (JSON), saved as `alert_state` in its progress hash.
+    pub state: String,
+    /// ALERTS_MAXLEN.
+    pub maxlen: usize,
 }
 
 /// A job's handle for writing results. Cheap to clone.
 #[derive(Clone)]
 pub struct ResultSink {
     store: Store,
-    job_key: Arc<str>,
+    job_id: Arc<str>,
+    progress_key: Arc<str>,
     results_key: Arc<str>,
     maxlen: usize,
     stop: StopSignal,
@@ -59,7 +81,8 @@ impl ResultSink {
         already_written: u64,
     ) -> Self {
         Self {
-            job_key: store.keys().job(job_id).into(),
+            job_id: job_id.into(),
+            progress_key: store.keys().progress(job_id).into(),
             results_key: store.keys().results(job_id).into(),
             store,
             maxlen,
@@ -73,21 +96,29 @@ impl ResultSink {
         self.written.load(Ordering::Relaxed)
     }
 
-    /// Writes `entries` and `progress` in one atomic round trip. Connection failures are
-    /// retried with backoff until Redis answers or the job is stopped.
+    /// Writes `progress`'s alert events to `{fr}:alerts`, then `entries` and `progress` in
+    /// one atomic round trip in the job's slot. The two slots cannot share a transaction on
+    /// a Cluster, so the events go first: a failure between the steps repeats events (each
+    /// carries its `alert_id`) and never loses one. Connection failures are retried with
+    /// backoff until Redis answers or the job is stopped.
     pub async fn write(&self, entries: &[ResultEntry], progress: &Progress) -> StoreResult<()> {
-        let pipe = self.build(entries, progress);
+        if let Some(a) = progress.alerts.as_ref().filter(|a| !a.events.is_empty()) {
+            self.send(&self.build_alerts(a)).await?;
+        }
+        self.send(&self.build(entries, progress)).await?;
+        self.written
+            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn send(&self, pipe: &redis::Pipeline) -> StoreResult<()> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            match self.store.pipe::<redis::Value>(&pipe).await {
-                Ok(_) => {
-                    self.written
-                        .fetch_add(entries.len() as u64, Ordering::Relaxed);
-                    return Ok(());
-                }
+            match self.store.pipe::<redis::Value>(pipe).await {
+                Ok(_) => return Ok(()),
                 Err(e) if e.is_transient() && !self.stop.is_stopped() => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, job = %self.job_key, ?delay, "result write failed; retrying");
+                    tracing::warn!(error = %e, job = %self.job_id, ?delay, "result write failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.stop.stopped() => {}
@@ -116,7 +147,9 @@ impl ResultSink {
                 .arg(self.maxlen)
                 .arg("*");
             match &e.outcome {
-                FrameOutcome::Output(_) => cmd.arg("kind").arg("result"),
+                FrameOutcome::Output(_) | FrameOutcome::Reused { .. } => {
+                    cmd.arg("kind").arg("result")
+                }
                 FrameOutcome::Error(_) => cmd.arg("kind").arg("error"),
             };
             cmd.arg("frame").arg(e.frame);
@@ -135,13 +168,18 @@ impl ResultSink {
             match &e.outcome {
                 FrameOutcome::Output(v) => cmd.arg("output").arg(v.to_string()),
                 FrameOutcome::Error(msg) => cmd.arg("error").arg(msg),
+                FrameOutcome::Reused { output, from } => cmd
+                    .arg("output")
+                    .arg(&**output)
+                    .arg("reused_from")
+                    .arg(*from),
             };
             cmd.ignore();
         }
         let c = &progress.counters;
         let hset = pipe
             .cmd("HSET")
-            .arg(&*self.job_key)
+            .arg(&*self.progress_key)
             .arg("updated_ms")
             .arg(now_ms())
             .arg("frames_decoded")
@@ -155,6 +193,12 @@ impl ResultSink {
         if let Some(cursor) = &progress.cursor {
             hset.arg("cursor").arg(cursor);
         }
+        if let Some(n) = progress.frames_reused {
+            hset.arg("frames_reused").arg(n);
+        }
+        if let Some(a) = &progress.alerts {
+            hset.arg("alert_state").arg(&a.state);
+        }
         if let Some(note) = &progress.note {
             hset.arg("note").arg(note);
         }
@@ -164,10 +208,36 @@ impl ResultSink {
         hset.ignore();
         if !entries.is_empty() {
             pipe.cmd("HINCRBY")
-                .arg(&*self.job_key)
+                .arg(&*self.progress_key)
                 .arg("results")
                 .arg(entries.len())
                 .ignore();
+        }
+        pipe
+    }
+}
+
+impl ResultSink {
+    /// The alert events of one write, all in `{fr}:alerts`.
+    fn build_alerts(&self, a: &AlertWrite) -> redis::Pipeline {
+        let alerts_key = self.store.keys().alerts();
+        let mut pipe = redis::pipe();
+        for e in &a.events {
+            let cmd = pipe
+                .cmd("XADD")
+                .arg(&alerts_key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(a.maxlen)
+                .arg("*")
+                .arg("job_id")
+                .arg(&*self.job_id)
+                .arg("alert_id")
+                .arg(e.alert_id(&self.job_id));
+            for (name, value) in e.fields() {
+                cmd.arg(name).arg(value);
+            }
+            cmd.ignore();
         }
         pipe
     }
@@ -179,4 +249,73 @@ impl std::fmt::Debug for ResultSink {
             .field("results_key", &self.results_key)
             .finish()
     }
+}
+
+/// What a job's progress hash says: where it left off, and whether its end entry is written.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SavedProgress {
+    /// The resume state, less the attempt (the queue's slot counts those).
+    pub resume: ResumeState,
+    /// The final status in the end entry, once written.
+    pub ended: Option<JobStatus>,
+}
+
+const PROGRESS_FIELDS: [&str; 7] = [
+    "ended",
+    "cursor",
+    "results",
+    "frames_decoded",
+    "frames_sampled",
+    "frames_dropped",
+    "frames_failed",
+];
+
+/// Reads a job's progress hash (one `HMGET` in its slot).
+pub async fn saved_progress(store: &Store, job_id: &str) -> StoreResult<SavedProgress> {
+    let mut cmd = redis::cmd("HMGET");
+    cmd.arg(store.keys().progress(job_id))
+        .arg(&PROGRESS_FIELDS[..]);
+    let v: Vec<Option<String>> = store.query(&cmd).await?;
+    let text = |i: usize| v.get(i).cloned().flatten().filter(|s| !s.is_empty());
+    let num = |i: usize| text(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    Ok(SavedProgress {
+        ended: text(0).as_deref().and_then(JobStatus::parse),
+        resume: ResumeState {
+            cursor: text(1),
+            results: num(2),
+            counters: FrameCounters {
+                frames_decoded: num(3),
+                frames_sampled: num(4),
+                frames_dropped: num(5),
+                frames_failed: num(6),
+            },
+            attempt: 0,
+        },
+    })
+}
+
+/// How long a finished job's keys are kept, and how long its result stream may grow.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    pub results_maxlen: usize,
+    pub ttl_s: u64,
+}
+
+/// Writes a job's end entry unless one is there (`fr_job_end`, in the job's slot); returns
+/// the final status and results count as recorded, which may be an earlier call's.
+pub async fn write_end(
+    store: &Store,
+    job_id: &str,
+    status: JobStatus,
+    error: &str,
+    retention: Retention,
+) -> StoreResult<(String, u64)> {
+    let tag = store.keys().job_tag(job_id);
+    let args: [&dyn crate::store::ToRedisArgsDyn; 4] = [
+        &status.as_str(),
+        &error,
+        &retention.results_maxlen,
+        &retention.ttl_s,
+    ];
+    store.fcall_on(&tag, "fr_job_end", &args).await
 }

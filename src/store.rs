@@ -1,11 +1,13 @@
-//! The worker's and the CLI's handle on Redis: a connection pool, the contract's key names,
-//! and calls into the `freeroam` function library, which is loaded again whenever the
-//! server has lost it (a restart without persistence, a `FUNCTION FLUSH`).
+//! The worker's and the CLI's handle on Redis, one node or a Cluster: a connection pool, the
+//! contract's key names, and calls into the `freeroam` function library, which is loaded
+//! again whenever the server has lost it (a restart without persistence, a `FUNCTION FLUSH`).
 
 use crate::keys::Keys;
 use deadpool_redis::{Manager, Pool, Runtime};
 use redis::aio::ConnectionLike;
 use redis::{AsyncConnectionConfig, FromRedisValue, ToRedisArgs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The Redis function library every worker and the CLI load with `FUNCTION LOAD REPLACE`.
@@ -43,7 +45,11 @@ impl StoreError {
                         redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
                             | redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain)
                             | redis::ErrorKind::Server(redis::ServerErrorKind::MasterDown)
+                            | redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown)
+                            | redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
                     )
+                    || is_stale_route(e)
+                    || server_codes(e).iter().any(|c| c == "UNBLOCKED")
             }
             StoreError::Pool(_) => true,
             StoreError::Url(_) => false,
@@ -62,6 +68,33 @@ impl StoreError {
     }
 }
 
+/// The server error codes inside an error, including each command's in an aborted
+/// `MULTI`/`EXEC`.
+fn server_codes(e: &redis::RedisError) -> Vec<String> {
+    e.clone()
+        .into_server_errors()
+        .map(|errs| errs.iter().map(|(_, s)| s.code().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// A Cluster answer that the slot moved (a failover, a resharding), also inside an aborted
+/// transaction, which the cluster client does not follow by itself: the connection's slot
+/// map is stale, and a retry on a fresh connection succeeds.
+fn is_stale_route(e: &redis::RedisError) -> bool {
+    matches!(
+        e.kind(),
+        redis::ErrorKind::Server(redis::ServerErrorKind::Moved)
+            | redis::ErrorKind::Server(redis::ServerErrorKind::Ask)
+    ) || server_codes(e).iter().any(|c| c == "MOVED" || c == "ASK")
+}
+
+fn cluster_pool_error(e: deadpool_redis::cluster::PoolError) -> StoreError {
+    match e {
+        deadpool_redis::cluster::PoolError::Backend(e) => StoreError::Redis(e),
+        other => StoreError::Pool(other.to_string()),
+    }
+}
+
 impl From<deadpool_redis::PoolError> for StoreError {
     fn from(e: deadpool_redis::PoolError) -> Self {
         match e {
@@ -73,11 +106,69 @@ impl From<deadpool_redis::PoolError> for StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Connections to one Redis node, or to a Cluster (each pooled connection then reaches
+/// every master, and commands go to the node that owns their key).
+#[derive(Clone)]
+enum Pools {
+    Node(Pool),
+    Cluster(deadpool_redis::cluster::Pool),
+}
+
+/// One pooled connection, to a node or to a Cluster.
+pub enum Conn {
+    Node(deadpool_redis::Connection),
+    Cluster(deadpool_redis::cluster::Connection),
+}
+
+impl Conn {
+    /// Takes the connection out of its pool for good and closes it: for a connection with
+    /// a blocking read still pending on it.
+    pub fn discard(self) {
+        match self {
+            Conn::Node(c) => drop(deadpool_redis::Connection::take(c)),
+            Conn::Cluster(c) => drop(deadpool_redis::cluster::Connection::take(c)),
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Node(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipe: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Node(c) => c.req_packed_commands(pipe, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipe, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Node(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// A pooled Redis handle bound to one key prefix. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    pool: Pool,
+    pool: Pools,
     keys: Keys,
+    /// Requests sent through this handle (a pipeline is one), for benchmarks to count.
+    round_trips: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -97,30 +188,86 @@ impl Store {
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
         Ok(Self {
-            pool,
+            pool: Pools::Node(pool),
             keys: Keys::new(key_prefix),
+            round_trips: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// A Redis Cluster through its seed nodes (`redis://host:port`, any reachable subset of
+    /// the nodes); the client learns the rest of the topology and follows its changes.
+    pub fn cluster(
+        nodes: &[String],
+        key_prefix: &str,
+        max_connections: usize,
+    ) -> StoreResult<Self> {
+        let manager = deadpool_redis::cluster::Manager::new(nodes.to_vec(), false)
+            .map_err(|e| StoreError::Url(e.to_string()))?;
+        let pool = deadpool_redis::cluster::Pool::builder(manager)
+            .max_size(max_connections.max(4))
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(CONNECT_TIMEOUT * 2))
+            .recycle_timeout(Some(Duration::from_secs(2)))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        Ok(Self {
+            pool: Pools::Cluster(pool),
+            keys: Keys::new(key_prefix),
+            round_trips: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The handle the configuration asks for: a Cluster when `REDIS_CLUSTER_NODES` is set,
+    /// else the one node of `REDIS_URL`.
+    pub fn for_config(config: &crate::config::Config, max_connections: usize) -> StoreResult<Self> {
+        if config.redis_cluster_nodes.is_empty() {
+            Self::new(&config.redis_url, &config.key_prefix, max_connections)
+        } else {
+            Self::cluster(
+                &config.redis_cluster_nodes,
+                &config.key_prefix,
+                max_connections,
+            )
+        }
     }
 
     pub fn keys(&self) -> &Keys {
         &self.keys
     }
 
+    /// Requests sent through this handle and its clones so far: commands, pipelines and
+    /// function calls each count one (blocking reads on a [`Store::conn`] are not counted).
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    fn count_trip(&self) {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A connection from the pool; hold it only for one exchange (or one blocking read).
-    pub async fn conn(&self) -> StoreResult<deadpool_redis::Connection> {
-        Ok(self.pool.get().await?)
+    pub async fn conn(&self) -> StoreResult<Conn> {
+        Ok(match &self.pool {
+            Pools::Node(p) => Conn::Node(p.get().await?),
+            Pools::Cluster(p) => Conn::Cluster(p.get().await.map_err(cluster_pool_error)?),
+        })
     }
 
     /// Runs one command on a pooled connection.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> StoreResult<T> {
         let mut conn = self.conn().await?;
-        Ok(cmd.query_async(&mut conn).await?)
+        self.count_trip();
+        let reply = cmd.query_async(&mut conn).await;
+        Ok(drop_if_stale(conn, reply)?)
     }
 
     /// Runs a pipeline on a pooled connection.
     pub async fn pipe<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> StoreResult<T> {
         let mut conn = self.conn().await?;
-        Ok(pipe.query_async(&mut conn).await?)
+        self.count_trip();
+        let reply = pipe.query_async(&mut conn).await;
+        Ok(drop_if_stale(conn, reply)?)
     }
 
     /// Round trip time of a `PING`.
@@ -136,21 +283,34 @@ impl Store {
         load_functions_on(&mut conn).await
     }
 
-    /// Calls one of the library's functions with the contract's hash tag as its only key,
+    /// Calls one of the queue's functions with the contract's hash tag as its only key,
     /// loading the library first when the server does not have it.
     pub async fn fcall<T: FromRedisValue>(
         &self,
         function: &str,
         args: &[&dyn ToRedisArgsDyn],
     ) -> StoreResult<T> {
+        self.fcall_on(self.keys.tag(), function, args).await
+    }
+
+    /// Calls a function whose one key is `tag` (a job's own tag for `fr_job_end`).
+    pub async fn fcall_on<T: FromRedisValue>(
+        &self,
+        tag: &str,
+        function: &str,
+        args: &[&dyn ToRedisArgsDyn],
+    ) -> StoreResult<T> {
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg(function).arg(1).arg(self.keys.tag());
+        cmd.arg(function).arg(1).arg(tag);
         for a in args {
             a.write_to(&mut cmd);
         }
         let mut conn = self.conn().await?;
+        self.count_trip();
         match cmd.query_async(&mut conn).await {
             Err(e) if is_missing_function(&e) => {
+                self.count_trip();
+                self.count_trip();
                 load_functions_on(&mut conn).await?;
                 Ok(cmd.query_async(&mut conn).await?)
             }
@@ -177,6 +337,16 @@ impl Store {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Closes a connection whose slot map proved stale, so the pool makes a fresh one.
+fn drop_if_stale<T>(conn: Conn, reply: redis::RedisResult<T>) -> redis::RedisResult<T> {
+    if let Err(e) = &reply
+        && is_stale_route(e)
+    {
+        conn.discard();
+    }
+    reply
 }
 
 async fn load_functions_on<C: ConnectionLike + Send>(conn: &mut C) -> StoreResult<()> {

@@ -117,6 +117,11 @@ fn submit_status_cancel_and_list_without_a_worker() {
     assert_eq!(v["status"], "queued");
     assert_eq!(v["stream_ref"], "cam:1");
     assert_eq!(v["fps"], "1");
+    assert_eq!(
+        v["results_key"],
+        format!("{{{p}:j1}}:results"),
+        "status names the job's result stream"
+    );
 
     // An entry pushed with redis-cli that no worker has read yet is found too.
     redis.cli(&[
@@ -237,4 +242,56 @@ fn a_bad_setting_is_one_line_naming_it_with_exit_code_2() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn alerts_prints_each_event_once_though_a_retried_write_repeated_it() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let alerts = free_roam::keys::Keys::new(&p).alerts();
+    let event = |job: &str, kind: &str, reason: &[&str]| {
+        let id = format!("{job}:person:7");
+        let mut args = vec![
+            "XADD",
+            &alerts,
+            "*",
+            "job_id",
+            job,
+            "alert_id",
+            &id,
+            "kind",
+            kind,
+            "label",
+            "person",
+            "first_frame",
+            "7",
+            "last_frame",
+            "9",
+        ];
+        args.extend_from_slice(reason);
+        let _: String = redis.cmd(&args);
+    };
+    event("lobby", "start", &[]);
+    event("lobby", "start", &[]);
+    event("door", "start", &[]);
+    event("lobby", "end", &["reason", "cleared"]);
+    event("lobby", "end", &["reason", "cleared"]);
+
+    let out = run(&redis, &p, &["alerts"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines[0].starts_with("start") && lines[0].contains("job=lobby"));
+    assert!(lines[1].starts_with("start") && lines[1].contains("job=door"));
+    assert!(lines[2].starts_with("end") && lines[2].contains("(cleared)"));
+
+    let out = run(&redis, &p, &["alerts", "--job", "lobby", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let kinds: Vec<String> = stdout(&out)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["fields"]["kind"].to_string()
+        })
+        .collect();
+    assert_eq!(kinds, ["\"start\"", "\"end\""]);
 }

@@ -270,6 +270,9 @@ fn raw_spec(stream_ref: &str, source: SourceKind) -> JobSpec {
         fps: 2.0,
         max_frames: None,
         max_duration_s: None,
+        scene_gate: None,
+        alerts: None,
+        rtsp_transport: Default::default(),
         extra: BTreeMap::new(),
         warnings: Vec::new(),
     }

@@ -9,6 +9,7 @@ mod common;
 
 use common::worker::{InProcessWorker, TestBody, config};
 use common::{TestRedis, eventually, unique_prefix};
+use free_roam::job::JobStatus;
 use free_roam::metrics::Metrics;
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
 use free_roam::store::Store;
@@ -62,12 +63,24 @@ fn end_entry(redis: &TestRedis, prefix: &str, job: &str) -> Option<HashMap<Strin
         .find(|f| f.get("kind").map(String::as_str) == Some("end"))
 }
 
+/// Waits for the end entry and then for the hash's final status, which follows it.
 async fn wait_end(redis: &TestRedis, prefix: &str, job: &str) -> HashMap<String, String> {
     eventually(WAIT, &format!("job {job} ends"), || {
         end_entry(redis, prefix, job).is_some()
+            && status(redis, prefix, job)
+                .and_then(|s| JobStatus::parse(&s))
+                .is_some_and(JobStatus::is_terminal)
     })
     .await;
     end_entry(redis, prefix, job).unwrap()
+}
+
+/// Waits until every job entry is acked and deleted.
+async fn wait_queue_empty(redis: &TestRedis, prefix: &str) {
+    eventually(WAIT, "the queue is empty", || {
+        redis.cmd::<i64>(&["XLEN", &keys(prefix).jobs()]) == 0
+    })
+    .await;
 }
 
 fn frames_of(redis: &TestRedis, prefix: &str, job: &str) -> Vec<u64> {
@@ -116,21 +129,30 @@ async fn a_job_runs_from_xadd_to_its_end_entry() {
     assert_eq!(h["status"], "completed");
     assert_eq!(h["worker"], "w1");
     assert_eq!(h["attempts"], "1");
-    assert_eq!(h["results"], "5");
     assert_eq!(h["prompt_mode"], "fixed");
     assert_eq!(h["fps"], "2");
-    assert_eq!(h["cursor"], "4");
     for f in ["created_ms", "started_ms", "updated_ms", "finished_ms"] {
         assert!(h[f].parse::<i64>().unwrap() > 0, "{f}");
     }
-    let ttl: i64 = redis.cmd(&["TTL", &keys(&p).job("job-1")]);
-    assert!(ttl > 86000, "finished jobs expire after RESULT_TTL_S");
-    let rttl: i64 = redis.cmd(&["TTL", &keys(&p).results("job-1")]);
-    assert!(rttl > 86000);
+    // Counters and the cursor live in the job's own slot, beside its results.
+    let progress = redis.hgetall(&keys(&p).progress("job-1"));
+    assert_eq!(progress["results"], "5");
+    assert_eq!(progress["cursor"], "4");
+    assert_eq!(progress["ended"], "completed");
+    for key in [
+        keys(&p).job("job-1"),
+        keys(&p).results("job-1"),
+        keys(&p).progress("job-1"),
+    ] {
+        let ttl: i64 = redis.cmd(&["TTL", &key]);
+        assert!(
+            ttl > 86000,
+            "{key}: finished jobs expire after RESULT_TTL_S"
+        );
+    }
 
     // The entry is acked and deleted: nothing pending, nothing queued.
-    let xlen: i64 = redis.cmd(&["XLEN", &keys(&p).jobs()]);
-    assert_eq!(xlen, 0);
+    wait_queue_empty(&redis, &p).await;
     let pending: Vec<redis::Value> = redis.cmd(&["XPENDING", &keys(&p).jobs(), "workers"]);
     assert_eq!(
         redis::from_redis_value::<i64>(pending[0].clone()).unwrap(),
@@ -209,7 +231,9 @@ async fn a_job_without_id_gets_a_uuid_and_follows_the_live_prompt() {
         Some("live")
     );
     assert_eq!(
-        redis.hget(&keys(&p).job(&job), "prompt_version").as_deref(),
+        redis
+            .hget(&keys(&p).progress(&job), "prompt_version")
+            .as_deref(),
         Some("2")
     );
     w.stop().await;
@@ -231,10 +255,15 @@ async fn cancel_stops_a_running_job_and_a_queued_one_never_runs() {
     let r: String = redis.cmd(&["FCALL", "fr_cancel", "1", &tag, "queued-1"]);
     assert_eq!(r, "cancelled");
     assert_eq!(status(&redis, &p, "queued-1").as_deref(), Some("cancelled"));
-    let end = end_entry(&redis, &p, "queued-1").expect("an end entry");
-    assert_eq!(end["status"], "cancelled");
+    // The function cannot reach the job's slot: the first worker to read the entry writes
+    // the end entry, then drops the entry.
+    assert!(end_entry(&redis, &p, "queued-1").is_none());
 
     let w = InProcessWorker::start(&redis, &p, "w1", &[]);
+    let end = wait_end(&redis, &p, "queued-1").await;
+    assert_eq!(end["status"], "cancelled");
+    assert_eq!(end["results"], "0");
+    wait_queue_empty(&redis, &p).await;
     xadd(
         &redis,
         &p,
@@ -369,10 +398,7 @@ async fn every_bad_entry_ends_failed_with_the_field_and_reason() {
     assert!(end["error"].contains("field `job_id`"), "{}", end["error"]);
 
     // Every entry was acked and deleted; the worker is still taking jobs.
-    eventually(WAIT, "the queue is empty", || {
-        redis.cmd::<i64>(&["XLEN", &keys(&p).jobs()]) == 0
-    })
-    .await;
+    wait_queue_empty(&redis, &p).await;
     xadd(
         &redis,
         &p,
@@ -427,10 +453,7 @@ async fn a_duplicate_job_id_is_not_run_twice() {
     );
     let end = wait_end(&redis, &p, "dup").await;
     assert_eq!(end["status"], "completed");
-    eventually(WAIT, "both entries are gone", || {
-        redis.cmd::<i64>(&["XLEN", &keys(&p).jobs()]) == 0
-    })
-    .await;
+    wait_queue_empty(&redis, &p).await;
     assert_eq!(frames_of(&redis, &p, "dup"), vec![0, 1, 2]);
     assert_eq!(redis.hget(&keys(&p).job("dup"), "entry_id").unwrap(), first);
     let rejected = redis.xrange(&keys(&p).events()).into_iter().any(|(_, f)| {
@@ -439,6 +462,85 @@ async fn a_duplicate_job_id_is_not_run_twice() {
                 .is_some_and(|e| e.contains("duplicate job_id"))
     });
     assert!(rejected, "the duplicate is recorded in the events stream");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_that_died_between_end_entry_and_ack_leaves_a_job_the_next_claim_only_acks() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let jobs = k.jobs();
+    load_functions(&redis, &p).await;
+    let _: String = redis.cmd(&["XGROUP", "CREATE", &jobs, "workers", "0", "MKSTREAM"]);
+    let id = xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:3:10"), ("job_id", "half-done")],
+    );
+    // A worker claims the job, writes its end entry in the job's slot, and dies before
+    // the queue's slot hears of it.
+    let _: redis::Value = redis.cmd(&[
+        "XREADGROUP",
+        "GROUP",
+        "workers",
+        "ghost",
+        "COUNT",
+        "1",
+        "STREAMS",
+        &jobs,
+        ">",
+    ]);
+    let claim: Vec<String> = redis.cmd(&[
+        "FCALL",
+        "fr_job_claim",
+        "1",
+        k.tag(),
+        &id,
+        "ghost",
+        "3",
+        "half-done",
+    ]);
+    assert_eq!(claim, vec!["run", "1"]);
+    let end: Vec<String> = redis.cmd(&[
+        "FCALL",
+        "fr_job_end",
+        "1",
+        &k.job_tag("half-done"),
+        "completed",
+        "",
+        "100",
+        "600",
+    ]);
+    assert_eq!(end, vec!["completed", "0"]);
+    assert_eq!(status(&redis, &p, "half-done").as_deref(), Some("running"));
+
+    let w = InProcessWorker::start(&redis, &p, "w1", &[("JOB_LEASE_MS", "1000")]);
+    wait_queue_empty(&redis, &p).await;
+    assert_eq!(
+        status(&redis, &p, "half-done").as_deref(),
+        Some("completed")
+    );
+    let rs = results(&redis, &p, "half-done");
+    assert_eq!(rs.len(), 1, "the end entry alone, written once: {rs:?}");
+    assert_eq!(rs[0]["status"], "completed");
+    assert!(
+        frames_of(&redis, &p, "half-done").is_empty(),
+        "the job is not run again"
+    );
+    // Repeating the end changes nothing.
+    let again: Vec<String> = redis.cmd(&[
+        "FCALL",
+        "fr_job_end",
+        "1",
+        &k.job_tag("half-done"),
+        "failed",
+        "late",
+        "100",
+        "600",
+    ]);
+    assert_eq!(again, vec!["completed", "0"]);
+    assert_eq!(results(&redis, &p, "half-done").len(), 1);
     w.stop().await;
 }
 
@@ -491,8 +593,7 @@ async fn an_entry_delivered_too_often_is_dead_lettered() {
         frames_of(&redis, &p, "poison").is_empty(),
         "a dead job is not run"
     );
-    let xlen: i64 = redis.cmd(&["XLEN", &jobs]);
-    assert_eq!(xlen, 0);
+    wait_queue_empty(&redis, &p).await;
     assert_eq!(w.metrics.jobs_dead_lettered.get(), 1);
     w.stop().await;
 }

@@ -14,7 +14,7 @@ fn results(
     job: &str,
 ) -> Vec<std::collections::HashMap<String, String>> {
     redis
-        .xrange(&format!("{{{prefix}}}:results:{job}"))
+        .xrange(&free_roam::keys::Keys::new(prefix).results(job))
         .into_iter()
         .map(|(_, f)| f)
         .collect()
@@ -136,10 +136,11 @@ fn sigterm_and_sigkill_lose_no_job() {
         "job_id",
         "live",
     ]);
-    let job = format!("{{{p}}}:job:live");
+    let job = free_roam::keys::Keys::new(&p).job("live");
+    let progress = free_roam::keys::Keys::new(&p).progress("live");
     wait_until(WAIT, || {
         redis
-            .hget(&job, "results")
+            .hget(&progress, "results")
             .is_some_and(|r| r.parse::<u32>().unwrap_or(0) >= 2)
     });
 
@@ -159,9 +160,18 @@ fn sigterm_and_sigkill_lose_no_job() {
         redis.hget(&job, "handoffs").as_deref() == Some("1")
             && redis.hget(&job, "status").as_deref() == Some("running")
     });
-    let before = redis.hget(&job, "results").unwrap().parse::<u32>().unwrap();
+    let before = redis
+        .hget(&progress, "results")
+        .unwrap()
+        .parse::<u32>()
+        .unwrap();
     wait_until(WAIT, || {
-        redis.hget(&job, "results").unwrap().parse::<u32>().unwrap() > before + 2
+        redis
+            .hget(&progress, "results")
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+            > before + 2
     });
 
     // SIGKILL: b dies mid-job; c takes over after the lease and the job goes on.
@@ -180,9 +190,18 @@ fn sigterm_and_sigkill_lose_no_job() {
         Some("2"),
         "the killed run counts"
     );
-    let before = redis.hget(&job, "results").unwrap().parse::<u32>().unwrap();
+    let before = redis
+        .hget(&progress, "results")
+        .unwrap()
+        .parse::<u32>()
+        .unwrap();
     wait_until(WAIT, || {
-        redis.hget(&job, "results").unwrap().parse::<u32>().unwrap() > before + 2
+        redis
+            .hget(&progress, "results")
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+            > before + 2
     });
 
     let cancel = redis.cli(&["FCALL", "fr_cancel", "1", &format!("{{{p}}}"), "live"]);

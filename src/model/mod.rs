@@ -24,8 +24,8 @@ mod testutil;
 pub mod tokenizer;
 
 pub use load::{
-    DEFAULT_MAX_NEW_TOKENS, DeviceChoice, DtypeChoice, ModelSettings, ModelType,
-    ParseSettingError, load_model,
+    DEFAULT_MAX_NEW_TOKENS, DeviceChoice, DtypeChoice, ModelSettings, ModelType, ParseSettingError,
+    load_model,
 };
 pub use make::{ModelSize, write_random_model};
 

@@ -7,13 +7,13 @@ pub mod entries;
 
 use crate::config::Config;
 use crate::job::{
-    BodyOutcome, FrameCounters, JobBody, JobContext, JobFailure, JobSpec, PromptFollow,
-    ResumeState, StopReason, StopSignal,
+    BodyOutcome, JobBody, JobContext, JobFailure, JobSpec, JobStatus, PromptFollow, ResumeState,
+    StopReason, StopSignal,
 };
 use crate::keys::WORKER_GROUP;
 use crate::metrics::Metrics;
 use crate::model::PromptRef;
-use crate::results::ResultSink;
+use crate::results::{ResultSink, Retention, saved_progress, write_end};
 use crate::store::{Backoff, MAX_BLOCK_MS, Store, StoreError, StoreResult, now_ms};
 use entries::{Entry, parse_autoclaim_reply, parse_read_reply};
 use std::collections::HashMap;
@@ -105,6 +105,71 @@ struct RunningJob {
     stop: StopSignal,
     done: Arc<Notify>,
     finished: Arc<AtomicBool>,
+}
+
+/// Why a job is final in the queue's slot while its entry is still pending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FinalWhy {
+    /// It had ended before this delivery.
+    Finished,
+    Cancelled,
+    Dead,
+    /// A malformed entry (`fr_job_reject`).
+    Failed,
+}
+
+/// What `fr_job_claim` and `fr_job_reject` decided, read once at the edge.
+#[derive(Clone, Debug, PartialEq)]
+enum ClaimVerdict {
+    Run {
+        attempt: u32,
+    },
+    /// Final in the queue's slot: the end entry and the ack are still to do.
+    Final {
+        why: FinalWhy,
+        status: JobStatus,
+        error: String,
+    },
+    Duplicate,
+    Lost,
+    Gone,
+    /// A reply this version does not know (a newer library on the server?).
+    Unknown(Vec<String>),
+}
+
+impl ClaimVerdict {
+    fn from_reply(reply: redis::Value) -> Self {
+        let parts: Vec<String> = match reply {
+            redis::Value::Array(_) => redis::from_redis_value(reply).unwrap_or_default(),
+            other => redis::from_redis_value::<String>(other)
+                .map(|s| vec![s])
+                .unwrap_or_default(),
+        };
+        let field = |i: usize| parts.get(i).cloned().unwrap_or_default();
+        let why = match parts.first().map(String::as_str) {
+            Some("run") => {
+                return ClaimVerdict::Run {
+                    attempt: field(1).parse().unwrap_or(1),
+                };
+            }
+            Some("duplicate") => return ClaimVerdict::Duplicate,
+            Some("lost") => return ClaimVerdict::Lost,
+            Some("gone") => return ClaimVerdict::Gone,
+            Some("finished") => FinalWhy::Finished,
+            Some("cancelled") => FinalWhy::Cancelled,
+            Some("dead") => FinalWhy::Dead,
+            Some("failed") => FinalWhy::Failed,
+            _ => return ClaimVerdict::Unknown(parts),
+        };
+        match JobStatus::parse(&field(1)) {
+            Some(status) if status.is_terminal() => ClaimVerdict::Final {
+                why,
+                status,
+                error: field(2),
+            },
+            _ => ClaimVerdict::Unknown(parts),
+        }
+    }
 }
 
 /// Static facts about this worker, written into its heartbeat hash.
@@ -256,10 +321,11 @@ impl Worker {
         self.publish_settings().await
     }
 
-    /// Settings the user-called functions need too (expiry, caps), kept in `{fr}:settings`.
+    /// Settings the user-called functions and the CLI need too (expiry, caps), kept in
+    /// `{fr}:settings`.
     async fn publish_settings(&self) -> StoreResult<()> {
         let mut cmd = redis::cmd("HSET");
-        cmd.arg(format!("{}:settings", self.store.keys().tag()))
+        cmd.arg(self.store.keys().settings())
             .arg("result_ttl_s")
             .arg(self.config.result_ttl.as_secs())
             .arg("results_maxlen")
@@ -427,33 +493,30 @@ impl Worker {
             args.push(k);
             args.push(v);
         }
-        let verdict: redis::Value = match self
-            .with_retry(|| self.store.fcall("fr_job_claim", &args))
+        let verdict = match self
+            .with_retry(|| self.store.fcall::<redis::Value>("fr_job_claim", &args))
             .await
         {
-            Some(v) => v,
+            Some(v) => ClaimVerdict::from_reply(v),
             None => return,
         };
-        let parts: Vec<String> =
-            redis::FromRedisValue::from_redis_value(verdict).unwrap_or_default();
-        match parts.first().map(String::as_str) {
-            Some("run") => {
-                let num = |i: usize| {
-                    parts
-                        .get(i)
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .unwrap_or(0)
+        match verdict {
+            ClaimVerdict::Run { attempt } => {
+                let Some(saved) = self
+                    .with_retry(|| saved_progress(&self.store, &spec.job_id))
+                    .await
+                else {
+                    return;
                 };
+                if let Some(status) = saved.ended {
+                    // The last owner wrote the end entry but stopped before the ack.
+                    tracing::info!(job = %spec.job_id, status = status.as_str(), "job had ended; recording it");
+                    self.finish(&spec, status, "").await;
+                    return;
+                }
                 let resume = ResumeState {
-                    attempt: num(1) as u32,
-                    cursor: parts.get(2).filter(|c| !c.is_empty()).cloned(),
-                    results: num(3),
-                    counters: FrameCounters {
-                        frames_decoded: num(4),
-                        frames_sampled: num(5),
-                        frames_dropped: num(6),
-                        frames_failed: num(7),
-                    },
+                    attempt,
+                    ..saved.resume
                 };
                 for w in &spec.warnings {
                     tracing::warn!(job = %spec.job_id, "{w}");
@@ -462,15 +525,24 @@ impl Worker {
                 self.metrics.jobs_claimed.inc();
                 self.start_job(spec, resume);
             }
-            Some("dead") => {
-                self.metrics.jobs_dead_lettered.inc();
-                tracing::warn!(job = %spec.job_id, "job dead-lettered after too many deliveries");
+            ClaimVerdict::Final { why, status, error } => {
+                match why {
+                    FinalWhy::Dead => {
+                        self.metrics.jobs_dead_lettered.inc();
+                        tracing::warn!(job = %spec.job_id, "job dead-lettered after too many deliveries");
+                    }
+                    FinalWhy::Cancelled => {
+                        self.metrics.jobs_cancelled.inc();
+                        tracing::info!(job = %spec.job_id, "job was cancelled before it ran");
+                    }
+                    FinalWhy::Failed | FinalWhy::Finished => {
+                        tracing::info!(job = %spec.job_id, status = status.as_str(), "job had ended; dropping its entry");
+                    }
+                }
+                self.end_and_ack(&spec.entry_id, &spec.job_id, status, &error)
+                    .await;
             }
-            Some("cancelled") => {
-                self.metrics.jobs_cancelled.inc();
-                tracing::info!(job = %spec.job_id, "job was cancelled before it ran");
-            }
-            Some("duplicate") => {
+            ClaimVerdict::Duplicate => {
                 self.metrics.jobs_rejected.inc();
                 tracing::warn!(job = %spec.job_id, entry = %spec.entry_id, "duplicate job_id; entry dropped");
             }
@@ -478,6 +550,30 @@ impl Worker {
                 tracing::info!(job = %spec.job_id, verdict = ?other, "entry not run");
             }
         }
+    }
+
+    fn retention(&self) -> Retention {
+        Retention {
+            results_maxlen: self.config.results_maxlen,
+            ttl_s: self.config.result_ttl.as_secs(),
+        }
+    }
+
+    /// The second half of a job that is final in the queue's slot: its end entry (in the
+    /// job's slot, once), then the ack. Each step is safe to repeat after a crash.
+    async fn end_and_ack(&self, entry_id: &str, job_id: &str, status: JobStatus, error: &str) {
+        let retention = self.retention();
+        let ended = self
+            .with_retry(|| write_end(&self.store, job_id, status, error, retention))
+            .await;
+        if ended.is_none() {
+            tracing::error!(job = %job_id, "could not write the end entry; the entry stays pending");
+            return;
+        }
+        let args: [&dyn crate::store::ToRedisArgsDyn; 2] = [&entry_id, &self.identity.id];
+        let _: Option<String> = self
+            .with_retry(|| self.store.fcall("fr_job_ack", &args))
+            .await;
     }
 
     async fn reject(&self, entry: &Entry, job_id: &str, error: &str) {
@@ -501,9 +597,13 @@ impl Worker {
             args.push(k);
             args.push(v);
         }
-        let _: Option<String> = self
-            .with_retry(|| self.store.fcall("fr_job_reject", &args))
-            .await;
+        let verdict = self
+            .with_retry(|| self.store.fcall::<redis::Value>("fr_job_reject", &args))
+            .await
+            .map(ClaimVerdict::from_reply);
+        if let Some(ClaimVerdict::Final { status, error, .. }) = verdict {
+            self.end_and_ack(&entry.id, job_id, status, &error).await;
+        }
     }
 
     /// Retries a Redis call on connection failures until it succeeds, the worker is past
@@ -635,13 +735,13 @@ impl Worker {
                 tracing::warn!(job = %spec.job_id, "lease lost to another worker; job left to it");
                 return;
             }
-            (_, Ok(BodyOutcome::Completed)) => Some(("completed", String::new())),
+            (_, Ok(BodyOutcome::Completed)) => Some((JobStatus::Completed, String::new())),
             // Whatever the body made of being stopped, the reason decides.
             (Some(StopReason::Shutdown), _) => None,
-            (Some(StopReason::Cancelled), _) => Some(("cancelled", String::new())),
-            (Some(StopReason::Deadline), _) => Some(("completed", String::new())),
-            (None, Err(failure)) => Some(("failed", failure.message.clone())),
-            (None, Ok(BodyOutcome::Stopped)) => Some(("completed", String::new())),
+            (Some(StopReason::Cancelled), _) => Some((JobStatus::Cancelled, String::new())),
+            (Some(StopReason::Deadline), _) => Some((JobStatus::Completed, String::new())),
+            (None, Err(failure)) => Some((JobStatus::Failed, failure.message.clone())),
+            (None, Ok(BodyOutcome::Stopped)) => Some((JobStatus::Completed, String::new())),
         };
         match final_status {
             Some((status, error)) => self.finish(&spec, status, &error).await,
@@ -649,12 +749,26 @@ impl Worker {
         }
     }
 
-    async fn finish(&self, spec: &JobSpec, status: &str, error: &str) {
+    /// Ends a job this worker ran: the end entry in the job's slot first, then the status
+    /// and the ack in the queue's slot. A crash in between leaves the entry pending, and the
+    /// next claim finds the end entry and only records it.
+    async fn finish(&self, spec: &JobSpec, status: JobStatus, error: &str) {
+        let retention = self.retention();
+        let Some((recorded, _)) = self
+            .with_retry(|| write_end(&self.store, &spec.job_id, status, error, retention))
+            .await
+        else {
+            tracing::error!(job = %spec.job_id, "could not write the end entry; it will be reclaimed");
+            return;
+        };
+        // An earlier end entry wins: the hash must agree with what readers saw.
+        let status = JobStatus::parse(&recorded).unwrap_or(status);
+        let status_str = status.as_str();
         let args: [&dyn crate::store::ToRedisArgsDyn; 5] = [
             &spec.entry_id,
             &self.identity.id,
             &spec.job_id,
-            &status,
+            &status_str,
             &error,
         ];
         let verdict: Option<String> = self
@@ -663,14 +777,14 @@ impl Worker {
         match verdict.as_deref() {
             Some("ok") => {
                 match status {
-                    "completed" => self.metrics.jobs_completed.inc(),
-                    "failed" => self.metrics.jobs_failed.inc(),
+                    JobStatus::Completed => self.metrics.jobs_completed.inc(),
+                    JobStatus::Failed => self.metrics.jobs_failed.inc(),
                     _ => self.metrics.jobs_cancelled.inc(),
                 }
                 if error.is_empty() {
-                    tracing::info!(job = %spec.job_id, %status, "job finished");
+                    tracing::info!(job = %spec.job_id, status = status_str, "job finished");
                 } else {
-                    tracing::warn!(job = %spec.job_id, %status, %error, "job finished");
+                    tracing::warn!(job = %spec.job_id, status = status_str, %error, "job finished");
                 }
             }
             Some(_) => {

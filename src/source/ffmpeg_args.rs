@@ -6,12 +6,15 @@
 //! `-protocol_whitelist` that covers only what that kind of input needs (an HTTP playlist
 //! cannot pull `file:` segments, for instance).
 
+pub use crate::job::RtspTransport;
 use std::time::Duration;
 
 /// Protocols an HTTP(S) input needs: the playlist, its segments, TLS, AES-128 segments.
 pub const HTTP_PROTOCOLS: &str = "http,https,tcp,tls,crypto";
-/// Protocols an RTSP input needs.
-pub const RTSP_PROTOCOLS: &str = "rtsp,rtsps,rtp,srtp,udp,tcp,tls";
+/// Protocols an RTSP input needs with media interleaved on the RTSP connection (TCP).
+pub const RTSP_TCP_PROTOCOLS: &str = "rtsp,rtsps,tcp,tls";
+/// Protocols an RTSP input needs with media as RTP over UDP.
+pub const RTSP_UDP_PROTOCOLS: &str = "rtsp,rtsps,rtp,udp,tcp,tls";
 /// Protocols a local file (or playlist of local segments) needs.
 pub const FILE_PROTOCOLS: &str = "file,crypto";
 
@@ -26,6 +29,28 @@ pub struct InputPlan {
     pub http: bool,
     /// The path ends in `.m3u8`/`.m3u`: HLS demuxer options apply.
     pub playlist: bool,
+    /// An `rtsp://` or `rtsps://` input, and how its media travels.
+    pub rtsp: Option<RtspTransport>,
+}
+
+/// The only protocols ffmpeg may open for an RTSP input with `transport`.
+pub fn rtsp_protocols(transport: RtspTransport) -> &'static str {
+    match transport {
+        RtspTransport::Tcp => RTSP_TCP_PROTOCOLS,
+        RtspTransport::Udp => RTSP_UDP_PROTOCOLS,
+    }
+}
+
+impl InputPlan {
+    /// Sets the transport of an RTSP input (and so its protocol whitelist); other inputs
+    /// are left as they are.
+    pub fn with_rtsp_transport(mut self, transport: RtspTransport) -> Self {
+        if self.rtsp.is_some() {
+            self.rtsp = Some(transport);
+            self.protocols = rtsp_protocols(transport).to_string();
+        }
+        self
+    }
 }
 
 /// Why a `stream_ref` may not be handed to ffmpeg.
@@ -59,10 +84,14 @@ pub fn plan_input(stream_ref: &str, allow_files: bool) -> Result<InputPlan, Refu
         protocols: protocols.to_string(),
         http,
         playlist,
+        rtsp: None,
     };
     match scheme(stream_ref) {
         Some(s) if s == "http" || s == "https" => Ok(plan(HTTP_PROTOCOLS, true)),
-        Some(s) if s == "rtsp" || s == "rtsps" => Ok(plan(RTSP_PROTOCOLS, false)),
+        Some(s) if s == "rtsp" || s == "rtsps" => Ok(InputPlan {
+            rtsp: Some(RtspTransport::Tcp),
+            ..plan(RTSP_TCP_PROTOCOLS, false)
+        }),
         _ if !allow_files => Err(Refused(format!(
             "`{}` is a local file or a protocol other than http(s) and rtsp; set \
              ALLOW_FILE_SOURCES=true on the worker to allow it",
@@ -140,6 +169,12 @@ pub fn ffmpeg_args(run: &FfmpegRun<'_>) -> Vec<String> {
         let us = run.io_timeout.as_micros().max(1).to_string();
         push(&["-rw_timeout", &us]);
     }
+    if let Some(transport) = run.input.rtsp {
+        // The RTSP demuxer's socket timeout, in microseconds: a camera that goes quiet is
+        // noticed and reconnected like any broken stream.
+        let us = run.io_timeout.as_micros().max(1).to_string();
+        push(&["-rtsp_transport", transport.as_str(), "-timeout", &us]);
+    }
     if run.input.playlist {
         // A live playlist starts at its newest segment, not at the oldest one listed. Only
         // for playlists: other demuxers reject the option.
@@ -194,8 +229,39 @@ mod tests {
         let p = plan_input("HTTP://cam/video.mp4", false).unwrap();
         assert!(p.http && !p.playlist);
         let p = plan_input("rtsp://10.0.0.7/stream1", false).unwrap();
-        assert_eq!(p.protocols, RTSP_PROTOCOLS);
+        assert_eq!(p.protocols, "rtsp,rtsps,tcp,tls", "TCP: no RTP or UDP");
+        assert_eq!(p.rtsp, Some(RtspTransport::Tcp));
         assert!(!p.http);
+        let udp = p.with_rtsp_transport(RtspTransport::Udp);
+        assert_eq!(udp.protocols, "rtsp,rtsps,rtp,udp,tcp,tls");
+        let http = plan_input("https://cam/live.m3u8", false)
+            .unwrap()
+            .with_rtsp_transport(RtspTransport::Udp);
+        assert_eq!((http.protocols.as_str(), http.rtsp), (HTTP_PROTOCOLS, None));
+    }
+
+    #[test]
+    fn args_for_rtsp_name_the_transport_and_a_socket_timeout() {
+        for (transport, name) in [(RtspTransport::Tcp, "tcp"), (RtspTransport::Udp, "udp")] {
+            let input = plan_input("rtsps://cam.local:322/live", false)
+                .unwrap()
+                .with_rtsp_transport(transport);
+            let args = ffmpeg_args(&FfmpegRun {
+                input: &input,
+                fps: 2.0,
+                max_side: 448,
+                start_ms: None,
+                io_timeout: Duration::from_secs(10),
+            });
+            let joined = args.join(" ");
+            assert!(
+                joined.contains(&format!(
+                    "-rtsp_transport {name} -timeout 10000000 -i rtsps://"
+                )),
+                "{joined}"
+            );
+            assert!(!joined.contains("-rw_timeout") && !joined.contains("-live_start_index"));
+        }
     }
 
     #[test]

@@ -503,7 +503,10 @@ async fn run_once(
                 (Some(total), Some(last)) => last as f64 + 2.0 * pos.interval_ms >= total as f64,
                 _ => false,
             };
-            if !transport_error || reached_end {
+            if job.input.rtsp.is_some() && finished_ms.is_none() {
+                // A live camera never ends: its server closing the stream is a break.
+                RunEnd::Failed(with_said("the RTSP server closed the stream".into()))
+            } else if !transport_error || reached_end {
                 RunEnd::Finished
             } else {
                 RunEnd::Failed(with_said("the stream ended with errors".into()))

@@ -1,13 +1,12 @@
 //! Frame sources: turn a job's `stream_ref` into decoded frames, HLS (and other video URLs)
 //! through an ffmpeg child, or a Redis stream of frames.
 //!
-//! A source runs as its own task and hands frames to the job through a slot, so the job can
-//! await model replies and result writes without stalling the source. A live source adds
-//! to the slot without waiting (the job moves its frames on to the engine, whose per-job
-//! queue decides what is dropped; the slot itself only drops past a few frames, when the
-//! job is stuck on Redis); a finished recording waits for the slot to empty instead, so
-//! every sampled frame of a recording is inferred and ffmpeg simply decodes at the model's
-//! pace.
+//! A source runs as its own task and hands frames to the job through a slot. A live source
+//! adds to the slot without waiting and the slot never drops: the job takes each frame at
+//! once (also while it writes results) and moves it through the scene gate to the engine,
+//! whose per-job queue is the one place frames wait and are dropped. A finished recording
+//! waits for the slot to empty instead, so every sampled frame of a recording is inferred
+//! and ffmpeg simply decodes at the model's pace.
 
 pub mod ffmpeg_args;
 pub mod hls;
@@ -54,16 +53,13 @@ pub struct SourceCounters {
     pub decoded: AtomicU64,
     /// Frames the sampler kept (HLS: every frame ffmpeg wrote, ffmpeg samples).
     pub sampled: AtomicU64,
-    /// Sampled frames pushed out of the slot before the job took them.
+    /// Sampled entries of one frame-stream read superseded by a newer one of the same read,
+    /// skipped before decoding (they would only be dropped from the engine's queue).
     pub dropped: AtomicU64,
 }
 
 /// Most error entries held for the job at once; beyond it the oldest are counted dropped.
 const MAX_PENDING_BAD: usize = 64;
-
-/// Most live frames held for the job at once. A segment's frames arrive together and the
-/// job may be awaiting a result write meanwhile; beyond this the oldest are dropped.
-const MAX_PENDING_FRAMES: usize = 8;
 
 #[derive(Default)]
 struct SlotState {
@@ -103,17 +99,9 @@ impl Slot {
         self.live.store(live, Ordering::Relaxed);
     }
 
-    /// Live hand-over: never waits; past `MAX_PENDING_FRAMES` the oldest frame the job has
-    /// not taken is dropped (and counted).
+    /// Live hand-over: never waits and never drops; the job takes frames as they come.
     pub(crate) fn put_latest(&self, frame: Frame) {
-        {
-            let mut st = self.lock();
-            st.frames.push_back(frame);
-            if st.frames.len() > MAX_PENDING_FRAMES {
-                st.frames.pop_front();
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        self.lock().frames.push_back(frame);
         self.ready.notify_one();
     }
 
@@ -246,7 +234,8 @@ impl Source {
         match spec.source {
             SourceKind::Hls => {
                 let input = ffmpeg_args::plan_input(&spec.stream_ref, options.allow_files)
-                    .map_err(|e| JobFailure::new(e.to_string()))?;
+                    .map_err(|e| JobFailure::new(e.to_string()))?
+                    .with_rtsp_transport(spec.rtsp_transport);
                 let slot = Slot::new(true);
                 let task = tokio::spawn(hls::run(
                     hls::HlsJob {
@@ -344,14 +333,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_live_slot_keeps_a_burst_in_order_and_drops_the_oldest_past_its_bound() {
+    async fn a_live_slot_keeps_a_burst_in_order_and_drops_nothing() {
         let slot = Slot::new(true);
-        let n = MAX_PENDING_FRAMES as u64 + 2;
+        let n = 20;
         for i in 0..n {
             slot.put_latest(frame(i));
         }
-        assert_eq!(slot.counters.dropped.load(Ordering::Relaxed), 2);
-        for i in 2..n {
+        assert_eq!(slot.counters.dropped.load(Ordering::Relaxed), 0);
+        for i in 0..n {
             assert_eq!(next_index(&slot).await, i);
         }
         slot.finish(SourceEvent::End);

@@ -403,7 +403,7 @@ pub(crate) async fn run(job: FrameStreamJob, slot: Arc<Slot>, cancel: Cancellati
                     None => {
                         // The blocked read is still pending on that connection: close it
                         // rather than hand it back to the pool.
-                        drop(deadpool_redis::Connection::take(conn));
+                        conn.discard();
                         return;
                     }
                 }

@@ -183,9 +183,10 @@ impl Harness {
             .collect()
     }
 
+    /// The job's progress hash (counters, cursor, results written), in the job's own slot.
     pub async fn job_hash(&self, job_id: &str) -> HashMap<String, String> {
         self.store
-            .query(redis::cmd("HGETALL").arg(self.store.keys().job(job_id)))
+            .query(redis::cmd("HGETALL").arg(self.store.keys().progress(job_id)))
             .await
             .unwrap()
     }

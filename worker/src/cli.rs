@@ -1,4 +1,4 @@
-//! The user-side subcommands: submit, status, results, cancel, jobs, prompt, model. Text for
+//! The user-side subcommands: submit, status, results, alerts, cancel, jobs, prompt, model. Text for
 //! people by default, JSON with `--json`.
 
 use crate::Commands;
@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use free_roam::client::{self, ClientError, Submission};
 use free_roam::config::Config;
 use free_roam::store::Store;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::process::ExitCode;
 
 #[derive(Args, Debug)]
@@ -90,7 +90,7 @@ pub async fn run(command: Commands, config: Config, json: bool) -> ExitCode {
     if let Commands::Model(cmd) = command {
         return crate::worker::model_command(cmd);
     }
-    let store = match Store::new(&config.redis_url, &config.key_prefix, 4) {
+    let store = match Store::for_config(&config, 4) {
         Ok(s) => s,
         Err(e) => return fail(e, 2),
     };
@@ -119,11 +119,16 @@ pub async fn run(command: Commands, config: Config, json: bool) -> ExitCode {
         Commands::Results { job_id, follow } => {
             return results(&store, &job_id, follow, json).await;
         }
-        Commands::Cancel { job_id } => match client::cancel(&store, &job_id).await {
-            Ok(v) if json => print_json(&serde_json::json!({"job_id": job_id, "result": v})),
-            Ok(v) => println!("{job_id}: {v}"),
-            Err(e) => return client_failure(e),
-        },
+        Commands::Alerts { follow, job_id } => {
+            return alerts(&store, job_id.as_deref(), follow, json).await;
+        }
+        Commands::Cancel { job_id } => {
+            match client::cancel(&store, &job_id, retention(&config)).await {
+                Ok(v) if json => print_json(&serde_json::json!({"job_id": job_id, "result": v})),
+                Ok(v) => println!("{job_id}: {v}"),
+                Err(e) => return client_failure(e),
+            }
+        }
         Commands::Jobs { status, limit } => {
             if let Some(s) = &status
                 && free_roam::job::JobStatus::parse(s).is_none()
@@ -156,6 +161,14 @@ pub async fn run(command: Commands, config: Config, json: bool) -> ExitCode {
         Commands::Worker | Commands::Model(_) => unreachable!("handled by the caller"),
     }
     ExitCode::SUCCESS
+}
+
+/// The expiry and cap a cancelled job's end entry gets; the workers use the same settings.
+fn retention(config: &Config) -> free_roam::results::Retention {
+    free_roam::results::Retention {
+        results_maxlen: config.results_maxlen,
+        ttl_s: config.result_ttl.as_secs(),
+    }
 }
 
 fn print_fields(h: &BTreeMap<String, String>) {
@@ -224,6 +237,83 @@ fn describe_result(f: &BTreeMap<String, String>) -> String {
             g("output")
         ),
     }
+}
+
+async fn alerts(store: &Store, job_id: Option<&str>, follow: bool, json: bool) -> ExitCode {
+    let mut last = "0".to_string();
+    let mut seen = SeenAlerts::default();
+    loop {
+        let block = if follow { Some(1000) } else { None };
+        let batch = match client::alerts_after(store, &last, 500, block).await {
+            Ok(b) => b,
+            Err(e) => return client_failure(e),
+        };
+        if batch.is_empty() && !follow {
+            return ExitCode::SUCCESS;
+        }
+        for (id, fields) in &batch {
+            if job_id.is_some_and(|j| fields.get("job_id").map(String::as_str) != Some(j))
+                || !seen.first_time(fields)
+            {
+                continue;
+            }
+            if json {
+                print_json(&serde_json::json!({"id": id, "fields": fields}));
+            } else {
+                println!("{}", describe_alert(fields));
+            }
+        }
+        last = batch.last().map(|(id, _)| id.clone()).unwrap_or(last);
+    }
+}
+
+/// Alert events already printed, by `alert_id` and `kind`: a write retried after a failure
+/// may add an event twice (delivery is at least once). Repeats come within one retry of each
+/// other, so the newest `SEEN_ALERTS` are enough.
+#[derive(Default)]
+struct SeenAlerts {
+    order: VecDeque<(String, String)>,
+    set: HashSet<(String, String)>,
+}
+
+const SEEN_ALERTS: usize = 10_000;
+
+impl SeenAlerts {
+    /// Whether this event is new; an entry without `alert_id` always is.
+    fn first_time(&mut self, f: &BTreeMap<String, String>) -> bool {
+        let (Some(id), Some(kind)) = (f.get("alert_id"), f.get("kind")) else {
+            return true;
+        };
+        let key = (id.clone(), kind.clone());
+        if !self.set.insert(key.clone()) {
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() > SEEN_ALERTS
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
+    }
+}
+
+/// One line per alert event, for people.
+fn describe_alert(f: &BTreeMap<String, String>) -> String {
+    let g = |k: &str| f.get(k).map(String::as_str).unwrap_or("-");
+    let reason = f
+        .get("reason")
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    format!(
+        "{:<5}  job={}  {}  frames {}..{}  peak={}{reason}",
+        g("kind"),
+        g("job_id"),
+        g("label"),
+        g("first_frame"),
+        g("last_frame"),
+        g("peak_score"),
+    )
 }
 
 async fn prompt(store: &Store, cmd: PromptCommand, json: bool) -> ExitCode {

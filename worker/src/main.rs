@@ -48,6 +48,14 @@ enum Commands {
         #[arg(long)]
         follow: bool,
     },
+    /// Print alert start and end events (all jobs, or one); with --follow, wait for new ones.
+    Alerts {
+        #[arg(long)]
+        follow: bool,
+        /// Only this job's alerts.
+        #[arg(long = "job")]
+        job_id: Option<String>,
+    },
     /// Cancel a job: a queued one never runs, a running one stops within a second.
     Cancel { job_id: String },
     /// List jobs, newest first.

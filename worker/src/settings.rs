@@ -40,6 +40,7 @@ impl Args for RawSettings {
     fn augment_args(cmd: Command) -> Command {
         let connection = [
             "REDIS_URL",
+            "REDIS_CLUSTER_NODES",
             "REDIS_HOST",
             "REDIS_PORT",
             "REDIS_PASSWORD",

@@ -40,11 +40,7 @@ pub async fn run(config: Config) -> ExitCode {
     metrics.capacity.set(config.max_concurrent_streams as u64);
     let state = Arc::new(WorkerState::default());
     let worker_id = config.worker_id.clone().unwrap_or_else(default_worker_id);
-    let store = match Store::new(
-        &config.redis_url,
-        &config.key_prefix,
-        config.max_concurrent_streams * 3 + 8,
-    ) {
+    let store = match Store::for_config(&config, config.max_concurrent_streams * 3 + 8) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("free-roam: {e}");

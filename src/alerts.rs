@@ -1,0 +1,544 @@
+//! Alerts: turns a job's per-frame `detected` labels into start and end edge events for the
+//! `{fr}:alerts` stream.
+//!
+//! Pure code: results in, events out. A label starts once it has been detected in
+//! `min_frames` consecutive sampled frames, and ends once it has been absent for `clear_ms`
+//! of capture time, when the prompt no longer asks for it, or when the job ends. The state
+//! is plain data that serialises to the job hash with every result write, so a job resumed
+//! by another worker neither repeats a start nor loses an end.
+//!
+//! Models without labels (captions) have no `detected` list and make no alerts.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// Consecutive frames a label must be detected in before it starts, unless the job says.
+pub const DEFAULT_MIN_FRAMES: u32 = 2;
+/// How long a label must be absent before it ends, unless the job says.
+pub const DEFAULT_CLEAR_MS: u64 = 5000;
+/// Most labels followed at once per job, so a model listing thousands cannot grow the
+/// state without bound.
+pub const MAX_LABELS: usize = 64;
+
+/// A job's alert settings (`alert_min_frames`, `alert_clear_ms`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AlertSettings {
+    pub min_frames: u32,
+    pub clear_ms: u64,
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        Self {
+            min_frames: DEFAULT_MIN_FRAMES,
+            clear_ms: DEFAULT_CLEAR_MS,
+        }
+    }
+}
+
+/// One label seen in one frame.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Detection {
+    pub label: String,
+    pub score: Option<f64>,
+    /// The box, for models that give one, as the model wrote it.
+    pub bbox: Option<Value>,
+}
+
+/// What a frame's output says for alerts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observation {
+    pub detected: Vec<Detection>,
+    /// Every label the prompt asks for, when the output lists them (CLIP's `phrases`).
+    pub asked: Option<Vec<String>>,
+}
+
+impl Observation {
+    /// Reads a model output: `detected` as a list of labels, or of objects with `label`
+    /// (or `phrase`), `score` and `box`; scores of plain labels come from `phrases`
+    /// (`probability`). `None` for outputs without `detected` (captions).
+    pub fn from_output(output: &Value) -> Option<Self> {
+        let detected = output.get("detected")?.as_array()?;
+        let phrases = output.get("phrases").and_then(Value::as_array);
+        let phrase_of = |p: &Value| p.get("phrase").and_then(Value::as_str).map(str::to_string);
+        let score_of = |label: &str| {
+            phrases?
+                .iter()
+                .find(|p| p.get("phrase").and_then(Value::as_str) == Some(label))?
+                .get("probability")?
+                .as_f64()
+        };
+        let detected = detected
+            .iter()
+            .filter_map(|d| match d {
+                Value::String(label) => Some(Detection {
+                    score: score_of(label),
+                    label: label.clone(),
+                    bbox: None,
+                }),
+                Value::Object(o) => {
+                    let label = o
+                        .get("label")
+                        .or_else(|| o.get("phrase"))?
+                        .as_str()?
+                        .to_string();
+                    Some(Detection {
+                        score: o
+                            .get("score")
+                            .or_else(|| o.get("probability"))
+                            .and_then(Value::as_f64)
+                            .or_else(|| score_of(&label)),
+                        bbox: o.get("box").cloned(),
+                        label,
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        Some(Self {
+            detected,
+            asked: phrases.map(|p| p.iter().filter_map(phrase_of).collect()),
+        })
+    }
+}
+
+/// `start` or `end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlertKind {
+    Start,
+    End,
+}
+
+impl AlertKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::Start => "start",
+            AlertKind::End => "end",
+        }
+    }
+}
+
+/// Why an alert ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    /// Absent for `alert_clear_ms`.
+    Cleared,
+    /// The prompt no longer asks for the label.
+    PromptChanged,
+    JobCompleted,
+    JobCancelled,
+    JobFailed,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Cleared => "cleared",
+            EndReason::PromptChanged => "prompt_changed",
+            EndReason::JobCompleted => "job_completed",
+            EndReason::JobCancelled => "job_cancelled",
+            EndReason::JobFailed => "job_failed",
+        }
+    }
+}
+
+/// One entry of `{fr}:alerts`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AlertEvent {
+    pub kind: AlertKind,
+    pub label: String,
+    pub first_frame: u64,
+    pub first_capture_ms: i64,
+    pub last_frame: u64,
+    pub last_capture_ms: i64,
+    pub peak_score: Option<f64>,
+    pub peak_box: Option<Value>,
+    pub prompt_version: Option<u64>,
+    /// Ends only.
+    pub reason: Option<EndReason>,
+}
+
+impl AlertEvent {
+    /// The alert's identity, the same in its `start` and `end`: with `kind` it names one
+    /// event, so a reader can drop the repeats a retried write may add.
+    pub fn alert_id(&self, job_id: &str) -> String {
+        format!("{job_id}:{}:{}", self.label, self.first_frame)
+    }
+
+    /// The event's fields as written to `{fr}:alerts` (after `job_id` and `alert_id`), in contract order.
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut f = vec![
+            ("kind", self.kind.as_str().to_string()),
+            ("label", self.label.clone()),
+            ("first_frame", self.first_frame.to_string()),
+            ("first_capture_ms", self.first_capture_ms.to_string()),
+            ("last_frame", self.last_frame.to_string()),
+            ("last_capture_ms", self.last_capture_ms.to_string()),
+        ];
+        if let Some(s) = self.peak_score {
+            f.push(("peak_score", format!("{s:.4}")));
+        }
+        if let Some(b) = &self.peak_box {
+            f.push(("peak_box", b.to_string()));
+        }
+        if let Some(v) = self.prompt_version {
+            f.push(("prompt_version", v.to_string()));
+        }
+        if let Some(r) = self.reason {
+            f.push(("reason", r.as_str().to_string()));
+        }
+        f
+    }
+}
+
+/// One label's presence: a candidate until it starts, then open until it ends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Presence {
+    /// Consecutive frames it was detected in (counted up to the start).
+    streak: u32,
+    /// Whether its start was emitted.
+    open: bool,
+    first_frame: u64,
+    first_capture_ms: i64,
+    last_frame: u64,
+    last_capture_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    peak_score: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    peak_box: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prompt_version: Option<u64>,
+}
+
+/// A job's alert state, saved in its hash (`alert_state`, JSON).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AlertState {
+    labels: BTreeMap<String, Presence>,
+    /// The newest frame taken into account; older ones (answered late) are ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_frame: Option<u64>,
+}
+
+impl AlertState {
+    /// Whether any label has started and not ended.
+    pub fn has_open(&self) -> bool {
+        self.labels.values().any(|p| p.open)
+    }
+
+    /// Takes one frame's observation into account and returns the edges it causes.
+    pub fn observe(
+        &mut self,
+        settings: &AlertSettings,
+        frame: u64,
+        capture_ms: i64,
+        prompt_version: Option<u64>,
+        obs: &Observation,
+    ) -> Vec<AlertEvent> {
+        if self.last_frame.is_some_and(|last| frame <= last) {
+            return Vec::new();
+        }
+        self.last_frame = Some(frame);
+        let mut events = Vec::new();
+        if let Some(asked) = &obs.asked {
+            let gone: Vec<String> = self
+                .labels
+                .keys()
+                .filter(|l| !asked.contains(l))
+                .cloned()
+                .collect();
+            for label in gone {
+                let p = self.labels.remove(&label).expect("listed above");
+                if p.open {
+                    events.push(event(
+                        AlertKind::End,
+                        label,
+                        &p,
+                        Some(EndReason::PromptChanged),
+                    ));
+                }
+            }
+        }
+        for d in &obs.detected {
+            if !self.labels.contains_key(&d.label) && self.labels.len() >= MAX_LABELS {
+                continue;
+            }
+            let p = self.labels.entry(d.label.clone()).or_insert(Presence {
+                streak: 0,
+                open: false,
+                first_frame: frame,
+                first_capture_ms: capture_ms,
+                last_frame: frame,
+                last_capture_ms: capture_ms,
+                peak_score: None,
+                peak_box: None,
+                prompt_version,
+            });
+            p.streak = p.streak.saturating_add(1);
+            p.last_frame = frame;
+            p.last_capture_ms = capture_ms;
+            p.prompt_version = prompt_version;
+            let better = match (d.score, p.peak_score) {
+                (Some(s), Some(peak)) => s > peak,
+                (Some(_), None) => true,
+                (None, _) => p.peak_box.is_none() && d.bbox.is_some(),
+            };
+            if better {
+                p.peak_score = d.score.or(p.peak_score);
+                p.peak_box = d.bbox.clone();
+            }
+            if !p.open && p.streak >= settings.min_frames.max(1) {
+                p.open = true;
+                events.push(event(AlertKind::Start, d.label.clone(), p, None));
+            }
+        }
+        let absent: Vec<String> = self
+            .labels
+            .keys()
+            .filter(|l| !obs.detected.iter().any(|d| &d.label == *l))
+            .cloned()
+            .collect();
+        for label in absent {
+            let p = self.labels.get_mut(&label).expect("listed above");
+            p.streak = 0;
+            if !p.open {
+                // A candidate that did not last: it never started.
+                self.labels.remove(&label);
+            } else if capture_ms.saturating_sub(p.last_capture_ms) >= settings.clear_ms as i64 {
+                let p = self.labels.remove(&label).expect("listed above");
+                events.push(event(AlertKind::End, label, &p, Some(EndReason::Cleared)));
+            }
+        }
+        events
+    }
+
+    /// Ends every open alert (the job ended) and forgets candidates.
+    pub fn close_all(&mut self, reason: EndReason) -> Vec<AlertEvent> {
+        std::mem::take(&mut self.labels)
+            .into_iter()
+            .filter(|(_, p)| p.open)
+            .map(|(label, p)| event(AlertKind::End, label, &p, Some(reason)))
+            .collect()
+    }
+}
+
+fn event(kind: AlertKind, label: String, p: &Presence, reason: Option<EndReason>) -> AlertEvent {
+    AlertEvent {
+        kind,
+        label,
+        first_frame: p.first_frame,
+        first_capture_ms: p.first_capture_ms,
+        last_frame: p.last_frame,
+        last_capture_ms: p.last_capture_ms,
+        peak_score: p.peak_score,
+        peak_box: p.peak_box.clone(),
+        prompt_version: p.prompt_version,
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn settings() -> AlertSettings {
+        AlertSettings {
+            min_frames: 2,
+            clear_ms: 1000,
+        }
+    }
+
+    fn seen(labels: &[(&str, f64)]) -> Observation {
+        Observation {
+            detected: labels
+                .iter()
+                .map(|(l, s)| Detection {
+                    label: l.to_string(),
+                    score: Some(*s),
+                    bbox: None,
+                })
+                .collect(),
+            asked: None,
+        }
+    }
+
+    /// Feeds frames 500 ms apart from `first`, returning (frame, kind, label) per event.
+    fn feed(
+        state: &mut AlertState,
+        first: u64,
+        frames: &[Observation],
+    ) -> Vec<(u64, AlertKind, String)> {
+        let mut out = Vec::new();
+        for (i, obs) in frames.iter().enumerate() {
+            let f = first + i as u64;
+            for e in state.observe(&settings(), f, f as i64 * 500, Some(1), obs) {
+                out.push((f, e.kind, e.label));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_label_starts_after_min_frames_and_ends_after_clear_ms() {
+        let mut s = AlertState::default();
+        let car = seen(&[("car", 0.6)]);
+        let peak = seen(&[("car", 0.9)]);
+        let none = seen(&[]);
+        let events = feed(
+            &mut s,
+            0,
+            &[
+                car.clone(),
+                car.clone(),
+                peak,
+                car.clone(),
+                none.clone(),
+                none.clone(),
+                none,
+            ],
+        );
+        assert_eq!(
+            events,
+            [
+                (1, AlertKind::Start, "car".to_string()),
+                // Last seen at frame 3 (1500 ms); absent 1000 ms at frame 5.
+                (5, AlertKind::End, "car".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_end_carries_the_whole_presence() {
+        let mut s = AlertState::default();
+        let boxed = |score: f64, b: [u32; 4]| Observation {
+            detected: vec![Detection {
+                label: "person".into(),
+                score: Some(score),
+                bbox: Some(json!(b)),
+            }],
+            asked: None,
+        };
+        for (f, o) in [
+            (10, boxed(0.5, [0, 0, 5, 5])),
+            (11, boxed(0.8, [1, 1, 6, 6])),
+            (12, boxed(0.7, [2, 2, 7, 7])),
+        ] {
+            s.observe(&settings(), f, f as i64 * 500, Some(3), &o);
+        }
+        let ends = s.close_all(EndReason::JobCancelled);
+        assert_eq!(
+            ends,
+            [AlertEvent {
+                kind: AlertKind::End,
+                label: "person".into(),
+                first_frame: 10,
+                first_capture_ms: 5000,
+                last_frame: 12,
+                last_capture_ms: 6000,
+                peak_score: Some(0.8),
+                peak_box: Some(json!([1, 1, 6, 6])),
+                prompt_version: Some(3),
+                reason: Some(EndReason::JobCancelled),
+            }]
+        );
+        assert!(!s.has_open());
+    }
+
+    #[test]
+    fn a_flicker_shorter_than_min_frames_never_starts() {
+        let mut s = AlertState::default();
+        let car = seen(&[("car", 0.6)]);
+        let none = seen(&[]);
+        assert!(feed(&mut s, 0, &[car.clone(), none.clone(), car, none]).is_empty());
+        assert_eq!(
+            s,
+            AlertState {
+                labels: BTreeMap::new(),
+                last_frame: Some(3)
+            }
+        );
+    }
+
+    #[test]
+    fn a_short_gap_does_not_end_and_restart() {
+        let mut s = AlertState::default();
+        let car = seen(&[("car", 0.6)]);
+        let none = seen(&[]);
+        let events = feed(
+            &mut s,
+            0,
+            &[car.clone(), car.clone(), none, car.clone(), car],
+        );
+        assert_eq!(events, [(1, AlertKind::Start, "car".to_string())]);
+    }
+
+    #[test]
+    fn a_label_the_prompt_drops_ends_at_once() {
+        let mut s = AlertState::default();
+        let asked = |labels: &[&str], detected: &[&str]| Observation {
+            detected: detected
+                .iter()
+                .map(|l| Detection {
+                    label: l.to_string(),
+                    score: None,
+                    bbox: None,
+                })
+                .collect(),
+            asked: Some(labels.iter().map(|l| l.to_string()).collect()),
+        };
+        feed(
+            &mut s,
+            0,
+            &[
+                asked(&["car", "dog"], &["car"]),
+                asked(&["car", "dog"], &["car"]),
+            ],
+        );
+        let events = s.observe(&settings(), 2, 1000, Some(2), &asked(&["dog"], &[]));
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].reason, Some(EndReason::PromptChanged));
+        assert_eq!(events[0].label, "car");
+    }
+
+    #[test]
+    fn saved_state_resumes_without_repeating_a_start_or_losing_an_end() {
+        let mut s = AlertState::default();
+        let car = seen(&[("car", 0.6)]);
+        assert_eq!(feed(&mut s, 0, &[car.clone(), car.clone()]).len(), 1);
+        let saved = serde_json::to_string(&s).unwrap();
+        // Another worker takes over: frames it already counted are ignored, the label is
+        // still open, and its end still comes.
+        let mut resumed: AlertState = serde_json::from_str(&saved).unwrap();
+        assert!(resumed.has_open());
+        assert!(feed(&mut resumed, 1, &[car.clone(), car]).is_empty());
+        let ends = feed(&mut resumed, 3, &[seen(&[]), seen(&[]), seen(&[])]);
+        assert_eq!(ends, [(4, AlertKind::End, "car".to_string())]);
+    }
+
+    #[test]
+    fn outputs_are_read_as_labels_with_scores_and_captions_make_none() {
+        let clip = json!({
+            "phrases": [
+                {"phrase": "a car", "probability": 0.7, "similarity": 0.3},
+                {"phrase": "a dog", "probability": 0.3, "similarity": 0.2}
+            ],
+            "detected": ["a car"]
+        });
+        let o = Observation::from_output(&clip).unwrap();
+        assert_eq!(o.detected[0].label, "a car");
+        assert_eq!(o.detected[0].score, Some(0.7));
+        assert_eq!(
+            o.asked.as_deref(),
+            Some(&["a car".to_string(), "a dog".to_string()][..])
+        );
+        let boxes = json!({"detected": [{"label": "cat", "score": 0.9, "box": [1, 2, 3, 4]}]});
+        let o = Observation::from_output(&boxes).unwrap();
+        assert_eq!(o.detected[0].bbox, Some(json!([1, 2, 3, 4])));
+        assert_eq!(o.asked, None);
+        assert_eq!(
+            Observation::from_output(&json!({"caption": "a street"})),
+            None
+        );
+    }
+}
