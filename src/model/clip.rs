@@ -36,7 +36,6 @@
 //! CLIP says whether a phrase fits the frame, not where: use `owlvit` for boxes.
 
 use super::clip_vision::{PreNormName, VisionTower};
-use super::fused_linear::MatmulPrecision;
 use super::load::{
     ModelFiles, ModelSettings, ModelType, TensorSpec, Weights, device_name, read_config,
     resolve_precision,
