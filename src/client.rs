@@ -158,12 +158,23 @@ pub async fn results_after(
     block_ms: Option<u64>,
 ) -> Result<Vec<ResultRecord>, ClientError> {
     let key = store.keys().results(job_id);
+    read_after(store, &key, after, count, block_ms).await
+}
+
+/// Reads one stream's entries after `after`, waiting up to `block_ms` when given.
+async fn read_after(
+    store: &Store,
+    key: &str,
+    after: &str,
+    count: usize,
+    block_ms: Option<u64>,
+) -> Result<Vec<ResultRecord>, ClientError> {
     let mut cmd = redis::cmd("XREAD");
     cmd.arg("COUNT").arg(count);
     if let Some(ms) = block_ms {
         cmd.arg("BLOCK").arg(ms.min(MAX_BLOCK_MS));
     }
-    cmd.arg("STREAMS").arg(&key).arg(after);
+    cmd.arg("STREAMS").arg(key).arg(after);
     let reply: Option<Vec<(String, Vec<ResultRecord>)>> = store.query(&cmd).await?;
     Ok(reply
         .and_then(|streams| streams.into_iter().next())
@@ -180,17 +191,7 @@ pub async fn alerts_after(
     block_ms: Option<u64>,
 ) -> Result<Vec<ResultRecord>, ClientError> {
     let key = store.keys().alerts();
-    let mut cmd = redis::cmd("XREAD");
-    cmd.arg("COUNT").arg(count);
-    if let Some(ms) = block_ms {
-        cmd.arg("BLOCK").arg(ms.min(MAX_BLOCK_MS));
-    }
-    cmd.arg("STREAMS").arg(&key).arg(after);
-    let reply: Option<Vec<(String, Vec<ResultRecord>)>> = store.query(&cmd).await?;
-    Ok(reply
-        .and_then(|streams| streams.into_iter().next())
-        .map(|(_, entries)| entries)
-        .unwrap_or_default())
+    read_after(store, &key, after, count, block_ms).await
 }
 
 /// Asks a job to stop: returns `cancelled`, `cancelling` or `already <status>`. A queued job
