@@ -13,6 +13,11 @@ pub struct Frame {
     pub height: u32,
     /// Packed RGB24 pixels, row-major.
     pub rgb: Bytes,
+    /// The size of the picture the source produced, before ingest scaled it down to
+    /// `MAX_FRAME_SIDE`: what a model that locates things reports positions in. Equal to
+    /// `width` and `height` when the frame was not scaled (or its original size is unknown).
+    pub source_width: u32,
+    pub source_height: u32,
     /// Position in the job's source: the decoded frame number (HLS) or the entry's order
     /// (Redis frame stream), counting from 0 for the job.
     pub index: u64,
@@ -45,12 +50,27 @@ impl Frame {
             width,
             height,
             rgb,
+            source_width: width,
+            source_height: height,
             index: 0,
             pts_ms: None,
             capture_ms: 0,
             cursor: None,
             received: Instant::now(),
         })
+    }
+}
+
+impl Frame {
+    /// Records that the source's picture was `width` x `height` before it was scaled to this
+    /// frame. A size smaller than the frame's own on either side cannot be (ingest never
+    /// enlarges) and is ignored, so positions are never scaled by a misread size.
+    pub fn with_source_size(mut self, width: u32, height: u32) -> Self {
+        if width >= self.width && height >= self.height {
+            self.source_width = width;
+            self.source_height = height;
+        }
+        self
     }
 }
 
@@ -88,5 +108,15 @@ mod tests {
             Frame::new(0, 2, Bytes::new()).unwrap_err(),
             FrameError::EmptyImage
         );
+    }
+
+    #[test]
+    fn the_source_size_defaults_to_the_frame_and_is_never_smaller() {
+        let f = Frame::new(4, 2, Bytes::from(vec![0u8; 24])).unwrap();
+        assert_eq!((f.source_width, f.source_height), (4, 2));
+        let scaled = f.clone().with_source_size(1280, 640);
+        assert_eq!((scaled.source_width, scaled.source_height), (1280, 640));
+        let misread = f.with_source_size(2, 2);
+        assert_eq!((misread.source_width, misread.source_height), (4, 2));
     }
 }

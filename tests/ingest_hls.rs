@@ -43,11 +43,13 @@ async fn a_finished_playlist_yields_one_result_per_sampled_frame_and_completes()
         assert_eq!(num(r, "pts_ms"), i as i64 * 500);
         assert_eq!(r["model"], "probe");
         let out: serde_json::Value = serde_json::from_str(&r["output"]).unwrap();
-        // 320x240 scaled so the longer side is MAX_FRAME_SIDE.
+        // 320x240 scaled so the longer side is MAX_FRAME_SIDE, and the frame knows the
+        // size it had before, for models that give positions in the source's pixels.
         assert_eq!(
             (out["w"].as_u64(), out["h"].as_u64()),
             (Some(160), Some(120))
         );
+        assert_eq!(out["source"], serde_json::json!([320, 240]), "frame {i}");
         assert!(
             out["mean"].as_u64().unwrap() > 10,
             "frames hold picture data"

@@ -20,11 +20,12 @@
 //!   transformers' `post_process_object_detection`, the box gets the query with the
 //!   highest logit as its `label` and the sigmoid of that logit as its `score`, and it is
 //!   kept when the score is over the detect threshold (0.1 by default).
-//! - `box` is in pixels of the frame as it arrived (`frame_size`, its width and height):
-//!   the model sees the frame squashed to 768 x 768, and its boxes (relative to that
-//!   square) are scaled by the frame's width and height. Corners are not clipped to the
-//!   frame, as in the reference. (A source larger than `MAX_FRAME_SIDE` is scaled down at
-//!   ingest; boxes are then in the scaled frame, whose size `frame_size` gives.)
+//! - `box` is in pixels of the source's picture (`frame_size`, its width and height): the
+//!   model sees the frame squashed to 768 x 768, and its boxes (relative to that square)
+//!   are scaled by the source's width and height. Corners are not clipped to the frame, as
+//!   in the reference. A source larger than `MAX_FRAME_SIDE` is scaled down at ingest, but
+//!   the frame keeps its source's size ([`Frame::source_width`]), so boxes are still in the
+//!   source's pixels.
 //! - Detections are sorted by score, highest first.
 //! - `phrases` has one entry per phrase: the best score any box gave it (kept or not) and
 //!   the number of kept boxes labelled with it. `detected` lists the phrases with at least
@@ -425,8 +426,8 @@ impl VisionLanguageModel for OwlVitModel {
                 let (mut kept, best) = post_process(
                     l,
                     b,
-                    frame.width,
-                    frame.height,
+                    frame.source_width,
+                    frame.source_height,
                     self.detect_threshold,
                     phrases.len(),
                 );
@@ -456,7 +457,7 @@ impl VisionLanguageModel for OwlVitModel {
                     .map(|(p, _)| p)
                     .collect();
                 json!({"detections": detections, "phrases": summary, "detected": detected,
-                       "frame_size": [frame.width, frame.height]})
+                       "frame_size": [frame.source_width, frame.source_height]})
             })
             .collect())
     }
@@ -525,6 +526,39 @@ mod tests {
         }
         assert!(any > 0, "the tiny model should keep some boxes at 0.3");
         assert_ne!(out[0]["phrases"], out[1]["phrases"]);
+    }
+
+    #[test]
+    fn boxes_of_a_scaled_frame_are_in_its_source_pixels() {
+        let mut model = load_model(&settings(Some(0.3))).unwrap();
+        let f = frame("checker", 120, 90);
+        // The same pixels, as if ingest had scaled a 480 x 270 source down to them.
+        let scaled = f.clone().with_source_size(480, 270);
+        let out = model
+            .infer(&[&f, &scaled], &prompt("people, cars"))
+            .unwrap();
+        assert_eq!(out[1]["frame_size"], json!([480, 270]));
+        let own = out[0]["detections"].as_array().unwrap();
+        let source = out[1]["detections"].as_array().unwrap();
+        assert!(
+            !own.is_empty(),
+            "the tiny model should keep some boxes at 0.3"
+        );
+        assert_eq!(own.len(), source.len());
+        for (a, b) in own.iter().zip(source) {
+            assert_eq!(a["label"], b["label"]);
+            assert_eq!(a["score"], b["score"]);
+            let (a, b) = (a["box"].as_array().unwrap(), b["box"].as_array().unwrap());
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                let ratio = if i % 2 == 0 { 4.0 } else { 3.0 };
+                let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                // Both are rounded to 0.01 px: the scaled one by 0.01, the other by 0.01 x ratio.
+                assert!(
+                    (x * ratio - y).abs() <= 0.005 * ratio + 0.005,
+                    "{x} x {ratio} vs {y}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -151,7 +151,8 @@ pub struct FfmpegRun<'a> {
 ///
 /// Frames leave ffmpeg as PPM (`P6`), which is raw RGB24 behind a few header bytes: each
 /// frame names its own size, so a variant switch that changes the resolution mid-stream can
-/// never misalign the reader, and no stderr parsing is needed to learn the size.
+/// never misalign the reader, and no stderr parsing is needed to learn the size. (The size
+/// before scaling does come from stderr, see `showinfo` below; only positions use it.)
 pub fn ffmpeg_args(run: &FfmpegRun<'_>) -> Vec<String> {
     let mut a: Vec<String> = Vec::with_capacity(40);
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
@@ -186,9 +187,12 @@ pub fn ffmpeg_args(run: &FfmpegRun<'_>) -> Vec<String> {
     push(&["-i", &run.input.url]);
     push(&["-map", "0:v:0", "-an", "-sn", "-dn"]);
     // fps first, so the scaler and colour conversion only see the frames that are kept.
+    // `showinfo` between them prints each kept frame's size before scaling (on stderr, one
+    // line per frame, without its default checksums), so positions a model finds in the
+    // scaled frame can be given in the source's pixels.
     let side = run.max_side.max(2);
     let filter = format!(
-        "fps={},scale=w='if(gt(iw,ih),min(iw,{side}),-2)':h='if(gt(iw,ih),-2,min(ih,{side}))':flags=area",
+        "fps={},showinfo=checksum=0,scale=w='if(gt(iw,ih),min(iw,{side}),-2)':h='if(gt(iw,ih),-2,min(ih,{side}))':flags=area",
         fps_text(run.fps)
     );
     push(&["-vf", &filter]);
@@ -321,7 +325,7 @@ mod tests {
         let vf = &args[args.iter().position(|a| a == "-vf").unwrap() + 1];
         assert_eq!(
             vf,
-            "fps=2,scale=w='if(gt(iw,ih),min(iw,448),-2)':h='if(gt(iw,ih),-2,min(ih,448))':flags=area"
+            "fps=2,showinfo=checksum=0,scale=w='if(gt(iw,ih),min(iw,448),-2)':h='if(gt(iw,ih),-2,min(ih,448))':flags=area"
         );
         assert_eq!(
             &args[args.len() - 7..],
@@ -355,7 +359,7 @@ mod tests {
         assert!(!joined.contains("-live_start_index"));
         assert!(joined.contains("-ss 12.500 -i"));
         assert!(args.contains(&"/m/a b.mp4".to_string()));
-        assert!(joined.contains("fps=0.500000,scale="));
+        assert!(joined.contains("fps=0.500000,showinfo=checksum=0,scale="));
         assert!(joined.contains("-protocol_whitelist file,crypto"));
     }
 }

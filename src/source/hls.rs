@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// What one HLS job needs from its spec.
@@ -136,18 +136,39 @@ pub(crate) fn parse_duration(text: &str) -> Option<Option<i64>> {
     Some(Some(((h * 3600.0 + m * 60.0 + s) * 1000.0).round() as i64))
 }
 
-/// Reads ffmpeg's stderr: every line to the log at debug, warnings kept for errors, and the
-/// input's duration published as soon as it is printed (`Some(None)`: live).
+/// The size of the decoded picture before scaling, from the line ffmpeg's `showinfo` filter
+/// prints for each frame it passes (`n:   0 pts: ... s:1920x1080 ...`; see
+/// [`super::ffmpeg_args::ffmpeg_args`], which puts it between `fps` and `scale`).
+pub(crate) fn parse_source_size(l: &LogLine<'_>) -> Option<(u32, u32)> {
+    if !l.context?.starts_with("Parsed_showinfo") || !l.text.starts_with("n:") {
+        return None;
+    }
+    let size = l
+        .text
+        .split_whitespace()
+        .find_map(|t| t.strip_prefix("s:"))?;
+    let (w, h) = size.split_once('x')?;
+    Some((w.parse().ok()?, h.parse().ok()?))
+}
+
+/// Reads ffmpeg's stderr: every line to the log at debug, warnings kept for errors, the
+/// input's duration published as soon as it is printed (`Some(None)`: live), and each
+/// frame's size before scaling, in frame order.
 async fn read_stderr(
     stderr: impl AsyncRead + Unpin,
     log: Arc<Mutex<RunLog>>,
     duration: watch::Sender<Option<Option<i64>>>,
+    source_sizes: mpsc::UnboundedSender<(u32, u32)>,
     url: String,
 ) {
     let mut lines = BufReader::new(stderr).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         tracing::debug!(target: "free_roam::ffmpeg", stream = %url, "{line}");
         let l = parse_line(&line);
+        if let Some(size) = parse_source_size(&l) {
+            let _ = source_sizes.send(size);
+            continue;
+        }
         if duration.borrow().is_none()
             && let Some(d) = parse_duration(l.text)
         {
@@ -172,6 +193,60 @@ async fn read_stderr(
     // No duration line at all (ffmpeg failed to open the input): nothing is live.
     if duration.borrow().is_none() {
         let _ = duration.send(Some(None));
+    }
+}
+
+/// Pairs each frame read from stdout with the size ffmpeg's stderr gave for it: the n-th
+/// `showinfo` line belongs to the n-th frame of the run. The line is written before the
+/// frame leaves ffmpeg, so it is normally waiting already; when the stderr reader lags
+/// past [`SIZE_WAIT`] the frame goes without (it keeps its own size), and the late line is
+/// skipped when it comes, so the pairing never shifts. After one such miss the run stops
+/// waiting (a live frame must not be held back on every turn for a line that is slow).
+struct SourceSizes {
+    rx: mpsc::UnboundedReceiver<(u32, u32)>,
+    patient: bool,
+    /// Frames handed out so far in this run.
+    frames: u64,
+    /// Lines received so far in this run.
+    lines: u64,
+}
+
+/// How long a frame waits for its `showinfo` line.
+const SIZE_WAIT: Duration = Duration::from_millis(500);
+
+impl SourceSizes {
+    fn new(rx: mpsc::UnboundedReceiver<(u32, u32)>) -> Self {
+        Self {
+            rx,
+            patient: true,
+            frames: 0,
+            lines: 0,
+        }
+    }
+
+    /// The size before scaling of the next frame, if its line comes in time.
+    async fn next(&mut self) -> Option<(u32, u32)> {
+        let wanted = self.frames;
+        self.frames += 1;
+        while self.lines <= wanted {
+            let wait = if self.patient {
+                SIZE_WAIT
+            } else {
+                Duration::ZERO
+            };
+            let size = match tokio::time::timeout(wait, self.rx.recv()).await {
+                Ok(Some(size)) => size,
+                _ => {
+                    self.patient = false;
+                    return None;
+                }
+            };
+            self.lines += 1;
+            if self.lines == wanted + 1 {
+                return Some(size);
+            }
+        }
+        None
     }
 }
 
@@ -388,10 +463,13 @@ async fn run_once(
     }
     let log = Arc::new(Mutex::new(RunLog::default()));
     let (duration_tx, mut duration_rx) = watch::channel(None);
+    let (sizes_tx, sizes_rx) = mpsc::unbounded_channel();
+    let mut source_sizes = SourceSizes::new(sizes_rx);
     let stderr_task = tokio::spawn(read_stderr(
         child.stderr.take().expect("stderr is piped"),
         log.clone(),
         duration_tx,
+        sizes_tx,
         job.input.url.clone(),
     ));
     let mut stdout =
@@ -438,6 +516,9 @@ async fn run_once(
             Ok(f) => f,
             Err(e) => break Err(format!("bad frame from ffmpeg: {e}")),
         };
+        if let Some((sw, sh)) = source_sizes.next().await {
+            frame = frame.with_source_size(sw, sh);
+        }
         let pts_ms = pos.next_pts_ms.round() as i64;
         frame.index = pos.next_index;
         frame.pts_ms = Some(pts_ms);
@@ -543,6 +624,46 @@ mod tests {
             }
         );
         assert_eq!(parse_line("plain").level, "info");
+    }
+
+    #[test]
+    fn showinfo_lines_give_the_size_before_scaling() {
+        let size = |s: &str| parse_source_size(&parse_line(s));
+        assert_eq!(
+            size(
+                "[Parsed_showinfo_1 @ 0x55b1] [info] n:   0 pts:      0 pts_time:0       \
+                 pos:       -1 fmt:yuv420p sar:1/1 s:1920x1080 i:P iskey:1 type:I "
+            ),
+            Some((1920, 1080))
+        );
+        // The filter's other lines, and other filters' lines, are not sizes.
+        assert_eq!(
+            size("[Parsed_showinfo_1 @ 0x1] [info] color_range:tv color_space:bt709"),
+            None
+        );
+        assert_eq!(
+            size("[Parsed_showinfo_1 @ 0x1] [info] config in time_base: 1/2"),
+            None
+        );
+        assert_eq!(size("[hls @ 0x1] [info] n: 0 s:640x360"), None);
+        assert_eq!(
+            size("[Parsed_showinfo_1 @ 0x1] [info] n: 0 s:640xabc"),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_late_size_line_is_skipped_not_shifted_onto_the_next_frame() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut sizes = SourceSizes::new(rx);
+        tx.send((100, 50)).unwrap();
+        assert_eq!(sizes.next().await, Some((100, 50)));
+        // Frame 1's line is late: the frame goes without.
+        assert_eq!(sizes.next().await, None);
+        tx.send((101, 50)).unwrap();
+        tx.send((102, 50)).unwrap();
+        // Frame 2 gets its own line, not frame 1's late one.
+        assert_eq!(sizes.next().await, Some((102, 50)));
     }
 
     #[test]

@@ -64,6 +64,7 @@ impl VisionLanguageModel for ProbeModel {
                 serde_json::json!({
                     "w": f.width,
                     "h": f.height,
+                    "source": [f.source_width, f.source_height],
                     "mean": sum / f.rgb.len() as u64,
                     "prompt": &*prompt.text,
                 })
