@@ -1194,12 +1194,15 @@ mod tests {
         engine.shutdown(Duration::from_secs(5));
     }
 
+    /// The calls a `Remote` model was handed: each frame's index, and where its answers go.
+    type Calls = Arc<Mutex<Vec<(Vec<u64>, BatchReplies)>>>;
+
     /// A model that answers through `submit` when the test says: each call waits in `calls`
     /// with its frame indices until the test answers it.
     struct Remote {
         info: ModelInfo,
         max_inflight: usize,
-        calls: Arc<Mutex<Vec<(Vec<u64>, BatchReplies)>>>,
+        calls: Calls,
     }
 
     impl VisionLanguageModel for Remote {
@@ -1224,8 +1227,6 @@ mod tests {
             self.calls.lock().unwrap().push((indices, replies));
         }
     }
-
-    type Calls = Arc<Mutex<Vec<(Vec<u64>, BatchReplies)>>>;
 
     fn remote(max_inflight: usize) -> (Calls, Remote) {
         let calls: Calls = Arc::default();
