@@ -670,10 +670,11 @@ mod tests {
     fn parses_setting_words() {
         assert_eq!("CLIP".parse::<ModelType>().unwrap(), ModelType::Clip);
         assert_eq!(" blip ".parse::<ModelType>().unwrap(), ModelType::Blip);
+        assert_eq!("OpenAI".parse::<ModelType>().unwrap(), ModelType::OpenAi);
         let err = "llava".parse::<ModelType>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "MODEL_TYPE must be one of clip, siglip, owlvit, blip, not \"llava\""
+            "MODEL_TYPE must be one of clip, siglip, owlvit, blip, openai, not \"llava\""
         );
         assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
         assert_eq!("Auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
