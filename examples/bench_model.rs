@@ -159,6 +159,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ModelType::Blip => return bench_blip(&tag, iters, dir),
         ModelType::Siglip | ModelType::OwlVit => return bench_infer(kind, &tag, iters, dir),
         ModelType::Clip => {}
+        ModelType::OpenAi => {
+            return Err("BENCH_KIND=openai runs on a server: nothing to time here".into());
+        }
     }
     let p = |msg: String| println!("[candle {tag}] {msg}");
     let device = select_device(DeviceChoice::Auto)?;

@@ -3,6 +3,7 @@
 //! allows. `SETTINGS` is the one list of names, defaults and meanings; docs/configuration.md
 //! and .env.example mirror it (a test keeps them in step).
 
+use crate::model::openai::{ApiKey, ImageDetail, OpenAiSettings};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -58,7 +59,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "MODEL_TYPE",
         Some("clip"),
-        "Model backend: clip, siglip, owlvit, blip, or null (no model: one empty output per frame, for pipeline tests and benchmarks).",
+        "Model backend: clip, siglip, owlvit, blip, openai (a VLM behind an OpenAI-compatible server, see OPENAI_BASE_URL), or null (no model: one empty output per frame, for pipeline tests and benchmarks).",
     ),
     s(
         "MODEL_PATH",
@@ -68,7 +69,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "MODEL_ID",
         None,
-        "Hugging Face model id, used when MODEL_PATH is unset and the hub is reachable (default per MODEL_TYPE).",
+        "Hugging Face model id, used when MODEL_PATH is unset and the hub is reachable (default per MODEL_TYPE). With MODEL_TYPE=openai: the model name the server serves (required).",
     ),
     s(
         "DEVICE",
@@ -144,6 +145,51 @@ pub const SETTINGS: &[Setting] = &[
         "MAX_NEW_TOKENS",
         Some("20"),
         "blip: most tokens generated per caption.",
+    ),
+    s(
+        "OPENAI_BASE_URL",
+        None,
+        "openai: the server's API root, requests go to {OPENAI_BASE_URL}/chat/completions (e.g. http://host:8000/v1 for vLLM, http://host:11434/v1 for Ollama, http://host:8080/v1 for llama.cpp); required with MODEL_TYPE=openai.",
+    ),
+    s(
+        "OPENAI_API_KEY",
+        None,
+        "openai: sent as `Authorization: Bearer`; unset sends none. Never logged nor shown in health output or heartbeats.",
+    ),
+    s(
+        "OPENAI_IMAGE_DETAIL",
+        Some("auto"),
+        "openai: the image part's `detail`: auto, low or high.",
+    ),
+    s(
+        "OPENAI_IMAGE_MAX_SIDE",
+        Some("768"),
+        "openai: frames are scaled down (never up) to this long side, 16 to 8192, before JPEG encoding.",
+    ),
+    s(
+        "OPENAI_RESPONSE_FORMAT",
+        None,
+        "openai: JSON sent as `response_format`, for servers with structured output: a whole response_format object (type json_schema, json_object or text) or a bare JSON schema, sent as {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"output\", \"schema\": ...}}.",
+    ),
+    s(
+        "OPENAI_MAX_TOKENS",
+        None,
+        "openai: sent as `max_tokens` when set; unset leaves the server's default.",
+    ),
+    s(
+        "OPENAI_MAX_INFLIGHT",
+        Some("8"),
+        "openai: most requests out at once per worker (frames of one batch and of later batches are sent while earlier ones are out).",
+    ),
+    s(
+        "OPENAI_TIMEOUT_MS",
+        Some("20000"),
+        "openai: bound on one request, connecting included; a frame's retries together are bounded by INFERENCE_TIMEOUT_MS.",
+    ),
+    s(
+        "OPENAI_MAX_RETRIES",
+        Some("3"),
+        "openai: retries of a request answered 429 or 5xx, timed out or not answered, with exponential backoff from 250 ms (up to 8 s), or what `Retry-After` asks (up to 30 s).",
     ),
     s(
         "MAX_CONCURRENT_STREAMS",
@@ -270,6 +316,8 @@ pub struct Config {
     pub scene_change_min_area: f32,
     pub scene_max_reuse: Duration,
     pub max_new_tokens: usize,
+    /// MODEL_TYPE=openai's server settings (validated; unused by other models).
+    pub openai: OpenAiSettings,
     pub max_concurrent_streams: usize,
     pub job_lease: Duration,
     pub reclaim_interval: Duration,
@@ -368,6 +416,73 @@ impl Reader<'_> {
                 &format!("one of {}", allowed.join(", ")),
             ))
         }
+    }
+}
+
+impl Reader<'_> {
+    /// The OPENAI_* settings; OPENAI_BASE_URL and MODEL_ID are required when `used`.
+    fn openai(&self, used: bool) -> Result<OpenAiSettings, ConfigError> {
+        let base_url = self.raw("OPENAI_BASE_URL").unwrap_or_default();
+        let base_url = base_url.trim();
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://"))
+            && (used || !base_url.is_empty())
+        {
+            return Err(Self::err(
+                "OPENAI_BASE_URL",
+                base_url,
+                "an http:// or https:// URL of the server's API root, e.g. http://host:8000/v1",
+            ));
+        }
+        if used && self.raw("MODEL_ID").is_none() {
+            return Err(Self::err(
+                "MODEL_ID",
+                "",
+                "the model name the server serves (required with MODEL_TYPE=openai)",
+            ));
+        }
+        let image_detail: ImageDetail = self
+            .one_of("OPENAI_IMAGE_DETAIL", &["auto", "low", "high"])?
+            .parse()
+            .map_err(|_| Self::err("OPENAI_IMAGE_DETAIL", "", "one of auto, low, high"))?;
+        let response_format = match self.raw("OPENAI_RESPONSE_FORMAT") {
+            None => None,
+            Some(raw) => match serde_json::from_str::<serde_json::Value>(&raw) {
+                Ok(v) if v.is_object() => Some(v),
+                _ => {
+                    return Err(Self::err(
+                        "OPENAI_RESPONSE_FORMAT",
+                        &raw,
+                        "a JSON object: a response_format or a JSON schema",
+                    ));
+                }
+            },
+        };
+        Ok(OpenAiSettings {
+            base_url: base_url.to_string(),
+            api_key: self.raw("OPENAI_API_KEY").map(ApiKey::new),
+            image_detail,
+            image_max_side: self.parse(
+                "OPENAI_IMAGE_MAX_SIDE",
+                "a number of pixels, 16 to 8192",
+                |v: &u32| (16..=8192).contains(v),
+            )?,
+            response_format,
+            max_tokens: match self.raw("OPENAI_MAX_TOKENS") {
+                None => None,
+                Some(_) => Some(self.parse(
+                    "OPENAI_MAX_TOKENS",
+                    "a whole number, at least 1",
+                    |v: &u32| *v >= 1,
+                )?),
+            },
+            max_inflight: self.count("OPENAI_MAX_INFLIGHT", 1)?,
+            timeout: self.millis("OPENAI_TIMEOUT_MS", 1)?,
+            max_retries: self.parse(
+                "OPENAI_MAX_RETRIES",
+                "a whole number, 0 or more",
+                |_: &u32| true,
+            )?,
+        })
     }
 }
 
@@ -480,11 +595,16 @@ impl Config {
             )?),
         };
         let job_lease = r.millis("JOB_LEASE_MS", 1000)?;
+        let model_type = r.one_of(
+            "MODEL_TYPE",
+            &["clip", "siglip", "owlvit", "blip", "openai", "null"],
+        )?;
+        let openai = r.openai(model_type == "openai")?;
         Ok(Config {
             redis_url,
             redis_cluster_nodes,
             key_prefix,
-            model_type: r.one_of("MODEL_TYPE", &["clip", "siglip", "owlvit", "blip", "null"])?,
+            model_type,
             model_path: r.raw("MODEL_PATH").map(PathBuf::from),
             model_id: r.raw("MODEL_ID"),
             device: r.one_of("DEVICE", &["auto", "cpu", "cuda"])?,
@@ -524,6 +644,7 @@ impl Config {
             )?,
             scene_max_reuse: r.millis("SCENE_MAX_REUSE_MS", 0)?,
             max_new_tokens: r.count("MAX_NEW_TOKENS", 1)?,
+            openai,
             max_concurrent_streams: r.count("MAX_CONCURRENT_STREAMS", 1)?,
             reclaim_interval: r.millis("RECLAIM_INTERVAL_MS", 50)?,
             job_lease,
@@ -638,6 +759,10 @@ mod tests {
             ("SCENE_GATE", "sometimes"),
             ("SCENE_CHANGE_MIN_AREA", "0"),
             ("SCENE_CHANGE_MIN_AREA", "1.5"),
+            ("OPENAI_IMAGE_DETAIL", "ultra"),
+            ("OPENAI_IMAGE_MAX_SIDE", "8"),
+            ("OPENAI_RESPONSE_FORMAT", "not json"),
+            ("OPENAI_BASE_URL", "ftp://x"),
         ];
         for (name, value) in cases {
             let e = with(&[(name, value)]).unwrap_err();
@@ -646,6 +771,35 @@ mod tests {
             assert!(line.starts_with(&format!("invalid {name}=")), "{line}");
             assert!(!line.contains('\n'));
         }
+    }
+
+    #[test]
+    fn openai_needs_a_server_and_a_model_and_hides_its_key() {
+        let e = with(&[("MODEL_TYPE", "openai"), ("MODEL_ID", "m")]).unwrap_err();
+        assert_eq!(e.name, "OPENAI_BASE_URL");
+        let e = with(&[
+            ("MODEL_TYPE", "openai"),
+            ("OPENAI_BASE_URL", "http://h:8000/v1"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.name, "MODEL_ID");
+        let c = with(&[
+            ("MODEL_TYPE", "openai"),
+            ("MODEL_ID", "qwen2-vl"),
+            ("OPENAI_BASE_URL", "http://h:8000/v1"),
+            ("OPENAI_API_KEY", "sk-very-secret"),
+            ("OPENAI_IMAGE_DETAIL", "LOW"),
+            ("OPENAI_RESPONSE_FORMAT", r#"{"type": "object"}"#),
+        ])
+        .unwrap();
+        assert_eq!(c.openai.image_detail, ImageDetail::Low);
+        assert_eq!(c.openai.image_max_side, 768);
+        assert_eq!(c.openai.max_inflight, 8);
+        assert_eq!(
+            c.openai.response_format,
+            Some(serde_json::json!({"type": "object"}))
+        );
+        assert!(!format!("{c:?}").contains("sk-very-secret"));
     }
 
     #[test]

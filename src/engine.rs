@@ -13,12 +13,21 @@
 //! call with INFERENCE_TIMEOUT_MS. The model itself runs on a second thread, so a call that never
 //! returns can be given up on: its frames get error entries and the engine goes on once the
 //! model is free again. A model error or panic fails only that call's frames.
+//!
+//! A model that waits on a remote server (`max_inflight_frames` is `Some`) is not waited on:
+//! the model thread hands each call to the model's `submit`, which returns at once, and the
+//! batcher goes on forming batches while earlier ones are out, as long as fewer frames than
+//! the model's limit are unanswered (taking fewer frames than MAX_BATCH_SIZE when only a few
+//! slots are free). Each frame is answered on its own, from the model's threads, straight to
+//! its job. A deadline thread gives frames still unanswered at INFERENCE_TIMEOUT_MS their
+//! error entries; their slots stay taken until the model really answers, so the server never
+//! has more than the limit to work on.
 
 use crate::config::Config;
 use crate::frame::Frame;
 use crate::job::PromptFollow;
 use crate::metrics::Metrics;
-use crate::model::{ModelInfo, PromptRef, VisionLanguageModel};
+use crate::model::{BatchReplies, ModelError, ModelInfo, PromptRef, VisionLanguageModel};
 use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -145,6 +154,24 @@ struct State {
     next_id: u64,
     next_seq: u64,
     shutdown: bool,
+    /// Frames handed to a model that answers through `submit`, not answered by it yet.
+    in_flight: usize,
+    /// Calls out with such a model, by call number.
+    open_calls: HashMap<u64, OpenCall>,
+}
+
+/// A call handed to a model that answers through `submit`, while any of its frames is
+/// unanswered by the model.
+struct OpenCall {
+    /// Each frame's job, until it has its reply (from the model, or the deadline).
+    targets: Vec<Option<(FrameMeta, tokio_mpsc::UnboundedSender<Reply>)>>,
+    /// Which frames the model has answered.
+    answered: Vec<bool>,
+    unanswered: usize,
+    prompt_version: Option<u64>,
+    started: Instant,
+    deadline: Instant,
+    failed: bool,
 }
 
 struct Shared {
@@ -181,6 +208,8 @@ struct ModelCall {
     seq: u64,
     frames: Vec<Frame>,
     prompt: PromptRef,
+    /// Set for a model that answers through `submit`: where its answers go.
+    replies: Option<BatchReplies>,
 }
 
 struct ModelDone {
@@ -198,6 +227,7 @@ impl Engine {
         metrics: Arc<Metrics>,
     ) -> Engine {
         let info = model.info().clone();
+        let max_inflight = model.max_inflight_frames().map(|n| n.max(1));
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
@@ -217,14 +247,24 @@ impl Engine {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("fr-batcher".into())
-                .spawn(move || batch_loop(&shared, call_tx, done_rx))
+                .spawn(move || batch_loop(&shared, max_inflight, call_tx, done_rx))
                 .expect("spawning the batcher thread")
         };
+        let mut threads = vec![batcher, model_thread];
+        if max_inflight.is_some() {
+            let shared = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("fr-deadlines".into())
+                    .spawn(move || deadline_loop(&shared))
+                    .expect("spawning the deadline thread"),
+            );
+        }
         shared
             .threads
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extend([batcher, model_thread]);
+            .extend(threads);
         Engine { shared }
     }
 
@@ -273,6 +313,7 @@ impl Engine {
             st.shutdown = true;
             // Dropping the reply senders tells waiting jobs the engine is gone.
             st.streams.clear();
+            st.open_calls.clear();
             st.pending = 0;
         }
         self.shared.wake.notify_all();
@@ -364,18 +405,21 @@ impl Drop for EngineStream {
     }
 }
 
-/// Waits for frames and takes up to one batch; `None` once shut down.
-fn take_batch(shared: &Shared) -> Option<Vec<Taken>> {
+/// Waits for frames (and, with `max_inflight`, a free slot) and takes up to one batch;
+/// `None` once shut down.
+fn take_batch(shared: &Shared, max_inflight: Option<usize>) -> Option<Vec<Taken>> {
     let settings = &shared.settings;
+    let free = |st: &State| max_inflight.map_or(usize::MAX, |n| n.saturating_sub(st.in_flight));
     let mut st = shared.lock();
-    while st.pending == 0 && !st.shutdown {
+    while (st.pending == 0 || free(&st) == 0) && !st.shutdown {
         st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
     }
+    let batch_size = settings.max_batch_size.min(free(&st));
     // Once every stream has a frame, waiting out the window can only add frames of streams
     // already in the batch, which then wait one call longer.
     let deadline = Instant::now() + settings.batch_window;
     while !st.shutdown
-        && st.pending < settings.max_batch_size
+        && st.pending < batch_size
         && st.streams.values().any(|s| s.waiting.is_empty())
     {
         let now = Instant::now();
@@ -399,7 +443,7 @@ fn take_batch(shared: &Shared) -> Option<Vec<Taken>> {
         .flat_map(|(id, s)| s.waiting.iter().map(move |p| (p.seq, *id)))
         .collect();
     order.sort_unstable();
-    order.truncate(settings.max_batch_size);
+    order.truncate(batch_size);
     let mut taken = Vec::with_capacity(order.len());
     for (_, id) in order {
         let s = st.streams.get_mut(&id).expect("listed above");
@@ -417,11 +461,16 @@ fn take_batch(shared: &Shared) -> Option<Vec<Taken>> {
     Some(taken)
 }
 
-fn batch_loop(shared: &Shared, calls: mpsc::Sender<ModelCall>, done: mpsc::Receiver<ModelDone>) {
+fn batch_loop(
+    shared: &Arc<Shared>,
+    max_inflight: Option<usize>,
+    calls: mpsc::Sender<ModelCall>,
+    done: mpsc::Receiver<ModelDone>,
+) {
     let mut seq = 0u64;
     // A call given up on that the model may still be running.
     let mut busy: Option<u64> = None;
-    while let Some(taken) = take_batch(shared) {
+    while let Some(taken) = take_batch(shared, max_inflight) {
         let metrics = &shared.metrics;
         let mut groups: Vec<(PromptRef, Vec<Taken>)> = Vec::new();
         for t in taken {
@@ -445,7 +494,11 @@ fn batch_loop(shared: &Shared, calls: mpsc::Sender<ModelCall>, done: mpsc::Recei
         }
         for (prompt, group) in groups {
             seq += 1;
-            run_group(shared, seq, &mut busy, prompt, group, &calls, &done);
+            if max_inflight.is_some() {
+                hand_over_group(shared, seq, prompt, group, &calls);
+            } else {
+                run_group(shared, seq, &mut busy, prompt, group, &calls, &done);
+            }
         }
     }
 }
@@ -502,6 +555,7 @@ fn run_group(
                 seq,
                 frames,
                 prompt: prompt.clone(),
+                replies: None,
             })
             .is_err()
         {
@@ -557,12 +611,176 @@ fn run_group(
     }
 }
 
+/// Hands one group to a model that answers through `submit`, without waiting for it: the
+/// frames' slots are taken now and freed as the model answers them.
+fn hand_over_group(
+    shared: &Arc<Shared>,
+    seq: u64,
+    prompt: PromptRef,
+    group: Vec<Taken>,
+    calls: &mpsc::Sender<ModelCall>,
+) {
+    let n = group.len();
+    let mut frames = Vec::with_capacity(n);
+    let mut targets = Vec::with_capacity(n);
+    for mut t in group {
+        targets.push(Some((FrameMeta::take_from(&mut t.frame), t.replies)));
+        frames.push(t.frame);
+    }
+    let started = Instant::now();
+    {
+        let mut st = shared.lock();
+        st.in_flight += n;
+        st.open_calls.insert(
+            seq,
+            OpenCall {
+                targets,
+                answered: vec![false; n],
+                unanswered: n,
+                prompt_version: prompt.version,
+                started,
+                deadline: started + shared.settings.inference_timeout,
+                failed: false,
+            },
+        );
+    }
+    // The deadline thread may be waiting with no call out.
+    shared.wake.notify_all();
+    let metrics = &shared.metrics;
+    metrics.inference_batches.inc();
+    metrics.inference_frames.add(n as u64);
+    metrics.batch_size.observe(n as f64);
+    let weak = Arc::downgrade(shared);
+    let replies = BatchReplies::new(move |index, result| {
+        if let Some(shared) = weak.upgrade() {
+            answer_frame(&shared, seq, index, result);
+        }
+    });
+    let call = ModelCall {
+        seq,
+        frames,
+        prompt,
+        replies: Some(replies.clone()),
+    };
+    if calls.send(call).is_err() {
+        replies.fail_all(n, "the model thread has stopped");
+    }
+}
+
+/// Records the model's answer to frame `index` of call `seq` and replies to its job, unless
+/// the deadline already did.
+fn answer_frame(
+    shared: &Shared,
+    seq: u64,
+    index: usize,
+    result: Result<serde_json::Value, ModelError>,
+) {
+    let mut st = shared.lock();
+    let Some(call) = st.open_calls.get_mut(&seq) else {
+        return;
+    };
+    if index >= call.answered.len() || std::mem::replace(&mut call.answered[index], true) {
+        return;
+    }
+    call.unanswered -= 1;
+    let latency_ms = call.started.elapsed().as_secs_f64() * 1000.0;
+    let outcome = match result {
+        Ok(output) => ReplyOutcome::Output(output),
+        Err(e) => {
+            let error = e.to_string();
+            tracing::warn!(%error, "inference failed for a frame");
+            if !std::mem::replace(&mut call.failed, true) {
+                shared.metrics.inference_errors.inc();
+            }
+            ReplyOutcome::Error(error)
+        }
+    };
+    if let Some((meta, replies)) = call.targets[index].take() {
+        let _ = replies.send(Reply {
+            meta,
+            prompt_version: call.prompt_version,
+            latency_ms,
+            outcome,
+        });
+    }
+    if call.unanswered == 0 {
+        shared
+            .metrics
+            .batch_latency
+            .observe(call.started.elapsed().as_secs_f64());
+        st.open_calls.remove(&seq);
+    }
+    st.in_flight -= 1;
+    drop(st);
+    // A slot is free: the batcher may take the next frames.
+    shared.wake.notify_all();
+}
+
+/// For a model that answers through `submit`: gives the frames still unanswered at
+/// INFERENCE_TIMEOUT_MS their error replies. Their slots stay taken until the model answers.
+fn deadline_loop(shared: &Shared) {
+    let timeout = shared.settings.inference_timeout;
+    let mut st = shared.lock();
+    while !st.shutdown {
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        for call in st.open_calls.values_mut() {
+            if call.targets.iter().all(Option::is_none) {
+                continue;
+            }
+            if call.deadline > now {
+                next = Some(next.map_or(call.deadline, |n| n.min(call.deadline)));
+                continue;
+            }
+            let error = format!(
+                "inference exceeded INFERENCE_TIMEOUT_MS ({} ms)",
+                timeout.as_millis()
+            );
+            tracing::warn!(%error, "frames of a call given up on");
+            if !std::mem::replace(&mut call.failed, true) {
+                shared.metrics.inference_errors.inc();
+            }
+            for (meta, replies) in call.targets.iter_mut().filter_map(Option::take) {
+                let _ = replies.send(Reply {
+                    meta,
+                    prompt_version: call.prompt_version,
+                    latency_ms: timeout.as_secs_f64() * 1000.0,
+                    outcome: ReplyOutcome::Error(error.clone()),
+                });
+            }
+        }
+        st = match next {
+            Some(at) => {
+                let wait = at.saturating_duration_since(Instant::now());
+                shared
+                    .wake
+                    .wait_timeout(st, wait)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+            None => shared.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
+        };
+    }
+}
+
 fn model_loop(
     mut model: Box<dyn VisionLanguageModel>,
     calls: mpsc::Receiver<ModelCall>,
     done: mpsc::Sender<ModelDone>,
 ) {
     while let Ok(call) = calls.recv() {
+        if let Some(replies) = call.replies {
+            let n = call.frames.len();
+            let frames = call.frames;
+            let submitted = catch_unwind(AssertUnwindSafe(|| {
+                model.submit(frames, &call.prompt, replies.clone())
+            }));
+            if let Err(panic) = submitted {
+                let error = format!("the model panicked: {}", panic_message(&*panic));
+                replies.fail_all(n, &error);
+            }
+            continue;
+        }
         let start = Instant::now();
         let refs: Vec<&Frame> = call.frames.iter().collect();
         let result = match catch_unwind(AssertUnwindSafe(|| model.infer(&refs, &call.prompt))) {
@@ -973,6 +1191,196 @@ mod tests {
             st.recv().await.unwrap().outcome,
             ReplyOutcome::Output(_)
         ));
+        engine.shutdown(Duration::from_secs(5));
+    }
+
+    /// The calls a `Remote` model was handed: each frame's index, and where its answers go.
+    type Calls = Arc<Mutex<Vec<(Vec<u64>, BatchReplies)>>>;
+
+    /// A model that answers through `submit` when the test says: each call waits in `calls`
+    /// with its frame indices until the test answers it.
+    struct Remote {
+        info: ModelInfo,
+        max_inflight: usize,
+        calls: Calls,
+    }
+
+    impl VisionLanguageModel for Remote {
+        fn info(&self) -> &ModelInfo {
+            &self.info
+        }
+        fn infer(
+            &mut self,
+            _frames: &[&Frame],
+            _prompt: &PromptRef,
+        ) -> Result<Vec<serde_json::Value>, ModelError> {
+            unreachable!("the engine uses submit")
+        }
+        fn max_inflight_frames(&self) -> Option<usize> {
+            Some(self.max_inflight)
+        }
+        fn submit(&mut self, frames: Vec<Frame>, prompt: &PromptRef, replies: BatchReplies) {
+            if &*prompt.text == "panic" {
+                panic!("lost the connection pool");
+            }
+            let indices = frames.iter().map(|f| f.index).collect();
+            self.calls.lock().unwrap().push((indices, replies));
+        }
+    }
+
+    fn remote(max_inflight: usize) -> (Calls, Remote) {
+        let calls: Calls = Arc::default();
+        let model = Remote {
+            info: NullModel::new(224).info().clone(),
+            max_inflight,
+            calls: calls.clone(),
+        };
+        (calls, model)
+    }
+
+    async fn until_calls(calls: &Calls, n: usize) {
+        let wait = async {
+            while calls.lock().unwrap().len() < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("the engine hands over the call");
+    }
+
+    #[tokio::test]
+    async fn a_remote_model_gets_the_next_batch_while_one_is_out() {
+        let (calls, model) = remote(2);
+        let (engine, metrics) = start(model, settings());
+        let mut s = engine.register(fixed("p"), 2.0);
+        s.submit(frame(0), true);
+        until_calls(&calls, 1).await;
+        s.submit(frame(1), true);
+        until_calls(&calls, 2).await;
+        // Both slots are taken: a third frame waits for one.
+        s.submit(frame(2), true);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(calls.lock().unwrap().len(), 2);
+        assert_eq!(engine.shared.lock().pending, 1);
+        // The second call answers first, and its frame's reply does not wait for the first.
+        let second = calls.lock().unwrap()[1].1.clone();
+        second.frame(0, Ok(serde_json::json!({"text": "b"})));
+        let r = s.recv().await.unwrap();
+        assert_eq!(r.meta.index, 1);
+        assert_eq!(
+            r.outcome,
+            ReplyOutcome::Output(serde_json::json!({"text": "b"}))
+        );
+        // Its slot went to the waiting frame.
+        until_calls(&calls, 3).await;
+        assert_eq!(calls.lock().unwrap()[2].0, [2]);
+        let first = calls.lock().unwrap()[0].1.clone();
+        first.frame(
+            0,
+            Err(ModelError::Inference(
+                "openai server_error: HTTP 500".into(),
+            )),
+        );
+        let r = s.recv().await.unwrap();
+        assert_eq!(r.meta.index, 0);
+        assert!(
+            matches!(&r.outcome, ReplyOutcome::Error(e) if e.contains("HTTP 500")),
+            "{r:?}"
+        );
+        // A second answer for the same frame is ignored.
+        first.frame(0, Ok(serde_json::json!({})));
+        assert!(s.try_recv().is_none());
+        assert_eq!(metrics.inference_batches.get(), 3);
+        assert_eq!(metrics.inference_errors.get(), 1);
+        assert_eq!(engine.shared.lock().in_flight, 1);
+        assert!(engine.shutdown(Duration::from_secs(5)));
+    }
+
+    #[tokio::test]
+    async fn a_remote_batch_takes_only_the_free_slots() {
+        let (calls, model) = remote(3);
+        // A second stream that stays empty makes the batcher wait out the window for a full
+        // batch (of the free slots), so the frames below go out together.
+        let mut s = settings();
+        s.batch_window = Duration::from_secs(1);
+        let (engine, _) = start(model, s);
+        let mut a = engine.register(fixed("p"), 4.0);
+        let _idle = engine.register(fixed("p"), 4.0);
+        a.submit(frame(0), true);
+        until_calls(&calls, 1).await;
+        for i in 1..4 {
+            a.submit(frame(i), true);
+        }
+        until_calls(&calls, 2).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let handed: Vec<Vec<u64>> = calls.lock().unwrap().iter().map(|c| c.0.clone()).collect();
+        assert_eq!(
+            handed,
+            [vec![0], vec![1, 2]],
+            "two slots were free, one frame waits"
+        );
+        for (indices, replies) in calls.lock().unwrap().iter() {
+            for i in 0..indices.len() {
+                replies.frame(i, Ok(serde_json::json!({})));
+            }
+        }
+        for i in 0..3 {
+            assert_eq!(a.recv().await.unwrap().meta.index, i);
+        }
+        until_calls(&calls, 3).await;
+        assert_eq!(calls.lock().unwrap()[2].0, [3]);
+        engine.shutdown(Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_remote_frame_past_the_timeout_fails_but_keeps_its_slot_until_answered() {
+        let (calls, model) = remote(1);
+        let mut s = settings();
+        s.inference_timeout = Duration::from_millis(100);
+        let (engine, metrics) = start(model, s);
+        let mut st = engine.register(fixed("p"), 1.0);
+        st.submit(frame(0), false);
+        let r = st.recv().await.unwrap();
+        assert!(
+            matches!(&r.outcome, ReplyOutcome::Error(e) if e.contains("INFERENCE_TIMEOUT_MS")),
+            "{r:?}"
+        );
+        assert_eq!(metrics.inference_errors.get(), 1);
+        // The server still has frame 0: frame 1 waits for its slot.
+        st.submit(frame(1), false);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(calls.lock().unwrap().len(), 1);
+        let late = calls.lock().unwrap()[0].1.clone();
+        late.frame(0, Ok(serde_json::json!({"late": true})));
+        until_calls(&calls, 2).await;
+        let next = calls.lock().unwrap()[1].1.clone();
+        next.frame(0, Ok(serde_json::json!({"text": "ok"})));
+        let r = st.recv().await.unwrap();
+        assert_eq!(r.meta.index, 1, "the late answer to frame 0 was dropped");
+        assert!(matches!(r.outcome, ReplyOutcome::Output(_)));
+        engine.shutdown(Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_remote_model_that_panics_in_submit_fails_only_that_call() {
+        let (calls, model) = remote(4);
+        let (engine, _) = start(model, settings());
+        let mut bad = engine.register(fixed("panic"), 1.0);
+        bad.submit(frame(0), true);
+        let r = bad.recv().await.unwrap();
+        assert!(
+            matches!(&r.outcome, ReplyOutcome::Error(e) if e.contains("lost the connection pool")),
+            "{r:?}"
+        );
+        let mut good = engine.register(fixed("p"), 1.0);
+        good.submit(frame(1), true);
+        until_calls(&calls, 1).await;
+        calls.lock().unwrap()[0]
+            .1
+            .frame(0, Ok(serde_json::json!({})));
+        assert_eq!(good.recv().await.unwrap().meta.index, 1);
+        assert_eq!(engine.shared.lock().in_flight, 0);
         engine.shutdown(Duration::from_secs(5));
     }
 

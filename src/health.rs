@@ -154,11 +154,16 @@ async fn health(ctx: &HealthContext) -> Response<Full<Bytes>> {
     let redis = ping(ctx).await;
     let model_loaded = ctx.state.model_loaded.load(Ordering::Relaxed);
     let draining = ctx.state.draining.load(Ordering::Relaxed);
-    let status = match (&redis, model_loaded, draining) {
+    let backend_down = ctx.state.backend_down();
+    let status = match (&redis, model_loaded && backend_down.is_none(), draining) {
         (_, _, true) => "draining",
         (Ok(_), true, false) => "ok",
         _ => "degraded",
     };
+    let backend = ctx
+        .state
+        .has_backend()
+        .then(|| serde_json::json!({ "answering": backend_down.is_none(), "error": backend_down }));
     json(
         StatusCode::OK,
         serde_json::json!({
@@ -171,7 +176,7 @@ async fn health(ctx: &HealthContext) -> Response<Full<Bytes>> {
                 "rtt_ms": redis.as_ref().ok().map(|d| d.as_secs_f64() * 1000.0),
                 "error": redis.as_ref().err(),
             },
-            "model": { "loaded": model_loaded, "info": ctx.state.model_info() },
+            "model": { "loaded": model_loaded, "info": ctx.state.model_info(), "backend": backend },
             "jobs": { "running": ctx.state.running_jobs(), "capacity": ctx.capacity, "ids": ctx.state.running_job_ids() },
             "draining": draining,
         }),
@@ -185,6 +190,12 @@ async fn ready(ctx: &HealthContext) -> Response<Full<Bytes>> {
     }
     if !ctx.state.model_loaded.load(Ordering::Relaxed) {
         reasons.push("model is not loaded".into());
+    }
+    if let Some(error) = ctx.state.backend_down() {
+        reasons.push(format!(
+            "the model's server is failing ({} frames in a row): {error}",
+            crate::model::BackendHealth::DOWN_AFTER_FAILURES
+        ));
     }
     if let Err(e) = ping(ctx).await {
         reasons.push(format!("redis unreachable: {e}"));

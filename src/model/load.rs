@@ -5,6 +5,7 @@
 
 use super::cpu_kernels;
 use super::fused_linear::MatmulPrecision;
+use super::openai::{DEFAULT_IMAGE_MAX_SIDE, OpenAiModel, OpenAiSettings};
 use super::{
     ModelError, VisionLanguageModel, blip::BlipModel, clip::ClipModel, owlvit::OwlVitModel,
     siglip::SiglipModel,
@@ -35,6 +36,8 @@ pub enum ModelType {
     /// Prompt-conditioned captioning with BLIP (the Salesforce/blip-image-captioning-large
     /// layout).
     Blip,
+    /// Any VLM behind an OpenAI-compatible chat-completions server; no weights in the worker.
+    OpenAi,
 }
 
 impl ModelType {
@@ -45,16 +48,19 @@ impl ModelType {
             ModelType::Clip | ModelType::Siglip => 224,
             ModelType::Blip => 384,
             ModelType::OwlVit => 768,
+            ModelType::OpenAi => DEFAULT_IMAGE_MAX_SIDE,
         }
     }
 
-    /// The hub model used when neither `MODEL_PATH` nor `MODEL_ID` is set.
+    /// The hub model used when neither `MODEL_PATH` nor `MODEL_ID` is set (none for
+    /// `openai`, whose MODEL_ID names the served model and is required).
     pub fn default_model_id(self) -> &'static str {
         match self {
             ModelType::Clip => "openai/clip-vit-base-patch32",
             ModelType::Siglip => "google/siglip-base-patch16-224",
             ModelType::OwlVit => "google/owlvit-base-patch32",
             ModelType::Blip => "Salesforce/blip-image-captioning-large",
+            ModelType::OpenAi => "",
         }
     }
 
@@ -64,7 +70,7 @@ impl ModelType {
     /// (0.1, as transformers' examples use). BLIP lists nothing as detected.
     pub fn default_detect_threshold(self) -> f32 {
         match self {
-            ModelType::Clip | ModelType::Blip => 0.5,
+            ModelType::Clip | ModelType::Blip | ModelType::OpenAi => 0.5,
             ModelType::Siglip | ModelType::OwlVit => 0.1,
         }
     }
@@ -76,6 +82,7 @@ impl ModelType {
             ModelType::Siglip => "presence",
             ModelType::OwlVit => "detection",
             ModelType::Blip => "captioning",
+            ModelType::OpenAi => "chat",
         }
     }
 
@@ -85,6 +92,7 @@ impl ModelType {
             ModelType::Siglip => "siglip",
             ModelType::OwlVit => "owlvit",
             ModelType::Blip => "blip",
+            ModelType::OpenAi => "openai",
         }
     }
 }
@@ -112,9 +120,10 @@ impl FromStr for ModelType {
             "siglip" => Ok(ModelType::Siglip),
             "owlvit" => Ok(ModelType::OwlVit),
             "blip" => Ok(ModelType::Blip),
+            "openai" => Ok(ModelType::OpenAi),
             _ => Err(ParseSettingError {
                 setting: "MODEL_TYPE",
-                expected: "clip, siglip, owlvit, blip",
+                expected: "clip, siglip, owlvit, blip, openai",
                 value: s.to_string(),
             }),
         }
@@ -236,6 +245,8 @@ pub struct ModelSettings {
     /// OWL-ViT: drop a kept box that overlaps a better box of the same label by more than
     /// this IoU; `None` (the default) keeps every box, as the reference does.
     pub nms_iou: Option<f32>,
+    /// openai: the server and how to talk to it (`model_id` names the served model).
+    pub openai: OpenAiSettings,
 }
 
 impl ModelSettings {
@@ -257,12 +268,25 @@ impl Default for ModelSettings {
             max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
             detect_threshold: None,
             nms_iou: None,
+            openai: OpenAiSettings::default(),
         }
     }
 }
 
 /// Loads the model the settings describe. Blocking: reads (and maybe downloads) weights.
 pub fn load_model(settings: &ModelSettings) -> Result<Box<dyn VisionLanguageModel>, ModelError> {
+    if settings.model_type == ModelType::OpenAi {
+        let model_id = settings.model_id.as_deref().unwrap_or_default();
+        return Ok(Box::new(OpenAiModel::connect(
+            model_id,
+            settings.openai.clone(),
+        )?));
+    }
+    load_weights(settings)
+}
+
+/// Loads a model that runs in the worker, from its weight files.
+fn load_weights(settings: &ModelSettings) -> Result<Box<dyn VisionLanguageModel>, ModelError> {
     let files = resolve_files(settings)?;
     let device = select_device(settings.device)?;
     tracing::info!(
@@ -276,6 +300,11 @@ pub fn load_model(settings: &ModelSettings) -> Result<Box<dyn VisionLanguageMode
         ModelType::Siglip => Box::new(SiglipModel::load(&files, device, settings)?),
         ModelType::OwlVit => Box::new(OwlVitModel::load(&files, device, settings)?),
         ModelType::Blip => Box::new(BlipModel::load(&files, device, settings)?),
+        ModelType::OpenAi => {
+            return Err(ModelError::Load(
+                "MODEL_TYPE=openai has no weight files: it calls a server".into(),
+            ));
+        }
     })
 }
 
@@ -641,10 +670,11 @@ mod tests {
     fn parses_setting_words() {
         assert_eq!("CLIP".parse::<ModelType>().unwrap(), ModelType::Clip);
         assert_eq!(" blip ".parse::<ModelType>().unwrap(), ModelType::Blip);
+        assert_eq!("OpenAI".parse::<ModelType>().unwrap(), ModelType::OpenAi);
         let err = "llava".parse::<ModelType>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "MODEL_TYPE must be one of clip, siglip, owlvit, blip, not \"llava\""
+            "MODEL_TYPE must be one of clip, siglip, owlvit, blip, openai, not \"llava\""
         );
         assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
         assert_eq!("Auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);

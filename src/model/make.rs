@@ -160,6 +160,11 @@ pub fn write_random_model(
                 .collect();
             (config, tok, tok_config, preprocessor, specs)
         }
+        ModelType::OpenAi => {
+            return Err(ModelError::Load(
+                "MODEL_TYPE=openai has no weights to write: it calls a server".into(),
+            ));
+        }
     };
     write_json(&dir.join("config.json"), &config)?;
     write_json(&dir.join("tokenizer.json"), &tokenizer)?;

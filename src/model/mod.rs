@@ -1,5 +1,11 @@
-//! The model boundary: a narrow, synchronous trait that turns a batch of frames and a prompt
-//! into one output per frame. The engine calls it from its own OS thread.
+//! The model boundary: a narrow trait that turns a batch of frames and a prompt into one
+//! output per frame. The engine calls it from its own OS thread.
+//!
+//! Models that compute in the worker answer synchronously in `infer`, one batch at a time. A
+//! model that waits on a remote server instead says how many frames it can have out at once
+//! (`max_inflight_frames`) and takes batches through `submit`, which returns at once and
+//! answers each frame later through [`BatchReplies`], from whichever thread has the answer;
+//! the engine then keeps forming and handing over batches while earlier ones are out.
 //!
 //! Only this module (and its children) may import candle. Concrete backends are chosen by
 //! `MODEL_TYPE` and wired in the binary.
@@ -12,6 +18,7 @@ pub mod cpu_kernels;
 pub mod fused_linear;
 pub mod load;
 pub mod make;
+pub mod openai;
 pub mod owlvit;
 #[cfg(test)]
 mod parity;
@@ -50,6 +57,8 @@ use crate::frame::Frame;
 pub mod null;
 
 use serde::Serialize;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// What a model is, as reported in health output, worker heartbeats and result entries.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -99,4 +108,107 @@ pub trait VisionLanguageModel: Send {
         frames: &[&Frame],
         prompt: &PromptRef,
     ) -> Result<Vec<serde_json::Value>, ModelError>;
+
+    /// How many frames this model can have out at once, across batches, when it answers
+    /// through [`VisionLanguageModel::submit`]; `None` (the default) for a model that computes
+    /// in `infer`, one batch at a time.
+    fn max_inflight_frames(&self) -> Option<usize> {
+        None
+    }
+
+    /// Starts a batch and returns as soon as the work is handed off; each frame's answer goes
+    /// to `replies` under the frame's index in `frames`. The engine calls it only for a model
+    /// whose `max_inflight_frames` is `Some`, never with more frames out than that. The default
+    /// runs `infer` on the calling thread.
+    fn submit(&mut self, frames: Vec<Frame>, prompt: &PromptRef, replies: BatchReplies) {
+        let refs: Vec<&Frame> = frames.iter().collect();
+        match self.infer(&refs, prompt) {
+            Ok(outputs) if outputs.len() == frames.len() => {
+                for (i, output) in outputs.into_iter().enumerate() {
+                    replies.frame(i, Ok(output));
+                }
+            }
+            Ok(outputs) => {
+                let error = format!(
+                    "the model returned {} outputs for {} frames",
+                    outputs.len(),
+                    frames.len()
+                );
+                replies.fail_all(frames.len(), &error);
+            }
+            Err(e) => replies.fail_all(frames.len(), &e.to_string()),
+        }
+    }
+
+    /// The health of the service the model depends on, for `/health/ready`; `None` for a model
+    /// that depends on none.
+    fn backend_health(&self) -> Option<Arc<BackendHealth>> {
+        None
+    }
+}
+
+/// Where the answers to one batch handed to [`VisionLanguageModel::submit`] go, frame by frame,
+/// from any thread. Cheap to clone; the first answer for a frame counts, later ones are ignored.
+#[derive(Clone)]
+pub struct BatchReplies {
+    answer: Arc<dyn Fn(usize, Result<serde_json::Value, ModelError>) + Send + Sync>,
+}
+
+impl BatchReplies {
+    pub fn new(
+        answer: impl Fn(usize, Result<serde_json::Value, ModelError>) + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            answer: Arc::new(answer),
+        }
+    }
+
+    /// Answers frame `index` of the batch.
+    pub fn frame(&self, index: usize, result: Result<serde_json::Value, ModelError>) {
+        (self.answer)(index, result)
+    }
+
+    /// Fails frames `0..frames` with the same error.
+    pub fn fail_all(&self, frames: usize, error: &str) {
+        for i in 0..frames {
+            self.frame(i, Err(ModelError::Inference(error.to_string())));
+        }
+    }
+}
+
+/// Whether the server a remote model calls is answering: the model records each frame's
+/// final outcome, `/health/ready` reads it.
+#[derive(Debug, Default)]
+pub struct BackendHealth {
+    consecutive_failures: AtomicU32,
+    last_error: Mutex<Option<String>>,
+}
+
+impl BackendHealth {
+    /// Frames that must fail in a row (after their retries) for the backend to count as down.
+    pub const DOWN_AFTER_FAILURES: u32 = 3;
+
+    pub fn record_success(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    pub fn record_failure(&self, error: &str) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `None` while the backend answers; the last error once `DOWN_AFTER_FAILURES` frames in
+    /// a row have failed, until one succeeds.
+    pub fn down(&self) -> Option<String> {
+        if self.consecutive_failures.load(Ordering::Relaxed) < Self::DOWN_AFTER_FAILURES {
+            return None;
+        }
+        Some(
+            self.last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default(),
+        )
+    }
 }

@@ -44,6 +44,7 @@ pub fn tiny_model(kind: ModelType) -> &'static Path {
         ModelType::Clip => &CLIP,
         ModelType::Siglip => &SIGLIP,
         ModelType::Blip => &BLIP,
+        ModelType::OpenAi => panic!("MODEL_TYPE=openai has no weights to write"),
     };
     cell.get_or_init(|| {
         let dir = scratch_dir(&format!("tiny-{kind}"));

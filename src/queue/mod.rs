@@ -12,7 +12,7 @@ use crate::job::{
 };
 use crate::keys::WORKER_GROUP;
 use crate::metrics::Metrics;
-use crate::model::PromptRef;
+use crate::model::{BackendHealth, PromptRef};
 use crate::results::{ResultSink, Retention, saved_progress, write_end};
 use crate::store::{Backoff, MAX_BLOCK_MS, Store, StoreError, StoreResult, now_ms};
 use entries::{Entry, parse_autoclaim_reply, parse_read_reply};
@@ -43,6 +43,8 @@ pub struct WorkerState {
     /// Why the worker is not ready, when it is not (Redis unreachable at start, ...).
     pub last_redis_error: Mutex<Option<String>>,
     running: Mutex<HashMap<String, RunningJob>>,
+    /// The health of the server a remote model calls, when it calls one.
+    backend: std::sync::OnceLock<Arc<BackendHealth>>,
 }
 
 impl WorkerState {
@@ -50,6 +52,22 @@ impl WorkerState {
     pub fn set_model(&self, info: serde_json::Value) {
         *self.model_info.lock().unwrap_or_else(|e| e.into_inner()) = info;
         self.model_loaded.store(true, Ordering::Relaxed);
+    }
+
+    /// Records the health of the server the loaded model calls.
+    pub fn set_backend_health(&self, health: Arc<BackendHealth>) {
+        let _ = self.backend.set(health);
+    }
+
+    /// Why the model's server counts as down (see [`BackendHealth::down`]); `None` while it
+    /// answers, or when the model calls none.
+    pub fn backend_down(&self) -> Option<String> {
+        self.backend.get().and_then(|h| h.down())
+    }
+
+    /// Whether the model calls a server at all.
+    pub fn has_backend(&self) -> bool {
+        self.backend.get().is_some()
     }
 
     pub fn model_info(&self) -> serde_json::Value {

@@ -54,7 +54,8 @@ impl Args for RawSettings {
                 .value_name("VALUE")
                 .help(s.help)
                 .global(true);
-            let arg = if s.env == "REDIS_PASSWORD" {
+            // Secrets: `--help` would otherwise print their values from the environment.
+            let arg = if matches!(s.env, "REDIS_PASSWORD" | "OPENAI_API_KEY") {
                 arg.hide_env_values(true)
             } else {
                 arg

@@ -95,6 +95,9 @@ pub async fn run(config: Config) -> ExitCode {
     };
     let info: ModelInfo = model.info().clone();
     tracing::info!(model = %info.name, device = %info.device, dtype = %info.dtype, "model loaded");
+    if let Some(health) = model.backend_health() {
+        state.set_backend_health(health);
+    }
     state.set_model(serde_json::to_value(&info).unwrap_or_default());
 
     let (body, engine) = build_body(&config, model, store.clone(), metrics.clone());
@@ -161,6 +164,7 @@ fn load_model(config: &Config) -> Result<Box<dyn VisionLanguageModel>, String> {
         max_new_tokens: config.max_new_tokens,
         detect_threshold: config.detect_threshold,
         nms_iou: config.nms_iou,
+        openai: config.openai.clone(),
     };
     load_model(&settings).map_err(|e| e.to_string())
 }
