@@ -43,6 +43,8 @@ ensure_tools() {
   ensure_command redis-server redis-server
   ensure_command redis-cli redis-tools
   ensure_command ffmpeg ffmpeg
+  # tests/security.rs makes its test CA and certificates with it.
+  ensure_command openssl openssl
   ensure_rtsp_server
   ensure_build_tools
 }

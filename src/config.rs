@@ -4,6 +4,7 @@
 //! and .env.example mirror it (a test keeps them in step).
 
 use crate::model::openai::{ApiKey, ImageDetail, OpenAiSettings};
+use crate::redact::{Secret, redact_url};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -50,6 +51,21 @@ pub const SETTINGS: &[Setting] = &[
         "REDIS_DB",
         Some("0"),
         "Redis database number, used when REDIS_URL is unset.",
+    ),
+    s(
+        "REDIS_TLS_CA_FILE",
+        None,
+        "PEM file of the certificate authorities a rediss:// server's certificate must chain to, instead of the system's (a private CA). Only with a rediss:// REDIS_URL.",
+    ),
+    s(
+        "REDIS_TLS_CERT_FILE",
+        None,
+        "PEM client certificate for mutual TLS (Redis `tls-auth-clients yes`); needs REDIS_TLS_KEY_FILE. Only with a rediss:// REDIS_URL.",
+    ),
+    s(
+        "REDIS_TLS_KEY_FILE",
+        None,
+        "PEM private key of REDIS_TLS_CERT_FILE.",
     ),
     s(
         "KEY_PREFIX",
@@ -274,6 +290,16 @@ pub const SETTINGS: &[Setting] = &[
     ),
 ];
 
+/// Settings whose values are or may hold a secret: never shown (`--help` hides their
+/// values; errors and `Debug` mask the Redis URLs through [`crate::redact`], and the API key
+/// is an [`ApiKey`], whose `Debug` prints `***`).
+pub const SECRET_SETTINGS: &[&str] = &[
+    "REDIS_URL",
+    "REDIS_CLUSTER_NODES",
+    "REDIS_PASSWORD",
+    "OPENAI_API_KEY",
+];
+
 /// A bad setting: which variable, what it held, what is allowed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {name}={value:?}: {allowed}")]
@@ -289,12 +315,29 @@ pub enum LogFormat {
     Json,
 }
 
-/// The validated configuration.
+/// Files for a TLS connection to Redis (`rediss://`) beyond the system's trust store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RedisTlsFiles {
+    /// Certificate authorities to trust instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS, both or neither.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl RedisTlsFiles {
+    pub fn is_empty(&self) -> bool {
+        self.ca_file.is_none() && self.client_cert.is_none()
+    }
+}
+
+/// The validated configuration. The Redis URLs are [`Secret`]s: printing a `Config` masks
+/// their passwords.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub redis_url: String,
+    pub redis_url: Secret,
     /// Seed nodes of a Redis Cluster; empty for a single node (`redis_url`).
-    pub redis_cluster_nodes: Vec<String>,
+    pub redis_cluster_nodes: Vec<Secret>,
+    pub redis_tls: RedisTlsFiles,
     pub key_prefix: String,
     pub model_type: String,
     pub model_path: Option<PathBuf>,
@@ -358,7 +401,7 @@ impl Reader<'_> {
     fn err(name: &str, value: &str, allowed: &str) -> ConfigError {
         ConfigError {
             name: name.into(),
-            value: value.into(),
+            value: redact_url(value),
             allowed: allowed.into(),
         }
     }
@@ -546,6 +589,45 @@ impl Config {
                 nodes
             }
         };
+        let redis_tls = RedisTlsFiles {
+            ca_file: r.raw("REDIS_TLS_CA_FILE").map(PathBuf::from),
+            client_cert: match (r.raw("REDIS_TLS_CERT_FILE"), r.raw("REDIS_TLS_KEY_FILE")) {
+                (None, None) => None,
+                (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+                (Some(cert), None) => {
+                    return Err(Reader::err(
+                        "REDIS_TLS_CERT_FILE",
+                        &cert,
+                        "set together with REDIS_TLS_KEY_FILE",
+                    ));
+                }
+                (None, Some(key)) => {
+                    return Err(Reader::err(
+                        "REDIS_TLS_KEY_FILE",
+                        &key,
+                        "set together with REDIS_TLS_CERT_FILE",
+                    ));
+                }
+            },
+        };
+        if !redis_tls.is_empty() {
+            let name = if redis_tls.ca_file.is_some() {
+                "REDIS_TLS_CA_FILE"
+            } else {
+                "REDIS_TLS_CERT_FILE"
+            };
+            let value = r.string(name);
+            if !redis_cluster_nodes.is_empty() {
+                return Err(Reader::err(
+                    name,
+                    &value,
+                    "not supported with REDIS_CLUSTER_NODES yet (a Cluster over rediss:// uses the system's trust store)",
+                ));
+            }
+            if !redis_url.starts_with("rediss://") {
+                return Err(Reader::err(name, &value, "only with a rediss:// REDIS_URL"));
+            }
+        }
         let key_prefix = r.string("KEY_PREFIX");
         if key_prefix.is_empty()
             || key_prefix.len() > 64
@@ -601,8 +683,9 @@ impl Config {
         )?;
         let openai = r.openai(model_type == "openai")?;
         Ok(Config {
-            redis_url,
-            redis_cluster_nodes,
+            redis_url: Secret::new(redis_url),
+            redis_cluster_nodes: redis_cluster_nodes.into_iter().map(Secret::new).collect(),
+            redis_tls,
             key_prefix,
             model_type,
             model_path: r.raw("MODEL_PATH").map(PathBuf::from),
@@ -703,6 +786,7 @@ fn percent_encode(s: &str) -> String {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+    use std::path::Path;
 
     fn with(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let map: HashMap<String, String> = pairs
@@ -800,6 +884,58 @@ mod tests {
             Some(serde_json::json!({"type": "object"}))
         );
         assert!(!format!("{c:?}").contains("sk-very-secret"));
+    }
+
+    #[test]
+    fn redis_passwords_never_appear_in_errors_or_debug_output() {
+        let e = with(&[("REDIS_URL", "http://u:hunter2@cache:6379")]).unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert!(e.to_string().contains("u:***@cache"), "{e}");
+        let e = with(&[("REDIS_CLUSTER_NODES", "redis://:hunter2@a:1,http://b:2")]).unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let c = with(&[
+            ("REDIS_URL", "redis://u:hunter2@cache:6379"),
+            ("REDIS_PASSWORD", "ignored"),
+        ])
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let c = with(&[("REDIS_PASSWORD", "hunter2")]).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(
+            SECRET_SETTINGS
+                .iter()
+                .all(|n| SETTINGS.iter().any(|s| s.env == *n))
+        );
+    }
+
+    #[test]
+    fn tls_files_need_rediss_and_come_as_a_pair() {
+        let c = with(&[
+            ("REDIS_URL", "rediss://cache:6380"),
+            ("REDIS_TLS_CA_FILE", "/etc/ca.pem"),
+            ("REDIS_TLS_CERT_FILE", "/etc/c.pem"),
+            ("REDIS_TLS_KEY_FILE", "/etc/c.key"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.redis_tls.ca_file.as_deref(),
+            Some(Path::new("/etc/ca.pem"))
+        );
+        assert!(c.redis_tls.client_cert.is_some());
+        let e = with(&[("REDIS_TLS_CA_FILE", "/etc/ca.pem")]).unwrap_err();
+        assert_eq!(e.name, "REDIS_TLS_CA_FILE");
+        let e = with(&[
+            ("REDIS_URL", "rediss://cache:6380"),
+            ("REDIS_TLS_CERT_FILE", "/etc/c.pem"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.name, "REDIS_TLS_CERT_FILE");
+        let e = with(&[
+            ("REDIS_CLUSTER_NODES", "rediss://a:1"),
+            ("REDIS_TLS_CA_FILE", "/etc/ca.pem"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.name, "REDIS_TLS_CA_FILE");
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! The worker's only HTTP face: `/health`, `/health/ready`, `/health/live` and `/metrics`,
-//! served with hyper. Everything else is a 404: the API is Redis.
+//! served with hyper. Everything else is a 404: the API is Redis. It is bounded so that a
+//! slow, noisy or hostile client cannot tie it up: a cap on open connections, a deadline for
+//! the request head and for the whole exchange, a small request size, one request per
+//! connection.
 
 use crate::metrics::Metrics;
 use crate::queue::WorkerState;
@@ -10,13 +13,55 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+/// Most connections served at once; one more is answered 503 and closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send its request head (slowloris).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest one connection is kept, whatever it does (a `/health` waits at most 2 s
+/// on Redis).
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request head read (hyper's smallest buffer); a larger one is refused.
+pub const MAX_REQUEST_BYTES: usize = 8192;
+/// Most header lines in a request.
+pub const MAX_HEADERS: usize = 32;
+
+const BUSY_RESPONSE: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// The paths the endpoint serves, parsed once from the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Health,
+    Ready,
+    Live,
+    Metrics,
+}
+
+impl Endpoint {
+    /// Every path served, with its endpoint; any other path is a 404.
+    pub const PATHS: [(&'static str, Endpoint); 4] = [
+        ("/health", Endpoint::Health),
+        ("/health/ready", Endpoint::Ready),
+        ("/health/live", Endpoint::Live),
+        ("/metrics", Endpoint::Metrics),
+    ];
+
+    pub fn from_path(path: &str) -> Option<Self> {
+        Self::PATHS
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, e)| *e)
+    }
+}
 
 /// What the endpoint reports.
 #[derive(Clone)]
@@ -38,6 +83,7 @@ pub async fn serve(
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let ctx = Arc::new(ctx);
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let handle = tokio::spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
@@ -51,17 +97,29 @@ pub async fn serve(
                 },
                 _ = shutdown.cancelled() => return,
             };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                // Full: say so without waiting on the client, and close.
+                let _ = stream.try_write(BUSY_RESPONSE);
+                continue;
+            };
             let ctx = ctx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let service = service_fn(move |req| {
                     let ctx = ctx.clone();
                     async move { Ok::<_, std::convert::Infallible>(route(&ctx, req).await) }
                 });
-                if let Err(e) = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    tracing::debug!(error = %e, "health connection ended");
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .max_buf_size(MAX_REQUEST_BYTES)
+                    .max_headers(MAX_HEADERS)
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(stream), service);
+                match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "health connection ended"),
+                    Err(_) => tracing::debug!("health connection closed: too slow"),
                 }
             });
         }
@@ -88,11 +146,11 @@ async fn route(ctx: &HealthContext, req: Request<Incoming>) -> Response<Full<Byt
             serde_json::json!({"error": "only GET"}),
         );
     }
-    match req.uri().path() {
-        "/health" => health(ctx).await,
-        "/health/ready" => ready(ctx).await,
-        "/health/live" => json(StatusCode::OK, serde_json::json!({"status": "alive"})),
-        "/metrics" => {
+    match Endpoint::from_path(req.uri().path()) {
+        Some(Endpoint::Health) => health(ctx).await,
+        Some(Endpoint::Ready) => ready(ctx).await,
+        Some(Endpoint::Live) => json(StatusCode::OK, serde_json::json!({"status": "alive"})),
+        Some(Endpoint::Metrics) => {
             read_queue_depth(ctx).await;
             respond(
                 StatusCode::OK,
@@ -100,7 +158,7 @@ async fn route(ctx: &HealthContext, req: Request<Incoming>) -> Response<Full<Byt
                 ctx.metrics.render(),
             )
         }
-        _ => json(
+        None => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "not found"}),
         ),

@@ -77,6 +77,15 @@ impl Keys {
     pub fn workers_prefix(&self) -> String {
         format!("{}:worker:", self.tag)
     }
+    /// True for a key of this deployment: one of the queue's `{prefix}...` keys or a job's
+    /// `{prefix:<job_id>}...` keys.
+    pub fn owns(&self, key: &str) -> bool {
+        key.starts_with(&self.tag)
+            || key
+                .strip_prefix('{')
+                .and_then(|rest| rest.strip_prefix(self.prefix.as_str()))
+                .is_some_and(|rest| rest.starts_with(':'))
+    }
 }
 
 #[cfg(test)]
@@ -96,5 +105,28 @@ mod tests {
         assert_eq!(k.job_tag("cam-1:a"), "{fr:cam-1:a}");
         assert_eq!(k.results("cam-1:a"), "{fr:cam-1:a}:results");
         assert_eq!(k.progress("cam-1:a"), "{fr:cam-1:a}:progress");
+    }
+
+    #[test]
+    fn the_deployment_owns_its_queue_and_job_keys_only() {
+        let k = Keys::new("fr");
+        for key in [
+            k.jobs(),
+            k.alerts(),
+            k.results("j"),
+            k.progress("a:b"),
+            k.tag().into(),
+        ] {
+            assert!(k.owns(&key), "{key}");
+        }
+        for key in [
+            "frames:cam1",
+            "{frames}:cam1",
+            "{fr2}:jobs",
+            "fr:jobs",
+            "x{fr}:jobs",
+        ] {
+            assert!(!k.owns(key), "{key}");
+        }
     }
 }

@@ -11,6 +11,7 @@
 //! - [`results`]: result entries and job progress; [`prompt`]: the active prompt.
 //! - [`client`]: the user-side operations the CLI speaks (submit, status, cancel, ...).
 //! - [`health`]: the HTTP health and metrics endpoint; [`metrics`]: the counters.
+//! - [`redact`]: masking secrets (URL passwords) before anything is shown (pure).
 //! - [`frame`]: the decoded frame type (pure); [`sampler`]: fps sampling by timestamp (pure).
 //! - [`source`]: frame sources (HLS through an ffmpeg child, Redis frame streams).
 //! - [`gate`]: the scene-change gate that lets a job reuse the last output on a still scene
@@ -33,6 +34,7 @@ pub mod model;
 pub mod pipeline;
 pub mod prompt;
 pub mod queue;
+pub mod redact;
 pub mod results;
 pub mod sampler;
 pub mod source;

@@ -2,10 +2,12 @@
 //! contract's key names, and calls into the `freeroam` function library, which is loaded
 //! again whenever the server has lost it (a restart without persistence, a `FUNCTION FLUSH`).
 
+use crate::config::RedisTlsFiles;
 use crate::keys::Keys;
+use crate::redact::redact_url;
 use deadpool_redis::{Manager, Pool, Runtime};
 use redis::aio::ConnectionLike;
-use redis::{AsyncConnectionConfig, FromRedisValue, ToRedisArgs};
+use redis::{AsyncConnectionConfig, FromRedisValue, IntoConnectionInfo, ToRedisArgs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,6 +30,8 @@ pub enum StoreError {
     Pool(String),
     #[error("bad redis url: {0}")]
     Url(String),
+    #[error("redis tls: {0}")]
+    Tls(String),
 }
 
 impl StoreError {
@@ -52,7 +56,19 @@ impl StoreError {
                     || server_codes(e).iter().any(|c| c == "UNBLOCKED")
             }
             StoreError::Pool(_) => true,
-            StoreError::Url(_) => false,
+            StoreError::Url(_) | StoreError::Tls(_) => false,
+        }
+    }
+
+    /// True when the server refused the credentials (a wrong password or user name, or an
+    /// unknown or disabled ACL user): retrying with the same settings cannot help.
+    pub fn is_auth_failure(&self) -> bool {
+        match self {
+            StoreError::Redis(e) => {
+                e.kind() == redis::ErrorKind::AuthenticationFailed
+                    || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
+            }
+            _ => false,
         }
     }
 
@@ -174,11 +190,35 @@ pub struct Store {
 impl Store {
     /// Builds the pool. Connections are made lazily, so this succeeds while Redis is down.
     pub fn new(redis_url: &str, key_prefix: &str, max_connections: usize) -> StoreResult<Self> {
+        Self::with_tls(
+            redis_url,
+            &RedisTlsFiles::default(),
+            key_prefix,
+            max_connections,
+        )
+    }
+
+    /// [`Store::new`] for a `rediss://` URL whose server certificate chains to a private CA,
+    /// or that asks for a client certificate: the files are read once, here.
+    pub fn with_tls(
+        redis_url: &str,
+        tls: &RedisTlsFiles,
+        key_prefix: &str,
+        max_connections: usize,
+    ) -> StoreResult<Self> {
+        let url_error = |e: redis::RedisError| StoreError::Url(redact_url(&e.to_string()));
+        let info = if tls.is_empty() {
+            redis_url.into_connection_info().map_err(url_error)?
+        } else {
+            redis::Client::build_with_tls(redis_url, tls_certificates(tls)?)
+                .map_err(url_error)?
+                .get_connection_info()
+                .clone()
+        };
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT));
-        let manager = Manager::new_with_config(redis_url, config)
-            .map_err(|e| StoreError::Url(e.to_string()))?;
+        let manager = Manager::new_with_config(info, config).map_err(url_error)?;
         let pool = Pool::builder(manager)
             .max_size(max_connections.max(4))
             .wait_timeout(Some(Duration::from_secs(10)))
@@ -196,13 +236,14 @@ impl Store {
 
     /// A Redis Cluster through its seed nodes (`redis://host:port`, any reachable subset of
     /// the nodes); the client learns the rest of the topology and follows its changes.
-    pub fn cluster(
-        nodes: &[String],
+    pub fn cluster<N: AsRef<str>>(
+        nodes: &[N],
         key_prefix: &str,
         max_connections: usize,
     ) -> StoreResult<Self> {
-        let manager = deadpool_redis::cluster::Manager::new(nodes.to_vec(), false)
-            .map_err(|e| StoreError::Url(e.to_string()))?;
+        let nodes: Vec<&str> = nodes.iter().map(AsRef::as_ref).collect();
+        let manager = deadpool_redis::cluster::Manager::new(nodes, false)
+            .map_err(|e| StoreError::Url(redact_url(&e.to_string())))?;
         let pool = deadpool_redis::cluster::Pool::builder(manager)
             .max_size(max_connections.max(4))
             .wait_timeout(Some(Duration::from_secs(10)))
@@ -222,7 +263,12 @@ impl Store {
     /// else the one node of `REDIS_URL`.
     pub fn for_config(config: &crate::config::Config, max_connections: usize) -> StoreResult<Self> {
         if config.redis_cluster_nodes.is_empty() {
-            Self::new(&config.redis_url, &config.key_prefix, max_connections)
+            Self::with_tls(
+                &config.redis_url,
+                &config.redis_tls,
+                &config.key_prefix,
+                max_connections,
+            )
         } else {
             Self::cluster(
                 &config.redis_cluster_nodes,
@@ -337,6 +383,24 @@ impl Store {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The CA and client certificate files, read for the TLS client.
+fn tls_certificates(files: &RedisTlsFiles) -> StoreResult<redis::TlsCertificates> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| StoreError::Tls(format!("cannot read {}: {e}", path.display())))
+    };
+    Ok(redis::TlsCertificates {
+        root_cert: files.ca_file.as_deref().map(read).transpose()?,
+        client_tls: match &files.client_cert {
+            Some((cert, key)) => Some(redis::ClientTlsConfig {
+                client_cert: read(cert)?,
+                client_key: read(key)?,
+            }),
+            None => None,
+        },
+    })
 }
 
 /// Closes a connection whose slot map proved stale, so the pool makes a fresh one.

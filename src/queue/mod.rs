@@ -323,7 +323,13 @@ impl Worker {
                     self.state.redis_failed(&e);
                     self.metrics.redis_errors.inc();
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in = ?delay, "redis not ready");
+                    if e.is_auth_failure() {
+                        // Not a passing outage: only new credentials (or an ACL change on
+                        // the server) help, so it is said at error level, naming no secret.
+                        tracing::error!(error = %e, retry_in = ?delay, "redis auth failed: check the user name and password of REDIS_URL");
+                    } else {
+                        tracing::warn!(error = %e, retry_in = ?delay, "redis not ready");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.cancelled() => return false,

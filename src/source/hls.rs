@@ -162,8 +162,9 @@ async fn read_stderr(
     url: String,
 ) {
     let mut lines = BufReader::new(stderr).lines();
+    let url = crate::redact::redact_url(&url);
     while let Ok(Some(line)) = lines.next_line().await {
-        tracing::debug!(target: "free_roam::ffmpeg", stream = %url, "{line}");
+        tracing::debug!(target: "free_roam::ffmpeg", stream = %url, "{}", crate::redact::redact_url(&line));
         let l = parse_line(&line);
         if let Some(size) = parse_source_size(&l) {
             let _ = source_sizes.send(size);
@@ -399,12 +400,12 @@ pub(crate) async fn run(job: HlsJob, slot: Arc<Slot>, cancel: CancellationToken)
                 if failures > opts.retries {
                     slot.finish(SourceEvent::Failed(format!(
                         "ffmpeg could not read `{}` ({failures} attempts): {reason}",
-                        job.input.url
+                        crate::redact::redact_url(&job.input.url)
                     )));
                     return;
                 }
                 let delay = backoff.next_delay();
-                tracing::warn!(stream = %job.input.url, %reason, ?delay, attempt = failures, "ffmpeg failed; restarting");
+                tracing::warn!(stream = %crate::redact::redact_url(&job.input.url), %reason, ?delay, attempt = failures, "ffmpeg failed; restarting");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = cancel.cancelled() => return,

@@ -255,7 +255,7 @@ impl Source {
                 })
             }
             SourceKind::Redis => {
-                let key = redis_frames::stream_key(&spec.stream_ref)
+                let key = redis_frames::stream_key(&spec.stream_ref, store.keys())
                     .map_err(|e| JobFailure::new(e.to_string()))?;
                 let slot = Slot::new(true);
                 let task = tokio::spawn(redis_frames::run(

@@ -23,8 +23,13 @@ use tokio_util::sync::CancellationToken;
 /// Entries read per `XREAD`: enough to skim a backlog quickly, small enough to stay cheap.
 const READ_COUNT: usize = 256;
 
-/// A frame-stream key named by a `stream_ref`: `redis://KEY` or the bare key.
-pub fn stream_key(stream_ref: &str) -> Result<String, super::ffmpeg_args::Refused> {
+/// A frame-stream key named by a `stream_ref`: `redis://KEY` or the bare key. The
+/// deployment's own keys are refused: a job may not read the queue, alerts or another
+/// job's results as its frames.
+pub fn stream_key(
+    stream_ref: &str,
+    keys: &crate::keys::Keys,
+) -> Result<String, super::ffmpeg_args::Refused> {
     use super::ffmpeg_args::Refused;
     let key = match stream_ref.get(..8) {
         Some(p) if p.eq_ignore_ascii_case("redis://") => &stream_ref[8..],
@@ -40,6 +45,11 @@ pub fn stream_key(stream_ref: &str) -> Result<String, super::ffmpeg_args::Refuse
         return Err(Refused(
             "the frame stream key may not start with '-' or hold control characters".into(),
         ));
+    }
+    if keys.owns(key) {
+        return Err(Refused(format!(
+            "`{key}` is one of this deployment's own keys (KEY_PREFIX), not a frame stream"
+        )));
     }
     Ok(key.to_string())
 }
@@ -476,11 +486,17 @@ mod tests {
 
     #[test]
     fn stream_keys_accept_bare_and_redis_urls() {
+        let keys = crate::keys::Keys::new("fr");
+        let stream_key = |r: &str| stream_key(r, &keys);
         assert_eq!(stream_key("frames:cam1").unwrap(), "frames:cam1");
         assert_eq!(stream_key("redis://frames:cam1").unwrap(), "frames:cam1");
-        assert_eq!(stream_key("REDIS://{fr}:f").unwrap(), "{fr}:f");
+        assert_eq!(stream_key("REDIS://{cam}:f").unwrap(), "{cam}:f");
         assert!(stream_key("redis://").is_err());
         assert!(stream_key("a\u{0}b").is_err());
+        for own in ["{fr}:alerts", "redis://{fr}:jobs", "{fr:other-job}:results"] {
+            let e = stream_key(own).unwrap_err().to_string();
+            assert!(e.contains("KEY_PREFIX"), "{own}: {e}");
+        }
     }
 
     #[test]

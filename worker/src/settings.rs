@@ -2,7 +2,7 @@
 //! variable), and hands their raw values to `Config::from_lookup`.
 
 use clap::{Arg, ArgMatches, Args, Command, FromArgMatches};
-use free_roam::config::SETTINGS;
+use free_roam::config::{SECRET_SETTINGS, SETTINGS};
 use std::collections::HashMap;
 
 /// The raw value of every setting given as a flag or in the environment.
@@ -45,6 +45,9 @@ impl Args for RawSettings {
             "REDIS_PORT",
             "REDIS_PASSWORD",
             "REDIS_DB",
+            "REDIS_TLS_CA_FILE",
+            "REDIS_TLS_CERT_FILE",
+            "REDIS_TLS_KEY_FILE",
             "KEY_PREFIX",
         ];
         cmd.args(SETTINGS.iter().map(|s| {
@@ -54,8 +57,7 @@ impl Args for RawSettings {
                 .value_name("VALUE")
                 .help(s.help)
                 .global(true);
-            // Secrets: `--help` would otherwise print their values from the environment.
-            let arg = if matches!(s.env, "REDIS_PASSWORD" | "OPENAI_API_KEY") {
+            let arg = if SECRET_SETTINGS.contains(&s.env) {
                 arg.hide_env_values(true)
             } else {
                 arg
