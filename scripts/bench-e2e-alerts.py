@@ -68,13 +68,19 @@ def main():
             enter += a.period
             if pub_in is None:
                 continue
-            if pub_in < first + 1000 or pub_out is None or pub_out + a.clear_ms + 2000 > last:
-                skipped += 1
-                continue
+            if pub_out is not None and pub_out < first or pub_in > last:
+                continue  # before or after the job
             # The start written for this appearance: the first after the segment appeared
             # (less a little: the poller reads the playlist every 20 ms) and before the next.
             match = next(((ms, f) for ms, f in starts
                           if ms not in used and pub_in - 500 <= ms < pub_in + a.period * 1000 - 500), None)
+            if pub_in < first + 1000 or pub_out is None or pub_out + a.clear_ms + 2000 > last:
+                # In view as the job started, or leaving as it ended: not judged, but its
+                # start (if any) is not one without an appearance either.
+                skipped += 1
+                if match:
+                    used.add(match[0])
+                continue
             if match is None:
                 misses += 1
                 rows.append(f"| {job} | {v} | {this} s | MISSED | | | | | |")
@@ -93,8 +99,7 @@ def main():
                 f"| {(start_ms - int(start['first_capture_ms'])) / 1000:.2f} s "
                 f"| {'yes' if on_time else 'NO'} | {end_cell} "
                 f"| {'yes' if end and end[0] > pub_out else 'NO'} | {start.get('peak_score', '')} |")
-        extra += sum(1 for ms, _ in starts if ms not in used
-                     and not (ms < first + 1000 or ms > last - a.clear_ms - 2000))
+        extra += sum(1 for ms, _ in starts if ms not in used)
     print(f"# alert latency: box in view {a.visible} s every {a.period} s; jobs at fps {a.fps:g}, "
           f"alert_min_frames {a.min_frames}, alert_clear_ms {a.clear_ms}; a start is on time "
           f"within {budget / 1000:.2f} s of the segment with the box's first frame appearing")
