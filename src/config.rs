@@ -75,7 +75,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "MODEL_TYPE",
         Some("clip"),
-        "Model backend: clip, siglip, owlvit, blip, openai (a VLM behind an OpenAI-compatible server, see OPENAI_BASE_URL), or null (no model: one empty output per frame, for pipeline tests and benchmarks).",
+        "Model backend: clip, siglip, owlvit, blip, openai (a VLM behind an OpenAI-compatible server, see OPENAI_BASE_URL), null (no model: one empty output per frame, for pipeline tests and benchmarks), or test-colour (a test model that detects the colours the prompt names by counting pixels, for alert tests and benchmarks: see docs/models.md).",
     ),
     s(
         "MODEL_PATH",
@@ -679,7 +679,15 @@ impl Config {
         let job_lease = r.millis("JOB_LEASE_MS", 1000)?;
         let model_type = r.one_of(
             "MODEL_TYPE",
-            &["clip", "siglip", "owlvit", "blip", "openai", "null"],
+            &[
+                "clip",
+                "siglip",
+                "owlvit",
+                "blip",
+                "openai",
+                "null",
+                "test-colour",
+            ],
         )?;
         let openai = r.openai(model_type == "openai")?;
         Ok(Config {

@@ -129,7 +129,9 @@ impl StreamJobBody {
     async fn saved_camera_state(&self, job_id: &str) -> Result<SavedState, JobFailure> {
         let key = self.store.keys().progress(job_id);
         let mut cmd = redis::cmd("HMGET");
-        cmd.arg(&key).arg("frames_reused").arg("alert_state");
+        cmd.arg(&key)
+            .arg("frames_reused")
+            .arg(crate::results::ALERT_STATE_FIELD);
         let v = match self.store.query::<Vec<Option<String>>>(&cmd).await {
             Ok(v) => v,
             Err(e) => {

@@ -3,7 +3,7 @@
 //! (a batch's alert events go first, to `{fr}:alerts`); writes the end entry once; reads
 //! where a job left off.
 
-use crate::alerts::AlertEvent;
+use crate::alerts::{AlertEvent, AlertState, EndReason};
 use crate::job::{FrameCounters, JobStatus, ResumeState, StopSignal};
 use crate::store::{Backoff, Store, StoreResult, now_ms};
 use std::sync::Arc;
@@ -49,6 +49,9 @@ pub struct Progress {
     /// alert state to save in the progress hash with the entries they come from.
     pub alerts: Option<AlertWrite>,
 }
+
+/// The progress hash field that holds a job's alert state (JSON of `AlertState`).
+pub const ALERT_STATE_FIELD: &str = "alert_state";
 
 /// A job's alert output for one write.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -103,7 +106,13 @@ impl ResultSink {
     /// backoff until Redis answers or the job is stopped.
     pub async fn write(&self, entries: &[ResultEntry], progress: &Progress) -> StoreResult<()> {
         if let Some(a) = progress.alerts.as_ref().filter(|a| !a.events.is_empty()) {
-            self.send(&self.build_alerts(a)).await?;
+            self.send(&alert_pipeline(
+                &self.store,
+                &self.job_id,
+                &a.events,
+                a.maxlen,
+            ))
+            .await?;
         }
         self.send(&self.build(entries, progress)).await?;
         self.written
@@ -197,7 +206,7 @@ impl ResultSink {
             hset.arg("frames_reused").arg(n);
         }
         if let Some(a) = &progress.alerts {
-            hset.arg("alert_state").arg(&a.state);
+            hset.arg(ALERT_STATE_FIELD).arg(&a.state);
         }
         if let Some(note) = &progress.note {
             hset.arg("note").arg(note);
@@ -217,30 +226,33 @@ impl ResultSink {
     }
 }
 
-impl ResultSink {
-    /// The alert events of one write, all in `{fr}:alerts`.
-    fn build_alerts(&self, a: &AlertWrite) -> redis::Pipeline {
-        let alerts_key = self.store.keys().alerts();
-        let mut pipe = redis::pipe();
-        for e in &a.events {
-            let cmd = pipe
-                .cmd("XADD")
-                .arg(&alerts_key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(a.maxlen)
-                .arg("*")
-                .arg("job_id")
-                .arg(&*self.job_id)
-                .arg("alert_id")
-                .arg(e.alert_id(&self.job_id));
-            for (name, value) in e.fields() {
-                cmd.arg(name).arg(value);
-            }
-            cmd.ignore();
+/// `events` of job `job_id` as XADDs to `{fr}:alerts`, capped at about `maxlen`.
+fn alert_pipeline(
+    store: &Store,
+    job_id: &str,
+    events: &[AlertEvent],
+    maxlen: usize,
+) -> redis::Pipeline {
+    let alerts_key = store.keys().alerts();
+    let mut pipe = redis::pipe();
+    for e in events {
+        let cmd = pipe
+            .cmd("XADD")
+            .arg(&alerts_key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(maxlen)
+            .arg("*")
+            .arg("job_id")
+            .arg(job_id)
+            .arg("alert_id")
+            .arg(e.alert_id(job_id));
+        for (name, value) in e.fields() {
+            cmd.arg(name).arg(value);
         }
-        pipe
+        cmd.ignore();
     }
+    pipe
 }
 
 impl std::fmt::Debug for ResultSink {
@@ -299,10 +311,17 @@ pub async fn saved_progress(store: &Store, job_id: &str) -> StoreResult<SavedPro
 pub struct Retention {
     pub results_maxlen: usize,
     pub ttl_s: u64,
+    /// ALERTS_MAXLEN, for the `end` events of alerts the end closes.
+    pub alerts_maxlen: usize,
 }
 
 /// Writes a job's end entry unless one is there (`fr_job_end`, in the job's slot); returns
 /// the final status and results count as recorded, which may be an earlier call's.
+///
+/// First it ends the alerts the job's progress hash still holds open: a job that ends while
+/// no worker runs it (cancelled after it was handed back, dead-lettered) has nobody else to
+/// end them. A worker that ran the job to its end closed them already and saved that, so
+/// for it this finds none.
 pub async fn write_end(
     store: &Store,
     job_id: &str,
@@ -310,6 +329,7 @@ pub async fn write_end(
     error: &str,
     retention: Retention,
 ) -> StoreResult<(String, u64)> {
+    close_saved_alerts(store, job_id, status, retention.alerts_maxlen).await?;
     let tag = store.keys().job_tag(job_id);
     let args: [&dyn crate::store::ToRedisArgsDyn; 4] = [
         &status.as_str(),
@@ -318,4 +338,56 @@ pub async fn write_end(
         &retention.ttl_s,
     ];
     store.fcall_on(&tag, "fr_job_end", &args).await
+}
+
+/// Why a job's open alerts end when it ends with `status`; `None` for a status that is not
+/// an end.
+fn end_reason(status: JobStatus) -> Option<EndReason> {
+    match status {
+        JobStatus::Completed => Some(EndReason::JobCompleted),
+        JobStatus::Cancelled => Some(EndReason::JobCancelled),
+        JobStatus::Failed | JobStatus::Dead => Some(EndReason::JobFailed),
+        JobStatus::Queued | JobStatus::Running => None,
+    }
+}
+
+/// Ends the open alerts saved in a job's progress hash: their `end` events go to
+/// `{fr}:alerts`, then the state without them replaces the saved one. Repeating it after a
+/// failure between the two steps repeats the events, each with its `alert_id`, and loses
+/// none (as a result write does).
+async fn close_saved_alerts(
+    store: &Store,
+    job_id: &str,
+    status: JobStatus,
+    maxlen: usize,
+) -> StoreResult<()> {
+    let Some(reason) = end_reason(status) else {
+        return Ok(());
+    };
+    let progress = store.keys().progress(job_id);
+    let mut get = redis::cmd("HGET");
+    get.arg(&progress).arg(ALERT_STATE_FIELD);
+    let Some(json) = store.query::<Option<String>>(&get).await? else {
+        return Ok(());
+    };
+    let mut state: AlertState = match serde_json::from_str(&json) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(job = %job_id, error = %e, "the saved alert state is unreadable; its alerts cannot be ended");
+            return Ok(());
+        }
+    };
+    let events = state.close_all(reason);
+    if events.is_empty() {
+        return Ok(());
+    }
+    store
+        .pipe::<redis::Value>(&alert_pipeline(store, job_id, &events, maxlen))
+        .await?;
+    let mut set = redis::cmd("HSET");
+    set.arg(&progress)
+        .arg(ALERT_STATE_FIELD)
+        .arg(serde_json::to_string(&state).unwrap_or_default());
+    store.query::<redis::Value>(&set).await?;
+    Ok(())
 }

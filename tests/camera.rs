@@ -1,7 +1,8 @@
 //! Camera behaviour end to end against a real Redis, with full workers (queue, pipeline,
 //! engine): the scene gate reusing the output of a still scene, and alerts from a model that
 //! sees a red object by its pixels (random weights cannot see anything), also across a
-//! worker killed (SIGKILL, as a real process) while an alert is open.
+//! worker killed (SIGKILL, as a real process) while an alert is open, and for a job
+//! cancelled after its worker handed it back.
 
 mod common;
 
@@ -337,6 +338,72 @@ async fn cancelling_a_job_ends_its_open_alert_and_gate_off_runs_every_frame() {
     stop.cancel();
     producer.join().unwrap();
     w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_alert_of_a_job_cancelled_after_its_hand_back_ends_once() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let a = CameraWorker::start(&redis.url(), &p, "a", &[]);
+    let red = Arc::new(AtomicBool::new(true));
+    let stop = CancellationToken::new();
+    let producer = produce(&redis, red.clone(), stop.clone());
+    // `porch` is cancelled the way the CLI does it, which writes the end entry at once;
+    // `yard` with a bare fr_cancel, so the next worker to read its entry writes it.
+    submit(&redis, &p, "porch", ALERT_FIELDS);
+    submit(&redis, &p, "yard", ALERT_FIELDS);
+    for job in ["porch", "yard"] {
+        eventually(WAIT, "a start", || !alerts(&redis, &p, job).is_empty()).await;
+    }
+    // A worker shutting down hands its jobs back, their alerts open.
+    a.stop().await;
+    for job in ["porch", "yard"] {
+        assert_eq!(
+            redis.hget(&keys(&p).job(job), "status").as_deref(),
+            Some("queued")
+        );
+        assert_eq!(alerts(&redis, &p, job).len(), 1, "{job}: still open");
+    }
+
+    let store = Store::new(&redis.url(), &p, 4).unwrap();
+    let retention = free_roam::results::Retention {
+        results_maxlen: 1000,
+        ttl_s: 3600,
+        alerts_maxlen: 1000,
+    };
+    let reply = free_roam::client::cancel(&store, "porch", retention)
+        .await
+        .unwrap();
+    assert_eq!(reply, "cancelled");
+    let cancelled = vec![
+        ("start".to_string(), "red".to_string(), String::new()),
+        ("end".into(), "red".into(), "job_cancelled".into()),
+    ];
+    assert_eq!(kinds(&alerts(&redis, &p, "porch")), cancelled, "at once");
+    let _: String = redis.cmd(&["FCALL", "fr_cancel", "1", keys(&p).tag(), "yard"]);
+    assert_eq!(alerts(&redis, &p, "yard").len(), 1, "no worker read it yet");
+
+    // The next worker drops both entries: it ends yard's alert, and does not end porch's
+    // again.
+    let b = CameraWorker::start(&redis.url(), &p, "b", &[]);
+    let jobs = keys(&p).jobs();
+    eventually(WAIT, "both entries dropped", || {
+        redis.cmd::<u64>(&["XLEN", jobs.as_str()]) == 0
+    })
+    .await;
+    for job in ["porch", "yard"] {
+        assert_eq!(kinds(&alerts(&redis, &p, job)), cancelled, "{job}");
+        let ends: Vec<_> = redis
+            .xrange(&keys(&p).results(job))
+            .into_iter()
+            .filter(|(_, f)| f.get("kind").map(String::as_str) == Some("end"))
+            .map(|(_, f)| f["status"].clone())
+            .collect();
+        assert_eq!(ends, ["cancelled"], "{job}");
+    }
+    stop.cancel();
+    producer.join().unwrap();
+    b.stop().await;
 }
 
 // ---- a worker as a real process ------------------------------------------------------

@@ -14,6 +14,7 @@ pub mod blip;
 pub mod blip_net;
 pub mod clip;
 pub mod clip_vision;
+pub mod colour_test;
 pub mod cpu_kernels;
 pub mod fused_linear;
 pub mod load;

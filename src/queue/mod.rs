@@ -580,6 +580,7 @@ impl Worker {
         Retention {
             results_maxlen: self.config.results_maxlen,
             ttl_s: self.config.result_ttl.as_secs(),
+            alerts_maxlen: self.config.alerts_maxlen,
         }
     }
 

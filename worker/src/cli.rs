@@ -168,6 +168,7 @@ fn retention(config: &Config) -> free_roam::results::Retention {
     free_roam::results::Retention {
         results_maxlen: config.results_maxlen,
         ttl_s: config.result_ttl.as_secs(),
+        alerts_maxlen: config.alerts_maxlen,
     }
 }
 

@@ -152,6 +152,11 @@ fn load_model(config: &Config) -> Result<Box<dyn VisionLanguageModel>, String> {
     if config.model_type == "null" {
         return Ok(Box::new(free_roam::model::null::NullModel::new(224)));
     }
+    if config.model_type == "test-colour" {
+        return Ok(Box::new(
+            free_roam::model::colour_test::ColourTestModel::new(224),
+        ));
+    }
     let model_type: ModelType = config.model_type.parse().map_err(|e| format!("{e}"))?;
     let device: DeviceChoice = config.device.parse().map_err(|e| format!("{e}"))?;
     let dtype: DtypeChoice = config.dtype.parse().map_err(|e| format!("{e}"))?;
