@@ -1,7 +1,7 @@
 //! A job's own slot (`{fr:<id>}`): writes its output, one `results` entry per frame and its
 //! `progress` hash, both in one atomic pipeline per batch, retried through Redis outages
-//! (a batch's alert events go first, to `{fr}:alerts`); writes the end entry once; reads
-//! where a job left off.
+//! (a batch's alert events go first, to `{fr}:alerts`); reads where a job left off. The
+//! end entry is `fr_job_end`'s (see [`crate::functions::end`]).
 
 use crate::alerts::AlertEvent;
 use crate::job::{FrameCounters, JobStatus, ResumeState, StopSignal};
@@ -292,30 +292,4 @@ pub async fn saved_progress(store: &Store, job_id: &str) -> StoreResult<SavedPro
             attempt: 0,
         },
     })
-}
-
-/// How long a finished job's keys are kept, and how long its result stream may grow.
-#[derive(Clone, Copy, Debug)]
-pub struct Retention {
-    pub results_maxlen: usize,
-    pub ttl_s: u64,
-}
-
-/// Writes a job's end entry unless one is there (`fr_job_end`, in the job's slot); returns
-/// the final status and results count as recorded, which may be an earlier call's.
-pub async fn write_end(
-    store: &Store,
-    job_id: &str,
-    status: JobStatus,
-    error: &str,
-    retention: Retention,
-) -> StoreResult<(String, u64)> {
-    let tag = store.keys().job_tag(job_id);
-    let args: [&dyn crate::store::ToRedisArgsDyn; 4] = [
-        &status.as_str(),
-        &error,
-        &retention.results_maxlen,
-        &retention.ttl_s,
-    ];
-    store.fcall_on(&tag, "fr_job_end", &args).await
 }
