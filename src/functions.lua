@@ -15,7 +15,7 @@ local CANCEL_SCAN_LIMIT = 100000
 -- (`JobField::in_hash` in src/job.rs); a test there checks this copy against it.
 local HASH_FIELDS = { 'stream_ref', 'source', 'fps', 'prompt', 'max_frames', 'max_duration_s' }
 local IS_HASH_FIELD = {}
-for _, name in ipairs(HASH_FIELDS) do IS_HASH_FIELD[name] = true end
+for i = 1, #HASH_FIELDS do IS_HASH_FIELD[HASH_FIELDS[i]] = true end
 
 local function now_ms()
   local t = redis.call('TIME')
