@@ -1,8 +1,8 @@
 //! The user's operations on the contract, as the CLI performs them: submit, status, results,
 //! cancel and listing. They do exactly what `redis-cli` would, so either can be used.
 
-use crate::job::{JobSpec, JobStatus, SpecError};
-use crate::results::{Retention, write_end};
+use crate::functions::{self, CancelOutcome, JOB_EXISTS, NO_JOB, Retention};
+use crate::job::{JobField, JobSpec, JobStatus, SpecError};
 use crate::store::{MAX_BLOCK_MS, Store, StoreError};
 use std::collections::BTreeMap;
 
@@ -41,41 +41,37 @@ pub async fn submit(store: &Store, sub: &Submission) -> Result<String, ClientErr
         .job_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let mut fields: Vec<(&str, String)> = vec![("stream_ref", sub.stream_ref.clone())];
-    if let Some(p) = &sub.prompt {
-        fields.push(("prompt", p.clone()));
-    }
-    if let Some(f) = sub.fps {
-        fields.push(("fps", f.to_string()));
-    }
-    if let Some(n) = sub.max_frames {
-        fields.push(("max_frames", n.to_string()));
-    }
-    if let Some(s) = sub.max_duration_s {
-        fields.push(("max_duration_s", s.to_string()));
-    }
-    if let Some(s) = &sub.source {
-        fields.push(("source", s.clone()));
-    }
+    let fields: Vec<(&str, String)> = [
+        (JobField::StreamRef, Some(sub.stream_ref.clone())),
+        (JobField::Prompt, sub.prompt.clone()),
+        (JobField::Fps, sub.fps.map(|f| f.to_string())),
+        (JobField::MaxFrames, sub.max_frames.map(|n| n.to_string())),
+        (
+            JobField::MaxDurationS,
+            sub.max_duration_s.map(|s| s.to_string()),
+        ),
+        (JobField::Source, sub.source.clone()),
+    ]
+    .into_iter()
+    .filter_map(|(field, value)| Some((field.name(), value?)))
+    .collect();
     // The same validation a worker applies, so a bad job is refused before it is queued.
     let mut raw: Vec<(Vec<u8>, Vec<u8>)> = fields
         .iter()
         .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
         .collect();
-    raw.push((b"job_id".to_vec(), job_id.as_bytes().to_vec()));
+    raw.push((
+        JobField::JobId.name().as_bytes().to_vec(),
+        job_id.as_bytes().to_vec(),
+    ));
     JobSpec::parse("0-0", &raw, 2.0, || job_id.clone()).map_err(|(e, _)| e)?;
 
-    let mut args: Vec<&dyn crate::store::ToRedisArgsDyn> = vec![&job_id];
-    for (k, v) in &fields {
-        args.push(k);
-        args.push(v);
-    }
-    match store.fcall::<String>("fr_submit", &args).await {
+    match functions::submit(store, &job_id, &fields).await {
         Ok(_) => Ok(job_id),
-        Err(e) => match e.server_message() {
-            Some(m) if m.contains("already exists") => Err(ClientError::Invalid(m)),
-            _ => Err(e.into()),
-        },
+        Err(e) if e.code() == Some(JOB_EXISTS) => Err(ClientError::Invalid(
+            e.server_message().unwrap_or_else(|| e.to_string()),
+        )),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -138,7 +134,7 @@ async fn find_unread_entry(
         start = format!("({last}");
         if let Some(found) = batch
             .into_iter()
-            .find(|(_, f)| f.get("job_id").map(String::as_str) == Some(job_id))
+            .find(|(_, f)| f.get(JobField::JobId.name()).map(String::as_str) == Some(job_id))
         {
             return Ok(Some(found));
         }
@@ -194,25 +190,23 @@ pub async fn alerts_after(
     read_after(store, &key, after, count, block_ms).await
 }
 
-/// Asks a job to stop: returns `cancelled`, `cancelling` or `already <status>`. A queued job
-/// gets its end entry at once (a worker would write it too, on reading the entry).
+/// Asks a job to stop. A queued job gets its end entry at once (a worker would write it too,
+/// on reading the entry).
 pub async fn cancel(
     store: &Store,
     job_id: &str,
     retention: Retention,
-) -> Result<String, ClientError> {
-    match store.fcall::<String>("fr_cancel", &[&job_id]).await {
-        Ok(v) if v == "cancelled" => {
-            write_end(store, job_id, JobStatus::Cancelled, "", retention).await?;
-            Ok(v)
+) -> Result<CancelOutcome, ClientError> {
+    match functions::cancel(store, job_id).await {
+        Ok(CancelOutcome::Cancelled) => {
+            crate::results::write_end(store, job_id, JobStatus::Cancelled, "", retention).await?;
+            Ok(CancelOutcome::Cancelled)
         }
-        Ok(v) => Ok(v),
-        Err(e) => match e.server_message() {
-            Some(m) if m.contains("unknown job") => {
-                Err(ClientError::NotFound(format!("no job with id {job_id}")))
-            }
-            _ => Err(e.into()),
-        },
+        Ok(other) => Ok(other),
+        Err(e) if e.code() == Some(NO_JOB) => {
+            Err(ClientError::NotFound(format!("no job with id {job_id}")))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

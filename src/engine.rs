@@ -27,7 +27,9 @@ use crate::config::Config;
 use crate::frame::Frame;
 use crate::job::PromptFollow;
 use crate::metrics::Metrics;
-use crate::model::{BatchReplies, ModelError, ModelInfo, PromptRef, VisionLanguageModel};
+use crate::model::{
+    BatchReplies, ModelError, ModelInfo, PromptRef, PromptRule, VisionLanguageModel,
+};
 use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -180,6 +182,7 @@ struct Shared {
     settings: EngineSettings,
     metrics: Arc<Metrics>,
     info: ModelInfo,
+    prompt_rule: PromptRule,
     model_name: Arc<str>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -233,6 +236,7 @@ impl Engine {
             wake: Condvar::new(),
             model_name: info.name.as_str().into(),
             info,
+            prompt_rule: model.prompt_rule(),
             settings,
             metrics,
             threads: Mutex::new(Vec::new()),
@@ -270,6 +274,11 @@ impl Engine {
 
     pub fn model_info(&self) -> &ModelInfo {
         &self.shared.info
+    }
+
+    /// What the model needs of a prompt.
+    pub fn prompt_rule(&self) -> PromptRule {
+        self.shared.prompt_rule
     }
 
     /// The model name written into result entries.

@@ -11,6 +11,11 @@ local GROUP = 'workers'
 local TERMINAL = { completed = true, failed = true, cancelled = true, dead = true }
 local MAX_PROMPT_BYTES = 8192
 local CANCEL_SCAN_LIMIT = 100000
+-- The entry fields a job hash shows as they came. The Rust side owns this list
+-- (`JobField::in_hash` in src/job.rs); a test there checks this copy against it.
+local HASH_FIELDS = { 'stream_ref', 'source', 'fps', 'prompt', 'max_frames', 'max_duration_s' }
+local IS_HASH_FIELD = {}
+for i = 1, #HASH_FIELDS do IS_HASH_FIELD[HASH_FIELDS[i]] = true end
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -49,6 +54,10 @@ local function finalize(tag, job_id, status, err, worker)
   local from = redis.call('HGET', jk, 'status') or 'queued'
   local now = now_ms()
   redis.call('HSET', jk, 'status', status, 'finished_ms', now, 'updated_ms', now)
+  -- The worker that ended it, so that a repeated fr_job_finish can tell its own end apart.
+  if worker and worker ~= '' then
+    redis.call('HSET', jk, 'worker', worker)
+  end
   if err and err ~= '' then
     redis.call('HSET', jk, 'error', err)
   end
@@ -87,7 +96,7 @@ local function fr_submit(keys, args)
   local tag, job_id = keys[1], args[1]
   local jk = tag .. ':job:' .. job_id
   if redis.call('EXISTS', jk) == 1 then
-    return redis.error_reply('ERR job_id ' .. job_id .. ' already exists (status ' ..
+    return redis.error_reply('JOBEXISTS job_id ' .. job_id .. ' already exists (status ' ..
       (redis.call('HGET', jk, 'status') or '?') .. ')')
   end
   local fields = { 'job_id', job_id }
@@ -97,8 +106,7 @@ local function fr_submit(keys, args)
   redis.call('HSET', jk, 'status', 'queued', 'entry_id', entry_id, 'created_ms', now,
     'updated_ms', now, 'attempts', 0, 'handoffs', 0)
   for i = 2, #args, 2 do
-    if args[i] == 'stream_ref' or args[i] == 'fps' or args[i] == 'source' or
-       args[i] == 'max_frames' or args[i] == 'max_duration_s' or args[i] == 'prompt' then
+    if IS_HASH_FIELD[args[i]] then
       redis.call('HSET', jk, args[i], args[i + 1])
     end
   end
@@ -238,17 +246,32 @@ local function fr_job_heartbeat(keys, args)
   return out
 end
 
+-- Whether this worker's own end of the job is already recorded: the entry is no longer
+-- pending and the hash, final, still names this worker and this entry. This is what a
+-- repeated call finds after the first call's reply was lost.
+local function finished_by(tag, entry_id, worker, jk)
+  if owner_of(tag, entry_id) then return false end
+  local v = redis.call('HMGET', jk, 'status', 'worker', 'entry_id')
+  return TERMINAL[v[1]] and v[2] == worker and v[3] == entry_id
+end
+
 -- fr_job_finish KEY=tag ARGV: entry_id, worker, job_id, status, error
 -- Ends a job this worker owns, after fr_job_end wrote its end entry: final status, expiry,
--- event, ack and delete. A job already final keeps its status. 'ok' or 'lost'.
+-- event, ack and delete. A job already final keeps its status. 'ok', or 'lost' when another
+-- worker owns the entry now. Safe to repeat: a call that finds this worker's finish already
+-- done (its reply was lost) answers 'ok' again and writes nothing.
 local function fr_job_finish(keys, args)
   local tag, entry_id, worker, job_id, status, err = keys[1], args[1], args[2], args[3], args[4], args[5]
   if not TERMINAL[status] then
     return redis.error_reply('ERR not a final status: ' .. tostring(status))
   end
+  local jk = tag .. ':job:' .. job_id
   local owner = owner_of(tag, entry_id)
-  if owner ~= worker then return 'lost' end
-  if not TERMINAL[redis.call('HGET', tag .. ':job:' .. job_id, 'status')] then
+  if owner ~= worker then
+    if finished_by(tag, entry_id, worker, jk) then return 'ok' end
+    return 'lost'
+  end
+  if not TERMINAL[redis.call('HGET', jk, 'status')] then
     finalize(tag, job_id, status, err, worker)
   end
   ack_and_delete(tag, entry_id)
@@ -256,10 +279,14 @@ local function fr_job_finish(keys, args)
 end
 
 -- fr_job_ack KEY=tag ARGV: entry_id, worker
--- Drops the entry of a job that is final (its end entry written). 'ok' or 'lost'.
+-- Drops the entry of a job that is final (its end entry written). 'ok' (also when the entry
+-- is no longer pending: a repeated call has nothing left to do), or 'lost' when another
+-- worker owns it.
 local function fr_job_ack(keys, args)
   local tag, entry_id, worker = keys[1], args[1], args[2]
-  if owner_of(tag, entry_id) ~= worker then return 'lost' end
+  local owner = owner_of(tag, entry_id)
+  if not owner then return 'ok' end
+  if owner ~= worker then return 'lost' end
   ack_and_delete(tag, entry_id)
   return 'ok'
 end
@@ -294,13 +321,15 @@ end
 -- fr_job_handback KEY=tag ARGV: entry_id, worker, job_id, idle_ms
 -- Gives a running job back on shutdown: the entry's idle time is set past the lease so the
 -- next reclaim pass of any worker takes it at once, and the hand-back is not counted as a
--- failed attempt. 'ok' or 'lost'.
+-- failed attempt. 'ok' or 'lost'. Safe to repeat: once handed back the hash no longer
+-- names this worker, and a repeated call counts nothing again.
 local function fr_job_handback(keys, args)
   local tag, entry_id, worker, job_id, idle = keys[1], args[1], args[2], args[3], args[4]
   local owner = owner_of(tag, entry_id)
   if owner ~= worker then return 'lost' end
-  redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, entry_id, 'IDLE', idle, 'JUSTID')
   local jk = tag .. ':job:' .. job_id
+  redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, entry_id, 'IDLE', idle, 'JUSTID')
+  if redis.call('HGET', jk, 'worker') ~= worker then return 'ok' end
   redis.call('HINCRBY', jk, 'handoffs', 1)
   redis.call('HSET', jk, 'status', 'queued', 'updated_ms', now_ms())
   redis.call('HDEL', jk, 'worker')
@@ -343,7 +372,7 @@ local function fr_cancel(keys, args)
           redis.call('HSET', jk, 'status', 'queued', 'entry_id', e[1], 'created_ms', now,
             'attempts', 0, 'handoffs', 0)
           for j = 1, #f, 2 do
-            if f[j] == 'stream_ref' or f[j] == 'fps' or f[j] == 'source' or f[j] == 'prompt' then
+            if IS_HASH_FIELD[f[j]] then
               redis.call('HSET', jk, f[j], f[j + 1])
             end
           end
@@ -356,7 +385,7 @@ local function fr_cancel(keys, args)
     end
     scanned = scanned + #batch
   end
-  return redis.error_reply('ERR unknown job ' .. job_id)
+  return redis.error_reply('NOJOB unknown job ' .. job_id)
 end
 
 -- fr_prompt_set KEY=tag ARGV: text [preserve_previous=1]

@@ -20,21 +20,82 @@ pub const MAX_JOB_ID_LEN: usize = 128;
 /// Highest accepted `fps`.
 pub const MAX_FPS: f64 = 30.0;
 
-/// The fields a job entry may carry; anything else is kept and warned about.
-pub const KNOWN_FIELDS: &[&str] = &[
-    "stream_ref",
-    "prompt",
-    "fps",
-    "job_id",
-    "max_frames",
-    "max_duration_s",
-    "source",
-    "scene_gate",
-    "alerts",
-    "alert_min_frames",
-    "alert_clear_ms",
-    "rtsp_transport",
-];
+/// A field a job entry may carry; anything else is kept and warned about. This is the one
+/// list of them: parsing, the job hash, the CLI's submissions and the function library's
+/// copy of the hash fields (checked against [`JobField::in_hash`] by a test) all follow it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobField {
+    StreamRef,
+    Prompt,
+    Fps,
+    JobId,
+    MaxFrames,
+    MaxDurationS,
+    Source,
+    SceneGate,
+    Alerts,
+    AlertMinFrames,
+    AlertClearMs,
+    RtspTransport,
+}
+
+impl JobField {
+    pub const ALL: [JobField; 12] = [
+        JobField::StreamRef,
+        JobField::Prompt,
+        JobField::Fps,
+        JobField::JobId,
+        JobField::MaxFrames,
+        JobField::MaxDurationS,
+        JobField::Source,
+        JobField::SceneGate,
+        JobField::Alerts,
+        JobField::AlertMinFrames,
+        JobField::AlertClearMs,
+        JobField::RtspTransport,
+    ];
+
+    /// The field's name in the entry (and in the job hash).
+    pub fn name(self) -> &'static str {
+        match self {
+            JobField::StreamRef => "stream_ref",
+            JobField::Prompt => "prompt",
+            JobField::Fps => "fps",
+            JobField::JobId => "job_id",
+            JobField::MaxFrames => "max_frames",
+            JobField::MaxDurationS => "max_duration_s",
+            JobField::Source => "source",
+            JobField::SceneGate => "scene_gate",
+            JobField::Alerts => "alerts",
+            JobField::AlertMinFrames => "alert_min_frames",
+            JobField::AlertClearMs => "alert_clear_ms",
+            JobField::RtspTransport => "rtsp_transport",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// Whether the job hash shows the field (the value after defaults once a worker read the
+    /// entry; the value as given when only a function saw it: `fr_submit`, `fr_cancel`).
+    pub fn in_hash(self) -> bool {
+        match self {
+            JobField::StreamRef
+            | JobField::Source
+            | JobField::Fps
+            | JobField::Prompt
+            | JobField::MaxFrames
+            | JobField::MaxDurationS => true,
+            JobField::JobId
+            | JobField::SceneGate
+            | JobField::Alerts
+            | JobField::AlertMinFrames
+            | JobField::AlertClearMs
+            | JobField::RtspTransport => false,
+        }
+    }
+}
 
 /// Where a job's frames come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,7 +231,15 @@ pub struct SpecError {
 }
 
 impl SpecError {
-    fn new(field: &str, reason: impl Into<String>) -> Self {
+    pub fn new(field: JobField, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.name().to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An error in a field the contract does not know (a name that is not UTF-8, say).
+    fn other(field: &str, reason: impl Into<String>) -> Self {
         Self {
             field: field.to_string(),
             reason: reason.into(),
@@ -182,7 +251,7 @@ impl SpecError {
 pub fn validate_job_id(id: &str) -> Result<(), SpecError> {
     if id.is_empty() || id.len() > MAX_JOB_ID_LEN {
         return Err(SpecError::new(
-            "job_id",
+            JobField::JobId,
             format!("must be 1 to {MAX_JOB_ID_LEN} characters"),
         ));
     }
@@ -191,7 +260,7 @@ pub fn validate_job_id(id: &str) -> Result<(), SpecError> {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
     {
         return Err(SpecError::new(
-            "job_id",
+            JobField::JobId,
             "may hold only letters, digits, '.', '_', ':' and '-'",
         ));
     }
@@ -203,22 +272,25 @@ pub fn validate_job_id(id: &str) -> Result<(), SpecError> {
 pub fn validate_stream_ref(stream_ref: &str) -> Result<(), SpecError> {
     if stream_ref.trim().is_empty() {
         return Err(SpecError::new(
-            "stream_ref",
+            JobField::StreamRef,
             "is required and may not be empty",
         ));
     }
     if stream_ref.len() > MAX_STREAM_REF_BYTES {
         return Err(SpecError::new(
-            "stream_ref",
+            JobField::StreamRef,
             format!("is longer than {MAX_STREAM_REF_BYTES} bytes"),
         ));
     }
     if stream_ref.starts_with('-') {
-        return Err(SpecError::new("stream_ref", "may not start with '-'"));
+        return Err(SpecError::new(
+            JobField::StreamRef,
+            "may not start with '-'",
+        ));
     }
     if stream_ref.chars().any(char::is_control) {
         return Err(SpecError::new(
-            "stream_ref",
+            JobField::StreamRef,
             "may not hold control characters",
         ));
     }
@@ -243,7 +315,7 @@ impl JobSpec {
         let mut warnings = Vec::new();
         for (name, value) in fields {
             let Ok(name) = std::str::from_utf8(name) else {
-                first_error.get_or_insert(SpecError::new(
+                first_error.get_or_insert(SpecError::other(
                     &String::from_utf8_lossy(name),
                     "field name is not valid UTF-8",
                 ));
@@ -256,13 +328,13 @@ impl JobSpec {
                     }
                 }
                 Err(_) => {
-                    first_error.get_or_insert(SpecError::new(name, "value is not valid UTF-8"));
+                    first_error.get_or_insert(SpecError::other(name, "value is not valid UTF-8"));
                 }
             }
         }
 
         // The job id first, so that any later error is filed under the producer's id.
-        let job_id = match values.get("job_id") {
+        let job_id = match values.get(JobField::JobId.name()) {
             Some(id) => match validate_job_id(id) {
                 Ok(()) => Some(id.clone()),
                 Err(e) => return Err((e, None)),
@@ -274,40 +346,40 @@ impl JobSpec {
         }
         let fail = |e: SpecError| Err((e, job_id.clone()));
 
-        let Some(stream_ref) = values.get("stream_ref").cloned() else {
-            return fail(SpecError::new("stream_ref", "is required"));
+        let Some(stream_ref) = values.get(JobField::StreamRef.name()).cloned() else {
+            return fail(SpecError::new(JobField::StreamRef, "is required"));
         };
         if let Err(e) = validate_stream_ref(&stream_ref) {
             return fail(e);
         }
-        let source = match values.get("source").map(String::as_str) {
+        let source = match values.get(JobField::Source.name()).map(String::as_str) {
             None | Some("") | Some("auto") => SourceKind::detect(&stream_ref),
             Some("hls") => SourceKind::Hls,
             Some("redis") => SourceKind::Redis,
             Some(other) => {
                 return fail(SpecError::new(
-                    "source",
+                    JobField::Source,
                     format!("must be `hls` or `redis` (or absent to detect), got `{other}`"),
                 ));
             }
         };
-        let fps = match values.get("fps") {
+        let fps = match values.get(JobField::Fps.name()) {
             None => default_fps,
             Some(raw) => match raw.trim().parse::<f64>() {
                 Ok(f) if f.is_finite() && f > 0.0 && f <= MAX_FPS => f,
                 _ => {
                     return fail(SpecError::new(
-                        "fps",
+                        JobField::Fps,
                         format!("must be a number in (0, {MAX_FPS}], got `{raw}`"),
                     ));
                 }
             },
         };
-        let prompt = match values.get("prompt") {
+        let prompt = match values.get(JobField::Prompt.name()) {
             None => None,
             Some(p) if p.len() > MAX_PROMPT_BYTES => {
                 return fail(SpecError::new(
-                    "prompt",
+                    JobField::Prompt,
                     format!(
                         "is {} bytes; at most {MAX_PROMPT_BYTES} are allowed",
                         p.len()
@@ -316,37 +388,37 @@ impl JobSpec {
             }
             Some(p) if p.trim().is_empty() => {
                 return fail(SpecError::new(
-                    "prompt",
+                    JobField::Prompt,
                     "is empty; leave it out to follow the active prompt",
                 ));
             }
             Some(p) => Some(p.clone()),
         };
-        let max_frames = match values.get("max_frames") {
+        let max_frames = match values.get(JobField::MaxFrames.name()) {
             None => None,
             Some(raw) => match raw.trim().parse::<u64>() {
                 Ok(n) if n > 0 => Some(n),
                 _ => {
                     return fail(SpecError::new(
-                        "max_frames",
+                        JobField::MaxFrames,
                         format!("must be a whole number above 0, got `{raw}`"),
                     ));
                 }
             },
         };
-        let max_duration_s = match values.get("max_duration_s") {
+        let max_duration_s = match values.get(JobField::MaxDurationS.name()) {
             None => None,
             Some(raw) => match raw.trim().parse::<f64>() {
                 Ok(s) if s.is_finite() && s > 0.0 => Some(s),
                 _ => {
                     return fail(SpecError::new(
-                        "max_duration_s",
+                        JobField::MaxDurationS,
                         format!("must be a number of seconds above 0, got `{raw}`"),
                     ));
                 }
             },
         };
-        let scene_gate = match on_off(&values, "scene_gate") {
+        let scene_gate = match on_off(&values, JobField::SceneGate) {
             Ok(v) => v,
             Err(e) => return fail(e),
         };
@@ -354,13 +426,13 @@ impl JobSpec {
             Ok(v) => v,
             Err(e) => return fail(e),
         };
-        let rtsp_transport = match values.get("rtsp_transport") {
+        let rtsp_transport = match values.get(JobField::RtspTransport.name()) {
             None => RtspTransport::default(),
             Some(raw) => match RtspTransport::parse(raw) {
                 Some(t) => t,
                 None => {
                     return fail(SpecError::new(
-                        "rtsp_transport",
+                        JobField::RtspTransport,
                         format!("must be `tcp` or `udp`, got `{raw}`"),
                     ));
                 }
@@ -368,7 +440,7 @@ impl JobSpec {
         };
         let extra: BTreeMap<String, String> = values
             .iter()
-            .filter(|(k, _)| !KNOWN_FIELDS.contains(&k.as_str()))
+            .filter(|(k, _)| JobField::parse(k).is_none())
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for name in extra.keys() {
@@ -394,9 +466,58 @@ impl JobSpec {
     }
 }
 
+impl JobSpec {
+    /// The job hash fields recorded when a worker claims the job: each [`JobField::in_hash`]
+    /// field it has, after defaults, then `prompt_mode`, `extra` and `warnings`.
+    pub fn hash_fields(&self) -> Vec<(&'static str, String)> {
+        let mut fields: Vec<(&'static str, String)> = JobField::ALL
+            .into_iter()
+            .filter(|f| f.in_hash())
+            .filter_map(|f| Some((f.name(), self.value_in_hash(f)?)))
+            .collect();
+        let mode = if self.prompt.is_some() {
+            "fixed"
+        } else {
+            "live"
+        };
+        fields.push(("prompt_mode", mode.to_string()));
+        if !self.extra.is_empty() {
+            fields.push((
+                "extra",
+                serde_json::to_string(&self.extra).unwrap_or_default(),
+            ));
+        }
+        if !self.warnings.is_empty() {
+            fields.push(("warnings", self.warnings.join("; ")));
+        }
+        fields
+    }
+
+    /// A hash field's value, `None` when the job has none.
+    fn value_in_hash(&self, field: JobField) -> Option<String> {
+        match field {
+            JobField::StreamRef => Some(self.stream_ref.clone()),
+            JobField::Source => Some(self.source.as_str().to_string()),
+            JobField::Fps => Some(self.fps.to_string()),
+            JobField::Prompt => self.prompt.clone(),
+            JobField::MaxFrames => self.max_frames.map(|n| n.to_string()),
+            JobField::MaxDurationS => self.max_duration_s.map(|s| s.to_string()),
+            JobField::JobId
+            | JobField::SceneGate
+            | JobField::Alerts
+            | JobField::AlertMinFrames
+            | JobField::AlertClearMs
+            | JobField::RtspTransport => None,
+        }
+    }
+}
+
 /// An optional `on`/`off` field.
-fn on_off(values: &BTreeMap<String, String>, field: &str) -> Result<Option<bool>, SpecError> {
-    match values.get(field).map(|v| v.trim().to_ascii_lowercase()) {
+fn on_off(values: &BTreeMap<String, String>, field: JobField) -> Result<Option<bool>, SpecError> {
+    match values
+        .get(field.name())
+        .map(|v| v.trim().to_ascii_lowercase())
+    {
         None => Ok(None),
         Some(v) if v == "on" => Ok(Some(true)),
         Some(v) if v == "off" => Ok(Some(false)),
@@ -412,25 +533,25 @@ pub const MAX_ALERT_MIN_FRAMES: u32 = 1000;
 
 /// The `alerts`, `alert_min_frames` and `alert_clear_ms` fields.
 fn alert_settings(values: &BTreeMap<String, String>) -> Result<Option<AlertSettings>, SpecError> {
-    if on_off(values, "alerts")? == Some(false) {
+    if on_off(values, JobField::Alerts)? == Some(false) {
         return Ok(None);
     }
     let mut settings = AlertSettings::default();
-    if let Some(raw) = values.get("alert_min_frames") {
+    if let Some(raw) = values.get(JobField::AlertMinFrames.name()) {
         settings.min_frames = match raw.trim().parse::<u32>() {
             Ok(n) if (1..=MAX_ALERT_MIN_FRAMES).contains(&n) => n,
             _ => {
                 return Err(SpecError::new(
-                    "alert_min_frames",
+                    JobField::AlertMinFrames,
                     format!("must be a whole number from 1 to {MAX_ALERT_MIN_FRAMES}, got `{raw}`"),
                 ));
             }
         };
     }
-    if let Some(raw) = values.get("alert_clear_ms") {
+    if let Some(raw) = values.get(JobField::AlertClearMs.name()) {
         settings.clear_ms = raw.trim().parse::<u64>().map_err(|_| {
             SpecError::new(
-                "alert_clear_ms",
+                JobField::AlertClearMs,
                 format!("must be a whole number of milliseconds, got `{raw}`"),
             )
         })?;
@@ -447,8 +568,6 @@ pub enum StopReason {
     Shutdown,
     /// Another worker now owns the entry: this one leaves it alone.
     LeaseLost,
-    /// `max_duration_s` has passed: the job ends `completed`.
-    Deadline,
 }
 
 /// Tells a job body to stop at the next frame boundary, and why.
@@ -542,7 +661,8 @@ pub struct JobContext {
 /// How a body ended without an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BodyOutcome {
-    /// The job's work is done (end of stream, `max_frames`, `max_duration_s`).
+    /// The job's work is done (end of stream, `max_frames`, `max_duration_s`: the body
+    /// owns these bounds, the queue knows nothing of them).
     Completed,
     /// The body returned because its `StopSignal` fired; the runner reads the reason.
     Stopped,
@@ -571,6 +691,13 @@ pub type BodyFuture<'a> =
 /// A job's work: reads frames, writes results through `ctx.sink`, returns at the next frame
 /// boundary once `ctx.stop` fires. The pipeline implements it; tests plug in their own.
 pub trait JobBody: Send + Sync + 'static {
+    /// What this body refuses in a spec that parsed, checked once when the job is claimed
+    /// (e.g. a prompt the model cannot use): the job then ends `failed` with the error and
+    /// never runs. Accepts every spec unless a body says otherwise.
+    fn check(&self, _spec: &JobSpec) -> Result<(), SpecError> {
+        Ok(())
+    }
+
     fn run(&self, ctx: JobContext) -> BodyFuture<'_>;
 }
 
@@ -656,6 +783,71 @@ mod tests {
         let spec = parse(&[("stream_ref", "a"), ("colour", "red")]).unwrap();
         assert_eq!(spec.extra.get("colour").map(String::as_str), Some("red"));
         assert!(spec.warnings[0].contains("colour"));
+    }
+
+    #[test]
+    fn field_names_round_trip_and_the_hash_shows_its_fields_only() {
+        for f in JobField::ALL {
+            assert_eq!(JobField::parse(f.name()), Some(f));
+        }
+        assert_eq!(JobField::parse("colour"), None);
+        let spec = parse(&[
+            ("stream_ref", "frames:cam"),
+            ("prompt", "cars"),
+            ("max_frames", "5"),
+            ("max_duration_s", "2.5"),
+            ("scene_gate", "off"),
+            ("colour", "red"),
+        ])
+        .unwrap();
+        let got: BTreeMap<&str, String> = spec.hash_fields().into_iter().collect();
+        let want: BTreeMap<&str, String> = [
+            ("stream_ref", "frames:cam"),
+            ("source", "redis"),
+            ("fps", "2"),
+            ("prompt", "cars"),
+            ("max_frames", "5"),
+            ("max_duration_s", "2.5"),
+            ("prompt_mode", "fixed"),
+            ("extra", r#"{"colour":"red"}"#),
+            (
+                "warnings",
+                "unknown field `colour` was kept in `extra` but is not used",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+        assert_eq!(got, want);
+    }
+
+    /// The function library keeps its own copy of the hash fields (`fr_submit` and
+    /// `fr_cancel` record them before any worker has read the entry): it must be this list.
+    #[test]
+    fn the_function_library_records_the_same_hash_fields() {
+        let lua = crate::store::FUNCTIONS_LUA;
+        let line = lua
+            .lines()
+            .find(|l| l.starts_with("local HASH_FIELDS = {"))
+            .expect("functions.lua declares HASH_FIELDS on one line");
+        let inner = line
+            .split_once('{')
+            .and_then(|(_, rest)| rest.rsplit_once('}'))
+            .map(|(inner, _)| inner)
+            .unwrap();
+        let mut lua_names: Vec<&str> = inner
+            .split(',')
+            .map(|n| n.trim().trim_matches('\''))
+            .filter(|n| !n.is_empty())
+            .collect();
+        let mut rust_names: Vec<&str> = JobField::ALL
+            .into_iter()
+            .filter(|f| f.in_hash())
+            .map(JobField::name)
+            .collect();
+        lua_names.sort_unstable();
+        rust_names.sort_unstable();
+        assert_eq!(lua_names, rust_names);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!
 //! - [`config`]: every setting, validated in one step.
 //! - [`keys`]: the contract's key names; [`store`]: the Redis pool and function calls
-//!   (the function library itself is `functions.lua`).
+//!   (the function library itself is `functions.lua`); [`functions`]: each function's
+//!   typed call and reply.
 //! - [`job`]: job specs, statuses, and the [`job::JobBody`] trait a job's work implements.
 //! - [`queue`]: the worker: claiming, leases, reclaiming, dead-lettering, hand-back.
 //! - [`results`]: result entries and job progress; [`prompt`]: the active prompt.
@@ -25,6 +26,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod frame;
+pub mod functions;
 pub mod gate;
 pub mod health;
 pub mod job;

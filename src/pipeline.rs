@@ -17,7 +17,8 @@ use crate::engine::{Engine, EngineStream, Reply, ReplyOutcome, Submitted};
 use crate::frame::Frame;
 use crate::gate::{Decision, GateSettings, SceneGate};
 use crate::job::{
-    BodyFuture, BodyOutcome, FrameCounters, JobBody, JobContext, JobFailure, StopReason,
+    BodyFuture, BodyOutcome, FrameCounters, JobBody, JobContext, JobFailure, JobField, JobSpec,
+    SpecError, StopReason,
 };
 use crate::metrics::Metrics;
 use crate::results::{AlertWrite, FrameOutcome, Progress, ResultEntry};
@@ -163,6 +164,19 @@ struct SavedState {
 }
 
 impl JobBody for StreamJobBody {
+    /// A job's own prompt must suit the model (phrases for the scoring and detection
+    /// models); a job that follows the active prompt is not checked here.
+    fn check(&self, spec: &JobSpec) -> Result<(), SpecError> {
+        match &spec.prompt {
+            Some(prompt) => self
+                .engine
+                .prompt_rule()
+                .check(prompt)
+                .map_err(|reason| SpecError::new(JobField::Prompt, reason)),
+            None => Ok(()),
+        }
+    }
+
     fn run(&self, ctx: JobContext) -> BodyFuture<'_> {
         Box::pin(self.run_job(ctx))
     }
@@ -318,6 +332,15 @@ impl Run<'_> {
         ctx.sink.written() + self.writing + (self.pending.len() + self.held.len()) as u64
     }
 
+    /// The `max_frames` rule, its one owner: how many more result entries the job may
+    /// make (`None` without a bound). The job ends at 0 and takes a frame only while the
+    /// frames with the model leave room.
+    fn frames_left(&self, ctx: &JobContext) -> Option<u64> {
+        ctx.spec
+            .max_frames
+            .map(|m| m.saturating_sub(self.done(ctx)))
+    }
+
     /// Whether the job takes the source's next event now. A live stream's frames go on to
     /// the engine as they come (its per-job queue keeps the newest); a recording sends its
     /// next frame once the last one is answered. Never more than `max_frames` allows.
@@ -325,10 +348,9 @@ impl Run<'_> {
         !self.source_done
             && self.source_failed.is_none()
             && (source.is_live() || self.in_flight == 0)
-            && ctx
-                .spec
-                .max_frames
-                .is_none_or(|m| self.done(ctx) + self.in_flight < m)
+            && self
+                .frames_left(ctx)
+                .is_none_or(|left| self.in_flight < left)
     }
 
     fn reply(&mut self, r: Reply) {
@@ -567,17 +589,17 @@ impl Run<'_> {
         source: &Source,
         mut stream: EngineStream,
     ) -> Result<BodyOutcome, JobFailure> {
-        let spec = &ctx.spec;
-        let deadline = spec
+        // The `max_duration_s` rule, its one owner: the job ends `completed` when it has run
+        // this long in this delivery.
+        let deadline = ctx
+            .spec
             .max_duration_s
             .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
         let step = loop {
             if let Some(msg) = self.source_failed.take() {
                 break Step::Fail(JobFailure::new(msg));
             }
-            if spec.max_frames.is_some_and(|m| self.done(ctx) >= m)
-                || (self.source_done && self.in_flight == 0)
-            {
+            if self.frames_left(ctx) == Some(0) || (self.source_done && self.in_flight == 0) {
                 break Step::Done;
             }
             let accept = self.accepts(ctx, source);
@@ -608,9 +630,7 @@ impl Run<'_> {
         // its progress hash for the next delivery.
         let end_reason = match (&step, ctx.stop.reason()) {
             (Step::Fail(_), _) => Some(EndReason::JobFailed),
-            (Step::Done, _) | (Step::Stop, Some(StopReason::Deadline)) => {
-                Some(EndReason::JobCompleted)
-            }
+            (Step::Done, _) => Some(EndReason::JobCompleted),
             (Step::Stop, Some(StopReason::Cancelled)) => Some(EndReason::JobCancelled),
             (Step::Stop, _) => None,
         };

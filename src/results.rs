@@ -1,9 +1,10 @@
 //! A job's own slot (`{fr:<id>}`): writes its output, one `results` entry per frame and its
 //! `progress` hash, both in one atomic pipeline per batch, retried through Redis outages
-//! (a batch's alert events go first, to `{fr}:alerts`); writes the end entry once; reads
-//! where a job left off.
+//! (a batch's alert events go first, to `{fr}:alerts`); ends a job (its open alerts, then
+//! the end entry through [`functions::end`]); reads where a job left off.
 
 use crate::alerts::{AlertEvent, AlertState, EndReason};
+use crate::functions::{self, EndRecord, Retention};
 use crate::job::{FrameCounters, JobStatus, ResumeState, StopSignal};
 use crate::store::{Backoff, Store, StoreResult, now_ms};
 use std::sync::Arc;
@@ -306,17 +307,8 @@ pub async fn saved_progress(store: &Store, job_id: &str) -> StoreResult<SavedPro
     })
 }
 
-/// How long a finished job's keys are kept, and how long its result stream may grow.
-#[derive(Clone, Copy, Debug)]
-pub struct Retention {
-    pub results_maxlen: usize,
-    pub ttl_s: u64,
-    /// ALERTS_MAXLEN, for the `end` events of alerts the end closes.
-    pub alerts_maxlen: usize,
-}
-
-/// Writes a job's end entry unless one is there (`fr_job_end`, in the job's slot); returns
-/// the final status and results count as recorded, which may be an earlier call's.
+/// Writes a job's end entry unless one is there ([`functions::end`], in the job's slot);
+/// returns the final status and results count as recorded, which may be an earlier call's.
 ///
 /// First it ends the alerts the job's progress hash still holds open: a job that ends while
 /// no worker runs it (cancelled after it was handed back, dead-lettered) has nobody else to
@@ -328,16 +320,9 @@ pub async fn write_end(
     status: JobStatus,
     error: &str,
     retention: Retention,
-) -> StoreResult<(String, u64)> {
+) -> StoreResult<EndRecord> {
     close_saved_alerts(store, job_id, status, retention.alerts_maxlen).await?;
-    let tag = store.keys().job_tag(job_id);
-    let args: [&dyn crate::store::ToRedisArgsDyn; 4] = [
-        &status.as_str(),
-        &error,
-        &retention.results_maxlen,
-        &retention.ttl_s,
-    ];
-    store.fcall_on(&tag, "fr_job_end", &args).await
+    functions::end(store, job_id, status, error, retention).await
 }
 
 /// Why a job's open alerts end when it ends with `status`; `None` for a status that is not

@@ -7,7 +7,7 @@ use crate::keys::Keys;
 use crate::redact::redact_url;
 use deadpool_redis::{Manager, Pool, Runtime};
 use redis::aio::ConnectionLike;
-use redis::{AsyncConnectionConfig, FromRedisValue, IntoConnectionInfo, ToRedisArgs};
+use redis::{AsyncConnectionConfig, FromRedisValue, IntoConnectionInfo, ToRedisArgs, Value};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -32,6 +32,9 @@ pub enum StoreError {
     Url(String),
     #[error("redis tls: {0}")]
     Tls(String),
+    /// The server answered, but not in the shape the contract gives that reply.
+    #[error("redis reply: {0}")]
+    Reply(String),
 }
 
 impl StoreError {
@@ -56,7 +59,7 @@ impl StoreError {
                     || server_codes(e).iter().any(|c| c == "UNBLOCKED")
             }
             StoreError::Pool(_) => true,
-            StoreError::Url(_) | StoreError::Tls(_) => false,
+            StoreError::Url(_) | StoreError::Tls(_) | StoreError::Reply(_) => false,
         }
     }
 
@@ -69,6 +72,15 @@ impl StoreError {
                     || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
             }
             _ => false,
+        }
+    }
+
+    /// The error code the server answered with (`WRONGTYPE`, `NOGROUP`, a function's own
+    /// code such as `JOBEXISTS`), if the server answered.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            StoreError::Redis(e) => e.code(),
+            _ => None,
         }
     }
 
@@ -354,7 +366,13 @@ impl Store {
         let mut conn = self.conn().await?;
         self.count_trip();
         match cmd.query_async(&mut conn).await {
-            Err(e) if is_missing_function(&e) => {
+            Err(e) if e.code() == Some("ERR") => {
+                // A missing function is a plain ERR, like a script's own errors: ask the
+                // server whether the library is there rather than read the message.
+                self.count_trip();
+                if !matches!(library_loaded_on(&mut conn).await, Ok(false)) {
+                    return Err(e.into());
+                }
                 self.count_trip();
                 self.count_trip();
                 load_functions_on(&mut conn).await?;
@@ -423,8 +441,18 @@ async fn load_functions_on<C: ConnectionLike + Send>(conn: &mut C) -> StoreResul
     Ok(())
 }
 
-fn is_missing_function(e: &redis::RedisError) -> bool {
-    e.to_string().contains("Function not found")
+/// The library's name, as its first line (`#!lua name=freeroam`) declares it.
+const LIBRARY_NAME: &str = "freeroam";
+
+/// Whether the server has the `freeroam` library loaded.
+async fn library_loaded_on<C: ConnectionLike + Send>(conn: &mut C) -> StoreResult<bool> {
+    let libraries: Vec<Value> = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg(LIBRARY_NAME)
+        .query_async(conn)
+        .await?;
+    Ok(!libraries.is_empty())
 }
 
 /// An argument of mixed type for [`Store::fcall`].
@@ -478,6 +506,14 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_library_name_is_the_one_functions_lua_declares() {
+        assert_eq!(
+            FUNCTIONS_LUA.lines().next(),
+            Some(format!("#!lua name={LIBRARY_NAME}").as_str())
+        );
+    }
 
     #[test]
     fn backoff_doubles_to_its_cap_and_resets() {

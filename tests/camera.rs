@@ -366,7 +366,7 @@ async fn an_alert_of_a_job_cancelled_after_its_hand_back_ends_once() {
     }
 
     let store = Store::new(&redis.url(), &p, 4).unwrap();
-    let retention = free_roam::results::Retention {
+    let retention = free_roam::functions::Retention {
         results_maxlen: 1000,
         ttl_s: 3600,
         alerts_maxlen: 1000,
@@ -374,7 +374,7 @@ async fn an_alert_of_a_job_cancelled_after_its_hand_back_ends_once() {
     let reply = free_roam::client::cancel(&store, "porch", retention)
         .await
         .unwrap();
-    assert_eq!(reply, "cancelled");
+    assert_eq!(reply, free_roam::functions::CancelOutcome::Cancelled);
     let cancelled = vec![
         ("start".to_string(), "red".to_string(), String::new()),
         ("end".into(), "red".into(), "job_cancelled".into()),

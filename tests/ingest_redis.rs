@@ -5,12 +5,16 @@ mod common;
 mod ingest_support;
 
 use free_roam::job::{BodyOutcome, FrameCounters, PromptFollow, ResumeState, StopReason};
-use free_roam::model::PromptRef;
+use free_roam::metrics::Metrics;
+use free_roam::model::{PromptRef, PromptRule};
+use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
 use ingest_support::*;
 use std::collections::HashMap;
 use std::io::Cursor;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 const LONG: Duration = Duration::from_secs(20);
 const KEY: &str = "frames:cam";
@@ -408,4 +412,91 @@ async fn a_job_without_its_own_prompt_follows_the_active_one_from_the_next_batch
     assert_eq!(h.job_hash("follow").await["prompt_version"], "2");
     job.stop.stop(StopReason::Shutdown);
     assert_eq!(job.finish(LONG).await, Ok(BodyOutcome::Stopped));
+}
+
+/// Runs a job entry through a whole worker (queue and stream body) while frames arrive every
+/// 100 ms; returns the job's result entries once its end entry is there, and its job hash.
+async fn run_through_a_worker(
+    h: &Harness,
+    entry: &[(&str, &str)],
+    job_id: &str,
+) -> (Vec<HashMap<String, String>>, HashMap<String, String>) {
+    let worker = Arc::new(Worker::new(
+        h.store.clone(),
+        Arc::new(h.config.clone()),
+        h.body.clone(),
+        Arc::new(Metrics::default()),
+        Arc::new(WorkerState::default()),
+        WorkerIdentity {
+            id: "w1".into(),
+            model: "probe".into(),
+            device: "cpu".into(),
+        },
+    ));
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(h.store.keys().jobs()).arg("*");
+    for (k, v) in entry {
+        cmd.arg(*k).arg(*v);
+    }
+    let _: String = h.store.query(&cmd).await.unwrap();
+    let png = encode(8, 8, image::ImageFormat::Png);
+    let start = std::time::Instant::now();
+    loop {
+        let results = h.results(job_id).await;
+        if results.iter().any(|r| r["kind"] == "end") {
+            break;
+        }
+        assert!(start.elapsed() < LONG, "no end entry: {results:?}");
+        xadd(h, &[("data", png.clone()), ts(free_roam::store::now_ms())]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A few more frames, which a job that ended must not answer.
+    for _ in 0..5 {
+        xadd(h, &[("data", png.clone()), ts(free_roam::store::now_ms())]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(LONG, running).await.unwrap().unwrap();
+    let hash: HashMap<String, String> = h
+        .store
+        .query(redis::cmd("HGETALL").arg(h.store.keys().job(job_id)))
+        .await
+        .unwrap();
+    (h.results(job_id).await, hash)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_that_names_nothing_fails_the_job_once_when_claimed() {
+    let entry = [
+        ("stream_ref", KEY),
+        ("prompt", "Detect:"),
+        ("fps", "10"),
+        ("max_frames", "3"),
+        ("job_id", "nothing"),
+    ];
+    // A model that looks for phrases: the job fails at claim and never reads a frame.
+    let h = Harness::new(
+        Box::new(ProbeModel::new(Duration::ZERO).with_prompt_rule(PromptRule::Phrases)),
+        &[],
+    );
+    let (results, hash) = run_through_a_worker(&h, &entry, "nothing").await;
+    assert_eq!(hash["status"], "failed", "{hash:?}");
+    assert!(
+        hash["error"].starts_with("field `prompt`: the prompt names nothing to look for"),
+        "{hash:?}"
+    );
+    assert_eq!(results.len(), 1, "the end entry alone: {results:?}");
+    assert_eq!(results[0]["kind"], "end");
+    assert_eq!(results[0]["error"], hash["error"]);
+    assert!(!h.job_hash("nothing").await.contains_key("frames_decoded"));
+    drop(h);
+
+    // A model that takes any prompt (a captioning model continues it) runs the same job.
+    let h = Harness::new(Box::new(ProbeModel::new(Duration::ZERO)), &[]);
+    let (results, hash) = run_through_a_worker(&h, &entry, "nothing").await;
+    assert_eq!(hash["status"], "completed", "{hash:?}");
+    let kinds: Vec<&str> = results.iter().map(|r| r["kind"].as_str()).collect();
+    assert_eq!(kinds, ["result", "result", "result", "end"]);
 }

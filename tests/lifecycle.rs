@@ -9,6 +9,7 @@ mod common;
 
 use common::worker::{InProcessWorker, TestBody, config};
 use common::{TestRedis, eventually, unique_prefix};
+use free_roam::functions::{self, ClaimVerdict, Ownership, Retention};
 use free_roam::job::JobStatus;
 use free_roam::metrics::Metrics;
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
@@ -250,11 +251,23 @@ async fn cancel_stops_a_running_job_and_a_queued_one_never_runs() {
     xadd(
         &redis,
         &p,
-        &[("stream_ref", "paced:3:10"), ("job_id", "queued-1")],
+        &[
+            ("stream_ref", "paced:3:10"),
+            ("job_id", "queued-1"),
+            ("max_frames", "3"),
+            ("max_duration_s", "9.5"),
+            ("scene_gate", "off"),
+        ],
     );
     let r: String = redis.cmd(&["FCALL", "fr_cancel", "1", &tag, "queued-1"]);
     assert_eq!(r, "cancelled");
-    assert_eq!(status(&redis, &p, "queued-1").as_deref(), Some("cancelled"));
+    let hash = redis.hgetall(&keys(&p).job("queued-1"));
+    assert_eq!(hash["status"], "cancelled");
+    // The hash shows the entry's hash fields (`JobField::in_hash`), all of them.
+    assert_eq!(hash["stream_ref"], "paced:3:10");
+    assert_eq!(hash["max_frames"], "3");
+    assert_eq!(hash["max_duration_s"], "9.5");
+    assert!(!hash.contains_key("scene_gate"), "{hash:?}");
     // The function cannot reach the job's slot: the first worker to read the entry writes
     // the end entry, then drops the entry.
     assert!(end_entry(&redis, &p, "queued-1").is_none());
@@ -542,6 +555,145 @@ async fn a_worker_that_died_between_end_entry_and_ack_leaves_a_job_the_next_clai
     assert_eq!(again, vec!["completed", "0"]);
     assert_eq!(results(&redis, &p, "half-done").len(), 1);
     w.stop().await;
+}
+
+/// Events of one job that moved it to `to`.
+fn transitions_to(redis: &TestRedis, prefix: &str, job: &str, to: &str) -> usize {
+    redis
+        .xrange(&keys(prefix).events())
+        .into_iter()
+        .filter(|(_, f)| {
+            f.get("job_id").map(String::as_str) == Some(job)
+                && f.get("to").map(String::as_str) == Some(to)
+        })
+        .count()
+}
+
+/// Reads the next entry as consumer `worker` and claims it; returns its entry id.
+async fn read_and_claim(redis: &TestRedis, store: &Store, worker: &str, job: &str) -> String {
+    let jobs = store.keys().jobs();
+    let _: redis::Value = redis.cmd(&[
+        "XREADGROUP",
+        "GROUP",
+        "workers",
+        worker,
+        "COUNT",
+        "1",
+        "STREAMS",
+        &jobs,
+        ">",
+    ]);
+    let id = redis.xrange(&jobs).into_iter().last().unwrap().0;
+    let verdict = functions::claim(store, &id, worker, 3, job, &[])
+        .await
+        .unwrap();
+    assert_eq!(verdict, ClaimVerdict::Run { attempt: 1 });
+    id
+}
+
+/// Each step of a job's end, and the hand-back, called twice, as a retry after a lost reply
+/// calls it: the second call answers as the first did and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_step_of_a_jobs_end_is_safe_to_repeat() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let store = Store::new(&redis.url(), &p, 2).unwrap();
+    store.load_functions().await.unwrap();
+    store.ensure_group().await.unwrap();
+    let retention = Retention {
+        results_maxlen: 100,
+        ttl_s: 600,
+        alerts_maxlen: 100,
+    };
+
+    // The end entry, then the finish, each twice.
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:3:10"), ("job_id", "twice")],
+    );
+    let id = read_and_claim(&redis, &store, "w1", "twice").await;
+    for _ in 0..2 {
+        let end = functions::end(&store, "twice", JobStatus::Completed, "", retention)
+            .await
+            .unwrap();
+        assert_eq!(end.status, JobStatus::Completed);
+    }
+    let first = functions::finish(&store, &id, "w1", "twice", JobStatus::Completed, "")
+        .await
+        .unwrap();
+    let hash_after_first = redis.hgetall(&k.job("twice"));
+    let again = functions::finish(&store, &id, "w1", "twice", JobStatus::Completed, "")
+        .await
+        .unwrap();
+    assert_eq!(first, Ownership::Done);
+    assert_eq!(
+        again,
+        Ownership::Done,
+        "a repeated finish is not a lost lease"
+    );
+    assert_eq!(redis.hgetall(&k.job("twice")), hash_after_first);
+    assert_eq!(hash_after_first["status"], "completed");
+    assert_eq!(hash_after_first["worker"], "w1");
+    let ends: Vec<_> = results(&redis, &p, "twice")
+        .into_iter()
+        .filter(|f| f["kind"] == "end")
+        .collect();
+    assert_eq!(ends.len(), 1, "one end entry: {ends:?}");
+    assert_eq!(transitions_to(&redis, &p, "twice", "completed"), 1);
+    let pending: Vec<redis::Value> = redis.cmd(&["XPENDING", &k.jobs(), "workers", "-", "+", "10"]);
+    assert!(pending.is_empty());
+    // Another worker's finish of the same entry is not taken for its own.
+    assert_eq!(
+        functions::finish(&store, &id, "w2", "twice", JobStatus::Completed, "")
+            .await
+            .unwrap(),
+        Ownership::Lost
+    );
+    // The ack, twice: the second finds nothing left to do.
+    for _ in 0..2 {
+        assert_eq!(
+            functions::ack(&store, &id, "w1").await.unwrap(),
+            Ownership::Done
+        );
+    }
+
+    // A finish by a worker that lost the entry to another is lost, and changes nothing.
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:3:10"), ("job_id", "taken")],
+    );
+    let id = read_and_claim(&redis, &store, "w1", "taken").await;
+    let _: redis::Value = redis.cmd(&["XCLAIM", &k.jobs(), "workers", "w2", "0", &id, "JUSTID"]);
+    assert_eq!(
+        functions::finish(&store, &id, "w1", "taken", JobStatus::Completed, "")
+            .await
+            .unwrap(),
+        Ownership::Lost
+    );
+    assert_eq!(status(&redis, &p, "taken").as_deref(), Some("running"));
+
+    // The hand-back, twice: one hand-off counted, one event.
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:3:10"), ("job_id", "back")],
+    );
+    let id = read_and_claim(&redis, &store, "w1", "back").await;
+    for _ in 0..2 {
+        assert_eq!(
+            functions::handback(&store, &id, "w1", "back", 86_400_000)
+                .await
+                .unwrap(),
+            Ownership::Done
+        );
+    }
+    let hash = redis.hgetall(&k.job("back"));
+    assert_eq!(hash["handoffs"], "1");
+    assert_eq!(hash["status"], "queued");
+    assert_eq!(transitions_to(&redis, &p, "back", "queued"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

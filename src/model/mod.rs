@@ -95,12 +95,44 @@ pub enum ModelError {
     Inference(String),
 }
 
+/// What a model needs of a prompt. A job's own prompt is checked against it once, when the
+/// job is claimed, so a prompt the model cannot use fails the job there instead of failing
+/// every frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PromptRule {
+    /// Any text: captioning models continue it, test models ignore it.
+    #[default]
+    Any,
+    /// Phrases to look for, by [`clip::prompt_phrases`] (scoring and detection models): at
+    /// least one, at most the number a model scores.
+    Phrases,
+}
+
+impl PromptRule {
+    /// Why `prompt` cannot be used, if it cannot.
+    pub fn check(self, prompt: &str) -> Result<(), String> {
+        match self {
+            PromptRule::Any => Ok(()),
+            PromptRule::Phrases => match clip::checked_phrases(prompt) {
+                Ok(_) => Ok(()),
+                Err(ModelError::Prompt(reason)) => Err(reason),
+                Err(other) => Err(other.to_string()),
+            },
+        }
+    }
+}
+
 /// A vision-language model. Implementations may cache per-prompt work (text embeddings,
 /// tokenised prefixes) keyed by the prompt text, since the same prompt repeats for every
 /// batch until it changes.
 pub trait VisionLanguageModel: Send {
     /// What this model is.
     fn info(&self) -> &ModelInfo;
+
+    /// What it needs of a prompt.
+    fn prompt_rule(&self) -> PromptRule {
+        PromptRule::Any
+    }
 
     /// Runs one batch: all `frames` share `prompt`. Returns exactly one JSON output per
     /// frame, in order.

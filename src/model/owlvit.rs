@@ -401,6 +401,10 @@ impl VisionLanguageModel for OwlVitModel {
         &self.info
     }
 
+    fn prompt_rule(&self) -> super::PromptRule {
+        super::PromptRule::Phrases
+    }
+
     fn infer(&mut self, frames: &[&Frame], prompt: &PromptRef) -> Result<Vec<Value>, ModelError> {
         if frames.is_empty() {
             return Ok(Vec::new());

@@ -6,14 +6,15 @@
 pub mod entries;
 
 use crate::config::Config;
+use crate::functions::{self, ClaimVerdict, FinalWhy, Lease, Ownership, Retention};
 use crate::job::{
-    BodyOutcome, JobBody, JobContext, JobFailure, JobSpec, JobStatus, PromptFollow, ResumeState,
-    StopReason, StopSignal,
+    BodyOutcome, JobBody, JobContext, JobFailure, JobField, JobSpec, JobStatus, PromptFollow,
+    ResumeState, StopReason, StopSignal,
 };
 use crate::keys::WORKER_GROUP;
 use crate::metrics::Metrics;
 use crate::model::{BackendHealth, PromptRef};
-use crate::results::{ResultSink, Retention, saved_progress, write_end};
+use crate::results::{ResultSink, saved_progress, write_end};
 use crate::store::{Backoff, MAX_BLOCK_MS, Store, StoreError, StoreResult, now_ms};
 use entries::{Entry, parse_autoclaim_reply, parse_read_reply};
 use std::collections::HashMap;
@@ -123,71 +124,6 @@ struct RunningJob {
     stop: StopSignal,
     done: Arc<Notify>,
     finished: Arc<AtomicBool>,
-}
-
-/// Why a job is final in the queue's slot while its entry is still pending.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum FinalWhy {
-    /// It had ended before this delivery.
-    Finished,
-    Cancelled,
-    Dead,
-    /// A malformed entry (`fr_job_reject`).
-    Failed,
-}
-
-/// What `fr_job_claim` and `fr_job_reject` decided, read once at the edge.
-#[derive(Clone, Debug, PartialEq)]
-enum ClaimVerdict {
-    Run {
-        attempt: u32,
-    },
-    /// Final in the queue's slot: the end entry and the ack are still to do.
-    Final {
-        why: FinalWhy,
-        status: JobStatus,
-        error: String,
-    },
-    Duplicate,
-    Lost,
-    Gone,
-    /// A reply this version does not know (a newer library on the server?).
-    Unknown(Vec<String>),
-}
-
-impl ClaimVerdict {
-    fn from_reply(reply: redis::Value) -> Self {
-        let parts: Vec<String> = match reply {
-            redis::Value::Array(_) => redis::from_redis_value(reply).unwrap_or_default(),
-            other => redis::from_redis_value::<String>(other)
-                .map(|s| vec![s])
-                .unwrap_or_default(),
-        };
-        let field = |i: usize| parts.get(i).cloned().unwrap_or_default();
-        let why = match parts.first().map(String::as_str) {
-            Some("run") => {
-                return ClaimVerdict::Run {
-                    attempt: field(1).parse().unwrap_or(1),
-                };
-            }
-            Some("duplicate") => return ClaimVerdict::Duplicate,
-            Some("lost") => return ClaimVerdict::Lost,
-            Some("gone") => return ClaimVerdict::Gone,
-            Some("finished") => FinalWhy::Finished,
-            Some("cancelled") => FinalWhy::Cancelled,
-            Some("dead") => FinalWhy::Dead,
-            Some("failed") => FinalWhy::Failed,
-            _ => return ClaimVerdict::Unknown(parts),
-        };
-        match JobStatus::parse(&field(1)) {
-            Some(status) if status.is_terminal() => ClaimVerdict::Final {
-                why,
-                status,
-                error: field(2),
-            },
-            _ => ClaimVerdict::Unknown(parts),
-        }
-    }
 }
 
 /// Static facts about this worker, written into its heartbeat hash.
@@ -440,7 +376,7 @@ impl Worker {
         tracing::warn!(error = %e, "redis error while {doing}");
         // A server that lost its data (restart without persistence) lost the group and the
         // functions too: put them back so the fleet recovers by itself.
-        if e.to_string().contains("NOGROUP") {
+        if e.code() == Some("NOGROUP") {
             let _ = self.prepare_redis().await;
         }
     }
@@ -506,23 +442,27 @@ impl Worker {
                 return;
             }
         };
-        let fields = hash_fields(&spec);
-        let mut args: Vec<&dyn crate::store::ToRedisArgsDyn> = vec![
-            &spec.entry_id,
-            &self.identity.id,
-            &self.config.max_attempts,
-            &spec.job_id,
-        ];
-        for (k, v) in &fields {
-            args.push(k);
-            args.push(v);
+        // What the body cannot run (a prompt the model cannot use) fails once, here, rather
+        // than in every frame.
+        if let Err(err) = self.body.check(&spec) {
+            self.reject(&entry, &spec.job_id, &err.to_string()).await;
+            return;
         }
-        let verdict = match self
-            .with_retry(|| self.store.fcall::<redis::Value>("fr_job_claim", &args))
+        let fields = spec.hash_fields();
+        let Some(verdict) = self
+            .with_retry(|| {
+                functions::claim(
+                    &self.store,
+                    &spec.entry_id,
+                    &self.identity.id,
+                    self.config.max_attempts,
+                    &spec.job_id,
+                    &fields,
+                )
+            })
             .await
-        {
-            Some(v) => ClaimVerdict::from_reply(v),
-            None => return,
+        else {
+            return;
         };
         match verdict {
             ClaimVerdict::Run { attempt } => {
@@ -549,7 +489,9 @@ impl Worker {
                 self.metrics.jobs_claimed.inc();
                 self.start_job(spec, resume);
             }
-            ClaimVerdict::Final { why, status, error } => {
+            ClaimVerdict::Final {
+                why, status, error, ..
+            } => {
                 match why {
                     FinalWhy::Dead => {
                         self.metrics.jobs_dead_lettered.inc();
@@ -585,7 +527,8 @@ impl Worker {
     }
 
     /// The second half of a job that is final in the queue's slot: its end entry (in the
-    /// job's slot, once), then the ack. Each step is safe to repeat after a crash.
+    /// job's slot, once), then the ack. Each step is safe to repeat after a crash or a lost
+    /// reply.
     async fn end_and_ack(&self, entry_id: &str, job_id: &str, status: JobStatus, error: &str) {
         let retention = self.retention();
         let ended = self
@@ -595,37 +538,40 @@ impl Worker {
             tracing::error!(job = %job_id, "could not write the end entry; the entry stays pending");
             return;
         }
-        let args: [&dyn crate::store::ToRedisArgsDyn; 2] = [&entry_id, &self.identity.id];
-        let _: Option<String> = self
-            .with_retry(|| self.store.fcall("fr_job_ack", &args))
+        let acked = self
+            .with_retry(|| functions::ack(&self.store, entry_id, &self.identity.id))
             .await;
+        if acked == Some(Ownership::Lost) {
+            tracing::info!(job = %job_id, "another worker owns the ended job's entry now; left to it");
+        }
     }
 
     async fn reject(&self, entry: &Entry, job_id: &str, error: &str) {
         self.metrics.jobs_rejected.inc();
         tracing::warn!(entry = %entry.id, job = %job_id, %error, "job entry refused");
+        // The hash shows what it can of the entry: its hash fields that are text of a sane
+        // length (a refused prompt may be what was too long).
         let mut fields: Vec<(String, String)> = Vec::new();
         for (k, v) in &entry.fields {
-            if let (Ok(k), Ok(v)) = (std::str::from_utf8(k), std::str::from_utf8(v)) {
-                if matches!(
-                    k,
-                    "stream_ref" | "fps" | "source" | "max_frames" | "max_duration_s"
-                ) && v.len() <= crate::job::MAX_STREAM_REF_BYTES
-                {
-                    fields.push((k.to_string(), v.to_string()));
-                }
+            if let (Ok(k), Ok(v)) = (std::str::from_utf8(k), std::str::from_utf8(v))
+                && JobField::parse(k).is_some_and(JobField::in_hash)
+                && v.len() <= crate::job::MAX_STREAM_REF_BYTES
+            {
+                fields.push((k.to_string(), v.to_string()));
             }
         }
-        let mut args: Vec<&dyn crate::store::ToRedisArgsDyn> =
-            vec![&entry.id, &self.identity.id, &job_id, &error];
-        for (k, v) in &fields {
-            args.push(k);
-            args.push(v);
-        }
         let verdict = self
-            .with_retry(|| self.store.fcall::<redis::Value>("fr_job_reject", &args))
-            .await
-            .map(ClaimVerdict::from_reply);
+            .with_retry(|| {
+                functions::reject(
+                    &self.store,
+                    &entry.id,
+                    &self.identity.id,
+                    job_id,
+                    error,
+                    &fields,
+                )
+            })
+            .await;
         if let Some(ClaimVerdict::Final { status, error, .. }) = verdict {
             self.end_and_ack(&entry.id, job_id, status, &error).await;
         }
@@ -717,31 +663,21 @@ impl Worker {
         };
         let body = self.body.clone();
         let mut task = tokio::spawn(async move { body.run(ctx).await });
-        let deadline = spec
-            .max_duration_s
-            .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
-        let mut duration_reached = false;
 
-        let joined = loop {
-            tokio::select! {
-                r = &mut task => break Some(r),
-                _ = stop.stopped() => {
-                    let grace = match stop.reason() {
-                        Some(StopReason::Shutdown) => self.config.shutdown_timeout,
-                        _ => CANCEL_GRACE,
-                    };
-                    match tokio::time::timeout(grace, &mut task).await {
-                        Ok(r) => break Some(r),
-                        Err(_) => {
-                            tracing::warn!(job = %spec.job_id, "job body did not stop in time; abandoned");
-                            task.abort();
-                            break None;
-                        }
+        let joined = tokio::select! {
+            r = &mut task => Some(r),
+            _ = stop.stopped() => {
+                let grace = match stop.reason() {
+                    Some(StopReason::Shutdown) => self.config.shutdown_timeout,
+                    _ => CANCEL_GRACE,
+                };
+                match tokio::time::timeout(grace, &mut task).await {
+                    Ok(r) => Some(r),
+                    Err(_) => {
+                        tracing::warn!(job = %spec.job_id, "job body did not stop in time; abandoned");
+                        task.abort();
+                        None
                     }
-                }
-                _ = sleep_until_opt(deadline), if !duration_reached => {
-                    duration_reached = true;
-                    stop.stop(StopReason::Deadline);
                 }
             }
         };
@@ -764,7 +700,6 @@ impl Worker {
             // Whatever the body made of being stopped, the reason decides.
             (Some(StopReason::Shutdown), _) => None,
             (Some(StopReason::Cancelled), _) => Some((JobStatus::Cancelled, String::new())),
-            (Some(StopReason::Deadline), _) => Some((JobStatus::Completed, String::new())),
             (None, Err(failure)) => Some((JobStatus::Failed, failure.message.clone())),
             (None, Ok(BodyOutcome::Stopped)) => Some((JobStatus::Completed, String::new())),
         };
@@ -776,10 +711,11 @@ impl Worker {
 
     /// Ends a job this worker ran: the end entry in the job's slot first, then the status
     /// and the ack in the queue's slot. A crash in between leaves the entry pending, and the
-    /// next claim finds the end entry and only records it.
+    /// next claim finds the end entry and only records it. Both steps are safe to repeat, so
+    /// a call retried after its reply was lost neither counts a lost lease nor writes twice.
     async fn finish(&self, spec: &JobSpec, status: JobStatus, error: &str) {
         let retention = self.retention();
-        let Some((recorded, _)) = self
+        let Some(recorded) = self
             .with_retry(|| write_end(&self.store, &spec.job_id, status, error, retention))
             .await
         else {
@@ -787,20 +723,22 @@ impl Worker {
             return;
         };
         // An earlier end entry wins: the hash must agree with what readers saw.
-        let status = JobStatus::parse(&recorded).unwrap_or(status);
+        let status = recorded.status;
         let status_str = status.as_str();
-        let args: [&dyn crate::store::ToRedisArgsDyn; 5] = [
-            &spec.entry_id,
-            &self.identity.id,
-            &spec.job_id,
-            &status_str,
-            &error,
-        ];
-        let verdict: Option<String> = self
-            .with_retry(|| self.store.fcall("fr_job_finish", &args))
+        let verdict = self
+            .with_retry(|| {
+                functions::finish(
+                    &self.store,
+                    &spec.entry_id,
+                    &self.identity.id,
+                    &spec.job_id,
+                    status,
+                    error,
+                )
+            })
             .await;
-        match verdict.as_deref() {
-            Some("ok") => {
+        match verdict {
+            Some(Ownership::Done) => {
                 match status {
                     JobStatus::Completed => self.metrics.jobs_completed.inc(),
                     JobStatus::Failed => self.metrics.jobs_failed.inc(),
@@ -812,7 +750,7 @@ impl Worker {
                     tracing::warn!(job = %spec.job_id, status = status_str, %error, "job finished");
                 }
             }
-            Some(_) => {
+            Some(Ownership::Lost) => {
                 self.metrics.leases_lost.inc();
                 tracing::warn!(job = %spec.job_id, "finished, but another worker owns the entry now; left to it");
             }
@@ -823,12 +761,18 @@ impl Worker {
     }
 
     async fn hand_back(&self, entry_id: &str, job_id: &str) {
-        let args: [&dyn crate::store::ToRedisArgsDyn; 4] =
-            [&entry_id, &self.identity.id, &job_id, &HANDBACK_IDLE_MS];
-        let verdict: Option<String> = self
-            .with_retry(|| self.store.fcall("fr_job_handback", &args))
+        let verdict = self
+            .with_retry(|| {
+                functions::handback(
+                    &self.store,
+                    entry_id,
+                    &self.identity.id,
+                    job_id,
+                    HANDBACK_IDLE_MS,
+                )
+            })
             .await;
-        if verdict.as_deref() == Some("ok") {
+        if verdict == Some(Ownership::Done) {
             self.metrics.jobs_handed_back.inc();
             tracing::info!(job = %job_id, "job handed back for another worker");
         }
@@ -886,7 +830,7 @@ impl Worker {
             self.heartbeat_once().await;
             if last_prune.elapsed() > INDEX_PRUNE_EVERY {
                 last_prune = Instant::now();
-                let _: StoreResult<i64> = self.store.fcall("fr_index_prune", &[&500]).await;
+                let _ = functions::prune_index(&self.store, 500).await;
             }
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
@@ -900,22 +844,17 @@ impl Worker {
     async fn heartbeat_once(&self) {
         let jobs = self.state.snapshot();
         if !jobs.is_empty() {
-            let mut args: Vec<&dyn crate::store::ToRedisArgsDyn> = vec![&self.identity.id];
-            for (entry_id, job) in &jobs {
-                args.push(entry_id);
-                args.push(&job.job_id);
-            }
-            match self
-                .store
-                .fcall::<Vec<String>>("fr_job_heartbeat", &args)
-                .await
-            {
-                Ok(verdicts) => {
-                    for ((_, job), verdict) in jobs.iter().zip(verdicts) {
-                        match verdict.as_str() {
-                            "lost" => job.stop.stop(StopReason::LeaseLost),
-                            "cancel" => job.stop.stop(StopReason::Cancelled),
-                            _ => {}
+            let ids: Vec<(&str, &str)> = jobs
+                .iter()
+                .map(|(entry_id, job)| (entry_id.as_str(), job.job_id.as_str()))
+                .collect();
+            match functions::heartbeat(&self.store, &self.identity.id, &ids).await {
+                Ok(leases) => {
+                    for ((_, job), lease) in jobs.iter().zip(leases) {
+                        match lease {
+                            Lease::Lost => job.stop.stop(StopReason::LeaseLost),
+                            Lease::Cancel => job.stop.stop(StopReason::Cancelled),
+                            Lease::Renewed => {}
                         }
                     }
                 }
@@ -978,50 +917,6 @@ impl Worker {
                     .await
             }
         }
-    }
-}
-
-/// The job hash fields recorded when a job first runs.
-fn hash_fields(spec: &JobSpec) -> Vec<(&'static str, String)> {
-    let mut f = vec![
-        ("stream_ref", spec.stream_ref.clone()),
-        ("source", spec.source.as_str().to_string()),
-        ("fps", spec.fps.to_string()),
-        (
-            "prompt_mode",
-            if spec.prompt.is_some() {
-                "fixed"
-            } else {
-                "live"
-            }
-            .to_string(),
-        ),
-    ];
-    if let Some(p) = &spec.prompt {
-        f.push(("prompt", p.clone()));
-    }
-    if let Some(n) = spec.max_frames {
-        f.push(("max_frames", n.to_string()));
-    }
-    if let Some(s) = spec.max_duration_s {
-        f.push(("max_duration_s", s.to_string()));
-    }
-    if !spec.extra.is_empty() {
-        f.push((
-            "extra",
-            serde_json::to_string(&spec.extra).unwrap_or_default(),
-        ));
-    }
-    if !spec.warnings.is_empty() {
-        f.push(("warnings", spec.warnings.join("; ")));
-    }
-    f
-}
-
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

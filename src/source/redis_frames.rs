@@ -455,13 +455,12 @@ fn permanent(e: &StoreError, key: &str) -> Option<String> {
     if e.is_transient() {
         return None;
     }
-    let text = e.to_string();
-    if text.contains("WRONGTYPE") {
+    if e.code() == Some("WRONGTYPE") {
         Some(format!(
             "frame stream `{key}` exists but is not a stream (it holds another Redis type)"
         ))
     } else {
-        Some(format!("reading frame stream `{key}`: {text}"))
+        Some(format!("reading frame stream `{key}`: {e}"))
     }
 }
 

@@ -11,7 +11,7 @@ use free_roam::job::{
     BodyOutcome, JobBody, JobContext, JobFailure, JobSpec, PromptFollow, ResumeState, StopSignal,
 };
 use free_roam::metrics::Metrics;
-use free_roam::model::{ModelError, ModelInfo, PromptRef, VisionLanguageModel};
+use free_roam::model::{ModelError, ModelInfo, PromptRef, PromptRule, VisionLanguageModel};
 use free_roam::pipeline::StreamJobBody;
 use free_roam::results::ResultSink;
 use free_roam::store::Store;
@@ -29,6 +29,7 @@ use tokio::task::JoinHandle;
 pub struct ProbeModel {
     info: ModelInfo,
     pause: Duration,
+    prompt_rule: PromptRule,
 }
 
 impl ProbeModel {
@@ -42,13 +43,24 @@ impl ProbeModel {
                 dtype: "none".into(),
             },
             pause,
+            prompt_rule: PromptRule::Any,
         }
+    }
+
+    /// The same probe, asking of prompts what a scoring or detection model asks.
+    pub fn with_prompt_rule(mut self, rule: PromptRule) -> Self {
+        self.prompt_rule = rule;
+        self
     }
 }
 
 impl VisionLanguageModel for ProbeModel {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    fn prompt_rule(&self) -> PromptRule {
+        self.prompt_rule
     }
 
     fn infer(

@@ -124,7 +124,9 @@ pub async fn run(command: Commands, config: Config, json: bool) -> ExitCode {
         }
         Commands::Cancel { job_id } => {
             match client::cancel(&store, &job_id, retention(&config)).await {
-                Ok(v) if json => print_json(&serde_json::json!({"job_id": job_id, "result": v})),
+                Ok(v) if json => {
+                    print_json(&serde_json::json!({"job_id": job_id, "result": v.to_string()}))
+                }
                 Ok(v) => println!("{job_id}: {v}"),
                 Err(e) => return client_failure(e),
             }
@@ -164,8 +166,8 @@ pub async fn run(command: Commands, config: Config, json: bool) -> ExitCode {
 }
 
 /// The expiry and cap a cancelled job's end entry gets; the workers use the same settings.
-fn retention(config: &Config) -> free_roam::results::Retention {
-    free_roam::results::Retention {
+fn retention(config: &Config) -> free_roam::functions::Retention {
+    free_roam::functions::Retention {
         results_maxlen: config.results_maxlen,
         ttl_s: config.result_ttl.as_secs(),
         alerts_maxlen: config.alerts_maxlen,
