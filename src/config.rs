@@ -58,7 +58,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "MODEL_TYPE",
         Some("clip"),
-        "Model backend: clip, siglip, owlvit, blip, or null (no model: one empty output per frame, for pipeline tests and benchmarks).",
+        "Model backend: clip, siglip, owlvit, blip, paligemma, or null (no model: one empty output per frame, for pipeline tests and benchmarks).",
     ),
     s(
         "MODEL_PATH",
@@ -143,7 +143,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "MAX_NEW_TOKENS",
         Some("20"),
-        "blip: most tokens generated per caption.",
+        "blip and paligemma: most tokens generated per caption or answer.",
     ),
     s(
         "MAX_CONCURRENT_STREAMS",
@@ -484,7 +484,10 @@ impl Config {
             redis_url,
             redis_cluster_nodes,
             key_prefix,
-            model_type: r.one_of("MODEL_TYPE", &["clip", "siglip", "owlvit", "blip", "null"])?,
+            model_type: r.one_of(
+                "MODEL_TYPE",
+                &["clip", "siglip", "owlvit", "blip", "paligemma", "null"],
+            )?,
             model_path: r.raw("MODEL_PATH").map(PathBuf::from),
             model_id: r.raw("MODEL_ID"),
             device: r.one_of("DEVICE", &["auto", "cpu", "cuda"])?,

@@ -7,7 +7,7 @@ use super::cpu_kernels;
 use super::fused_linear::MatmulPrecision;
 use super::{
     ModelError, VisionLanguageModel, blip::BlipModel, clip::ClipModel, owlvit::OwlVitModel,
-    siglip::SiglipModel,
+    paligemma::PaliGemmaModel, siglip::SiglipModel,
 };
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, DeviceLocation};
@@ -17,7 +17,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-/// Default bound on the tokens a BLIP caption may add (`MAX_NEW_TOKENS`).
+/// Default bound on the tokens a BLIP caption or a PaliGemma answer may add
+/// (`MAX_NEW_TOKENS`).
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 20;
 
 /// Which backend to run (`MODEL_TYPE`).
@@ -35,6 +36,9 @@ pub enum ModelType {
     /// Prompt-conditioned captioning with BLIP (the Salesforce/blip-image-captioning-large
     /// layout).
     Blip,
+    /// Answers to PaliGemma task prompts (captions, questions, boxes, text reading) with
+    /// PaliGemma (the google/paligemma-3b-mix-224 layout).
+    PaliGemma,
 }
 
 impl ModelType {
@@ -42,7 +46,7 @@ impl ModelType {
     /// ingest can use it to pick a default maximum frame side.
     pub fn input_size(self) -> u32 {
         match self {
-            ModelType::Clip | ModelType::Siglip => 224,
+            ModelType::Clip | ModelType::Siglip | ModelType::PaliGemma => 224,
             ModelType::Blip => 384,
             ModelType::OwlVit => 768,
         }
@@ -55,16 +59,18 @@ impl ModelType {
             ModelType::Siglip => "google/siglip-base-patch16-224",
             ModelType::OwlVit => "google/owlvit-base-patch32",
             ModelType::Blip => "Salesforce/blip-image-captioning-large",
+            ModelType::PaliGemma => "google/paligemma-3b-mix-224",
         }
     }
 
     /// The score over which a phrase is listed in `detected` when `DETECT_THRESHOLD` is
     /// unset: CLIP's presence against its neutral captions (0.5: the phrase fits better
     /// than every neutral caption), SigLIP's sigmoid probability, and OWL-ViT's box score
-    /// (0.1, as transformers' examples use). BLIP lists nothing as detected.
+    /// (0.1, as transformers' examples use). BLIP lists nothing as detected, and PaliGemma
+    /// lists the label of every box it generates (it gives no score).
     pub fn default_detect_threshold(self) -> f32 {
         match self {
-            ModelType::Clip | ModelType::Blip => 0.5,
+            ModelType::Clip | ModelType::Blip | ModelType::PaliGemma => 0.5,
             ModelType::Siglip | ModelType::OwlVit => 0.1,
         }
     }
@@ -76,6 +82,7 @@ impl ModelType {
             ModelType::Siglip => "presence",
             ModelType::OwlVit => "detection",
             ModelType::Blip => "captioning",
+            ModelType::PaliGemma => "generation",
         }
     }
 
@@ -85,6 +92,7 @@ impl ModelType {
             ModelType::Siglip => "siglip",
             ModelType::OwlVit => "owlvit",
             ModelType::Blip => "blip",
+            ModelType::PaliGemma => "paligemma",
         }
     }
 }
@@ -112,9 +120,10 @@ impl FromStr for ModelType {
             "siglip" => Ok(ModelType::Siglip),
             "owlvit" => Ok(ModelType::OwlVit),
             "blip" => Ok(ModelType::Blip),
+            "paligemma" => Ok(ModelType::PaliGemma),
             _ => Err(ParseSettingError {
                 setting: "MODEL_TYPE",
-                expected: "clip, siglip, owlvit, blip",
+                expected: "clip, siglip, owlvit, blip, paligemma",
                 value: s.to_string(),
             }),
         }
@@ -228,7 +237,7 @@ pub struct ModelSettings {
     pub device: DeviceChoice,
     /// The image towers' matrix products: f32 or bf16.
     pub dtype: DtypeChoice,
-    /// BLIP: the most tokens a caption may add after the prompt.
+    /// BLIP and PaliGemma: the most tokens a caption or answer may add after the prompt.
     pub max_new_tokens: usize,
     /// The score over which a phrase is listed in `detected`; `None` for the model's
     /// default ([`ModelType::default_detect_threshold`]).
@@ -276,6 +285,7 @@ pub fn load_model(settings: &ModelSettings) -> Result<Box<dyn VisionLanguageMode
         ModelType::Siglip => Box::new(SiglipModel::load(&files, device, settings)?),
         ModelType::OwlVit => Box::new(OwlVitModel::load(&files, device, settings)?),
         ModelType::Blip => Box::new(BlipModel::load(&files, device, settings)?),
+        ModelType::PaliGemma => Box::new(PaliGemmaModel::load(&files, device, settings)?),
     })
 }
 
@@ -644,7 +654,7 @@ mod tests {
         let err = "llava".parse::<ModelType>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "MODEL_TYPE must be one of clip, siglip, owlvit, blip, not \"llava\""
+            "MODEL_TYPE must be one of clip, siglip, owlvit, blip, paligemma, not \"llava\""
         );
         assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
         assert_eq!("Auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
