@@ -118,7 +118,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "DETECT_THRESHOLD",
         None,
-        "Score over which a phrase is listed as detected; [0, 1]. Default per model: clip 0.5 (presence against neutral captions), siglip 0.1 (probability), owlvit 0.1 (box score); see docs/models.md.",
+        "Score over which a phrase is listed as detected; [0, 1]. Default per model: clip 0.5 (presence against neutral captions), siglip 0.1 (probability), owlvit 0.1 (box score); paligemma has no scores and lists the label of every box it generates; see docs/models.md.",
     ),
     s(
         "NMS_IOU",
