@@ -459,7 +459,8 @@ impl PaliGemmaModel {
             return Ok(out);
         }
         let mut logits = self.prefix_logits(pixels, text_ids)?;
-        let mut position = FIRST_POSITION + self.spec.image_tokens() + text_ids.len();
+        // The position of the token generated at step 0, fed back at step 1.
+        let first_generated = FIRST_POSITION + self.spec.image_tokens() + text_ids.len();
         for step in 0..self.max_new_tokens {
             let next: Vec<u32> = logits
                 .argmax(D::Minus1)
@@ -480,10 +481,9 @@ impl PaliGemmaModel {
                 .map_err(infer_err)?;
             logits = self
                 .language
-                .forward(&input, position)
+                .forward(&input, first_generated + step)
                 .and_then(|l| l.squeeze(1))
                 .map_err(infer_err)?;
-            position += 1;
         }
         self.language.clear_kv_cache();
         Ok(out)
