@@ -5,15 +5,15 @@
 //!
 //! The towers are candle-transformers' `siglip::VisionModel` and `gemma::Model`; the glue
 //! is ours, because candle's `paligemma::Model` differs from transformers'
-//! `PaliGemmaForConditionalGeneration` (5.x) in three ways:
+//! `PaliGemmaForConditionalGeneration` (5.x) in two ways:
 //! - image features: transformers puts the projector's output into the sequence as it is,
 //!   next to text embeddings scaled by sqrt(hidden); candle L2-normalises them. Gemma here
 //!   scales the whole sequence, so the image features are divided by sqrt(hidden) first.
 //! - positions: transformers counts them from 1, candle from 0; the offset says 1.
-//! - attention: transformers' prefix-LM mask lets image and prompt tokens see each other
-//!   both ways, and generated tokens see everything before them. The prefix pass runs
-//!   without a mask (full attention) and each later step is one token attending to the
-//!   whole cache, which is that mask.
+//!
+//! Attention follows transformers' prefix-LM mask: image and prompt tokens see each other
+//! both ways, generated tokens see everything before them. The prefix pass runs without a
+//! mask (full attention) and each later step is one token attending to the whole cache.
 //!
 //! # Decoding
 //!
