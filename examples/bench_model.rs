@@ -12,7 +12,12 @@
 //! 1 and 2): far slower, so use few iterations. With `BENCH_KIND=siglip` or `owlvit` it
 //! times the whole `infer` path of that model on a 640x480 frame at batch 1 and 4 (the
 //! prompt's text embeddings cached, as in serving), the work
-//! `scripts/bench-presence-pt.py` times for transformers.
+//! `scripts/bench-presence-pt.py` times for transformers. With `BENCH_KIND=paligemma` it
+//! times full-size PaliGemma answering `caption en` (`MAX_NEW_TOKENS`, default 10) at batch
+//! 1 and 2, the work `scripts/bench-paligemma-pt.py` times for transformers: seconds per
+//! frame on a CPU, so use few iterations.
+//!
+//! `BENCH_BATCHES=1,8` replaces the batch sizes of any kind (scripts/gpu-check).
 
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
@@ -20,6 +25,7 @@ use free_roam::frame::Frame;
 use free_roam::model::blip::BlipModel;
 use free_roam::model::clip::ClipModel;
 use free_roam::model::load::{ModelFiles, load_model, select_device};
+use free_roam::model::paligemma::PaliGemmaModel;
 use free_roam::model::{
     DeviceChoice, DtypeChoice, ModelSettings, ModelSize, ModelType, PromptRef, VisionLanguageModel,
     write_random_model,
@@ -56,6 +62,68 @@ fn random_full(kind: ModelType) -> Result<PathBuf, Box<dyn std::error::Error>> {
         eprintln!("wrote {} in {:?}", dir.display(), t.elapsed());
     }
     Ok(dir)
+}
+
+/// The batch sizes to time: `BENCH_BATCHES` (`1,8`) when set, else `default`.
+fn batches(default: &[usize]) -> Result<Vec<usize>, Box<dyn std::error::Error>> {
+    match std::env::var("BENCH_BATCHES") {
+        Ok(list) => Ok(list
+            .split(',')
+            .map(|b| b.trim().parse())
+            .collect::<Result<_, _>>()?),
+        Err(_) => Ok(default.to_vec()),
+    }
+}
+
+fn bench_paligemma(
+    tag: &str,
+    iters: usize,
+    dir: PathBuf,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let p = |msg: String| println!("[candle-paligemma {tag}] {msg}");
+    let t = Instant::now();
+    let max_new_tokens = std::env::var("MAX_NEW_TOKENS")
+        .ok()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(10);
+    let settings = ModelSettings {
+        model_type: ModelType::PaliGemma,
+        model_path: Some(dir.clone()),
+        max_new_tokens,
+        ..ModelSettings::default()
+    };
+    let device = select_device(DeviceChoice::Auto)?;
+    let mut model = PaliGemmaModel::load(&ModelFiles::from_dir(&dir)?, device.clone(), &settings)?;
+    p(format!(
+        "loaded in {:.0} ms on {}",
+        t.elapsed().as_secs_f64() * 1000.0,
+        model.info().device
+    ));
+    let frame = frame_640x480()?;
+    let prompt = PromptRef {
+        text: Arc::from("caption en"),
+        version: None,
+    };
+    // The PyTorch bench prints the same figure: both sides must decode as many tokens.
+    let text_ids = model.text_ids(&prompt.text)?;
+    let ids = model.generate_ids(&model.preprocessor().batch(&[&frame], &device)?, &text_ids)?;
+    p(format!("new_tokens={} ids={:?}", ids[0].len(), ids[0]));
+    for bs in batches(&[1, 2])? {
+        let frames: Vec<&Frame> = std::iter::repeat_n(&frame, bs).collect();
+        let (med, min, max) = median_ms(
+            || {
+                model.infer(&frames, &prompt).expect("infer");
+            },
+            1,
+            iters,
+        );
+        p(format!(
+            "caption 640x480 bs={bs} median={med:.0} ms (min {min:.0} max {max:.0}) per-frame={:.0} ms",
+            med / bs as f64
+        ));
+    }
+    Ok(())
 }
 
 fn bench_blip(tag: &str, iters: usize, dir: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
@@ -126,7 +194,7 @@ fn bench_infer(
         text: Arc::from("Detect all people and vehicles"),
         version: None,
     };
-    for bs in [1usize, 4] {
+    for bs in batches(&[1, 4])? {
         let frames: Vec<&Frame> = std::iter::repeat_n(&frame, bs).collect();
         let (med, min, max) = median_ms(
             || {
@@ -157,6 +225,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     match kind {
         ModelType::Blip => return bench_blip(&tag, iters, dir),
+        ModelType::PaliGemma => return bench_paligemma(&tag, iters, dir),
         ModelType::Siglip | ModelType::OwlVit => return bench_infer(kind, &tag, iters, dir),
         ModelType::Clip => {}
         ModelType::OpenAi => {
@@ -203,7 +272,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ));
     }
 
-    for bs in [1usize, 8] {
+    let sizes = batches(&[1, 8])?;
+    for &bs in &sizes {
         let pixels =
             Tensor::randn(0f32, 1f32, (bs, 3, 224, 224), &Device::Cpu)?.to_device(&device)?;
         let (med, min, max) = median_ms(
@@ -226,7 +296,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         text: Arc::from("Detect all people and vehicles"),
         version: None,
     };
-    for bs in [1usize, 8] {
+    for &bs in &sizes {
         let frames: Vec<&Frame> = std::iter::repeat_n(&frame, bs).collect();
         let (med, min, max) = median_ms(
             || {

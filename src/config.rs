@@ -75,7 +75,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "MODEL_TYPE",
         Some("clip"),
-        "Model backend: clip, siglip, owlvit, blip, openai (a VLM behind an OpenAI-compatible server, see OPENAI_BASE_URL), null (no model: one empty output per frame, for pipeline tests and benchmarks), or test-colour (a test model that detects the colours the prompt names by counting pixels, for alert tests and benchmarks: see docs/models.md).",
+        "Model backend: clip, siglip, owlvit, blip, paligemma (a generative VLM: PaliGemma task prompts), openai (a VLM behind an OpenAI-compatible server, see OPENAI_BASE_URL), null (no model: one empty output per frame, for pipeline tests and benchmarks), or test-colour (a test model that detects the colours the prompt names by counting pixels, for alert tests and benchmarks: see docs/models.md).",
     ),
     s(
         "MODEL_PATH",
@@ -135,7 +135,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "DETECT_THRESHOLD",
         None,
-        "Score over which a phrase is listed as detected; [0, 1]. Default per model: clip 0.5 (presence against neutral captions), siglip 0.1 (probability), owlvit 0.1 (box score); see docs/models.md.",
+        "Score over which a phrase is listed as detected; [0, 1]. Default per model: clip 0.5 (presence against neutral captions), siglip 0.1 (probability), owlvit 0.1 (box score); paligemma has no scores and lists the label of every box it generates; see docs/models.md.",
     ),
     s(
         "NMS_IOU",
@@ -160,7 +160,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "MAX_NEW_TOKENS",
         Some("20"),
-        "blip: most tokens generated per caption.",
+        "blip and paligemma: most tokens generated per caption or answer.",
     ),
     s(
         "OPENAI_BASE_URL",
@@ -684,6 +684,7 @@ impl Config {
                 "siglip",
                 "owlvit",
                 "blip",
+                "paligemma",
                 "openai",
                 "null",
                 "test-colour",

@@ -1,6 +1,7 @@
 //! The real `free-roam worker` process: a job on a Redis frame stream runs through the real
 //! pipeline (MODEL_TYPE=null), the health endpoint answers, SIGTERM hands a running job
-//! back and the process exits 0, and SIGKILL leaves a job that another worker finishes.
+//! back and the process exits 0, and SIGKILL leaves a job that another worker finishes; a
+//! question job gets an answer per frame from a tiny random PaliGemma.
 
 mod common;
 
@@ -85,6 +86,76 @@ fn the_worker_process_runs_a_frame_stream_job_and_answers_health() {
     );
     signal(&w, 15);
     assert!(w.wait().unwrap().success());
+}
+
+#[test]
+fn a_question_job_gets_an_answer_per_frame_from_paligemma() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let dir = std::env::temp_dir().join(format!("free-roam-{}-paligemma", std::process::id()));
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_free-roam"))
+        .args([
+            "model",
+            "make",
+            "--type",
+            "paligemma",
+            "--size",
+            "tiny",
+            "--seed",
+            "3",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let port = free_port();
+    let model_path = dir.to_str().unwrap();
+    let mut w = worker(
+        &redis,
+        &p,
+        port,
+        &[
+            ("MODEL_TYPE", "paligemma"),
+            ("MODEL_PATH", model_path),
+            ("MAX_NEW_TOKENS", "4"),
+        ],
+    );
+    wait_until(WAIT, || {
+        http_get(port, "/health/ready").is_some_and(|(c, _)| c == 200)
+    });
+    feed_frames(&redis, "cam:1", 1_000_000, 10);
+    redis.cli(&[
+        "XADD",
+        &format!("{{{p}}}:jobs"),
+        "*",
+        "stream_ref",
+        "cam:1",
+        "fps",
+        "2",
+        "max_duration_s",
+        "2",
+        "prompt",
+        "answer en is anyone wearing a helmet?",
+        "job_id",
+        "q",
+    ]);
+    wait_until(WAIT, || ended(&redis, &p, "q").is_some());
+    assert_eq!(ended(&redis, &p, "q").as_deref(), Some("completed"));
+    let rs = results(&redis, &p, "q");
+    let answers: Vec<serde_json::Value> = rs
+        .iter()
+        .filter(|f| f["kind"] == "result")
+        .map(|f| serde_json::from_str(&f["output"]).unwrap())
+        .collect();
+    assert!(!answers.is_empty(), "the sampled frames reach the model");
+    for a in &answers {
+        assert!(a["text"].is_string(), "{a}");
+        assert!(a.get("detected").is_none(), "{a}");
+    }
+    assert!(rs.iter().all(|f| f["kind"] != "error"), "{rs:?}");
+    signal(&w, 15);
+    assert!(w.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -8,7 +8,7 @@ use super::fused_linear::MatmulPrecision;
 use super::openai::{DEFAULT_IMAGE_MAX_SIDE, OpenAiModel, OpenAiSettings};
 use super::{
     ModelError, VisionLanguageModel, blip::BlipModel, clip::ClipModel, owlvit::OwlVitModel,
-    siglip::SiglipModel,
+    paligemma::PaliGemmaModel, siglip::SiglipModel,
 };
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, DeviceLocation};
@@ -18,7 +18,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-/// Default bound on the tokens a BLIP caption may add (`MAX_NEW_TOKENS`).
+/// Default bound on the tokens a BLIP caption or a PaliGemma answer may add
+/// (`MAX_NEW_TOKENS`).
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 20;
 
 /// Which backend to run (`MODEL_TYPE`).
@@ -38,6 +39,9 @@ pub enum ModelType {
     Blip,
     /// Any VLM behind an OpenAI-compatible chat-completions server; no weights in the worker.
     OpenAi,
+    /// Answers to PaliGemma task prompts (captions, questions, boxes, text reading) with
+    /// PaliGemma (the google/paligemma-3b-mix-224 layout).
+    PaliGemma,
 }
 
 impl ModelType {
@@ -45,7 +49,7 @@ impl ModelType {
     /// ingest can use it to pick a default maximum frame side.
     pub fn input_size(self) -> u32 {
         match self {
-            ModelType::Clip | ModelType::Siglip => 224,
+            ModelType::Clip | ModelType::Siglip | ModelType::PaliGemma => 224,
             ModelType::Blip => 384,
             ModelType::OwlVit => 768,
             ModelType::OpenAi => DEFAULT_IMAGE_MAX_SIDE,
@@ -61,16 +65,18 @@ impl ModelType {
             ModelType::OwlVit => "google/owlvit-base-patch32",
             ModelType::Blip => "Salesforce/blip-image-captioning-large",
             ModelType::OpenAi => "",
+            ModelType::PaliGemma => "google/paligemma-3b-mix-224",
         }
     }
 
     /// The score over which a phrase is listed in `detected` when `DETECT_THRESHOLD` is
     /// unset: CLIP's presence against its neutral captions (0.5: the phrase fits better
     /// than every neutral caption), SigLIP's sigmoid probability, and OWL-ViT's box score
-    /// (0.1, as transformers' examples use). BLIP lists nothing as detected.
+    /// (0.1, as transformers' examples use). BLIP lists nothing as detected, and PaliGemma
+    /// lists the label of every box it generates (it gives no score).
     pub fn default_detect_threshold(self) -> f32 {
         match self {
-            ModelType::Clip | ModelType::Blip | ModelType::OpenAi => 0.5,
+            ModelType::Clip | ModelType::Blip | ModelType::OpenAi | ModelType::PaliGemma => 0.5,
             ModelType::Siglip | ModelType::OwlVit => 0.1,
         }
     }
@@ -83,6 +89,7 @@ impl ModelType {
             ModelType::OwlVit => "detection",
             ModelType::Blip => "captioning",
             ModelType::OpenAi => "chat",
+            ModelType::PaliGemma => "generation",
         }
     }
 
@@ -93,6 +100,7 @@ impl ModelType {
             ModelType::OwlVit => "owlvit",
             ModelType::Blip => "blip",
             ModelType::OpenAi => "openai",
+            ModelType::PaliGemma => "paligemma",
         }
     }
 }
@@ -121,9 +129,10 @@ impl FromStr for ModelType {
             "owlvit" => Ok(ModelType::OwlVit),
             "blip" => Ok(ModelType::Blip),
             "openai" => Ok(ModelType::OpenAi),
+            "paligemma" => Ok(ModelType::PaliGemma),
             _ => Err(ParseSettingError {
                 setting: "MODEL_TYPE",
-                expected: "clip, siglip, owlvit, blip, openai",
+                expected: "clip, siglip, owlvit, blip, openai, paligemma",
                 value: s.to_string(),
             }),
         }
@@ -237,7 +246,7 @@ pub struct ModelSettings {
     pub device: DeviceChoice,
     /// The image towers' matrix products: f32 or bf16.
     pub dtype: DtypeChoice,
-    /// BLIP: the most tokens a caption may add after the prompt.
+    /// BLIP and PaliGemma: the most tokens a caption or answer may add after the prompt.
     pub max_new_tokens: usize,
     /// The score over which a phrase is listed in `detected`; `None` for the model's
     /// default ([`ModelType::default_detect_threshold`]).
@@ -305,6 +314,7 @@ fn load_weights(settings: &ModelSettings) -> Result<Box<dyn VisionLanguageModel>
                 "MODEL_TYPE=openai has no weight files: it calls a server".into(),
             ));
         }
+        ModelType::PaliGemma => Box::new(PaliGemmaModel::load(&files, device, settings)?),
     })
 }
 
@@ -674,7 +684,7 @@ mod tests {
         let err = "llava".parse::<ModelType>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "MODEL_TYPE must be one of clip, siglip, owlvit, blip, openai, not \"llava\""
+            "MODEL_TYPE must be one of clip, siglip, owlvit, blip, openai, paligemma, not \"llava\""
         );
         assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
         assert_eq!("Auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);

@@ -5,18 +5,20 @@
 //!
 //! `tiny` models keep the real input sizes (224 for CLIP, 384 for BLIP) but are a few
 //! layers of width 32, so they load and run in milliseconds; `full` models have the real
-//! sizes of openai/clip-vit-base-patch32 and Salesforce/blip-image-captioning-large.
+//! sizes of openai/clip-vit-base-patch32, Salesforce/blip-image-captioning-large and the
+//! other reference checkpoints (google/paligemma-3b-mix-224: 12 GB of f32 weights).
 
 use super::ModelError;
 use super::blip::BlipSpec;
 use super::clip::ClipSpec;
 use super::load::{ModelType, ParseSettingError, TensorSpec};
 use super::owlvit::OwlVitSpec;
+use super::paligemma::PaliGemmaSpec;
 use super::preprocess::{CLIP_MEAN, CLIP_STD, SIGLIP_MEAN_STD};
 use super::siglip::SiglipSpec;
 use super::tokenizer::{
     self, BERT_CLS, BERT_MASK, BERT_PAD, BERT_SEP, BERT_UNK, BLIP_DEC, BLIP_ENC, CLIP_BOS,
-    CLIP_EOS, SIGLIP_EOS, SIGLIP_UNK,
+    CLIP_EOS, GEMMA_BOS, GEMMA_EOS, GEMMA_PAD, GEMMA_UNK, PALIGEMMA_IMAGE, SIGLIP_EOS, SIGLIP_UNK,
 };
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -164,6 +166,31 @@ pub fn write_random_model(
             return Err(ModelError::Load(
                 "MODEL_TYPE=openai has no weights to write: it calls a server".into(),
             ));
+        }
+        ModelType::PaliGemma => {
+            let (tok, vocab) = tokenizer::paligemma_tiny_tokenizer();
+            let config = paligemma_config(size, vocab);
+            let spec = PaliGemmaSpec::from_config(&config)?;
+            let side = spec.vision.image_size;
+            let preprocessor = json!({
+                "do_convert_rgb": null, "do_normalize": true, "do_rescale": true,
+                "do_resize": true, "image_mean": SIGLIP_MEAN_STD, "image_std": SIGLIP_MEAN_STD,
+                "image_processor_type": "SiglipImageProcessor",
+                "image_seq_length": spec.image_tokens(),
+                "processor_class": "PaliGemmaProcessor", "resample": 3,
+                "rescale_factor": 1.0 / 255.0, "size": {"height": side, "width": side}
+            });
+            let tok_config = json!({
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "processor_class": "PaliGemmaProcessor",
+                "bos_token": GEMMA_BOS, "eos_token": GEMMA_EOS, "pad_token": GEMMA_PAD,
+                "unk_token": GEMMA_UNK, "image_token": PALIGEMMA_IMAGE,
+                "add_bos_token": false, "add_eos_token": false,
+                "model_max_length": spec.text.max_position_embeddings
+            });
+            let generation = json!({"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0});
+            write_json(&dir.join("generation_config.json"), &generation)?;
+            (config, tok, tok_config, preprocessor, spec.tensor_specs())
         }
     };
     write_json(&dir.join("config.json"), &config)?;
@@ -323,6 +350,53 @@ fn blip_config(size: ModelSize, tiny_vocab: usize, ids: tokenizer::BertSpecialId
             "num_attention_heads": v_heads, "num_hidden_layers": v_layers,
             "patch_size": patch, "projection_dim": 512
         }
+    })
+}
+
+/// A transformers 5 `PaliGemmaConfig` in google/paligemma-3b-mix-224's layout. The image
+/// side and patch keep the real 256 image tokens at both sizes. The image token is the
+/// small tokenizer's `<image>` (its last id), so that transformers' processor agrees with
+/// the model; the full model keeps the real vocabulary size, of which the small tokenizer
+/// spells only the first ids.
+fn paligemma_config(size: ModelSize, tiny_vocab: usize) -> Value {
+    let image_token = tiny_vocab - 1;
+    let (v_hidden, v_inter, v_layers, v_heads) = match size {
+        ModelSize::Tiny => (32, 64, 2, 4),
+        ModelSize::Full => (1152, 4304, 27, 16),
+    };
+    let (vocab, t_hidden, t_inter, t_layers, t_heads, head_dim) = match size {
+        ModelSize::Tiny => (tiny_vocab, 32, 64, 2, 4, 8),
+        ModelSize::Full => (257216, 2048, 16384, 18, 8, 256),
+    };
+    json!({
+        "_name_or_path": format!("random-paligemma-{size}"),
+        "architectures": ["PaliGemmaForConditionalGeneration"],
+        "bos_token_id": 2,
+        "dtype": "float32",
+        "eos_token_id": 1,
+        "hidden_size": t_hidden,
+        "image_token_index": image_token,
+        "model_type": "paligemma",
+        "pad_token_id": 0,
+        "projection_dim": t_hidden,
+        "text_config": {
+            "attention_bias": false, "attention_dropout": 0.0, "head_dim": head_dim,
+            "hidden_act": "gelu_pytorch_tanh", "hidden_size": t_hidden,
+            "intermediate_size": t_inter, "max_position_embeddings": 8192,
+            "model_type": "gemma", "num_attention_heads": t_heads,
+            "num_hidden_layers": t_layers, "num_image_tokens": 256,
+            "num_key_value_heads": 1, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "vocab_size": vocab
+        },
+        "transformers_version": "5.24.0",
+        "vision_config": {
+            "attention_dropout": 0.0, "hidden_act": "gelu_pytorch_tanh",
+            "hidden_size": v_hidden, "image_size": 224, "intermediate_size": v_inter,
+            "layer_norm_eps": 1e-6, "model_type": "siglip_vision_model",
+            "num_attention_heads": v_heads, "num_channels": 3, "num_hidden_layers": v_layers,
+            "patch_size": 14, "projection_dim": t_hidden, "vision_use_head": false
+        },
+        "vocab_size": vocab
     })
 }
 

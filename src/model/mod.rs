@@ -21,6 +21,8 @@ pub mod load;
 pub mod make;
 pub mod openai;
 pub mod owlvit;
+pub mod paligemma;
+pub mod paligemma_detect;
 #[cfg(test)]
 mod parity;
 #[cfg(test)]
@@ -66,9 +68,11 @@ use std::sync::{Arc, Mutex};
 pub struct ModelInfo {
     /// Short name written into every result entry, e.g. `clip-vit-base-patch32`.
     pub name: String,
-    /// What the outputs mean: `zero-shot-scoring`, `presence`, `detection`, `captioning`, `test`.
+    /// What the outputs mean: `zero-shot-scoring`, `presence`, `detection`, `captioning`,
+    /// `generation`, `test`.
     pub task: String,
-    /// The square input side the model resizes frames to (224 for CLIP, 384 for BLIP).
+    /// The square input side the model resizes frames to (224 for CLIP and PaliGemma, 384 for
+    /// BLIP).
     pub input_size: u32,
     /// `cpu` or `cuda:N`.
     pub device: String,

@@ -6,9 +6,11 @@
 use super::Frame;
 use super::blip::BlipModel;
 use super::clip::ClipModel;
-use super::load::{DtypeChoice, ModelFiles, ModelSettings, ModelType};
+use super::load::{DeviceChoice, DtypeChoice, ModelFiles, ModelSettings, ModelType, select_device};
 use super::make::{ModelSize, write_random_model};
 use super::owlvit::{OwlVitModel, post_process};
+use super::paligemma::PaliGemmaModel;
+use super::paligemma_detect::parse_detections;
 use super::siglip::SiglipModel;
 use super::testutil::{IMAGES, SEED, SIGLIP_IMAGES, frames, frames_of, tiny_model};
 use candle_core::{Device, Tensor};
@@ -150,6 +152,18 @@ fn check_pixels(pixels: &Tensor, expected: &Value) -> f32 {
     worst
 }
 
+/// Where the parity tests run: the CPU, or with `DEVICE=cuda` the GPU (scripts/gpu-check).
+/// One device for the process: tensors of two CUDA device handles do not mix.
+fn device() -> Device {
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| match std::env::var("DEVICE").as_deref() {
+            Ok("cuda") => select_device(DeviceChoice::Cuda).expect("DEVICE=cuda: no usable GPU"),
+            _ => Device::Cpu,
+        })
+        .clone()
+}
+
 fn settings(kind: ModelType) -> ModelSettings {
     ModelSettings {
         model_type: kind,
@@ -176,11 +190,11 @@ fn clip_matches_transformers() {
     let exp = expected("clip.json");
     let s = settings(ModelType::Clip);
     let files = ModelFiles::from_dir(&model_dir(ModelType::Clip)).unwrap();
-    let model = ClipModel::load(&files, Device::Cpu, &s).unwrap();
+    let model = ClipModel::load(&files, device(), &s).unwrap();
 
     let frames = frames();
     let refs: Vec<&Frame> = frames.iter().collect();
-    let pixels = model.preprocessor().batch(&refs, &Device::Cpu).unwrap();
+    let pixels = model.preprocessor().batch(&refs, &device()).unwrap();
     let pixel_diff = check_pixels(&pixels, &exp["pixels"]);
 
     let texts: Vec<String> = exp["texts"]
@@ -228,11 +242,11 @@ fn siglip_matches_transformers() {
     let exp = expected_with("siglip.json", SIGLIP_IMAGES);
     let s = settings(ModelType::Siglip);
     let files = ModelFiles::from_dir(&model_dir(ModelType::Siglip)).unwrap();
-    let model = SiglipModel::load(&files, Device::Cpu, &s).unwrap();
+    let model = SiglipModel::load(&files, device(), &s).unwrap();
 
     let frames = frames_of(SIGLIP_IMAGES);
     let refs: Vec<&Frame> = frames.iter().collect();
-    let pixels = model.preprocessor().batch(&refs, &Device::Cpu).unwrap();
+    let pixels = model.preprocessor().batch(&refs, &device()).unwrap();
     let pixel_diff = check_pixels(&pixels, &exp["pixels"]);
 
     let texts = texts(&exp["texts"]);
@@ -276,12 +290,12 @@ fn owlvit_matches_transformers() {
     let exp = expected("owlvit.json");
     let s = settings(ModelType::OwlVit);
     let files = ModelFiles::from_dir(&model_dir(ModelType::OwlVit)).unwrap();
-    let model = OwlVitModel::load(&files, Device::Cpu, &s).unwrap();
+    let model = OwlVitModel::load(&files, device(), &s).unwrap();
     let threshold = exp["threshold"].as_f64().unwrap() as f32;
 
     let frames = frames();
     let refs: Vec<&Frame> = frames.iter().collect();
-    let pixels = model.preprocessor().batch(&refs, &Device::Cpu).unwrap();
+    let pixels = model.preprocessor().batch(&refs, &device()).unwrap();
     let pixel_diff = check_pixels(&pixels, &exp["pixels"]);
 
     let texts = texts(&exp["texts"]);
@@ -383,11 +397,11 @@ fn blip_matches_transformers() {
     let mut s = settings(ModelType::Blip);
     s.max_new_tokens = exp["max_new_tokens"].as_u64().unwrap() as usize;
     let files = ModelFiles::from_dir(&model_dir(ModelType::Blip)).unwrap();
-    let model = BlipModel::load(&files, Device::Cpu, &s).unwrap();
+    let model = BlipModel::load(&files, device(), &s).unwrap();
 
     let frames = frames();
     let refs: Vec<&Frame> = frames.iter().collect();
-    let pixels = model.preprocessor().batch(&refs, &Device::Cpu).unwrap();
+    let pixels = model.preprocessor().batch(&refs, &device()).unwrap();
     let pixel_diff = check_pixels(&pixels, &exp["pixels"]);
 
     let vision = model.image_features(&pixels).unwrap();
@@ -436,6 +450,133 @@ fn blip_matches_transformers() {
     );
 }
 
+/// PaliGemma's parity images: the first three of [`SIGLIP_IMAGES`] (the same
+/// preprocessing), to keep the file small.
+const PALIGEMMA_IMAGES: &[(&str, usize, usize)] = SIGLIP_IMAGES.split_at(3).0;
+
+/// Boxes as the parity file writes them: label and corners.
+fn expected_boxes(v: &Value) -> Vec<(String, Vec<f32>)> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let corners = b["box"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            (b["label"].as_str().unwrap().to_string(), corners)
+        })
+        .collect()
+}
+
+/// Checks our parse of `text` against the boxes transformers' side parsed; returns how
+/// many boxes were compared.
+fn check_boxes(text: &str, width: usize, height: usize, want: &Value) -> usize {
+    let ours = parse_detections(text, width as u32, height as u32);
+    let theirs = expected_boxes(want);
+    assert_eq!(ours.len(), theirs.len(), "boxes parsed from {text:?}");
+    for (o, (label, corners)) in ours.iter().zip(&theirs) {
+        assert_eq!(&o.label, label, "label parsed from {text:?}");
+        for (a, b) in o.corners.iter().zip(corners) {
+            assert!((a - b).abs() < 1e-3, "corner {a} vs {b} from {text:?}");
+        }
+    }
+    ours.len()
+}
+
+/// PaliGemma against `PaliGemmaForConditionalGeneration`: input ids, prefix logits, greedy
+/// tokens, decoded text and parsed boxes. Random tiny weights generate no `<loc>` tokens,
+/// so the parsed boxes of the generated texts are empty on both sides; the box path is
+/// also checked on fixed token sequences (`box_cases`) that transformers' tokenizer
+/// decoded and an independent parser in the script parsed, which must give the same text
+/// and the same boxes here.
+#[test]
+fn paligemma_matches_transformers() {
+    let exp = expected_with("paligemma.json", PALIGEMMA_IMAGES);
+    let mut s = settings(ModelType::PaliGemma);
+    s.max_new_tokens = exp["max_new_tokens"].as_u64().unwrap() as usize;
+    let files = ModelFiles::from_dir(&model_dir(ModelType::PaliGemma)).unwrap();
+    let mut model = PaliGemmaModel::load(&files, device(), &s).unwrap();
+    assert_eq!(model.stop_ids(), ids(&exp["stop_ids"]).as_slice());
+
+    let frames = frames_of(PALIGEMMA_IMAGES);
+    let refs: Vec<&Frame> = frames.iter().collect();
+    let pixels = model.preprocessor().batch(&refs, &device()).unwrap();
+    let cases = exp["cases"].as_array().unwrap();
+    let summaries: Vec<Value> = cases[0]["per_image"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pixels"].clone())
+        .collect();
+    let pixel_diff = check_pixels(&pixels, &Value::Array(summaries));
+
+    let sample_index: Vec<usize> = ids(&exp["logit_sample_index"])
+        .into_iter()
+        .map(|i| i as usize)
+        .collect();
+    let (mut logit_diff, mut tokens, mut boxes) = (0f32, 0, 0);
+    for case in cases {
+        let prompt = case["prompt"].as_str().unwrap();
+        assert_eq!(
+            model.input_ids(prompt).unwrap(),
+            ids(&case["input_ids"]),
+            "input ids of {prompt:?}"
+        );
+        let text_ids = model.text_ids(prompt).unwrap();
+        let logits = to_rows(&model.prefix_logits(&pixels, &text_ids).unwrap());
+        let generated = model.generate_ids(&pixels, &text_ids).unwrap();
+        for (i, want) in case["per_image"].as_array().unwrap().iter().enumerate() {
+            let row = &logits[i];
+            let samples: Vec<f32> = sample_index.iter().map(|&k| row[k]).collect();
+            logit_diff = logit_diff.max(max_abs_diff(
+                &[samples],
+                &matrix(&Value::Array(vec![want["logit_samples"].clone()])),
+            ));
+            let top_ids = ids(&want["top_ids"]);
+            let top: Vec<f32> = top_ids.iter().map(|&k| row[k as usize]).collect();
+            logit_diff = logit_diff.max(max_abs_diff(
+                &[top],
+                &matrix(&Value::Array(vec![want["top_logits"].clone()])),
+            ));
+            let sum: f64 = row.iter().map(|&v| v as f64).sum();
+            let want_sum = want["logit_sum"].as_f64().unwrap();
+            assert!(
+                (sum - want_sum).abs() <= TOLERANCE as f64 * row.len() as f64,
+                "logit sum {sum} vs {want_sum} for {prompt:?}"
+            );
+            // All images decode together, as in serving; transformers decoded them one by one.
+            assert_eq!(
+                generated[i],
+                ids(&want["generated"]),
+                "tokens of image {i} with {prompt:?}"
+            );
+            tokens += generated[i].len();
+            let text = model.decode(&generated[i]).unwrap();
+            assert_eq!(text, want["text"].as_str().unwrap(), "text of image {i}");
+            let (_, w, h) = PALIGEMMA_IMAGES[i];
+            boxes += check_boxes(&text, w, h, &want["boxes"]);
+        }
+    }
+    let [w, h] = [0, 1].map(|k| exp["box_frame"][k].as_u64().unwrap() as usize);
+    for case in exp["box_cases"].as_array().unwrap() {
+        let text = model.decode(&ids(&case["generated"])).unwrap();
+        assert_eq!(text, case["text"].as_str().unwrap());
+        boxes += check_boxes(&text, w, h, &case["boxes"]);
+    }
+    eprintln!(
+        "paligemma parity: pixels {pixel_diff:e}, prefix logits {logit_diff:e}, {tokens} \
+         generated tokens identical, {boxes} boxes identical"
+    );
+    assert!(boxes > 0, "the parity file has no box: nothing is compared");
+    assert!(
+        logit_diff <= TOLERANCE,
+        "prefix logits differ by {logit_diff}"
+    );
+}
+
 /// Writes the tiny models the Python side reads: run with
 /// `PARITY_MODEL_DIR=/some/dir cargo test -p free-roam --lib -- --ignored write_parity_model`.
 #[test]
@@ -449,6 +590,7 @@ fn write_parity_model() {
         ModelType::Siglip,
         ModelType::OwlVit,
         ModelType::Blip,
+        ModelType::PaliGemma,
     ] {
         write_random_model(kind, ModelSize::Tiny, SEED, &dir.join(kind.as_str())).unwrap();
     }

@@ -39,12 +39,14 @@ pub fn tiny_model(kind: ModelType) -> &'static Path {
     static BLIP: OnceLock<PathBuf> = OnceLock::new();
     static SIGLIP: OnceLock<PathBuf> = OnceLock::new();
     static OWLVIT: OnceLock<PathBuf> = OnceLock::new();
+    static PALIGEMMA: OnceLock<PathBuf> = OnceLock::new();
     let cell = match kind {
         ModelType::OwlVit => &OWLVIT,
         ModelType::Clip => &CLIP,
         ModelType::Siglip => &SIGLIP,
         ModelType::Blip => &BLIP,
         ModelType::OpenAi => panic!("MODEL_TYPE=openai has no weights to write"),
+        ModelType::PaliGemma => &PALIGEMMA,
     };
     cell.get_or_init(|| {
         let dir = scratch_dir(&format!("tiny-{kind}"));

@@ -1,5 +1,6 @@
 //! Tokenizers: loading a model's `tokenizer.json`, and writing small deterministic ones (a
-//! CLIP byte-level BPE and a BERT WordPiece) for the random test models.
+//! CLIP byte-level BPE, SentencePiece-style Unigrams for SigLIP and PaliGemma, and a BERT
+//! WordPiece) for the random test models.
 //!
 //! The small tokenizers are written out from a fixed vocabulary and merge list rather than
 //! trained, because the `tokenizers` trainers break ties in hash order and so give a
@@ -334,6 +335,95 @@ pub fn bert_tiny_tokenizer() -> (Value, usize, BertSpecialIds) {
     (tokenizer, vocab.len(), ids)
 }
 
+/// PaliGemma's (Gemma's) padding token, id 0.
+pub const GEMMA_PAD: &str = "<pad>";
+/// Gemma's end-of-sequence token, id 1: generation stops on it.
+pub const GEMMA_EOS: &str = "<eos>";
+/// Gemma's start-of-sequence token, id 2: PaliGemma's prompt follows it.
+pub const GEMMA_BOS: &str = "<bos>";
+pub const GEMMA_UNK: &str = "<unk>";
+/// The placeholder token of one image patch in PaliGemma's input.
+pub const PALIGEMMA_IMAGE: &str = "<image>";
+
+/// PaliGemma's task words, which the small vocabulary spells as whole pieces.
+const PALIGEMMA_WORDS: &[&str] = &[
+    "caption", "answer", "en", "ocr", "segment", "describe", "anyone", "wearing", "helmet", "yes",
+    "no", "how", "many", "what", "are", "open", "gate",
+];
+
+/// PaliGemma's location tokens, `<loc0000>` to `<loc1023>`, in vocabulary order.
+pub fn loc_tokens() -> impl Iterator<Item = String> {
+    (0..super::paligemma_detect::LOC_STEPS).map(|i| format!("<loc{i:04}>"))
+}
+
+/// PaliGemma's segmentation tokens, `<seg000>` to `<seg127>`, in vocabulary order.
+pub fn seg_tokens() -> impl Iterator<Item = String> {
+    (0..128).map(|i| format!("<seg{i:03}>"))
+}
+
+/// A small Gemma-style SentencePiece (Unigram) tokenizer for PaliGemma: `<pad>`, `<eos>`,
+/// `<bos>`, `<unk>` as ids 0 to 3 as in the real vocabulary, the word-start marker `▁`
+/// (spaces become it; nothing is prepended), the newline that ends PaliGemma's prompt,
+/// punctuation, digits, letters of both cases, [`WORDS`] and PaliGemma's task words as
+/// whole pieces with and without the marker; then, in the real vocabulary's order, the 1024
+/// `<locNNNN>` tokens, the 128 `<segNNN>` tokens and `<image>`. Case is kept and no token
+/// is added around a text, as PaliGemma's processor asks of the tokenizer. Returns the
+/// JSON and the vocabulary size.
+pub fn paligemma_tiny_tokenizer() -> (Value, usize) {
+    let mut vocab: Vec<(String, f64)> = [GEMMA_PAD, GEMMA_EOS, GEMMA_BOS, GEMMA_UNK]
+        .iter()
+        .map(|t| (t.to_string(), 0.0))
+        .collect();
+    vocab.push(("\u{2581}".to_string(), -3.0));
+    vocab.push(("\n".to_string(), -3.0));
+    for c in ".,;:!?'\"-()/&"
+        .chars()
+        .chain('0'..='9')
+        .chain('a'..='z')
+        .chain('A'..='Z')
+    {
+        vocab.push((c.to_string(), -5.0));
+    }
+    for w in WORDS.iter().chain(PALIGEMMA_WORDS) {
+        vocab.push((format!("\u{2581}{w}"), -2.0));
+        if w.len() > 1 {
+            vocab.push((w.to_string(), -2.5));
+        }
+    }
+    let first_added = vocab.len();
+    for t in loc_tokens().chain(seg_tokens()) {
+        vocab.push((t, 0.0));
+    }
+    vocab.push((PALIGEMMA_IMAGE.to_string(), 0.0));
+    let added = |id: usize, content: &str, special: bool| {
+        json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+               "rstrip": false, "normalized": false, "special": special})
+    };
+    let mut added_tokens: Vec<Value> = [GEMMA_PAD, GEMMA_EOS, GEMMA_BOS, GEMMA_UNK]
+        .iter()
+        .enumerate()
+        .map(|(id, t)| added(id, t, true))
+        .collect();
+    for (id, (content, _)) in vocab.iter().enumerate().skip(first_added) {
+        added_tokens.push(added(id, content, content == PALIGEMMA_IMAGE));
+    }
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "Fuse"}
+        ]},
+        "model": {"type": "Unigram", "unk_id": 3, "vocab": vocab, "byte_fallback": false}
+    });
+    (tokenizer, vocab.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,5 +506,58 @@ mod tests {
             .decode(&[ids.dec as u32, a, ids.sep as u32], true)
             .unwrap();
         assert_eq!(text, "a");
+    }
+
+    #[test]
+    fn paligemma_tiny_tokenizer_is_deterministic_and_works() {
+        let (a, n) = paligemma_tiny_tokenizer();
+        assert_eq!(a.to_string(), paligemma_tiny_tokenizer().0.to_string());
+        let tok = build(&a);
+        assert_eq!(tok.get_vocab_size(true), n);
+        assert_eq!(required_id(&tok, GEMMA_EOS).unwrap(), 1);
+        assert_eq!(required_id(&tok, GEMMA_BOS).unwrap(), 2);
+        let image = required_id(&tok, PALIGEMMA_IMAGE).unwrap() as usize;
+        assert_eq!(image, n - 1);
+        let loc0 = required_id(&tok, "<loc0000>").unwrap() as usize;
+        assert_eq!(required_id(&tok, "<seg127>").unwrap() as usize, image - 1);
+        assert_eq!(
+            required_id(&tok, "<loc1023>").unwrap() as usize,
+            loc0 + 1023
+        );
+        let enc = tok
+            .encode("answer en Is anyone wearing a helmet?\n", false)
+            .unwrap();
+        assert_eq!(
+            enc.get_tokens(),
+            &[
+                "answer",
+                "\u{2581}en",
+                "\u{2581}",
+                "I",
+                "s",
+                "\u{2581}anyone",
+                "\u{2581}wearing",
+                "\u{2581}a",
+                "\u{2581}helmet",
+                "?",
+                "\n"
+            ]
+        );
+        let enc = tok.encode("detect <loc0012> zebra ü", false).unwrap();
+        assert!(enc.get_ids().contains(&(loc0 as u32 + 12)));
+        assert!(enc.get_ids().contains(&3), "ü is unknown");
+        let ids: Vec<u32> = [loc0 + 1, loc0 + 1023]
+            .iter()
+            .map(|&i| i as u32)
+            .chain(
+                tok.encode(" person", false)
+                    .unwrap()
+                    .get_ids()
+                    .iter()
+                    .copied(),
+            )
+            .chain([1])
+            .collect();
+        assert_eq!(tok.decode(&ids, true).unwrap(), "<loc0001><loc1023> person");
     }
 }

@@ -54,7 +54,7 @@ pub enum PromptCommand {
 pub enum ModelCommand {
     /// Write a randomly initialised model (config.json, model.safetensors, tokenizer.json).
     Make {
-        /// clip, siglip, owlvit or blip.
+        /// clip, siglip, owlvit, blip or paligemma.
         #[arg(long = "type")]
         kind: String,
         /// tiny (for tests) or full (the real sizes, for benchmarks).
