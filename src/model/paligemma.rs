@@ -526,7 +526,7 @@ impl VisionLanguageModel for PaliGemmaModel {
                 Ok(match &prepared.task {
                     PaliTask::Text => json!({ "text": text }),
                     PaliTask::Detect { .. } => {
-                        let boxes = parse_detections(&text, frame.width, frame.height);
+                        let boxes = parse_detections(&text, frame.source_width, frame.source_height);
                         let detections: Vec<Value> = boxes
                             .iter()
                             .map(|b| json!({"label": b.label, "box": b.corners.map(round2)}))
@@ -535,7 +535,7 @@ impl VisionLanguageModel for PaliGemmaModel {
                             "text": text,
                             "detections": detections,
                             "detected": detected_labels(&boxes),
-                            "frame_size": [frame.width, frame.height],
+                            "frame_size": [frame.source_width, frame.source_height],
                         })
                     }
                 })
