@@ -526,7 +526,8 @@ impl VisionLanguageModel for PaliGemmaModel {
                 Ok(match &prepared.task {
                     PaliTask::Text => json!({ "text": text }),
                     PaliTask::Detect { .. } => {
-                        let boxes = parse_detections(&text, frame.source_width, frame.source_height);
+                        let boxes =
+                            parse_detections(&text, frame.source_width, frame.source_height);
                         let detections: Vec<Value> = boxes
                             .iter()
                             .map(|b| json!({"label": b.label, "box": b.corners.map(round2)}))
