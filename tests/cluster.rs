@@ -309,23 +309,9 @@ impl Feeder {
                 while !flag.load(Ordering::Relaxed) {
                     let mut failed = false;
                     for key in &keys {
-                        let r: redis::RedisResult<String> = redis::cmd("XADD")
-                            .arg(key)
-                            .arg("MAXLEN")
-                            .arg("~")
-                            .arg(200)
-                            .arg("*")
-                            .arg("data")
-                            .arg(vec![(ts % 255) as u8; 8 * 8 * 3])
-                            .arg("width")
-                            .arg(8)
-                            .arg("height")
-                            .arg(8)
-                            .arg("format")
-                            .arg("rgb24")
-                            .arg("ts")
-                            .arg(ts)
-                            .query(&mut con);
+                        let r: redis::RedisResult<String> =
+                            common::process::raw_frame_xadd(key, Some(200), (ts % 255) as u8, ts)
+                                .query(&mut con);
                         failed |= r.is_err();
                     }
                     ts += 100;

@@ -9,7 +9,7 @@
 mod common;
 
 use base64::Engine as _;
-use common::process::{WAIT, http_get, signal};
+use common::process::{WAIT, http_get, raw_frame_xadd, signal};
 use common::{TestRedis, free_port, temp_dir, unique_prefix, wait_until};
 use free_roam::model::openai::{ApiKey, OpenAiModel, OpenAiSettings};
 use free_roam::model::{BackendHealth, PromptRef, VisionLanguageModel};
@@ -414,19 +414,7 @@ fn feed_live(url: String, key: &'static str, stop: Arc<AtomicBool>) -> std::thre
         let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
         let mut i: i64 = 0;
         while !stop.load(Ordering::Relaxed) {
-            let _: String = redis::cmd("XADD")
-                .arg(key)
-                .arg("*")
-                .arg("data")
-                .arg(vec![(i * 37 % 255) as u8; 8 * 8 * 3])
-                .arg("width")
-                .arg(8)
-                .arg("height")
-                .arg(8)
-                .arg("format")
-                .arg("rgb24")
-                .arg("ts")
-                .arg(1_000_000 + i * 100)
+            let _: String = raw_frame_xadd(key, None, (i * 37 % 255) as u8, 1_000_000 + i * 100)
                 .query(&mut con)
                 .unwrap();
             i += 1;

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::process::{http_get, signal};
+use common::process::{http_get, raw_frame_xadd, signal};
 use common::{TestRedis, free_port, temp_dir, wait_until};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -369,19 +369,7 @@ fn cli(args: &[&str], env: &[(String, String)]) -> (i32, String) {
 /// Appends 30 raw 8x8 frames, 100 ms apart, to `FRAMES`.
 fn feed(con: &mut redis::Connection, start_ts: i64) {
     for i in 0..30i64 {
-        let _: String = redis::cmd("XADD")
-            .arg(FRAMES)
-            .arg("*")
-            .arg("data")
-            .arg(vec![(i % 255) as u8; 8 * 8 * 3])
-            .arg("width")
-            .arg(8)
-            .arg("height")
-            .arg(8)
-            .arg("format")
-            .arg("rgb24")
-            .arg("ts")
-            .arg(start_ts + i * 100)
+        let _: String = raw_frame_xadd(FRAMES, None, (i % 255) as u8, start_ts + i * 100)
             .query(con)
             .unwrap();
     }

@@ -177,20 +177,8 @@ fn sigterm_and_sigkill_lose_no_job() {
             let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
             let mut ts = 2_000_000i64;
             while feeding.load(std::sync::atomic::Ordering::Relaxed) {
-                let _: Result<String, _> = redis::cmd("XADD")
-                    .arg("cam:2")
-                    .arg("*")
-                    .arg("data")
-                    .arg(vec![7u8; 8 * 8 * 3])
-                    .arg("width")
-                    .arg(8)
-                    .arg("height")
-                    .arg(8)
-                    .arg("format")
-                    .arg("rgb24")
-                    .arg("ts")
-                    .arg(ts)
-                    .query(&mut con);
+                let _: Result<String, _> =
+                    common::process::raw_frame_xadd("cam:2", None, 7, ts).query(&mut con);
                 ts += 100;
                 std::thread::sleep(Duration::from_millis(100));
             }

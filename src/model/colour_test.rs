@@ -32,11 +32,14 @@ pub const CHANNEL_TOLERANCE: u8 = 64;
 /// The share of the frame (0 to 1) a colour must cover to be detected.
 pub const MIN_COVERAGE: f64 = 0.01;
 
+/// A colour the prompt names, and its RGB value.
+type NamedColour = (String, [u8; 3]);
+
 pub struct ColourTestModel {
     info: ModelInfo,
     /// The last prompt's text and the colours it names, since a prompt repeats for every
     /// batch until it changes.
-    parsed: Option<(Arc<str>, Vec<(String, [u8; 3])>)>,
+    parsed: Option<(Arc<str>, Vec<NamedColour>)>,
 }
 
 impl ColourTestModel {
@@ -53,7 +56,7 @@ impl ColourTestModel {
         }
     }
 
-    fn colours(&mut self, prompt: &Arc<str>) -> Result<&[(String, [u8; 3])], ModelError> {
+    fn colours(&mut self, prompt: &Arc<str>) -> Result<&[NamedColour], ModelError> {
         if self.parsed.as_ref().is_none_or(|(text, _)| text != prompt) {
             self.parsed = Some((prompt.clone(), parse_prompt(prompt)?));
         }
@@ -62,8 +65,8 @@ impl ColourTestModel {
 }
 
 /// The colours a prompt names, in its order, without repeats.
-fn parse_prompt(prompt: &str) -> Result<Vec<(String, [u8; 3])>, ModelError> {
-    let mut out: Vec<(String, [u8; 3])> = Vec::new();
+fn parse_prompt(prompt: &str) -> Result<Vec<NamedColour>, ModelError> {
+    let mut out: Vec<NamedColour> = Vec::new();
     for word in prompt.split(',').map(str::trim).filter(|w| !w.is_empty()) {
         let name = word.to_ascii_lowercase();
         let Some((_, rgb)) = COLOURS.iter().find(|(n, _)| *n == name) else {
@@ -95,7 +98,7 @@ fn coverage(frame: &Frame, rgb: [u8; 3]) -> f64 {
     matching as f64 / (frame.width as f64 * frame.height as f64)
 }
 
-fn output(frame: &Frame, colours: &[(String, [u8; 3])]) -> Value {
+fn output(frame: &Frame, colours: &[NamedColour]) -> Value {
     let mut detected = Vec::new();
     let mut phrases = Vec::new();
     for (name, rgb) in colours {

@@ -46,23 +46,33 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     ))
 }
 
+/// The XADD of one raw 8x8 frame of a single `shade`, captured at `ts`, to a frame stream,
+/// with `MAXLEN ~ maxlen` when given: the frame every test producer writes.
+pub fn raw_frame_xadd(key: &str, maxlen: Option<usize>, shade: u8, ts: i64) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(key);
+    if let Some(n) = maxlen {
+        cmd.arg("MAXLEN").arg("~").arg(n);
+    }
+    cmd.arg("*")
+        .arg("data")
+        .arg(vec![shade; 8 * 8 * 3])
+        .arg("width")
+        .arg(8)
+        .arg("height")
+        .arg(8)
+        .arg("format")
+        .arg("rgb24")
+        .arg("ts")
+        .arg(ts);
+    cmd
+}
+
 /// Appends `n` raw 8x8 frames, 100 ms of capture time apart, to a frame stream.
 pub fn feed_frames(redis: &TestRedis, key: &str, start_ts: i64, n: i64) {
     let mut con = redis.client().get_connection().unwrap();
     for i in 0..n {
-        let _: String = redis::cmd("XADD")
-            .arg(key)
-            .arg("*")
-            .arg("data")
-            .arg(vec![(i % 255) as u8; 8 * 8 * 3])
-            .arg("width")
-            .arg(8)
-            .arg("height")
-            .arg(8)
-            .arg("format")
-            .arg("rgb24")
-            .arg("ts")
-            .arg(start_ts + i * 100)
+        let _: String = raw_frame_xadd(key, None, (i % 255) as u8, start_ts + i * 100)
             .query(&mut con)
             .unwrap();
     }
