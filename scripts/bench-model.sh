@@ -29,7 +29,8 @@ python="${PYTHON:-python3}"
 
 . scripts/lib.sh
 use_fast_build
-cargo build --release --example bench_model ${FEATURES:+--features "$FEATURES"}
+# --workspace: the same feature set as the other builds, so their dependencies are reused.
+cargo build --release --workspace --example bench_model ${FEATURES:+--features "$FEATURES"}
 # An mkl build loads MKL's OpenMP runtime from there (docs/models.md).
 if [[ -n "${MKLROOT:-}" ]]; then
     export LD_LIBRARY_PATH="$MKLROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

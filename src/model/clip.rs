@@ -978,21 +978,7 @@ mod tests {
         let (f32_name, f32_rows) = embed(DtypeChoice::F32);
         let (bf16_name, bf16_rows) = embed(DtypeChoice::Bf16);
         assert_eq!((f32_name.as_str(), bf16_name.as_str()), ("f32", "bf16"));
-        let cosine = (f32_rows.clone() * &bf16_rows)
-            .unwrap()
-            .sum(1)
-            .unwrap()
-            .broadcast_div(
-                &(f32_rows.sqr().unwrap().sum(1).unwrap()
-                    * bf16_rows.sqr().unwrap().sum(1).unwrap())
-                .unwrap()
-                .sqrt()
-                .unwrap(),
-            )
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let worst = cosine.iter().copied().fold(1f32, f32::min);
+        let worst = crate::model::testutil::lowest_row_cosine(&f32_rows, &bf16_rows);
         eprintln!("bf16 against f32 image embeddings: lowest cosine {worst}");
         assert!(worst >= 0.9999, "cosine {worst}");
         assert_ne!(

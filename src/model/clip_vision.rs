@@ -1,25 +1,37 @@
-//! CLIP's image tower, written for the per-frame path: the same arithmetic as transformers'
-//! `CLIPVisionTransformer` (and the same tensor names), arranged to do less work per frame.
+//! The ViT image tower of CLIP, OWL-ViT and SigLIP, written for the per-frame path: the same
+//! arithmetic as transformers' `CLIPVisionTransformer` and `SiglipVisionTransformer` (and
+//! the same tensor names), arranged to do less work per frame.
 //!
 //! - Patches are cut by a reshape and multiplied by the patch weights in one matrix product
 //!   (the convolution's stride equals its kernel, so no im2col is needed).
 //! - Query, key and value come from one fused projection, with the attention scale folded
 //!   into the query weights once at load.
-//! - Bias, residual and quick-GELU are folded into the linear layers' products
+//! - Bias, residual and the GELU are folded into the linear layers' products
 //!   ([`FusedLinear`]), and the softmax is one vectorised pass ([`cpu_kernels`]) on the CPU.
-//! - For the pooled output ([`Module::forward`]), the last layer computes only the class
+//! - For CLIP's pooled output ([`Module::forward`]), the last layer computes only the class
 //!   token's row after attention: it is all the pooled output reads, so the other 49 rows
-//!   of the last MLP would be thrown away. OWL-ViT reads every token
-//!   ([`VisionTower::forward_tokens`]).
+//!   of the last MLP would be thrown away. OWL-ViT and SigLIP's pooling head read every
+//!   token ([`VisionTower::forward_tokens`]).
 
 use super::cpu_kernels;
 use super::fused_linear::{Activation, FusedLinear, MatmulPrecision};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use candle_transformers::models::clip::vision_model::ClipVisionConfig;
+use candle_transformers::models::siglip::VisionConfig as SiglipVisionConfig;
 
 /// transformers' CLIP layer-norm epsilon (the backend refuses configs that change it).
-const LAYER_NORM_EPS: f64 = 1e-5;
+const CLIP_LAYER_NORM_EPS: f64 = 1e-5;
+
+/// The sizes and the activation of one tower's encoder layers.
+#[derive(Clone, Copy, Debug)]
+struct LayerShape {
+    dim: usize,
+    heads: usize,
+    intermediate: usize,
+    layer_norm_eps: f64,
+    activation: Activation,
+}
 
 struct EncoderLayer {
     layer_norm1: LayerNorm,
@@ -30,13 +42,15 @@ struct EncoderLayer {
     fc1: FusedLinear,
     fc2: FusedLinear,
     heads: usize,
+    activation: Activation,
 }
 
 impl EncoderLayer {
-    fn new(vb: VarBuilder, c: &ClipVisionConfig, precision: MatmulPrecision) -> Result<Self> {
-        let d = c.embed_dim;
+    fn new(vb: VarBuilder, shape: LayerShape, precision: MatmulPrecision) -> Result<Self> {
+        let d = shape.dim;
+        let eps = shape.layer_norm_eps;
         let attn = vb.pp("self_attn");
-        let scale = ((d / c.num_attention_heads) as f64).powf(-0.5);
+        let scale = ((d / shape.heads) as f64).powf(-0.5);
         let part = |name: &str| -> Result<(Tensor, Tensor)> {
             let vb = attn.pp(name);
             Ok((vb.get((d, d), "weight")?, vb.get(d, "bias")?))
@@ -51,13 +65,14 @@ impl EncoderLayer {
         );
         let linear = |i, o, vb| FusedLinear::load_as(i, o, vb, precision);
         Ok(Self {
-            layer_norm1: candle_nn::layer_norm(d, LAYER_NORM_EPS, vb.pp("layer_norm1"))?,
+            layer_norm1: candle_nn::layer_norm(d, eps, vb.pp("layer_norm1"))?,
             qkv,
             out_proj: linear(d, d, attn.pp("out_proj"))?,
-            layer_norm2: candle_nn::layer_norm(d, LAYER_NORM_EPS, vb.pp("layer_norm2"))?,
-            fc1: linear(d, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: linear(c.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
-            heads: c.num_attention_heads,
+            layer_norm2: candle_nn::layer_norm(d, eps, vb.pp("layer_norm2"))?,
+            fc1: linear(d, shape.intermediate, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(shape.intermediate, d, vb.pp("mlp").pp("fc2"))?,
+            heads: shape.heads,
+            activation: shape.activation,
         })
     }
 
@@ -82,9 +97,9 @@ impl EncoderLayer {
         let weights = cpu_kernels::softmax_last_dim(&q.matmul(&k.t()?)?)?;
         let attended = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, rows, d))?;
         let x = self.out_proj.forward_add(&attended, &residual)?;
-        let h =
-            self.fc1
-                .forward_with(&self.layer_norm2.forward(&x)?, None, Activation::QuickGelu)?;
+        let h = self
+            .fc1
+            .forward_with(&self.layer_norm2.forward(&x)?, None, self.activation)?;
         self.fc2.forward_add(&h, &x)
     }
 }
@@ -106,15 +121,17 @@ impl PreNormName {
     }
 }
 
-/// The image tower up to the pooled, post-layer-normed class token: `(batch, embed_dim)`.
+/// The image tower: patches and positions, the encoder layers and the last layer norm.
+/// CLIP's and OWL-ViT's put a class token first and layer-norm the embeddings; SigLIP's
+/// patch embedding has a bias and no class token.
 pub struct VisionTower {
     /// Patch weights as a `(embed_dim, channels * patch * patch)` matrix.
     patch_weight: Tensor,
-    /// Class embedding plus its position, `(1, 1, dim)`; and the patches' positions,
-    /// `(1, patches, dim)`.
-    class_token: Tensor,
+    /// The patches' positions, `(1, patches, dim)`; SigLIP's patch bias is added in.
     patch_positions: Tensor,
-    pre_layer_norm: LayerNorm,
+    /// Class embedding plus its position, `(1, 1, dim)` (CLIP and OWL-ViT).
+    class_token: Option<Tensor>,
+    pre_layer_norm: Option<LayerNorm>,
     layers: Vec<EncoderLayer>,
     post_layer_norm: LayerNorm,
     patch: usize,
@@ -122,8 +139,8 @@ pub struct VisionTower {
 }
 
 impl VisionTower {
-    /// Reads the tower from `vb` at `vision_model`'s level; its linear layers multiply in
-    /// `precision`.
+    /// Reads CLIP's or OWL-ViT's tower from `vb` at `vision_model`'s level; its linear layers
+    /// multiply in `precision`.
     pub fn new(
         vb: VarBuilder,
         c: &ClipVisionConfig,
@@ -143,20 +160,80 @@ impl VisionTower {
         let class_token =
             (emb.get(d, "class_embedding")? + positions.get(0)?)?.reshape((1, 1, d))?;
         let patch_positions = positions.narrow(0, 1, grid * grid)?.unsqueeze(0)?;
-        let encoder = vb.pp("encoder").pp("layers");
-        let layers = (0..c.num_hidden_layers)
-            .map(|i| EncoderLayer::new(encoder.pp(i), c, precision))
-            .collect::<Result<Vec<_>>>()?;
+        let shape = LayerShape {
+            dim: d,
+            heads: c.num_attention_heads,
+            intermediate: c.intermediate_size,
+            layer_norm_eps: CLIP_LAYER_NORM_EPS,
+            activation: Activation::QuickGelu,
+        };
+        let eps = CLIP_LAYER_NORM_EPS;
         Ok(Self {
             patch_weight,
-            class_token,
             patch_positions,
-            pre_layer_norm: candle_nn::layer_norm(d, LAYER_NORM_EPS, vb.pp(pre_norm.as_str()))?,
-            layers,
-            post_layer_norm: candle_nn::layer_norm(d, LAYER_NORM_EPS, vb.pp("post_layernorm"))?,
+            class_token: Some(class_token),
+            pre_layer_norm: Some(candle_nn::layer_norm(d, eps, vb.pp(pre_norm.as_str()))?),
+            layers: Self::layers(&vb, c.num_hidden_layers, shape, precision)?,
+            post_layer_norm: candle_nn::layer_norm(d, eps, vb.pp("post_layernorm"))?,
             patch: c.patch_size,
             grid,
         })
+    }
+
+    /// Reads SigLIP's tower (without its pooling head) from `vb` at `vision_model`'s level.
+    pub fn siglip(
+        vb: VarBuilder,
+        c: &SiglipVisionConfig,
+        precision: MatmulPrecision,
+    ) -> Result<Self> {
+        let d = c.hidden_size;
+        let grid = c.image_size / c.patch_size;
+        let activation = Activation::fused(c.hidden_act).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "SigLIP's hidden_act {:?} has no fused form",
+                c.hidden_act
+            ))
+        })?;
+        let emb = vb.pp("embeddings");
+        let patch_weight = emb
+            .get(
+                (d, c.num_channels, c.patch_size, c.patch_size),
+                "patch_embedding.weight",
+            )?
+            .reshape((d, ()))?;
+        let patch_positions = emb
+            .get((grid * grid, d), "position_embedding.weight")?
+            .broadcast_add(&emb.get(d, "patch_embedding.bias")?)?
+            .unsqueeze(0)?;
+        let shape = LayerShape {
+            dim: d,
+            heads: c.num_attention_heads,
+            intermediate: c.intermediate_size,
+            layer_norm_eps: c.layer_norm_eps,
+            activation,
+        };
+        Ok(Self {
+            patch_weight,
+            patch_positions,
+            class_token: None,
+            pre_layer_norm: None,
+            layers: Self::layers(&vb, c.num_hidden_layers, shape, precision)?,
+            post_layer_norm: candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("post_layernorm"))?,
+            patch: c.patch_size,
+            grid,
+        })
+    }
+
+    fn layers(
+        vb: &VarBuilder,
+        count: usize,
+        shape: LayerShape,
+        precision: MatmulPrecision,
+    ) -> Result<Vec<EncoderLayer>> {
+        let encoder = vb.pp("encoder").pp("layers");
+        (0..count)
+            .map(|i| EncoderLayer::new(encoder.pp(i), shape, precision))
+            .collect()
     }
 
     /// Cuts `(batch, channels, side, side)` pixels into rows of flattened patches,
@@ -170,11 +247,9 @@ impl VisionTower {
             .contiguous()?
             .reshape((b * g * g, c * p * p))
     }
-}
 
-impl VisionTower {
-    /// The encoder's input: class token and patches with their positions, layer-normed,
-    /// `(batch, 1 + patches, dim)`.
+    /// The encoder's input: the class token (where the tower has one) and the patches with
+    /// their positions, layer-normed where the tower does: `(batch, tokens, dim)`.
     fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
         let b = pixels.dim(0)?;
         let d = self.patch_weight.dim(0)?;
@@ -183,13 +258,18 @@ impl VisionTower {
             .matmul(&self.patch_weight.t()?)?
             .reshape((b, self.grid * self.grid, d))?
             .broadcast_add(&self.patch_positions)?;
-        let class = self.class_token.broadcast_as((b, 1, d))?;
-        self.pre_layer_norm
-            .forward(&Tensor::cat(&[&class, &patches], 1)?)
+        let tokens = match &self.class_token {
+            Some(class) => Tensor::cat(&[&class.broadcast_as((b, 1, d))?, &patches], 1)?,
+            None => patches,
+        };
+        match &self.pre_layer_norm {
+            Some(norm) => norm.forward(&tokens),
+            None => Ok(tokens),
+        }
     }
 
-    /// Every token of the last layer, post-layer-normed: `(batch, 1 + patches, dim)`, the
-    /// class token first, then the patches row by row.
+    /// Every token of the last layer, post-layer-normed: `(batch, tokens, dim)`, the class
+    /// token first (where the tower has one), then the patches row by row.
     pub fn forward_tokens(&self, pixels: &Tensor) -> Result<Tensor> {
         let mut x = self.embed(pixels)?;
         for layer in &self.layers {
@@ -204,8 +284,13 @@ impl VisionTower {
     }
 }
 
+/// The pooled output, `(batch, embed_dim)`: the post-layer-normed class token. Only for a
+/// tower with a class token (CLIP's); SigLIP pools with its own head.
 impl Module for VisionTower {
     fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        if self.class_token.is_none() {
+            candle_core::bail!("this image tower has no class token to pool")
+        }
         let mut x = self.embed(pixels)?;
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {

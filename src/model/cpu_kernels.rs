@@ -171,6 +171,17 @@ fn gelu_erf_body(values: &mut [f32]) {
     }
 }
 
+/// GELU's tanh form, `x (1 + tanh(u)) / 2` with `u = √(2/π) (x + 0.044715 x³)`, written as
+/// `x / (1 + e^(-2u))`: the same value, with one `exp` and no `tanh`.
+#[inline(always)]
+fn gelu_tanh_body(values: &mut [f32]) {
+    const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
+    for v in values.iter_mut() {
+        let x = *v;
+        *v = x / (1.0 + exp(-TWO_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)));
+    }
+}
+
 #[inline(always)]
 fn softmax_row_body(row: &[f32], out: &mut [MaybeUninit<f32>]) {
     assert_eq!(row.len(), out.len());
@@ -203,6 +214,11 @@ dispatched! {
 dispatched! {
     /// `x * (1 + erf(x / √2)) / 2` in place.
     pub fn gelu_erf_in_place(values: &mut [f32]) => gelu_erf_body
+}
+
+dispatched! {
+    /// GELU's tanh approximation (PyTorch's `gelu(approximate="tanh")`) in place.
+    pub fn gelu_tanh_in_place(values: &mut [f32]) => gelu_tanh_body
 }
 
 dispatched! {
@@ -350,13 +366,18 @@ mod tests {
         quick_gelu_in_place(&mut quick);
         let mut gelu = xs.clone();
         gelu_erf_in_place(&mut gelu);
-        for ((&x, &q), &g) in xs.iter().zip(&quick).zip(&gelu) {
+        let mut tanh_form = xs.clone();
+        gelu_tanh_in_place(&mut tanh_form);
+        for (((&x, &q), &g), &t) in xs.iter().zip(&quick).zip(&gelu).zip(&tanh_form) {
             let x64 = x as f64;
             let q_ref = x64 / (1.0 + (-1.702 * x64).exp());
             let g_ref =
                 x64 * (candle_core::cpu::erf::erf_f64(x64 / std::f64::consts::SQRT_2) + 1.0) / 2.0;
             assert!((q as f64 - q_ref).abs() < 1e-6, "quick-gelu({x})");
             assert!((g as f64 - g_ref).abs() < 1e-6, "gelu({x})");
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3));
+            let t_ref = 0.5 * x64 * (1.0 + u.tanh());
+            assert!((t as f64 - t_ref).abs() < 1e-6, "gelu-tanh({x})");
         }
     }
 

@@ -24,6 +24,8 @@ pub enum Activation {
     QuickGelu,
     /// The exact GELU, `x * (1 + erf(x / √2)) / 2` (candle's `gelu_erf`).
     GeluErf,
+    /// GELU's tanh approximation (candle's `gelu`, transformers' `gelu_pytorch_tanh`).
+    GeluTanh,
 }
 
 impl Activation {
@@ -31,6 +33,9 @@ impl Activation {
     pub fn fused(act: candle_nn::Activation) -> Option<Self> {
         match act {
             candle_nn::Activation::Gelu => Some(Self::GeluErf),
+            candle_nn::Activation::GeluPytorchTanh | candle_nn::Activation::NewGelu => {
+                Some(Self::GeluTanh)
+            }
             _ => None,
         }
     }
@@ -40,6 +45,7 @@ impl Activation {
             Self::None => Ok(x),
             Self::QuickGelu => quick_gelu_composite(&x),
             Self::GeluErf => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
         }
     }
 }
@@ -271,6 +277,9 @@ impl FusedLinearOp<'_> {
             Activation::GeluErf => out
                 .par_chunks_mut(CHUNK)
                 .for_each(cpu_kernels::gelu_erf_in_place),
+            Activation::GeluTanh => out
+                .par_chunks_mut(CHUNK)
+                .for_each(cpu_kernels::gelu_tanh_in_place),
         }
         Ok((CpuStorage::F32(out), out_shape))
     }
@@ -707,6 +716,9 @@ mod tests {
 
         let gelu = layer.forward_with(&x, None, Activation::GeluErf).unwrap();
         assert!(max_difference(&gelu, &plain.gelu_erf().unwrap()) < 1e-5);
+
+        let gelu_tanh = layer.forward_with(&x, None, Activation::GeluTanh).unwrap();
+        assert!(max_difference(&gelu_tanh, &plain.gelu().unwrap()) < 1e-5);
     }
 
     /// The bf16 product equals f32 arithmetic on bf16-rounded weight and input, up to the

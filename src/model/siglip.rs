@@ -1,6 +1,9 @@
 //! The SigLIP backend: a presence score per phrase that does not depend on the other
-//! phrases, with candle-transformers' SigLIP towers in the google/siglip-base-patch16-224
-//! layout.
+//! phrases, in the google/siglip-base-patch16-224 layout.
+//!
+//! The image tower is the project's own ([`VisionTower::siglip`], with the fused layers and
+//! the bf16 path of CLIP's) followed by SigLIP's attention-pooling head ([`PoolingHead`]);
+//! the text tower, run once per prompt, is candle-transformers'.
 //!
 //! Phrases come from the prompt by the same rule as `clip` ([`prompt_phrases`]) and go to
 //! the text tower through the same template ([`PHRASE_TEMPLATE`]), padded to the text
@@ -22,13 +25,18 @@ use super::clip::{
     PHRASE_TEMPLATE, PromptCache, checked_phrases, encoder_specs, infer_err, l2_normalise,
     layer_norm_specs, linear_specs, round6,
 };
+use super::clip_vision::VisionTower;
+use super::cpu_kernels;
+use super::fused_linear::{Activation, FusedLinear, MatmulPrecision};
 use super::load::{
     ModelFiles, ModelSettings, ModelType, TensorSpec, Weights, device_name, read_config,
+    resolve_precision,
 };
 use super::preprocess::Preprocessor;
 use super::tokenizer::{self, SIGLIP_EOS};
 use super::{Frame, ModelError, ModelInfo, PromptRef, VisionLanguageModel};
 use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{LayerNorm, VarBuilder};
 use candle_transformers::models::siglip;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -157,6 +165,85 @@ impl SiglipSpec {
     }
 }
 
+/// SigLIP's attention-pooling head (transformers' `SiglipMultiheadAttentionPoolingHead`): a
+/// learned probe attends over every token of the tower, then a layer norm and an MLP with a
+/// residual. The probe's query never changes, so it is projected (and scaled) once at load.
+pub struct PoolingHead {
+    /// The probe's query, split into heads and scaled: `(1, heads, 1, head_dim)`.
+    query: Tensor,
+    /// Key and value projections stacked, `(2 * dim, dim)`.
+    key_value: FusedLinear,
+    out_proj: FusedLinear,
+    layer_norm: LayerNorm,
+    fc1: FusedLinear,
+    fc2: FusedLinear,
+    activation: Activation,
+    heads: usize,
+}
+
+impl PoolingHead {
+    /// Reads the head from `vb` at `vision_model.head`'s level.
+    fn new(
+        vb: VarBuilder,
+        c: &siglip::VisionConfig,
+        activation: Activation,
+        precision: MatmulPrecision,
+    ) -> candle_core::Result<Self> {
+        let d = c.hidden_size;
+        let heads = c.num_attention_heads;
+        let attn = vb.pp("attention");
+        let in_weight = attn.get((3 * d, d), "in_proj_weight")?;
+        let in_bias = attn.get(3 * d, "in_proj_bias")?;
+        let scale = ((d / heads) as f64).powf(-0.5);
+        let query = (vb
+            .get((1, 1, d), "probe")?
+            .reshape((1, d))?
+            .matmul(&in_weight.narrow(0, 0, d)?.t()?)?
+            .broadcast_add(&in_bias.narrow(0, 0, d)?)?
+            * scale)?
+            .reshape((1, heads, 1, d / heads))?;
+        let linear = |i, o, vb| FusedLinear::load_as(i, o, vb, precision);
+        Ok(Self {
+            query,
+            key_value: FusedLinear::new_as(
+                in_weight.narrow(0, d, 2 * d)?,
+                in_bias.narrow(0, d, 2 * d)?,
+                precision,
+            ),
+            out_proj: linear(d, d, attn.pp("out_proj"))?,
+            layer_norm: candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("layernorm"))?,
+            fc1: linear(d, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(c.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
+            activation,
+            heads,
+        })
+    }
+
+    /// `tokens`: `(batch, tokens, dim)`; returns the pooled `(batch, dim)`.
+    fn forward(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, n, d) = tokens.dims3()?;
+        let hd = d / self.heads;
+        let kv = self
+            .key_value
+            .forward(tokens)?
+            .reshape((b, n, 2, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let (k, v) = (kv.get(0)?, kv.get(1)?);
+        let q = self
+            .query
+            .broadcast_as((b, self.heads, 1, hd))?
+            .contiguous()?;
+        let weights = cpu_kernels::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let attended = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, 1, d))?;
+        let x = self.out_proj.forward(&attended)?;
+        let h = self
+            .fc1
+            .forward_with(&self.layer_norm.forward(&x)?, None, self.activation)?;
+        self.fc2.forward_add(&h, &x)?.squeeze(1)
+    }
+}
+
 /// Text embeddings of one prompt, kept while the prompt repeats.
 struct PromptEmbedding {
     phrases: Vec<String>,
@@ -168,7 +255,8 @@ struct PromptEmbedding {
 pub struct SiglipModel {
     info: ModelInfo,
     text: siglip::TextModel,
-    vision: siglip::VisionModel,
+    vision: VisionTower,
+    head: PoolingHead,
     /// `exp(logit_scale)`, the factor from cosine similarity to logit.
     logit_scale: f32,
     logit_bias: f32,
@@ -206,16 +294,33 @@ impl SiglipModel {
         let weights = Weights::open(&files.weights)?;
         weights.check(&spec.tensor_specs(), &[])?;
         let vb = weights.var_builder(&device);
+        let (precision, why) = resolve_precision(settings.dtype, &device)?;
+        tracing::info!(dtype = %precision, "SigLIP image tower: {why}");
+        let v = &spec.config.vision_config;
+        let activation = Activation::fused(v.hidden_act).ok_or_else(|| {
+            ModelError::Load(format!(
+                "config.json: vision_config.hidden_act {:?} is not supported by the SigLIP \
+                 image tower (gelu_pytorch_tanh, gelu_new or gelu)",
+                v.hidden_act
+            ))
+        })?;
         let build = || -> candle_core::Result<_> {
             let text = siglip::TextModel::new(t, vb.pp("text_model"))?;
-            let vision =
-                siglip::VisionModel::new(&spec.config.vision_config, true, vb.pp("vision_model"))?;
+            let vision = VisionTower::siglip(vb.pp("vision_model"), v, precision)?;
+            let head =
+                PoolingHead::new(vb.pp("vision_model").pp("head"), v, activation, precision)?;
             let scalar = |name: &str| -> candle_core::Result<f32> {
                 vb.get(1, name)?.squeeze(0)?.to_scalar::<f32>()
             };
-            Ok((text, vision, scalar("logit_scale")?, scalar("logit_bias")?))
+            Ok((
+                text,
+                vision,
+                head,
+                scalar("logit_scale")?,
+                scalar("logit_bias")?,
+            ))
         };
-        let (text, vision, logit_scale, logit_bias) =
+        let (text, vision, head, logit_scale, logit_bias) =
             build().map_err(|e| ModelError::Load(format!("building SigLIP: {e}")))?;
         let side = spec.config.vision_config.image_size;
         Ok(Self {
@@ -224,10 +329,11 @@ impl SiglipModel {
                 task: ModelType::Siglip.task().into(),
                 input_size: side as u32,
                 device: device_name(&device),
-                dtype: "f32".into(),
+                dtype: precision.to_string(),
             },
             text,
             vision,
+            head,
             logit_scale: logit_scale.exp(),
             logit_bias,
             tokenizer,
@@ -271,7 +377,10 @@ impl SiglipModel {
 
     /// Image embeddings (not normalised) of preprocessed pixels, `(batch, hidden)`.
     pub fn image_embeddings_from_pixels(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
-        self.vision.forward(pixels).map_err(infer_err)
+        self.vision
+            .forward_tokens(pixels)
+            .and_then(|tokens| self.head.forward(&tokens))
+            .map_err(infer_err)
     }
 
     /// The preprocessing this model applies.
@@ -418,6 +527,36 @@ mod tests {
         let ids = model.token_ids(&long).unwrap();
         assert_eq!(ids.len(), model.max_positions);
         assert_eq!(*ids.last().unwrap(), model.eos_id);
+    }
+
+    /// The bf16 image tower (and pooling head) stays within cosine 0.9999 of the f32 one.
+    #[cfg(feature = "mkl")]
+    #[test]
+    fn bf16_image_embeddings_stay_close_to_f32() {
+        use crate::model::DtypeChoice;
+        use crate::model::testutil::{SIGLIP_IMAGES, frames_of, lowest_row_cosine};
+        let files = ModelFiles::from_dir(tiny_model(ModelType::Siglip)).unwrap();
+        let frames = frames_of(SIGLIP_IMAGES);
+        let refs: Vec<&Frame> = frames.iter().collect();
+        let embed = |dtype| {
+            let settings = ModelSettings {
+                dtype,
+                ..ModelSettings::default()
+            };
+            let model = SiglipModel::load(&files, Device::Cpu, &settings).unwrap();
+            let pixels = model.preprocessor().batch(&refs, &Device::Cpu).unwrap();
+            let rows = model.image_embeddings_from_pixels(&pixels).unwrap();
+            (model.info().dtype.clone(), rows)
+        };
+        let (f32_name, f32_rows) = embed(DtypeChoice::F32);
+        let (bf16_name, bf16_rows) = embed(DtypeChoice::Bf16);
+        assert_eq!((f32_name.as_str(), bf16_name.as_str()), ("f32", "bf16"));
+        let worst = lowest_row_cosine(&f32_rows, &bf16_rows);
+        assert!(worst >= 0.9999, "cosine {worst}");
+        assert_ne!(
+            f32_rows.to_vec2::<f32>().unwrap(),
+            bf16_rows.to_vec2::<f32>().unwrap()
+        );
     }
 
     #[test]

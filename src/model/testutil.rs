@@ -126,3 +126,16 @@ pub fn max_abs_difference(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f
         .and_then(|d| d.to_scalar::<f64>())
         .expect("tensors of one shape and float dtype")
 }
+
+/// The lowest cosine similarity between matching rows of two `(rows, dim)` tensors.
+pub fn lowest_row_cosine(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let dot = (a * b).and_then(|p| p.sum(1));
+    let norms = (a.sqr().and_then(|s| s.sum(1)))
+        .and_then(|na| na * b.sqr()?.sum(1)?)
+        .and_then(|n| n.sqrt());
+    dot.and_then(|d| d.broadcast_div(&norms?))
+        .and_then(|c| c.to_vec1::<f32>())
+        .expect("two f32 tensors of one (rows, dim) shape")
+        .into_iter()
+        .fold(1f32, f32::min)
+}
