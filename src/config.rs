@@ -125,7 +125,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "LIVE_QUEUE_MS",
         Some("1000"),
-        "How much of a live stream (in time at the job's fps, at most 64 frames) may wait for the model; the oldest waiting frame is dropped past it. Set it to the HLS segment length to keep every sampled frame of longer segments.",
+        "How much of a live stream may wait for the model: this long's worth of frames at the job's fps, and every frame that arrived within this long (a whole HLS segment arrives at once), at most 64 frames; past that the oldest waiting frame is dropped for a newer one.",
     ),
     s(
         "INFERENCE_TIMEOUT_MS",

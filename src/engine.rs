@@ -2,11 +2,14 @@
 //! fed in batches formed across all running streams.
 //!
 //! Each job registers a stream with a short queue of waiting frames: one frame for a
-//! recording (its job sends the next frame once the last is answered), and LIVE_QUEUE_MS
-//! worth of frames at the job's rate for a live stream, because live HLS arrives a whole
-//! segment at a time and a one-frame slot would make each burst replace its own frames.
-//! When the queue is full the oldest waiting frame is dropped for the new one, so a slow
-//! model makes streams skip frames instead of falling further behind. A batcher thread
+//! recording (its job sends the next frame once the last is answered), and for a live
+//! stream LIVE_QUEUE_MS worth of frames at the job's rate, plus every frame that arrived
+//! within the last LIVE_QUEUE_MS (at most [`MAX_LIVE_QUEUE_FRAMES`]): live HLS arrives a
+//! whole segment at a time, sometimes two when a playlist reload falls just after a second
+//! segment appeared, and a queue bounded by count alone would make each burst replace its
+//! own frames though the model keeps up on average. Past that, the oldest waiting frame is
+//! dropped for the new one, so a slow model makes streams skip frames instead of falling
+//! further behind. A batcher thread
 //! waits up to BATCH_WINDOW_MS for up to MAX_BATCH_SIZE frames (or a frame from every
 //! stream), takes the longest-waiting frames first, skips frames older than
 //! MAX_FRAME_AGE_MS, groups the rest by prompt (one `infer` call per prompt) and bounds each
@@ -358,6 +361,7 @@ impl EngineStream {
     /// Hands a frame to the engine, dropping this stream's oldest waiting frame if its
     /// queue is full. `live` frames are skipped once older than MAX_FRAME_AGE_MS.
     pub fn submit(&self, frame: Frame, live: bool) -> Submitted {
+        let burst_window = self.shared.settings.live_queue;
         let mut st = self.shared.lock();
         let mut seq = st.next_seq;
         st.next_seq += 1;
@@ -366,7 +370,16 @@ impl EngineStream {
         };
         let depth = if live { stream.live_depth } else { 1 };
         let mut dropped_frames = 0;
-        while stream.waiting.len() >= depth {
+        while let Some(oldest) = stream.waiting.front() {
+            let waiting = stream.waiting.len();
+            let full = waiting >= depth;
+            // The oldest waiting frame came with this burst: keep the burst whole.
+            let same_burst = live
+                && waiting < MAX_LIVE_QUEUE_FRAMES
+                && oldest.frame.received.elapsed() < burst_window;
+            if !full || same_burst {
+                break;
+            }
             // Every frame moves up into the place in line of the one before it, so a stream
             // that always has newer frames is not pushed to the back when there are more
             // streams than a batch.
@@ -844,6 +857,14 @@ mod tests {
         f
     }
 
+    /// A frame that reached the worker longer ago than the live queue's burst window (1 s
+    /// in [`settings`]), but not so long that it is too old for the model.
+    fn earlier_frame(index: u64) -> Frame {
+        let mut f = frame(index);
+        f.received = Instant::now() - Duration::from_secs(2);
+        f
+    }
+
     fn settings() -> EngineSettings {
         EngineSettings {
             max_batch_size: 8,
@@ -966,7 +987,7 @@ mod tests {
         s.submit(frame(0), true);
         // Wait until the model holds frame 0 (its gate is closed), then queue two more.
         until_the_model_took_everything(&engine).await;
-        assert_eq!(s.submit(frame(1), true), Submitted::Queued);
+        assert_eq!(s.submit(earlier_frame(1), true), Submitted::Queued);
         assert_eq!(s.submit(frame(2), true), Submitted::Replaced { dropped: 1 });
         tx.send(()).unwrap();
         tx.send(()).unwrap();
@@ -998,9 +1019,10 @@ mod tests {
         let mut s = engine.register(fixed("p"), 2.0);
         s.submit(frame(0), true);
         until_the_model_took_everything(&engine).await;
-        // A segment's burst arrives while the model is busy with frame 0.
-        assert_eq!(s.submit(frame(1), true), Submitted::Queued);
-        assert_eq!(s.submit(frame(2), true), Submitted::Queued);
+        // A segment's frames wait while the model is busy with frame 0; the next segment's
+        // first frame comes a while later.
+        assert_eq!(s.submit(earlier_frame(1), true), Submitted::Queued);
+        assert_eq!(s.submit(earlier_frame(2), true), Submitted::Queued);
         assert_eq!(
             s.submit(frame(3), true),
             Submitted::Replaced { dropped: 1 },
@@ -1034,6 +1056,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn frames_that_arrive_together_are_kept_together_up_to_the_cap() {
+        let (tx, model) = Scripted::gated();
+        let (engine, _) = start(model, settings());
+        // Two frames a second for one second of queue: two may wait by count.
+        let s = engine.register(fixed("p"), 2.0);
+        s.submit(frame(0), true);
+        until_the_model_took_everything(&engine).await;
+        // Two segments' frames arrive at once (a playlist reload that found two): all wait.
+        for i in 1..=4 {
+            assert_eq!(s.submit(frame(i), true), Submitted::Queued, "frame {i}");
+        }
+        // A burst never holds more than the cap.
+        for i in 5..=MAX_LIVE_QUEUE_FRAMES as u64 {
+            assert_eq!(s.submit(frame(i), true), Submitted::Queued, "frame {i}");
+        }
+        assert_eq!(
+            s.submit(frame(MAX_LIVE_QUEUE_FRAMES as u64 + 1), true),
+            Submitted::Replaced { dropped: 1 }
+        );
+        assert_eq!(engine.shared.lock().pending, MAX_LIVE_QUEUE_FRAMES);
+        drop(tx);
+        engine.shutdown(Duration::from_secs(5));
+    }
+
+    #[tokio::test]
     async fn a_full_queue_keeps_its_place_in_line() {
         let (tx, model) = Scripted::gated();
         let mut s = settings();
@@ -1045,8 +1092,8 @@ mod tests {
         until_the_model_took_everything(&engine).await;
         // A's two frames wait first, then B's; A's newest pushes out A's oldest and A
         // stays ahead of B.
-        a.submit(frame(1), true);
-        a.submit(frame(2), true);
+        a.submit(earlier_frame(1), true);
+        a.submit(earlier_frame(2), true);
         b.submit(frame(10), true);
         b.submit(frame(11), true);
         assert_eq!(a.submit(frame(3), true), Submitted::Replaced { dropped: 1 });
@@ -1074,7 +1121,7 @@ mod tests {
         a.submit(frame(0), true);
         until_the_model_took_everything(&engine).await;
         // A waits first, then B, then A gets a newer frame: A is still first in line.
-        a.submit(frame(1), true);
+        a.submit(earlier_frame(1), true);
         b.submit(frame(2), true);
         assert_eq!(a.submit(frame(3), true), Submitted::Replaced { dropped: 1 });
         // Let two calls through: frame 0 and the next batch of one.
