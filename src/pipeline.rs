@@ -595,7 +595,7 @@ impl Run<'_> {
             .spec
             .max_duration_s
             .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
-        let step = loop {
+        let step = 'drive: loop {
             if let Some(msg) = self.source_failed.take() {
                 break Step::Fail(JobFailure::new(msg));
             }
@@ -618,10 +618,12 @@ impl Run<'_> {
                 }
                 event = source.next(), if accept => self.on_event(event, ctx, source, &stream),
             }
-            if self.dirty
-                && let Err(step) = self.flush(ctx, source, Some(&stream)).await
-            {
-                break step;
+            // Frames taken while a write was under way leave entries of their own: they are
+            // written now, not when the next event comes (a second later on HLS).
+            while self.dirty {
+                if let Err(step) = self.flush(ctx, source, Some(&stream)).await {
+                    break 'drive step;
+                }
             }
         };
         drop(stream);
