@@ -84,7 +84,7 @@ fn main() {
         .map(|i| frame(i, Some(100 + i as u32 * 120)))
         .collect();
 
-    let mut gate = SceneGate::new(settings);
+    let mut gate = SceneGate::new(settings, 0);
     assert!(matches!(gate.decide(&still[0], None), Decision::Infer(_)));
     gate.answered(0, None);
     let mut times = Vec::with_capacity(iters);
@@ -100,7 +100,7 @@ fn main() {
     }
     report("still (reused)", times);
 
-    let mut gate = SceneGate::new(settings);
+    let mut gate = SceneGate::new(settings, 0);
     let mut times = Vec::with_capacity(iters);
     for i in 0..iters {
         let mut f = moving[i % moving.len()].clone();

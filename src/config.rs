@@ -155,7 +155,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "SCENE_MAX_REUSE_MS",
         Some("10000"),
-        "The longest (in capture time) the scene gate repeats one model output before the model runs again.",
+        "The longest (in capture time) the scene gate repeats one model output before the model runs again; each job refreshes at a moment of its own in the last quarter of it, so jobs started together do not all refresh at once.",
     ),
     s(
         "MAX_NEW_TOKENS",

@@ -10,7 +10,8 @@
 //! not a change either. A thumbnail pixel whose difference exceeds [`PIXEL_THRESHOLD`] is
 //! changed; the frame goes to the model when the changed share of the frame reaches
 //! `min_area`, when the prompt version differs from the reference's, when the reference is
-//! `max_reuse_ms` old (so a stationary object or a slow change is checked again), when the
+//! about `max_reuse_ms` old (so a stationary object or a slow change is checked again;
+//! [`REFRESH_SPREAD`]), when the
 //! frame size changed, and whenever there is no reference (a job's first frame, and the first
 //! after a resume, since each delivery starts a new gate).
 
@@ -33,12 +34,20 @@ pub const BACKGROUND_RATE: f32 = 0.02;
 /// the reference when the answer comes. More than this in flight is not kept.
 const MAX_IN_FLIGHT: usize = 64;
 
+/// How much sooner than `max_reuse_ms` a reference may be refreshed, as a share of it. Each
+/// reference is refreshed at a point of this last share of the interval picked from the
+/// job's seed and the frame, so jobs started together (a worker's restart, a fleet of
+/// cameras pushed at once) do not all send their refresh frames to the model in the same
+/// batch, which made a backlog of a second or more every `max_reuse_ms`.
+pub const REFRESH_SPREAD: f64 = 0.25;
+
 /// The gate's knobs: SCENE_CHANGE_MIN_AREA and SCENE_MAX_REUSE_MS.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GateSettings {
     /// Share of the frame (0 to 1) that must change for the model to run.
     pub min_area: f32,
-    /// The longest a model output is reused, in capture time.
+    /// The longest a model output is reused, in capture time (refreshes come up to
+    /// [`REFRESH_SPREAD`] of it sooner).
     pub max_reuse_ms: i64,
 }
 
@@ -57,7 +66,7 @@ pub enum Why {
     /// No model output to repeat yet (first frame, after a resume, after a failed frame).
     NoReference,
     PromptChanged,
-    /// The reference is `max_reuse_ms` old.
+    /// The reference is about `max_reuse_ms` old (see [`REFRESH_SPREAD`]).
     Refresh,
     SizeChanged,
     SceneChanged,
@@ -78,7 +87,8 @@ struct Thumb {
 struct Reference {
     thumb: Thumb,
     index: u64,
-    capture_ms: i64,
+    /// The capture time from which a frame refreshes it.
+    refresh_at_ms: i64,
     prompt_version: Option<u64>,
 }
 
@@ -94,14 +104,19 @@ struct Sent {
 #[derive(Debug)]
 pub struct SceneGate {
     settings: GateSettings,
+    /// Picks where in [`REFRESH_SPREAD`] each reference is refreshed.
+    seed: u64,
     reference: Option<Reference>,
     sent: VecDeque<Sent>,
 }
 
 impl SceneGate {
-    pub fn new(settings: GateSettings) -> Self {
+    /// `seed` is the job's own (a hash of its id, say), so that different jobs refresh at
+    /// different moments.
+    pub fn new(settings: GateSettings, seed: u64) -> Self {
         Self {
             settings,
+            seed,
             reference: None,
             sent: VecDeque::new(),
         }
@@ -114,11 +129,7 @@ impl SceneGate {
         let why = match &mut self.reference {
             None => Why::NoReference,
             Some(r) if r.prompt_version != prompt_version => Why::PromptChanged,
-            Some(r)
-                if frame.capture_ms.saturating_sub(r.capture_ms) >= self.settings.max_reuse_ms =>
-            {
-                Why::Refresh
-            }
+            Some(r) if frame.capture_ms >= r.refresh_at_ms => Why::Refresh,
             Some(r) if r.thumb.source != thumb.source => Why::SizeChanged,
             Some(r) => {
                 if changed_share(&r.thumb, &thumb) >= self.settings.min_area {
@@ -154,15 +165,32 @@ impl SceneGate {
         self.reference = Some(Reference {
             thumb: s.thumb,
             index: s.index,
-            capture_ms: s.capture_ms,
+            refresh_at_ms: s
+                .capture_ms
+                .saturating_add(self.reuse_limit_ms(s.index)),
             prompt_version,
         });
+    }
+
+    /// How long the output of frame `index` is reused at most: `max_reuse_ms`, less a
+    /// share of up to [`REFRESH_SPREAD`] of it picked from the seed and the index.
+    fn reuse_limit_ms(&self, index: u64) -> i64 {
+        let max = self.settings.max_reuse_ms.max(0);
+        let spread = (max as f64 * REFRESH_SPREAD) as u64;
+        max - (mix(self.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)) % (spread + 1)) as i64
     }
 
     /// Frame `index` got no output (dropped, too old, failed): forget it.
     pub fn lost(&mut self, index: u64) {
         self.sent.retain(|s| s.index != index);
     }
+}
+
+/// SplitMix64's finaliser: spreads nearby inputs over the whole range.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl Thumb {
@@ -303,7 +331,7 @@ mod tests {
 
     /// Runs the first frame through the model and answers it.
     fn primed(first: &Frame) -> SceneGate {
-        let mut g = SceneGate::new(settings());
+        let mut g = SceneGate::new(settings(), 1);
         assert_eq!(g.decide(first, Some(1)), Decision::Infer(Why::NoReference));
         g.answered(first.index, Some(1));
         g
@@ -325,17 +353,47 @@ mod tests {
     #[test]
     fn a_static_scene_is_reused_until_max_reuse_ms() {
         let mut g = primed(&scene(0, 0, 0, None));
-        for i in 1..20 {
-            assert_eq!(
-                g.decide(&scene(i, 0, 0, None), Some(1)),
-                Decision::Reuse { from: 0 }
-            );
+        // Frames every 500 ms: reused for at least 7.5 s (max_reuse_ms less the spread),
+        // refreshed by 10 s.
+        let mut refreshed = None;
+        for i in 1..=20 {
+            match g.decide(&scene(i, 0, 0, None), Some(1)) {
+                Decision::Reuse { from: 0 } => {}
+                Decision::Infer(Why::Refresh) => {
+                    refreshed = Some(i);
+                    break;
+                }
+                other => panic!("frame {i}: {other:?}"),
+            }
         }
-        // 20 frames at 500 ms: the reference is 10 s old.
-        assert_eq!(
-            g.decide(&scene(20, 0, 0, None), Some(1)),
-            Decision::Infer(Why::Refresh)
+        let at = refreshed.expect("refreshed by 10 s");
+        assert!((15..=20).contains(&at), "refreshed at frame {at}");
+    }
+
+    #[test]
+    fn jobs_started_together_refresh_at_different_moments() {
+        let first = scene(0, 0, 0, None);
+        // The capture time of the first frame that refreshes, frames every 100 ms.
+        let refresh_ms = |seed: u64| {
+            let mut g = SceneGate::new(settings(), seed);
+            g.decide(&first, None);
+            g.answered(0, None);
+            let mut f = first.clone();
+            (1..=100)
+                .map(|i| i * 100)
+                .find(|&ms| {
+                    f.capture_ms = ms;
+                    g.decide(&f, None) == Decision::Infer(Why::Refresh)
+                })
+                .expect("refreshed by max_reuse_ms")
+        };
+        let moments: std::collections::BTreeSet<i64> = (0..16).map(refresh_ms).collect();
+        assert!(moments.len() >= 8, "{moments:?}");
+        assert!(
+            moments.iter().all(|ms| (7_500..=10_000).contains(ms)),
+            "{moments:?}"
         );
+        assert_eq!(refresh_ms(3), refresh_ms(3), "the same seed, the same moment");
     }
 
     #[test]
@@ -406,7 +464,7 @@ mod tests {
         small.capture_ms = 1500;
         assert_eq!(g.decide(&small, Some(1)), Decision::Infer(Why::SizeChanged));
         // A fresh gate (a resume) runs the model first.
-        let mut fresh = SceneGate::new(settings());
+        let mut fresh = SceneGate::new(settings(), 1);
         assert_eq!(
             fresh.decide(&first, Some(1)),
             Decision::Infer(Why::NoReference)
@@ -420,7 +478,7 @@ mod tests {
 
     #[test]
     fn an_older_answer_does_not_replace_a_newer_reference() {
-        let mut g = SceneGate::new(settings());
+        let mut g = SceneGate::new(settings(), 1);
         let a = scene(0, 0, 0, None);
         let b = scene(1, 0, 0, Some(((600, 300), 100)));
         g.decide(&a, None);

@@ -86,7 +86,7 @@ impl StreamJobBody {
             .spec
             .scene_gate
             .unwrap_or(self.scene_gate)
-            .then(|| SceneGate::new(self.gate));
+            .then(|| SceneGate::new(self.gate, gate_seed(&ctx.spec.job_id)));
         let mut run = Run {
             model: self.engine.model_name(),
             metrics: &self.metrics,
@@ -661,6 +661,14 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// The scene gate's seed for a job: its id, hashed (the same on every worker and delivery).
+fn gate_seed(job_id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    job_id.hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]
