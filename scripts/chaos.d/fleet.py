@@ -351,6 +351,7 @@ def analyse_results(results, outages_ms=()):
     dups = sum(len(v) - 1 for v in seen.values())
     frames = sorted(seen)
     skipped_outage = skipped_other = 0
+    gaps = []
     for a, b in zip(frames, frames[1:]):
         gap = b - a - 1
         if gap <= 0:
@@ -360,7 +361,8 @@ def analyse_results(results, outages_ms=()):
             skipped_outage += gap
         else:
             skipped_other += gap
-    return {"answered": len(frames), "dups": dups, "ends": ends,
+            gaps.append({"after": a, "before": b, "capture_ms": [lo, hi]})
+    return {"answered": len(frames), "dups": dups, "ends": ends, "gaps_elsewhere": gaps,
             "skipped_outage": skipped_outage, "skipped_other": skipped_other,
             "first_frame": frames[0] if frames else None}
 
@@ -461,6 +463,9 @@ def job_figures(book, outages_by_job=None, events=None):
         fig["frames_answered"] += a["answered"]
         fig["skipped_in_outage"] += a["skipped_outage"]
         fig["skipped_elsewhere"] += a["skipped_other"]
+        if a["skipped_other"] or a["dups"]:
+            # Kept for tracing: the run's Redis is gone once the scenario ends.
+            fig.setdefault("traced", []).append({"job": j["id"], "hash": h, **a})
     return fig
 
 
