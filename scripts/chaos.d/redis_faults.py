@@ -11,7 +11,7 @@ import time
 
 from fleet import (Load, JobBook, RedisServer, Worker, job_figures, log, ms_stats, now_ms,
                    env_int, write_json, PREFIX)
-from resp import Redis, RedisError, text
+from resp import Redis, RedisError
 
 LEASE_MS = 3000
 SETTINGS = {
