@@ -253,6 +253,11 @@ pub const SETTINGS: &[Setting] = &[
         "Restarts of a failed HLS source (exponential backoff) before the job fails.",
     ),
     s(
+        "STALL_TIMEOUT_MS",
+        Some("30000"),
+        "A stream that delivers no frame for this long is broken: an HLS or RTSP source restarts ffmpeg (up to SOURCE_RETRIES times, then the job fails); a Redis frame stream job fails (a stream deleted mid-job, a producer that stopped, a stream never written). Time while Redis itself does not answer is not counted.",
+    ),
+    s(
         "ALLOW_FILE_SOURCES",
         Some("false"),
         "Allow local paths and file: URLs as stream_ref (off: a stream_ref comes from anyone who can write to Redis).",
@@ -370,6 +375,7 @@ pub struct Config {
     pub events_maxlen: usize,
     pub alerts_maxlen: usize,
     pub source_retries: u32,
+    pub stall_timeout: Duration,
     pub allow_file_sources: bool,
     pub max_frame_side: Option<u32>,
     pub max_frame_pixels: u64,
@@ -754,6 +760,7 @@ impl Config {
             source_retries: r.parse("SOURCE_RETRIES", "a whole number, 0 or more", |_: &u32| {
                 true
             })?,
+            stall_timeout: r.millis("STALL_TIMEOUT_MS", 1000)?,
             allow_file_sources: r.boolean("ALLOW_FILE_SOURCES")?,
             max_frame_side,
             max_frame_pixels: r.parse(

@@ -56,7 +56,10 @@ impl StoreError {
                             | redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
                     )
                     || is_stale_route(e)
-                    || server_codes(e).iter().any(|c| c == "UNBLOCKED")
+                    // Also inside an aborted MULTI/EXEC: a server restarting with AOF answers
+                    // each queued command LOADING, and the transaction must be retried,
+                    // not fail its job.
+                    || server_codes(e).iter().any(|c| TRANSIENT_CODES.contains(&c.as_str()))
             }
             StoreError::Pool(_) => true,
             StoreError::Url(_) | StoreError::Tls(_) | StoreError::Reply(_) => false,
@@ -95,6 +98,17 @@ impl StoreError {
         }
     }
 }
+
+/// Server error codes that a wait cures: loading its data, a failover or a resharding under
+/// way, a blocked command released.
+const TRANSIENT_CODES: [&str; 6] = [
+    "LOADING",
+    "TRYAGAIN",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "READONLY",
+    "UNBLOCKED",
+];
 
 /// The server error codes inside an error, including each command's in an aborted
 /// `MULTI`/`EXEC`.
@@ -513,6 +527,69 @@ mod tests {
             FUNCTIONS_LUA.lines().next(),
             Some(format!("#!lua name={LIBRARY_NAME}").as_str())
         );
+    }
+
+    /// A Redis that answers every command queued in a MULTI with `code`, as a server still
+    /// loading its AOF does, and EXEC with EXECABORT; the error of one atomic pipeline.
+    fn aborted_transaction(code: &'static str) -> StoreError {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (sock, _) = listener.accept().unwrap();
+            let mut out = sock.try_clone().unwrap();
+            let mut lines = BufReader::new(sock).lines();
+            let mut in_multi = false;
+            while let Some(Ok(head)) = lines.next() {
+                let n: usize = head.trim_start_matches('*').parse().unwrap_or(0);
+                let mut args = Vec::new();
+                for _ in 0..n {
+                    lines.next();
+                    args.push(lines.next().unwrap().unwrap().to_ascii_uppercase());
+                }
+                let reply = match args.first().map(String::as_str) {
+                    Some("MULTI") => {
+                        in_multi = true;
+                        "+OK\r\n".to_string()
+                    }
+                    Some("EXEC") => {
+                        in_multi = false;
+                        "-EXECABORT Transaction discarded because of previous errors.\r\n".into()
+                    }
+                    _ if in_multi => format!("-{code} the server is not ready\r\n"),
+                    _ => "+OK\r\n".to_string(),
+                };
+                out.write_all(reply.as_bytes()).unwrap();
+            }
+        });
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut con = client.get_connection().unwrap();
+        redis::pipe()
+            .atomic()
+            .cmd("XADD")
+            .arg("k")
+            .arg("*")
+            .arg("f")
+            .arg("v")
+            .cmd("HSET")
+            .arg("h")
+            .arg("f")
+            .arg("v")
+            .query::<()>(&mut con)
+            .map_err(StoreError::from)
+            .unwrap_err()
+    }
+
+    /// scripts/chaos found results writes failing their jobs when Redis restarted with AOF:
+    /// the transaction came back aborted, each command answered LOADING.
+    #[test]
+    fn a_transaction_aborted_by_a_loading_server_is_transient() {
+        for code in ["LOADING", "TRYAGAIN", "MASTERDOWN"] {
+            let e = aborted_transaction(code);
+            assert!(e.is_transient(), "{code}: {e}");
+        }
+        let e = aborted_transaction("WRONGTYPE");
+        assert!(!e.is_transient(), "a real error stays one: {e}");
     }
 
     #[test]

@@ -372,6 +372,44 @@ async fn waiting_ends_with_max_duration_and_a_wrong_key_type_fails() {
     assert!(err.message.contains("not a stream"), "{}", err.message);
 }
 
+/// The stall watchdog (STALL_TIMEOUT_MS): a frame stream deleted mid-job fails its job with
+/// an error saying so, instead of leaving it waiting for ever (scripts/chaos found such a
+/// job still running minutes later); a stream whose producer stopped fails the same way,
+/// naming the silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_stream_deleted_or_gone_silent_fails_its_job_after_the_stall_timeout() {
+    let h = Harness::new(
+        Box::new(ProbeModel::new(Duration::ZERO)),
+        &[("STALL_TIMEOUT_MS", "1500")],
+    );
+    let png = |t: i64| vec![("data", encode(8, 8, image::ImageFormat::Png)), ts(t)];
+    for (job, delete) in [("deleted", true), ("silent", false)] {
+        xadd(&h, &png(1_000)).await;
+        let spec = h.spec(&[("stream_ref", KEY), ("fps", "2"), ("job_id", job)]);
+        let running = h.start(spec, ResumeState::default());
+        xadd(&h, &png(2_000)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if delete {
+            let _: i64 = h.store.query(redis::cmd("DEL").arg(KEY)).await.unwrap();
+        }
+        let asked = std::time::Instant::now();
+        let err = running.finish(LONG).await.unwrap_err();
+        let took = asked.elapsed();
+        assert!(
+            took >= Duration::from_millis(1000) && took < Duration::from_secs(5),
+            "{job}: failed {took:?} after its last frame"
+        );
+        let want = if delete {
+            format!("frame stream `{KEY}` does not exist (deleted, or never written)")
+        } else {
+            format!("no frame from frame stream `{KEY}` for 1.5 s (STALL_TIMEOUT_MS)")
+        };
+        assert!(err.message.contains(&want), "{job}: {}", err.message);
+        assert!(!h.results(job).await.is_empty(), "{job} ran before");
+        let _: i64 = h.store.query(redis::cmd("DEL").arg(KEY)).await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_without_its_own_prompt_follows_the_active_one_from_the_next_batch() {
     let h = Harness::new(Box::new(ProbeModel::new(Duration::ZERO)), &[]);

@@ -17,7 +17,7 @@ use crate::model::{BackendHealth, PromptRef};
 use crate::results::{ResultSink, saved_progress, write_end};
 use crate::store::{Backoff, MAX_BLOCK_MS, Store, StoreError, StoreResult, now_ms};
 use entries::{Entry, parse_autoclaim_reply, parse_read_reply};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -229,11 +229,24 @@ impl Worker {
         ));
         let heartbeat_task = tokio::spawn(self.clone().heartbeat_loop(tasks_stop.clone()));
         let reclaim_task = tokio::spawn(self.clone().reclaim_loop(shutdown.clone()));
-        self.clone().claim_loop(shutdown.clone()).await;
+        // Running jobs are stopped and handed back as soon as shutdown comes, not when the
+        // claim loop's blocked XREADGROUP returns (up to a second later): a hand-off must
+        // not wait for it.
+        let drained = Mutex::new(HashSet::new());
+        let early_drain = async {
+            shutdown.cancelled().await;
+            self.state.draining.store(true, Ordering::Relaxed);
+            let deadline = tokio::time::Instant::now()
+                + self.config.shutdown_timeout
+                + Duration::from_millis(500);
+            self.drain(&drained, deadline).await;
+            deadline
+        };
+        let ((), deadline) = tokio::join!(self.clone().claim_loop(shutdown.clone()), early_drain);
         let _ = reclaim_task.await;
-
-        self.state.draining.store(true, Ordering::Relaxed);
-        self.drain().await;
+        // A job whose claim was in flight when the first drain looked is stopped here,
+        // within the same bound.
+        self.drain(&drained, deadline).await;
         tasks_stop.cancel();
         let _ = heartbeat_task.await;
         let _ = prompt_task.await;
@@ -794,9 +807,17 @@ impl Worker {
         }
     }
 
-    /// Stops every running job for hand-back and waits for them, up to the shutdown timeout.
-    async fn drain(&self) {
-        let jobs = self.state.snapshot();
+    /// Stops every running job not in `drained` for hand-back, adds it there, and waits for
+    /// them until `deadline` (the shutdown timeout).
+    async fn drain(&self, drained: &Mutex<HashSet<String>>, deadline: tokio::time::Instant) {
+        let jobs: Vec<(String, RunningJob)> = {
+            let mut seen = drained.lock().unwrap_or_else(|e| e.into_inner());
+            self.state
+                .snapshot()
+                .into_iter()
+                .filter(|(entry_id, _)| seen.insert(entry_id.clone()))
+                .collect()
+        };
         if jobs.is_empty() {
             return;
         }
@@ -804,8 +825,6 @@ impl Worker {
         for (_, job) in &jobs {
             job.stop.stop(StopReason::Shutdown);
         }
-        let deadline =
-            tokio::time::Instant::now() + self.config.shutdown_timeout + Duration::from_millis(500);
         for (entry_id, job) in jobs {
             let waited = async {
                 while !job.finished.load(Ordering::Relaxed) {

@@ -187,7 +187,8 @@ pub struct SourceOptions {
     /// First delay before restarting ffmpeg; doubles per failure up to `retry_max`.
     pub retry_initial: Duration,
     pub retry_max: Duration,
-    /// No frame from ffmpeg for this long counts as a failure (a stream that stopped).
+    /// No frame for this long: ffmpeg is restarted (a stream that stopped); a frame
+    /// stream's job fails.
     pub stall_timeout: Duration,
     /// Read timeout of network inputs.
     pub io_timeout: Duration,
@@ -205,7 +206,7 @@ impl SourceOptions {
             retries: config.source_retries,
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(10),
-            stall_timeout: Duration::from_secs(30),
+            stall_timeout: config.stall_timeout,
             io_timeout: Duration::from_secs(10),
             ffmpeg: "ffmpeg".into(),
         }
@@ -265,6 +266,7 @@ impl Source {
                         resume_cursor: resume.cursor.clone(),
                         first_index: resume.counters.frames_decoded,
                         max_pixels: options.max_pixels,
+                        stall_timeout: options.stall_timeout,
                         store: store.clone(),
                     },
                     slot.clone(),

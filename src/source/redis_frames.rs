@@ -63,6 +63,8 @@ pub struct FrameStreamJob {
     /// Index of the first entry read (entries already read by earlier deliveries).
     pub first_index: u64,
     pub max_pixels: u64,
+    /// Reads that bring nothing for this long (Redis answering) fail the job.
+    pub stall_timeout: Duration,
     pub store: Store,
 }
 
@@ -355,6 +357,8 @@ pub(crate) async fn run(job: FrameStreamJob, slot: Arc<Slot>, cancel: Cancellati
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let store = reader.job.store.clone();
     let mut waiting = false;
+    // The stall watchdog: since when reads have brought nothing while Redis answered.
+    let mut quiet_since = Instant::now();
 
     match reader.job.resume_cursor.clone().filter(|c| valid_id(c)) {
         Some(cursor) => reader.last_id = cursor,
@@ -425,20 +429,32 @@ pub(crate) async fn run(job: FrameStreamJob, slot: Arc<Slot>, cancel: Cancellati
                 backoff.reset();
                 let entries: Vec<StreamId> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
                 if entries.is_empty() {
+                    if let Some(msg) = stalled(&store, &key, quiet_since, &reader.job).await {
+                        slot.finish(SourceEvent::Failed(msg));
+                        return;
+                    }
                     continue;
                 }
+                quiet_since = Instant::now();
                 if waiting {
                     waiting = false;
                     slot.note(format!("reading frame stream {key}"));
                 }
                 reader.handle(entries, &slot).await;
             }
-            Ok(None) => {}
+            Ok(None) => {
+                if let Some(msg) = stalled(&store, &key, quiet_since, &reader.job).await {
+                    slot.finish(SourceEvent::Failed(msg));
+                    return;
+                }
+            }
             Err(e) => {
                 if let Some(msg) = permanent(&e, &key) {
                     slot.finish(SourceEvent::Failed(msg));
                     return;
                 }
+                // Redis not answering is not the stream's stall: the clock starts again.
+                quiet_since = Instant::now();
                 let delay = backoff.next_delay();
                 tracing::warn!(stream = %key, error = %e, ?delay, "reading frame stream failed; retrying");
                 tokio::select! {
@@ -448,6 +464,31 @@ pub(crate) async fn run(job: FrameStreamJob, slot: Arc<Slot>, cancel: Cancellati
             }
         }
     }
+}
+
+/// The stall watchdog: when reads have brought nothing for `STALL_TIMEOUT_MS`, the job's
+/// error, saying whether the stream is gone (deleted mid-job, or never written) or silent.
+async fn stalled(
+    store: &Store,
+    key: &str,
+    quiet_since: Instant,
+    job: &FrameStreamJob,
+) -> Option<String> {
+    if quiet_since.elapsed() < job.stall_timeout {
+        return None;
+    }
+    let secs = job.stall_timeout.as_secs_f64();
+    // A failed EXISTS (Redis going away right now) leaves the job to the next read.
+    let exists: bool = store.query(redis::cmd("EXISTS").arg(key)).await.ok()?;
+    Some(if exists {
+        format!(
+            "no frame from frame stream `{key}` for {secs} s (STALL_TIMEOUT_MS): its producer stopped"
+        )
+    } else {
+        format!(
+            "frame stream `{key}` does not exist (deleted, or never written) and sent no frame for {secs} s (STALL_TIMEOUT_MS)"
+        )
+    })
 }
 
 /// A failure that waiting will not fix, as the job's error message.

@@ -113,7 +113,9 @@ impl Harness {
         let mut options = body.source_options().clone();
         options.retry_initial = Duration::from_millis(100);
         options.retry_max = Duration::from_millis(400);
-        options.stall_timeout = Duration::from_secs(8);
+        if !settings.iter().any(|(k, _)| *k == "STALL_TIMEOUT_MS") {
+            options.stall_timeout = Duration::from_secs(8);
+        }
         let body = Arc::new(body.with_source_options(options));
         Self {
             redis,
