@@ -8,8 +8,9 @@
 //! whole segment at a time, sometimes two when a playlist reload falls just after a second
 //! segment appeared, and a queue bounded by count alone would make each burst replace its
 //! own frames though the model keeps up on average. Past that, the oldest waiting frame is
-//! dropped for the new one, so a slow model makes streams skip frames instead of falling
-//! further behind. A batcher thread
+//! dropped for the new one, and when the model takes frames, those past the count that
+//! waited longer than LIVE_QUEUE_MS are answered as too old: a slow model makes streams skip
+//! frames instead of falling further behind. A batcher thread
 //! waits up to BATCH_WINDOW_MS for up to MAX_BATCH_SIZE frames (or a frame from every
 //! stream), takes the longest-waiting frames first, skips frames older than
 //! MAX_FRAME_AGE_MS, groups the rest by prompt (one `infer` call per prompt) and bounds each
@@ -152,6 +153,21 @@ struct StreamState {
     replies: tokio_mpsc::UnboundedSender<Reply>,
 }
 
+impl StreamState {
+    /// Removes the oldest waiting frame. Every frame behind it moves up into the place in
+    /// line of the one before it, so a stream that always has newer frames is not pushed to
+    /// the back when there are more streams than a batch. Returns the freed place (the
+    /// newest frame's old `seq`, for a frame queued next) with the frame.
+    fn drop_oldest(&mut self) -> Option<(Pending, u64)> {
+        let dropped = self.waiting.pop_front()?;
+        let mut carry = dropped.seq;
+        for p in self.waiting.iter_mut() {
+            std::mem::swap(&mut p.seq, &mut carry);
+        }
+        Some((dropped, carry))
+    }
+}
+
 #[derive(Default)]
 struct State {
     streams: HashMap<u64, StreamState>,
@@ -206,6 +222,9 @@ pub struct Engine {
 struct Taken {
     frame: Frame,
     live: bool,
+    /// Waited past LIVE_QUEUE_MS while newer frames of its stream waited behind it: it is
+    /// answered as too old, unseen.
+    stale: bool,
     prompt: PromptRef,
     replies: tokio_mpsc::UnboundedSender<Reply>,
 }
@@ -380,17 +399,10 @@ impl EngineStream {
             if !full || same_burst {
                 break;
             }
-            // Every frame moves up into the place in line of the one before it, so a stream
-            // that always has newer frames is not pushed to the back when there are more
-            // streams than a batch.
-            let Some(dropped) = stream.waiting.pop_front() else {
+            let Some((_, freed)) = stream.drop_oldest() else {
                 break;
             };
-            let mut carry = dropped.seq;
-            for p in stream.waiting.iter_mut() {
-                std::mem::swap(&mut p.seq, &mut carry);
-            }
-            seq = carry;
+            seq = freed;
             dropped_frames += 1;
         }
         stream.waiting.push_back(Pending { frame, live, seq });
@@ -457,6 +469,27 @@ fn take_batch(shared: &Shared, max_inflight: Option<usize>) -> Option<Vec<Taken>
     if st.shutdown {
         return None;
     }
+    // A burst kept whole that the model cannot get through in LIVE_QUEUE_MS gives way to
+    // its newest frames: a live stream's frames past its count that waited longer than that
+    // are answered as too old.
+    let mut taken = Vec::new();
+    for s in st.streams.values_mut() {
+        while s.waiting.len() > s.live_depth
+            && s.waiting
+                .front()
+                .is_some_and(|p| p.live && p.frame.received.elapsed() >= settings.live_queue)
+        {
+            let (p, _) = s.drop_oldest().expect("checked above");
+            taken.push(Taken {
+                frame: p.frame,
+                live: true,
+                stale: true,
+                prompt: s.prompt.current(),
+                replies: s.replies.clone(),
+            });
+        }
+    }
+    st.pending -= taken.len();
     // Longest-waiting frames first, so no stream starves when there are more than a batch.
     // A stream's frames are listed in queue order, so taking each from the front matches.
     let mut order: Vec<(u64, u64)> = st
@@ -466,7 +499,6 @@ fn take_batch(shared: &Shared, max_inflight: Option<usize>) -> Option<Vec<Taken>
         .collect();
     order.sort_unstable();
     order.truncate(batch_size);
-    let mut taken = Vec::with_capacity(order.len());
     for (_, id) in order {
         let s = st.streams.get_mut(&id).expect("listed above");
         let p = s.waiting.pop_front().expect("listed above");
@@ -476,6 +508,7 @@ fn take_batch(shared: &Shared, max_inflight: Option<usize>) -> Option<Vec<Taken>
         taken.push(Taken {
             frame: p.frame,
             live: p.live,
+            stale: false,
             prompt,
             replies,
         });
@@ -497,7 +530,7 @@ fn batch_loop(
         let mut groups: Vec<(PromptRef, Vec<Taken>)> = Vec::new();
         for t in taken {
             let age = t.frame.received.elapsed();
-            if t.live && age > shared.settings.max_frame_age {
+            if t.stale || (t.live && age > shared.settings.max_frame_age) {
                 metrics.frames_too_old.inc();
                 let mut frame = t.frame;
                 let _ = t.replies.send(Reply {
@@ -1076,6 +1109,36 @@ mod tests {
             Submitted::Replaced { dropped: 1 }
         );
         assert_eq!(engine.shared.lock().pending, MAX_LIVE_QUEUE_FRAMES);
+        drop(tx);
+        engine.shutdown(Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_burst_the_model_cannot_get_through_gives_way_to_its_newest_frames() {
+        let (tx, model) = Scripted::gated();
+        let (engine, _) = start(model, settings());
+        // Two may wait by count; a burst of four is kept whole at first.
+        let mut s = engine.register(fixed("p"), 2.0);
+        s.submit(frame(0), true);
+        until_the_model_took_everything(&engine).await;
+        for i in 1..=4 {
+            assert_eq!(s.submit(frame(i), true), Submitted::Queued);
+        }
+        // The model stays busy past LIVE_QUEUE_MS (1 s): the two oldest are skipped when
+        // it takes the next frames, the two newest go to it.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        tx.send(()).unwrap();
+        tx.send(()).unwrap();
+        let mut outcomes = Vec::new();
+        for _ in 0..5 {
+            let r = s.recv().await.unwrap();
+            outcomes.push((r.meta.index, matches!(r.outcome, ReplyOutcome::TooOld)));
+        }
+        outcomes.sort();
+        assert_eq!(
+            outcomes,
+            [(0, false), (1, true), (2, true), (3, false), (4, false)]
+        );
         drop(tx);
         engine.shutdown(Duration::from_secs(5));
     }

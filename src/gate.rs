@@ -165,9 +165,7 @@ impl SceneGate {
         self.reference = Some(Reference {
             thumb: s.thumb,
             index: s.index,
-            refresh_at_ms: s
-                .capture_ms
-                .saturating_add(self.reuse_limit_ms(s.index)),
+            refresh_at_ms: s.capture_ms.saturating_add(self.reuse_limit_ms(s.index)),
             prompt_version,
         });
     }
@@ -393,7 +391,11 @@ mod tests {
             moments.iter().all(|ms| (7_500..=10_000).contains(ms)),
             "{moments:?}"
         );
-        assert_eq!(refresh_ms(3), refresh_ms(3), "the same seed, the same moment");
+        assert_eq!(
+            refresh_ms(3),
+            refresh_ms(3),
+            "the same seed, the same moment"
+        );
     }
 
     #[test]

@@ -266,7 +266,7 @@ impl Metrics {
             (
                 "freeroam_frames_too_old_total",
                 &self.frames_too_old,
-                "Frames skipped as older than MAX_FRAME_AGE_MS.",
+                "Live frames skipped unseen: older than MAX_FRAME_AGE_MS, or waiting longer than LIVE_QUEUE_MS with newer frames of their stream behind them.",
             ),
             (
                 "freeroam_frames_reused_total",

@@ -300,9 +300,19 @@ async fn a_burst_is_sampled_by_timestamp_and_only_the_newest_kept_frame_is_infer
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_model_makes_the_stream_drop_frames_instead_of_queueing_them() {
-    let h = Harness::new(Box::new(ProbeModel::new(Duration::from_millis(400))), &[]);
+    // One frame per 400 ms call, against frames arriving every 50 ms for 1.5 s: frames that
+    // arrived together wait together (LIVE_QUEUE_MS), older ones are dropped for newer ones.
+    let h = Harness::new(
+        Box::new(ProbeModel::new(Duration::from_millis(400))),
+        &[("MAX_BATCH_SIZE", "1")],
+    );
     let job = h.start(
-        h.spec(&[("stream_ref", KEY), ("fps", "2"), ("job_id", "slow")]),
+        h.spec(&[
+            ("stream_ref", KEY),
+            ("fps", "2"),
+            ("job_id", "slow"),
+            ("scene_gate", "off"),
+        ]),
         ResumeState::default(),
     );
     wait_hash(
@@ -314,7 +324,7 @@ async fn a_slow_model_makes_the_stream_drop_frames_instead_of_queueing_them() {
     .await;
     let data = encode(8, 8, image::ImageFormat::Png);
     let mut last = String::new();
-    for i in 0..10 {
+    for i in 0..30 {
         last = xadd(&h, &[("data", data.clone()), ts(i * 1000)]).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -322,7 +332,7 @@ async fn a_slow_model_makes_the_stream_drop_frames_instead_of_queueing_them() {
     wait_hash(&h, "slow", "cursor", &last).await;
     let hash = h.job_hash("slow").await;
     let c = |k: &str| hash[k].parse::<u64>().unwrap();
-    assert_eq!(c("frames_sampled"), 10);
+    assert_eq!(c("frames_sampled"), 30);
     assert_eq!(
         c("frames_sampled"),
         c("results") + c("frames_dropped"),
@@ -332,7 +342,7 @@ async fn a_slow_model_makes_the_stream_drop_frames_instead_of_queueing_them() {
     let results = h.results("slow").await;
     assert_eq!(
         num(results.last().unwrap(), "capture_ms"),
-        9000,
+        29000,
         "the newest frame is inferred"
     );
     assert_eq!(h.metrics.frames_dropped.get(), c("frames_dropped"));
