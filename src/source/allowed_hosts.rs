@@ -80,7 +80,9 @@ impl Pattern {
                     host: None,
                     port,
                 }),
-                _ => Err(format!("`{text}`: a wildcard goes only before a domain name")),
+                _ => Err(format!(
+                    "`{text}`: a wildcard goes only before a domain name"
+                )),
             };
         }
         if host_text.contains('*') {
@@ -276,7 +278,14 @@ mod tests {
         assert!(!ok(&l, "http://example.com/x"), "not the domain itself");
         assert!(!ok(&l, "http://badexample.com/x"));
         assert!(!ok(&l, "http://10.0.0.1/x"));
-        for bad in ["*", "a*.example.com", "a.*.com", "*.10.0.0.1", "*.[::1]", "*example.com"] {
+        for bad in [
+            "*",
+            "a*.example.com",
+            "a.*.com",
+            "*.10.0.0.1",
+            "*.[::1]",
+            "*example.com",
+        ] {
             assert!(AllowedHosts::parse(bad).is_err(), "{bad}");
         }
     }
@@ -322,6 +331,9 @@ mod tests {
         assert!(!ok(&l, "http://good%2eexample/x"));
         assert!(!ok(&l, "good.example/x"), "no scheme");
         assert!(!ok(&l, "ftp://good.example/x"), "no default port for ftp");
-        assert_eq!(describe_host("http://User@Good.Example/x"), "good.example:80");
+        assert_eq!(
+            describe_host("http://User@Good.Example/x"),
+            "good.example:80"
+        );
     }
 }

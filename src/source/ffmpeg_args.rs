@@ -6,8 +6,8 @@
 //! `-protocol_whitelist` that covers only what that kind of input needs (an HTTP playlist
 //! cannot pull `file:` segments, for instance).
 
-pub use crate::job::RtspTransport;
 use super::allowed_hosts::AllowedHosts;
+pub use crate::job::RtspTransport;
 use std::time::Duration;
 
 /// Protocols an HTTP(S) input needs: the playlist, its segments, TLS, AES-128 segments.
@@ -361,12 +361,17 @@ mod tests {
         assert_eq!(p.protocols, CONFINED_HTTP_PROTOCOLS);
         assert_eq!(p.confined.as_ref(), Some(&list));
         let p = confined("rtsp://user:pw@cam.example/s").unwrap();
-        assert_eq!((p.protocols.as_str(), p.confined), (RTSP_TCP_PROTOCOLS, None));
+        assert_eq!(
+            (p.protocols.as_str(), p.confined),
+            (RTSP_TCP_PROTOCOLS, None)
+        );
         for s in ["http://127.0.0.1:8001/a.m3u8", "rtsp://other.example/s"] {
             let e = confined(s).unwrap_err().to_string();
             assert!(e.contains("is not in ALLOWED_STREAM_HOSTS"), "{s}: {e}");
         }
-        let e = confined("https://cam.example/a.m3u8").unwrap_err().to_string();
+        let e = confined("https://cam.example/a.m3u8")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("https:// cannot be confined"), "{e}");
         // Files are not hosts; an empty list changes nothing.
         assert_eq!(confined("/m/a.mp4").unwrap().protocols, FILE_PROTOCOLS);
@@ -375,7 +380,10 @@ mod tests {
             &AllowedHosts::default(),
         )
         .unwrap();
-        assert_eq!((open.protocols.as_str(), open.confined), (HTTP_PROTOCOLS, None));
+        assert_eq!(
+            (open.protocols.as_str(), open.confined),
+            (HTTP_PROTOCOLS, None)
+        );
         let args = ffmpeg_args(&FfmpegRun {
             input: &confined("http://cam.example/a.m3u8").unwrap(),
             fps: 2.0,

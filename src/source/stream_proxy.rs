@@ -138,8 +138,7 @@ async fn serve(mut client: TcpStream, shared: &Shared) -> std::io::Result<()> {
     };
     let answer = match plan_request(&head, &shared.allowed) {
         Err(a) => a,
-        Ok(req) => match tokio::time::timeout(timeout, TcpStream::connect(&req.authority)).await
-        {
+        Ok(req) => match tokio::time::timeout(timeout, TcpStream::connect(&req.authority)).await {
             Ok(Ok(mut upstream)) => {
                 with_timeout(timeout, upstream.write_all(req.head.as_bytes())).await?;
                 copy_with_idle_timeout(&mut upstream, &mut client, timeout).await?;
@@ -251,9 +250,14 @@ fn plan_request(head: &str, allowed: &AllowedHosts) -> Result<Forward, Answer> {
     let mut out = format!("{method} {path} {version}\r\n");
     for line in lines.filter(|l| !l.is_empty()) {
         let name = line.split(':').next().unwrap_or("").trim();
-        let hop = ["connection", "keep-alive", "proxy-connection", "proxy-authorization"]
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h));
+        let hop = [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authorization",
+        ]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h));
         if !hop {
             out.push_str(line);
             out.push_str("\r\n");
@@ -302,9 +306,12 @@ mod tests {
             "GET /live/seg1.ts?t=1 HTTP/1.1\r\nUser-Agent: Lavf\r\nHost: 127.0.0.1:8080\r\n\
              Connection: close\r\n\r\n"
         );
-        let f = plan_request("GET http://h.example HTTP/1.1\r\n\r\n", &allowed("h.example"))
-            .ok()
-            .unwrap();
+        let f = plan_request(
+            "GET http://h.example HTTP/1.1\r\n\r\n",
+            &allowed("h.example"),
+        )
+        .ok()
+        .unwrap();
         assert_eq!(f.authority, "h.example:80");
         assert!(f.head.starts_with("GET / HTTP/1.1\r\n"));
     }
