@@ -448,34 +448,50 @@ async fn two_hosts(tag: &str) -> (TempDir, FileServer, FileServer) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn segments_on_a_host_not_allowed_fail_the_job_and_are_never_fetched() {
-    let (_dir, a, b) = two_hosts("cross-refused").await;
+async fn segments_keys_or_variants_on_a_host_not_allowed_fail_the_job_and_are_never_fetched() {
+    let (dir, a, b) = two_hosts("cross-refused").await;
+    // A second playlist keeps its segments on A but fetches its AES key from B.
+    let vod = std::fs::read_to_string(dir.0.join("vod.m3u8")).unwrap();
+    let key_line = format!(
+        "#EXT-X-KEY:METHOD=AES-128,URI=\"http://127.0.0.1:{}/key.bin\"\n#EXTINF",
+        b.port
+    );
+    std::fs::write(
+        dir.0.join("keyed.m3u8"),
+        vod.replacen("#EXTINF", &key_line, 1),
+    )
+    .unwrap();
+    std::fs::write(dir.0.join("key.bin"), [7u8; 16]).unwrap();
+    // A third is a master playlist whose variant is on B.
+    let master = format!(
+        "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=200000,RESOLUTION=320x240\nhttp://127.0.0.1:{}/vod.m3u8\n",
+        b.port
+    );
+    std::fs::write(dir.0.join("master.m3u8"), master).unwrap();
     let allowed = format!("127.0.0.1:{}", a.port);
     let h = Harness::new(model(), &[("ALLOWED_STREAM_HOSTS", &allowed)]);
-    let spec = h.spec(&[("stream_ref", &a.url("cross.m3u8")), ("job_id", "x")]);
-    let started = std::time::Instant::now();
-    let err = h
-        .start(spec, ResumeState::default())
-        .finish(LONG)
-        .await
-        .unwrap_err();
-    let refused_host = format!("host `127.0.0.1:{}` is not in ALLOWED_STREAM_HOSTS", b.port);
-    assert!(err.message.contains(&refused_host), "{}", err.message);
-    assert!(
-        err.message.contains(&a.url("cross.m3u8")),
-        "{}",
-        err.message
-    );
-    // Refused once, not retried: SOURCE_RETRIES restarts would each take a backoff.
-    assert!(!err.message.contains("attempts"), "{}", err.message);
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
-    assert!(a.requested("cross.m3u8"), "{:?}", a.requests());
-    assert!(b.requests().is_empty(), "B was reached: {:?}", b.requests());
-    assert!(h.results("x").await.is_empty());
+    for playlist in ["cross.m3u8", "keyed.m3u8", "master.m3u8"] {
+        let spec = h.spec(&[("stream_ref", &a.url(playlist)), ("job_id", "x")]);
+        let started = std::time::Instant::now();
+        let err = h
+            .start(spec, ResumeState::default())
+            .finish(LONG)
+            .await
+            .unwrap_err();
+        let refused_host = format!("host `127.0.0.1:{}` is not in ALLOWED_STREAM_HOSTS", b.port);
+        assert!(err.message.contains(&refused_host), "{}", err.message);
+        assert!(err.message.contains(&a.url(playlist)), "{}", err.message);
+        // Refused once, not retried: SOURCE_RETRIES restarts would each take a backoff.
+        assert!(!err.message.contains("attempts"), "{}", err.message);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(a.requested(playlist), "{:?}", a.requests());
+        assert!(b.requests().is_empty(), "B was reached: {:?}", b.requests());
+        assert!(h.results("x").await.is_empty());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
