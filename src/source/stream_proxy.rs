@@ -316,6 +316,46 @@ mod tests {
         assert!(f.head.starts_with("GET / HTTP/1.1\r\n"));
     }
 
+    #[tokio::test]
+    async fn connections_are_bounded_in_number_head_size_and_idle_time() {
+        let io = Duration::from_millis(1500);
+        let mut proxy = StreamProxy::start(allowed("127.0.0.1:1"), io)
+            .await
+            .unwrap();
+        let addr = proxy.addr;
+        // A head that never ends is cut off at MAX_HEAD_BYTES.
+        let mut big = TcpStream::connect(addr).await.unwrap();
+        let _ = big.write_all(&vec![b'a'; MAX_HEAD_BYTES + 4096]).await;
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(1), big.read(&mut buf)).await;
+        assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "{n:?}");
+        // MAX_CONNECTIONS idle clients hold every slot: the next request waits.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut late = TcpStream::connect(addr).await.unwrap();
+        late.write_all(b"GET http://evil.example/ HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(proxy.refusal(), None, "served past the bound");
+        // The idle ones are dropped after the I/O timeout, and the waiting one is served.
+        let refusal = tokio::time::timeout(Duration::from_secs(5), proxy.refused())
+            .await
+            .unwrap();
+        assert_eq!(
+            refusal,
+            "host `evil.example:80` is not in ALLOWED_STREAM_HOSTS"
+        );
+        let mut reply = String::new();
+        late.read_to_string(&mut reply).await.unwrap();
+        assert!(reply.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{reply}");
+        let mut idle_reply = [0u8; 8];
+        assert_eq!(idle[0].read(&mut idle_reply).await.unwrap(), 0, "closed");
+    }
+
     #[test]
     fn other_hosts_methods_and_forms_are_refused() {
         let list = allowed("127.0.0.1:8080");
