@@ -513,6 +513,33 @@ async fn segments_on_an_allowed_host_play_through_the_proxy() {
         b.requests()
     );
     assert!(!a.requested("vod0.ts"), "{:?}", a.requests());
+    // Relative segments on A itself, and a live playlist reloaded through the proxy.
+    let spec = h.spec(&[("stream_ref", &a.url("vod.m3u8")), ("job_id", "rel")]);
+    assert_eq!(
+        h.start(spec, ResumeState::default()).finish(LONG).await,
+        Ok(BodyOutcome::Completed)
+    );
+    assert!(a.requested("vod1.ts"), "{:?}", a.requests());
+    let live_dir = TempDir::new("cross-live");
+    let encoder = LiveEncoder::start(&live_dir.0, 30);
+    encoder.wait_segments(2).await;
+    let live = FileServer::start(&live_dir.0).await;
+    let h = Harness::new(
+        model(),
+        &[("ALLOWED_STREAM_HOSTS", &format!("127.0.0.1:{}", live.port))],
+    );
+    let spec = h.spec(&[("stream_ref", &live.url("live.m3u8")), ("job_id", "live")]);
+    let job = h.start(spec, ResumeState::default());
+    let before = live.requests().len();
+    h.wait_results("live", 6, LONG).await;
+    assert!(
+        live.requests().len() >= before + 3,
+        "the playlist was reloaded and new segments fetched: {:?}",
+        live.requests()
+    );
+    job.stop.stop(StopReason::Cancelled);
+    assert_eq!(job.finish(LONG).await, Ok(BodyOutcome::Stopped));
+    drop(encoder);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
