@@ -263,6 +263,11 @@ pub const SETTINGS: &[Setting] = &[
         "Allow local paths and file: URLs as stream_ref (off: a stream_ref comes from anyone who can write to Redis).",
     ),
     s(
+        "ALLOWED_STREAM_HOSTS",
+        None,
+        "Hosts HLS and RTSP streams may be fetched from, comma-separated: `cam1.example.com`, `*.example.com` (names below it), `10.0.0.5`, `[fd00::5]`, each optionally with `:port`; unset allows any host. A job whose stream_ref names another host fails at once. An http:// stream is fetched through a proxy inside the worker that refuses any other host a playlist points to (variants, segments, keys, redirects) and fails the job naming it; https:// streams are refused while it is set (docs/security.md).",
+    ),
+    s(
         "MAX_FRAME_SIDE",
         None,
         "Longest side HLS frames are scaled to when decoded (default: twice the model's input size, so a 16:9 frame keeps its short side at full model resolution).",
@@ -377,6 +382,7 @@ pub struct Config {
     pub source_retries: u32,
     pub stall_timeout: Duration,
     pub allow_file_sources: bool,
+    pub allowed_stream_hosts: crate::source::allowed_hosts::AllowedHosts,
     pub max_frame_side: Option<u32>,
     pub max_frame_pixels: u64,
     pub health_addr: SocketAddr,
@@ -762,6 +768,11 @@ impl Config {
             })?,
             stall_timeout: r.millis("STALL_TIMEOUT_MS", 1000)?,
             allow_file_sources: r.boolean("ALLOW_FILE_SOURCES")?,
+            allowed_stream_hosts: {
+                let list = r.string("ALLOWED_STREAM_HOSTS");
+                crate::source::allowed_hosts::AllowedHosts::parse(&list)
+                    .map_err(|why| Reader::err("ALLOWED_STREAM_HOSTS", &list, &why))?
+            },
             max_frame_side,
             max_frame_pixels: r.parse(
                 "MAX_FRAME_PIXELS",
@@ -823,6 +834,7 @@ mod tests {
         assert_eq!(c.result_ttl, Duration::from_secs(86400));
         assert_eq!(c.model_type, "clip");
         assert!(!c.allow_file_sources);
+        assert!(c.allowed_stream_hosts.is_empty());
         assert!(c.scene_gate);
         assert_eq!(c.scene_change_min_area, 0.002);
         assert_eq!(c.scene_max_reuse, Duration::from_secs(10));
@@ -854,6 +866,7 @@ mod tests {
             ("HEALTH_ADDR", "nowhere"),
             ("KEY_PREFIX", "a{b}"),
             ("ALLOW_FILE_SOURCES", "maybe"),
+            ("ALLOWED_STREAM_HOSTS", "cam.example,a*.example.com"),
             ("REDIS_URL", "http://x"),
             ("MODEL_TYPE", "gpt"),
             ("SCENE_GATE", "sometimes"),

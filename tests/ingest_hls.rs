@@ -417,3 +417,220 @@ async fn a_segments_burst_waits_for_a_busy_model_instead_of_replacing_itself() {
     );
     drop(encoder);
 }
+
+/// Writes `cross.m3u8` beside a `make_vod` output: the same segments, each named by an
+/// absolute URL on `segment_host` (`http://host:port`).
+fn publish_cross_host(dir: &std::path::Path, segment_host: &str) {
+    let vod = std::fs::read_to_string(dir.join("vod.m3u8")).unwrap();
+    let text: String = vod
+        .lines()
+        .map(|l| {
+            if l.ends_with(".ts") {
+                format!("{segment_host}/{l}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    assert!(text.contains(&format!("{segment_host}/vod0.ts")), "{text}");
+    std::fs::write(dir.join("cross.m3u8"), text).unwrap();
+}
+
+/// Two servers on 127.0.0.1 (hosts A and B to ALLOWED_STREAM_HOSTS, which tells them by
+/// port) over one recording, A's `cross.m3u8` naming its segments on B.
+async fn two_hosts(tag: &str) -> (TempDir, FileServer, FileServer) {
+    let dir = TempDir::new(tag);
+    make_vod(&dir.0, 4);
+    let a = FileServer::start(&dir.0).await;
+    let b = FileServer::start(&dir.0).await;
+    publish_cross_host(&dir.0, &format!("http://127.0.0.1:{}", b.port));
+    (dir, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_keys_or_variants_on_a_host_not_allowed_fail_the_job_and_are_never_fetched() {
+    let (dir, a, b) = two_hosts("cross-refused").await;
+    // A second playlist keeps its segments on A but fetches its AES key from B.
+    let vod = std::fs::read_to_string(dir.0.join("vod.m3u8")).unwrap();
+    let key_line = format!(
+        "#EXT-X-KEY:METHOD=AES-128,URI=\"http://127.0.0.1:{}/key.bin\"\n#EXTINF",
+        b.port
+    );
+    std::fs::write(
+        dir.0.join("keyed.m3u8"),
+        vod.replacen("#EXTINF", &key_line, 1),
+    )
+    .unwrap();
+    std::fs::write(dir.0.join("key.bin"), [7u8; 16]).unwrap();
+    // A third is a master playlist whose variant is on B.
+    let master = format!(
+        "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=200000,RESOLUTION=320x240\nhttp://127.0.0.1:{}/vod.m3u8\n",
+        b.port
+    );
+    std::fs::write(dir.0.join("master.m3u8"), master).unwrap();
+    let allowed = format!("127.0.0.1:{}", a.port);
+    let h = Harness::new(model(), &[("ALLOWED_STREAM_HOSTS", &allowed)]);
+    for playlist in ["cross.m3u8", "keyed.m3u8", "master.m3u8"] {
+        let spec = h.spec(&[("stream_ref", &a.url(playlist)), ("job_id", "x")]);
+        let started = std::time::Instant::now();
+        let err = h
+            .start(spec, ResumeState::default())
+            .finish(LONG)
+            .await
+            .unwrap_err();
+        let refused_host = format!("host `127.0.0.1:{}` is not in ALLOWED_STREAM_HOSTS", b.port);
+        assert!(err.message.contains(&refused_host), "{}", err.message);
+        assert!(err.message.contains(&a.url(playlist)), "{}", err.message);
+        // Refused once, not retried: SOURCE_RETRIES restarts would each take a backoff.
+        assert!(!err.message.contains("attempts"), "{}", err.message);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(a.requested(playlist), "{:?}", a.requests());
+        assert!(b.requests().is_empty(), "B was reached: {:?}", b.requests());
+        assert!(h.results("x").await.is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_on_an_allowed_host_play_through_the_proxy() {
+    let (_dir, a, b) = two_hosts("cross-allowed").await;
+    // A by its port, B by a pattern that covers it among others.
+    let allowed = format!("cam.example, 127.0.0.1:{}, 127.0.0.1:{}", a.port, b.port);
+    let h = Harness::new(model(), &[("ALLOWED_STREAM_HOSTS", &allowed)]);
+    let spec = h.spec(&[("stream_ref", &a.url("cross.m3u8")), ("job_id", "ok")]);
+    assert_eq!(
+        h.start(spec, ResumeState::default()).finish(LONG).await,
+        Ok(BodyOutcome::Completed)
+    );
+    let n = h.results("ok").await.len();
+    assert!((7..=9).contains(&n), "{n} results for 4 s at 2 fps");
+    assert!(
+        b.requested("vod0.ts") && b.requested("vod1.ts"),
+        "{:?}",
+        b.requests()
+    );
+    assert!(!a.requested("vod0.ts"), "{:?}", a.requests());
+    // Relative segments on A itself, and a live playlist reloaded through the proxy.
+    let spec = h.spec(&[("stream_ref", &a.url("vod.m3u8")), ("job_id", "rel")]);
+    assert_eq!(
+        h.start(spec, ResumeState::default()).finish(LONG).await,
+        Ok(BodyOutcome::Completed)
+    );
+    assert!(a.requested("vod1.ts"), "{:?}", a.requests());
+    let live_dir = TempDir::new("cross-live");
+    let encoder = LiveEncoder::start(&live_dir.0, 30);
+    encoder.wait_segments(2).await;
+    let live = FileServer::start(&live_dir.0).await;
+    let h = Harness::new(
+        model(),
+        &[("ALLOWED_STREAM_HOSTS", &format!("127.0.0.1:{}", live.port))],
+    );
+    let spec = h.spec(&[("stream_ref", &live.url("live.m3u8")), ("job_id", "live")]);
+    let job = h.start(spec, ResumeState::default());
+    let before = live.requests().len();
+    h.wait_results("live", 6, LONG).await;
+    assert!(
+        live.requests().len() >= before + 3,
+        "the playlist was reloaded and new segments fetched: {:?}",
+        live.requests()
+    );
+    job.stop.stop(StopReason::Cancelled);
+    assert_eq!(job.finish(LONG).await, Ok(BodyOutcome::Stopped));
+    drop(encoder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_allowed_list_lets_segments_come_from_any_host() {
+    let (_dir, a, b) = two_hosts("cross-open").await;
+    let h = Harness::new(model(), &[("ALLOWED_STREAM_HOSTS", " ")]);
+    let spec = h.spec(&[("stream_ref", &a.url("cross.m3u8")), ("job_id", "open")]);
+    assert_eq!(
+        h.start(spec, ResumeState::default()).finish(LONG).await,
+        Ok(BodyOutcome::Completed)
+    );
+    assert!(b.requested("vod0.ts"), "{:?}", b.requests());
+    assert!(!h.results("open").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ref_or_redirect_to_a_host_not_allowed_is_refused() {
+    let (dir, a, b) = two_hosts("host-refused").await;
+    let allowed = format!("127.0.0.1:{}", a.port);
+    let h = Harness::new(model(), &[("ALLOWED_STREAM_HOSTS", &allowed)]);
+    // The job's own host: refused when the source opens, before ffmpeg runs.
+    for (stream_ref, expect) in [
+        (
+            b.url("vod.m3u8"),
+            format!("host `127.0.0.1:{}` is not in", b.port),
+        ),
+        (
+            "http://localhost:1/a.m3u8".to_string(),
+            "host `localhost:1` is not in".into(),
+        ),
+        (
+            "rtsp://cam.example/live".to_string(),
+            "host `cam.example:554` is not in".into(),
+        ),
+        (
+            "https://127.0.0.1/a.m3u8".to_string(),
+            "host `127.0.0.1:443` is not in".into(),
+        ),
+    ] {
+        let spec = h.spec(&[("stream_ref", &stream_ref), ("job_id", "r")]);
+        let started = std::time::Instant::now();
+        let err = h
+            .start(spec, ResumeState::default())
+            .finish(LONG)
+            .await
+            .unwrap_err();
+        assert!(
+            err.message.contains(&expect),
+            "{stream_ref}: {}",
+            err.message
+        );
+        assert!(
+            err.message.contains("ALLOWED_STREAM_HOSTS"),
+            "{}",
+            err.message
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{stream_ref}: {:?}",
+            started.elapsed()
+        );
+    }
+    // https on an allowed host is refused too: ffmpeg's TLS would go around the proxy.
+    let https = format!("https://127.0.0.1:{}/vod.m3u8", a.port);
+    let spec = h.spec(&[("stream_ref", &https), ("job_id", "s")]);
+    let err = h
+        .start(spec, ResumeState::default())
+        .finish(LONG)
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains("https:// cannot be confined"),
+        "{}",
+        err.message
+    );
+    // A redirect from A to B is followed through the proxy, which refuses it.
+    std::fs::write(dir.0.join("moved.location"), b.url("vod.m3u8")).unwrap();
+    let spec = h.spec(&[("stream_ref", &a.url("moved.m3u8")), ("job_id", "m")]);
+    let err = h
+        .start(spec, ResumeState::default())
+        .finish(LONG)
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains(&format!(
+            "host `127.0.0.1:{}` is not in ALLOWED_STREAM_HOSTS",
+            b.port
+        )),
+        "{}",
+        err.message
+    );
+    assert!(a.requested("moved.m3u8"), "{:?}", a.requests());
+    assert!(b.requests().is_empty(), "B was reached: {:?}", b.requests());
+}

@@ -6,6 +6,7 @@
 //! `-protocol_whitelist` that covers only what that kind of input needs (an HTTP playlist
 //! cannot pull `file:` segments, for instance).
 
+use super::allowed_hosts::AllowedHosts;
 pub use crate::job::RtspTransport;
 use std::time::Duration;
 
@@ -15,6 +16,11 @@ pub const HTTP_PROTOCOLS: &str = "http,https,tcp,tls,crypto";
 pub const RTSP_TCP_PROTOCOLS: &str = "rtsp,rtsps,tcp,tls";
 /// Protocols an RTSP input needs with media as RTP over UDP.
 pub const RTSP_UDP_PROTOCOLS: &str = "rtsp,rtsps,rtp,udp,tcp,tls";
+/// Protocols an HTTP input confined to ALLOWED_STREAM_HOSTS needs: every request goes to the
+/// stream proxy over plain `http` and `tcp`. Not `https`/`tls` (ffmpeg would tunnel them
+/// with its `httpproxy` protocol, which a playlist could name itself to connect past the
+/// proxy), so a confined playlist's `https://` URLs fail.
+pub const CONFINED_HTTP_PROTOCOLS: &str = "http,tcp,crypto";
 /// Protocols a local file (or playlist of local segments) needs.
 pub const FILE_PROTOCOLS: &str = "file,crypto";
 
@@ -31,6 +37,8 @@ pub struct InputPlan {
     pub playlist: bool,
     /// An `rtsp://` or `rtsps://` input, and how its media travels.
     pub rtsp: Option<RtspTransport>,
+    /// An HTTP input whose every request must pass the stream proxy (ALLOWED_STREAM_HOSTS).
+    pub confined: Option<AllowedHosts>,
 }
 
 /// The only protocols ffmpeg may open for an RTSP input with `transport`.
@@ -85,6 +93,7 @@ pub fn plan_input(stream_ref: &str, allow_files: bool) -> Result<InputPlan, Refu
         http,
         playlist,
         rtsp: None,
+        confined: None,
     };
     match scheme(stream_ref) {
         Some(s) if s == "http" || s == "https" => Ok(plan(HTTP_PROTOCOLS, true)),
@@ -101,6 +110,37 @@ pub fn plan_input(stream_ref: &str, allow_files: bool) -> Result<InputPlan, Refu
         Some(s) if s == "file" => Ok(plan(FILE_PROTOCOLS, false)),
         Some(s) => Ok(plan(&format!("{s},{FILE_PROTOCOLS}"), false)),
     }
+}
+
+/// Applies ALLOWED_STREAM_HOSTS to an accepted input. The input's own host is checked here,
+/// before anything runs; an HTTP input is then confined (every request ffmpeg makes goes
+/// through the stream proxy, which checks the hosts a playlist points to). An RTSP
+/// server's media comes from that server, so its host is the one check. https is refused
+/// under a list: see [`CONFINED_HTTP_PROTOCOLS`]. Local files and the other protocols
+/// allowed by ALLOW_FILE_SOURCES are not network hosts this setting speaks of.
+pub fn confine(plan: InputPlan, allowed: &AllowedHosts) -> Result<InputPlan, Refused> {
+    if allowed.is_empty() || !(plan.http || plan.rtsp.is_some()) {
+        return Ok(plan);
+    }
+    allowed
+        .check_url(&plan.url)
+        .map_err(|e| Refused(e.to_string()))?;
+    if plan.rtsp.is_some() {
+        return Ok(plan);
+    }
+    if scheme(&plan.url).as_deref() != Some("http") {
+        return Err(Refused(format!(
+            "https:// cannot be confined to {} (ffmpeg's TLS through a proxy would let a \
+             playlist reach other hosts directly); serve the stream over http:// or leave {} empty",
+            super::allowed_hosts::SETTING,
+            super::allowed_hosts::SETTING
+        )));
+    }
+    Ok(InputPlan {
+        protocols: CONFINED_HTTP_PROTOCOLS.to_string(),
+        confined: Some(allowed.clone()),
+        ..plan
+    })
 }
 
 /// The URL scheme (lowercase) when `s` starts with one: letters first, then letters, digits,
@@ -145,6 +185,8 @@ pub struct FfmpegRun<'a> {
     pub start_ms: Option<i64>,
     /// Read timeout of network inputs.
     pub io_timeout: Duration,
+    /// The stream proxy's URL, for a confined input.
+    pub http_proxy: Option<&'a str>,
 }
 
 /// The argument list (without the program name).
@@ -169,6 +211,10 @@ pub fn ffmpeg_args(run: &FfmpegRun<'_>) -> Vec<String> {
         // Microseconds; a dead connection must not hang the job forever.
         let us = run.io_timeout.as_micros().max(1).to_string();
         push(&["-rw_timeout", &us]);
+    }
+    if let Some(proxy) = run.http_proxy {
+        // The hls demuxer passes it on to every playlist, segment and key it opens.
+        push(&["-http_proxy", proxy]);
     }
     if let Some(transport) = run.input.rtsp {
         // The RTSP demuxer's socket timeout, in microseconds: a camera that goes quiet is
@@ -256,6 +302,7 @@ mod tests {
                 max_side: 448,
                 start_ms: None,
                 io_timeout: Duration::from_secs(10),
+                http_proxy: None,
             });
             let joined = args.join(" ");
             assert!(
@@ -307,6 +354,52 @@ mod tests {
     }
 
     #[test]
+    fn allowed_hosts_check_the_ref_and_confine_http_to_the_proxy() {
+        let list = AllowedHosts::parse("cam.example, 127.0.0.1:8000").unwrap();
+        let confined = |s: &str| confine(plan_input(s, true).unwrap(), &list);
+        let p = confined("http://127.0.0.1:8000/live.m3u8").unwrap();
+        assert_eq!(p.protocols, CONFINED_HTTP_PROTOCOLS);
+        assert_eq!(p.confined.as_ref(), Some(&list));
+        let p = confined("rtsp://user:pw@cam.example/s").unwrap();
+        assert_eq!(
+            (p.protocols.as_str(), p.confined),
+            (RTSP_TCP_PROTOCOLS, None)
+        );
+        for s in ["http://127.0.0.1:8001/a.m3u8", "rtsp://other.example/s"] {
+            let e = confined(s).unwrap_err().to_string();
+            assert!(e.contains("is not in ALLOWED_STREAM_HOSTS"), "{s}: {e}");
+        }
+        let e = confined("https://cam.example/a.m3u8")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("https:// cannot be confined"), "{e}");
+        // Files are not hosts; an empty list changes nothing.
+        assert_eq!(confined("/m/a.mp4").unwrap().protocols, FILE_PROTOCOLS);
+        let open = confine(
+            plan_input("https://any.example/a.m3u8", false).unwrap(),
+            &AllowedHosts::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (open.protocols.as_str(), open.confined),
+            (HTTP_PROTOCOLS, None)
+        );
+        let args = ffmpeg_args(&FfmpegRun {
+            input: &confined("http://cam.example/a.m3u8").unwrap(),
+            fps: 2.0,
+            max_side: 448,
+            start_ms: None,
+            io_timeout: Duration::from_secs(10),
+            http_proxy: Some("http://127.0.0.1:4000"),
+        });
+        let joined = args.join(" ");
+        assert!(
+            joined.contains("-protocol_whitelist http,tcp,crypto -rw_timeout 10000000 -http_proxy http://127.0.0.1:4000 "),
+            "{joined}"
+        );
+    }
+
+    #[test]
     fn args_for_a_live_http_playlist() {
         let input = plan_input("http://127.0.0.1:8000/live.m3u8", false).unwrap();
         let args = ffmpeg_args(&FfmpegRun {
@@ -315,6 +408,7 @@ mod tests {
             max_side: 448,
             start_ms: None,
             io_timeout: Duration::from_secs(10),
+            http_proxy: None,
         });
         let joined = args.join(" ");
         assert!(joined.starts_with("-hide_banner -nostdin -nostats -loglevel level+info"));
@@ -353,6 +447,7 @@ mod tests {
             max_side: 224,
             start_ms: Some(12_500),
             io_timeout: Duration::from_secs(10),
+            http_proxy: None,
         });
         let joined = args.join(" ");
         assert!(!joined.contains("-rw_timeout"));

@@ -8,6 +8,7 @@
 //! without a second process-management layer or a blocking reader thread per stream.
 
 use super::ffmpeg_args::{FfmpegRun, InputPlan, ffmpeg_args};
+use super::stream_proxy::StreamProxy;
 use super::{Slot, SourceEvent, SourceOptions};
 use crate::frame::Frame;
 use crate::store::{Backoff, now_ms};
@@ -338,6 +339,23 @@ async fn terminate(child: &mut Child) {
     }
 }
 
+/// A run whose stream pointed somewhere it may not: retrying cannot help.
+fn refused_end(job: &HlsJob, refusal: &str) -> RunEnd {
+    RunEnd::Fatal(format!(
+        "`{}` led to a refused request: {refusal} (a variant, segment, key or redirect of \
+         the stream names it)",
+        crate::redact::redact_url(&job.input.url)
+    ))
+}
+
+/// The proxy's first refusal; never, without a proxy.
+async fn refused(proxy: &mut Option<StreamProxy>) -> String {
+    match proxy {
+        Some(p) => p.refused().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// How one ffmpeg run ended.
 enum RunEnd {
     Cancelled,
@@ -426,14 +444,36 @@ async fn run_once(
     // A restart of a finished stream picks up after the last frame handed over; a live one
     // goes back to the live edge.
     let start_ms = pos.seekable.then(|| pos.next_pts_ms.round() as i64);
+    // A confined input (ALLOWED_STREAM_HOSTS) gets a proxy of its own for this run.
+    let mut proxy = match &job.input.confined {
+        None => None,
+        Some(allowed) => match StreamProxy::start(allowed.clone(), opts.io_timeout).await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                return (
+                    RunEnd::Failed(format!("could not start the stream proxy: {e}")),
+                    false,
+                );
+            }
+        },
+    };
+    let proxy_url = proxy.as_ref().map(StreamProxy::url);
     let args = ffmpeg_args(&FfmpegRun {
         input: &job.input,
         fps: job.fps,
         max_side: opts.max_side,
         start_ms,
         io_timeout: opts.io_timeout,
+        http_proxy: proxy_url.as_deref(),
     });
-    let mut child = match Command::new(&opts.ffmpeg)
+    let mut command = Command::new(&opts.ffmpeg);
+    if proxy.is_some() {
+        // ffmpeg skips its proxy for hosts in `no_proxy`: none may go around this one.
+        for var in ["no_proxy", "NO_PROXY", "http_proxy", "HTTP_PROXY"] {
+            command.env_remove(var);
+        }
+    }
+    let mut child = match command
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -485,6 +525,11 @@ async fn run_once(
                 terminate(&mut child).await;
                 stderr_task.abort();
                 return (RunEnd::Cancelled, delivered);
+            }
+            refusal = refused(&mut proxy) => {
+                terminate(&mut child).await;
+                stderr_task.abort();
+                return (refused_end(job, &refusal), delivered);
             }
             r = tokio::time::timeout(opts.stall_timeout, read_frame(&mut stdout)) => r,
         };
@@ -575,6 +620,10 @@ async fn run_once(
             format!("{reason}; ffmpeg said: {said}")
         }
     };
+    // ffmpeg may give up on a refused segment before the refusal above is seen.
+    if let Some(refusal) = proxy.as_ref().and_then(StreamProxy::refusal) {
+        return (refused_end(job, &refusal), delivered);
+    }
     let end = match (outcome, status) {
         (Err(reason), _) => RunEnd::Failed(with_said(reason)),
         (Ok(()), Some(s)) if s.success() => {

@@ -8,10 +8,12 @@
 //! waits for the slot to empty instead, so every sampled frame of a recording is inferred
 //! and ffmpeg simply decodes at the model's pace.
 
+pub mod allowed_hosts;
 pub mod ffmpeg_args;
 pub mod hls;
 pub mod image_decode;
 pub mod redis_frames;
+pub mod stream_proxy;
 
 use crate::frame::Frame;
 use crate::job::{JobFailure, JobSpec, ResumeState, SourceKind};
@@ -178,6 +180,8 @@ impl Slot {
 pub struct SourceOptions {
     /// Allow local paths and protocols other than http(s) and rtsp.
     pub allow_files: bool,
+    /// ALLOWED_STREAM_HOSTS: where HLS and RTSP may be fetched from (empty: anywhere).
+    pub allowed_hosts: allowed_hosts::AllowedHosts,
     /// Longest side of decoded HLS frames.
     pub max_side: u32,
     /// Largest image a frame-stream entry may decode to (width x height).
@@ -201,6 +205,7 @@ impl SourceOptions {
     pub fn new(config: &crate::config::Config, max_side: u32) -> Self {
         Self {
             allow_files: config.allow_file_sources,
+            allowed_hosts: config.allowed_stream_hosts.clone(),
             max_side,
             max_pixels: config.max_frame_pixels,
             retries: config.source_retries,
@@ -235,6 +240,7 @@ impl Source {
         match spec.source {
             SourceKind::Hls => {
                 let input = ffmpeg_args::plan_input(&spec.stream_ref, options.allow_files)
+                    .and_then(|plan| ffmpeg_args::confine(plan, &options.allowed_hosts))
                     .map_err(|e| JobFailure::new(e.to_string()))?
                     .with_rtsp_transport(spec.rtsp_transport);
                 let slot = Slot::new(true);

@@ -329,7 +329,8 @@ impl Drop for LiveEncoder {
 }
 
 /// A minimal HTTP/1.1 file server over a directory, in the test's runtime. It can answer
-/// 404 to everything, or vanish (stop listening, so connections are refused).
+/// 404 to everything, redirect a name (a `NAME.location` file beside it holds the target),
+/// or vanish (stop listening, so connections are refused).
 pub struct FileServer {
     pub port: u16,
     pub dir: PathBuf,
@@ -365,6 +366,19 @@ impl FileServer {
                     let name = path.trim_start_matches('/').split('?').next().unwrap_or("");
                     log.lock().unwrap().push(name.to_string());
                     let file = (!name.contains("..")).then(|| root.join(name));
+                    // `NAME.location` beside a file answers NAME with a redirect there.
+                    let location = file
+                        .as_ref()
+                        .and_then(|f| std::fs::read_to_string(f.with_extension("location")).ok());
+                    if let Some(to) = location {
+                        let head = format!(
+                            "HTTP/1.1 302 Found\r\nLocation: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                            to.trim()
+                        );
+                        let _ = sock.write_all(head.as_bytes()).await;
+                        let _ = sock.shutdown().await;
+                        return;
+                    }
                     let body = file.and_then(|f| std::fs::read(f).ok());
                     let head = match &body {
                         Some(b) => format!(
@@ -393,6 +407,11 @@ impl FileServer {
     /// Whether a file named `name` has been requested.
     pub fn requested(&self, name: &str) -> bool {
         self.requests.lock().unwrap().iter().any(|r| r == name)
+    }
+
+    /// Every name requested so far, in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
     }
 
     /// Waits until a file named `name` has been requested.
