@@ -634,3 +634,38 @@ async fn a_stream_ref_or_redirect_to_a_host_not_allowed_is_refused() {
     assert!(a.requested("moved.m3u8"), "{:?}", a.requests());
     assert!(b.requests().is_empty(), "B was reached: {:?}", b.requests());
 }
+
+/// The results stream is capped near RESULTS_MAXLEN (`XADD MAXLEN ~`: Redis trims whole
+/// nodes of at most 100 entries), whatever the number of frames a job answers, while the
+/// job's own count keeps them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_results_stream_stays_near_results_maxlen() {
+    let dir = TempDir::new("hls-cap");
+    make_vod(&dir.0, 30);
+    let server = FileServer::start(&dir.0).await;
+    let h = Harness::new(
+        model(),
+        &[("MAX_FRAME_SIDE", "64"), ("RESULTS_MAXLEN", "20")],
+    );
+    let spec = h.spec(&[
+        ("stream_ref", &server.url("vod.m3u8")),
+        ("fps", "10"),
+        ("job_id", "capped"),
+        ("scene_gate", "off"),
+    ]);
+    let outcome = h.start(spec, ResumeState::default()).finish(LONG).await;
+    assert_eq!(outcome, Ok(BodyOutcome::Completed));
+    let written = h.job_hash("capped").await["results"]
+        .parse::<usize>()
+        .unwrap();
+    assert!(written >= 290, "30 s at 10 fps: {written} results");
+    let kept = h.results("capped").await.len();
+    // One node of 100 entries past the cap at most, and the entries kept are the newest.
+    assert!(kept <= 20 + 100, "{kept} entries kept of {written}");
+    let newest = h.results("capped").await;
+    assert_eq!(
+        num(newest.last().unwrap(), "frame") as usize,
+        written - 1,
+        "the newest result is kept"
+    );
+}

@@ -158,7 +158,7 @@ impl Harness {
         let sink = ResultSink::new(
             self.store.clone(),
             &spec.job_id,
-            10_000,
+            self.config.results_maxlen,
             stop.clone(),
             resume.results,
         );
