@@ -19,6 +19,9 @@ pub const MAX_STREAM_REF_BYTES: usize = 2 * 1024;
 pub const MAX_JOB_ID_LEN: usize = 128;
 /// Highest accepted `fps`.
 pub const MAX_FPS: f64 = 30.0;
+/// Most fields a job entry may carry: every known field several times over, so only an
+/// entry built to abuse the parser meets it.
+pub const MAX_JOB_FIELDS: usize = 64;
 
 /// A field a job entry may carry; anything else is kept and warned about. This is the one
 /// list of them: parsing, the job hash, the CLI's submissions and the function library's
@@ -313,6 +316,15 @@ impl JobSpec {
         let mut values: BTreeMap<String, String> = BTreeMap::new();
         let mut first_error: Option<SpecError> = None;
         let mut warnings = Vec::new();
+        if fields.len() > MAX_JOB_FIELDS {
+            first_error = Some(SpecError::other(
+                "entry",
+                format!(
+                    "has {} fields; at most {MAX_JOB_FIELDS} are allowed",
+                    fields.len()
+                ),
+            ));
+        }
         for (name, value) in fields {
             let Ok(name) = std::str::from_utf8(name) else {
                 first_error.get_or_insert(SpecError::other(
@@ -761,6 +773,15 @@ mod tests {
             let (err, _) = parse(pairs).unwrap_err();
             assert_eq!(&err.field, field, "{pairs:?}");
         }
+        // Too many fields: refused, still filed under the producer's id.
+        let names: Vec<String> = (0..MAX_JOB_FIELDS).map(|i| format!("x{i}")).collect();
+        let mut many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        many.push(("stream_ref", "a"));
+        many.push(("job_id", "crowded"));
+        let (err, id) = parse(&many).unwrap_err();
+        assert_eq!(err.field, "entry");
+        assert!(err.reason.contains("at most 64"), "{}", err.reason);
+        assert_eq!(id.as_deref(), Some("crowded"));
         let long = "p".repeat(MAX_PROMPT_BYTES + 1);
         let (err, id) =
             parse(&[("stream_ref", "a"), ("prompt", &long), ("job_id", "j")]).unwrap_err();
