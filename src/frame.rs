@@ -34,11 +34,12 @@ pub struct Frame {
 impl Frame {
     /// Builds a frame after checking that the buffer holds exactly `width * height * 3` bytes.
     pub fn new(width: u32, height: u32, rgb: Bytes) -> Result<Self, FrameError> {
-        let expected = (width as usize) * (height as usize) * 3;
+        // In u128: a declared u32 x u32 x 3 overflows usize.
+        let expected = u128::from(width) * u128::from(height) * 3;
         if width == 0 || height == 0 {
             return Err(FrameError::EmptyImage);
         }
-        if rgb.len() != expected {
+        if rgb.len() as u128 != expected {
             return Err(FrameError::SizeMismatch {
                 width,
                 height,
@@ -83,7 +84,7 @@ pub enum FrameError {
     SizeMismatch {
         width: u32,
         height: u32,
-        expected: usize,
+        expected: u128,
         actual: usize,
     },
 }
@@ -107,6 +108,19 @@ mod tests {
         assert_eq!(
             Frame::new(0, 2, Bytes::new()).unwrap_err(),
             FrameError::EmptyImage
+        );
+    }
+
+    #[test]
+    fn a_size_whose_byte_count_overflows_is_a_mismatch_not_a_panic() {
+        assert_eq!(
+            Frame::new(u32::MAX, u32::MAX, Bytes::from(vec![0u8; 12])).unwrap_err(),
+            FrameError::SizeMismatch {
+                width: u32::MAX,
+                height: u32::MAX,
+                expected: 3 * u128::from(u32::MAX) * u128::from(u32::MAX),
+                actual: 12
+            }
         );
     }
 

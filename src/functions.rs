@@ -143,7 +143,7 @@ impl ClaimVerdict {
     }
 }
 
-fn ownership(function: &str, reply: Value) -> StoreResult<Ownership> {
+pub(crate) fn ownership(function: &str, reply: Value) -> StoreResult<Ownership> {
     match &reply {
         Value::SimpleString(s) if s == "ok" => Ok(Ownership::Done),
         Value::SimpleString(s) if s == "lost" => Ok(Ownership::Lost),
@@ -173,7 +173,7 @@ fn cancel_outcome(word: &str) -> Option<CancelOutcome> {
     }
 }
 
-fn end_record(reply: Value) -> StoreResult<EndRecord> {
+pub(crate) fn end_record(reply: Value) -> StoreResult<EndRecord> {
     let parsed: Option<(String, u64)> = redis::from_redis_value(reply.clone()).ok();
     match parsed {
         Some((status, results)) => match JobStatus::parse(&status) {
@@ -233,10 +233,15 @@ pub async fn heartbeat(
         args.push(job_id);
     }
     let reply: Value = store.fcall("fr_job_heartbeat", &args).await?;
+    leases(reply, jobs.len())
+}
+
+/// Reads `fr_job_heartbeat`'s reply: exactly one lease word per job asked about.
+pub(crate) fn leases(reply: Value, jobs: usize) -> StoreResult<Vec<Lease>> {
     let answers = words(reply.clone());
     let leases: Option<Vec<Lease>> = answers.iter().map(|w| lease(w)).collect();
     match leases {
-        Some(l) if l.len() == jobs.len() => Ok(l),
+        Some(l) if l.len() == jobs => Ok(l),
         _ => Err(unexpected("fr_job_heartbeat", &reply)),
     }
 }
@@ -319,7 +324,11 @@ pub async fn submit(store: &Store, job_id: &str, fields: &[(&str, String)]) -> S
 
 /// `fr_cancel`. An unknown job fails with the code [`NO_JOB`].
 pub async fn cancel(store: &Store, job_id: &str) -> StoreResult<CancelOutcome> {
-    let reply: Value = store.fcall("fr_cancel", &[&job_id]).await?;
+    cancel_reply(store.fcall("fr_cancel", &[&job_id]).await?)
+}
+
+/// Reads `fr_cancel`'s reply: one word.
+pub(crate) fn cancel_reply(reply: Value) -> StoreResult<CancelOutcome> {
     let word: Option<String> = redis::from_redis_value(reply.clone()).ok();
     word.as_deref()
         .and_then(cancel_outcome)

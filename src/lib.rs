@@ -27,6 +27,8 @@ pub mod config;
 pub mod engine;
 pub mod frame;
 pub mod functions;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gate;
 pub mod health;
 pub mod job;

@@ -190,11 +190,14 @@ pub fn prompt_phrases(prompt: &str) -> Vec<String> {
                 c.is_whitespace()
                     || matches!(c, '.' | '!' | '?' | '"' | '\'' | '(' | ')' | '[' | ']')
             });
-            let mut words: Vec<&str> = trimmed.split_whitespace().collect();
-            while !words.is_empty() && FILLER_WORDS.contains(&words[0]) {
-                words.remove(0);
-            }
-            let phrase = words.join(" ");
+            let words: Vec<&str> = trimmed.split_whitespace().collect();
+            // Skipped by index: removing them one by one from the front was quadratic in
+            // the number of leading filler words.
+            let first = words
+                .iter()
+                .position(|w| !FILLER_WORDS.contains(w))
+                .unwrap_or(words.len());
+            let phrase = words[first..].join(" ");
             if !phrase.is_empty() && !phrases.contains(&phrase) {
                 phrases.push(phrase);
             }

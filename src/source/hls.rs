@@ -295,16 +295,18 @@ fn bad_data(msg: &str) -> std::io::Error {
 }
 
 /// Reads one whole frame from ffmpeg's stdout: the only copy of its pixels we make.
-async fn read_frame(
+pub(crate) async fn read_frame(
     r: &mut (impl AsyncBufReadExt + Unpin),
 ) -> std::io::Result<Option<(u32, u32, bytes::Bytes)>> {
     let Some((w, h)) = read_header(r).await? else {
         return Ok(None);
     };
-    let len = (w as usize) * (h as usize) * 3;
-    if w == 0 || h == 0 || len > MAX_FRAME_BYTES {
+    // In u128: a declared u32 x u32 x 3 overflows usize.
+    let len = u128::from(w) * u128::from(h) * 3;
+    if w == 0 || h == 0 || len > MAX_FRAME_BYTES as u128 {
         return Err(bad_data("frame size out of range"));
     }
+    let len = len as usize;
     let mut buf = BytesMut::with_capacity(len);
     let mut limited = r.take(len as u64);
     while buf.len() < len {
@@ -774,5 +776,20 @@ mod tests {
         assert!(read_frame(&mut r).await.is_err());
         let mut r = BufReader::new(&b"GIF89a"[..]);
         assert!(read_frame(&mut r).await.is_err());
+    }
+
+    /// Found by `scripts/fuzz` (ppm_reader): the byte count of a 4294967295x4294967295
+    /// header overflowed.
+    #[tokio::test]
+    async fn ppm_sizes_whose_byte_count_overflows_are_refused() {
+        for header in [
+            &b"P6\n4294967295 4294967295\n255\n"[..],
+            b"P6\n4294967295 1\n255\n",
+            b"P6\n8192 8193\n255\n",
+        ] {
+            let mut r = BufReader::new(header);
+            let err = read_frame(&mut r).await.unwrap_err();
+            assert_eq!(err.to_string(), "frame size out of range");
+        }
     }
 }

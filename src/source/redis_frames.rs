@@ -225,12 +225,14 @@ pub fn decode_payload(payload: Payload, max_pixels: u64) -> Result<Frame, String
             data,
         } => {
             check_pixels(width, height, max_pixels)?;
-            let pixels = (width as usize) * (height as usize);
+            // In u128: under a MAX_FRAME_PIXELS near u64::MAX, width x height x 3
+            // overflows usize and could wrap round to the length of a small buffer.
+            let pixels = u128::from(width) * u128::from(height);
             let (expected, name) = match format {
                 RawFormat::Rgb24 => (pixels * 3, "rgb24"),
                 RawFormat::Gray8 => (pixels, "gray8"),
             };
-            if data.len() != expected || pixels == 0 {
+            if data.len() as u128 != expected || pixels == 0 {
                 return Err(format!(
                     "raw {name} {width}x{height} needs {expected} bytes, got {}",
                     data.len()
@@ -239,7 +241,7 @@ pub fn decode_payload(payload: Payload, max_pixels: u64) -> Result<Frame, String
             let rgb = match format {
                 RawFormat::Rgb24 => data,
                 RawFormat::Gray8 => {
-                    let mut out = Vec::with_capacity(pixels * 3);
+                    let mut out = Vec::with_capacity(data.len() * 3);
                     for &v in data.iter() {
                         out.extend_from_slice(&[v, v, v]);
                     }
@@ -589,6 +591,28 @@ mod tests {
         truncated.truncate(truncated.len() / 2);
         assert!(err(vec![("data", truncated)]).contains("bad image"));
         assert!(err(vec![("frame", b"\xc1".to_vec())]).contains("MessagePack"));
+    }
+
+    /// Found by `scripts/fuzz` (frame_plain): under a MAX_FRAME_PIXELS near u64::MAX, the
+    /// byte count of a raw 4294967295x4294967295 entry overflowed.
+    #[test]
+    fn raw_sizes_whose_byte_count_overflows_are_refused() {
+        for (format, expected) in [
+            ("rgb24", "55340232195358851075"),
+            ("gray8", "18446744065119617025"),
+        ] {
+            let mut e = entry(vec![
+                ("data", vec![0; 12]),
+                ("width", b"4294967295".to_vec()),
+                ("height", b"4294967295".to_vec()),
+                ("format", format.as_bytes().to_vec()),
+            ]);
+            let err = decode_payload(parse_entry(&mut e).payload.unwrap(), u64::MAX).unwrap_err();
+            assert!(
+                err.contains(&format!("needs {expected} bytes, got 12")),
+                "{err}"
+            );
+        }
     }
 
     #[test]
