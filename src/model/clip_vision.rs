@@ -104,6 +104,13 @@ impl EncoderLayer {
     }
 }
 
+/// The patch convolution's weights (`embeddings.patch_embedding.weight`) as a
+/// `(dim, channels * patch * patch)` matrix.
+fn patch_weight(emb: &VarBuilder, dim: usize, channels: usize, patch: usize) -> Result<Tensor> {
+    emb.get((dim, channels, patch, patch), "patch_embedding.weight")?
+        .reshape((dim, ()))
+}
+
 /// The name of the layer norm before the encoder: CLIP checkpoints spell it `pre_layrnorm`,
 /// OWL-ViT checkpoints `pre_layernorm`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,12 +157,7 @@ impl VisionTower {
         let d = c.embed_dim;
         let grid = c.image_size / c.patch_size;
         let emb = vb.pp("embeddings");
-        let patch_weight = emb
-            .get(
-                (d, c.num_channels, c.patch_size, c.patch_size),
-                "patch_embedding.weight",
-            )?
-            .reshape((d, ()))?;
+        let patch_weight = patch_weight(&emb, d, c.num_channels, c.patch_size)?;
         let positions = emb.get((grid * grid + 1, d), "position_embedding.weight")?;
         let class_token =
             (emb.get(d, "class_embedding")? + positions.get(0)?)?.reshape((1, 1, d))?;
@@ -195,12 +197,7 @@ impl VisionTower {
             ))
         })?;
         let emb = vb.pp("embeddings");
-        let patch_weight = emb
-            .get(
-                (d, c.num_channels, c.patch_size, c.patch_size),
-                "patch_embedding.weight",
-            )?
-            .reshape((d, ()))?;
+        let patch_weight = patch_weight(&emb, d, c.num_channels, c.patch_size)?;
         let patch_positions = emb
             .get((grid * grid, d), "position_embedding.weight")?
             .broadcast_add(&emb.get(d, "patch_embedding.bias")?)?
