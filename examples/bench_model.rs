@@ -170,6 +170,15 @@ fn bench_blip(tag: &str, iters: usize, dir: PathBuf) -> Result<(), Box<dyn std::
     Ok(())
 }
 
+/// `DTYPE` from the environment, as the worker reads it; `auto` when unset.
+fn dtype_from_env() -> Result<DtypeChoice, Box<dyn std::error::Error>> {
+    Ok(std::env::var("DTYPE")
+        .ok()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or_default())
+}
+
 fn bench_infer(
     kind: ModelType,
     tag: &str,
@@ -181,13 +190,15 @@ fn bench_infer(
     let settings = ModelSettings {
         model_type: kind,
         model_path: Some(dir),
+        dtype: dtype_from_env()?,
         ..ModelSettings::default()
     };
     let mut model = load_model(&settings)?;
     p(format!(
-        "loaded in {:.0} ms on {}",
+        "loaded in {:.0} ms on {} dtype={}",
         t.elapsed().as_secs_f64() * 1000.0,
-        model.info().device
+        model.info().device,
+        model.info().dtype
     ));
     let frame = frame_640x480()?;
     let prompt = PromptRef {
@@ -237,11 +248,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
     let settings = ModelSettings {
         model_path: Some(dir.clone()),
-        dtype: std::env::var("DTYPE")
-            .ok()
-            .map(|s| s.parse())
-            .transpose()?
-            .unwrap_or_default(),
+        dtype: dtype_from_env()?,
         ..ModelSettings::default()
     };
     let mut model = ClipModel::load(&ModelFiles::from_dir(&dir)?, device.clone(), &settings)?;

@@ -13,8 +13,9 @@
 #                  machine (scripts/lib.sh use_fast_build: mkl on x86_64), unless
 #                  FREE_ROAM_PLAIN_BUILD=1
 #   DTYPE          auto (default), f32 or bf16 for the candle side's image tower
-#   BENCH_PT_DTYPE f32 or bf16: also run scripts/bench-clip-pt.py (PyTorch, bf16 under
-#                  autocast) alternately with the candle side
+#   BENCH_PT_DTYPE f32 or bf16: for clip, also run scripts/bench-clip-pt.py (PyTorch, bf16
+#                  under autocast) alternately with the candle side; for siglip and owlvit,
+#                  the precision scripts/bench-presence-pt.py runs in
 #   BENCH_PT       path to a PyTorch reference script taking a tag argument and ITERS from the
 #                  environment (the peers' bench_pt.py); unset: candle only
 #   PYTHON         the interpreter that has torch and transformers (default: python3)
@@ -49,7 +50,8 @@ if [[ "$kind" != clip ]]; then
         if [[ -n "${BENCH_PT:-}" && "$kind" == blip ]]; then
             "$python" scripts/bench-blip-pt.py "$dir" "pass$pass" "$iters" | grep '^\[torch'
         elif [[ -n "${BENCH_PT:-}" ]]; then
-            "$python" "$pt" "$kind" "$dir" "pass$pass" "$iters" | grep '^\[torch'
+            "$python" "$pt" "$kind" "$dir" "pass$pass" "$iters" "${BENCH_PT_DTYPE:-f32}" \
+                | grep '^\[torch'
         fi
     done
     exit 0

@@ -5,11 +5,14 @@
 640x480 frame (the same pixels), the image tower, and the scores against the text
 embeddings of "Detect all people and vehicles" computed once beforehand (the candle side
 caches them per prompt); for OWL-ViT also the class and box heads on every patch token and
-`post_process_object_detection` at 0.1. Batch 1 and 4, on 2 threads.
+`post_process_object_detection` at 0.1. Batch 1 and 4, on 2 threads. With `bf16` last,
+the model runs under `torch.autocast("cpu", dtype=torch.bfloat16)`: the reference for the
+candle side's `DTYPE=bf16`.
 
-    python scripts/bench-presence-pt.py siglip|owlvit MODEL_DIR [TAG] [ITERS]
+    python scripts/bench-presence-pt.py siglip|owlvit MODEL_DIR [TAG] [ITERS] [f32|bf16]
 """
 
+import contextlib
 import statistics
 import sys
 import time
@@ -31,10 +34,17 @@ def main():
     model_dir = Path(sys.argv[2])
     tag = sys.argv[3] if len(sys.argv) > 3 else "run"
     iters = int(sys.argv[4]) if len(sys.argv) > 4 else 10
+    dtype = sys.argv[5] if len(sys.argv) > 5 else "f32"
     torch.set_num_threads(2)
+    name = kind if dtype == "f32" else f"{kind}-{dtype}"
 
     def say(msg):
-        print(f"[torch-{kind} {tag}] {msg}", flush=True)
+        print(f"[torch-{name} {tag}] {msg}", flush=True)
+
+    def precision():
+        if dtype == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     t0 = time.perf_counter()
     tok = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -96,7 +106,11 @@ def main():
         def step():
             with torch.no_grad():
                 pixels = processor(images=[frame] * bs, return_tensors="pt").pixel_values
-                return run(pixels)
+                with precision():
+                    out = run(pixels)
+                if kind == "siglip":
+                    out = out.float()
+                return out
 
         step()
         times = []

@@ -39,14 +39,20 @@ ensure_rtsp_server() {
   done
 }
 
-ensure_tools() {
+# ensure_run_tools: what building and running a worker against a local Redis needs
+# (scripts/demo); ensure_tools adds what the tests and benchmarks serve or sign with.
+ensure_run_tools() {
   ensure_command redis-server redis-server
   ensure_command redis-cli redis-tools
   ensure_command ffmpeg ffmpeg
+  ensure_build_tools
+}
+
+ensure_tools() {
+  ensure_run_tools
   # tests/security.rs makes its test CA and certificates with it.
   ensure_command openssl openssl
   ensure_rtsp_server
-  ensure_build_tools
 }
 
 # ensure_build_tools: what building the worker needs.

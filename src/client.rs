@@ -171,7 +171,11 @@ async fn read_after(
         cmd.arg("BLOCK").arg(ms.min(MAX_BLOCK_MS));
     }
     cmd.arg("STREAMS").arg(key).arg(after);
-    let reply: Option<Vec<(String, Vec<ResultRecord>)>> = store.query(&cmd).await?;
+    let reply: Option<Vec<(String, Vec<ResultRecord>)>> = if block_ms.is_some() {
+        store.query_blocking(&cmd).await?
+    } else {
+        store.query(&cmd).await?
+    };
     Ok(reply
         .and_then(|streams| streams.into_iter().next())
         .map(|(_, entries)| entries)

@@ -220,7 +220,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "RECLAIM_INTERVAL_MS",
         Some("1000"),
-        "How often a worker looks for entries to reclaim (idle past JOB_LEASE_MS, or handed back).",
+        "How often a worker looks for entries to reclaim (idle past JOB_LEASE_MS, or handed back); below JOB_LEASE_MS.",
     ),
     s(
         "MAX_ATTEMPTS",
@@ -750,7 +750,19 @@ impl Config {
             max_new_tokens: r.count("MAX_NEW_TOKENS", 1)?,
             openai,
             max_concurrent_streams: r.count("MAX_CONCURRENT_STREAMS", 1)?,
-            reclaim_interval: r.millis("RECLAIM_INTERVAL_MS", 50)?,
+            reclaim_interval: {
+                // A worker calls in once per pass: passes a lease apart would read as the
+                // server's outage and hold reclaiming for good (fr_job_reclaim).
+                let interval = r.millis("RECLAIM_INTERVAL_MS", 50)?;
+                if interval >= job_lease {
+                    return Err(Reader::err(
+                        "RECLAIM_INTERVAL_MS",
+                        &r.string("RECLAIM_INTERVAL_MS"),
+                        "a whole number of milliseconds, at least 50 and below JOB_LEASE_MS",
+                    ));
+                }
+                interval
+            },
             job_lease,
             max_attempts: r.parse("MAX_ATTEMPTS", "a whole number, at least 1", |v: &u32| {
                 *v >= 1

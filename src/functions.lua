@@ -83,6 +83,25 @@ local function hset_from(jk, args, first)
   end
 end
 
+-- Records that a worker called in (renewed leases or looked for work) and says whether
+-- entries may be reclaimed now. Every live worker calls in at least once per quiet_ms, so a
+-- longer gap in which nobody did means the server was away (restarting, paused,
+-- unreachable), not that its workers died: reclaiming is then held for one lease, so that
+-- live owners renew their leases first and an outage costs no job an attempt.
+local function fleet_call_in(tag, quiet_ms, lease_ms)
+  local k = tag .. ':fleet'
+  local now = now_ms()
+  local v = redis.call('HMGET', k, 'seen_ms', 'reclaim_after_ms')
+  local seen, after = tonumber(v[1]), tonumber(v[2]) or 0
+  if seen and now - seen > quiet_ms then
+    after = now + lease_ms
+    redis.call('HSET', k, 'seen_ms', now, 'reclaim_after_ms', after, 'last_gap_ms', now - seen)
+  else
+    redis.call('HSET', k, 'seen_ms', now)
+  end
+  return now >= after
+end
+
 local function owner_of(tag, entry_id)
   local p = redis.call('XPENDING', tag .. ':jobs', GROUP, entry_id, entry_id, 1)
   if #p == 0 then return nil, 0 end
@@ -219,14 +238,16 @@ local function fr_job_reject(keys, args)
   return final_reply('failed', jk)
 end
 
--- fr_job_heartbeat KEY=tag ARGV: worker, entry_id, job_id, entry_id, job_id, ...
+-- fr_job_heartbeat KEY=tag ARGV: worker, quiet_ms, lease_ms, entry_id, job_id, entry_id,
+-- job_id, ...
 -- Renews the lease on each entry this worker still owns (XCLAIM ... JUSTID resets its idle
 -- time without counting a delivery). Returns one verdict per job: 'ok', 'lost' (someone
 -- else owns it: stop, do not steal it back) or 'cancel' (fr_cancel asked it to stop).
 local function fr_job_heartbeat(keys, args)
   local tag, worker = keys[1], args[1]
+  fleet_call_in(tag, tonumber(args[2]), tonumber(args[3]))
   local out = {}
-  for i = 2, #args, 2 do
+  for i = 4, #args, 2 do
     local entry_id, job_id = args[i], args[i + 1]
     local owner = owner_of(tag, entry_id)
     local jk = tag .. ':job:' .. job_id
@@ -244,6 +265,27 @@ local function fr_job_heartbeat(keys, args)
     end
   end
   return out
+end
+
+-- fr_job_reclaim KEY=tag ARGV: worker, quiet_ms, lease_ms, count
+-- Takes over up to `count` entries that another worker has left idle past lease_ms (its
+-- owner died, or handed it back), counting a delivery each, and returns them as XCLAIM does:
+-- {{entry_id, {field, value, ...}}, ...}. This worker's own entries are never taken, and
+-- none are while reclaiming is held after an outage (fleet_call_in).
+local function fr_job_reclaim(keys, args)
+  local tag, worker = keys[1], args[1]
+  local lease_ms, count = tonumber(args[3]), tonumber(args[4])
+  if not fleet_call_in(tag, tonumber(args[2]), lease_ms) then return {} end
+  local jobs = tag .. ':jobs'
+  -- Own entries idle past the lease (renewed within a tick of an outage) can fill the
+  -- first rows: ask for more than will be taken.
+  local idle = redis.call('XPENDING', jobs, GROUP, 'IDLE', lease_ms, '-', '+', count * 2 + 8)
+  local ids = {}
+  for _, p in ipairs(idle) do
+    if p[2] ~= worker and #ids < count then table.insert(ids, p[1]) end
+  end
+  if #ids == 0 then return {} end
+  return redis.call('XCLAIM', jobs, GROUP, worker, lease_ms, unpack(ids))
 end
 
 -- Whether this worker's own end of the job is already recorded: the entry is no longer
@@ -445,6 +487,7 @@ redis.register_function('fr_submit', fr_submit)
 redis.register_function('fr_job_claim', fr_job_claim)
 redis.register_function('fr_job_reject', fr_job_reject)
 redis.register_function('fr_job_heartbeat', fr_job_heartbeat)
+redis.register_function('fr_job_reclaim', fr_job_reclaim)
 redis.register_function('fr_job_finish', fr_job_finish)
 redis.register_function('fr_job_ack', fr_job_ack)
 redis.register_function('fr_job_end', fr_job_end)

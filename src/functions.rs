@@ -221,19 +221,45 @@ pub async fn reject(
     Ok(ClaimVerdict::from_reply(reply))
 }
 
+/// How a worker calls in to the fleet's clock (`fleet_call_in` in functions.lua): a gap
+/// longer than `quiet_ms` in which no worker called in is taken for a server outage, and
+/// holds reclaiming for `lease_ms`.
+#[derive(Clone, Copy, Debug)]
+pub struct CallIn {
+    pub quiet_ms: u64,
+    pub lease_ms: u64,
+}
+
 /// `fr_job_heartbeat`: renews the leases of `jobs` (entry id, job id), one answer each.
 pub async fn heartbeat(
     store: &Store,
     worker: &str,
+    call_in: CallIn,
     jobs: &[(&str, &str)],
 ) -> StoreResult<Vec<Lease>> {
-    let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&worker];
+    let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&worker, &call_in.quiet_ms, &call_in.lease_ms];
     for (entry_id, job_id) in jobs {
         args.push(entry_id);
         args.push(job_id);
     }
     let reply: Value = store.fcall("fr_job_heartbeat", &args).await?;
     leases(reply, jobs.len())
+}
+
+/// `fr_job_reclaim`: takes over up to `count` entries other workers left idle past the
+/// lease, as XCLAIM returns them; none while reclaiming is held after a server outage.
+pub async fn reclaim(
+    store: &Store,
+    worker: &str,
+    call_in: CallIn,
+    count: usize,
+) -> StoreResult<Value> {
+    store
+        .fcall(
+            "fr_job_reclaim",
+            &[&worker, &call_in.quiet_ms, &call_in.lease_ms, &count],
+        )
+        .await
 }
 
 /// Reads `fr_job_heartbeat`'s reply: exactly one lease word per job asked about.

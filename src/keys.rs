@@ -58,6 +58,11 @@ impl Keys {
     pub fn settings(&self) -> String {
         format!("{}:settings", self.tag)
     }
+    /// When a worker last called in, and how long reclaiming is held after a server outage
+    /// (written by `fr_job_heartbeat` and `fr_job_reclaim`).
+    pub fn fleet(&self) -> String {
+        format!("{}:fleet", self.tag)
+    }
     /// The capped stream of alert start and end events of every job.
     pub fn alerts(&self) -> String {
         format!("{}:alerts", self.tag)

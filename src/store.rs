@@ -204,10 +204,55 @@ impl ConnectionLike for Conn {
     }
 }
 
-/// A pooled Redis handle bound to one key prefix. Cheap to clone.
+/// The connection every request except a blocking read shares. Requests from concurrent
+/// tasks go out pipelined on it, and none pays the pool's check on checkout (an
+/// `UNWATCH`+`PING` round trip), which doubled the round trips of every call.
+#[derive(Clone)]
+enum SharedConn {
+    Node(redis::aio::MultiplexedConnection),
+    Cluster(deadpool_redis::cluster::ClusterConnection),
+}
+
+impl ConnectionLike for SharedConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            SharedConn::Node(c) => c.req_packed_command(cmd),
+            SharedConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipe: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            SharedConn::Node(c) => c.req_packed_commands(pipe, offset, count),
+            SharedConn::Cluster(c) => c.req_packed_commands(pipe, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            SharedConn::Node(c) => c.get_db(),
+            SharedConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A Redis handle bound to one key prefix: one shared multiplexed connection for requests,
+/// and a pool for blocking reads, which would stall everything queued behind them on a
+/// shared connection. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     pool: Pools,
+    /// Made from the pool on first need; dropped when it breaks, so the next request makes
+    /// a fresh one.
+    shared: Arc<std::sync::Mutex<Option<SharedConn>>>,
     keys: Keys,
     /// Requests sent through this handle (a pipeline is one), for benchmarks to count.
     round_trips: Arc<AtomicU64>,
@@ -255,6 +300,7 @@ impl Store {
             .map_err(|e| StoreError::Pool(e.to_string()))?;
         Ok(Self {
             pool: Pools::Node(pool),
+            shared: Arc::default(),
             keys: Keys::new(key_prefix),
             round_trips: Arc::new(AtomicU64::new(0)),
         })
@@ -280,6 +326,7 @@ impl Store {
             .map_err(|e| StoreError::Pool(e.to_string()))?;
         Ok(Self {
             pool: Pools::Cluster(pool),
+            shared: Arc::default(),
             keys: Keys::new(key_prefix),
             round_trips: Arc::new(AtomicU64::new(0)),
         })
@@ -318,7 +365,8 @@ impl Store {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A connection from the pool; hold it only for one exchange (or one blocking read).
+    /// A connection of its own from the pool, for a blocking read; hold it only for that
+    /// one exchange. Everything else goes through [`Store::query`] and [`Store::pipe`].
     pub async fn conn(&self) -> StoreResult<Conn> {
         Ok(match &self.pool {
             Pools::Node(p) => Conn::Node(p.get().await?),
@@ -326,20 +374,60 @@ impl Store {
         })
     }
 
-    /// Runs one command on a pooled connection.
+    /// The shared connection, made from the pool when there is none.
+    async fn shared(&self) -> StoreResult<SharedConn> {
+        if let Some(conn) = self.lock_shared().clone() {
+            return Ok(conn);
+        }
+        let fresh = match self.conn().await? {
+            Conn::Node(c) => SharedConn::Node(deadpool_redis::Connection::take(c)),
+            Conn::Cluster(c) => SharedConn::Cluster(deadpool_redis::cluster::Connection::take(c)),
+        };
+        Ok(self.lock_shared().get_or_insert(fresh).clone())
+    }
+
+    fn lock_shared(&self) -> std::sync::MutexGuard<'_, Option<SharedConn>> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops the shared connection after a failure that says it is broken (the server went
+    /// away, a reply timed out) or that its Cluster slot map is stale.
+    fn check_shared<T>(&self, reply: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if let Err(e) = &reply
+            && (e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_timeout()
+                || is_stale_route(e))
+        {
+            self.lock_shared().take();
+        }
+        reply
+    }
+
+    /// Runs one command on the shared connection. Not for a blocking read: see
+    /// [`Store::query_blocking`].
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> StoreResult<T> {
+        let mut conn = self.shared().await?;
+        self.count_trip();
+        let reply = cmd.query_async(&mut conn).await;
+        Ok(self.check_shared(reply)?)
+    }
+
+    /// Runs a blocking read (`XREADGROUP`/`XREAD` with `BLOCK`) on a connection of its own.
+    pub async fn query_blocking<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> StoreResult<T> {
         let mut conn = self.conn().await?;
         self.count_trip();
         let reply = cmd.query_async(&mut conn).await;
         Ok(drop_if_stale(conn, reply)?)
     }
 
-    /// Runs a pipeline on a pooled connection.
+    /// Runs a pipeline on the shared connection.
     pub async fn pipe<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> StoreResult<T> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.shared().await?;
         self.count_trip();
         let reply = pipe.query_async(&mut conn).await;
-        Ok(drop_if_stale(conn, reply)?)
+        Ok(self.check_shared(reply)?)
     }
 
     /// Round trip time of a `PING`.
@@ -377,9 +465,9 @@ impl Store {
         for a in args {
             a.write_to(&mut cmd);
         }
-        let mut conn = self.conn().await?;
+        let mut conn = self.shared().await?;
         self.count_trip();
-        match cmd.query_async(&mut conn).await {
+        match self.check_shared(cmd.query_async(&mut conn).await) {
             Err(e) if e.code() == Some("ERR") => {
                 // A missing function is a plain ERR, like a script's own errors: ask the
                 // server whether the library is there rather than read the message.
@@ -390,7 +478,7 @@ impl Store {
                 self.count_trip();
                 self.count_trip();
                 load_functions_on(&mut conn).await?;
-                Ok(cmd.query_async(&mut conn).await?)
+                Ok(self.check_shared(cmd.query_async(&mut conn).await)?)
             }
             other => Ok(other?),
         }

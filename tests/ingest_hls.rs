@@ -191,6 +191,43 @@ async fn a_live_playlist_is_followed_from_its_edge_as_it_grows_and_ends_with_its
     assert!(frames.windows(2).all(|w| w[0] < w[1]), "{frames:?}");
 }
 
+/// Segments cut short (the server declares their length and closes early) still give the
+/// frames they hold, and the job's progress hash says that the stream is damaged and how.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_segments_are_told_in_the_jobs_note() {
+    let dir = TempDir::new("trunc");
+    make_vod(&dir.0, 10);
+    for i in 2..4 {
+        std::fs::write(dir.0.join(format!("vod{i}.truncate")), "").unwrap();
+    }
+    publish_live(&dir.0, 3, false);
+    let server = FileServer::start(&dir.0).await;
+    let h = Harness::new(model(), &[]);
+    let spec = h.spec(&[
+        ("stream_ref", &server.url("live.m3u8")),
+        ("fps", "2"),
+        ("job_id", "trunc"),
+    ]);
+    let job = h.start(spec, ResumeState::default());
+    server.wait_request("vod2.ts").await;
+    publish_live(&dir.0, 5, false);
+    server.wait_request("vod4.ts").await;
+    let start = std::time::Instant::now();
+    let note = loop {
+        let hash = h.job_hash("trunc").await;
+        if let Some(note) = hash.get("note").filter(|n| n.starts_with("stream damaged")) {
+            break note.clone();
+        }
+        assert!(start.elapsed() < LONG, "no damage note: {hash:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(note.contains("Stream ends prematurely"), "{note}");
+    // The frames the stream still gives are answered.
+    h.wait_results("trunc", 2, LONG).await;
+    job.stop.stop(StopReason::Cancelled);
+    let _ = job.finish(LONG).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_vanishes_is_retried_then_fails_with_what_ffmpeg_said() {
     let dir = TempDir::new("vanish");

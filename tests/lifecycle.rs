@@ -882,6 +882,129 @@ async fn a_redis_restart_under_a_running_worker_loses_nothing() {
     w.stop().await;
 }
 
+/// A Redis outage longer than the lease, paused and then down, is the server's fault, not
+/// the workers': the other worker reclaims nothing, and the running job keeps its worker and
+/// its one attempt (before, each such outage counted a delivery towards MAX_ATTEMPTS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outage_longer_than_the_lease_moves_no_job_and_counts_no_attempt() {
+    let mut redis = TestRedis::start();
+    let p = unique_prefix();
+    let lease = [("JOB_LEASE_MS", "1000")];
+    let a = InProcessWorker::start(&redis, &p, "a", &lease);
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:100:50"), ("job_id", "steady")],
+    );
+    eventually(WAIT, "the job running on a", || {
+        frames_of(&redis, &p, "steady").len() >= 3
+    })
+    .await;
+    let b = InProcessWorker::start(&redis, &p, "b", &lease);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    redis.pause(Duration::from_millis(2500));
+    let before = frames_of(&redis, &p, "steady").len();
+    eventually(WAIT, "the job going on after the pause", || {
+        frames_of(&redis, &p, "steady").len() >= before + 5
+    })
+    .await;
+    redis.down_for(Duration::from_millis(2500));
+
+    let end = wait_end(&redis, &p, "steady").await;
+    assert_eq!(end["status"], "completed");
+    let job = redis.hgetall(&keys(&p).job("steady"));
+    assert_eq!(
+        (job["worker"].as_str(), job["attempts"].as_str()),
+        ("a", "1")
+    );
+    assert_eq!(b.metrics.jobs_reclaimed.get(), 0, "b took nothing over");
+    assert_eq!(a.metrics.leases_lost.get(), 0, "a lost no lease");
+    let gap: u64 = redis
+        .hget(&keys(&p).fleet(), "last_gap_ms")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(gap >= 2000, "the outage was seen as one: {gap} ms");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The fleet's clock: a worker's own idle entry is never reclaimed by itself, another's is
+/// once the fleet has been calling in, and after a silence longer than the quiet time
+/// nothing is for one lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reclaiming_waits_a_lease_after_the_fleet_was_silent() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    load_functions(&redis, &p).await;
+    let store = Store::new(&redis.url(), &p, 4).unwrap();
+    store.ensure_group().await.unwrap();
+    let entry = xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:1:1"), ("job_id", "idle")],
+    );
+    let jobs = keys(&p).jobs();
+    redis.cli(&[
+        "XREADGROUP",
+        "GROUP",
+        "workers",
+        "a",
+        "COUNT",
+        "1",
+        "STREAMS",
+        &jobs,
+        ">",
+    ]);
+    // Idle for a minute as far as the server can tell.
+    redis.cli(&[
+        "XCLAIM", &jobs, "workers", "a", "0", &entry, "IDLE", "60000", "JUSTID",
+    ]);
+    let call_in = functions::CallIn {
+        quiet_ms: 300,
+        lease_ms: 1000,
+    };
+    let claimed = |reply: redis::Value| {
+        free_roam::queue::entries::parse_entry_list(&reply)
+            .into_iter()
+            .map(|e| e.id)
+            .collect::<Vec<_>>()
+    };
+    // The first call ever finds no clock to compare with: nothing is held.
+    let own = functions::reclaim(&store, "a", call_in, 5).await.unwrap();
+    assert!(claimed(own).is_empty(), "its own entry is never taken");
+    // A silence longer than quiet_ms: held for the lease, then taken.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = functions::reclaim(&store, "b", call_in, 5).await.unwrap();
+    assert!(claimed(held).is_empty(), "held after the silence");
+    let reply = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let reply = functions::reclaim(&store, "b", call_in, 5).await.unwrap();
+        if !claimed(reply.clone()).is_empty() {
+            break reply;
+        }
+    };
+    assert_eq!(claimed(reply), vec![entry.clone()]);
+    let held_ms: i64 = redis
+        .hget(&keys(&p).fleet(), "reclaim_after_ms")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        free_roam::store::now_ms() >= held_ms,
+        "taken only after the hold"
+    );
+    // b's claim counted a delivery: the one the attempt count reads.
+    let pending = redis.cli(&["XPENDING", &jobs, "workers", "-", "+", "1"]);
+    let fields: Vec<&str> = pending.lines().collect();
+    assert_eq!(
+        (fields[1], fields[3]),
+        ("b", "2"),
+        "owner and deliveries: {pending}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn prompt_functions_version_and_keep_history() {
     let redis = TestRedis::start();

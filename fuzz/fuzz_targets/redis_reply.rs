@@ -5,7 +5,7 @@
 use free_roam::functions::ClaimVerdict;
 use free_roam::fuzzing::function_replies;
 use free_roam::job::JobSpec;
-use free_roam::queue::entries::{parse_autoclaim_reply, parse_read_reply};
+use free_roam::queue::entries::{parse_entry_list, parse_read_reply};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(end) = r.end {
         assert!(end.status.is_terminal());
     }
-    let (_cursor, claimed) = parse_autoclaim_reply(&reply);
+    let claimed = parse_entry_list(&reply);
     for entry in parse_read_reply(&reply).into_iter().chain(claimed) {
         let _ = JobSpec::parse(&entry.id, &entry.fields, 2.0, || "generated".into());
     }

@@ -208,7 +208,7 @@ def main():
             "xreadgroup": b"\x00" + resp([["{fr}:jobs", [["1-0", ["stream_ref", "x", "fps", "2"]],
                                                          ["2-0", None],
                                                          ["3-0", ["job_id", b"\xff", "odd"]]]]]),
-            "xautoclaim": b"\x00" + resp(["0-0", [["1-0", ["stream_ref", "redis://f"]]], []]),
+            "xclaim": b"\x00" + resp([["1-0", ["stream_ref", "redis://f"]], ["2-0", None]]),
             "resp3-map": b"\x00%1\r\n$4\r\njobs\r\n*1\r\n*2\r\n$3\r\n1-0\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n",
             "nested-100000": b"\x00" + b"*1\r\n" * 100_000 + b":1\r\n",
             "bulk-1mib": b"\x00" + resp(["run", "x" * MIB]),

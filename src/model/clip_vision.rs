@@ -7,14 +7,15 @@
 //! - Query, key and value come from one fused projection, with the attention scale folded
 //!   into the query weights once at load.
 //! - Bias, residual and the GELU are folded into the linear layers' products
-//!   ([`FusedLinear`]), and the softmax is one vectorised pass ([`cpu_kernels`]) on the CPU.
+//!   ([`FusedLinear`]), the softmax is one vectorised pass ([`cpu_kernels`]) on the CPU,
+//!   and attention's products over every image and head are one call ([`batched_matmul`]).
 //! - For CLIP's pooled output ([`Module::forward`]), the last layer computes only the class
 //!   token's row after attention: it is all the pooled output reads, so the other 49 rows
 //!   of the last MLP would be thrown away. OWL-ViT and SigLIP's pooling head read every
 //!   token ([`VisionTower::forward_tokens`]).
 
-use super::cpu_kernels;
 use super::fused_linear::{Activation, FusedLinear, MatmulPrecision};
+use super::{batched_matmul, cpu_kernels};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use candle_transformers::models::clip::vision_model::ClipVisionConfig;
@@ -94,8 +95,10 @@ impl EncoderLayer {
         } else {
             (x.clone(), n)
         };
-        let weights = cpu_kernels::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let attended = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, rows, d))?;
+        let weights = cpu_kernels::softmax_last_dim(&batched_matmul::matmul_t(&q, &k)?)?;
+        let attended = batched_matmul::matmul(&weights, &v)?
+            .transpose(1, 2)?
+            .reshape((b, rows, d))?;
         let x = self.out_proj.forward_add(&attended, &residual)?;
         let h = self
             .fc1

@@ -10,6 +10,7 @@
 //! Only this module (and its children) may import candle. Concrete backends are chosen by
 //! `MODEL_TYPE` and wired in the binary.
 
+pub mod batched_matmul;
 pub mod blip;
 pub mod blip_net;
 pub mod clip;

@@ -26,7 +26,6 @@ use super::clip::{
     layer_norm_specs, linear_specs, round6,
 };
 use super::clip_vision::VisionTower;
-use super::cpu_kernels;
 use super::fused_linear::{Activation, FusedLinear, MatmulPrecision};
 use super::load::{
     ModelFiles, ModelSettings, ModelType, TensorSpec, Weights, device_name, read_config,
@@ -35,6 +34,7 @@ use super::load::{
 use super::preprocess::Preprocessor;
 use super::tokenizer::{self, SIGLIP_EOS};
 use super::{Frame, ModelError, ModelInfo, PromptRef, VisionLanguageModel};
+use super::{batched_matmul, cpu_kernels};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use candle_transformers::models::siglip;
@@ -234,8 +234,10 @@ impl PoolingHead {
             .query
             .broadcast_as((b, self.heads, 1, hd))?
             .contiguous()?;
-        let weights = cpu_kernels::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let attended = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, 1, d))?;
+        let weights = cpu_kernels::softmax_last_dim(&batched_matmul::matmul_t(&q, &k)?)?;
+        let attended = batched_matmul::matmul(&weights, &v)?
+            .transpose(1, 2)?
+            .reshape((b, 1, d))?;
         let x = self.out_proj.forward(&attended)?;
         let h = self
             .fc1

@@ -1,4 +1,4 @@
-//! Reads stream entries out of raw `XREADGROUP` / `XAUTOCLAIM` replies, keeping field names
+//! Reads stream entries out of raw `XREADGROUP` / `XCLAIM` replies, keeping field names
 //! and values as bytes so that a field that is not UTF-8 becomes a clear job error rather
 //! than a failed read.
 
@@ -73,17 +73,6 @@ pub fn parse_read_reply(v: &Value) -> Vec<Entry> {
     }
 }
 
-/// Parses an `XAUTOCLAIM` reply: the next cursor and the claimed entries.
-pub fn parse_autoclaim_reply(v: &Value) -> (String, Vec<Entry>) {
-    let parts = items(v);
-    let cursor = parts
-        .first()
-        .and_then(string)
-        .unwrap_or_else(|| "0-0".into());
-    let entries = parts.get(1).map(parse_entry_list).unwrap_or_default();
-    (cursor, entries)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,17 +106,16 @@ mod tests {
     }
 
     #[test]
-    fn reads_autoclaim_cursor_and_entries() {
-        let reply = Value::Array(vec![
-            bs(b"5-0"),
-            Value::Array(vec![Value::Array(vec![
-                bs(b"3-0"),
-                Value::Array(vec![bs(b"stream_ref"), bs(b"x")]),
-            ])]),
-            Value::Array(vec![]),
-        ]);
-        let (cursor, entries) = parse_autoclaim_reply(&reply);
-        assert_eq!(cursor, "5-0");
+    fn reads_an_xclaim_reply() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            bs(b"3-0"),
+            Value::Array(vec![bs(b"stream_ref"), bs(b"x")]),
+        ])]);
+        let entries = parse_entry_list(&reply);
         assert_eq!(entries[0].id, "3-0");
+        assert_eq!(
+            entries[0].fields,
+            vec![(b"stream_ref".to_vec(), b"x".to_vec())]
+        );
     }
 }

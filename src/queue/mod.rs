@@ -6,7 +6,7 @@
 pub mod entries;
 
 use crate::config::Config;
-use crate::functions::{self, ClaimVerdict, FinalWhy, Lease, Ownership, Retention};
+use crate::functions::{self, CallIn, ClaimVerdict, FinalWhy, Lease, Ownership, Retention};
 use crate::job::{
     BodyOutcome, JobBody, JobContext, JobFailure, JobField, JobSpec, JobStatus, PromptFollow,
     ResumeState, StopReason, StopSignal,
@@ -14,9 +14,9 @@ use crate::job::{
 use crate::keys::WORKER_GROUP;
 use crate::metrics::Metrics;
 use crate::model::{BackendHealth, PromptRef};
-use crate::results::{ResultSink, saved_progress, write_end};
+use crate::results::{ResultSink, SavedProgress, saved_progress, write_end};
 use crate::store::{Backoff, MAX_BLOCK_MS, Store, StoreError, StoreResult, now_ms};
-use entries::{Entry, parse_autoclaim_reply, parse_read_reply};
+use entries::{Entry, parse_entry_list, parse_read_reply};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -337,7 +337,7 @@ impl Worker {
                 .arg("STREAMS")
                 .arg(self.store.keys().jobs())
                 .arg(">");
-            match self.store.query::<redis::Value>(&cmd).await {
+            match self.store.query_blocking::<redis::Value>(&cmd).await {
                 Ok(reply) => {
                     backoff.reset();
                     self.state.redis_ok();
@@ -394,11 +394,27 @@ impl Worker {
         }
     }
 
+    /// The heartbeat's period: several per lease, so that one late renewal loses nothing.
+    fn heartbeat_tick(&self) -> Duration {
+        HEARTBEAT_INTERVAL.min(self.config.job_lease / 3)
+    }
+
+    /// How this worker calls in to the fleet's clock: a live worker calls in at least once
+    /// per reclaim interval and heartbeat tick, so a fleet-wide silence twice that long (or
+    /// longer than a lease) was the server's outage, not its workers' deaths.
+    fn call_in(&self) -> CallIn {
+        let quiet =
+            (self.config.reclaim_interval * 2 + self.heartbeat_tick()).min(self.config.job_lease);
+        CallIn {
+            quiet_ms: quiet.as_millis() as u64,
+            lease_ms: self.config.job_lease.as_millis() as u64,
+        }
+    }
+
     /// Entries idle past the lease (their owner died or handed them back) are taken over,
     /// on a timer, whatever this worker's load: a full fleet must still recover dead jobs.
     /// When full it takes one per pass, up to twice its capacity.
     async fn reclaim_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut cursor = "0-0".to_string();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.config.reclaim_interval) => {}
@@ -410,23 +426,9 @@ impl Worker {
                 continue;
             }
             let count = cap.saturating_sub(running).max(1);
-            let mut cmd = redis::cmd("XAUTOCLAIM");
-            cmd.arg(self.store.keys().jobs())
-                .arg(WORKER_GROUP)
-                .arg(&self.identity.id)
-                .arg(self.config.job_lease.as_millis() as u64)
-                .arg(&cursor)
-                .arg("COUNT")
-                .arg(count);
-            match self.store.query::<redis::Value>(&cmd).await {
+            match functions::reclaim(&self.store, &self.identity.id, self.call_in(), count).await {
                 Ok(reply) => {
-                    let (next, entries) = parse_autoclaim_reply(&reply);
-                    cursor = next;
-                    for entry in entries {
-                        if self.state.lock_running().contains_key(&entry.id) {
-                            // Our own entry whose lease lapsed (Redis was away): keep running it.
-                            continue;
-                        }
+                    for entry in parse_entry_list(&reply) {
                         if shutdown.is_cancelled() {
                             self.hand_back_unstarted(&entry).await;
                             continue;
@@ -479,11 +481,18 @@ impl Worker {
         };
         match verdict {
             ClaimVerdict::Run { attempt } => {
-                let Some(saved) = self
-                    .with_retry(|| saved_progress(&self.store, &spec.job_id))
-                    .await
-                else {
-                    return;
+                // An entry read new from the stream was never delivered before, so no worker
+                // saved progress for it: only a reclaimed one needs the read.
+                let saved = if reclaimed || attempt > 1 {
+                    let Some(saved) = self
+                        .with_retry(|| saved_progress(&self.store, &spec.job_id))
+                        .await
+                    else {
+                        return;
+                    };
+                    saved
+                } else {
+                    SavedProgress::default()
                 };
                 if let Some(status) = saved.ended {
                     // The last owner wrote the end entry but stopped before the ack.
@@ -843,7 +852,7 @@ impl Worker {
     }
 
     async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
-        let tick = HEARTBEAT_INTERVAL.min(self.config.job_lease / 3);
+        let tick = self.heartbeat_tick();
         let mut last_prune = Instant::now();
         loop {
             self.heartbeat_once().await;
@@ -867,7 +876,7 @@ impl Worker {
                 .iter()
                 .map(|(entry_id, job)| (entry_id.as_str(), job.job_id.as_str()))
                 .collect();
-            match functions::heartbeat(&self.store, &self.identity.id, &ids).await {
+            match functions::heartbeat(&self.store, &self.identity.id, self.call_in(), &ids).await {
                 Ok(leases) => {
                     for ((_, job), lease) in jobs.iter().zip(leases) {
                         match lease {

@@ -63,6 +63,18 @@ struct RunLog {
     last: VecDeque<String>,
     /// A transport or demuxer error (not a decoder hiccup): the stream did not end cleanly.
     transport_error: bool,
+    /// Transport errors ffmpeg read past (a segment cut short, a failed reload), and the
+    /// last one: a stream that keeps going but is damaged.
+    transport_errors: u64,
+    last_transport_error: Option<String>,
+}
+
+/// The note a job's progress hash shows for a stream that had transport errors while it
+/// went on (`errors` so far in this job, `last` the latest line): its frames may be fewer
+/// than the stream should give, and nothing else would say so.
+fn damage_note(errors: u64, last: &str) -> String {
+    let last = crate::redact::redact_url(last);
+    format!("stream damaged: {errors} transport errors so far, the last: {last}")
 }
 
 /// A stderr line, split into its context (`hls`, `http`, ...), level and text.
@@ -181,11 +193,15 @@ async fn read_stderr(
         }
         if matches!(l.level, "warning" | "error" | "fatal" | "panic") {
             let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-            log.transport_error |= is_transport_error(&l);
             let text = match l.context {
                 Some(c) => format!("{c}: {}", l.text),
                 None => l.text.to_string(),
             };
+            if is_transport_error(&l) {
+                log.transport_error = true;
+                log.transport_errors += 1;
+                log.last_transport_error = Some(text.clone());
+            }
             if log.last.len() == KEPT_LINES {
                 log.last.pop_front();
             }
@@ -399,8 +415,9 @@ pub(crate) async fn run(job: HlsJob, slot: Arc<Slot>, cancel: CancellationToken)
     let opts = &job.options;
     let mut backoff = Backoff::new(opts.retry_initial, opts.retry_max);
     let mut failures = 0u32;
+    let mut damage = Damage::default();
     loop {
-        let (end, delivered) = run_once(&job, &slot, &cancel, &mut pos).await;
+        let (end, delivered) = run_once(&job, &slot, &cancel, &mut pos, &mut damage).await;
         match end {
             RunEnd::Cancelled => return,
             RunEnd::Fatal(reason) => {
@@ -435,12 +452,34 @@ pub(crate) async fn run(job: HlsJob, slot: Arc<Slot>, cancel: CancellationToken)
     }
 }
 
+/// The transport errors of a job's ffmpeg runs so far, and how many its note has told.
+#[derive(Debug, Default)]
+struct Damage {
+    errors: u64,
+    told: u64,
+}
+
+impl Damage {
+    /// Adds the run's errors not counted yet; `Some(note)` when there are new ones to tell.
+    fn update(&mut self, counted_this_run: &mut u64, log: &RunLog) -> Option<String> {
+        self.errors += log.transport_errors - *counted_this_run;
+        *counted_this_run = log.transport_errors;
+        if self.errors == self.told {
+            return None;
+        }
+        self.told = self.errors;
+        let last = log.last_transport_error.as_deref().unwrap_or("");
+        Some(damage_note(self.errors, last))
+    }
+}
+
 /// One ffmpeg run. Returns how it ended and whether it handed over any frame.
 async fn run_once(
     job: &HlsJob,
     slot: &Slot,
     cancel: &CancellationToken,
     pos: &mut Position,
+    damage: &mut Damage,
 ) -> (RunEnd, bool) {
     let opts = &job.options;
     // A restart of a finished stream picks up after the last frame handed over; a live one
@@ -519,6 +558,7 @@ async fn run_once(
         BufReader::with_capacity(256 * 1024, child.stdout.take().expect("stdout is piped"));
 
     let mut delivered = false;
+    let mut errors_counted = 0u64;
     let mut finished_ms: Option<i64> = None;
     let mut mode_known = false;
     let outcome: Result<(), String> = loop {
@@ -579,6 +619,15 @@ async fn run_once(
         delivered = true;
         slot.counters.decoded.fetch_add(1, Ordering::Relaxed);
         slot.counters.sampled.fetch_add(1, Ordering::Relaxed);
+        // Told with the frames it damaged: a stream going on after a transport error (a
+        // segment cut short) gives fewer frames, and its job says why.
+        let note = damage.update(
+            &mut errors_counted,
+            &log.lock().unwrap_or_else(|e| e.into_inner()),
+        );
+        if let Some(note) = note {
+            slot.note(note);
+        }
         if finished_ms.is_some() {
             tokio::select! {
                 _ = slot.put_wait(frame) => {}
@@ -791,5 +840,41 @@ mod tests {
             let err = read_frame(&mut r).await.unwrap_err();
             assert_eq!(err.to_string(), "frame size out of range");
         }
+    }
+
+    /// A job's damage note counts every run's transport errors once, and is told again only
+    /// when there are new ones.
+    #[test]
+    fn damage_is_told_once_per_new_error_across_runs() {
+        let mut damage = Damage::default();
+        let mut counted = 0;
+        assert_eq!(damage.update(&mut counted, &RunLog::default()), None);
+        let log = RunLog {
+            transport_errors: 2,
+            last_transport_error: Some(
+                "http: Stream ends prematurely at 10490, should be 52452".into(),
+            ),
+            ..Default::default()
+        };
+        let note = damage.update(&mut counted, &log).unwrap();
+        assert!(
+            note.starts_with("stream damaged: 2 transport errors"),
+            "{note}"
+        );
+        assert!(note.ends_with("should be 52452"), "{note}");
+        assert_eq!(damage.update(&mut counted, &log), None, "nothing new");
+        // A new run starts its own count; the job's goes on.
+        let mut counted = 0;
+        let log = RunLog {
+            transport_errors: 1,
+            last_transport_error: Some("http://u:secret@cam/x: Failed to open".into()),
+            ..Default::default()
+        };
+        let note = damage.update(&mut counted, &log).unwrap();
+        assert!(
+            note.starts_with("stream damaged: 3 transport errors"),
+            "{note}"
+        );
+        assert!(!note.contains("secret"), "{note}");
     }
 }

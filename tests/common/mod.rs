@@ -86,6 +86,35 @@ impl TestRedis {
         self.spawn();
     }
 
+    /// Freezes the server (SIGSTOP) for `pause`, then lets it go on (SIGCONT): connections
+    /// stay open and every command sent meanwhile waits, as behind a stalled host.
+    pub fn pause(&self, pause: Duration) {
+        let pid = self
+            .child
+            .as_ref()
+            .expect("a running server")
+            .id()
+            .to_string();
+        let signal = |sig: &str| {
+            let ok = Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill {sig} {pid}");
+        };
+        signal("-STOP");
+        std::thread::sleep(pause);
+        signal("-CONT");
+    }
+
+    /// Kills the server, leaves it down (refusing connections) for `outage`, then starts it
+    /// again on the same port and data.
+    pub fn down_for(&mut self, outage: Duration) {
+        self.stop();
+        std::thread::sleep(outage);
+        self.spawn();
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

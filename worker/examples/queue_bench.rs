@@ -1,7 +1,8 @@
 //! Queue throughput: N jobs pushed with pipelined XADD, consumed by one in-process worker
 //! whose job body does nothing, through the full lifecycle (claim function, lease, end
 //! entry, hash, event, ack and delete). Prints one line in the format the queue peers use:
-//! `SYSTEM jobs=N produce_s=X consume_s=Y jobs_per_s=Z`.
+//! `SYSTEM jobs=N produce_s=X consume_s=Y jobs_per_s=Z`, then the requests the worker sent per
+//! job (counted by the store) and the Redis server's CPU time per job.
 //!
 //! Env: REDIS_URL (or REDIS_PORT), JOBS (default 10000), CONCURRENCY (default 8).
 
@@ -78,6 +79,9 @@ async fn main() {
         },
     ));
     let shutdown = CancellationToken::new();
+    let cpu_start = redis_cpu_s(&store).await;
+    let trips_start = store.round_trips();
+    let mut polls = 0u64;
     let consume_start = Instant::now();
     let handle = tokio::spawn(worker.run(shutdown.clone()));
     loop {
@@ -85,17 +89,24 @@ async fn main() {
             .query(redis::cmd("XLEN").arg(store.keys().jobs()))
             .await
             .expect("xlen");
+        polls += 1;
         if left == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let consume_s = consume_start.elapsed().as_secs_f64();
+    // Requests the worker sent (each command, pipeline or function call one), less this
+    // loop's own polls; and the server's CPU time, less the two INFO calls' share (tiny).
+    let trips = store.round_trips() - trips_start - polls;
+    let cpu_s = redis_cpu_s(&store).await - cpu_start;
     shutdown.cancel();
     let _ = handle.await;
     println!(
-        "free-roam-c{concurrency} jobs={jobs} produce_s={produce_s:.3} consume_s={consume_s:.3} jobs_per_s={:.0}",
-        jobs as f64 / consume_s
+        "free-roam-c{concurrency} jobs={jobs} produce_s={produce_s:.3} consume_s={consume_s:.3} jobs_per_s={:.0} requests_per_job={:.2} redis_cpu_us_per_job={:.1}",
+        jobs as f64 / consume_s,
+        trips as f64 / jobs as f64,
+        cpu_s * 1e6 / jobs as f64
     );
     // Leave nothing behind on a shared server.
     let mut cursor = 0u64;
@@ -122,4 +133,17 @@ async fn main() {
         }
         cursor = next;
     }
+}
+
+/// The server's CPU time so far (`used_cpu_user` + `used_cpu_sys`), in seconds.
+async fn redis_cpu_s(store: &Store) -> f64 {
+    let info: String = store
+        .query(redis::cmd("INFO").arg("cpu"))
+        .await
+        .expect("info");
+    info.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| *k == "used_cpu_user" || *k == "used_cpu_sys")
+        .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+        .sum()
 }
