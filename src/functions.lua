@@ -83,23 +83,28 @@ local function hset_from(jk, args, first)
   end
 end
 
--- Records that a worker called in (renewed leases or looked for work) and says whether
--- entries may be reclaimed now. Every live worker calls in at least once per quiet_ms, so a
--- longer gap in which nobody did means the server was away (restarting, paused,
--- unreachable), not that its workers died: reclaiming is then held for one lease, so that
--- live owners renew their leases first and an outage costs no job an attempt.
+-- Records that a worker called in (renewed leases or looked for work), and returns how much
+-- longer than the lease an entry must now have been idle to be reclaimed: 0, or during a
+-- hold the silence that started it. Every live worker calls in at least once per quiet_ms,
+-- so a longer gap in which nobody did means the server was away (restarting, paused,
+-- unreachable) or every worker was gone. For one lease after such a gap only entries idle
+-- for longer than the gap plus a lease are taken: those whose owner was gone before the
+-- silence (handed back, dead). Live owners renew theirs meanwhile, so an outage costs no
+-- job an attempt.
 local function fleet_call_in(tag, quiet_ms, lease_ms)
   local k = tag .. ':fleet'
   local now = now_ms()
-  local v = redis.call('HMGET', k, 'seen_ms', 'reclaim_after_ms')
-  local seen, after = tonumber(v[1]), tonumber(v[2]) or 0
+  local v = redis.call('HMGET', k, 'seen_ms', 'reclaim_after_ms', 'last_gap_ms')
+  local seen, after, gap = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0
   if seen and now - seen > quiet_ms then
+    gap = now - seen
     after = now + lease_ms
-    redis.call('HSET', k, 'seen_ms', now, 'reclaim_after_ms', after, 'last_gap_ms', now - seen)
+    redis.call('HSET', k, 'seen_ms', now, 'reclaim_after_ms', after, 'last_gap_ms', gap)
   else
     redis.call('HSET', k, 'seen_ms', now)
   end
-  return now >= after
+  if now < after then return gap end
+  return 0
 end
 
 local function owner_of(tag, entry_id)
@@ -271,21 +276,21 @@ end
 -- Takes over up to `count` entries that another worker has left idle past lease_ms (its
 -- owner died, or handed it back), counting a delivery each, and returns them as XCLAIM does:
 -- {{entry_id, {field, value, ...}}, ...}. This worker's own entries are never taken, and
--- none are while reclaiming is held after an outage (fleet_call_in).
+-- after a silence of the whole fleet only those idle for longer still (fleet_call_in).
 local function fr_job_reclaim(keys, args)
   local tag, worker = keys[1], args[1]
   local lease_ms, count = tonumber(args[3]), tonumber(args[4])
-  if not fleet_call_in(tag, tonumber(args[2]), lease_ms) then return {} end
+  local min_idle = lease_ms + fleet_call_in(tag, tonumber(args[2]), lease_ms)
   local jobs = tag .. ':jobs'
   -- Own entries idle past the lease (renewed within a tick of an outage) can fill the
   -- first rows: ask for more than will be taken.
-  local idle = redis.call('XPENDING', jobs, GROUP, 'IDLE', lease_ms, '-', '+', count * 2 + 8)
+  local idle = redis.call('XPENDING', jobs, GROUP, 'IDLE', min_idle, '-', '+', count * 2 + 8)
   local ids = {}
   for _, p in ipairs(idle) do
     if p[2] ~= worker and #ids < count then table.insert(ids, p[1]) end
   end
   if #ids == 0 then return {} end
-  return redis.call('XCLAIM', jobs, GROUP, worker, lease_ms, unpack(ids))
+  return redis.call('XCLAIM', jobs, GROUP, worker, min_idle, unpack(ids))
 end
 
 -- Whether this worker's own end of the job is already recorded: the entry is no longer

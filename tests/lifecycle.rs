@@ -930,9 +930,37 @@ async fn an_outage_longer_than_the_lease_moves_no_job_and_counts_no_attempt() {
     b.stop().await;
 }
 
-/// The fleet's clock: a worker's own idle entry is never reclaimed by itself, another's is
-/// once the fleet has been calling in, and after a silence longer than the quiet time
-/// nothing is for one lease.
+/// `{fr}:events` stays near `EVENTS_MAXLEN` however many jobs come through: 300 submitted
+/// (600 events) with a cap of 50 leave at most the cap and one 100-entry node, the newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_events_stream_stays_near_events_maxlen() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    load_functions(&redis, &p).await;
+    let k = keys(&p);
+    redis.cli(&["HSET", &k.settings(), "events_maxlen", "50"]);
+    let mut con = redis.client().get_connection().unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..300 {
+        pipe.cmd("FCALL")
+            .arg("fr_submit")
+            .arg(1)
+            .arg(k.tag())
+            .arg(format!("capped-{i}"))
+            .arg("stream_ref")
+            .arg("paced:1:1")
+            .ignore();
+    }
+    pipe.query::<()>(&mut con).unwrap();
+    let len: usize = redis.cmd(&["XLEN", &k.events()]);
+    assert!((50..=150).contains(&len), "{len} events kept");
+    let newest = redis.cli(&["XREVRANGE", &k.events(), "+", "-", "COUNT", "1"]);
+    assert!(newest.contains("capped-299"), "{newest}");
+}
+
+/// The fleet's clock: a worker's own idle entry is never reclaimed by itself; after a
+/// silence of the whole fleet, an entry that lapsed in the silence waits one lease while a
+/// handed-back one is taken at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reclaiming_waits_a_lease_after_the_fleet_was_silent() {
     let redis = TestRedis::start();
@@ -940,10 +968,15 @@ async fn reclaiming_waits_a_lease_after_the_fleet_was_silent() {
     load_functions(&redis, &p).await;
     let store = Store::new(&redis.url(), &p, 4).unwrap();
     store.ensure_group().await.unwrap();
-    let entry = xadd(
+    let lapsed = xadd(
         &redis,
         &p,
-        &[("stream_ref", "paced:1:1"), ("job_id", "idle")],
+        &[("stream_ref", "paced:1:1"), ("job_id", "lapsed")],
+    );
+    let handed = xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:1:1"), ("job_id", "handed")],
     );
     let jobs = keys(&p).jobs();
     redis.cli(&[
@@ -952,14 +985,14 @@ async fn reclaiming_waits_a_lease_after_the_fleet_was_silent() {
         "workers",
         "a",
         "COUNT",
-        "1",
+        "2",
         "STREAMS",
         &jobs,
         ">",
     ]);
-    // Idle for a minute as far as the server can tell.
+    // Handed back: idle far past any lease.
     redis.cli(&[
-        "XCLAIM", &jobs, "workers", "a", "0", &entry, "IDLE", "60000", "JUSTID",
+        "XCLAIM", &jobs, "workers", "a", "0", &handed, "IDLE", "86400000", "JUSTID",
     ]);
     let call_in = functions::CallIn {
         quiet_ms: 300,
@@ -971,13 +1004,17 @@ async fn reclaiming_waits_a_lease_after_the_fleet_was_silent() {
             .map(|e| e.id)
             .collect::<Vec<_>>()
     };
-    // The first call ever finds no clock to compare with: nothing is held.
+    // The first call ever finds no clock to compare with; its own entries are never taken.
     let own = functions::reclaim(&store, "a", call_in, 5).await.unwrap();
-    assert!(claimed(own).is_empty(), "its own entry is never taken");
-    // A silence longer than quiet_ms: held for the lease, then taken.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let held = functions::reclaim(&store, "b", call_in, 5).await.unwrap();
-    assert!(claimed(held).is_empty(), "held after the silence");
+    assert!(claimed(own).is_empty(), "its own entries are never taken");
+    // Silence past the lease: `lapsed` is idle past it now, but so would a live owner's be.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let first = functions::reclaim(&store, "b", call_in, 5).await.unwrap();
+    assert_eq!(
+        claimed(first),
+        vec![handed],
+        "only the handed-back entry, at once"
+    );
     let reply = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let reply = functions::reclaim(&store, "b", call_in, 5).await.unwrap();
@@ -985,7 +1022,7 @@ async fn reclaiming_waits_a_lease_after_the_fleet_was_silent() {
             break reply;
         }
     };
-    assert_eq!(claimed(reply), vec![entry.clone()]);
+    assert_eq!(claimed(reply), vec![lapsed.clone()]);
     let held_ms: i64 = redis
         .hget(&keys(&p).fleet(), "reclaim_after_ms")
         .unwrap()
@@ -996,7 +1033,7 @@ async fn reclaiming_waits_a_lease_after_the_fleet_was_silent() {
         "taken only after the hold"
     );
     // b's claim counted a delivery: the one the attempt count reads.
-    let pending = redis.cli(&["XPENDING", &jobs, "workers", "-", "+", "1"]);
+    let pending = redis.cli(&["XPENDING", &jobs, "workers", &lapsed, &lapsed, "1"]);
     let fields: Vec<&str> = pending.lines().collect();
     assert_eq!(
         (fields[1], fields[3]),
