@@ -221,9 +221,10 @@ pub async fn reject(
     Ok(ClaimVerdict::from_reply(reply))
 }
 
-/// How a worker calls in to the fleet's clock (`fleet_call_in` in functions.lua): a gap
-/// longer than `quiet_ms` in which no worker called in is taken for a server outage, and
-/// holds reclaiming for `lease_ms`.
+/// How a worker calls in to the fleet's clock (`fleet_call_in` in functions.lua): after a
+/// gap longer than `quiet_ms` in which no worker called in (a server outage, or no worker
+/// running), for `lease_ms` only entries idle for longer than the gap plus a lease are
+/// reclaimed.
 #[derive(Clone, Copy, Debug)]
 pub struct CallIn {
     pub quiet_ms: u64,
@@ -247,7 +248,8 @@ pub async fn heartbeat(
 }
 
 /// `fr_job_reclaim`: takes over up to `count` entries other workers left idle past the
-/// lease, as XCLAIM returns them; none while reclaiming is held after a server outage.
+/// lease (longer, just after a silence of the fleet: see [`CallIn`]), as XCLAIM returns
+/// them.
 pub async fn reclaim(
     store: &Store,
     worker: &str,

@@ -156,31 +156,46 @@ enum Pools {
     Cluster(deadpool_redis::cluster::Pool),
 }
 
-/// One pooled connection, to a node or to a Cluster.
-pub enum Conn {
-    Node(deadpool_redis::Connection),
-    Cluster(deadpool_redis::cluster::Connection),
+/// A connection to one node or to a Cluster, whichever the handle was built for.
+#[derive(Clone)]
+pub enum NodeOrCluster<N, C> {
+    Node(N),
+    Cluster(C),
 }
+
+/// One pooled connection, to a node or to a Cluster.
+pub type Conn = NodeOrCluster<deadpool_redis::Connection, deadpool_redis::cluster::Connection>;
+
+/// The connection every request except a blocking read shares. Requests from concurrent
+/// tasks go out pipelined on it, and none pays the pool's check on checkout (an
+/// `UNWATCH`+`PING` round trip), which doubled the round trips of every call.
+type SharedConn =
+    NodeOrCluster<redis::aio::MultiplexedConnection, deadpool_redis::cluster::ClusterConnection>;
 
 impl Conn {
     /// Takes the connection out of its pool for good and closes it: for a connection with
     /// a blocking read still pending on it.
     pub fn discard(self) {
+        drop(self.take());
+    }
+
+    /// Takes the connection out of its pool for good, as a connection of its own.
+    fn take(self) -> SharedConn {
         match self {
-            Conn::Node(c) => drop(deadpool_redis::Connection::take(c)),
-            Conn::Cluster(c) => drop(deadpool_redis::cluster::Connection::take(c)),
+            Conn::Node(c) => SharedConn::Node(deadpool_redis::Connection::take(c)),
+            Conn::Cluster(c) => SharedConn::Cluster(deadpool_redis::cluster::Connection::take(c)),
         }
     }
 }
 
-impl ConnectionLike for Conn {
+impl<N: ConnectionLike, C: ConnectionLike> ConnectionLike for NodeOrCluster<N, C> {
     fn req_packed_command<'a>(
         &'a mut self,
         cmd: &'a redis::Cmd,
     ) -> redis::RedisFuture<'a, redis::Value> {
         match self {
-            Conn::Node(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            NodeOrCluster::Node(c) => c.req_packed_command(cmd),
+            NodeOrCluster::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -191,55 +206,15 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         match self {
-            Conn::Node(c) => c.req_packed_commands(pipe, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipe, offset, count),
+            NodeOrCluster::Node(c) => c.req_packed_commands(pipe, offset, count),
+            NodeOrCluster::Cluster(c) => c.req_packed_commands(pipe, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Node(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
-/// The connection every request except a blocking read shares. Requests from concurrent
-/// tasks go out pipelined on it, and none pays the pool's check on checkout (an
-/// `UNWATCH`+`PING` round trip), which doubled the round trips of every call.
-#[derive(Clone)]
-enum SharedConn {
-    Node(redis::aio::MultiplexedConnection),
-    Cluster(deadpool_redis::cluster::ClusterConnection),
-}
-
-impl ConnectionLike for SharedConn {
-    fn req_packed_command<'a>(
-        &'a mut self,
-        cmd: &'a redis::Cmd,
-    ) -> redis::RedisFuture<'a, redis::Value> {
-        match self {
-            SharedConn::Node(c) => c.req_packed_command(cmd),
-            SharedConn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipe: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        match self {
-            SharedConn::Node(c) => c.req_packed_commands(pipe, offset, count),
-            SharedConn::Cluster(c) => c.req_packed_commands(pipe, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            SharedConn::Node(c) => c.get_db(),
-            SharedConn::Cluster(c) => c.get_db(),
+            NodeOrCluster::Node(c) => c.get_db(),
+            NodeOrCluster::Cluster(c) => c.get_db(),
         }
     }
 }
@@ -379,10 +354,7 @@ impl Store {
         if let Some(conn) = self.lock_shared().clone() {
             return Ok(conn);
         }
-        let fresh = match self.conn().await? {
-            Conn::Node(c) => SharedConn::Node(deadpool_redis::Connection::take(c)),
-            Conn::Cluster(c) => SharedConn::Cluster(deadpool_redis::cluster::Connection::take(c)),
-        };
+        let fresh = self.conn().await?.take();
         Ok(self.lock_shared().get_or_insert(fresh).clone())
     }
 

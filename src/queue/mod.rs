@@ -400,8 +400,9 @@ impl Worker {
     }
 
     /// How this worker calls in to the fleet's clock: a live worker calls in at least once
-    /// per reclaim interval and heartbeat tick, so a fleet-wide silence twice that long (or
-    /// longer than a lease) was the server's outage, not its workers' deaths.
+    /// per reclaim interval and heartbeat tick, so a fleet-wide silence of two intervals and
+    /// a tick (or a lease, if shorter) was the server's outage or an empty fleet, not a
+    /// live owner's lapse.
     fn call_in(&self) -> CallIn {
         let quiet =
             (self.config.reclaim_interval * 2 + self.heartbeat_tick()).min(self.config.job_lease);
