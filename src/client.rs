@@ -203,7 +203,15 @@ pub async fn cancel(
 ) -> Result<CancelOutcome, ClientError> {
     match functions::cancel(store, job_id).await {
         Ok(CancelOutcome::Cancelled) => {
-            crate::results::write_end(store, job_id, JobStatus::Cancelled, "", retention).await?;
+            crate::results::write_end(
+                store,
+                job_id,
+                JobStatus::Cancelled,
+                "",
+                retention,
+                crate::results::OpenAlerts::Possible,
+            )
+            .await?;
             Ok(CancelOutcome::Cancelled)
         }
         Ok(other) => Ok(other),

@@ -17,15 +17,37 @@ local HASH_FIELDS = { 'stream_ref', 'source', 'fps', 'prompt', 'max_frames', 'ma
 local IS_HASH_FIELD = {}
 for i = 1, #HASH_FIELDS do IS_HASH_FIELD[HASH_FIELDS[i]] = true end
 
+-- The clock and the fleet's settings are read at most once per call: every registered
+-- function is wrapped in `per_call`, which forgets both when a call starts.
+local call_now, call_settings = nil, {}
+
+local function per_call(f)
+  return function(keys, args)
+    call_now, call_settings = nil, {}
+    return f(keys, args)
+  end
+end
+
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if not call_now then
+    local t = redis.call('TIME')
+    call_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return call_now
 end
 
 -- Fleet-wide settings a worker publishes at start; user-called functions read them too.
+local SETTINGS = { 'events_maxlen', 'result_ttl_s' }
 local function setting(tag, name, default)
-  local v = redis.call('HGET', tag .. ':settings', name)
-  if v then return tonumber(v) end
+  local known = call_settings[tag]
+  if not known then
+    local v = redis.call('HMGET', tag .. ':settings', unpack(SETTINGS))
+    known = {}
+    for i = 1, #SETTINGS do known[SETTINGS[i]] = tonumber(v[i]) end
+    call_settings[tag] = known
+  end
+  local v = known[name]
+  if v then return v end
   return default
 end
 
@@ -47,23 +69,26 @@ local function ack_and_delete(tag, entry_id)
   redis.call('XDEL', tag .. ':jobs', entry_id)
 end
 
--- Moves a job's hash to a terminal state: status, expiry, event. The end entry lives in the
--- job's own slot (fr_job_end) and the queue entry is acked separately, by the caller.
-local function finalize(tag, job_id, status, err, worker)
+-- Moves a job's hash to a terminal state: status, expiry, event; with `unless_final`, a job
+-- already final keeps its status. The end entry lives in the job's own slot (fr_job_end)
+-- and the queue entry is acked separately, by the caller.
+local function finalize(tag, job_id, status, err, worker, unless_final)
   local jk = tag .. ':job:' .. job_id
-  local from = redis.call('HGET', jk, 'status') or 'queued'
+  local v = redis.call('HMGET', jk, 'status', 'entry_id', 'cancel_requested')
+  if unless_final and TERMINAL[v[1]] then return end
   local now = now_ms()
-  redis.call('HSET', jk, 'status', status, 'finished_ms', now, 'updated_ms', now)
+  local fields = { 'status', status, 'finished_ms', now, 'updated_ms', now }
   -- The worker that ended it, so that a repeated fr_job_finish can tell its own end apart.
   if worker and worker ~= '' then
-    redis.call('HSET', jk, 'worker', worker)
+    table.insert(fields, 'worker'); table.insert(fields, worker)
   end
   if err and err ~= '' then
-    redis.call('HSET', jk, 'error', err)
+    table.insert(fields, 'error'); table.insert(fields, err)
   end
-  redis.call('HDEL', jk, 'cancel_requested')
+  redis.call('HSET', jk, unpack(fields))
+  if v[3] then redis.call('HDEL', jk, 'cancel_requested') end
   redis.call('EXPIRE', jk, setting(tag, 'result_ttl_s', 86400))
-  event(tag, job_id, from, status, worker, err, redis.call('HGET', jk, 'entry_id'))
+  event(tag, job_id, v[1] or 'queued', status, worker, err, v[2])
 end
 
 -- The reply that tells a worker the job is final in the queue's slot: it writes the end
@@ -159,10 +184,12 @@ local function fr_job_claim(keys, args)
   if not owner then return { 'gone' } end
   if owner ~= worker then return { 'lost' } end
 
-  local exists = redis.call('EXISTS', jk) == 1
-  local status = exists and redis.call('HGET', jk, 'status') or nil
+  -- Every job hash has a status or an entry id from the moment it is written.
+  local h = redis.call('HMGET', jk, 'status', 'entry_id', 'cancel_requested', 'handoffs',
+    'started_ms')
+  local status, known_entry = h[1] or nil, h[2] or nil
+  local exists = (status or known_entry) ~= nil
   if exists then
-    local known_entry = redis.call('HGET', jk, 'entry_id')
     if known_entry and known_entry ~= entry_id then
       ack_and_delete(tag, entry_id)
       event(tag, job_id, '', 'rejected', worker,
@@ -172,13 +199,13 @@ local function fr_job_claim(keys, args)
     if TERMINAL[status] then
       return final_reply('finished', jk)
     end
-    if redis.call('HGET', jk, 'cancel_requested') == '1' then
+    if h[3] == '1' then
       finalize(tag, job_id, 'cancelled', nil, worker)
       return final_reply('cancelled', jk)
     end
   end
 
-  local handoffs = exists and tonumber(redis.call('HGET', jk, 'handoffs') or '0') or 0
+  local handoffs = tonumber(h[4] or '0') or 0
   local attempt = deliveries - handoffs
   if attempt < 1 then attempt = 1 end
   if attempt > max_attempts then
@@ -205,16 +232,25 @@ local function fr_job_claim(keys, args)
   end
 
   local now = now_ms()
+  -- The spec as this worker read it (defaults applied; the same on every delivery), then
+  -- the lifecycle's fields, in one write.
+  local fields = {}
+  for i = 5, #args do table.insert(fields, args[i]) end
   if not exists then
-    redis.call('HSET', jk, 'entry_id', entry_id, 'created_ms', now, 'handoffs', 0)
+    for _, f in ipairs({ 'entry_id', entry_id, 'created_ms', now, 'handoffs', 0 }) do
+      table.insert(fields, f)
+    end
     redis.call('ZADD', tag .. ':jobs:index', now, job_id)
     status = 'queued'
   end
-  -- The spec as this worker read it (defaults applied); the same on every delivery.
-  hset_from(jk, args, 5)
-  redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'attempts', attempt,
-    'updated_ms', now)
-  redis.call('HSETNX', jk, 'started_ms', now)
+  if not h[5] then
+    table.insert(fields, 'started_ms'); table.insert(fields, now)
+  end
+  for _, f in ipairs({ 'status', 'running', 'worker', worker, 'attempts', attempt,
+    'updated_ms', now }) do
+    table.insert(fields, f)
+  end
+  redis.call('HSET', jk, unpack(fields))
   event(tag, job_id, status, 'running', worker, nil, entry_id)
   return { 'run', attempt }
 end
@@ -255,14 +291,14 @@ local function fr_job_heartbeat(keys, args)
   for i = 4, #args, 2 do
     local entry_id, job_id = args[i], args[i + 1]
     local owner = owner_of(tag, entry_id)
-    local jk = tag .. ':job:' .. job_id
+    local h = redis.call('HMGET', tag .. ':job:' .. job_id, 'worker', 'cancel_requested')
     -- A job handed back (or taken over) no longer names this worker: renewing it would
     -- undo the hand-back's idle time.
-    if owner ~= worker or redis.call('HGET', jk, 'worker') ~= worker then
+    if owner ~= worker or h[1] ~= worker then
       table.insert(out, 'lost')
     else
       redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, entry_id, 'JUSTID')
-      if redis.call('HGET', jk, 'cancel_requested') == '1' then
+      if h[2] == '1' then
         table.insert(out, 'cancel')
       else
         table.insert(out, 'ok')
@@ -318,9 +354,7 @@ local function fr_job_finish(keys, args)
     if finished_by(tag, entry_id, worker, jk) then return 'ok' end
     return 'lost'
   end
-  if not TERMINAL[redis.call('HGET', jk, 'status')] then
-    finalize(tag, job_id, status, err, worker)
-  end
+  finalize(tag, job_id, status, err, worker, true)
   ack_and_delete(tag, entry_id)
   return 'ok'
 end
@@ -348,7 +382,7 @@ local function fr_job_end(keys, args)
     return redis.error_reply('ERR not a final status: ' .. tostring(status))
   end
   local pk, rk = tag .. ':progress', tag .. ':results'
-  local v = redis.call('HMGET', pk, 'ended', 'results')
+  local v = redis.call('HMGET', pk, 'ended', 'results', 'note')
   local results = v[2] or '0'
   if v[1] then return { v[1], results } end
   local now = now_ms()
@@ -359,7 +393,7 @@ local function fr_job_end(keys, args)
   end
   redis.call('XADD', unpack(entry))
   redis.call('HSET', pk, 'ended', status, 'results', results, 'updated_ms', now)
-  redis.call('HDEL', pk, 'note')
+  if v[3] then redis.call('HDEL', pk, 'note') end
   redis.call('EXPIRE', pk, ttl)
   redis.call('EXPIRE', rk, ttl)
   return { status, results }
@@ -488,17 +522,17 @@ local function fr_index_prune(keys, args)
   return removed
 end
 
-redis.register_function('fr_submit', fr_submit)
-redis.register_function('fr_job_claim', fr_job_claim)
-redis.register_function('fr_job_reject', fr_job_reject)
-redis.register_function('fr_job_heartbeat', fr_job_heartbeat)
-redis.register_function('fr_job_reclaim', fr_job_reclaim)
-redis.register_function('fr_job_finish', fr_job_finish)
-redis.register_function('fr_job_ack', fr_job_ack)
-redis.register_function('fr_job_end', fr_job_end)
-redis.register_function('fr_job_handback', fr_job_handback)
-redis.register_function('fr_cancel', fr_cancel)
-redis.register_function('fr_prompt_set', fr_prompt_set)
-redis.register_function{ function_name = 'fr_prompt_get', callback = fr_prompt_get, flags = { 'no-writes' } }
-redis.register_function{ function_name = 'fr_prompt_history', callback = fr_prompt_history, flags = { 'no-writes' } }
-redis.register_function('fr_index_prune', fr_index_prune)
+redis.register_function('fr_submit', per_call(fr_submit))
+redis.register_function('fr_job_claim', per_call(fr_job_claim))
+redis.register_function('fr_job_reject', per_call(fr_job_reject))
+redis.register_function('fr_job_heartbeat', per_call(fr_job_heartbeat))
+redis.register_function('fr_job_reclaim', per_call(fr_job_reclaim))
+redis.register_function('fr_job_finish', per_call(fr_job_finish))
+redis.register_function('fr_job_ack', per_call(fr_job_ack))
+redis.register_function('fr_job_end', per_call(fr_job_end))
+redis.register_function('fr_job_handback', per_call(fr_job_handback))
+redis.register_function('fr_cancel', per_call(fr_cancel))
+redis.register_function('fr_prompt_set', per_call(fr_prompt_set))
+redis.register_function{ function_name = 'fr_prompt_get', callback = per_call(fr_prompt_get), flags = { 'no-writes' } }
+redis.register_function{ function_name = 'fr_prompt_history', callback = per_call(fr_prompt_history), flags = { 'no-writes' } }
+redis.register_function('fr_index_prune', per_call(fr_index_prune))

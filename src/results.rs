@@ -8,7 +8,7 @@ use crate::functions::{self, EndRecord, Retention};
 use crate::job::{FrameCounters, JobStatus, ResumeState, StopSignal};
 use crate::store::{Backoff, Store, StoreResult, now_ms};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// What became of one frame.
@@ -74,6 +74,17 @@ pub struct ResultSink {
     maxlen: usize,
     stop: StopSignal,
     written: Arc<AtomicU64>,
+    alert_state_saved: Arc<AtomicBool>,
+}
+
+/// Whether a job's progress hash may hold alerts still open when the job ends, so that
+/// [`write_end`] must read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenAlerts {
+    /// An earlier delivery, or this one, saved an alert state.
+    Possible,
+    /// A first delivery whose sink never saved one: the hash holds none.
+    NoneSaved,
 }
 
 impl ResultSink {
@@ -92,7 +103,14 @@ impl ResultSink {
             maxlen,
             stop,
             written: Arc::new(AtomicU64::new(already_written)),
+            alert_state_saved: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Set once this sink has sent an alert state to the progress hash (before the write,
+    /// since a write whose reply was lost may still have landed).
+    pub fn alert_state_saved(&self) -> Arc<AtomicBool> {
+        self.alert_state_saved.clone()
     }
 
     /// Result entries written for this job so far, across deliveries.
@@ -106,6 +124,9 @@ impl ResultSink {
     /// carries its `alert_id`) and never loses one. Connection failures are retried with
     /// backoff until Redis answers or the job is stopped.
     pub async fn write(&self, entries: &[ResultEntry], progress: &Progress) -> StoreResult<()> {
+        if progress.alerts.is_some() {
+            self.alert_state_saved.store(true, Ordering::Relaxed);
+        }
         if let Some(a) = progress.alerts.as_ref().filter(|a| !a.events.is_empty()) {
             self.send(&alert_pipeline(
                 &self.store,
@@ -313,15 +334,18 @@ pub async fn saved_progress(store: &Store, job_id: &str) -> StoreResult<SavedPro
 /// First it ends the alerts the job's progress hash still holds open: a job that ends while
 /// no worker runs it (cancelled after it was handed back, dead-lettered) has nobody else to
 /// end them. A worker that ran the job to its end closed them already and saved that, so
-/// for it this finds none.
+/// for it this finds none. With [`OpenAlerts::NoneSaved`] the read is skipped.
 pub async fn write_end(
     store: &Store,
     job_id: &str,
     status: JobStatus,
     error: &str,
     retention: Retention,
+    open_alerts: OpenAlerts,
 ) -> StoreResult<EndRecord> {
-    close_saved_alerts(store, job_id, status, retention.alerts_maxlen).await?;
+    if open_alerts == OpenAlerts::Possible {
+        close_saved_alerts(store, job_id, status, retention.alerts_maxlen).await?;
+    }
     functions::end(store, job_id, status, error, retention).await
 }
 

@@ -442,9 +442,11 @@ impl Store {
         match self.check_shared(cmd.query_async(&mut conn).await) {
             Err(e) if e.code() == Some("ERR") => {
                 // A missing function is a plain ERR, like a script's own errors: ask the
-                // server whether the library is there rather than read the message.
+                // node that serves this tag whether it has the library rather than read
+                // the message. The probe names the same key, so it goes where the call
+                // went; on a Cluster another node may have the library already.
                 self.count_trip();
-                if !matches!(library_loaded_on(&mut conn).await, Ok(false)) {
+                if !matches!(library_loaded_on(&mut conn, tag).await, Ok(false)) {
                     return Err(e.into());
                 }
                 self.count_trip();
@@ -515,18 +517,25 @@ async fn load_functions_on<C: ConnectionLike + Send>(conn: &mut C) -> StoreResul
     Ok(())
 }
 
-/// The library's name, as its first line (`#!lua name=freeroam`) declares it.
-const LIBRARY_NAME: &str = "freeroam";
+/// The library's function that probes for it: it names the tag as its key, writes nothing
+/// and replies with an error only when the node has no such function (a wrong key type
+/// answers `WRONGTYPE`, not `ERR`). Both ACL users may call it, with `FCALL`.
+const LIBRARY_PROBE: &str = "fr_prompt_get";
 
-/// Whether the server has the `freeroam` library loaded.
-async fn library_loaded_on<C: ConnectionLike + Send>(conn: &mut C) -> StoreResult<bool> {
-    let libraries: Vec<Value> = redis::cmd("FUNCTION")
-        .arg("LIST")
-        .arg("LIBRARYNAME")
-        .arg(LIBRARY_NAME)
+/// Whether the node serving `tag` has the `freeroam` library loaded. `FUNCTION LIST` would
+/// go to a random node of a Cluster, and needs a right the worker's ACL user lacks.
+async fn library_loaded_on<C: ConnectionLike + Send>(conn: &mut C, tag: &str) -> StoreResult<bool> {
+    let probe: redis::RedisResult<Value> = redis::cmd("FCALL")
+        .arg(LIBRARY_PROBE)
+        .arg(1)
+        .arg(tag)
         .query_async(conn)
-        .await?;
-    Ok(!libraries.is_empty())
+        .await;
+    match probe {
+        Ok(_) => Ok(true),
+        Err(e) if e.code() == Some("ERR") => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// An argument of mixed type for [`Store::fcall`].
@@ -582,10 +591,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_library_name_is_the_one_functions_lua_declares() {
-        assert_eq!(
-            FUNCTIONS_LUA.lines().next(),
-            Some(format!("#!lua name={LIBRARY_NAME}").as_str())
+    fn the_library_probe_is_a_function_that_writes_nothing() {
+        let name = format!("function_name = '{LIBRARY_PROBE}'");
+        assert!(
+            FUNCTIONS_LUA
+                .lines()
+                .any(|l| l.contains(&name) && l.contains("flags = { 'no-writes' }"))
         );
     }
 

@@ -490,6 +490,14 @@ fn a_cluster_runs_the_whole_contract_and_spreads_result_writes_over_its_masters(
     let running: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(running.as_array().unwrap().len(), 29);
     drop(w);
+
+    // A master that lost the library (a restart without persistence) gets it again from
+    // the next call that needs it, though the other masters still have it.
+    let _: String = cluster
+        .node_cmd(fr_master, &["FUNCTION", "DELETE", "freeroam"])
+        .unwrap();
+    let (code, out) = cli(&cluster, &p, &["prompt", "set", "find dogs"]);
+    assert_eq!((code, out.trim()), (0, "2"));
 }
 
 /// Run by hand (`cargo test -p free-roam-worker --test cluster -- --ignored`): on a busy

@@ -14,7 +14,7 @@ use crate::job::{
 use crate::keys::WORKER_GROUP;
 use crate::metrics::Metrics;
 use crate::model::{BackendHealth, PromptRef};
-use crate::results::{ResultSink, SavedProgress, saved_progress, write_end};
+use crate::results::{OpenAlerts, ResultSink, SavedProgress, saved_progress, write_end};
 use crate::store::{Backoff, MAX_BLOCK_MS, Store, StoreError, StoreResult, now_ms};
 use entries::{Entry, parse_entry_list, parse_read_reply};
 use std::collections::{HashMap, HashSet};
@@ -484,7 +484,8 @@ impl Worker {
             ClaimVerdict::Run { attempt } => {
                 // An entry read new from the stream was never delivered before, so no worker
                 // saved progress for it: only a reclaimed one needs the read.
-                let saved = if reclaimed || attempt > 1 {
+                let delivered_before = reclaimed || attempt > 1;
+                let saved = if delivered_before {
                     let Some(saved) = self
                         .with_retry(|| saved_progress(&self.store, &spec.job_id))
                         .await
@@ -498,7 +499,7 @@ impl Worker {
                 if let Some(status) = saved.ended {
                     // The last owner wrote the end entry but stopped before the ack.
                     tracing::info!(job = %spec.job_id, status = status.as_str(), "job had ended; recording it");
-                    self.finish(&spec, status, "").await;
+                    self.finish(&spec, status, "", OpenAlerts::Possible).await;
                     return;
                 }
                 let resume = ResumeState {
@@ -510,7 +511,12 @@ impl Worker {
                 }
                 tracing::info!(job = %spec.job_id, entry = %spec.entry_id, attempt = resume.attempt, reclaimed, "job started");
                 self.metrics.jobs_claimed.inc();
-                self.start_job(spec, resume);
+                let open_alerts = if delivered_before {
+                    OpenAlerts::Possible
+                } else {
+                    OpenAlerts::NoneSaved
+                };
+                self.start_job(spec, resume, open_alerts);
             }
             ClaimVerdict::Final {
                 why, status, error, ..
@@ -555,7 +561,16 @@ impl Worker {
     async fn end_and_ack(&self, entry_id: &str, job_id: &str, status: JobStatus, error: &str) {
         let retention = self.retention();
         let ended = self
-            .with_retry(|| write_end(&self.store, job_id, status, error, retention))
+            .with_retry(|| {
+                write_end(
+                    &self.store,
+                    job_id,
+                    status,
+                    error,
+                    retention,
+                    OpenAlerts::Possible,
+                )
+            })
             .await;
         if ended.is_none() {
             tracing::error!(job = %job_id, "could not write the end entry; the entry stays pending");
@@ -633,7 +648,9 @@ impl Worker {
         }
     }
 
-    fn start_job(self: &Arc<Self>, spec: JobSpec, resume: ResumeState) {
+    /// `open_alerts`: whether an earlier delivery may have left alerts open in the job's
+    /// progress hash.
+    fn start_job(self: &Arc<Self>, spec: JobSpec, resume: ResumeState, open_alerts: OpenAlerts) {
         let stop = StopSignal::new();
         let running = RunningJob {
             job_id: spec.job_id.clone(),
@@ -649,7 +666,7 @@ impl Worker {
         }
         let me = self.clone();
         tokio::spawn(async move {
-            me.run_job(spec, resume, stop).await;
+            me.run_job(spec, resume, stop, open_alerts).await;
             {
                 let mut map = me.state.lock_running();
                 map.remove(&entry_id);
@@ -661,7 +678,13 @@ impl Worker {
         });
     }
 
-    async fn run_job(&self, spec: JobSpec, resume: ResumeState, stop: StopSignal) {
+    async fn run_job(
+        &self,
+        spec: JobSpec,
+        resume: ResumeState,
+        stop: StopSignal,
+        open_alerts: OpenAlerts,
+    ) {
         let spec = Arc::new(spec);
         let prompt = match &spec.prompt {
             Some(text) => PromptFollow::Fixed(PromptRef {
@@ -677,6 +700,7 @@ impl Worker {
             stop.clone(),
             resume.results,
         );
+        let alert_state_saved = sink.alert_state_saved();
         let ctx = JobContext {
             spec: spec.clone(),
             resume,
@@ -727,7 +751,14 @@ impl Worker {
             (None, Ok(BodyOutcome::Stopped)) => Some((JobStatus::Completed, String::new())),
         };
         match final_status {
-            Some((status, error)) => self.finish(&spec, status, &error).await,
+            Some((status, error)) => {
+                let open_alerts = if alert_state_saved.load(Ordering::Relaxed) {
+                    OpenAlerts::Possible
+                } else {
+                    open_alerts
+                };
+                self.finish(&spec, status, &error, open_alerts).await
+            }
             None => self.hand_back(&spec.entry_id, &spec.job_id).await,
         }
     }
@@ -736,10 +767,25 @@ impl Worker {
     /// and the ack in the queue's slot. A crash in between leaves the entry pending, and the
     /// next claim finds the end entry and only records it. Both steps are safe to repeat, so
     /// a call retried after its reply was lost neither counts a lost lease nor writes twice.
-    async fn finish(&self, spec: &JobSpec, status: JobStatus, error: &str) {
+    async fn finish(
+        &self,
+        spec: &JobSpec,
+        status: JobStatus,
+        error: &str,
+        open_alerts: OpenAlerts,
+    ) {
         let retention = self.retention();
         let Some(recorded) = self
-            .with_retry(|| write_end(&self.store, &spec.job_id, status, error, retention))
+            .with_retry(|| {
+                write_end(
+                    &self.store,
+                    &spec.job_id,
+                    status,
+                    error,
+                    retention,
+                    open_alerts,
+                )
+            })
             .await
         else {
             tracing::error!(job = %spec.job_id, "could not write the end entry; it will be reclaimed");
