@@ -500,12 +500,7 @@ fn a_cluster_runs_the_whole_contract_and_spreads_result_writes_over_its_masters(
     assert_eq!((code, out.trim()), (0, "2"));
 }
 
-/// Run by hand (`cargo test -p free-roam-worker --test cluster -- --ignored`): on a busy
-/// 2-core machine it timed out in about 2 runs of 10, in its first wait (6 jobs with 2
-/// results each within a minute), before the failover itself, and the cause is not found
-/// yet; a suite that fails at random would hide real failures.
 #[test]
-#[ignore = "intermittent before the failover on a busy machine; run by hand with --ignored"]
 fn running_jobs_survive_a_failover_of_the_master_holding_the_queue() {
     let _serial = ONE_CLUSTER_AT_A_TIME
         .lock()
