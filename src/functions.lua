@@ -152,21 +152,22 @@ local function fr_submit(keys, args)
   for i = 2, #args do table.insert(fields, args[i]) end
   local entry_id = redis.call('XADD', tag .. ':jobs', '*', unpack(fields))
   local now = now_ms()
-  redis.call('HSET', jk, 'status', 'queued', 'entry_id', entry_id, 'created_ms', now,
-    'updated_ms', now, 'attempts', 0, 'handoffs', 0)
+  local hash = { 'status', 'queued', 'entry_id', entry_id, 'created_ms', now,
+    'updated_ms', now, 'attempts', 0, 'handoffs', 0 }
   for i = 2, #args, 2 do
     if IS_HASH_FIELD[args[i]] then
-      redis.call('HSET', jk, args[i], args[i + 1])
+      table.insert(hash, args[i]); table.insert(hash, args[i + 1])
     end
   end
+  redis.call('HSET', jk, unpack(hash))
   redis.call('ZADD', tag .. ':jobs:index', now, job_id)
   event(tag, job_id, '', 'queued', '', nil, entry_id)
   return entry_id
 end
 
--- fr_job_claim KEY=tag ARGV: entry_id, worker, max_attempts, job_id, field, value, ...
--- Called by the worker that just received an entry (new or reclaimed). Decides whether it
--- runs, and records it. Returns {verdict, ...}:
+-- One entry of fr_job_claim: `fields` are the spec's hash fields as this worker read it
+-- (field, value, ...). Decides whether the entry runs, and records it. Returns
+-- {verdict, ...}:
 --   {'run', attempt}  run it; where to resume is in the job's progress hash (its own slot)
 --   {'lost'}      another worker owns the entry now
 --   {'gone'}      the entry is no longer pending (already finished)
@@ -176,9 +177,7 @@ end
 --                 a worker that stopped between its end entry and its ack)
 --   {'cancelled', 'cancelled', '', ''}  cancelled before it ran
 --   {'dead', 'dead', error, attempts}   delivered too often; moved to the dead-letter stream
-local function fr_job_claim(keys, args)
-  local tag, entry_id, worker = keys[1], args[1], args[2]
-  local max_attempts, job_id = tonumber(args[3]), args[4]
+local function claim_one(tag, worker, max_attempts, entry_id, job_id, fields)
   local jk = tag .. ':job:' .. job_id
   local owner, deliveries = owner_of(tag, entry_id)
   if not owner then return { 'gone' } end
@@ -211,7 +210,7 @@ local function fr_job_claim(keys, args)
   if attempt > max_attempts then
     if not exists then
       redis.call('HSET', jk, 'entry_id', entry_id, 'created_ms', now_ms())
-      hset_from(jk, args, 5)
+      hset_from(jk, fields, 1)
       redis.call('ZADD', tag .. ':jobs:index', now_ms(), job_id)
     end
     local last = redis.call('HGET', jk, 'error') or 'the worker running it stopped without finishing'
@@ -234,25 +233,47 @@ local function fr_job_claim(keys, args)
   local now = now_ms()
   -- The spec as this worker read it (defaults applied; the same on every delivery), then
   -- the lifecycle's fields, in one write.
-  local fields = {}
-  for i = 5, #args do table.insert(fields, args[i]) end
+  local hash = {}
+  for i = 1, #fields do table.insert(hash, fields[i]) end
   if not exists then
     for _, f in ipairs({ 'entry_id', entry_id, 'created_ms', now, 'handoffs', 0 }) do
-      table.insert(fields, f)
+      table.insert(hash, f)
     end
     redis.call('ZADD', tag .. ':jobs:index', now, job_id)
     status = 'queued'
   end
   if not h[5] then
-    table.insert(fields, 'started_ms'); table.insert(fields, now)
+    table.insert(hash, 'started_ms'); table.insert(hash, now)
   end
   for _, f in ipairs({ 'status', 'running', 'worker', worker, 'attempts', attempt,
     'updated_ms', now }) do
-    table.insert(fields, f)
+    table.insert(hash, f)
   end
-  redis.call('HSET', jk, unpack(fields))
+  redis.call('HSET', jk, unpack(hash))
   event(tag, job_id, status, 'running', worker, nil, entry_id)
   return { 'run', attempt }
+end
+
+-- fr_job_claim KEY=tag ARGV: worker, max_attempts, then for each entry: entry_id, job_id,
+-- n, and n items of its spec's hash fields (field, value, ...).
+-- Called by the worker that just received the entries (one read, new or reclaimed), in the
+-- order it read them, so that of two entries naming one job_id the first wins. Returns one
+-- verdict per entry, in order (claim_one).
+local function fr_job_claim(keys, args)
+  local tag, worker, max_attempts = keys[1], args[1], tonumber(args[2])
+  local out, i = {}, 3
+  while i <= #args do
+    local entry_id, job_id, n = args[i], args[i + 1], tonumber(args[i + 2])
+    if not n or n % 2 == 1 or i + 2 + n > #args then
+      return redis.error_reply('ERR fr_job_claim: entry ' .. tostring(entry_id) ..
+        ' has a bad field count ' .. tostring(args[i + 2]))
+    end
+    local fields = {}
+    for j = i + 3, i + 2 + n do table.insert(fields, args[j]) end
+    table.insert(out, claim_one(tag, worker, max_attempts, entry_id, job_id, fields))
+    i = i + 3 + n
+  end
+  return out
 end
 
 -- fr_job_reject KEY=tag ARGV: entry_id, worker, job_id, error, field, value, ...
@@ -338,25 +359,40 @@ local function finished_by(tag, entry_id, worker, jk)
   return TERMINAL[v[1]] and v[2] == worker and v[3] == entry_id
 end
 
--- fr_job_finish KEY=tag ARGV: entry_id, worker, job_id, status, error
--- Ends a job this worker owns, after fr_job_end wrote its end entry: final status, expiry,
--- event, ack and delete. A job already final keeps its status. 'ok', or 'lost' when another
--- worker owns the entry now. Safe to repeat: a call that finds this worker's finish already
--- done (its reply was lost) answers 'ok' again and writes nothing.
+-- fr_job_finish KEY=tag ARGV: worker, then for each job: entry_id, job_id, status, error
+-- Ends jobs this worker owns, after fr_job_end wrote their end entries: final status,
+-- expiry, event, ack and delete. A job already final keeps its status. One answer per job,
+-- in order: 'ok', or 'lost' when another worker owns the entry now. Safe to repeat: a call
+-- that finds this worker's finish already done (its reply was lost) answers 'ok' again and
+-- writes nothing.
 local function fr_job_finish(keys, args)
-  local tag, entry_id, worker, job_id, status, err = keys[1], args[1], args[2], args[3], args[4], args[5]
-  if not TERMINAL[status] then
-    return redis.error_reply('ERR not a final status: ' .. tostring(status))
+  local tag, worker = keys[1], args[1]
+  if (#args - 1) % 4 ~= 0 then
+    return redis.error_reply('ERR usage: FCALL fr_job_finish 1 <tag> <worker> ' ..
+      '(<entry_id> <job_id> <status> <error>)...')
   end
-  local jk = tag .. ':job:' .. job_id
-  local owner = owner_of(tag, entry_id)
-  if owner ~= worker then
-    if finished_by(tag, entry_id, worker, jk) then return 'ok' end
-    return 'lost'
+  for i = 2, #args, 4 do
+    if not TERMINAL[args[i + 2]] then
+      return redis.error_reply('ERR not a final status: ' .. tostring(args[i + 2]))
+    end
   end
-  finalize(tag, job_id, status, err, worker, true)
-  ack_and_delete(tag, entry_id)
-  return 'ok'
+  local out = {}
+  for i = 2, #args, 4 do
+    local entry_id, job_id, status, err = args[i], args[i + 1], args[i + 2], args[i + 3]
+    local jk = tag .. ':job:' .. job_id
+    if owner_of(tag, entry_id) ~= worker then
+      if finished_by(tag, entry_id, worker, jk) then
+        table.insert(out, 'ok')
+      else
+        table.insert(out, 'lost')
+      end
+    else
+      finalize(tag, job_id, status, err, worker, true)
+      ack_and_delete(tag, entry_id)
+      table.insert(out, 'ok')
+    end
+  end
+  return out
 end
 
 -- fr_job_ack KEY=tag ARGV: entry_id, worker

@@ -184,23 +184,43 @@ pub(crate) fn end_record(reply: Value) -> StoreResult<EndRecord> {
     }
 }
 
-/// `fr_job_claim`: asks whether this worker runs the entry it received. `fields` are the
-/// hash fields of the spec as this worker read it.
+/// One entry for [`claim`]: `fields` are the hash fields of the spec as this worker read it.
+#[derive(Clone, Copy, Debug)]
+pub struct ClaimEntry<'a> {
+    pub entry_id: &'a str,
+    pub job_id: &'a str,
+    pub fields: &'a [(&'static str, String)],
+}
+
+/// `fr_job_claim`: asks whether this worker runs the entries it received, in the order it
+/// read them, in one call; one verdict per entry, in order.
 pub async fn claim(
     store: &Store,
-    entry_id: &str,
     worker: &str,
     max_attempts: u32,
-    job_id: &str,
-    fields: &[(&'static str, String)],
-) -> StoreResult<ClaimVerdict> {
-    let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&entry_id, &worker, &max_attempts, &job_id];
-    for (k, v) in fields {
-        args.push(k);
-        args.push(v);
+    entries: &[ClaimEntry<'_>],
+) -> StoreResult<Vec<ClaimVerdict>> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let counts: Vec<usize> = entries.iter().map(|e| e.fields.len() * 2).collect();
+    let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&worker, &max_attempts];
+    for (e, n) in entries.iter().zip(&counts) {
+        args.push(&e.entry_id);
+        args.push(&e.job_id);
+        args.push(n);
+        for (k, v) in e.fields {
+            args.push(k);
+            args.push(v);
+        }
     }
     let reply: Value = store.fcall("fr_job_claim", &args).await?;
-    Ok(ClaimVerdict::from_reply(reply))
+    match reply {
+        Value::Array(items) if items.len() == entries.len() => {
+            Ok(items.into_iter().map(ClaimVerdict::from_reply).collect())
+        }
+        other => Err(unexpected("fr_job_claim", &other)),
+    }
 }
 
 /// `fr_job_reject`: ends a malformed entry's job as failed with `error`.
@@ -274,19 +294,41 @@ pub(crate) fn leases(reply: Value, jobs: usize) -> StoreResult<Vec<Lease>> {
     }
 }
 
-/// `fr_job_finish`: the final status, the event, the ack and delete of a job this worker
-/// owns, after its end entry is written.
+/// One job for [`finish`].
+#[derive(Clone, Debug)]
+pub struct FinishEntry {
+    pub entry_id: String,
+    pub job_id: String,
+    pub status: JobStatus,
+    pub error: String,
+}
+
+/// `fr_job_finish`: the final status, the event, the ack and delete of jobs this worker
+/// owns, in one call; one answer per job, in order.
 pub async fn finish(
     store: &Store,
-    entry_id: &str,
     worker: &str,
-    job_id: &str,
-    status: JobStatus,
-    error: &str,
-) -> StoreResult<Ownership> {
-    let status = status.as_str();
-    let args: [&dyn ToRedisArgsDyn; 5] = [&entry_id, &worker, &job_id, &status, &error];
-    ownership("fr_job_finish", store.fcall("fr_job_finish", &args).await?)
+    jobs: &[FinishEntry],
+) -> StoreResult<Vec<Ownership>> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let statuses: Vec<&str> = jobs.iter().map(|j| j.status.as_str()).collect();
+    let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&worker];
+    for (j, status) in jobs.iter().zip(&statuses) {
+        args.push(&j.entry_id);
+        args.push(&j.job_id);
+        args.push(status);
+        args.push(&j.error);
+    }
+    let reply: Value = store.fcall("fr_job_finish", &args).await?;
+    match reply {
+        Value::Array(items) if items.len() == jobs.len() => items
+            .into_iter()
+            .map(|v| ownership("fr_job_finish", v))
+            .collect(),
+        other => Err(unexpected("fr_job_finish", &other)),
+    }
 }
 
 /// `fr_job_ack`: drops the entry of a job that is final.

@@ -504,17 +504,18 @@ async fn a_worker_that_died_between_end_entry_and_ack_leaves_a_job_the_next_clai
         &jobs,
         ">",
     ]);
-    let claim: Vec<String> = redis.cmd(&[
+    let claim: Vec<Vec<String>> = redis.cmd(&[
         "FCALL",
         "fr_job_claim",
         "1",
         k.tag(),
-        &id,
         "ghost",
         "3",
+        &id,
         "half-done",
+        "0",
     ]);
-    assert_eq!(claim, vec!["run", "1"]);
+    assert_eq!(claim, vec![vec!["run", "1"]]);
     let end: Vec<String> = redis.cmd(&[
         "FCALL",
         "fr_job_end",
@@ -584,11 +585,91 @@ async fn read_and_claim(redis: &TestRedis, store: &Store, worker: &str, job: &st
         ">",
     ]);
     let id = redis.xrange(&jobs).into_iter().last().unwrap().0;
-    let verdict = functions::claim(store, &id, worker, 3, job, &[])
+    let entry = functions::ClaimEntry {
+        entry_id: &id,
+        job_id: job,
+        fields: &[],
+    };
+    let verdict = functions::claim(store, worker, 3, &[entry]).await.unwrap();
+    assert_eq!(verdict, vec![ClaimVerdict::Run { attempt: 1 }]);
+    id
+}
+
+/// `fr_job_finish` for one completed job.
+async fn finish_one(store: &Store, entry_id: &str, worker: &str, job: &str) -> Ownership {
+    let end = functions::FinishEntry {
+        entry_id: entry_id.to_string(),
+        job_id: job.to_string(),
+        status: JobStatus::Completed,
+        error: String::new(),
+    };
+    functions::finish(store, worker, &[end]).await.unwrap()[0]
+}
+
+/// One `fr_job_claim` call decides a whole read in order (of two entries naming one job_id
+/// the first runs), and one `fr_job_finish` call ends several jobs, answering for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_call_claims_a_read_and_one_call_finishes_several_jobs() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let store = Store::new(&redis.url(), &p, 2).unwrap();
+    store.load_functions().await.unwrap();
+    store.ensure_group().await.unwrap();
+    let a = xadd(&redis, &p, &[("stream_ref", "paced:3:10"), ("job_id", "a")]);
+    let b = xadd(&redis, &p, &[("stream_ref", "paced:3:10"), ("job_id", "b")]);
+    let again = xadd(&redis, &p, &[("stream_ref", "paced:3:10"), ("job_id", "a")]);
+    let _: redis::Value = redis.cmd(&[
+        "XREADGROUP",
+        "GROUP",
+        "workers",
+        "w1",
+        "COUNT",
+        "3",
+        "STREAMS",
+        &k.jobs(),
+        ">",
+    ]);
+    let fields = [("stream_ref", "paced:3:10".to_string())];
+    let entry = |entry_id, job_id| functions::ClaimEntry {
+        entry_id,
+        job_id,
+        fields: &fields,
+    };
+    let batch = [entry(&a, "a"), entry(&b, "b"), entry(&again, "a")];
+    let verdicts = functions::claim(&store, "w1", 3, &batch).await.unwrap();
+    assert_eq!(
+        verdicts,
+        vec![
+            ClaimVerdict::Run { attempt: 1 },
+            ClaimVerdict::Run { attempt: 1 },
+            ClaimVerdict::Duplicate
+        ]
+    );
+    assert_eq!(redis.hgetall(&k.job("a"))["entry_id"], a);
+    assert_eq!(redis.hgetall(&k.job("b"))["stream_ref"], "paced:3:10");
+
+    // b is taken over by another worker before w1 ends both.
+    let _: redis::Value = redis.cmd(&["XCLAIM", &k.jobs(), "workers", "w2", "0", &b, "JUSTID"]);
+    let end = |entry_id: &str, job_id: &str| functions::FinishEntry {
+        entry_id: entry_id.to_string(),
+        job_id: job_id.to_string(),
+        status: JobStatus::Completed,
+        error: String::new(),
+    };
+    let answers = functions::finish(&store, "w1", &[end(&a, "a"), end(&b, "b")])
         .await
         .unwrap();
-    assert_eq!(verdict, ClaimVerdict::Run { attempt: 1 });
-    id
+    assert_eq!(answers, vec![Ownership::Done, Ownership::Lost]);
+    assert_eq!(status(&redis, &p, "a").as_deref(), Some("completed"));
+    assert_eq!(status(&redis, &p, "b").as_deref(), Some("running"));
+    let pending: Vec<(String, String, u64, u64)> =
+        redis.cmd(&["XPENDING", &k.jobs(), "workers", "-", "+", "10"]);
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(
+        (pending[0].0.as_str(), pending[0].1.as_str()),
+        (b.as_str(), "w2")
+    );
 }
 
 /// Each step of a job's end, and the hand-back, called twice, as a retry after a lost reply
@@ -620,13 +701,9 @@ async fn every_step_of_a_jobs_end_is_safe_to_repeat() {
             .unwrap();
         assert_eq!(end.status, JobStatus::Completed);
     }
-    let first = functions::finish(&store, &id, "w1", "twice", JobStatus::Completed, "")
-        .await
-        .unwrap();
+    let first = finish_one(&store, &id, "w1", "twice").await;
     let hash_after_first = redis.hgetall(&k.job("twice"));
-    let again = functions::finish(&store, &id, "w1", "twice", JobStatus::Completed, "")
-        .await
-        .unwrap();
+    let again = finish_one(&store, &id, "w1", "twice").await;
     assert_eq!(first, Ownership::Done);
     assert_eq!(
         again,
@@ -646,9 +723,7 @@ async fn every_step_of_a_jobs_end_is_safe_to_repeat() {
     assert!(pending.is_empty());
     // Another worker's finish of the same entry is not taken for its own.
     assert_eq!(
-        functions::finish(&store, &id, "w2", "twice", JobStatus::Completed, "")
-            .await
-            .unwrap(),
+        finish_one(&store, &id, "w2", "twice").await,
         Ownership::Lost
     );
     // The ack, twice: the second finds nothing left to do.
@@ -668,9 +743,7 @@ async fn every_step_of_a_jobs_end_is_safe_to_repeat() {
     let id = read_and_claim(&redis, &store, "w1", "taken").await;
     let _: redis::Value = redis.cmd(&["XCLAIM", &k.jobs(), "workers", "w2", "0", &id, "JUSTID"]);
     assert_eq!(
-        functions::finish(&store, &id, "w1", "taken", JobStatus::Completed, "")
-            .await
-            .unwrap(),
+        finish_one(&store, &id, "w1", "taken").await,
         Ownership::Lost
     );
     assert_eq!(status(&redis, &p, "taken").as_deref(), Some("running"));

@@ -4,9 +4,12 @@
 //! shutdown hands running jobs back so another worker takes them at once.
 
 pub mod entries;
+mod finishes;
 
 use crate::config::Config;
-use crate::functions::{self, CallIn, ClaimVerdict, FinalWhy, Lease, Ownership, Retention};
+use crate::functions::{
+    self, CallIn, ClaimEntry, ClaimVerdict, FinalWhy, FinishEntry, Lease, Ownership, Retention,
+};
 use crate::job::{
     BodyOutcome, JobBody, JobContext, JobFailure, JobField, JobSpec, JobStatus, PromptFollow,
     ResumeState, StopReason, StopSignal,
@@ -146,6 +149,7 @@ pub struct Worker {
     prompt_tx: Arc<watch::Sender<PromptRef>>,
     slot_freed: Arc<Notify>,
     started_ms: i64,
+    finisher: finishes::Finisher,
 }
 
 /// The default consumer name: host, pid and a boot UUID, so a restarted process never
@@ -197,6 +201,7 @@ impl Worker {
     ) -> Self {
         let (tx, rx) = watch::channel(crate::prompt::default_ref(&config.default_prompt));
         Self {
+            finisher: finishes::Finisher::new(store.clone(), identity.id.clone()),
             store,
             config,
             body,
@@ -341,35 +346,11 @@ impl Worker {
                 Ok(reply) => {
                     backoff.reset();
                     self.state.redis_ok();
-                    // Entries of one read are claimed concurrently, except that entries
-                    // naming the same job_id go in order (the first one wins). The next
-                    // read waits for them, so the free-slot count it asks for is accurate.
-                    let mut groups: Vec<(Option<Vec<u8>>, Vec<Entry>)> = Vec::new();
-                    for entry in parse_read_reply(&reply) {
-                        if shutdown.is_cancelled() {
-                            self.hand_back_unstarted(&entry).await;
-                            continue;
-                        }
-                        let id = entry
-                            .fields
-                            .iter()
-                            .find(|(k, _)| k.as_slice() == b"job_id")
-                            .map(|(_, v)| v.clone());
-                        match groups.iter_mut().find(|(g, _)| id.is_some() && *g == id) {
-                            Some((_, list)) => list.push(entry),
-                            None => groups.push((id, vec![entry])),
-                        }
-                    }
-                    let mut claims = tokio::task::JoinSet::new();
-                    for (_, list) in groups {
-                        let me = self.clone();
-                        claims.spawn(async move {
-                            for entry in list {
-                                me.clone().take_entry(entry, false).await;
-                            }
-                        });
-                    }
-                    while claims.join_next().await.is_some() {}
+                    // The next read waits for this one's entries, so the free-slot count
+                    // it asks for is accurate.
+                    self.clone()
+                        .take_entries(parse_read_reply(&reply), false, &shutdown)
+                        .await;
                 }
                 Err(e) => {
                     self.on_redis_error(&e, "reading the job stream").await;
@@ -429,57 +410,100 @@ impl Worker {
             let count = cap.saturating_sub(running).max(1);
             match functions::reclaim(&self.store, &self.identity.id, self.call_in(), count).await {
                 Ok(reply) => {
-                    for entry in parse_entry_list(&reply) {
-                        if shutdown.is_cancelled() {
-                            self.hand_back_unstarted(&entry).await;
-                            continue;
-                        }
+                    let entries = parse_entry_list(&reply);
+                    for entry in &entries {
                         self.metrics.jobs_reclaimed.inc();
                         tracing::info!(entry = %entry.id, "reclaimed a job entry");
-                        self.clone().take_entry(entry, true).await;
                     }
+                    self.clone().take_entries(entries, true, &shutdown).await;
                 }
                 Err(e) => self.on_redis_error(&e, "reclaiming entries").await,
             }
         }
     }
 
-    /// Validates an entry and asks Redis whether to run it; starts the job if so.
-    async fn take_entry(self: Arc<Self>, entry: Entry, reclaimed: bool) {
+    /// Validates entries of one read, asks Redis in one call whether to run each (in the
+    /// order read, so that of two entries naming one job_id the first wins), and starts
+    /// those it may run. A malformed entry is refused on its own, after the valid entries
+    /// read before it were claimed. Entries that arrive after shutdown are handed back.
+    async fn take_entries(
+        self: Arc<Self>,
+        entries: Vec<Entry>,
+        reclaimed: bool,
+        shutdown: &CancellationToken,
+    ) {
         let tag = self.store.keys().tag().to_string();
-        let parsed = JobSpec::parse(&entry.id, &entry.fields, self.config.default_fps, || {
-            job_id_for_entry(&tag, &entry.id)
-        });
-        let spec = match parsed {
-            Ok(spec) => spec,
-            Err((err, job_id)) => {
-                let job_id = job_id.unwrap_or_else(|| job_id_for_entry(&tag, &entry.id));
-                self.reject(&entry, &job_id, &err.to_string()).await;
-                return;
+        let mut specs: Vec<JobSpec> = Vec::new();
+        for entry in entries {
+            if shutdown.is_cancelled() {
+                self.hand_back_unstarted(&entry).await;
+                continue;
             }
-        };
-        // What the body cannot run (a prompt the model cannot use) fails once, here, rather
-        // than in every frame.
-        if let Err(err) = self.body.check(&spec) {
-            self.reject(&entry, &spec.job_id, &err.to_string()).await;
+            let parsed = JobSpec::parse(&entry.id, &entry.fields, self.config.default_fps, || {
+                job_id_for_entry(&tag, &entry.id)
+            });
+            // What the body cannot run (a prompt the model cannot use) fails once, here,
+            // rather than in every frame.
+            let refused = match parsed {
+                Ok(spec) => match self.body.check(&spec) {
+                    Ok(()) => {
+                        specs.push(spec);
+                        continue;
+                    }
+                    Err(err) => (spec.job_id.clone(), err.to_string()),
+                },
+                Err((err, job_id)) => (
+                    job_id.unwrap_or_else(|| job_id_for_entry(&tag, &entry.id)),
+                    err.to_string(),
+                ),
+            };
+            self.clone()
+                .claim_and_start(std::mem::take(&mut specs), reclaimed)
+                .await;
+            self.reject(&entry, &refused.0, &refused.1).await;
+        }
+        self.claim_and_start(specs, reclaimed).await;
+    }
+
+    /// Claims `specs` in one `fr_job_claim` call and acts on each verdict, concurrently.
+    async fn claim_and_start(self: Arc<Self>, specs: Vec<JobSpec>, reclaimed: bool) {
+        if specs.is_empty() {
             return;
         }
-        let fields = spec.hash_fields();
-        let Some(verdict) = self
+        let fields: Vec<Vec<(&'static str, String)>> =
+            specs.iter().map(JobSpec::hash_fields).collect();
+        let batch: Vec<ClaimEntry<'_>> = specs
+            .iter()
+            .zip(&fields)
+            .map(|(spec, fields)| ClaimEntry {
+                entry_id: &spec.entry_id,
+                job_id: &spec.job_id,
+                fields,
+            })
+            .collect();
+        let Some(verdicts) = self
             .with_retry(|| {
                 functions::claim(
                     &self.store,
-                    &spec.entry_id,
                     &self.identity.id,
                     self.config.max_attempts,
-                    &spec.job_id,
-                    &fields,
+                    &batch,
                 )
             })
             .await
         else {
             return;
         };
+        drop(batch);
+        let mut follow_ups = tokio::task::JoinSet::new();
+        for (spec, verdict) in specs.into_iter().zip(verdicts) {
+            follow_ups.spawn(self.clone().act_on_claim(spec, verdict, reclaimed));
+        }
+        while follow_ups.join_next().await.is_some() {}
+    }
+
+    /// Starts a job the claim said to run, or records why it does not run.
+    async fn act_on_claim(self: Arc<Self>, spec: JobSpec, verdict: ClaimVerdict, reclaimed: bool) {
         match verdict {
             ClaimVerdict::Run { attempt } => {
                 // An entry read new from the stream was never delivered before, so no worker
@@ -794,18 +818,13 @@ impl Worker {
         // An earlier end entry wins: the hash must agree with what readers saw.
         let status = recorded.status;
         let status_str = status.as_str();
-        let verdict = self
-            .with_retry(|| {
-                functions::finish(
-                    &self.store,
-                    &spec.entry_id,
-                    &self.identity.id,
-                    &spec.job_id,
-                    status,
-                    error,
-                )
-            })
-            .await;
+        let end = FinishEntry {
+            entry_id: spec.entry_id.clone(),
+            job_id: spec.job_id.clone(),
+            status,
+            error: error.to_string(),
+        };
+        let verdict = self.with_retry(|| self.finisher.finish(end.clone())).await;
         match verdict {
             Some(Ownership::Done) => {
                 match status {
