@@ -2,9 +2,11 @@
 //! whose job body does nothing, through the full lifecycle (claim function, lease, end
 //! entry, hash, event, ack and delete). Prints one line in the format the queue peers use:
 //! `SYSTEM jobs=N produce_s=X consume_s=Y jobs_per_s=Z`, then the requests the worker sent per
-//! job (counted by the store) and the Redis server's CPU time per job.
+//! job (counted by the store) and the Redis server's CPU time per job; then the claim
+//! latency at idle (`XADD` to the job's `running` event, one job at a time), p50 and p99.
 //!
-//! Env: REDIS_URL (or REDIS_PORT), JOBS (default 10000), CONCURRENCY (default 8).
+//! Env: REDIS_URL (or REDIS_PORT), JOBS (default 10000), CONCURRENCY (default 8),
+//! LATENCY_JOBS (default 200).
 
 use free_roam::config::Config;
 use free_roam::job::{BodyFuture, BodyOutcome, JobBody, JobContext};
@@ -34,6 +36,11 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
+    let latency_jobs: usize = std::env::var("LATENCY_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+        .max(1);
     let concurrency: usize = std::env::var("CONCURRENCY")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -100,6 +107,7 @@ async fn main() {
     // loop's own polls; and the server's CPU time, less the two INFO calls' share (tiny).
     let trips = store.round_trips() - trips_start - polls;
     let cpu_s = redis_cpu_s(&store).await - cpu_start;
+    let latency = claim_latency(&store, latency_jobs).await;
     shutdown.cancel();
     let _ = handle.await;
     println!(
@@ -107,6 +115,14 @@ async fn main() {
         jobs as f64 / consume_s,
         trips as f64 / jobs as f64,
         cpu_s * 1e6 / jobs as f64
+    );
+    let ms = |q: f64| latency[((latency.len() - 1) as f64 * q).round() as usize] * 1e3;
+    println!(
+        "free-roam-c{concurrency} claim_latency_ms n={} p50={:.2} p99={:.2} max={:.2}",
+        latency.len(),
+        ms(0.5),
+        ms(0.99),
+        ms(1.0)
     );
     // Leave nothing behind on a shared server.
     let mut cursor = 0u64;
@@ -133,6 +149,72 @@ async fn main() {
         }
         cursor = next;
     }
+}
+
+/// Claim latency at idle: `n` jobs submitted one at a time to the idle worker, each timed
+/// from before its `XADD` to the moment its `running` event is read from the events stream
+/// (sorted, in seconds).
+async fn claim_latency(store: &Store, n: usize) -> Vec<f64> {
+    let events = store.keys().events();
+    let mut last: String = store
+        .query::<redis::streams::StreamRangeReply>(
+            redis::cmd("XREVRANGE")
+                .arg(&events)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1),
+        )
+        .await
+        .expect("xrevrange")
+        .ids
+        .first()
+        .map(|e| e.id.clone())
+        .unwrap_or_else(|| "0".into());
+    let mut latencies = Vec::with_capacity(n);
+    for i in 0..n {
+        let job_id = format!("latency-{i}");
+        let start = Instant::now();
+        let _: String = store
+            .query(
+                redis::cmd("XADD")
+                    .arg(store.keys().jobs())
+                    .arg("*")
+                    .arg("stream_ref")
+                    .arg(format!("bench:latency:{i}"))
+                    .arg("job_id")
+                    .arg(&job_id),
+            )
+            .await
+            .expect("xadd");
+        'wait: loop {
+            let reply: redis::streams::StreamReadReply = store
+                .query_blocking(
+                    redis::cmd("XREAD")
+                        .arg("BLOCK")
+                        .arg(5000)
+                        .arg("STREAMS")
+                        .arg(&events)
+                        .arg(&last),
+                )
+                .await
+                .expect("xread");
+            assert!(
+                !reply.keys.is_empty(),
+                "no running event for {job_id} in 5 s"
+            );
+            for entry in reply.keys.iter().flat_map(|k| &k.ids) {
+                last = entry.id.clone();
+                let field = |name: &str| entry.get::<String>(name).unwrap_or_default();
+                if field("job_id") == job_id && field("to") == "running" {
+                    latencies.push(start.elapsed().as_secs_f64());
+                    break 'wait;
+                }
+            }
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    latencies
 }
 
 /// The server's CPU time so far (`used_cpu_user` + `used_cpu_sys`), in seconds.
