@@ -606,6 +606,28 @@ async fn finish_one(store: &Store, entry_id: &str, worker: &str, job: &str) -> O
     functions::finish(store, worker, &[end]).await.unwrap()[0]
 }
 
+/// An entry the server cannot claim (its job key holds a string) fails the read's one claim
+/// call; the worker then claims the read's entries one by one, so only that one is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_entry_that_cannot_be_claimed_holds_back_no_other_entry_of_its_read() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let _: () = redis.cmd(&["SET", &k.job("broken"), "not a hash"]);
+    for job in ["before", "broken", "after"] {
+        xadd(&redis, &p, &[("stream_ref", "paced:2:10"), ("job_id", job)]);
+    }
+    let w = InProcessWorker::start(&redis, &p, "w1", &[]);
+    for job in ["before", "after"] {
+        assert_eq!(wait_end(&redis, &p, job).await["status"], "completed");
+    }
+    let pending: Vec<(String, String, u64, u64)> =
+        redis.cmd(&["XPENDING", &k.jobs(), "workers", "-", "+", "10"]);
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    let _: String = redis.cmd(&["GET", &k.job("broken")]);
+    w.stop().await;
+}
+
 /// One `fr_job_claim` call decides a whole read in order (of two entries naming one job_id
 /// the first runs), and one `fr_job_finish` call ends several jobs, answering for each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -481,8 +481,8 @@ impl Worker {
                 fields,
             })
             .collect();
-        let Some(verdicts) = self
-            .with_retry(|| {
+        let claimed = self
+            .retrying(|| {
                 functions::claim(
                     &self.store,
                     &self.identity.id,
@@ -490,11 +490,20 @@ impl Worker {
                     &batch,
                 )
             })
-            .await
-        else {
-            return;
-        };
+            .await;
         drop(batch);
+        let verdicts = match claimed {
+            Ok(verdicts) => verdicts,
+            // One entry the server cannot claim (its job key holds another type) fails the
+            // whole call: claim each alone, so that only that one is left to the reclaim.
+            Err(e) if !e.is_transient() && specs.len() > 1 => {
+                for spec in specs {
+                    Box::pin(self.clone().claim_and_start(vec![spec], reclaimed)).await;
+                }
+                return;
+            }
+            Err(_) => return,
+        };
         let mut follow_ups = tokio::task::JoinSet::new();
         for (spec, verdict) in specs.into_iter().zip(verdicts) {
             follow_ups.spawn(self.clone().act_on_claim(spec, verdict, reclaimed));
@@ -641,7 +650,16 @@ impl Worker {
 
     /// Retries a Redis call on connection failures until it succeeds, the worker is past
     /// its shutdown timeout, or Redis answers with an error (logged). `None` on failure.
-    async fn with_retry<T, F, Fut>(&self, mut call: F) -> Option<T>
+    async fn with_retry<T, F, Fut>(&self, call: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = StoreResult<T>>,
+    {
+        self.retrying(call).await.ok()
+    }
+
+    /// [`Worker::with_retry`], giving back the last error.
+    async fn retrying<T, F, Fut>(&self, mut call: F) -> StoreResult<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = StoreResult<T>>,
@@ -658,7 +676,7 @@ impl Worker {
             match call().await {
                 Ok(v) => {
                     self.state.redis_ok();
-                    return Some(v);
+                    return Ok(v);
                 }
                 Err(e) if e.is_transient() && Instant::now() < deadline => {
                     self.on_redis_error(&e, "updating a job").await;
@@ -666,7 +684,7 @@ impl Worker {
                 }
                 Err(e) => {
                     self.on_redis_error(&e, "updating a job").await;
-                    return None;
+                    return Err(e);
                 }
             }
         }
