@@ -261,17 +261,25 @@ end
 -- verdict per entry, in order (claim_one).
 local function fr_job_claim(keys, args)
   local tag, worker, max_attempts = keys[1], args[1], tonumber(args[2])
-  local out, i = {}, 3
+  if not max_attempts then
+    return redis.error_reply('ERR fr_job_claim: max_attempts is not a number')
+  end
+  -- Every entry's arguments are read before any is claimed: a bad call writes nothing.
+  local entries, i = {}, 3
   while i <= #args do
-    local entry_id, job_id, n = args[i], args[i + 1], tonumber(args[i + 2])
+    local n = tonumber(args[i + 2])
     if not n or n % 2 == 1 or i + 2 + n > #args then
-      return redis.error_reply('ERR fr_job_claim: entry ' .. tostring(entry_id) ..
+      return redis.error_reply('ERR fr_job_claim: entry ' .. tostring(args[i]) ..
         ' has a bad field count ' .. tostring(args[i + 2]))
     end
     local fields = {}
     for j = i + 3, i + 2 + n do table.insert(fields, args[j]) end
-    table.insert(out, claim_one(tag, worker, max_attempts, entry_id, job_id, fields))
+    table.insert(entries, { args[i], args[i + 1], fields })
     i = i + 3 + n
+  end
+  local out = {}
+  for _, e in ipairs(entries) do
+    table.insert(out, claim_one(tag, worker, max_attempts, e[1], e[2], e[3]))
   end
   return out
 end

@@ -692,6 +692,38 @@ async fn one_call_claims_a_read_and_one_call_finishes_several_jobs() {
         (pending[0].0.as_str(), pending[0].1.as_str()),
         (b.as_str(), "w2")
     );
+    // A call whose arguments break off after a good entry writes nothing, not even that.
+    let fresh = xadd(&redis, &p, &[("stream_ref", "paced:3:10"), ("job_id", "c")]);
+    let _: redis::Value = redis.cmd(&[
+        "XREADGROUP",
+        "GROUP",
+        "workers",
+        "w1",
+        "COUNT",
+        "1",
+        "STREAMS",
+        &k.jobs(),
+        ">",
+    ]);
+    let mut con = redis.client().get_connection().unwrap();
+    let bad: redis::RedisResult<redis::Value> = redis::cmd("FCALL")
+        .arg("fr_job_claim")
+        .arg(1)
+        .arg(k.tag())
+        .arg(&[
+            "w1",
+            "3",
+            fresh.as_str(),
+            "c",
+            "0",
+            "orphan",
+            "d",
+            "3",
+            "stream_ref",
+        ])
+        .query(&mut con);
+    assert_eq!(bad.unwrap_err().code(), Some("ERR"));
+    assert!(redis.hgetall(&k.job("c")).is_empty());
 }
 
 /// Each step of a job's end, and the hand-back, called twice, as a retry after a lost reply

@@ -415,6 +415,7 @@ impl Worker {
                         self.metrics.jobs_reclaimed.inc();
                         tracing::info!(entry = %entry.id, "reclaimed a job entry");
                     }
+                    // Past shutdown, take_entries hands them back at once.
                     self.clone().take_entries(entries, true, &shutdown).await;
                 }
                 Err(e) => self.on_redis_error(&e, "reclaiming entries").await,
@@ -444,7 +445,7 @@ impl Worker {
             });
             // What the body cannot run (a prompt the model cannot use) fails once, here,
             // rather than in every frame.
-            let refused = match parsed {
+            let (job_id, error) = match parsed {
                 Ok(spec) => match self.body.check(&spec) {
                     Ok(()) => {
                         specs.push(spec);
@@ -460,7 +461,7 @@ impl Worker {
             self.clone()
                 .claim_and_start(std::mem::take(&mut specs), reclaimed)
                 .await;
-            self.reject(&entry, &refused.0, &refused.1).await;
+            self.reject(&entry, &job_id, &error).await;
         }
         self.claim_and_start(specs, reclaimed).await;
     }
