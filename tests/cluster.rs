@@ -531,8 +531,8 @@ fn a_cluster_runs_the_whole_contract_and_spreads_result_writes_over_its_masters(
 /// Run by hand (`cargo test -p free-roam-worker --test cluster -- --ignored`). Its failures
 /// at the first CLI submit were the library probe's random node (fixed). A rarer stall
 /// remains: once in the suite it timed out in its first wait (6 jobs with 2 results each
-/// within a minute), before the failover itself, and 17 runs alone or with the other
-/// cluster tests, some with both cores busy, did not repeat it. A timeout now prints each
+/// within a minute), before the failover itself, and 12 runs after it, alone or with the
+/// other cluster tests, did not repeat it. A timeout now prints each
 /// job's hash and the end of the worker's log.
 #[test]
 #[ignore = "a rare stall before the failover, not yet found; run by hand with --ignored"]
