@@ -4,8 +4,8 @@
 -- touches one Cluster slot only. The queue's functions take the deployment's tag (`{fr}` by
 -- default); fr_job_end takes one job's tag (`{fr:<job_id>}`), where its results and progress
 -- live. A job's end spans both slots: the end entry is written first, then the queue entry
--- is acked, and each step is safe to repeat. Workers and the CLI load this library with
--- FUNCTION LOAD REPLACE at start; see docs/redis-contract.md.
+-- is acked, and each step is safe to repeat. Workers load this library with FUNCTION LOAD
+-- REPLACE at start, the CLI when a call finds it missing; see docs/redis-contract.md.
 
 local GROUP = 'workers'
 local TERMINAL = { completed = true, failed = true, cancelled = true, dead = true }
