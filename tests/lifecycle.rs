@@ -32,6 +32,15 @@ async fn load_functions(redis: &TestRedis, prefix: &str) {
         .unwrap();
 }
 
+/// A store on `prefix` with the library loaded and the `workers` group made: what a test
+/// that calls the queue's functions itself needs.
+async fn queue_store(redis: &TestRedis, prefix: &str) -> Store {
+    let store = Store::new(&redis.url(), prefix, 4).unwrap();
+    store.load_functions().await.unwrap();
+    store.ensure_group().await.unwrap();
+    store
+}
+
 fn keys(prefix: &str) -> free_roam::keys::Keys {
     free_roam::keys::Keys::new(prefix)
 }
@@ -635,9 +644,7 @@ async fn one_call_claims_a_read_and_one_call_finishes_several_jobs() {
     let redis = TestRedis::start();
     let p = unique_prefix();
     let k = keys(&p);
-    let store = Store::new(&redis.url(), &p, 2).unwrap();
-    store.load_functions().await.unwrap();
-    store.ensure_group().await.unwrap();
+    let store = queue_store(&redis, &p).await;
     let a = xadd(&redis, &p, &[("stream_ref", "paced:3:10"), ("job_id", "a")]);
     let b = xadd(&redis, &p, &[("stream_ref", "paced:3:10"), ("job_id", "b")]);
     let again = xadd(&redis, &p, &[("stream_ref", "paced:3:10"), ("job_id", "a")]);
@@ -733,9 +740,7 @@ async fn every_step_of_a_jobs_end_is_safe_to_repeat() {
     let redis = TestRedis::start();
     let p = unique_prefix();
     let k = keys(&p);
-    let store = Store::new(&redis.url(), &p, 2).unwrap();
-    store.load_functions().await.unwrap();
-    store.ensure_group().await.unwrap();
+    let store = queue_store(&redis, &p).await;
     let retention = Retention {
         results_maxlen: 100,
         ttl_s: 600,
@@ -1092,9 +1097,7 @@ async fn the_events_stream_stays_near_events_maxlen() {
 async fn reclaiming_waits_a_lease_after_the_fleet_was_silent() {
     let redis = TestRedis::start();
     let p = unique_prefix();
-    load_functions(&redis, &p).await;
-    let store = Store::new(&redis.url(), &p, 4).unwrap();
-    store.ensure_group().await.unwrap();
+    let store = queue_store(&redis, &p).await;
     let lapsed = xadd(
         &redis,
         &p,

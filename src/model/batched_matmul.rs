@@ -29,9 +29,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 mod mkl {
     use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 
-    const ROW_MAJOR: i32 = 101;
-    const NO_TRANSPOSE: i32 = 111;
-    const TRANSPOSE: i32 = 112;
+    use crate::model::cblas::{NO_TRANSPOSE, ROW_MAJOR, TRANSPOSE};
 
     unsafe extern "C" {
         fn cblas_sgemm_batch_strided(

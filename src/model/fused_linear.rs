@@ -454,10 +454,7 @@ mod mkl_packed {
     use std::alloc::Layout;
     use std::cell::RefCell;
 
-    const ROW_MAJOR: i32 = 101;
-    const NO_TRANSPOSE: i32 = 111;
-    const TRANSPOSE: i32 = 112;
-    const PACKED: i32 = 151;
+    use crate::model::cblas::{NO_TRANSPOSE, PACKED, ROW_MAJOR, TRANSPOSE};
     const B_MATRIX: i32 = 162;
     /// The row count MKL is told to expect when packing. Packed for few rows, large products
     /// ran a third slower; packed for 400, products of 17 to 577 rows all ran faster than an

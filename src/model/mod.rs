@@ -13,6 +13,8 @@
 pub mod batched_matmul;
 pub mod blip;
 pub mod blip_net;
+#[cfg(feature = "mkl")]
+mod cblas;
 pub mod clip;
 pub mod clip_vision;
 pub mod colour_test;

@@ -127,7 +127,9 @@ pub fn max_abs_difference(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f
         .expect("tensors of one shape and float dtype")
 }
 
-/// The lowest cosine similarity between matching rows of two `(rows, dim)` tensors.
+/// The lowest cosine similarity between matching rows of two `(rows, dim)` tensors (the
+/// bf16 checks, which need the mkl build).
+#[cfg(feature = "mkl")]
 pub fn lowest_row_cosine(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     let dot = (a * b).and_then(|p| p.sum(1));
     let norms = (a.sqr().and_then(|s| s.sum(1)))
