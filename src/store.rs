@@ -446,12 +446,20 @@ impl Store {
                 // the message. The probe names the same key, so it goes where the call
                 // went; on a Cluster another node may have the library already.
                 self.count_trip();
-                if !matches!(library_loaded_on(&mut conn, tag).await, Ok(false)) {
-                    return Err(e.into());
+                match library_loaded_on(&mut conn, tag).await {
+                    Ok(false) => {
+                        self.count_trip();
+                        load_functions_on(&mut conn).await?;
+                    }
+                    // Loaded now: the error was the call's own, or another client (a
+                    // worker starting) loaded the library between the call and the probe.
+                    // The call runs once more and its answer stands; the functions check
+                    // their arguments before they write, so a refused call writes nothing
+                    // either time.
+                    Ok(true) => {}
+                    Err(_) => return Err(e.into()),
                 }
                 self.count_trip();
-                self.count_trip();
-                load_functions_on(&mut conn).await?;
                 Ok(self.check_shared(cmd.query_async(&mut conn).await)?)
             }
             other => Ok(other?),
