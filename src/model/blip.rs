@@ -104,7 +104,7 @@ impl BlipSpec {
         let config: blip::Config = serde_json::from_value(full)
             .map_err(|e| ModelError::Load(format!("config.json is not a BLIP config: {e}")))?;
         let v = &config.vision_config;
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             return Err(ModelError::Load(format!(
                 "config.json: image_size {} is not a multiple of patch_size {}",
                 v.image_size, v.patch_size

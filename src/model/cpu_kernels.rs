@@ -75,35 +75,37 @@ fn has_avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f") && has_avx2_fma()
 }
 
-/// The unit MKL multiplies bf16 matrices on with this CPU, best first: `AMX-BF16` (with
-/// the OS enabling its tile state) or `AVX512-BF16`; `None` when it has neither. Only Intel
-/// CPUs count: on an AMD EPYC with AVX512-BF16, CLIP's image tower on MKL's bf16 product ran
-/// no faster than on its f32 one (MKL does not use those units there), so bf16 would only
-/// cost accuracy.
-pub fn bf16_matrix_unit() -> Option<&'static str> {
+/// A unit of the CPU that multiplies bf16 matrices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Unit {
+    /// Intel's tile engine (with the OS enabling its tile state): MKL's bf16 product uses it.
+    AmxBf16,
+    /// `vdpbf16ps` (Intel since Cooper Lake, AMD since Zen 4): the project's own product
+    /// (`bf16_gemm`) uses it, since MKL's does not on AMD.
+    Avx512Bf16,
+}
+
+impl std::fmt::Display for Bf16Unit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::AmxBf16 => "AMX-BF16",
+            Self::Avx512Bf16 => "AVX512-BF16",
+        })
+    }
+}
+
+/// The best unit this CPU multiplies bf16 matrices on; `None` when it has neither.
+pub fn bf16_matrix_unit() -> Option<Bf16Unit> {
     #[cfg(target_arch = "x86_64")]
     {
-        if !is_intel() {
-            return None;
-        }
         if has_amx_bf16() {
-            return Some("AMX-BF16");
+            return Some(Bf16Unit::AmxBf16);
         }
         if std::arch::is_x86_feature_detected!("avx512bf16") {
-            return Some("AVX512-BF16");
+            return Some(Bf16Unit::Avx512Bf16);
         }
     }
     None
-}
-
-#[cfg(target_arch = "x86_64")]
-fn is_intel() -> bool {
-    let vendor = std::arch::x86_64::__cpuid(0);
-    let bytes: Vec<u8> = [vendor.ebx, vendor.edx, vendor.ecx]
-        .iter()
-        .flat_map(|r| r.to_le_bytes())
-        .collect();
-    bytes == b"GenuineIntel"
 }
 
 #[cfg(target_arch = "x86_64")]

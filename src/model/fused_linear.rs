@@ -9,8 +9,10 @@
 //! MKL's own layout. Other devices and dtypes use candle's own operations, with the same
 //! arithmetic.
 
-use super::cpu_kernels;
-#[cfg(feature = "mkl")]
+#[cfg(target_arch = "x86_64")]
+use super::bf16_gemm;
+use super::cpu_kernels::{self, Bf16Unit};
+#[cfg(any(feature = "mkl", target_arch = "x86_64"))]
 use candle_core::CustomOp2;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
@@ -61,11 +63,10 @@ pub enum MatmulPrecision {
     /// f32 inputs, f32 accumulation.
     #[default]
     F32,
-    /// bf16 weight and inputs, f32 accumulation and output: MKL's bf16 product, which runs
-    /// on AMX or AVX512-BF16 where the CPU has them. Bias, residual, activation and
-    /// everything outside the product stay f32. Only an mkl build on the CPU has it; a
-    /// layer asked for bf16 anywhere else stays f32 (`model::load` refuses `DTYPE=bf16`
-    /// there, so this happens only in tests).
+    /// bf16 weight and inputs, f32 accumulation and output. Bias, residual, activation and
+    /// everything outside the product stay f32. The product runs where [`bf16_product`]
+    /// says; a layer asked for bf16 where there is none stays f32 (`model::load` refuses
+    /// `DTYPE=bf16` there, so this happens only in tests).
     Bf16,
 }
 
@@ -78,9 +79,43 @@ impl std::fmt::Display for MatmulPrecision {
     }
 }
 
+/// Which product a bf16 layer runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Product {
+    /// MKL's, on AMX where the CPU has it (and emulated where it has no bf16 unit).
+    Mkl,
+    /// The project's own AVX512-BF16 product (`bf16_gemm`): MKL's runs at f32 speed on
+    /// AMD's Zen 4, and a build without MKL has no other.
+    AvxDot,
+}
+
+/// Where bf16 products run in this build, on this CPU: MKL's on AMX, the own product on
+/// AVX512-BF16 without AMX (or on any CPU with it, in a build without MKL), MKL's emulation
+/// on a CPU with neither; `None` where the build has no bf16 product at all.
+pub fn bf16_product() -> Option<Bf16Product> {
+    let unit = cpu_kernels::bf16_matrix_unit();
+    let own = own_bf16_supported();
+    match unit {
+        Some(Bf16Unit::AmxBf16) if cfg!(feature = "mkl") => Some(Bf16Product::Mkl),
+        _ if own => Some(Bf16Product::AvxDot),
+        _ if cfg!(feature = "mkl") => Some(Bf16Product::Mkl),
+        _ => None,
+    }
+}
+
+fn own_bf16_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return bf16_gemm::supported();
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
 enum Weight {
     /// `(out, in)`, as stored.
     Tensor(Tensor),
+    /// Rounded to bf16 and packed for the own AVX512-BF16 product.
+    #[cfg(target_arch = "x86_64")]
+    Bf16Packed(bf16_gemm::PackedBf16Weight),
     /// Packed for MKL: what a CPU f32 weight becomes in an mkl build.
     #[cfg(feature = "mkl")]
     Packed(mkl_packed::PackedWeight),
@@ -100,6 +135,16 @@ impl FusedLinear {
 
     /// A layer whose product runs in `precision` (see [`MatmulPrecision`]).
     pub fn new_as(weight: Tensor, bias: Tensor, precision: MatmulPrecision) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if precision == MatmulPrecision::Bf16
+            && bf16_product() == Some(Bf16Product::AvxDot)
+            && let Some(packed) = pack_for_own_bf16(&weight)
+        {
+            return Self {
+                weight: Weight::Bf16Packed(packed),
+                bias,
+            };
+        }
         #[cfg(feature = "mkl")]
         if let Some(packed) = mkl_packed::PackedWeight::new(&weight, precision) {
             // The packed copy replaces the weight (MKL's layout is somewhat larger).
@@ -166,6 +211,14 @@ impl FusedLinear {
                 }
                 x.contiguous()?
                     .apply_op2_no_bwd(&self.bias, &PackedProduct { op, packed })
+            }
+            #[cfg(target_arch = "x86_64")]
+            Weight::Bf16Packed(packed) => {
+                if !fused {
+                    candle_core::bail!("fused linear: a packed weight takes CPU f32 inputs only")
+                }
+                x.contiguous()?
+                    .apply_op2_no_bwd(&self.bias, &OwnBf16Product { op, packed })
             }
             Weight::Tensor(weight) if fused && cpu_f32(weight) => {
                 x.contiguous()?.apply_op3_no_bwd(weight, &self.bias, &op)
@@ -343,6 +396,120 @@ impl CustomOp2 for PackedProduct<'_> {
     }
 }
 
+/// A contiguous CPU f32 `(out, in)` weight rounded to bf16 and packed for the own product;
+/// `None` for anything else.
+#[cfg(target_arch = "x86_64")]
+fn pack_for_own_bf16(weight: &Tensor) -> Option<bf16_gemm::PackedBf16Weight> {
+    let (out_dim, in_dim) = weight.dims2().ok()?;
+    let (storage, layout) = weight.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        return None;
+    };
+    let (start, end) = layout.contiguous_offsets()?;
+    let mut rounded = vec![0u16; end - start];
+    cpu_kernels::round_to_bf16(&data[start..end], &mut rounded);
+    bf16_gemm::PackedBf16Weight::new(&rounded, out_dim, in_dim)
+}
+
+#[cfg(any(feature = "mkl", target_arch = "x86_64"))]
+thread_local! {
+    /// Each bf16 product's input rows, rounded: reused across calls.
+    static BF16_ROWS: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `product` on `x`'s `rows` rows of `in_dim` values rounded to bf16, `stride` values
+/// apart (a row's values past `in_dim` are 0).
+#[cfg(any(feature = "mkl", target_arch = "x86_64"))]
+fn with_bf16_rows<T>(
+    x: &[f32],
+    in_dim: usize,
+    stride: usize,
+    product: impl FnOnce(&[u16]) -> T,
+) -> T {
+    /// Rows per parallel task.
+    const ROWS_PER_TASK: usize = 32;
+    let rows = x.len() / in_dim;
+    BF16_ROWS.with(|cell| {
+        let mut rounded = cell.borrow_mut();
+        rounded.clear();
+        rounded.resize(rows * stride, 0);
+        rounded
+            .par_chunks_mut(stride * ROWS_PER_TASK)
+            .zip(x.par_chunks(in_dim * ROWS_PER_TASK))
+            .for_each(|(out, x)| {
+                if stride == in_dim {
+                    cpu_kernels::round_to_bf16(x, out);
+                } else {
+                    for (out, x) in out.chunks_mut(stride).zip(x.chunks(in_dim)) {
+                        cpu_kernels::round_to_bf16(x, &mut out[..in_dim]);
+                    }
+                }
+            });
+        product(&rounded)
+    })
+}
+
+/// The fused layer over a weight packed for the own bf16 product; the bias is the second
+/// operand.
+#[cfg(target_arch = "x86_64")]
+struct OwnBf16Product<'a> {
+    op: FusedLinearOp<'a>,
+    packed: &'a bf16_gemm::PackedBf16Weight,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl CustomOp2 for OwnBf16Product<'_> {
+    fn name(&self) -> &'static str {
+        "fused-linear-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        #[cfg(feature = "mkl")]
+        let_mkl_threads_sleep();
+        let (out_dim, in_dim) = self.packed.dims();
+        self.op.run(
+            x,
+            x_layout,
+            bias,
+            bias_layout,
+            (out_dim, in_dim),
+            |out, x, rows| {
+                with_bf16_rows(x, in_dim, self.packed.input_stride(), |rounded| {
+                    self.packed.accumulate_product(out, rounded, rows)
+                })
+            },
+        )
+    }
+}
+
+/// MKL's OpenMP threads spin for 200 ms after each call by default, holding the cores that
+/// rayon's threads need for the own bf16 product right after (the attention products
+/// between two layers are MKL's). A thread that runs the own product has the OpenMP teams
+/// it forks sleep at once instead: CLIP's image tower at batch 1 ran 39 ms with the spin
+/// and 32.5 ms without it.
+#[cfg(all(feature = "mkl", target_arch = "x86_64"))]
+fn let_mkl_threads_sleep() {
+    unsafe extern "C" {
+        // Intel's OpenMP runtime, which MKL's threading layer runs on.
+        fn kmp_set_blocktime(milliseconds: i32);
+    }
+    thread_local! {
+        static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    DONE.with(|done| {
+        if !done.replace(true) {
+            // SAFETY: sets a setting of this thread's OpenMP state; no pointers.
+            unsafe { kmp_set_blocktime(0) }
+        }
+    });
+}
+
 /// `out (rows, out_dim) += x (rows, in_dim) · weight (out_dim, in_dim)ᵀ`, all row-major.
 #[cfg(not(feature = "mkl"))]
 fn accumulate_product(
@@ -452,7 +619,6 @@ mod mkl_packed {
     use super::MatmulPrecision;
     use candle_core::{DType, Storage, Tensor};
     use std::alloc::Layout;
-    use std::cell::RefCell;
 
     use crate::model::cblas::{NO_TRANSPOSE, PACKED, ROW_MAJOR, TRANSPOSE};
     const B_MATRIX: i32 = 162;
@@ -518,11 +684,6 @@ mod mkl_packed {
             c: *mut f32,
             ldc: i32,
         );
-    }
-
-    thread_local! {
-        /// Each product's input rows, rounded to bf16: reused across calls.
-        static BF16_ROWS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     }
 
     /// A `(out, in)` weight packed as the right-hand `Wᵀ` of `x Wᵀ`.
@@ -642,30 +803,34 @@ mod mkl_packed {
                         self.out_dim,
                     )
                 },
-                MatmulPrecision::Bf16 => BF16_ROWS.with(|cell| {
-                    let mut rounded = cell.borrow_mut();
-                    rounded.resize(x.len(), 0);
-                    super::cpu_kernels::round_to_bf16(x, &mut rounded);
-                    // SAFETY: as above; `rounded` holds the rows × in_dim input.
-                    unsafe {
-                        cblas_gemm_bf16bf16f32_compute(
-                            ROW_MAJOR,
-                            NO_TRANSPOSE,
-                            PACKED,
-                            rows,
-                            self.out_dim,
-                            self.in_dim,
-                            1.0,
-                            rounded.as_ptr(),
-                            self.in_dim,
-                            self.data as *const u16,
-                            self.in_dim,
-                            1.0,
-                            out.as_mut_ptr(),
-                            self.out_dim,
-                        )
-                    }
-                }),
+                MatmulPrecision::Bf16 => {
+                    super::with_bf16_rows(
+                        x,
+                        self.in_dim as usize,
+                        self.in_dim as usize,
+                        |rounded| {
+                            // SAFETY: as above; `rounded` holds the rows × in_dim input.
+                            unsafe {
+                                cblas_gemm_bf16bf16f32_compute(
+                                    ROW_MAJOR,
+                                    NO_TRANSPOSE,
+                                    PACKED,
+                                    rows,
+                                    self.out_dim,
+                                    self.in_dim,
+                                    1.0,
+                                    rounded.as_ptr(),
+                                    self.in_dim,
+                                    self.data as *const u16,
+                                    self.in_dim,
+                                    1.0,
+                                    out.as_mut_ptr(),
+                                    self.out_dim,
+                                )
+                            }
+                        },
+                    )
+                }
             }
         }
     }
@@ -720,9 +885,12 @@ mod tests {
 
     /// The bf16 product equals f32 arithmetic on bf16-rounded weight and input, up to the
     /// order of the f32 accumulation.
-    #[cfg(feature = "mkl")]
     #[test]
     fn a_bf16_product_multiplies_rounded_values_and_accumulates_in_f32() {
+        if crate::model::fused_linear::bf16_product().is_none() {
+            eprintln!("skipped: no bf16 product in this build on this CPU");
+            return;
+        }
         let dev = Device::Cpu;
         let (rows, in_dim, out_dim) = (37, 96, 130);
         let weight = Tensor::randn(0f32, 0.2, (out_dim, in_dim), &dev).unwrap();

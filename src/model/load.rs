@@ -4,7 +4,7 @@
 //! every tensor the architecture needs is really there.
 
 use super::cpu_kernels;
-use super::fused_linear::MatmulPrecision;
+use super::fused_linear::{self, MatmulPrecision};
 use super::openai::{DEFAULT_IMAGE_MAX_SIDE, OpenAiModel, OpenAiSettings};
 use super::{
     ModelError, VisionLanguageModel, blip::BlipModel, clip::ClipModel, owlvit::OwlVitModel,
@@ -179,12 +179,12 @@ impl fmt::Display for DeviceChoice {
 /// The number format of the image towers' matrix products (`DTYPE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DtypeChoice {
-    /// bf16 where it is fast (an mkl build, on the CPU, where the CPU is an Intel one with
-    /// AMX-BF16 or AVX512-BF16), else f32.
+    /// bf16 where it is fast (on the CPU, where it has AMX-BF16 or AVX512-BF16), else f32.
     #[default]
     Auto,
     F32,
-    /// bf16 products; an error where the build has no bf16 path (not mkl, or not the CPU).
+    /// bf16 products; an error where there is no bf16 product (not the CPU, or a CPU
+    /// without AVX512-BF16 in a build without MKL).
     Bf16,
 }
 
@@ -209,26 +209,27 @@ pub fn resolve_precision(
     choice: DtypeChoice,
     device: &Device,
 ) -> Result<(MatmulPrecision, String), ModelError> {
-    let has_bf16_path = cfg!(feature = "mkl") && device.is_cpu();
+    let product = fused_linear::bf16_product().filter(|_| device.is_cpu());
     match choice {
         DtypeChoice::F32 => Ok((MatmulPrecision::F32, "DTYPE=f32".into())),
-        DtypeChoice::Bf16 if has_bf16_path => Ok((MatmulPrecision::Bf16, "DTYPE=bf16".into())),
+        DtypeChoice::Bf16 if product.is_some() => Ok((MatmulPrecision::Bf16, "DTYPE=bf16".into())),
         DtypeChoice::Bf16 => Err(ModelError::Load(
-            "DTYPE=bf16 needs the mkl build (scripts/build) on the CPU; use DTYPE=auto or f32"
+            "DTYPE=bf16 needs the CPU, and a CPU with AVX512-BF16 or the mkl build \
+             (scripts/build); use DTYPE=auto or f32"
                 .into(),
         )),
-        DtypeChoice::Auto if !has_bf16_path => Ok((
-            MatmulPrecision::F32,
-            "DTYPE=auto: f32, this build has no bf16 path (not mkl, or not the CPU)".into(),
-        )),
-        DtypeChoice::Auto => match cpu_kernels::bf16_matrix_unit() {
-            Some(unit) => Ok((
+        DtypeChoice::Auto => match (cpu_kernels::bf16_matrix_unit(), product) {
+            (Some(unit), Some(_)) => Ok((
                 MatmulPrecision::Bf16,
                 format!("DTYPE=auto: bf16, this CPU has {unit}"),
             )),
-            None => Ok((
+            (None, _) => Ok((
                 MatmulPrecision::F32,
-                "DTYPE=auto: f32, this CPU is not an Intel one with AMX-BF16 or AVX512-BF16".into(),
+                "DTYPE=auto: f32, this CPU has neither AMX-BF16 nor AVX512-BF16".into(),
+            )),
+            (Some(_), None) => Ok((
+                MatmulPrecision::F32,
+                "DTYPE=auto: f32, bf16 runs on the CPU only".into(),
             )),
         },
     }

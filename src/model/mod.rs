@@ -11,6 +11,8 @@
 //! `MODEL_TYPE` and wired in the binary.
 
 pub mod batched_matmul;
+#[cfg(target_arch = "x86_64")]
+pub mod bf16_gemm;
 pub mod blip;
 pub mod blip_net;
 #[cfg(feature = "mkl")]

@@ -148,15 +148,15 @@ impl PaliGemmaSpec {
             .get("projection_dim")
             .and_then(Value::as_u64)
             .map_or(2048, |v| v as usize);
-        if vision.patch_size == 0 || vision.image_size % vision.patch_size != 0 {
+        if vision.patch_size == 0 || !vision.image_size.is_multiple_of(vision.patch_size) {
             return Err(ModelError::Load(format!(
                 "config.json: image_size {} is not a multiple of patch_size {}",
                 vision.image_size, vision.patch_size
             )));
         }
-        if vision.hidden_size % vision.num_attention_heads != 0
+        if !vision.hidden_size.is_multiple_of(vision.num_attention_heads)
             || text.num_key_value_heads == 0
-            || text.num_attention_heads % text.num_key_value_heads != 0
+            || !text.num_attention_heads.is_multiple_of(text.num_key_value_heads)
         {
             return Err(ModelError::Load(
                 "config.json: attention heads do not divide the sizes".into(),

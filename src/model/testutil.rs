@@ -128,8 +128,7 @@ pub fn max_abs_difference(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f
 }
 
 /// The lowest cosine similarity between matching rows of two `(rows, dim)` tensors (the
-/// bf16 checks, which need the mkl build).
-#[cfg(feature = "mkl")]
+/// bf16 checks).
 pub fn lowest_row_cosine(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     let dot = (a * b).and_then(|p| p.sum(1));
     let norms = (a.sqr().and_then(|s| s.sum(1)))
