@@ -44,6 +44,8 @@ struct EncoderLayer {
     fc2: FusedLinear,
     heads: usize,
     activation: Activation,
+    /// Attention's products run in the layers' precision, as autocast runs them.
+    precision: MatmulPrecision,
 }
 
 impl EncoderLayer {
@@ -74,6 +76,7 @@ impl EncoderLayer {
             fc2: linear(shape.intermediate, d, vb.pp("mlp").pp("fc2"))?,
             heads: shape.heads,
             activation: shape.activation,
+            precision,
         })
     }
 
@@ -95,8 +98,9 @@ impl EncoderLayer {
         } else {
             (x.clone(), n)
         };
-        let weights = cpu_kernels::softmax_last_dim(&batched_matmul::matmul_t(&q, &k)?)?;
-        let attended = batched_matmul::matmul(&weights, &v)?
+        let scores = batched_matmul::matmul_t_as(&q, &k, self.precision)?;
+        let weights = cpu_kernels::softmax_last_dim(&scores)?;
+        let attended = batched_matmul::matmul_as(&weights, &v, self.precision)?
             .transpose(1, 2)?
             .reshape((b, rows, d))?;
         let x = self.out_proj.forward_add(&attended, &residual)?;

@@ -249,6 +249,28 @@ dispatched! {
     pub fn round_to_bf16(values: &[f32], out: &mut [u16]) => round_to_bf16_body
 }
 
+/// Rounds `x`'s rows of `in_dim` values to bf16 into `out`, `stride` (at least `in_dim`)
+/// values apart, the values past `in_dim` 0; rows in parallel.
+pub fn round_rows_to_bf16(x: &[f32], in_dim: usize, stride: usize, out: &mut Vec<u16>) {
+    /// Rows per parallel task.
+    const ROWS_PER_TASK: usize = 32;
+    assert!(in_dim > 0 && stride >= in_dim && x.len().is_multiple_of(in_dim));
+    let rows = x.len() / in_dim;
+    out.clear();
+    out.resize(rows * stride, 0);
+    out.par_chunks_mut(stride * ROWS_PER_TASK)
+        .zip(x.par_chunks(in_dim * ROWS_PER_TASK))
+        .for_each(|(out, x)| {
+            if stride == in_dim {
+                round_to_bf16(x, out);
+            } else {
+                for (out, x) in out.chunks_mut(stride).zip(x.chunks(in_dim)) {
+                    round_to_bf16(x, &mut out[..in_dim]);
+                }
+            }
+        });
+}
+
 /// Softmax over the last dimension; CPU f32 through [`exp`], rows in parallel, anything else
 /// through candle's own.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {

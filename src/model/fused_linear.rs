@@ -417,8 +417,8 @@ thread_local! {
     static BF16_ROWS: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs `product` on `x`'s `rows` rows of `in_dim` values rounded to bf16, `stride` values
-/// apart (a row's values past `in_dim` are 0).
+/// Runs `product` on `x`'s rows of `in_dim` values rounded to bf16, `stride` values apart
+/// (a row's values past `in_dim` are 0), in a buffer this thread keeps between calls.
 #[cfg(any(feature = "mkl", target_arch = "x86_64"))]
 fn with_bf16_rows<T>(
     x: &[f32],
@@ -426,25 +426,9 @@ fn with_bf16_rows<T>(
     stride: usize,
     product: impl FnOnce(&[u16]) -> T,
 ) -> T {
-    /// Rows per parallel task.
-    const ROWS_PER_TASK: usize = 32;
-    let rows = x.len() / in_dim;
     BF16_ROWS.with(|cell| {
         let mut rounded = cell.borrow_mut();
-        rounded.clear();
-        rounded.resize(rows * stride, 0);
-        rounded
-            .par_chunks_mut(stride * ROWS_PER_TASK)
-            .zip(x.par_chunks(in_dim * ROWS_PER_TASK))
-            .for_each(|(out, x)| {
-                if stride == in_dim {
-                    cpu_kernels::round_to_bf16(x, out);
-                } else {
-                    for (out, x) in out.chunks_mut(stride).zip(x.chunks(in_dim)) {
-                        cpu_kernels::round_to_bf16(x, &mut out[..in_dim]);
-                    }
-                }
-            });
+        cpu_kernels::round_rows_to_bf16(x, in_dim, stride, &mut rounded);
         product(&rounded)
     })
 }

@@ -154,9 +154,13 @@ impl PaliGemmaSpec {
                 vision.image_size, vision.patch_size
             )));
         }
-        if !vision.hidden_size.is_multiple_of(vision.num_attention_heads)
+        if !vision
+            .hidden_size
+            .is_multiple_of(vision.num_attention_heads)
             || text.num_key_value_heads == 0
-            || !text.num_attention_heads.is_multiple_of(text.num_key_value_heads)
+            || !text
+                .num_attention_heads
+                .is_multiple_of(text.num_key_value_heads)
         {
             return Err(ModelError::Load(
                 "config.json: attention heads do not divide the sizes".into(),
