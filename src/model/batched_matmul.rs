@@ -35,6 +35,23 @@ pub fn matmul_t_as(a: &Tensor, b: &Tensor, precision: MatmulPrecision) -> Result
     a.matmul(&b.t()?)
 }
 
+/// `softmax(scores) · v` over the leading dimensions (attention's weighted values), in
+/// `precision`: in bf16 on the own product each row's softmax goes straight to bf16, with
+/// no f32 tensor of the weights.
+pub fn softmax_matmul_as(
+    scores: &Tensor,
+    v: &Tensor,
+    precision: MatmulPrecision,
+) -> Result<Tensor> {
+    #[cfg(target_arch = "x86_64")]
+    if own_bf16::wanted(precision)
+        && let Some(out) = own_bf16::softmax_product(scores, v)?
+    {
+        return Ok(out);
+    }
+    matmul_as(&super::cpu_kernels::softmax_last_dim(scores)?, v, precision)
+}
+
 /// [`matmul`] in `precision` (see [`matmul_t_as`]).
 pub fn matmul_as(a: &Tensor, b: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
     #[cfg(target_arch = "x86_64")]
@@ -93,7 +110,7 @@ fn batched_dims(a: &Tensor, b: &Tensor, transpose_b: bool) -> Option<(usize, usi
 mod own_bf16 {
     use super::{MatmulPrecision, batched_dims, with_cpu_f32};
     use crate::model::bf16_gemm::PackedBf16Weight;
-    use crate::model::cpu_kernels::round_rows_to_bf16;
+    use crate::model::cpu_kernels::{round_rows_to_bf16, softmax_rows_to_bf16};
     use crate::model::fused_linear::{Bf16Product, bf16_product};
     use candle_core::{Result, Tensor};
     use rayon::prelude::*;
@@ -105,6 +122,22 @@ mod own_bf16 {
     /// The product, or `None` when the operands are not contiguous f32 CPU tensors of one
     /// batched shape.
     pub fn product(a: &Tensor, b: &Tensor, transpose_b: bool) -> Result<Option<Tensor>> {
+        product_with(a, b, transpose_b, round_rows_to_bf16)
+    }
+
+    /// `softmax(scores) · v`, as [`product`] is `a · v`.
+    pub fn softmax_product(scores: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
+        product_with(scores, v, false, softmax_rows_to_bf16)
+    }
+
+    /// The product of `a`'s rows as `a_rows` makes them bf16 (`(x, in_dim, stride, out)`,
+    /// as [`round_rows_to_bf16`]) and `b`.
+    fn product_with(
+        a: &Tensor,
+        b: &Tensor,
+        transpose_b: bool,
+        a_rows: fn(&[f32], usize, usize, &mut Vec<u16>),
+    ) -> Result<Option<Tensor>> {
         let Some((batch, m, k, n)) = batched_dims(a, b, transpose_b) else {
             return Ok(None);
         };
@@ -116,7 +149,7 @@ mod own_bf16 {
             let stride = k.div_ceil(2) * 2;
             let b_row = if transpose_b { k } else { n };
             let (mut a_bf16, mut b_bf16) = (Vec::new(), Vec::new());
-            round_rows_to_bf16(a_data, k, stride, &mut a_bf16);
+            a_rows(a_data, k, stride, &mut a_bf16);
             round_rows_to_bf16(b_data, b_row, b_row, &mut b_bf16);
             let mut out = vec![0f32; batch * m * n];
             out.par_chunks_mut(m * n)
@@ -281,6 +314,16 @@ mod tests {
         let expected = rounded(&scores).matmul(&rounded(&v)).unwrap();
         let diff = max_abs_difference(&mixed.to_dtype(candle_core::DType::F64).unwrap(), &expected);
         assert!(diff < 1e-3, "w v off by {diff}");
+        let softmax = crate::model::cpu_kernels::softmax_last_dim(&scores).unwrap();
+        let attended = softmax_matmul_as(&scores, &v, bf16).unwrap();
+        let expected = rounded(&softmax).matmul(&rounded(&v)).unwrap();
+        let diff = max_abs_difference(
+            &attended.to_dtype(candle_core::DType::F64).unwrap(),
+            &expected,
+        );
+        assert!(diff < 1e-4, "softmax(s) v off by {diff}");
+        let in_f32 = softmax_matmul_as(&scores, &v, MatmulPrecision::F32).unwrap();
+        assert!(max_abs_difference(&in_f32, &softmax.matmul(&v).unwrap()) < 1e-5);
         // And it is bf16: f32 differs by about bf16's precision.
         let f32_diff = max_abs_difference(&mixed, &matmul(&scores, &v).unwrap());
         assert!(f32_diff > 1e-4, "f32 against bf16: {f32_diff}");

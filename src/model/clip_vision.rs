@@ -14,8 +14,8 @@
 //!   of the last MLP would be thrown away. OWL-ViT and SigLIP's pooling head read every
 //!   token ([`VisionTower::forward_tokens`]).
 
+use super::batched_matmul;
 use super::fused_linear::{Activation, FusedLinear, MatmulPrecision};
-use super::{batched_matmul, cpu_kernels};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use candle_transformers::models::clip::vision_model::ClipVisionConfig;
@@ -99,8 +99,7 @@ impl EncoderLayer {
             (x.clone(), n)
         };
         let scores = batched_matmul::matmul_t_as(&q, &k, self.precision)?;
-        let weights = cpu_kernels::softmax_last_dim(&scores)?;
-        let attended = batched_matmul::matmul_as(&weights, &v, self.precision)?
+        let attended = batched_matmul::softmax_matmul_as(&scores, &v, self.precision)?
             .transpose(1, 2)?
             .reshape((b, rows, d))?;
         let x = self.out_proj.forward_add(&attended, &residual)?;

@@ -252,8 +252,6 @@ dispatched! {
 /// Rounds `x`'s rows of `in_dim` values to bf16 into `out`, `stride` (at least `in_dim`)
 /// values apart, the values past `in_dim` 0; rows in parallel.
 pub fn round_rows_to_bf16(x: &[f32], in_dim: usize, stride: usize, out: &mut Vec<u16>) {
-    /// Rows per parallel task.
-    const ROWS_PER_TASK: usize = 32;
     assert!(in_dim > 0 && stride >= in_dim && x.len().is_multiple_of(in_dim));
     let rows = x.len() / in_dim;
     out.clear();
@@ -271,6 +269,28 @@ pub fn round_rows_to_bf16(x: &[f32], in_dim: usize, stride: usize, out: &mut Vec
         });
 }
 
+/// The softmax of each of `x`'s rows of `in_dim` values, rounded to bf16 into `out`,
+/// `stride` (at least `in_dim`) values apart, the values past `in_dim` 0; rows in
+/// parallel. The f32 softmax of a row lives only in a row-sized scratch buffer.
+pub fn softmax_rows_to_bf16(x: &[f32], in_dim: usize, stride: usize, out: &mut Vec<u16>) {
+    assert!(in_dim > 0 && stride >= in_dim && x.len().is_multiple_of(in_dim));
+    let rows = x.len() / in_dim;
+    out.clear();
+    out.resize(rows * stride, 0);
+    out.par_chunks_mut(stride * ROWS_PER_TASK)
+        .zip(x.par_chunks(in_dim * ROWS_PER_TASK))
+        .for_each(|(out, x)| {
+            let mut scratch = Vec::with_capacity(in_dim);
+            let scratch = &mut scratch.spare_capacity_mut()[..in_dim];
+            for (out, row) in out.chunks_mut(stride).zip(x.chunks(in_dim)) {
+                softmax_row(row, scratch);
+                // SAFETY: softmax_row wrote every value of `scratch`.
+                let weights = unsafe { &*(scratch as *const [MaybeUninit<f32>] as *const [f32]) };
+                round_to_bf16(weights, &mut out[..in_dim]);
+            }
+        });
+}
+
 /// Softmax over the last dimension; CPU f32 through [`exp`], rows in parallel, anything else
 /// through candle's own.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -283,7 +303,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 struct SoftmaxLastDim;
 
-/// Rows per parallel task: attention rows are short (50 to 577 values).
+/// Rows per parallel task of the row-wise passes: attention rows are short (50 to 577
+/// values).
 const ROWS_PER_TASK: usize = 32;
 
 impl CustomOp1 for SoftmaxLastDim {
