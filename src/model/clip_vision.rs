@@ -110,11 +110,20 @@ impl EncoderLayer {
     }
 }
 
-/// The patch convolution's weights (`embeddings.patch_embedding.weight`) as a
-/// `(dim, channels * patch * patch)` matrix.
-fn patch_weight(emb: &VarBuilder, dim: usize, channels: usize, patch: usize) -> Result<Tensor> {
-    emb.get((dim, channels, patch, patch), "patch_embedding.weight")?
-        .reshape((dim, ()))
+/// The patch convolution (`embeddings.patch_embedding.weight`) as a linear layer over
+/// flattened patches, with a zero bias.
+fn patch_embedding(
+    emb: &VarBuilder,
+    dim: usize,
+    channels: usize,
+    patch: usize,
+    precision: MatmulPrecision,
+) -> Result<FusedLinear> {
+    let weight = emb
+        .get((dim, channels, patch, patch), "patch_embedding.weight")?
+        .reshape((dim, ()))?;
+    let bias = Tensor::zeros(dim, weight.dtype(), weight.device())?;
+    Ok(FusedLinear::new_as(weight, bias, precision))
 }
 
 /// The name of the layer norm before the encoder: CLIP checkpoints spell it `pre_layrnorm`,
@@ -138,8 +147,10 @@ impl PreNormName {
 /// CLIP's and OWL-ViT's put a class token first and layer-norm the embeddings; SigLIP's
 /// patch embedding has a bias and no class token.
 pub struct VisionTower {
-    /// Patch weights as a `(embed_dim, channels * patch * patch)` matrix.
-    patch_weight: Tensor,
+    /// The patch convolution as a linear layer over flattened patches (no bias: SigLIP's is
+    /// in `patch_positions`), in the tower's precision, as autocast runs the convolution.
+    patch_embedding: FusedLinear,
+    dim: usize,
     /// The patches' positions, `(1, patches, dim)`; SigLIP's patch bias is added in.
     patch_positions: Tensor,
     /// Class embedding plus its position, `(1, 1, dim)` (CLIP and OWL-ViT).
@@ -163,7 +174,7 @@ impl VisionTower {
         let d = c.embed_dim;
         let grid = c.image_size / c.patch_size;
         let emb = vb.pp("embeddings");
-        let patch_weight = patch_weight(&emb, d, c.num_channels, c.patch_size)?;
+        let patch_embedding = patch_embedding(&emb, d, c.num_channels, c.patch_size, precision)?;
         let positions = emb.get((grid * grid + 1, d), "position_embedding.weight")?;
         let class_token =
             (emb.get(d, "class_embedding")? + positions.get(0)?)?.reshape((1, 1, d))?;
@@ -177,7 +188,8 @@ impl VisionTower {
         };
         let eps = CLIP_LAYER_NORM_EPS;
         Ok(Self {
-            patch_weight,
+            patch_embedding,
+            dim: d,
             patch_positions,
             class_token: Some(class_token),
             pre_layer_norm: Some(candle_nn::layer_norm(d, eps, vb.pp(pre_norm.as_str()))?),
@@ -203,7 +215,7 @@ impl VisionTower {
             ))
         })?;
         let emb = vb.pp("embeddings");
-        let patch_weight = patch_weight(&emb, d, c.num_channels, c.patch_size)?;
+        let patch_embedding = patch_embedding(&emb, d, c.num_channels, c.patch_size, precision)?;
         let patch_positions = emb
             .get((grid * grid, d), "position_embedding.weight")?
             .broadcast_add(&emb.get(d, "patch_embedding.bias")?)?
@@ -216,7 +228,8 @@ impl VisionTower {
             activation,
         };
         Ok(Self {
-            patch_weight,
+            patch_embedding,
+            dim: d,
             patch_positions,
             class_token: None,
             pre_layer_norm: None,
@@ -255,10 +268,10 @@ impl VisionTower {
     /// their positions, layer-normed where the tower does: `(batch, tokens, dim)`.
     fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
         let b = pixels.dim(0)?;
-        let d = self.patch_weight.dim(0)?;
+        let d = self.dim;
         let patches = self
-            .patches(pixels)?
-            .matmul(&self.patch_weight.t()?)?
+            .patch_embedding
+            .forward(&self.patches(pixels)?)?
             .reshape((b, self.grid * self.grid, d))?
             .broadcast_add(&self.patch_positions)?;
         let tokens = match &self.class_token {
