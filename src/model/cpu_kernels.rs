@@ -252,41 +252,41 @@ dispatched! {
 /// Rounds `x`'s rows of `in_dim` values to bf16 into `out`, `stride` (at least `in_dim`)
 /// values apart, the values past `in_dim` 0; rows in parallel.
 pub fn round_rows_to_bf16(x: &[f32], in_dim: usize, stride: usize, out: &mut Vec<u16>) {
-    assert!(in_dim > 0 && stride >= in_dim && x.len().is_multiple_of(in_dim));
-    let rows = x.len() / in_dim;
-    out.clear();
-    out.resize(rows * stride, 0);
-    out.par_chunks_mut(stride * ROWS_PER_TASK)
-        .zip(x.par_chunks(in_dim * ROWS_PER_TASK))
-        .for_each(|(out, x)| {
-            if stride == in_dim {
-                round_to_bf16(x, out);
-            } else {
-                for (out, x) in out.chunks_mut(stride).zip(x.chunks(in_dim)) {
-                    round_to_bf16(x, &mut out[..in_dim]);
-                }
-            }
-        });
+    rows_to_bf16(x, in_dim, stride, out, |row, out, _| {
+        round_to_bf16(row, out)
+    });
 }
 
-/// The softmax of each of `x`'s rows of `in_dim` values, rounded to bf16 into `out`,
-/// `stride` (at least `in_dim`) values apart, the values past `in_dim` 0; rows in
-/// parallel. The f32 softmax of a row lives only in a row-sized scratch buffer.
+/// As [`round_rows_to_bf16`], of each row's softmax. The f32 softmax of a row lives only
+/// in a row-sized scratch buffer.
 pub fn softmax_rows_to_bf16(x: &[f32], in_dim: usize, stride: usize, out: &mut Vec<u16>) {
+    rows_to_bf16(x, in_dim, stride, out, |row, out, scratch| {
+        softmax_row(row, scratch);
+        // SAFETY: softmax_row wrote every value of `scratch`.
+        let weights = unsafe { &*(scratch as *const [MaybeUninit<f32>] as *const [f32]) };
+        round_to_bf16(weights, out);
+    });
+}
+
+/// `convert(row, out, scratch)` over `x`'s rows of `in_dim` values into `out`'s rows of
+/// `stride` values (the values past `in_dim` 0), with a row-sized scratch buffer per task.
+fn rows_to_bf16(
+    x: &[f32],
+    in_dim: usize,
+    stride: usize,
+    out: &mut Vec<u16>,
+    convert: impl Fn(&[f32], &mut [u16], &mut [MaybeUninit<f32>]) + Sync,
+) {
     assert!(in_dim > 0 && stride >= in_dim && x.len().is_multiple_of(in_dim));
-    let rows = x.len() / in_dim;
     out.clear();
-    out.resize(rows * stride, 0);
+    out.resize(x.len() / in_dim * stride, 0);
     out.par_chunks_mut(stride * ROWS_PER_TASK)
         .zip(x.par_chunks(in_dim * ROWS_PER_TASK))
         .for_each(|(out, x)| {
             let mut scratch = Vec::with_capacity(in_dim);
             let scratch = &mut scratch.spare_capacity_mut()[..in_dim];
             for (out, row) in out.chunks_mut(stride).zip(x.chunks(in_dim)) {
-                softmax_row(row, scratch);
-                // SAFETY: softmax_row wrote every value of `scratch`.
-                let weights = unsafe { &*(scratch as *const [MaybeUninit<f32>] as *const [f32]) };
-                round_to_bf16(weights, &mut out[..in_dim]);
+                convert(row, &mut out[..in_dim], scratch);
             }
         });
 }
