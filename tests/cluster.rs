@@ -528,14 +528,13 @@ fn a_cluster_runs_the_whole_contract_and_spreads_result_writes_over_its_masters(
     assert_eq!((code, out.trim()), (0, "2"));
 }
 
-/// Run by hand (`cargo test -p free-roam-worker --test cluster -- --ignored`). Its failures
-/// at the first CLI submit were the library probe's random node (fixed). A rarer stall
-/// remains: once in the suite it timed out in its first wait (6 jobs with 2 results each
-/// within a minute), before the failover itself, and 12 runs after it, alone or with the
-/// other cluster tests, did not repeat it. A timeout now prints each
-/// job's hash and the end of the worker's log.
+/// Its failures at the first CLI submit were the library probe's random node (fixed). Two
+/// in 84 runs then timed out waiting for the promotion: Redis drops a manual failover that
+/// cannot finish within 5 s, so it is now asked for again (81 runs in a row passed after
+/// that). Once, in an earlier suite, it timed out in its first wait (6 jobs with 2 results
+/// each within a minute), before the failover; that has not come back in 105 runs since,
+/// and a timeout there prints each job's hash and the end of the worker's log.
 #[test]
-#[ignore = "a rare stall before the failover, not yet found; run by hand with --ignored"]
 fn running_jobs_survive_a_failover_of_the_master_holding_the_queue() {
     let _serial = ONE_CLUSTER_AT_A_TIME
         .lock()
@@ -562,13 +561,26 @@ fn running_jobs_survive_a_failover_of_the_master_holding_the_queue() {
 
     // The replica of the master that holds `{fr}` takes over.
     let (old_master, replica) = cluster.master_and_replica_of(keys.tag());
-    let _: String = cluster.node_cmd(replica, &["CLUSTER", "FAILOVER"]).unwrap();
-    wait_until(WAIT, || {
+    // A manual failover that cannot finish within Redis's own 5 s limit (the replica not
+    // yet caught up) is dropped without a word, so it is asked for again until it happens.
+    let promoted = || {
         cluster
             .node_cmd::<String>(replica, &["INFO", "replication"])
             .is_ok_and(|i| i.contains("role:master"))
             && cluster.master_of(keys.tag()) == replica
-    });
+    };
+    let start = std::time::Instant::now();
+    'failover: loop {
+        let _: String = cluster.node_cmd(replica, &["CLUSTER", "FAILOVER"]).unwrap();
+        let asked = std::time::Instant::now();
+        while asked.elapsed() < Duration::from_secs(10) {
+            if promoted() {
+                break 'failover;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(start.elapsed() < WAIT, "no failover within {WAIT:?}");
+    }
     assert_ne!(old_master, replica);
 
     // The same jobs go on writing results on the same worker, with no second attempt.
