@@ -21,18 +21,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// [`matmul_t`] in `precision`: bf16 runs on the own AVX512-BF16 product where the
 /// bf16 layers do (as autocast runs attention's products in bf16), else f32.
 pub fn matmul_t_as(a: &Tensor, b: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
-    #[cfg(target_arch = "x86_64")]
-    if own_bf16::wanted(precision)
-        && let Some(out) = own_bf16::product(a, b, true)?
-    {
-        return Ok(out);
-    }
-    let _ = precision;
-    #[cfg(feature = "mkl")]
-    if let Some(out) = mkl::product(a, b, true)? {
-        return Ok(out);
-    }
-    a.matmul(&b.t()?)
+    batched(a, b, true, precision)
 }
 
 /// `softmax(scores) · v` over the leading dimensions (attention's weighted values), in
@@ -54,18 +43,33 @@ pub fn softmax_matmul_as(
 
 /// [`matmul`] in `precision` (see [`matmul_t_as`]).
 pub fn matmul_as(a: &Tensor, b: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
+    batched(a, b, false, precision)
+}
+
+/// `a · bᵀ` or `a · b` over the leading dimensions: the own bf16 product, MKL's batched
+/// one, or candle's matmul, the first that takes the operands.
+fn batched(
+    a: &Tensor,
+    b: &Tensor,
+    transpose_b: bool,
+    precision: MatmulPrecision,
+) -> Result<Tensor> {
     #[cfg(target_arch = "x86_64")]
     if own_bf16::wanted(precision)
-        && let Some(out) = own_bf16::product(a, b, false)?
+        && let Some(out) = own_bf16::product(a, b, transpose_b)?
     {
         return Ok(out);
     }
     let _ = precision;
     #[cfg(feature = "mkl")]
-    if let Some(out) = mkl::product(a, b, false)? {
+    if let Some(out) = mkl::product(a, b, transpose_b)? {
         return Ok(out);
     }
-    a.matmul(b)
+    if transpose_b {
+        a.matmul(&b.t()?)
+    } else {
+        a.matmul(b)
+    }
 }
 
 #[cfg(any(feature = "mkl", target_arch = "x86_64"))]

@@ -201,18 +201,9 @@ unsafe fn tile(
     ldc: usize,
     columns: usize,
 ) {
-    let low = if columns >= 16 {
-        0xffff
-    } else {
-        (1u32 << columns) as u16 - 1
-    };
-    let high = if columns >= 32 {
-        0xffff
-    } else if columns > 16 {
-        (1u32 << (columns - 16)) as u16 - 1
-    } else {
-        0
-    };
+    // One bit per column of each 16-lane half that is inside the output.
+    let lanes = |columns: usize| ((1u32 << columns.min(16)) - 1) as u16;
+    let (low, high) = (lanes(columns), lanes(columns.saturating_sub(16)));
     // SAFETY: forwarded from the caller; the CPU was checked when the weight was packed.
     unsafe {
         match rows {

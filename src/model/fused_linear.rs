@@ -205,21 +205,9 @@ impl FusedLinear {
         };
         match &self.weight {
             #[cfg(feature = "mkl")]
-            Weight::Packed(packed) => {
-                if !fused {
-                    candle_core::bail!("fused linear: a packed weight takes CPU f32 inputs only")
-                }
-                x.contiguous()?
-                    .apply_op2_no_bwd(&self.bias, &PackedProduct { op, packed })
-            }
+            Weight::Packed(packed) => packed_forward(x, &self.bias, op, fused, packed),
             #[cfg(target_arch = "x86_64")]
-            Weight::Bf16Packed(packed) => {
-                if !fused {
-                    candle_core::bail!("fused linear: a packed weight takes CPU f32 inputs only")
-                }
-                x.contiguous()?
-                    .apply_op2_no_bwd(&self.bias, &OwnBf16Product { op, packed })
-            }
+            Weight::Bf16Packed(packed) => packed_forward(x, &self.bias, op, fused, packed),
             Weight::Tensor(weight) if fused && cpu_f32(weight) => {
                 x.contiguous()?.apply_op3_no_bwd(weight, &self.bias, &op)
             }
@@ -365,15 +353,66 @@ impl CustomOp3 for FusedLinearOp<'_> {
     }
 }
 
-/// The fused layer over an MKL-packed weight; the bias is the second operand.
-#[cfg(feature = "mkl")]
-struct PackedProduct<'a> {
-    op: FusedLinearOp<'a>,
-    packed: &'a mkl_packed::PackedWeight,
+/// A weight packed at load for the product that runs it.
+#[cfg(any(feature = "mkl", target_arch = "x86_64"))]
+trait PackedWeight: Sync {
+    /// `(out_dim, in_dim)`.
+    fn dims(&self) -> (usize, usize);
+    /// `out (rows, out_dim) += x (rows, in_dim) · Wᵀ`.
+    fn accumulate(&self, out: &mut [f32], x: &[f32], rows: usize);
 }
 
 #[cfg(feature = "mkl")]
-impl CustomOp2 for PackedProduct<'_> {
+impl PackedWeight for mkl_packed::PackedWeight {
+    fn dims(&self) -> (usize, usize) {
+        self.dims()
+    }
+
+    fn accumulate(&self, out: &mut [f32], x: &[f32], rows: usize) {
+        self.accumulate_product(out, x, rows)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PackedWeight for bf16_gemm::PackedBf16Weight {
+    fn dims(&self) -> (usize, usize) {
+        self.dims()
+    }
+
+    fn accumulate(&self, out: &mut [f32], x: &[f32], rows: usize) {
+        #[cfg(feature = "mkl")]
+        let_mkl_threads_sleep();
+        with_bf16_rows(x, self.dims().1, self.input_stride(), |rounded| {
+            self.accumulate_product(out, rounded, rows)
+        })
+    }
+}
+
+/// The fused layer over a packed weight: `x` (CPU f32 only) through `op`.
+#[cfg(any(feature = "mkl", target_arch = "x86_64"))]
+fn packed_forward<W: PackedWeight>(
+    x: &Tensor,
+    bias: &Tensor,
+    op: FusedLinearOp<'_>,
+    fused: bool,
+    packed: &W,
+) -> Result<Tensor> {
+    if !fused {
+        candle_core::bail!("fused linear: a packed weight takes CPU f32 inputs only")
+    }
+    x.contiguous()?
+        .apply_op2_no_bwd(bias, &PackedProduct { op, packed })
+}
+
+/// The fused layer over a packed weight; the bias is the second operand.
+#[cfg(any(feature = "mkl", target_arch = "x86_64"))]
+struct PackedProduct<'a, W> {
+    op: FusedLinearOp<'a>,
+    packed: &'a W,
+}
+
+#[cfg(any(feature = "mkl", target_arch = "x86_64"))]
+impl<W: PackedWeight> CustomOp2 for PackedProduct<'_, W> {
     fn name(&self) -> &'static str {
         "fused-linear-packed"
     }
@@ -391,7 +430,7 @@ impl CustomOp2 for PackedProduct<'_> {
             bias,
             bias_layout,
             self.packed.dims(),
-            |out, x, rows| self.packed.accumulate_product(out, x, rows),
+            |out, x, rows| self.packed.accumulate(out, x, rows),
         )
     }
 }
@@ -431,45 +470,6 @@ fn with_bf16_rows<T>(
         cpu_kernels::round_rows_to_bf16(x, in_dim, stride, &mut rounded);
         product(&rounded)
     })
-}
-
-/// The fused layer over a weight packed for the own bf16 product; the bias is the second
-/// operand.
-#[cfg(target_arch = "x86_64")]
-struct OwnBf16Product<'a> {
-    op: FusedLinearOp<'a>,
-    packed: &'a bf16_gemm::PackedBf16Weight,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl CustomOp2 for OwnBf16Product<'_> {
-    fn name(&self) -> &'static str {
-        "fused-linear-bf16"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        bias: &CpuStorage,
-        bias_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        #[cfg(feature = "mkl")]
-        let_mkl_threads_sleep();
-        let (out_dim, in_dim) = self.packed.dims();
-        self.op.run(
-            x,
-            x_layout,
-            bias,
-            bias_layout,
-            (out_dim, in_dim),
-            |out, x, rows| {
-                with_bf16_rows(x, in_dim, self.packed.input_stride(), |rounded| {
-                    self.packed.accumulate_product(out, rounded, rows)
-                })
-            },
-        )
-    }
 }
 
 /// MKL's OpenMP threads spin for 200 ms after each call by default, holding the cores that
