@@ -9,7 +9,7 @@ mod common;
 
 use common::worker::{InProcessWorker, TestBody, config};
 use common::{TestRedis, eventually, unique_prefix};
-use free_roam::functions::{self, ClaimVerdict, Ownership, Retention};
+use free_roam::functions::{self, ClaimVerdict, Lease, Ownership, Retention};
 use free_roam::job::JobStatus;
 use free_roam::metrics::Metrics;
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
@@ -638,7 +638,8 @@ async fn an_entry_that_cannot_be_claimed_holds_back_no_other_entry_of_its_read()
 }
 
 /// One `fr_job_claim` call decides a whole read in order (of two entries naming one job_id
-/// the first runs), and one `fr_job_finish` call ends several jobs, answering for each.
+/// the first runs), and one `fr_job_heartbeat` or `fr_job_finish` call renews or ends
+/// several jobs, answering for each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_call_claims_a_read_and_one_call_finishes_several_jobs() {
     let redis = TestRedis::start();
@@ -680,6 +681,21 @@ async fn one_call_claims_a_read_and_one_call_finishes_several_jobs() {
 
     // b is taken over by another worker before w1 ends both.
     let _: redis::Value = redis.cmd(&["XCLAIM", &k.jobs(), "workers", "w2", "0", &b, "JUSTID"]);
+    // One heartbeat renews a and gives b up; an entry that is nobody's now (the duplicate,
+    // dropped) is lost too.
+    let call_in = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 30_000,
+    };
+    let leases = functions::heartbeat(
+        &store,
+        "w1",
+        call_in,
+        &[(&a, "a"), (&b, "b"), (&again, "a")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(leases, vec![Lease::Renewed, Lease::Lost, Lease::Lost]);
     let end = |entry_id: &str, job_id: &str| functions::FinishEntry {
         entry_id: entry_id.to_string(),
         job_id: job_id.to_string(),
