@@ -5,7 +5,9 @@ Runs, for each of N entries already read by a consumer, exactly the writes the c
 keeps for a job that ends with no result: the running job hash, its index entry and
 `running` event, the end entry and progress hash in the job's own slot with their expiries,
 the final hash with its expiry and event, the ack and the delete. No reads, no checks, no
-XREADGROUP: a floor under any lifecycle that keeps this state, not a lifecycle.
+XREADGROUP: a floor under any lifecycle that keeps this state, not a lifecycle. The key
+names and fields follow docs/redis-contract.md (default tag `{fr}`); the worker's own
+writes are in src/functions.lua.
 
 Two forms, alternated: `script` (one Lua call per job, as functions run them) and
 `commands` (the same commands pipelined from the client). Prints the redis-server's CPU
