@@ -22,10 +22,11 @@
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
 use free_roam::frame::Frame;
-use free_roam::model::blip::BlipModel;
-use free_roam::model::clip::ClipModel;
-use free_roam::model::load::{ModelFiles, load_model, select_device};
-use free_roam::model::paligemma::PaliGemmaModel;
+use free_roam::model::families::blip::BlipModel;
+use free_roam::model::families::clip::ClipModel;
+use free_roam::model::families::paligemma::PaliGemmaModel;
+use free_roam::model::load_model;
+use free_roam::model::loading::{ModelFiles, select_device};
 use free_roam::model::{
     DeviceChoice, DtypeChoice, ModelSettings, ModelSize, ModelType, PromptRef, VisionLanguageModel,
     write_random_model,
@@ -239,8 +240,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ModelType::PaliGemma => return bench_paligemma(&tag, iters, dir),
         ModelType::Siglip | ModelType::OwlVit => return bench_infer(kind, &tag, iters, dir),
         ModelType::Clip => {}
-        ModelType::OpenAi => {
-            return Err("BENCH_KIND=openai runs on a server: nothing to time here".into());
+        ModelType::OpenAi | ModelType::Null | ModelType::TestColour => {
+            return Err(format!("BENCH_KIND={kind} has no weights to time").into());
         }
     }
     let p = |msg: String| println!("[candle {tag}] {msg}");

@@ -7,7 +7,7 @@ keeps for a job that ends with no result: the running job hash, its index entry 
 the final hash with its expiry and event, the ack and the delete. No reads, no checks, no
 XREADGROUP: a floor under any lifecycle that keeps this state, not a lifecycle. The key
 names and fields follow docs/redis-contract.md (default tag `{fr}`); the worker's own
-writes are in src/functions.lua.
+writes are in src/store/functions.lua.
 
 Two forms, alternated: `script` (one Lua call per job, as functions run them) and
 `commands` (the same commands pipelined from the client). Prints the redis-server's CPU

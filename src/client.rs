@@ -1,8 +1,8 @@
 //! The user's operations on the contract, as the CLI performs them: submit, status, results,
 //! cancel and listing. They do exactly what `redis-cli` would, so either can be used.
 
-use crate::functions::{self, CancelOutcome, JOB_EXISTS, NO_JOB, Retention};
 use crate::job::{JobField, JobSpec, JobStatus, SpecError};
+use crate::store::functions::{self, CancelOutcome, JOB_EXISTS, NO_JOB, Retention};
 use crate::store::{MAX_BLOCK_MS, Store, StoreError};
 use std::collections::BTreeMap;
 

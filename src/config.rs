@@ -3,8 +3,17 @@
 //! allows. `SETTINGS` is the one list of names, defaults and meanings; docs/configuration.md
 //! and .env.example mirror it (a test keeps them in step).
 
-use crate::model::openai::{ApiKey, ImageDetail, OpenAiSettings};
+use crate::engine::EngineSettings;
+use crate::health::HealthSettings;
+use crate::job::{MAX_FPS, MAX_PROMPT_BYTES, validate_job_id};
+use crate::model::remote::openai::{ApiKey, ImageDetail, OpenAiSettings};
+use crate::model::{DeviceChoice, DtypeChoice, ModelSettings, ModelType, ParseSettingError};
+use crate::pipeline::PipelineSettings;
+use crate::queue::QueueSettings;
 use crate::redact::{Secret, redact_url};
+use crate::source::SourceSettings;
+use crate::source::allowed_hosts::AllowedHosts;
+use crate::store::settings::{RedisSettings, RedisTlsFiles};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -325,72 +334,25 @@ pub enum LogFormat {
     Json,
 }
 
-/// Files for a TLS connection to Redis (`rediss://`) beyond the system's trust store.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RedisTlsFiles {
-    /// Certificate authorities to trust instead of the system's.
-    pub ca_file: Option<PathBuf>,
-    /// Client certificate and key for mutual TLS, both or neither.
-    pub client_cert: Option<(PathBuf, PathBuf)>,
-}
-
-impl RedisTlsFiles {
-    pub fn is_empty(&self) -> bool {
-        self.ca_file.is_none() && self.client_cert.is_none()
-    }
-}
-
-/// The validated configuration. The Redis URLs are [`Secret`]s: printing a `Config` masks
-/// their passwords.
+/// The validated configuration, one part per component, each part owned by the component
+/// that uses it. The Redis URLs are [`Secret`]s: printing a `Config` masks their passwords.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub redis_url: Secret,
-    /// Seed nodes of a Redis Cluster; empty for a single node (`redis_url`).
-    pub redis_cluster_nodes: Vec<Secret>,
-    pub redis_tls: RedisTlsFiles,
-    pub key_prefix: String,
-    pub model_type: String,
-    pub model_path: Option<PathBuf>,
-    pub model_id: Option<String>,
-    pub device: String,
-    pub dtype: String,
-    pub default_fps: f64,
-    pub default_prompt: String,
-    pub max_batch_size: usize,
-    pub batch_window: Duration,
-    pub max_frame_age: Duration,
-    pub inference_timeout: Duration,
-    pub live_queue: Duration,
-    /// `None`: the model's own default.
-    pub detect_threshold: Option<f32>,
-    /// owlvit's per-label non-maximum suppression; `None`: off.
-    pub nms_iou: Option<f32>,
-    pub scene_gate: bool,
-    pub scene_change_min_area: f32,
-    pub scene_max_reuse: Duration,
-    pub max_new_tokens: usize,
-    /// MODEL_TYPE=openai's server settings (validated; unused by other models).
-    pub openai: OpenAiSettings,
-    pub max_concurrent_streams: usize,
-    pub job_lease: Duration,
-    pub reclaim_interval: Duration,
-    pub max_attempts: u32,
-    pub result_ttl: Duration,
-    pub results_maxlen: usize,
-    pub events_maxlen: usize,
-    pub alerts_maxlen: usize,
-    pub source_retries: u32,
-    pub stall_timeout: Duration,
-    pub allow_file_sources: bool,
-    pub allowed_stream_hosts: crate::source::allowed_hosts::AllowedHosts,
-    pub max_frame_side: Option<u32>,
-    pub max_frame_pixels: u64,
-    pub health_addr: SocketAddr,
-    /// A `tracing` filter level: trace, debug, info, warn, error.
-    pub log_level: String,
-    pub log_format: LogFormat,
-    pub worker_id: Option<String>,
-    pub shutdown_timeout: Duration,
+    pub redis: RedisSettings,
+    pub queue: QueueSettings,
+    pub engine: EngineSettings,
+    pub model: ModelSettings,
+    pub source: SourceSettings,
+    pub pipeline: PipelineSettings,
+    pub health: HealthSettings,
+    pub log: LogSettings,
+}
+
+/// How the worker logs (`LOG_LEVEL`, `LOG_FORMAT`); the binary sets its subscriber up from it.
+#[derive(Clone, Debug)]
+pub struct LogSettings {
+    pub level: String,
+    pub format: LogFormat,
 }
 
 struct Reader<'a> {
@@ -457,6 +419,17 @@ impl Reader<'_> {
             "0" | "false" | "no" | "off" => Ok(false),
             _ => Err(Self::err(name, &raw, "true or false")),
         }
+    }
+
+    /// A word the model's own types parse, with their message of what they accept.
+    fn word<T: std::str::FromStr<Err = ParseSettingError>>(
+        &self,
+        name: &str,
+    ) -> Result<T, ConfigError> {
+        let raw = self.string(name);
+        raw.parse().map_err(|e: ParseSettingError| {
+            Self::err(name, &raw, &format!("one of {}", e.expected))
+        })
     }
 
     fn one_of(&self, name: &str, allowed: &[&str]) -> Result<String, ConfigError> {
@@ -546,266 +519,291 @@ impl Config {
     /// defaults, and validates. The first bad value is the error.
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let r = Reader { lookup };
-        let redis_url = match (r.lookup)("REDIS_URL").filter(|v| !v.trim().is_empty()) {
-            Some(url) => {
-                let url = url.trim().to_string();
-                if !(url.starts_with("redis://")
-                    || url.starts_with("rediss://")
-                    || url.starts_with("unix://")
-                    || url.starts_with("redis+unix://"))
-                {
-                    return Err(Reader::err(
-                        "REDIS_URL",
-                        &url,
-                        "a redis://, rediss:// or unix:// URL",
-                    ));
-                }
-                url
-            }
-            None => {
-                let host = r.string("REDIS_HOST");
-                let port: u16 = r.parse("REDIS_PORT", "a port number, 1 to 65535", |p| *p > 0)?;
-                let db: u32 = r.parse("REDIS_DB", "a database number, 0 or more", |_| true)?;
-                match r.raw("REDIS_PASSWORD") {
-                    Some(pw) => format!("redis://:{}@{host}:{port}/{db}", percent_encode(&pw)),
-                    None => format!("redis://{host}:{port}/{db}"),
-                }
-            }
-        };
-        let redis_cluster_nodes = match r.raw("REDIS_CLUSTER_NODES") {
-            None => Vec::new(),
-            Some(list) => {
-                let mut nodes = Vec::new();
-                for node in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                    let url = if node.contains("://") {
-                        node.to_string()
-                    } else {
-                        format!("redis://{node}")
-                    };
-                    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                        return Err(Reader::err(
-                            "REDIS_CLUSTER_NODES",
-                            &list,
-                            "comma-separated redis://host:port, rediss://host:port or host:port",
-                        ));
-                    }
-                    nodes.push(url);
-                }
-                if nodes.is_empty() {
-                    return Err(Reader::err(
-                        "REDIS_CLUSTER_NODES",
-                        &list,
-                        "at least one node: redis://host:port or host:port",
-                    ));
-                }
-                nodes
-            }
-        };
-        let redis_tls = RedisTlsFiles {
-            ca_file: r.raw("REDIS_TLS_CA_FILE").map(PathBuf::from),
-            client_cert: match (r.raw("REDIS_TLS_CERT_FILE"), r.raw("REDIS_TLS_KEY_FILE")) {
-                (None, None) => None,
-                (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
-                (Some(cert), None) => {
-                    return Err(Reader::err(
-                        "REDIS_TLS_CERT_FILE",
-                        &cert,
-                        "set together with REDIS_TLS_KEY_FILE",
-                    ));
-                }
-                (None, Some(key)) => {
-                    return Err(Reader::err(
-                        "REDIS_TLS_KEY_FILE",
-                        &key,
-                        "set together with REDIS_TLS_CERT_FILE",
-                    ));
-                }
-            },
-        };
-        if !redis_tls.is_empty() {
-            let name = if redis_tls.ca_file.is_some() {
-                "REDIS_TLS_CA_FILE"
-            } else {
-                "REDIS_TLS_CERT_FILE"
-            };
-            let value = r.string(name);
-            if !redis_cluster_nodes.is_empty() {
-                return Err(Reader::err(
-                    name,
-                    &value,
-                    "not supported with REDIS_CLUSTER_NODES yet (a Cluster over rediss:// uses the system's trust store)",
-                ));
-            }
-            if !redis_url.starts_with("rediss://") {
-                return Err(Reader::err(name, &value, "only with a rediss:// REDIS_URL"));
-            }
-        }
-        let key_prefix = r.string("KEY_PREFIX");
-        if key_prefix.is_empty()
-            || key_prefix.len() > 64
-            || !key_prefix
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
-        {
-            return Err(Reader::err(
-                "KEY_PREFIX",
-                &key_prefix,
-                "1 to 64 of letters, digits, '_', '-', '.', ':'",
-            ));
-        }
-        let log_level = match r
-            .one_of(
-                "LOG_LEVEL",
-                &[
-                    "trace", "debug", "info", "warn", "warning", "error", "critical",
-                ],
-            )?
-            .as_str()
-        {
-            "warning" => "warn".to_string(),
-            "critical" => "error".to_string(),
-            other => other.to_string(),
-        };
-        let log_format = match r.one_of("LOG_FORMAT", &["text", "json"])?.as_str() {
-            "json" => LogFormat::Json,
-            _ => LogFormat::Text,
-        };
-        let worker_id = match r.raw("WORKER_ID") {
-            Some(id) if crate::job::validate_job_id(&id).is_err() => {
-                return Err(Reader::err(
-                    "WORKER_ID",
-                    &id,
-                    "1 to 128 of letters, digits, '.', '_', ':', '-'",
-                ));
-            }
-            other => other,
-        };
-        let max_frame_side = match r.raw("MAX_FRAME_SIDE") {
-            None => None,
-            Some(_) => Some(r.parse::<u32>(
-                "MAX_FRAME_SIDE",
-                "a number of pixels, 16 to 8192",
-                |v| (16..=8192).contains(v),
-            )?),
-        };
-        let job_lease = r.millis("JOB_LEASE_MS", 1000)?;
-        let model_type = r.one_of(
-            "MODEL_TYPE",
-            &[
-                "clip",
-                "siglip",
-                "owlvit",
-                "blip",
-                "paligemma",
-                "openai",
-                "null",
-                "test-colour",
-            ],
-        )?;
-        let openai = r.openai(model_type == "openai")?;
         Ok(Config {
-            redis_url: Secret::new(redis_url),
-            redis_cluster_nodes: redis_cluster_nodes.into_iter().map(Secret::new).collect(),
-            redis_tls,
-            key_prefix,
-            model_type,
-            model_path: r.raw("MODEL_PATH").map(PathBuf::from),
-            model_id: r.raw("MODEL_ID"),
-            device: r.one_of("DEVICE", &["auto", "cpu", "cuda"])?,
-            dtype: r.one_of("DTYPE", &["auto", "f32", "bf16"])?,
-            default_fps: r.parse("DEFAULT_FPS", "a number in (0, 30]", |f: &f64| {
-                f.is_finite() && *f > 0.0 && *f <= crate::job::MAX_FPS
-            })?,
-            default_prompt: {
-                let p = r.string("DEFAULT_PROMPT");
-                if p.len() > crate::job::MAX_PROMPT_BYTES {
-                    return Err(Reader::err("DEFAULT_PROMPT", &p, "at most 8192 bytes"));
-                }
-                p
+            redis: r.redis()?,
+            queue: r.queue()?,
+            engine: r.engine()?,
+            model: r.model()?,
+            source: r.source()?,
+            pipeline: r.pipeline()?,
+            health: HealthSettings {
+                addr: r.parse(
+                    "HEALTH_ADDR",
+                    "host:port, e.g. 0.0.0.0:8080",
+                    |_: &SocketAddr| true,
+                )?,
             },
-            max_batch_size: r.count("MAX_BATCH_SIZE", 1)?,
-            batch_window: r.millis("BATCH_WINDOW_MS", 0)?,
-            max_frame_age: r.millis("MAX_FRAME_AGE_MS", 1)?,
-            inference_timeout: r.millis("INFERENCE_TIMEOUT_MS", 1)?,
-            live_queue: r.millis("LIVE_QUEUE_MS", 0)?,
-            detect_threshold: match r.raw("DETECT_THRESHOLD") {
-                None => None,
-                Some(_) => Some(r.parse("DETECT_THRESHOLD", "a score in [0, 1]", |t: &f32| {
-                    (0.0..=1.0).contains(t)
-                })?),
-            },
-            nms_iou: match r.raw("NMS_IOU") {
-                None => None,
-                Some(_) => Some(r.parse("NMS_IOU", "an IoU in (0, 1]", |t: &f32| {
-                    *t > 0.0 && *t <= 1.0
-                })?),
-            },
-            scene_gate: r.boolean("SCENE_GATE")?,
-            scene_change_min_area: r.parse(
-                "SCENE_CHANGE_MIN_AREA",
-                "a share of the frame in (0, 1]",
-                |a: &f32| *a > 0.0 && *a <= 1.0,
-            )?,
-            scene_max_reuse: r.millis("SCENE_MAX_REUSE_MS", 0)?,
-            max_new_tokens: r.count("MAX_NEW_TOKENS", 1)?,
-            openai,
-            max_concurrent_streams: r.count("MAX_CONCURRENT_STREAMS", 1)?,
-            reclaim_interval: {
-                // A worker calls in once per pass: passes a lease apart would read as the
-                // server's outage and hold reclaiming for good (fr_job_reclaim).
-                let interval = r.millis("RECLAIM_INTERVAL_MS", 50)?;
-                if interval >= job_lease {
-                    return Err(Reader::err(
-                        "RECLAIM_INTERVAL_MS",
-                        &r.string("RECLAIM_INTERVAL_MS"),
-                        "a whole number of milliseconds, at least 50 and below JOB_LEASE_MS",
-                    ));
-                }
-                interval
-            },
-            job_lease,
-            max_attempts: r.parse("MAX_ATTEMPTS", "a whole number, at least 1", |v: &u32| {
-                *v >= 1
-            })?,
-            result_ttl: Duration::from_secs(r.parse(
-                "RESULT_TTL_S",
-                "a whole number of seconds, at least 1",
-                |v: &u64| *v >= 1,
-            )?),
-            results_maxlen: r.count("RESULTS_MAXLEN", 1)?,
-            events_maxlen: r.count("EVENTS_MAXLEN", 1)?,
-            alerts_maxlen: r.count("ALERTS_MAXLEN", 1)?,
-            source_retries: r.parse("SOURCE_RETRIES", "a whole number, 0 or more", |_: &u32| {
-                true
-            })?,
-            stall_timeout: r.millis("STALL_TIMEOUT_MS", 1000)?,
-            allow_file_sources: r.boolean("ALLOW_FILE_SOURCES")?,
-            allowed_stream_hosts: {
-                let list = r.string("ALLOWED_STREAM_HOSTS");
-                crate::source::allowed_hosts::AllowedHosts::parse(&list)
-                    .map_err(|why| Reader::err("ALLOWED_STREAM_HOSTS", &list, &why))?
-            },
-            max_frame_side,
-            max_frame_pixels: r.parse(
-                "MAX_FRAME_PIXELS",
-                "a whole number, at least 1",
-                |v: &u64| *v >= 1,
-            )?,
-            health_addr: r.parse(
-                "HEALTH_ADDR",
-                "host:port, e.g. 0.0.0.0:8080",
-                |_: &SocketAddr| true,
-            )?,
-            log_level,
-            log_format,
-            worker_id,
-            shutdown_timeout: r.millis("SHUTDOWN_TIMEOUT_MS", 0)?,
+            log: r.log()?,
         })
     }
 
     /// The defaults alone (what an empty environment gives).
     pub fn defaults() -> Self {
         Self::from_lookup(&|_| None).expect("the defaults are valid")
+    }
+}
+
+impl Reader<'_> {
+    /// `REDIS_URL`, else one built from `REDIS_HOST`, `REDIS_PORT`, `REDIS_DB` and
+    /// `REDIS_PASSWORD`.
+    fn redis_url(&self) -> Result<String, ConfigError> {
+        let Some(url) = (self.lookup)("REDIS_URL").filter(|v| !v.trim().is_empty()) else {
+            let host = self.string("REDIS_HOST");
+            let port: u16 = self.parse("REDIS_PORT", "a port number, 1 to 65535", |p| *p > 0)?;
+            let db: u32 = self.parse("REDIS_DB", "a database number, 0 or more", |_| true)?;
+            return Ok(match self.raw("REDIS_PASSWORD") {
+                Some(pw) => format!("redis://:{}@{host}:{port}/{db}", percent_encode(&pw)),
+                None => format!("redis://{host}:{port}/{db}"),
+            });
+        };
+        let url = url.trim().to_string();
+        let schemes = ["redis://", "rediss://", "unix://", "redis+unix://"];
+        if !schemes.iter().any(|s| url.starts_with(s)) {
+            return Err(Self::err(
+                "REDIS_URL",
+                &url,
+                "a redis://, rediss:// or unix:// URL",
+            ));
+        }
+        Ok(url)
+    }
+
+    fn cluster_nodes(&self) -> Result<Vec<String>, ConfigError> {
+        let Some(list) = self.raw("REDIS_CLUSTER_NODES") else {
+            return Ok(Vec::new());
+        };
+        let mut nodes = Vec::new();
+        for node in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let url = if node.contains("://") {
+                node.to_string()
+            } else {
+                format!("redis://{node}")
+            };
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(Self::err(
+                    "REDIS_CLUSTER_NODES",
+                    &list,
+                    "comma-separated redis://host:port, rediss://host:port or host:port",
+                ));
+            }
+            nodes.push(url);
+        }
+        if nodes.is_empty() {
+            return Err(Self::err(
+                "REDIS_CLUSTER_NODES",
+                &list,
+                "at least one node: redis://host:port or host:port",
+            ));
+        }
+        Ok(nodes)
+    }
+
+    fn redis_tls(&self) -> Result<RedisTlsFiles, ConfigError> {
+        let client_cert = match (
+            self.raw("REDIS_TLS_CERT_FILE"),
+            self.raw("REDIS_TLS_KEY_FILE"),
+        ) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+            (Some(cert), None) => {
+                let why = "set together with REDIS_TLS_KEY_FILE";
+                return Err(Self::err("REDIS_TLS_CERT_FILE", &cert, why));
+            }
+            (None, Some(key)) => {
+                let why = "set together with REDIS_TLS_CERT_FILE";
+                return Err(Self::err("REDIS_TLS_KEY_FILE", &key, why));
+            }
+        };
+        Ok(RedisTlsFiles {
+            ca_file: self.raw("REDIS_TLS_CA_FILE").map(PathBuf::from),
+            client_cert,
+        })
+    }
+
+    fn redis(&self) -> Result<RedisSettings, ConfigError> {
+        let url = self.redis_url()?;
+        let cluster_nodes = self.cluster_nodes()?;
+        let tls = self.redis_tls()?;
+        if !tls.is_empty() {
+            let name = if tls.ca_file.is_some() {
+                "REDIS_TLS_CA_FILE"
+            } else {
+                "REDIS_TLS_CERT_FILE"
+            };
+            let value = self.string(name);
+            if !cluster_nodes.is_empty() {
+                return Err(Self::err(
+                    name,
+                    &value,
+                    "not supported with REDIS_CLUSTER_NODES yet (a Cluster over rediss:// uses the system's trust store)",
+                ));
+            }
+            if !url.starts_with("rediss://") {
+                return Err(Self::err(name, &value, "only with a rediss:// REDIS_URL"));
+            }
+        }
+        let key_prefix = self.string("KEY_PREFIX");
+        let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':');
+        if key_prefix.is_empty() || key_prefix.len() > 64 || !key_prefix.bytes().all(allowed) {
+            return Err(Self::err(
+                "KEY_PREFIX",
+                &key_prefix,
+                "1 to 64 of letters, digits, '_', '-', '.', ':'",
+            ));
+        }
+        Ok(RedisSettings {
+            url: Secret::new(url),
+            cluster_nodes: cluster_nodes.into_iter().map(Secret::new).collect(),
+            tls,
+            key_prefix,
+        })
+    }
+
+    fn log(&self) -> Result<LogSettings, ConfigError> {
+        let levels = [
+            "trace", "debug", "info", "warn", "warning", "error", "critical",
+        ];
+        let level = match self.one_of("LOG_LEVEL", &levels)?.as_str() {
+            "warning" => "warn".to_string(),
+            "critical" => "error".to_string(),
+            other => other.to_string(),
+        };
+        let format = match self.one_of("LOG_FORMAT", &["text", "json"])?.as_str() {
+            "json" => LogFormat::Json,
+            _ => LogFormat::Text,
+        };
+        Ok(LogSettings { level, format })
+    }
+
+    fn queue(&self) -> Result<QueueSettings, ConfigError> {
+        let worker_id = match self.raw("WORKER_ID") {
+            Some(id) if validate_job_id(&id).is_err() => {
+                let why = "1 to 128 of letters, digits, '.', '_', ':', '-'";
+                return Err(Self::err("WORKER_ID", &id, why));
+            }
+            other => other,
+        };
+        let job_lease = self.millis("JOB_LEASE_MS", 1000)?;
+        // A worker calls in once per pass: passes a lease apart would read as the server's
+        // outage and hold reclaiming for good (fr_job_reclaim).
+        let reclaim_interval = self.millis("RECLAIM_INTERVAL_MS", 50)?;
+        if reclaim_interval >= job_lease {
+            return Err(Self::err(
+                "RECLAIM_INTERVAL_MS",
+                &self.string("RECLAIM_INTERVAL_MS"),
+                "a whole number of milliseconds, at least 50 and below JOB_LEASE_MS",
+            ));
+        }
+        let default_prompt = self.string("DEFAULT_PROMPT");
+        if default_prompt.len() > MAX_PROMPT_BYTES {
+            return Err(Self::err(
+                "DEFAULT_PROMPT",
+                &default_prompt,
+                "at most 8192 bytes",
+            ));
+        }
+        Ok(QueueSettings {
+            worker_id,
+            max_concurrent_streams: self.count("MAX_CONCURRENT_STREAMS", 1)?,
+            job_lease,
+            reclaim_interval,
+            max_attempts: self.parse("MAX_ATTEMPTS", "a whole number, at least 1", |v: &u32| {
+                *v >= 1
+            })?,
+            shutdown_timeout: self.millis("SHUTDOWN_TIMEOUT_MS", 0)?,
+            default_fps: self.parse("DEFAULT_FPS", "a number in (0, 30]", |f: &f64| {
+                f.is_finite() && *f > 0.0 && *f <= MAX_FPS
+            })?,
+            default_prompt,
+            result_ttl: Duration::from_secs(self.parse(
+                "RESULT_TTL_S",
+                "a whole number of seconds, at least 1",
+                |v: &u64| *v >= 1,
+            )?),
+            results_maxlen: self.count("RESULTS_MAXLEN", 1)?,
+            events_maxlen: self.count("EVENTS_MAXLEN", 1)?,
+            alerts_maxlen: self.count("ALERTS_MAXLEN", 1)?,
+        })
+    }
+
+    fn engine(&self) -> Result<EngineSettings, ConfigError> {
+        Ok(EngineSettings {
+            max_batch_size: self.count("MAX_BATCH_SIZE", 1)?,
+            batch_window: self.millis("BATCH_WINDOW_MS", 0)?,
+            max_frame_age: self.millis("MAX_FRAME_AGE_MS", 1)?,
+            inference_timeout: self.millis("INFERENCE_TIMEOUT_MS", 1)?,
+            live_queue: self.millis("LIVE_QUEUE_MS", 0)?,
+        })
+    }
+
+    /// A setting that is unset (`None`) or one value `ok` accepts.
+    fn optional<T: std::str::FromStr>(
+        &self,
+        name: &str,
+        allowed: &str,
+        ok: impl Fn(&T) -> bool,
+    ) -> Result<Option<T>, ConfigError> {
+        match self.raw(name) {
+            None => Ok(None),
+            Some(_) => self.parse(name, allowed, ok).map(Some),
+        }
+    }
+
+    fn model(&self) -> Result<ModelSettings, ConfigError> {
+        let model_type = self.word::<ModelType>("MODEL_TYPE")?;
+        let device = self.word::<DeviceChoice>("DEVICE")?;
+        let dtype = self.word::<DtypeChoice>("DTYPE")?;
+        Ok(ModelSettings {
+            model_type,
+            model_path: self.raw("MODEL_PATH").map(PathBuf::from),
+            model_id: self.raw("MODEL_ID"),
+            device,
+            dtype,
+            max_new_tokens: self.count("MAX_NEW_TOKENS", 1)?,
+            detect_threshold: self.optional(
+                "DETECT_THRESHOLD",
+                "a score in [0, 1]",
+                |t: &f32| (0.0..=1.0).contains(t),
+            )?,
+            nms_iou: self.optional("NMS_IOU", "an IoU in (0, 1]", |t: &f32| {
+                *t > 0.0 && *t <= 1.0
+            })?,
+            openai: self.openai(model_type == ModelType::OpenAi)?,
+        })
+    }
+
+    fn source(&self) -> Result<SourceSettings, ConfigError> {
+        let hosts = self.string("ALLOWED_STREAM_HOSTS");
+        Ok(SourceSettings {
+            retries: self.parse("SOURCE_RETRIES", "a whole number, 0 or more", |_: &u32| {
+                true
+            })?,
+            stall_timeout: self.millis("STALL_TIMEOUT_MS", 1000)?,
+            allow_files: self.boolean("ALLOW_FILE_SOURCES")?,
+            allowed_hosts: AllowedHosts::parse(&hosts)
+                .map_err(|why| Self::err("ALLOWED_STREAM_HOSTS", &hosts, &why))?,
+            max_side: self.optional("MAX_FRAME_SIDE", "a number of pixels, 16 to 8192", |v| {
+                (16..=8192).contains(v)
+            })?,
+            max_pixels: self.parse(
+                "MAX_FRAME_PIXELS",
+                "a whole number, at least 1",
+                |v: &u64| *v >= 1,
+            )?,
+        })
+    }
+
+    fn pipeline(&self) -> Result<PipelineSettings, ConfigError> {
+        Ok(PipelineSettings {
+            scene_gate: self.boolean("SCENE_GATE")?,
+            scene_change_min_area: self.parse(
+                "SCENE_CHANGE_MIN_AREA",
+                "a share of the frame in (0, 1]",
+                |a: &f32| *a > 0.0 && *a <= 1.0,
+            )?,
+            scene_max_reuse: self.millis("SCENE_MAX_REUSE_MS", 0)?,
+            alerts_maxlen: self.count("ALERTS_MAXLEN", 1)?,
+        })
     }
 }
 
@@ -838,18 +836,18 @@ mod tests {
     #[test]
     fn defaults_match_the_contract() {
         let c = Config::defaults();
-        assert_eq!(c.redis_url, "redis://localhost:6379/0");
-        assert_eq!(c.key_prefix, "fr");
-        assert_eq!(c.default_fps, 2.0);
-        assert_eq!(c.job_lease, Duration::from_millis(15000));
-        assert_eq!(c.max_attempts, 3);
-        assert_eq!(c.result_ttl, Duration::from_secs(86400));
-        assert_eq!(c.model_type, "clip");
-        assert!(!c.allow_file_sources);
-        assert!(c.allowed_stream_hosts.is_empty());
-        assert!(c.scene_gate);
-        assert_eq!(c.scene_change_min_area, 0.002);
-        assert_eq!(c.scene_max_reuse, Duration::from_secs(10));
+        assert_eq!(c.redis.url, "redis://localhost:6379/0");
+        assert_eq!(c.redis.key_prefix, "fr");
+        assert_eq!(c.queue.default_fps, 2.0);
+        assert_eq!(c.queue.job_lease, Duration::from_millis(15000));
+        assert_eq!(c.queue.max_attempts, 3);
+        assert_eq!(c.queue.result_ttl, Duration::from_secs(86400));
+        assert_eq!(c.model.model_type, ModelType::Clip);
+        assert!(!c.source.allow_files);
+        assert!(c.source.allowed_hosts.is_empty());
+        assert!(c.pipeline.scene_gate);
+        assert_eq!(c.pipeline.scene_change_min_area, 0.002);
+        assert_eq!(c.pipeline.scene_max_reuse, Duration::from_secs(10));
     }
 
     #[test]
@@ -861,9 +859,9 @@ mod tests {
             ("REDIS_DB", "2"),
         ])
         .unwrap();
-        assert_eq!(c.redis_url, "redis://:p%40ss%20word@cache:6380/2");
+        assert_eq!(c.redis.url, "redis://:p%40ss%20word@cache:6380/2");
         let c = with(&[("REDIS_URL", "rediss://h:6379"), ("REDIS_HOST", "ignored")]).unwrap();
-        assert_eq!(c.redis_url, "rediss://h:6379");
+        assert_eq!(c.redis.url, "rediss://h:6379");
     }
 
     #[test]
@@ -917,11 +915,11 @@ mod tests {
             ("OPENAI_RESPONSE_FORMAT", r#"{"type": "object"}"#),
         ])
         .unwrap();
-        assert_eq!(c.openai.image_detail, ImageDetail::Low);
-        assert_eq!(c.openai.image_max_side, 768);
-        assert_eq!(c.openai.max_inflight, 8);
+        assert_eq!(c.model.openai.image_detail, ImageDetail::Low);
+        assert_eq!(c.model.openai.image_max_side, 768);
+        assert_eq!(c.model.openai.max_inflight, 8);
         assert_eq!(
-            c.openai.response_format,
+            c.model.openai.response_format,
             Some(serde_json::json!({"type": "object"}))
         );
         assert!(!format!("{c:?}").contains("sk-very-secret"));
@@ -959,10 +957,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            c.redis_tls.ca_file.as_deref(),
+            c.redis.tls.ca_file.as_deref(),
             Some(Path::new("/etc/ca.pem"))
         );
-        assert!(c.redis_tls.client_cert.is_some());
+        assert!(c.redis.tls.client_cert.is_some());
         let e = with(&[("REDIS_TLS_CA_FILE", "/etc/ca.pem")]).unwrap_err();
         assert_eq!(e.name, "REDIS_TLS_CA_FILE");
         let e = with(&[
@@ -981,9 +979,9 @@ mod tests {
 
     #[test]
     fn seed_log_levels_are_accepted() {
-        assert_eq!(with(&[("LOG_LEVEL", "WARNING")]).unwrap().log_level, "warn");
+        assert_eq!(with(&[("LOG_LEVEL", "WARNING")]).unwrap().log.level, "warn");
         assert_eq!(
-            with(&[("LOG_LEVEL", "CRITICAL")]).unwrap().log_level,
+            with(&[("LOG_LEVEL", "CRITICAL")]).unwrap().log.level,
             "error"
         );
     }

@@ -27,13 +27,11 @@
 //! error entries; their slots stay taken until the model really answers, so the server never
 //! has more than the limit to work on.
 
-use crate::config::Config;
 use crate::frame::Frame;
-use crate::job::PromptFollow;
 use crate::metrics::Metrics;
-use crate::model::{
-    BatchReplies, ModelError, ModelInfo, PromptRef, PromptRule, VisionLanguageModel,
-};
+use crate::model::{BatchReplies, ModelError, ModelInfo, PromptRule, VisionLanguageModel};
+use crate::prompt::PromptFollow;
+use crate::prompt::PromptRef;
 use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -54,16 +52,6 @@ pub struct EngineSettings {
 }
 
 impl EngineSettings {
-    pub fn from_config(config: &Config) -> Self {
-        Self {
-            max_batch_size: config.max_batch_size.max(1),
-            batch_window: config.batch_window,
-            max_frame_age: config.max_frame_age,
-            inference_timeout: config.inference_timeout,
-            live_queue: config.live_queue,
-        }
-    }
-
     /// How many frames of a live stream sampled at `fps` may wait for the model: LIVE_QUEUE_MS
     /// worth, rounded up, at least one and at most `MAX_LIVE_QUEUE_FRAMES`.
     pub fn live_queue_frames(&self, fps: f64) -> usize {
@@ -879,7 +867,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 mod tests {
     use super::*;
     use crate::model::ModelError;
-    use crate::model::null::NullModel;
+    use crate::model::testing::null::NullModel;
     use bytes::Bytes;
     use tokio::sync::watch;
 

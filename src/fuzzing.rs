@@ -1,9 +1,9 @@
 //! Entry points for the fuzz targets in `fuzz/`: each runs one parser of untrusted input on
 //! raw bytes or a raw Redis reply, the way the worker runs it. Not part of the API.
 
-use crate::functions::{self, CancelOutcome, ClaimVerdict, EndRecord, Lease, Ownership};
 use crate::source::hls::read_frame;
 use crate::store::StoreResult;
+use crate::store::functions::{self, CancelOutcome, ClaimVerdict, EndRecord, Lease, Ownership};
 use redis::Value;
 use std::future::Future;
 use std::pin::pin;

@@ -63,6 +63,12 @@ impl Endpoint {
     }
 }
 
+/// Where the health endpoint listens (`HEALTH_ADDR`).
+#[derive(Clone, Debug)]
+pub struct HealthSettings {
+    pub addr: SocketAddr,
+}
+
 /// What the endpoint reports.
 #[derive(Clone)]
 pub struct HealthContext {
@@ -175,7 +181,7 @@ async fn read_queue_depth(ctx: &HealthContext) {
         .arg(&jobs)
         .cmd("XPENDING")
         .arg(&jobs)
-        .arg(crate::keys::WORKER_GROUP);
+        .arg(crate::store::keys::WORKER_GROUP);
     let reply = tokio::time::timeout(
         Duration::from_secs(1),
         ctx.store.pipe::<(u64, redis::Value)>(&pipe),

@@ -12,17 +12,16 @@
 //! This is the only module that knows sources, the engine and the result sink together.
 
 use crate::alerts::{AlertEvent, AlertSettings, AlertState, EndReason, Observation};
-use crate::config::Config;
 use crate::engine::{Engine, EngineStream, Reply, ReplyOutcome, Submitted};
 use crate::frame::Frame;
 use crate::gate::{Decision, GateSettings, SceneGate};
-use crate::job::{
-    BodyFuture, BodyOutcome, FrameCounters, JobBody, JobContext, JobFailure, JobField, JobSpec,
-    SpecError, StopReason,
-};
+use crate::job::{JobField, JobSpec, SpecError};
 use crate::metrics::Metrics;
+use crate::queue::body::{BodyFuture, BodyOutcome, JobBody, JobContext, JobFailure};
+use crate::queue::stop::StopReason;
+use crate::results::FrameCounters;
 use crate::results::{AlertWrite, FrameOutcome, Progress, ResultEntry};
-use crate::source::{BadFrame, Source, SourceCounters, SourceEvent, SourceOptions};
+use crate::source::{BadFrame, Source, SourceCounters, SourceEvent, SourceOptions, SourceSettings};
 use crate::store::Store;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -33,6 +32,16 @@ use std::time::Duration;
 /// side near twice the input to keep the short side at full resolution.
 pub fn default_max_side(input_size: u32) -> u32 {
     input_size.saturating_mul(2).clamp(64, 8192)
+}
+
+/// The pipeline's own settings: the scene gate's (`SCENE_GATE`, `SCENE_CHANGE_MIN_AREA`,
+/// `SCENE_MAX_REUSE_MS`) and the cap of the alerts stream it writes to (`ALERTS_MAXLEN`).
+#[derive(Clone, Debug)]
+pub struct PipelineSettings {
+    pub scene_gate: bool,
+    pub scene_change_min_area: f32,
+    pub scene_max_reuse: Duration,
+    pub alerts_maxlen: usize,
 }
 
 /// The stream job body, built once per worker and shared by all its jobs.
@@ -49,21 +58,27 @@ pub struct StreamJobBody {
 }
 
 impl StreamJobBody {
-    pub fn new(config: &Config, engine: Engine, store: Store, metrics: Arc<Metrics>) -> Self {
-        let max_side = config
-            .max_frame_side
+    pub fn new(
+        settings: &PipelineSettings,
+        sources: &SourceSettings,
+        engine: Engine,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let max_side = sources
+            .max_side
             .unwrap_or_else(|| default_max_side(engine.model_info().input_size));
         Self {
-            sources: SourceOptions::new(config, max_side),
+            sources: SourceOptions::new(sources, max_side),
             engine,
             store,
             metrics,
-            scene_gate: config.scene_gate,
+            scene_gate: settings.scene_gate,
             gate: GateSettings {
-                min_area: config.scene_change_min_area,
-                max_reuse_ms: config.scene_max_reuse.as_millis() as i64,
+                min_area: settings.scene_change_min_area,
+                max_reuse_ms: settings.scene_max_reuse.as_millis() as i64,
             },
-            alerts_maxlen: config.alerts_maxlen,
+            alerts_maxlen: settings.alerts_maxlen,
         }
     }
 

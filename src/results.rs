@@ -4,12 +4,34 @@
 //! the end entry through [`functions::end`]); reads where a job left off.
 
 use crate::alerts::{AlertEvent, AlertState, EndReason};
-use crate::functions::{self, EndRecord, Retention};
-use crate::job::{FrameCounters, JobStatus, ResumeState, StopSignal};
+use crate::job::JobStatus;
+use crate::queue::stop::StopSignal;
+use crate::store::functions::{self, EndRecord, Retention};
 use crate::store::{Backoff, Store, StoreResult, now_ms};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+
+/// Per-job frame counters, written to the job hash as absolute values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrameCounters {
+    pub frames_decoded: u64,
+    pub frames_sampled: u64,
+    pub frames_dropped: u64,
+    pub frames_failed: u64,
+}
+
+/// Where a reclaimed or handed-back job left off, read from its hash.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ResumeState {
+    /// The body-specific resume position last saved (`cursor` in the job hash).
+    pub cursor: Option<String>,
+    /// Result entries already written.
+    pub results: u64,
+    pub counters: FrameCounters,
+    /// Which delivery this is, counting from 1.
+    pub attempt: u32,
+}
 
 /// What became of one frame.
 #[derive(Clone, Debug, PartialEq)]

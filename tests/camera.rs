@@ -8,11 +8,12 @@ mod common;
 
 use common::worker::config;
 use common::{TestRedis, eventually, unique_prefix};
-use free_roam::engine::{Engine, EngineSettings};
+use free_roam::engine::Engine;
 use free_roam::frame::Frame;
 use free_roam::metrics::Metrics;
-use free_roam::model::{ModelError, ModelInfo, PromptRef, VisionLanguageModel};
+use free_roam::model::{ModelError, ModelInfo, VisionLanguageModel};
 use free_roam::pipeline::StreamJobBody;
+use free_roam::prompt::PromptRef;
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
 use free_roam::store::Store;
 use std::collections::HashMap;
@@ -140,17 +141,23 @@ struct CameraWorker {
 impl CameraWorker {
     fn start(redis_url: &str, prefix: &str, id: &str, settings: &[(&str, &str)]) -> Self {
         let config = Arc::new(config(redis_url, prefix, settings));
-        let store = Store::new(&config.redis_url, &config.key_prefix, 16).unwrap();
+        let store = Store::new(&config.redis.url, &config.redis.key_prefix, 16).unwrap();
         let metrics = Arc::new(Metrics::default());
         let engine = Engine::start(
             Box::new(RedModel::new()),
-            EngineSettings::from_config(&config),
+            config.engine.clone(),
             metrics.clone(),
         );
-        let body = StreamJobBody::new(&config, engine.clone(), store.clone(), metrics.clone());
+        let body = StreamJobBody::new(
+            &config.pipeline,
+            &config.source,
+            engine.clone(),
+            store.clone(),
+            metrics.clone(),
+        );
         let worker = Arc::new(Worker::new(
             store,
-            config,
+            Arc::new(config.queue.clone()),
             Arc::new(body),
             metrics.clone(),
             Arc::new(WorkerState::default()),
@@ -180,8 +187,8 @@ impl CameraWorker {
     }
 }
 
-fn keys(prefix: &str) -> free_roam::keys::Keys {
-    free_roam::keys::Keys::new(prefix)
+fn keys(prefix: &str) -> free_roam::store::keys::Keys {
+    free_roam::store::keys::Keys::new(prefix)
 }
 
 fn submit(redis: &TestRedis, prefix: &str, job: &str, extra: &[(&str, &str)]) {
@@ -366,7 +373,7 @@ async fn an_alert_of_a_job_cancelled_after_its_hand_back_ends_once() {
     }
 
     let store = Store::new(&redis.url(), &p, 4).unwrap();
-    let retention = free_roam::functions::Retention {
+    let retention = free_roam::store::functions::Retention {
         results_maxlen: 1000,
         ttl_s: 3600,
         alerts_maxlen: 1000,
@@ -374,7 +381,7 @@ async fn an_alert_of_a_job_cancelled_after_its_hand_back_ends_once() {
     let reply = free_roam::client::cancel(&store, "porch", retention)
         .await
         .unwrap();
-    assert_eq!(reply, free_roam::functions::CancelOutcome::Cancelled);
+    assert_eq!(reply, free_roam::store::functions::CancelOutcome::Cancelled);
     let cancelled = vec![
         ("start".to_string(), "red".to_string(), String::new()),
         ("end".into(), "red".into(), "job_cancelled".into()),

@@ -248,7 +248,7 @@ fn a_bad_setting_is_one_line_naming_it_with_exit_code_2() {
 fn alerts_prints_each_event_once_though_a_retried_write_repeated_it() {
     let redis = TestRedis::start();
     let p = unique_prefix();
-    let alerts = free_roam::keys::Keys::new(&p).alerts();
+    let alerts = free_roam::store::keys::Keys::new(&p).alerts();
     let event = |job: &str, kind: &str, reason: &[&str]| {
         let id = format!("{job}:person:7");
         let mut args = vec![

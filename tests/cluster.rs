@@ -6,7 +6,7 @@
 mod common;
 
 use common::{free_port, temp_dir, unique_prefix, wait_until};
-use free_roam::keys::Keys;
+use free_roam::store::keys::Keys;
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -648,7 +648,7 @@ impl free_roam::model::VisionLanguageModel for BrightModel {
     fn infer(
         &mut self,
         frames: &[&free_roam::frame::Frame],
-        _prompt: &free_roam::model::PromptRef,
+        _prompt: &free_roam::prompt::PromptRef,
     ) -> Result<Vec<serde_json::Value>, free_roam::model::ModelError> {
         Ok(frames
             .iter()
@@ -663,7 +663,7 @@ impl free_roam::model::VisionLanguageModel for BrightModel {
 
 #[test]
 fn alerts_on_a_cluster_go_to_the_queue_slot_and_their_state_to_the_job_slot() {
-    use free_roam::engine::{Engine, EngineSettings};
+    use free_roam::engine::Engine;
     use free_roam::metrics::Metrics;
     use free_roam::pipeline::StreamJobBody;
     use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
@@ -696,7 +696,7 @@ fn alerts_on_a_cluster_go_to_the_queue_slot_and_their_state_to_the_job_slot() {
         &[("REDIS_CLUSTER_NODES", seeds.as_str())],
     ));
     let (shutdown, handle, metrics, engine) = rt.block_on(async {
-        let store = Store::for_config(&config, 16).unwrap();
+        let store = Store::connect(&config.redis, 16).unwrap();
         let metrics = Arc::new(Metrics::default());
         let engine = Engine::start(
             Box::new(BrightModel {
@@ -708,13 +708,19 @@ fn alerts_on_a_cluster_go_to_the_queue_slot_and_their_state_to_the_job_slot() {
                     dtype: "none".into(),
                 },
             }),
-            EngineSettings::from_config(&config),
+            config.engine.clone(),
             metrics.clone(),
         );
-        let body = StreamJobBody::new(&config, engine.clone(), store.clone(), metrics.clone());
+        let body = StreamJobBody::new(
+            &config.pipeline,
+            &config.source,
+            engine.clone(),
+            store.clone(),
+            metrics.clone(),
+        );
         let worker = Arc::new(Worker::new(
             store,
-            config.clone(),
+            Arc::new(config.queue.clone()),
             Arc::new(body),
             metrics.clone(),
             Arc::new(WorkerState::default()),

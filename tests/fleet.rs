@@ -10,7 +10,7 @@ mod common;
 
 use common::process::{feed_frames, http_get, signal, wait_ready, worker};
 use common::{TestRedis, free_port, unique_prefix, wait_until};
-use free_roam::keys::Keys;
+use free_roam::store::keys::Keys;
 use std::collections::HashMap;
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -4,7 +4,10 @@
 mod common;
 mod ingest_support;
 
-use free_roam::job::{BodyOutcome, FrameCounters, JobSpec, ResumeState, SourceKind, StopReason};
+use free_roam::job::{JobSpec, SourceKind};
+use free_roam::queue::body::BodyOutcome;
+use free_roam::queue::stop::StopReason;
+use free_roam::results::{FrameCounters, ResumeState};
 use ingest_support::*;
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -4,10 +4,14 @@
 mod common;
 mod ingest_support;
 
-use free_roam::job::{BodyOutcome, FrameCounters, PromptFollow, ResumeState, StopReason};
 use free_roam::metrics::Metrics;
-use free_roam::model::{PromptRef, PromptRule};
+use free_roam::model::PromptRule;
+use free_roam::prompt::PromptFollow;
+use free_roam::prompt::PromptRef;
+use free_roam::queue::body::BodyOutcome;
+use free_roam::queue::stop::StopReason;
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
+use free_roam::results::{FrameCounters, ResumeState};
 use ingest_support::*;
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -471,7 +475,7 @@ async fn run_through_a_worker(
 ) -> (Vec<HashMap<String, String>>, HashMap<String, String>) {
     let worker = Arc::new(Worker::new(
         h.store.clone(),
-        Arc::new(h.config.clone()),
+        Arc::new(h.config.queue.clone()),
         h.body.clone(),
         Arc::new(Metrics::default()),
         Arc::new(WorkerState::default()),

@@ -6,7 +6,9 @@ mod common;
 mod ingest_support;
 
 use common::free_port;
-use free_roam::job::{BodyOutcome, ResumeState, StopReason};
+use free_roam::queue::body::BodyOutcome;
+use free_roam::queue::stop::StopReason;
+use free_roam::results::ResumeState;
 use ingest_support::*;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -9,11 +9,11 @@ mod common;
 
 use common::worker::{InProcessWorker, TestBody, config};
 use common::{TestRedis, eventually, unique_prefix};
-use free_roam::functions::{self, ClaimVerdict, Lease, Ownership, Retention};
 use free_roam::job::JobStatus;
 use free_roam::metrics::Metrics;
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
 use free_roam::store::Store;
+use free_roam::store::functions::{self, ClaimVerdict, Lease, Ownership, Retention};
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -41,8 +41,8 @@ async fn queue_store(redis: &TestRedis, prefix: &str) -> Store {
     store
 }
 
-fn keys(prefix: &str) -> free_roam::keys::Keys {
-    free_roam::keys::Keys::new(prefix)
+fn keys(prefix: &str) -> free_roam::store::keys::Keys {
+    free_roam::store::keys::Keys::new(prefix)
 }
 
 fn xadd(redis: &TestRedis, prefix: &str, fields: &[(&str, &str)]) -> String {
@@ -1218,7 +1218,7 @@ async fn prompt_functions_version_and_keep_history() {
     let lines: Vec<&str> = got.lines().collect();
     assert_eq!(lines[0], "Detect vehicles");
     assert_eq!(lines[1], "2");
-    let history = free_roam::prompt::history(&store, 0).await.unwrap();
+    let history = free_roam::prompt::active::history(&store, 0).await.unwrap();
     assert_eq!(
         history.iter().map(|h| h.version).collect::<Vec<_>>(),
         vec![2, 1]
@@ -1233,7 +1233,7 @@ async fn prompt_functions_version_and_keep_history() {
             .trim(),
         "3"
     );
-    let history = free_roam::prompt::history(&store, 0).await.unwrap();
+    let history = free_roam::prompt::active::history(&store, 0).await.unwrap();
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].version, 3);
     let err = redis.cli(&["FCALL", "fr_prompt_set", "1", &tag, ""]);
@@ -1351,11 +1351,11 @@ fn child_worker_process() {
         .unwrap()
         .block_on(async move {
             let config = Arc::new(config(&url, &prefix, &refs));
-            let store = Store::new(&config.redis_url, &config.key_prefix, 16).unwrap();
+            let store = Store::new(&config.redis.url, &config.redis.key_prefix, 16).unwrap();
             let state = Arc::new(WorkerState::default());
             let worker = Arc::new(Worker::new(
                 store,
-                config,
+                Arc::new(config.queue.clone()),
                 Arc::new(TestBody),
                 Arc::new(Metrics::default()),
                 state,

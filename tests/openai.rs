@@ -11,8 +11,9 @@ mod common;
 use base64::Engine as _;
 use common::process::{WAIT, http_get, raw_frame_xadd, signal};
 use common::{TestRedis, free_port, temp_dir, unique_prefix, wait_until};
-use free_roam::model::openai::{ApiKey, OpenAiModel, OpenAiSettings};
-use free_roam::model::{BackendHealth, PromptRef, VisionLanguageModel};
+use free_roam::model::remote::openai::{ApiKey, OpenAiModel, OpenAiSettings};
+use free_roam::model::{BackendHealth, VisionLanguageModel};
+use free_roam::prompt::PromptRef;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -394,7 +395,7 @@ fn openai_worker(
 
 fn entries(redis: &TestRedis, prefix: &str, job: &str) -> Vec<HashMap<String, String>> {
     redis
-        .xrange(&free_roam::keys::Keys::new(prefix).results(job))
+        .xrange(&free_roam::store::keys::Keys::new(prefix).results(job))
         .into_iter()
         .map(|(_, f)| f)
         .collect()

@@ -11,7 +11,7 @@ mod common;
 
 use common::worker::InProcessWorker;
 use common::{TestRedis, unique_prefix};
-use free_roam::keys::{Keys, WORKER_GROUP};
+use free_roam::store::keys::{Keys, WORKER_GROUP};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 

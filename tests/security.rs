@@ -393,7 +393,7 @@ fn xadd_job(con: &mut redis::Connection, job_id: &str) -> redis::RedisResult<Str
 
 /// The status of the job's end entry once it is written, with its error if any.
 fn wait_end(con: &mut redis::Connection, job_id: &str) -> String {
-    let key = free_roam::keys::Keys::new(PREFIX).results(job_id);
+    let key = free_roam::store::keys::Keys::new(PREFIX).results(job_id);
     let mut status = None;
     wait_until(WAIT, || {
         let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
@@ -511,7 +511,7 @@ fn the_deploy_acl_users_run_a_job_and_the_producer_can_do_nothing_else() {
     assert_eq!(wait_end(&mut producer, "by-cli"), "completed");
     assert_eq!(wait_end(&mut producer, "by-xadd"), "completed");
     // A job may not read the deployment's own keys as frames: not another job's results.
-    let peek = free_roam::keys::Keys::new(PREFIX).results("by-cli");
+    let peek = free_roam::store::keys::Keys::new(PREFIX).results("by-cli");
     let _: String = redis::cmd("XADD")
         .arg(format!("{{{PREFIX}}}:jobs"))
         .arg("*")
@@ -535,7 +535,7 @@ fn the_deploy_acl_users_run_a_job_and_the_producer_can_do_nothing_else() {
 
     // Nothing else: no job's results or progress, no queue bookkeeping, no worker
     // registry, no settings, no function library, no server administration.
-    let keys = free_roam::keys::Keys::new(PREFIX);
+    let keys = free_roam::store::keys::Keys::new(PREFIX);
     let registry: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{}*", keys.workers_prefix()))
         .query(&mut admin)
@@ -583,8 +583,13 @@ fn the_deploy_acl_users_run_a_job_and_the_producer_can_do_nothing_else() {
         &["HSET", &registry[0], "draining", "1"],
         &["DEL", &registry[0]],
         &["HSET", &keys.settings(), "result_ttl_s", "1"],
-        &["XACK", &jobs, free_roam::keys::WORKER_GROUP, entry],
-        &["XGROUP", "DESTROY", &jobs, free_roam::keys::WORKER_GROUP],
+        &["XACK", &jobs, free_roam::store::keys::WORKER_GROUP, entry],
+        &[
+            "XGROUP",
+            "DESTROY",
+            &jobs,
+            free_roam::store::keys::WORKER_GROUP,
+        ],
         &[
             "XREADGROUP",
             "GROUP",

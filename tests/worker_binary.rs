@@ -15,7 +15,7 @@ fn results(
     job: &str,
 ) -> Vec<std::collections::HashMap<String, String>> {
     redis
-        .xrange(&free_roam::keys::Keys::new(prefix).results(job))
+        .xrange(&free_roam::store::keys::Keys::new(prefix).results(job))
         .into_iter()
         .map(|(_, f)| f)
         .collect()
@@ -195,8 +195,8 @@ fn sigterm_and_sigkill_lose_no_job() {
         "job_id",
         "live",
     ]);
-    let job = free_roam::keys::Keys::new(&p).job("live");
-    let progress = free_roam::keys::Keys::new(&p).progress("live");
+    let job = free_roam::store::keys::Keys::new(&p).job("live");
+    let progress = free_roam::store::keys::Keys::new(&p).progress("live");
     wait_until(WAIT, || {
         redis
             .hget(&progress, "results")

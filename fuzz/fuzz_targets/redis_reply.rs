@@ -2,7 +2,7 @@
 //! `freeroam` functions' replies and of stream-read replies, and the job entries those
 //! carry through the job parser.
 #![no_main]
-use free_roam::functions::ClaimVerdict;
+use free_roam::store::functions::ClaimVerdict;
 use free_roam::fuzzing::function_replies;
 use free_roam::job::JobSpec;
 use free_roam::queue::entries::{parse_entry_list, parse_read_reply};

@@ -1,7 +1,7 @@
 //! Fuzzes the `stream_ref` rules: what ffmpeg may read (`plan_input`) and which Redis key a
 //! frame-stream job may read (`stream_key`). Nothing accepted may become an ffmpeg option.
 #![no_main]
-use free_roam::keys::Keys;
+use free_roam::store::keys::Keys;
 use free_roam::source::ffmpeg_args::{HTTP_PROTOCOLS, RTSP_TCP_PROTOCOLS, plan_input};
 use free_roam::source::redis_frames::stream_key;
 use libfuzzer_sys::fuzz_target;

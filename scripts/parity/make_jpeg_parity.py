@@ -5,7 +5,7 @@ what transformers' CLIP computes on them.
 The Rust tests decode the same JPEG files with the worker's decoder and require
 - the pixels within 1 level of PIL's decode (src/source/image_decode.rs);
 - the tiny CLIP's image embeddings and logits within 1e-4 of transformers', which decoded
-  the files with PIL (src/model/parity_jpeg.rs).
+  the files with PIL (src/model/testing/parity_jpeg.rs).
 
 Writes tests/parity/jpeg/<name>.jpg (the frames), tests/parity/jpeg/<name>.pil.png (PIL's
 decode, lossless) and tests/parity/clip_jpeg.json. See README.md for when and how to run it.

@@ -9,7 +9,7 @@ fixed sample of the vocabulary, the top ten and the sum), the greedy tokens of
 
 Random tiny weights do not generate `<loc>` tokens, so the box path is also checked on
 fixed token sequences: transformers' tokenizer decodes them and `parse_detections` below
-(an independent implementation of the rule in src/model/paligemma_detect.rs) parses them.
+(an independent implementation of the rule in src/model/families/paligemma/detect.rs) parses them.
 
 Images go through SiglipImageProcessorPil (PaliGemma's preprocessing: 224 x 224 bicubic,
 mean and std 0.5), reproduced bit for bit on the Rust side.
@@ -29,7 +29,7 @@ from make_parity import SIGLIP_IMAGES, header, images, pixel_summary
 
 import make_parity
 
-# Must match src/model/parity.rs. The first three SigLIP images keep the file small.
+# Must match src/model/testing/parity.rs. The first three SigLIP images keep the file small.
 IMAGES = SIGLIP_IMAGES[:3]
 PROMPTS = [
     "caption en",

@@ -33,7 +33,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.owlvit.image_processing_pil_owlvit import OwlViTImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-# Must match the Rust tests (src/model/parity.rs).
+# Must match the Rust tests (src/model/testing/parity.rs).
 SEED = 7
 IMAGES = [
     ("gradient", 320, 240),

@@ -10,39 +10,21 @@
 //! Only this module (and its children) may import candle. Concrete backends are chosen by
 //! `MODEL_TYPE` and wired in the binary.
 
-pub mod batched_matmul;
-#[cfg(target_arch = "x86_64")]
-pub mod bf16_gemm;
-pub mod blip;
-pub mod blip_net;
-#[cfg(feature = "mkl")]
-mod cblas;
-pub mod clip;
-pub mod clip_vision;
-pub mod colour_test;
-pub mod cpu_kernels;
-pub mod fused_linear;
-pub mod load;
-pub mod make;
-pub mod openai;
-pub mod owlvit;
-pub mod paligemma;
-pub mod paligemma_detect;
-#[cfg(test)]
-mod parity;
-#[cfg(test)]
-mod parity_jpeg;
+pub mod families;
+pub mod kernels;
+pub mod kind;
+pub mod loading;
 pub mod preprocess;
-pub mod siglip;
-#[cfg(test)]
-mod testutil;
-pub mod tokenizer;
+pub mod registry;
+pub mod remote;
+pub mod testing;
+pub mod text;
+pub mod towers;
 
-pub use load::{
-    DEFAULT_MAX_NEW_TOKENS, DeviceChoice, DtypeChoice, ModelSettings, ModelType, ParseSettingError,
-    load_model,
-};
-pub use make::{ModelSize, write_random_model};
+pub use kind::{ModelType, ParseSettingError};
+pub use loading::{DEFAULT_MAX_NEW_TOKENS, DeviceChoice, DtypeChoice, ModelSettings};
+pub use registry::{load_model, write_random_model};
+pub use testing::synthetic::ModelSize;
 
 /// Process-wide CPU threading choices for the model; call it first thing in `main`, before
 /// any other thread starts (it may set environment variables).
@@ -62,7 +44,7 @@ pub fn prepare_cpu_threads() {
 }
 
 use crate::frame::Frame;
-pub mod null;
+pub use crate::prompt::PromptRef;
 
 use serde::Serialize;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -85,14 +67,6 @@ pub struct ModelInfo {
     pub dtype: String,
 }
 
-/// The prompt a batch runs with. `version` is the `{fr}:prompt` version for jobs that follow
-/// the active prompt, and `None` for jobs that carry their own prompt.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct PromptRef {
-    pub text: std::sync::Arc<str>,
-    pub version: Option<u64>,
-}
-
 /// A model failure. `batch` errors fail every frame of the batch; the worker goes on.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -112,7 +86,7 @@ pub enum PromptRule {
     /// Any text: captioning models continue it, test models ignore it.
     #[default]
     Any,
-    /// Phrases to look for, by [`clip::prompt_phrases`] (scoring and detection models): at
+    /// Phrases to look for, by [`text::phrases::prompt_phrases`] (scoring and detection models): at
     /// least one, at most the number a model scores.
     Phrases,
 }
@@ -122,11 +96,7 @@ impl PromptRule {
     pub fn check(self, prompt: &str) -> Result<(), String> {
         match self {
             PromptRule::Any => Ok(()),
-            PromptRule::Phrases => match clip::checked_phrases(prompt) {
-                Ok(_) => Ok(()),
-                Err(ModelError::Prompt(reason)) => Err(reason),
-                Err(other) => Err(other.to_string()),
-            },
+            PromptRule::Phrases => text::phrases::checked_phrases(prompt).map(|_| ()),
         }
     }
 }

@@ -12,8 +12,8 @@
 //! the output pixels inside the crop window are computed, and the normalised values are
 //! written straight into the batch buffer.
 
-use super::ModelError;
 use crate::frame::Frame;
+use crate::model::ModelError;
 use candle_core::{Device, Tensor};
 
 /// The CLIP image mean used by both CLIP and BLIP checkpoints.

@@ -3,7 +3,7 @@
 //! flight go together in the next one, so a burst of ends costs one request and one
 //! call's overhead instead of one each.
 
-use crate::functions::{self, FinishEntry, Ownership};
+use crate::store::functions::{self, FinishEntry, Ownership};
 use crate::store::{Store, StoreResult};
 use tokio::sync::{mpsc, oneshot};
 

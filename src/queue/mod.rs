@@ -3,21 +3,27 @@
 //! dead-letters entries delivered too often, runs each job's body, finishes it, and on
 //! shutdown hands running jobs back so another worker takes them at once.
 
+pub mod body;
 pub mod entries;
 mod finishes;
+mod settings;
+pub mod stop;
 
-use crate::config::Config;
-use crate::functions::{
+pub use settings::QueueSettings;
+
+use crate::job::{JobField, JobSpec, JobStatus};
+use crate::metrics::Metrics;
+use crate::model::BackendHealth;
+use crate::prompt::PromptFollow;
+use crate::prompt::PromptRef;
+use crate::queue::body::{BodyOutcome, JobBody, JobContext, JobFailure};
+use crate::queue::stop::{StopReason, StopSignal};
+use crate::results::ResumeState;
+use crate::results::{OpenAlerts, ResultSink, SavedProgress, saved_progress, write_end};
+use crate::store::functions::{
     self, CallIn, ClaimEntry, ClaimVerdict, FinalWhy, FinishEntry, Lease, Ownership, Retention,
 };
-use crate::job::{
-    BodyOutcome, JobBody, JobContext, JobFailure, JobField, JobSpec, JobStatus, PromptFollow,
-    ResumeState, StopReason, StopSignal,
-};
-use crate::keys::WORKER_GROUP;
-use crate::metrics::Metrics;
-use crate::model::{BackendHealth, PromptRef};
-use crate::results::{OpenAlerts, ResultSink, SavedProgress, saved_progress, write_end};
+use crate::store::keys::WORKER_GROUP;
 use crate::store::{Backoff, MAX_BLOCK_MS, Store, StoreError, StoreResult, now_ms};
 use entries::{Entry, parse_entry_list, parse_read_reply};
 use std::collections::{HashMap, HashSet};
@@ -140,7 +146,7 @@ pub struct WorkerIdentity {
 /// A worker: one consumer of the `workers` group running up to `MAX_CONCURRENT_STREAMS` jobs.
 pub struct Worker {
     store: Store,
-    config: Arc<Config>,
+    config: Arc<QueueSettings>,
     body: Arc<dyn JobBody>,
     metrics: Arc<Metrics>,
     state: Arc<WorkerState>,
@@ -193,13 +199,13 @@ pub fn job_id_for_entry(tag: &str, entry_id: &str) -> String {
 impl Worker {
     pub fn new(
         store: Store,
-        config: Arc<Config>,
+        config: Arc<QueueSettings>,
         body: Arc<dyn JobBody>,
         metrics: Arc<Metrics>,
         state: Arc<WorkerState>,
         identity: WorkerIdentity,
     ) -> Self {
-        let (tx, rx) = watch::channel(crate::prompt::default_ref(&config.default_prompt));
+        let (tx, rx) = watch::channel(crate::prompt::active::default_ref(&config.default_prompt));
         Self {
             finisher: finishes::Finisher::new(store.clone(), identity.id.clone()),
             store,
@@ -226,7 +232,7 @@ impl Worker {
             return;
         }
         let tasks_stop = CancellationToken::new();
-        let prompt_task = tokio::spawn(crate::prompt::follow(
+        let prompt_task = tokio::spawn(crate::prompt::active::follow(
             self.store.clone(),
             self.config.default_prompt.clone(),
             (*self.prompt_tx).clone(),
@@ -582,11 +588,7 @@ impl Worker {
     }
 
     fn retention(&self) -> Retention {
-        Retention {
-            results_maxlen: self.config.results_maxlen,
-            ttl_s: self.config.result_ttl.as_secs(),
-            alerts_maxlen: self.config.alerts_maxlen,
-        }
+        self.config.retention()
     }
 
     /// The second half of a job that is final in the queue's slot: its end entry (in the

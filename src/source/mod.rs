@@ -16,7 +16,9 @@ pub mod redis_frames;
 pub mod stream_proxy;
 
 use crate::frame::Frame;
-use crate::job::{JobFailure, JobSpec, ResumeState, SourceKind};
+use crate::job::{JobSpec, SourceKind};
+use crate::queue::body::JobFailure;
+use crate::results::ResumeState;
 use crate::store::Store;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -175,6 +177,19 @@ impl Slot {
     }
 }
 
+/// The sources' own settings (`ALLOW_FILE_SOURCES`, `ALLOWED_STREAM_HOSTS`, `MAX_FRAME_SIDE`,
+/// `MAX_FRAME_PIXELS`, `SOURCE_RETRIES`, `STALL_TIMEOUT_MS`).
+#[derive(Clone, Debug)]
+pub struct SourceSettings {
+    pub allow_files: bool,
+    pub allowed_hosts: allowed_hosts::AllowedHosts,
+    /// Longest side of decoded HLS frames; `None`: from the model's input size.
+    pub max_side: Option<u32>,
+    pub max_pixels: u64,
+    pub retries: u32,
+    pub stall_timeout: Duration,
+}
+
 /// How sources behave; built once per worker.
 #[derive(Clone, Debug)]
 pub struct SourceOptions {
@@ -201,17 +216,17 @@ pub struct SourceOptions {
 }
 
 impl SourceOptions {
-    /// Options from the worker's settings; `max_side` comes from MAX_FRAME_SIDE or the model.
-    pub fn new(config: &crate::config::Config, max_side: u32) -> Self {
+    /// Options from the worker's settings; `max_side` is MAX_FRAME_SIDE's, else the model's.
+    pub fn new(settings: &SourceSettings, max_side: u32) -> Self {
         Self {
-            allow_files: config.allow_file_sources,
-            allowed_hosts: config.allowed_stream_hosts.clone(),
+            allow_files: settings.allow_files,
+            allowed_hosts: settings.allowed_hosts.clone(),
             max_side,
-            max_pixels: config.max_frame_pixels,
-            retries: config.source_retries,
+            max_pixels: settings.max_pixels,
+            retries: settings.retries,
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(10),
-            stall_timeout: config.stall_timeout,
+            stall_timeout: settings.stall_timeout,
             io_timeout: Duration::from_secs(10),
             ffmpeg: "ffmpeg".into(),
         }

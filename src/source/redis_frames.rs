@@ -28,7 +28,7 @@ const READ_COUNT: usize = 256;
 /// job's results as its frames.
 pub fn stream_key(
     stream_ref: &str,
-    keys: &crate::keys::Keys,
+    keys: &crate::store::keys::Keys,
 ) -> Result<String, super::ffmpeg_args::Refused> {
     use super::ffmpeg_args::Refused;
     let key = match stream_ref.get(..8) {
@@ -528,7 +528,7 @@ mod tests {
 
     #[test]
     fn stream_keys_accept_bare_and_redis_urls() {
-        let keys = crate::keys::Keys::new("fr");
+        let keys = crate::store::keys::Keys::new("fr");
         let stream_key = |r: &str| stream_key(r, &keys);
         assert_eq!(stream_key("frames:cam1").unwrap(), "frames:cam1");
         assert_eq!(stream_key("redis://frames:cam1").unwrap(), "frames:cam1");

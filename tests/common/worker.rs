@@ -4,8 +4,8 @@
 
 use super::TestRedis;
 use free_roam::config::Config;
-use free_roam::job::{BodyFuture, BodyOutcome, JobBody, JobContext, JobFailure};
 use free_roam::metrics::Metrics;
+use free_roam::queue::body::{BodyFuture, BodyOutcome, JobBody, JobContext, JobFailure};
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
 use free_roam::results::{FrameOutcome, Progress, ResultEntry};
 use free_roam::store::Store;
@@ -88,7 +88,7 @@ pub struct InProcessWorker {
 impl InProcessWorker {
     pub fn start(redis: &TestRedis, prefix: &str, id: &str, overrides: &[(&str, &str)]) -> Self {
         let config = Arc::new(config(&redis.url(), prefix, overrides));
-        let store = Store::new(&config.redis_url, &config.key_prefix, 16).unwrap();
+        let store = Store::new(&config.redis.url, &config.redis.key_prefix, 16).unwrap();
         let metrics = Arc::new(Metrics::default());
         let state = Arc::new(WorkerState::default());
         state.set_model(serde_json::json!({"name": "test-body"}));
@@ -99,7 +99,7 @@ impl InProcessWorker {
         };
         let worker = Arc::new(Worker::new(
             store,
-            config,
+            Arc::new(config.queue.clone()),
             Arc::new(TestBody),
             metrics.clone(),
             state.clone(),

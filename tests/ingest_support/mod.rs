@@ -5,15 +5,18 @@
 
 use crate::common::{TestRedis, temp_dir, unique_prefix};
 use free_roam::config::Config;
-use free_roam::engine::{Engine, EngineSettings};
+use free_roam::engine::Engine;
 use free_roam::frame::Frame;
-use free_roam::job::{
-    BodyOutcome, JobBody, JobContext, JobFailure, JobSpec, PromptFollow, ResumeState, StopSignal,
-};
+use free_roam::job::JobSpec;
 use free_roam::metrics::Metrics;
-use free_roam::model::{ModelError, ModelInfo, PromptRef, PromptRule, VisionLanguageModel};
+use free_roam::model::{ModelError, ModelInfo, PromptRule, VisionLanguageModel};
 use free_roam::pipeline::StreamJobBody;
+use free_roam::prompt::PromptFollow;
+use free_roam::prompt::PromptRef;
+use free_roam::queue::body::{BodyOutcome, JobBody, JobContext, JobFailure};
+use free_roam::queue::stop::StopSignal;
 use free_roam::results::ResultSink;
+use free_roam::results::ResumeState;
 use free_roam::store::Store;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -106,10 +109,16 @@ impl Harness {
         map.insert("REDIS_URL".into(), redis.url());
         map.entry("KEY_PREFIX".into()).or_insert_with(unique_prefix);
         let config = Config::from_lookup(&move |k| map.get(k).cloned()).expect("valid test config");
-        let store = Store::new(&config.redis_url, &config.key_prefix, 8).unwrap();
+        let store = Store::new(&config.redis.url, &config.redis.key_prefix, 8).unwrap();
         let metrics = Arc::new(Metrics::default());
-        let engine = Engine::start(model, EngineSettings::from_config(&config), metrics.clone());
-        let body = StreamJobBody::new(&config, engine.clone(), store.clone(), metrics.clone());
+        let engine = Engine::start(model, config.engine.clone(), metrics.clone());
+        let body = StreamJobBody::new(
+            &config.pipeline,
+            &config.source,
+            engine.clone(),
+            store.clone(),
+            metrics.clone(),
+        );
         let mut options = body.source_options().clone();
         options.retry_initial = Duration::from_millis(100);
         options.retry_max = Duration::from_millis(400);
@@ -158,7 +167,7 @@ impl Harness {
         let sink = ResultSink::new(
             self.store.clone(),
             &spec.job_id,
-            self.config.results_maxlen,
+            self.config.queue.results_maxlen,
             stop.clone(),
             resume.results,
         );

@@ -7,13 +7,17 @@
 //! MAX_FRAME_SIDE, ...), as the worker reads them.
 
 use free_roam::config::Config;
-use free_roam::engine::{Engine, EngineSettings};
-use free_roam::job::{JobBody, JobContext, JobSpec, PromptFollow, ResumeState, StopSignal};
+use free_roam::engine::Engine;
+use free_roam::job::JobSpec;
 use free_roam::metrics::Metrics;
-use free_roam::model::PromptRef;
-use free_roam::model::null::NullModel;
+use free_roam::model::testing::null::NullModel;
 use free_roam::pipeline::StreamJobBody;
+use free_roam::prompt::PromptFollow;
+use free_roam::prompt::PromptRef;
+use free_roam::queue::body::{JobBody, JobContext};
+use free_roam::queue::stop::StopSignal;
 use free_roam::results::ResultSink;
+use free_roam::results::ResumeState;
 use free_roam::store::Store;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -84,15 +88,17 @@ fn main() {
         .expect("a tokio runtime");
     let started = Instant::now();
     let (results, failures) = runtime.block_on(async {
-        let store = Store::new(&config.redis_url, &config.key_prefix, 16).expect("a redis url");
+        let store =
+            Store::new(&config.redis.url, &config.redis.key_prefix, 16).expect("a redis url");
         let metrics = Arc::new(Metrics::default());
         let engine = Engine::start(
             Box::new(NullModel::new(224)),
-            EngineSettings::from_config(&config),
+            config.engine.clone(),
             metrics.clone(),
         );
         let body = Arc::new(StreamJobBody::new(
-            &config,
+            &config.pipeline,
+            &config.source,
             engine.clone(),
             store.clone(),
             metrics,
@@ -109,14 +115,14 @@ fn main() {
             .iter()
             .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
             .collect();
-            let spec = JobSpec::parse("0-1", &fields, config.default_fps, || job_id.clone())
+            let spec = JobSpec::parse("0-1", &fields, config.queue.default_fps, || job_id.clone())
                 .expect("a valid job");
             let stop = StopSignal::new();
             let ctx = JobContext {
                 sink: ResultSink::new(
                     store.clone(),
                     &job_id,
-                    config.results_maxlen,
+                    config.queue.results_maxlen,
                     stop.clone(),
                     0,
                 ),

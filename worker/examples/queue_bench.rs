@@ -9,8 +9,8 @@
 //! LATENCY_JOBS (default 200).
 
 use free_roam::config::Config;
-use free_roam::job::{BodyFuture, BodyOutcome, JobBody, JobContext};
 use free_roam::metrics::Metrics;
+use free_roam::queue::body::{BodyFuture, BodyOutcome, JobBody, JobContext};
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
 use free_roam::store::Store;
 use std::collections::HashMap;
@@ -75,7 +75,7 @@ async fn main() {
 
     let worker = Arc::new(Worker::new(
         store.clone(),
-        config,
+        Arc::new(config.queue.clone()),
         Arc::new(NoopBody),
         Arc::new(Metrics::default()),
         Arc::new(WorkerState::default()),

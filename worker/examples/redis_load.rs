@@ -6,8 +6,9 @@
 //! SECONDS (default 10), JOBS (default 2000). Run it against a Redis nothing else uses.
 
 use free_roam::config::Config;
-use free_roam::job::{BodyFuture, BodyOutcome, JobBody, JobContext, StopSignal};
 use free_roam::metrics::Metrics;
+use free_roam::queue::body::{BodyFuture, BodyOutcome, JobBody, JobContext};
+use free_roam::queue::stop::StopSignal;
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
 use free_roam::results::{FrameOutcome, Progress, ResultEntry, ResultSink};
 use free_roam::store::Store;
@@ -166,7 +167,7 @@ fn worker(store: &Store, url: &str, prefix: &str, cap: usize, body: Arc<dyn JobB
     let config = Arc::new(Config::from_lookup(&|k| settings.get(k).cloned()).expect("config"));
     Worker::new(
         store.clone(),
-        config,
+        Arc::new(config.queue.clone()),
         body,
         Arc::new(Metrics::default()),
         Arc::new(WorkerState::default()),

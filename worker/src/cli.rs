@@ -1,7 +1,6 @@
-//! The user-side subcommands: submit, status, results, alerts, cancel, jobs, prompt, model. Text for
+//! The user-side subcommands: submit, status, results, alerts, cancel, jobs, prompt. Text for
 //! people by default, JSON with `--json`.
 
-use crate::Commands;
 use clap::{Args, Subcommand};
 use free_roam::client::{self, ClientError, Submission};
 use free_roam::config::Config;
@@ -32,6 +31,41 @@ pub struct SubmitArgs {
     source: Option<String>,
 }
 
+/// The commands that speak the Redis contract for a person.
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Queue a job; prints its id.
+    Submit(SubmitArgs),
+    /// Show a job's state.
+    Status { job_id: String },
+    /// Print a job's results; with --follow, wait for new ones until the job ends.
+    Results {
+        job_id: String,
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Print alert start and end events (all jobs, or one); with --follow, wait for new ones.
+    Alerts {
+        #[arg(long)]
+        follow: bool,
+        /// Only this job's alerts.
+        #[arg(long = "job")]
+        job_id: Option<String>,
+    },
+    /// Cancel a job: a queued one never runs, a running one stops within a second.
+    Cancel { job_id: String },
+    /// List jobs, newest first.
+    Jobs {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Read or change the active prompt.
+    #[command(subcommand)]
+    Prompt(PromptCommand),
+}
+
 #[derive(Subcommand, Debug)]
 pub enum PromptCommand {
     /// Set the active prompt; prints the new version.
@@ -47,22 +81,6 @@ pub enum PromptCommand {
     History {
         #[arg(long, default_value_t = 0)]
         count: usize,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-pub enum ModelCommand {
-    /// Write a randomly initialised model (config.json, model.safetensors, tokenizer.json).
-    Make {
-        /// clip, siglip, owlvit, blip or paligemma.
-        #[arg(long = "type")]
-        kind: String,
-        /// tiny (for tests) or full (the real sizes, for benchmarks).
-        #[arg(long, default_value = "tiny")]
-        size: String,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        dir: std::path::PathBuf,
     },
 }
 
@@ -86,16 +104,13 @@ fn print_json(v: &serde_json::Value) {
     println!("{v}");
 }
 
-pub async fn run(command: Commands, config: Config, json: bool) -> ExitCode {
-    if let Commands::Model(cmd) = command {
-        return crate::worker::model_command(cmd);
-    }
-    let store = match Store::for_config(&config, 4) {
+pub async fn run(command: ClientCommand, config: Config, json: bool) -> ExitCode {
+    let store = match Store::connect(&config.redis, 4) {
         Ok(s) => s,
         Err(e) => return fail(e, 2),
     };
     match command {
-        Commands::Submit(a) => {
+        ClientCommand::Submit(a) => {
             let sub = Submission {
                 stream_ref: a.stream_ref,
                 prompt: a.prompt,
@@ -111,19 +126,19 @@ pub async fn run(command: Commands, config: Config, json: bool) -> ExitCode {
                 Err(e) => return client_failure(e),
             }
         }
-        Commands::Status { job_id } => match client::status(&store, &job_id).await {
+        ClientCommand::Status { job_id } => match client::status(&store, &job_id).await {
             Ok(h) if json => print_json(&serde_json::json!(h)),
             Ok(h) => print_fields(&h),
             Err(e) => return client_failure(e),
         },
-        Commands::Results { job_id, follow } => {
+        ClientCommand::Results { job_id, follow } => {
             return results(&store, &job_id, follow, json).await;
         }
-        Commands::Alerts { follow, job_id } => {
+        ClientCommand::Alerts { follow, job_id } => {
             return alerts(&store, job_id.as_deref(), follow, json).await;
         }
-        Commands::Cancel { job_id } => {
-            match client::cancel(&store, &job_id, retention(&config)).await {
+        ClientCommand::Cancel { job_id } => {
+            match client::cancel(&store, &job_id, config.queue.retention()).await {
                 Ok(v) if json => {
                     print_json(&serde_json::json!({"job_id": job_id, "result": v.to_string()}))
                 }
@@ -131,7 +146,7 @@ pub async fn run(command: Commands, config: Config, json: bool) -> ExitCode {
                 Err(e) => return client_failure(e),
             }
         }
-        Commands::Jobs { status, limit } => {
+        ClientCommand::Jobs { status, limit } => {
             if let Some(s) = &status
                 && free_roam::job::JobStatus::parse(s).is_none()
             {
@@ -159,19 +174,9 @@ pub async fn run(command: Commands, config: Config, json: bool) -> ExitCode {
                 Err(e) => return client_failure(e),
             }
         }
-        Commands::Prompt(cmd) => return prompt(&store, cmd, json).await,
-        Commands::Worker | Commands::Model(_) => unreachable!("handled by the caller"),
+        ClientCommand::Prompt(cmd) => return prompt(&store, cmd, json).await,
     }
     ExitCode::SUCCESS
-}
-
-/// The expiry and cap a cancelled job's end entry gets; the workers use the same settings.
-fn retention(config: &Config) -> free_roam::functions::Retention {
-    free_roam::functions::Retention {
-        results_maxlen: config.results_maxlen,
-        ttl_s: config.result_ttl.as_secs(),
-        alerts_maxlen: config.alerts_maxlen,
-    }
 }
 
 fn print_fields(h: &BTreeMap<String, String>) {
@@ -320,7 +325,7 @@ fn describe_alert(f: &BTreeMap<String, String>) -> String {
 }
 
 async fn prompt(store: &Store, cmd: PromptCommand, json: bool) -> ExitCode {
-    use free_roam::prompt;
+    use free_roam::prompt::active as prompt;
     match cmd {
         PromptCommand::Set { text, no_preserve } => {
             match prompt::set(store, &text, !no_preserve).await {

@@ -4,6 +4,7 @@
 //! Exit codes: 0 ok, 1 not found or failed, 2 bad usage or configuration.
 
 mod cli;
+mod model_cmd;
 mod settings;
 mod worker;
 
@@ -38,39 +39,11 @@ struct Cli {
 enum Commands {
     /// Run a worker: claim jobs from Redis and run them until SIGTERM or SIGINT.
     Worker,
-    /// Queue a job; prints its id.
-    Submit(cli::SubmitArgs),
-    /// Show a job's state.
-    Status { job_id: String },
-    /// Print a job's results; with --follow, wait for new ones until the job ends.
-    Results {
-        job_id: String,
-        #[arg(long)]
-        follow: bool,
-    },
-    /// Print alert start and end events (all jobs, or one); with --follow, wait for new ones.
-    Alerts {
-        #[arg(long)]
-        follow: bool,
-        /// Only this job's alerts.
-        #[arg(long = "job")]
-        job_id: Option<String>,
-    },
-    /// Cancel a job: a queued one never runs, a running one stops within a second.
-    Cancel { job_id: String },
-    /// List jobs, newest first.
-    Jobs {
-        #[arg(long)]
-        status: Option<String>,
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
-    },
-    /// Read or change the active prompt.
-    #[command(subcommand)]
-    Prompt(cli::PromptCommand),
+    #[command(flatten)]
+    Client(cli::ClientCommand),
     /// Model files: write a randomly initialised model for tests and benchmarks.
     #[command(subcommand)]
-    Model(cli::ModelCommand),
+    Model(model_cmd::ModelCommand),
 }
 
 fn main() -> ExitCode {
@@ -96,7 +69,8 @@ fn main() -> ExitCode {
     let code = runtime.block_on(async move {
         match cli.command {
             Commands::Worker => worker::run(config).await,
-            other => cli::run(other, config, cli.json).await,
+            Commands::Client(command) => cli::run(command, config, cli.json).await,
+            Commands::Model(command) => model_cmd::run(command),
         }
     });
     // Leftover blocking reads must not hold the process up once the work is done.

@@ -1,14 +1,13 @@
 //! `free-roam worker`: logging, the model, the job body, the health endpoint, signals, and
 //! the queue worker, wired together.
 
-use crate::cli::ModelCommand;
 use free_roam::config::{Config, LogFormat};
-use free_roam::engine::{Engine, EngineSettings};
+use free_roam::engine::Engine;
 use free_roam::health::{self, HealthContext};
-use free_roam::job::JobBody;
 use free_roam::metrics::Metrics;
-use free_roam::model::{ModelInfo, VisionLanguageModel};
+use free_roam::model::{ModelInfo, ModelSettings, VisionLanguageModel};
 use free_roam::pipeline::StreamJobBody;
+use free_roam::queue::body::JobBody;
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState, default_worker_id};
 use free_roam::store::Store;
 use std::process::ExitCode;
@@ -20,13 +19,13 @@ fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!(
             "{level},free_roam={level},free_roam_worker={level}",
-            level = config.log_level
+            level = config.log.level
         ))
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match config.log_format {
+    match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
@@ -37,10 +36,16 @@ pub async fn run(config: Config) -> ExitCode {
     init_logging(&config);
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::default());
-    metrics.capacity.set(config.max_concurrent_streams as u64);
+    metrics
+        .capacity
+        .set(config.queue.max_concurrent_streams as u64);
     let state = Arc::new(WorkerState::default());
-    let worker_id = config.worker_id.clone().unwrap_or_else(default_worker_id);
-    let store = match Store::for_config(&config, config.max_concurrent_streams * 3 + 8) {
+    let worker_id = config
+        .queue
+        .worker_id
+        .clone()
+        .unwrap_or_else(default_worker_id);
+    let store = match Store::connect(&config.redis, config.queue.max_concurrent_streams * 3 + 8) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("free-roam: {e}");
@@ -51,7 +56,7 @@ pub async fn run(config: Config) -> ExitCode {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(
         shutdown.clone(),
-        config.shutdown_timeout + std::time::Duration::from_secs(5),
+        config.queue.shutdown_timeout + std::time::Duration::from_secs(5),
     );
 
     // The health endpoint is up while the model loads, and says it is not ready yet.
@@ -60,11 +65,11 @@ pub async fn run(config: Config) -> ExitCode {
         state: state.clone(),
         metrics: metrics.clone(),
         worker_id: worker_id.clone(),
-        capacity: config.max_concurrent_streams,
+        capacity: config.queue.max_concurrent_streams,
         started: Instant::now(),
     };
     let health_stop = CancellationToken::new();
-    let health_task = match health::serve(config.health_addr, health_ctx, health_stop.clone()).await
+    let health_task = match health::serve(config.health.addr, health_ctx, health_stop.clone()).await
     {
         Ok((addr, task)) => {
             tracing::info!(%addr, "health endpoint listening");
@@ -73,7 +78,7 @@ pub async fn run(config: Config) -> ExitCode {
         Err(e) => {
             eprintln!(
                 "free-roam: cannot listen on HEALTH_ADDR={}: {e}",
-                config.health_addr
+                config.health.addr
             );
             return ExitCode::from(2);
         }
@@ -81,7 +86,7 @@ pub async fn run(config: Config) -> ExitCode {
 
     let model = {
         let config = config.clone();
-        match tokio::task::spawn_blocking(move || load_model(&config)).await {
+        match tokio::task::spawn_blocking(move || load_model(&config.model)).await {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
                 eprintln!("free-roam: {e}");
@@ -108,7 +113,7 @@ pub async fn run(config: Config) -> ExitCode {
     };
     let worker = Arc::new(Worker::new(
         store,
-        config.clone(),
+        Arc::new(config.queue.clone()),
         body,
         metrics,
         state,
@@ -147,31 +152,8 @@ fn spawn_signal_handler(shutdown: CancellationToken, bound: std::time::Duration)
 }
 
 /// The model chosen by MODEL_TYPE.
-fn load_model(config: &Config) -> Result<Box<dyn VisionLanguageModel>, String> {
-    use free_roam::model::{DeviceChoice, DtypeChoice, ModelSettings, ModelType, load_model};
-    if config.model_type == "null" {
-        return Ok(Box::new(free_roam::model::null::NullModel::new(224)));
-    }
-    if config.model_type == "test-colour" {
-        return Ok(Box::new(
-            free_roam::model::colour_test::ColourTestModel::new(224),
-        ));
-    }
-    let model_type: ModelType = config.model_type.parse().map_err(|e| format!("{e}"))?;
-    let device: DeviceChoice = config.device.parse().map_err(|e| format!("{e}"))?;
-    let dtype: DtypeChoice = config.dtype.parse().map_err(|e| format!("{e}"))?;
-    let settings = ModelSettings {
-        model_type,
-        model_path: config.model_path.clone(),
-        model_id: config.model_id.clone(),
-        device,
-        dtype,
-        max_new_tokens: config.max_new_tokens,
-        detect_threshold: config.detect_threshold,
-        nms_iou: config.nms_iou,
-        openai: config.openai.clone(),
-    };
-    load_model(&settings).map_err(|e| e.to_string())
+fn load_model(settings: &ModelSettings) -> Result<Box<dyn VisionLanguageModel>, String> {
+    free_roam::model::load_model(settings).map_err(|e| e.to_string())
 }
 
 /// The job body every job runs: sources, sampler and the shared inference engine.
@@ -181,45 +163,13 @@ fn build_body(
     store: Store,
     metrics: Arc<Metrics>,
 ) -> (Arc<dyn JobBody>, Engine) {
-    let engine = Engine::start(model, EngineSettings::from_config(config), metrics.clone());
-    let body = StreamJobBody::new(config, engine.clone(), store, metrics);
+    let engine = Engine::start(model, config.engine.clone(), metrics.clone());
+    let body = StreamJobBody::new(
+        &config.pipeline,
+        &config.source,
+        engine.clone(),
+        store,
+        metrics,
+    );
     (Arc::new(body), engine)
-}
-
-/// `free-roam model ...`.
-pub fn model_command(cmd: ModelCommand) -> ExitCode {
-    use free_roam::model::{ModelSize, ModelType, write_random_model};
-    match cmd {
-        ModelCommand::Make {
-            kind,
-            size,
-            seed,
-            dir,
-        } => {
-            let kind: ModelType = match kind.parse() {
-                Ok(k) => k,
-                Err(e) => {
-                    eprintln!("free-roam: --type: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let size: ModelSize = match size.parse() {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("free-roam: --size: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            match write_random_model(kind, size, seed, &dir) {
-                Ok(()) => {
-                    println!("{}", dir.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("free-roam: {e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-    }
 }

@@ -1,0 +1,3 @@
+//! Backends that send frames to a model served elsewhere.
+
+pub mod openai;

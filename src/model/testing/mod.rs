@@ -1,0 +1,13 @@
+//! Models and weights for tests and demos: the null and test-colour models, synthetic
+//! weights written in each family's real layout (`free-roam model make`), and the parity
+//! helpers that check the families against the reference implementations.
+
+pub mod colour;
+pub mod null;
+#[cfg(test)]
+mod parity;
+#[cfg(test)]
+mod parity_jpeg;
+pub mod synthetic;
+#[cfg(test)]
+pub(crate) mod util;

@@ -1,0 +1,582 @@
+#!lua name=freeroam
+-- free-roam's Redis functions: every operation of the contract that must be atomic.
+-- Each function takes exactly one key, a hash tag, and derives the key names from it, so it
+-- touches one Cluster slot only. The queue's functions take the deployment's tag (`{fr}` by
+-- default); fr_job_end takes one job's tag (`{fr:<job_id>}`), where its results and progress
+-- live. A job's end spans both slots: the end entry is written first, then the queue entry
+-- is acked, and each step is safe to repeat. Workers load this library with FUNCTION LOAD
+-- REPLACE at start, the CLI when a call finds it missing; see docs/redis-contract.md.
+
+local GROUP = 'workers'
+local TERMINAL = { completed = true, failed = true, cancelled = true, dead = true }
+local MAX_PROMPT_BYTES = 8192
+local CANCEL_SCAN_LIMIT = 100000
+-- The entry fields a job hash shows as they came. The Rust side owns this list
+-- (`JobField::in_hash` in src/job/mod.rs); a test there checks this copy against it.
+local HASH_FIELDS = { 'stream_ref', 'source', 'fps', 'prompt', 'max_frames', 'max_duration_s' }
+local IS_HASH_FIELD = {}
+for i = 1, #HASH_FIELDS do IS_HASH_FIELD[HASH_FIELDS[i]] = true end
+
+-- The clock and the fleet's settings are read at most once per call: every registered
+-- function is wrapped in `per_call`, which forgets both when a call starts.
+local call_now, call_settings = nil, {}
+
+local function per_call(f)
+  return function(keys, args)
+    call_now, call_settings = nil, {}
+    return f(keys, args)
+  end
+end
+
+local function now_ms()
+  if not call_now then
+    local t = redis.call('TIME')
+    call_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return call_now
+end
+
+-- Fleet-wide settings a worker publishes at start; user-called functions read them too.
+local SETTINGS = { 'events_maxlen', 'result_ttl_s' }
+local function setting(tag, name, default)
+  local known = call_settings[tag]
+  if not known then
+    local v = redis.call('HMGET', tag .. ':settings', unpack(SETTINGS))
+    known = {}
+    for i = 1, #SETTINGS do known[SETTINGS[i]] = tonumber(v[i]) end
+    call_settings[tag] = known
+  end
+  local v = known[name]
+  if v then return v end
+  return default
+end
+
+local function event(tag, job_id, from, to, worker, err, entry_id)
+  local args = { tag .. ':events', 'MAXLEN', '~', setting(tag, 'events_maxlen', 10000), '*',
+    'kind', 'job', 'job_id', job_id, 'from', from or '', 'to', to, 'worker', worker or '',
+    'time_ms', now_ms() }
+  if entry_id and entry_id ~= '' then
+    table.insert(args, 'entry_id'); table.insert(args, entry_id)
+  end
+  if err and err ~= '' then
+    table.insert(args, 'error'); table.insert(args, err)
+  end
+  redis.call('XADD', unpack(args))
+end
+
+local function ack_and_delete(tag, entry_id)
+  redis.call('XACK', tag .. ':jobs', GROUP, entry_id)
+  redis.call('XDEL', tag .. ':jobs', entry_id)
+end
+
+-- Moves a job's hash to a terminal state: status, expiry, event; with `unless_final`, a job
+-- already final keeps its status. The end entry lives in the job's own slot (fr_job_end)
+-- and the queue entry is acked separately, by the caller.
+local function finalize(tag, job_id, status, err, worker, unless_final)
+  local jk = tag .. ':job:' .. job_id
+  local v = redis.call('HMGET', jk, 'status', 'entry_id', 'cancel_requested')
+  if unless_final and TERMINAL[v[1]] then return end
+  local now = now_ms()
+  local fields = { 'status', status, 'finished_ms', now, 'updated_ms', now }
+  -- The worker that ended it, so that a repeated fr_job_finish can tell its own end apart.
+  if worker and worker ~= '' then
+    table.insert(fields, 'worker'); table.insert(fields, worker)
+  end
+  if err and err ~= '' then
+    table.insert(fields, 'error'); table.insert(fields, err)
+  end
+  redis.call('HSET', jk, unpack(fields))
+  if v[3] then redis.call('HDEL', jk, 'cancel_requested') end
+  redis.call('EXPIRE', jk, setting(tag, 'result_ttl_s', 86400))
+  event(tag, job_id, v[1] or 'queued', status, worker, err, v[2])
+end
+
+-- The reply that tells a worker the job is final in the queue's slot: it writes the end
+-- entry (fr_job_end) and then acks the entry (fr_job_ack). A worker that dies in between
+-- leaves the entry pending; the next claim answers 'finished' and the two steps repeat.
+local function final_reply(verdict, jk, extra)
+  local v = redis.call('HMGET', jk, 'status', 'error')
+  return { verdict, v[1] or '', v[2] or '', extra or '' }
+end
+
+-- Sets hash fields from a flat {name, value, ...} argument list starting at `first`.
+local function hset_from(jk, args, first)
+  if #args >= first + 1 then
+    local fields = {}
+    for i = first, #args do table.insert(fields, args[i]) end
+    redis.call('HSET', jk, unpack(fields))
+  end
+end
+
+-- Records that a worker called in (renewed leases or looked for work), and returns how much
+-- longer than the lease an entry must now have been idle to be reclaimed: 0, or during a
+-- hold the silence that started it. Every live worker calls in at least once per quiet_ms,
+-- so a longer gap in which nobody did means the server was away (restarting, paused,
+-- unreachable) or every worker was gone. For one lease after such a gap only entries idle
+-- for longer than the gap plus a lease are taken: those whose owner was gone before the
+-- silence (handed back, dead). Live owners renew theirs meanwhile, so an outage costs no
+-- job an attempt.
+local function fleet_call_in(tag, quiet_ms, lease_ms)
+  local k = tag .. ':fleet'
+  local now = now_ms()
+  local v = redis.call('HMGET', k, 'seen_ms', 'reclaim_after_ms', 'last_gap_ms')
+  local seen, after, gap = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0
+  if seen and now - seen > quiet_ms then
+    gap = now - seen
+    after = now + lease_ms
+    redis.call('HSET', k, 'seen_ms', now, 'reclaim_after_ms', after, 'last_gap_ms', gap)
+  else
+    redis.call('HSET', k, 'seen_ms', now)
+  end
+  if now < after then return gap end
+  return 0
+end
+
+local function owner_of(tag, entry_id)
+  local p = redis.call('XPENDING', tag .. ':jobs', GROUP, entry_id, entry_id, 1)
+  if #p == 0 then return nil, 0 end
+  return p[1][2], tonumber(p[1][4])
+end
+
+-- fr_submit KEY=tag ARGV: job_id, field, value, ... (the job entry's fields)
+-- Queues a job atomically: refuses a job_id already known, writes the queued hash, adds the
+-- entry. Returns the entry id.
+local function fr_submit(keys, args)
+  local tag, job_id = keys[1], args[1]
+  local jk = tag .. ':job:' .. job_id
+  if redis.call('EXISTS', jk) == 1 then
+    return redis.error_reply('JOBEXISTS job_id ' .. job_id .. ' already exists (status ' ..
+      (redis.call('HGET', jk, 'status') or '?') .. ')')
+  end
+  local fields = { 'job_id', job_id }
+  for i = 2, #args do table.insert(fields, args[i]) end
+  local entry_id = redis.call('XADD', tag .. ':jobs', '*', unpack(fields))
+  local now = now_ms()
+  local hash = { 'status', 'queued', 'entry_id', entry_id, 'created_ms', now,
+    'updated_ms', now, 'attempts', 0, 'handoffs', 0 }
+  for i = 2, #args, 2 do
+    if IS_HASH_FIELD[args[i]] then
+      table.insert(hash, args[i]); table.insert(hash, args[i + 1])
+    end
+  end
+  redis.call('HSET', jk, unpack(hash))
+  redis.call('ZADD', tag .. ':jobs:index', now, job_id)
+  event(tag, job_id, '', 'queued', '', nil, entry_id)
+  return entry_id
+end
+
+-- One entry of fr_job_claim: `fields` are the spec's hash fields as this worker read it
+-- (field, value, ...). Decides whether the entry runs, and records it. Returns
+-- {verdict, ...}:
+--   {'run', attempt}  run it; where to resume is in the job's progress hash (its own slot)
+--   {'lost'}      another worker owns the entry now
+--   {'gone'}      the entry is no longer pending (already finished)
+--   {'duplicate', status} the job_id belongs to another entry; this one was dropped
+-- and, with the entry left pending for the end entry and the ack (see final_reply):
+--   {'finished', status, error, ''}  the job had ended already (a cancel while queued, or
+--                 a worker that stopped between its end entry and its ack)
+--   {'cancelled', 'cancelled', '', ''}  cancelled before it ran
+--   {'dead', 'dead', error, attempts}   delivered too often; moved to the dead-letter stream
+local function claim_one(tag, worker, max_attempts, entry_id, job_id, fields)
+  local jk = tag .. ':job:' .. job_id
+  local owner, deliveries = owner_of(tag, entry_id)
+  if not owner then return { 'gone' } end
+  if owner ~= worker then return { 'lost' } end
+
+  -- Every job hash has a status or an entry id from the moment it is written.
+  local h = redis.call('HMGET', jk, 'status', 'entry_id', 'cancel_requested', 'handoffs',
+    'started_ms')
+  local status, known_entry = h[1] or nil, h[2] or nil
+  local exists = (status or known_entry) ~= nil
+  if exists then
+    if known_entry and known_entry ~= entry_id then
+      ack_and_delete(tag, entry_id)
+      event(tag, job_id, '', 'rejected', worker,
+        'duplicate job_id: ' .. job_id .. ' already belongs to entry ' .. known_entry, entry_id)
+      return { 'duplicate', status or '' }
+    end
+    if TERMINAL[status] then
+      return final_reply('finished', jk)
+    end
+    if h[3] == '1' then
+      finalize(tag, job_id, 'cancelled', nil, worker)
+      return final_reply('cancelled', jk)
+    end
+  end
+
+  local handoffs = tonumber(h[4] or '0') or 0
+  local attempt = deliveries - handoffs
+  if attempt < 1 then attempt = 1 end
+  if attempt > max_attempts then
+    if not exists then
+      redis.call('HSET', jk, 'entry_id', entry_id, 'created_ms', now_ms())
+      hset_from(jk, fields, 1)
+      redis.call('ZADD', tag .. ':jobs:index', now_ms(), job_id)
+    end
+    local last = redis.call('HGET', jk, 'error') or 'the worker running it stopped without finishing'
+    local err = 'delivered ' .. (attempt - 1) .. ' times without finishing (MAX_ATTEMPTS=' ..
+      max_attempts .. '); last error: ' .. last
+    local dead = { tag .. ':jobs:dead', '*', 'job_id', job_id, 'entry_id', entry_id,
+      'attempts', attempt - 1, 'error', err, 'time_ms', now_ms() }
+    local entry = redis.call('XRANGE', tag .. ':jobs', entry_id, entry_id)
+    if #entry == 1 then
+      local f = entry[1][2]
+      for i = 1, #f, 2 do
+        table.insert(dead, 'field:' .. f[i]); table.insert(dead, f[i + 1])
+      end
+    end
+    redis.call('XADD', unpack(dead))
+    finalize(tag, job_id, 'dead', err, worker)
+    return final_reply('dead', jk, attempt - 1)
+  end
+
+  local now = now_ms()
+  -- The spec as this worker read it (defaults applied; the same on every delivery), then
+  -- the lifecycle's fields, in one write.
+  local hash = {}
+  for i = 1, #fields do table.insert(hash, fields[i]) end
+  if not exists then
+    for _, f in ipairs({ 'entry_id', entry_id, 'created_ms', now, 'handoffs', 0 }) do
+      table.insert(hash, f)
+    end
+    redis.call('ZADD', tag .. ':jobs:index', now, job_id)
+    status = 'queued'
+  end
+  if not h[5] then
+    table.insert(hash, 'started_ms'); table.insert(hash, now)
+  end
+  for _, f in ipairs({ 'status', 'running', 'worker', worker, 'attempts', attempt,
+    'updated_ms', now }) do
+    table.insert(hash, f)
+  end
+  redis.call('HSET', jk, unpack(hash))
+  event(tag, job_id, status, 'running', worker, nil, entry_id)
+  return { 'run', attempt }
+end
+
+-- fr_job_claim KEY=tag ARGV: worker, max_attempts, then for each entry: entry_id, job_id,
+-- n, and n items of its spec's hash fields (field, value, ...).
+-- Called by the worker that just received the entries (one read, new or reclaimed), in the
+-- order it read them, so that of two entries naming one job_id the first wins. Returns one
+-- verdict per entry, in order (claim_one).
+local function fr_job_claim(keys, args)
+  local tag, worker, max_attempts = keys[1], args[1], tonumber(args[2])
+  if not max_attempts then
+    return redis.error_reply('ERR fr_job_claim: max_attempts is not a number')
+  end
+  -- Every entry's arguments are read before any is claimed: a bad call writes nothing.
+  local entries, i = {}, 3
+  while i <= #args do
+    local n = tonumber(args[i + 2])
+    if not n or n % 2 == 1 or i + 2 + n > #args then
+      return redis.error_reply('ERR fr_job_claim: entry ' .. tostring(args[i]) ..
+        ' has a bad field count ' .. tostring(args[i + 2]))
+    end
+    local fields = {}
+    for j = i + 3, i + 2 + n do table.insert(fields, args[j]) end
+    table.insert(entries, { args[i], args[i + 1], fields })
+    i = i + 3 + n
+  end
+  local out = {}
+  for _, e in ipairs(entries) do
+    table.insert(out, claim_one(tag, worker, max_attempts, e[1], e[2], e[3]))
+  end
+  return out
+end
+
+-- fr_job_reject KEY=tag ARGV: entry_id, worker, job_id, error, field, value, ...
+-- Ends a malformed entry's job as failed with the reason. Returns final_reply('failed'): the
+-- caller writes the end entry and acks. 'duplicate' (entry dropped at once) when the job_id
+-- belongs to another entry.
+local function fr_job_reject(keys, args)
+  local tag, entry_id, worker, job_id, err = keys[1], args[1], args[2], args[3], args[4]
+  local jk = tag .. ':job:' .. job_id
+  local known_entry = redis.call('HGET', jk, 'entry_id')
+  if known_entry and known_entry ~= entry_id then
+    ack_and_delete(tag, entry_id)
+    event(tag, job_id, '', 'rejected', worker, err, entry_id)
+    return 'duplicate'
+  end
+  local now = now_ms()
+  if not TERMINAL[redis.call('HGET', jk, 'status')] then
+    redis.call('HSET', jk, 'entry_id', entry_id, 'created_ms', now, 'worker', worker,
+      'attempts', 1)
+    hset_from(jk, args, 5)
+    redis.call('ZADD', tag .. ':jobs:index', now, job_id)
+    finalize(tag, job_id, 'failed', err, worker)
+  end
+  return final_reply('failed', jk)
+end
+
+-- fr_job_heartbeat KEY=tag ARGV: worker, quiet_ms, lease_ms, entry_id, job_id, entry_id,
+-- job_id, ...
+-- Renews the lease on each entry this worker still owns (XCLAIM ... JUSTID resets its idle
+-- time without counting a delivery). Returns one verdict per job: 'ok', 'lost' (someone
+-- else owns it: stop, do not steal it back) or 'cancel' (fr_cancel asked it to stop).
+local function fr_job_heartbeat(keys, args)
+  local tag, worker = keys[1], args[1]
+  fleet_call_in(tag, tonumber(args[2]), tonumber(args[3]))
+  local out = {}
+  for i = 4, #args, 2 do
+    local entry_id, job_id = args[i], args[i + 1]
+    local owner = owner_of(tag, entry_id)
+    local h = redis.call('HMGET', tag .. ':job:' .. job_id, 'worker', 'cancel_requested')
+    -- A job handed back (or taken over) no longer names this worker: renewing it would
+    -- undo the hand-back's idle time.
+    if owner ~= worker or h[1] ~= worker then
+      table.insert(out, 'lost')
+    else
+      redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, entry_id, 'JUSTID')
+      if h[2] == '1' then
+        table.insert(out, 'cancel')
+      else
+        table.insert(out, 'ok')
+      end
+    end
+  end
+  return out
+end
+
+-- fr_job_reclaim KEY=tag ARGV: worker, quiet_ms, lease_ms, count
+-- Takes over up to `count` entries that another worker has left idle past lease_ms (its
+-- owner died, or handed it back), counting a delivery each, and returns them as XCLAIM does:
+-- {{entry_id, {field, value, ...}}, ...}. This worker's own entries are never taken, and
+-- after a silence of the whole fleet only those idle for longer still (fleet_call_in).
+local function fr_job_reclaim(keys, args)
+  local tag, worker = keys[1], args[1]
+  local lease_ms, count = tonumber(args[3]), tonumber(args[4])
+  local min_idle = lease_ms + fleet_call_in(tag, tonumber(args[2]), lease_ms)
+  local jobs = tag .. ':jobs'
+  -- Own entries idle past the lease (renewed within a tick of an outage) can fill the
+  -- first rows: ask for more than will be taken.
+  local idle = redis.call('XPENDING', jobs, GROUP, 'IDLE', min_idle, '-', '+', count * 2 + 8)
+  local ids = {}
+  for _, p in ipairs(idle) do
+    if p[2] ~= worker and #ids < count then table.insert(ids, p[1]) end
+  end
+  if #ids == 0 then return {} end
+  return redis.call('XCLAIM', jobs, GROUP, worker, min_idle, unpack(ids))
+end
+
+-- Whether this worker's own end of the job is already recorded: the entry is no longer
+-- pending and the hash, final, still names this worker and this entry. This is what a
+-- repeated call finds after the first call's reply was lost.
+local function finished_by(tag, entry_id, worker, jk)
+  if owner_of(tag, entry_id) then return false end
+  local v = redis.call('HMGET', jk, 'status', 'worker', 'entry_id')
+  return TERMINAL[v[1]] and v[2] == worker and v[3] == entry_id
+end
+
+-- fr_job_finish KEY=tag ARGV: worker, then for each job: entry_id, job_id, status, error
+-- Ends jobs this worker owns, after fr_job_end wrote their end entries: final status,
+-- expiry, event, ack and delete. A job already final keeps its status. One answer per job,
+-- in order: 'ok', or 'lost' when another worker owns the entry now. Safe to repeat: a call
+-- that finds this worker's finish already done (its reply was lost) answers 'ok' again and
+-- writes nothing.
+local function fr_job_finish(keys, args)
+  local tag, worker = keys[1], args[1]
+  if (#args - 1) % 4 ~= 0 then
+    return redis.error_reply('ERR usage: FCALL fr_job_finish 1 <tag> <worker> ' ..
+      '(<entry_id> <job_id> <status> <error>)...')
+  end
+  for i = 2, #args, 4 do
+    if not TERMINAL[args[i + 2]] then
+      return redis.error_reply('ERR not a final status: ' .. tostring(args[i + 2]))
+    end
+  end
+  local out = {}
+  for i = 2, #args, 4 do
+    local entry_id, job_id, status, err = args[i], args[i + 1], args[i + 2], args[i + 3]
+    local jk = tag .. ':job:' .. job_id
+    if owner_of(tag, entry_id) ~= worker then
+      if finished_by(tag, entry_id, worker, jk) then
+        table.insert(out, 'ok')
+      else
+        table.insert(out, 'lost')
+      end
+    else
+      finalize(tag, job_id, status, err, worker, true)
+      ack_and_delete(tag, entry_id)
+      table.insert(out, 'ok')
+    end
+  end
+  return out
+end
+
+-- fr_job_ack KEY=tag ARGV: entry_id, worker
+-- Drops the entry of a job that is final (its end entry written). 'ok' (also when the entry
+-- is no longer pending: a repeated call has nothing left to do), or 'lost' when another
+-- worker owns it.
+local function fr_job_ack(keys, args)
+  local tag, entry_id, worker = keys[1], args[1], args[2]
+  local owner = owner_of(tag, entry_id)
+  if not owner then return 'ok' end
+  if owner ~= worker then return 'lost' end
+  ack_and_delete(tag, entry_id)
+  return 'ok'
+end
+
+-- fr_job_end KEY=job tag ({fr:<job_id>}) ARGV: status, error, results_maxlen, ttl_s
+-- Writes a job's end entry once: the first call adds it (with the results count from the
+-- progress hash) and marks the progress hash `ended`; later calls change nothing. Both keys
+-- expire after ttl_s. Returns {status, results} as recorded.
+local function fr_job_end(keys, args)
+  local tag, status, err, maxlen, ttl = keys[1], args[1], args[2], args[3], args[4]
+  if not TERMINAL[status] then
+    return redis.error_reply('ERR not a final status: ' .. tostring(status))
+  end
+  local pk, rk = tag .. ':progress', tag .. ':results'
+  local v = redis.call('HMGET', pk, 'ended', 'results', 'note')
+  local results = v[2] or '0'
+  if v[1] then return { v[1], results } end
+  local now = now_ms()
+  local entry = { rk, 'MAXLEN', '~', maxlen, '*', 'kind', 'end', 'status', status,
+    'results', results, 'time_ms', now }
+  if err and err ~= '' then
+    table.insert(entry, 'error'); table.insert(entry, err)
+  end
+  redis.call('XADD', unpack(entry))
+  redis.call('HSET', pk, 'ended', status, 'results', results, 'updated_ms', now)
+  if v[3] then redis.call('HDEL', pk, 'note') end
+  redis.call('EXPIRE', pk, ttl)
+  redis.call('EXPIRE', rk, ttl)
+  return { status, results }
+end
+
+-- fr_job_handback KEY=tag ARGV: entry_id, worker, job_id, idle_ms
+-- Gives a running job back on shutdown: the entry's idle time is set past the lease so the
+-- next reclaim pass of any worker takes it at once, and the hand-back is not counted as a
+-- failed attempt. 'ok' or 'lost'. Safe to repeat: once handed back the hash no longer
+-- names this worker, and a repeated call counts nothing again.
+local function fr_job_handback(keys, args)
+  local tag, entry_id, worker, job_id, idle = keys[1], args[1], args[2], args[3], args[4]
+  local owner = owner_of(tag, entry_id)
+  if owner ~= worker then return 'lost' end
+  local jk = tag .. ':job:' .. job_id
+  redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, entry_id, 'IDLE', idle, 'JUSTID')
+  if redis.call('HGET', jk, 'worker') ~= worker then return 'ok' end
+  redis.call('HINCRBY', jk, 'handoffs', 1)
+  redis.call('HSET', jk, 'status', 'queued', 'updated_ms', now_ms())
+  redis.call('HDEL', jk, 'worker')
+  event(tag, job_id, 'running', 'queued', worker, 'handed back: worker shutting down', entry_id)
+  return 'ok'
+end
+
+-- fr_cancel KEY=tag ARGV: job_id
+-- A queued job is cancelled at once and never runs; a running one is flagged and its worker
+-- stops it within a second. Returns 'cancelled', 'cancelling', or 'already <status>'. A
+-- cancelled queued job's entry stays until a worker reads it, writes the end entry (in the
+-- job's slot, which this function cannot reach) and acks it; the CLI writes it at once.
+local function fr_cancel(keys, args)
+  local tag, job_id = keys[1], args[1]
+  if not job_id or job_id == '' then
+    return redis.error_reply('ERR usage: FCALL fr_cancel 1 <tag> <job_id>')
+  end
+  local jk = tag .. ':job:' .. job_id
+  local status = redis.call('HGET', jk, 'status')
+  if status then
+    if TERMINAL[status] then return 'already ' .. status end
+    if status == 'running' then
+      redis.call('HSET', jk, 'cancel_requested', 1, 'updated_ms', now_ms())
+      return 'cancelling'
+    end
+    finalize(tag, job_id, 'cancelled', nil, '')
+    return 'cancelled'
+  end
+  -- Not yet seen by any worker: look for the entry in the queue itself.
+  local jobs = tag .. ':jobs'
+  local start, scanned = '-', 0
+  while scanned < CANCEL_SCAN_LIMIT do
+    local batch = redis.call('XRANGE', jobs, start, '+', 'COUNT', 500)
+    if #batch == 0 then break end
+    for _, e in ipairs(batch) do
+      local f = e[2]
+      for i = 1, #f, 2 do
+        if f[i] == 'job_id' and f[i + 1] == job_id then
+          local now = now_ms()
+          redis.call('HSET', jk, 'status', 'queued', 'entry_id', e[1], 'created_ms', now,
+            'attempts', 0, 'handoffs', 0)
+          for j = 1, #f, 2 do
+            if IS_HASH_FIELD[f[j]] then
+              redis.call('HSET', jk, f[j], f[j + 1])
+            end
+          end
+          redis.call('ZADD', tag .. ':jobs:index', now, job_id)
+          finalize(tag, job_id, 'cancelled', nil, '')
+          return 'cancelled'
+        end
+      end
+      start = '(' .. e[1]
+    end
+    scanned = scanned + #batch
+  end
+  return redis.error_reply('NOJOB unknown job ' .. job_id)
+end
+
+-- fr_prompt_set KEY=tag ARGV: text [preserve_previous=1]
+-- Sets the active prompt, bumping its version atomically. With preserve_previous 0/false
+-- the history is reset to the new version alone. Returns the new version.
+local function fr_prompt_set(keys, args)
+  local tag, text, preserve = keys[1], args[1], args[2]
+  if not text or text:match('^%s*$') then
+    return redis.error_reply('ERR prompt text is empty')
+  end
+  if #text > MAX_PROMPT_BYTES then
+    return redis.error_reply('ERR prompt is ' .. #text .. ' bytes; at most ' .. MAX_PROMPT_BYTES .. ' are allowed')
+  end
+  local keep = not (preserve == '0' or preserve == 'false' or preserve == 'no')
+  local pk, hk = tag .. ':prompt', tag .. ':prompt:history'
+  local version = redis.call('HINCRBY', pk, 'version', 1)
+  local now = now_ms()
+  redis.call('HSET', pk, 'text', text, 'updated_ms', now)
+  if not keep then redis.call('DEL', hk) end
+  redis.call('LPUSH', hk, cjson.encode({ version = version, text = text, updated_ms = now }))
+  redis.call('XADD', tag .. ':events', 'MAXLEN', '~', setting(tag, 'events_maxlen', 10000), '*',
+    'kind', 'prompt', 'version', version, 'time_ms', now)
+  return version
+end
+
+-- fr_prompt_get KEY=tag: {text, version, updated_ms}, or nil when none was ever set.
+local function fr_prompt_get(keys, args)
+  local v = redis.call('HMGET', keys[1] .. ':prompt', 'text', 'version', 'updated_ms')
+  if not v[1] then return nil end
+  return { v[1], tonumber(v[2]), tonumber(v[3]) }
+end
+
+-- fr_prompt_history KEY=tag ARGV: [count]: JSON entries, newest first.
+local function fr_prompt_history(keys, args)
+  local count = tonumber(args[1] or '0') or 0
+  local stop = -1
+  if count > 0 then stop = count - 1 end
+  return redis.call('LRANGE', keys[1] .. ':prompt:history', 0, stop)
+end
+
+-- fr_index_prune KEY=tag ARGV: [limit]: drops index members whose job hash has expired.
+local function fr_index_prune(keys, args)
+  local ik = keys[1] .. ':jobs:index'
+  local limit = tonumber(args[1] or '500') or 500
+  local ids = redis.call('ZRANGE', ik, 0, limit - 1)
+  local removed = 0
+  for _, id in ipairs(ids) do
+    if redis.call('EXISTS', keys[1] .. ':job:' .. id) == 0 then
+      redis.call('ZREM', ik, id)
+      removed = removed + 1
+    end
+  end
+  return removed
+end
+
+redis.register_function('fr_submit', per_call(fr_submit))
+redis.register_function('fr_job_claim', per_call(fr_job_claim))
+redis.register_function('fr_job_reject', per_call(fr_job_reject))
+redis.register_function('fr_job_heartbeat', per_call(fr_job_heartbeat))
+redis.register_function('fr_job_reclaim', per_call(fr_job_reclaim))
+redis.register_function('fr_job_finish', per_call(fr_job_finish))
+redis.register_function('fr_job_ack', per_call(fr_job_ack))
+redis.register_function('fr_job_end', per_call(fr_job_end))
+redis.register_function('fr_job_handback', per_call(fr_job_handback))
+redis.register_function('fr_cancel', per_call(fr_cancel))
+redis.register_function('fr_prompt_set', per_call(fr_prompt_set))
+redis.register_function{ function_name = 'fr_prompt_get', callback = per_call(fr_prompt_get), flags = { 'no-writes' } }
+redis.register_function{ function_name = 'fr_prompt_history', callback = per_call(fr_prompt_history), flags = { 'no-writes' } }
+redis.register_function('fr_index_prune', per_call(fr_index_prune))
