@@ -211,6 +211,47 @@ struct Presence {
     prompt_version: Option<u64>,
 }
 
+/// Where and when a frame was seen: what a detection in it records.
+struct Sighting {
+    frame: u64,
+    capture_ms: i64,
+    prompt_version: Option<u64>,
+}
+
+impl Presence {
+    /// A label's presence from its first detection, before that detection is counted.
+    fn first_seen(at: &Sighting) -> Self {
+        Presence {
+            streak: 0,
+            open: false,
+            first_frame: at.frame,
+            first_capture_ms: at.capture_ms,
+            last_frame: at.frame,
+            last_capture_ms: at.capture_ms,
+            peak_score: None,
+            peak_box: None,
+            prompt_version: at.prompt_version,
+        }
+    }
+
+    /// Counts a detection: extends the streak and keeps the best-scored (or first boxed) one.
+    fn saw(&mut self, d: &Detection, at: &Sighting) {
+        self.streak = self.streak.saturating_add(1);
+        self.last_frame = at.frame;
+        self.last_capture_ms = at.capture_ms;
+        self.prompt_version = at.prompt_version;
+        let better = match (d.score, self.peak_score) {
+            (Some(s), Some(peak)) => s > peak,
+            (Some(_), None) => true,
+            (None, _) => self.peak_box.is_none() && d.bbox.is_some(),
+        };
+        if better {
+            self.peak_score = d.score.or(self.peak_score);
+            self.peak_box = d.bbox.clone();
+        }
+    }
+}
+
 /// A job's alert state, saved in its hash (`alert_state`, JSON).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AlertState {
@@ -241,61 +282,76 @@ impl AlertState {
         self.last_frame = Some(frame);
         let mut events = Vec::new();
         if let Some(asked) = &obs.asked {
-            let gone: Vec<String> = self
-                .labels
-                .keys()
-                .filter(|l| !asked.contains(l))
-                .cloned()
-                .collect();
-            for label in gone {
-                let p = self.labels.remove(&label).expect("listed above");
-                if p.open {
-                    events.push(event(
-                        AlertKind::End,
-                        label,
-                        &p,
-                        Some(EndReason::PromptChanged),
-                    ));
-                }
-            }
+            self.forget_unasked(asked, &mut events);
         }
+        let sighting = Sighting {
+            frame,
+            capture_ms,
+            prompt_version,
+        };
         for d in &obs.detected {
-            if !self.labels.contains_key(&d.label) && self.labels.len() >= MAX_LABELS {
-                continue;
-            }
-            let p = self.labels.entry(d.label.clone()).or_insert(Presence {
-                streak: 0,
-                open: false,
-                first_frame: frame,
-                first_capture_ms: capture_ms,
-                last_frame: frame,
-                last_capture_ms: capture_ms,
-                peak_score: None,
-                peak_box: None,
-                prompt_version,
-            });
-            p.streak = p.streak.saturating_add(1);
-            p.last_frame = frame;
-            p.last_capture_ms = capture_ms;
-            p.prompt_version = prompt_version;
-            let better = match (d.score, p.peak_score) {
-                (Some(s), Some(peak)) => s > peak,
-                (Some(_), None) => true,
-                (None, _) => p.peak_box.is_none() && d.bbox.is_some(),
-            };
-            if better {
-                p.peak_score = d.score.or(p.peak_score);
-                p.peak_box = d.bbox.clone();
-            }
-            if !p.open && p.streak >= settings.min_frames.max(1) {
-                p.open = true;
-                events.push(event(AlertKind::Start, d.label.clone(), p, None));
+            events.extend(self.see(settings, d, &sighting));
+        }
+        self.clear_absent(settings, &obs.detected, capture_ms, &mut events);
+        events
+    }
+
+    /// Forgets the labels the prompt no longer asks for, ending those that were open.
+    fn forget_unasked(&mut self, asked: &[String], events: &mut Vec<AlertEvent>) {
+        let gone: Vec<String> = self
+            .labels
+            .keys()
+            .filter(|l| !asked.contains(l))
+            .cloned()
+            .collect();
+        for label in gone {
+            let p = self.labels.remove(&label).expect("listed above");
+            if p.open {
+                events.push(event(
+                    AlertKind::End,
+                    label,
+                    &p,
+                    Some(EndReason::PromptChanged),
+                ));
             }
         }
+    }
+
+    /// Counts one detection; returns the label's start when this one makes it start.
+    fn see(
+        &mut self,
+        settings: &AlertSettings,
+        d: &Detection,
+        sighting: &Sighting,
+    ) -> Option<AlertEvent> {
+        if !self.labels.contains_key(&d.label) && self.labels.len() >= MAX_LABELS {
+            return None;
+        }
+        let p = self
+            .labels
+            .entry(d.label.clone())
+            .or_insert_with(|| Presence::first_seen(sighting));
+        p.saw(d, sighting);
+        if !p.open && p.streak >= settings.min_frames.max(1) {
+            p.open = true;
+            return Some(event(AlertKind::Start, d.label.clone(), p, None));
+        }
+        None
+    }
+
+    /// Resets the streak of every label not detected in this frame: a candidate is dropped,
+    /// an open label ends once it has been absent for `clear_ms`.
+    fn clear_absent(
+        &mut self,
+        settings: &AlertSettings,
+        detected: &[Detection],
+        capture_ms: i64,
+        events: &mut Vec<AlertEvent>,
+    ) {
         let absent: Vec<String> = self
             .labels
             .keys()
-            .filter(|l| !obs.detected.iter().any(|d| &d.label == *l))
+            .filter(|l| !detected.iter().any(|d| &d.label == *l))
             .cloned()
             .collect();
         for label in absent {
@@ -309,7 +365,6 @@ impl AlertState {
                 events.push(event(AlertKind::End, label, &p, Some(EndReason::Cleared)));
             }
         }
-        events
     }
 
     /// Ends every open alert (the job ended) and forgets candidates.

@@ -28,15 +28,18 @@
 //! - [`gate`]: the scene-change gate that lets a job reuse the last output on a still scene
 //!   (pure).
 //! - [`alerts`]: start and end events from a job's detected labels (pure).
-//! - [`engine`]: the model on its own thread, batching frames across all jobs.
+//! - [`engine`]: the model on its own thread, batching frames across all jobs: `stream` (a
+//!   job's queue and replies), `batch` and `batcher` (forming batches, grouped by prompt),
+//!   `model_thread`, and `infer_call` and `submit_call` (a model waited on, or one that
+//!   answers through `submit`).
 //! - [`pipeline`]: the stream job body tying a source, the engine and the result sink.
 //! - [`model`]: the model trait and everything behind it, the only place candle is used:
 //!   `kernels/` (fused linear layers, the bf16 product, batched products, row kernels),
 //!   `towers/` (the shared ViT tower, CLIP's text side, weight specs, scoring), `text/`
-//!   (tokenizers, phrase rules, the prompt cache), `loading/` (settings, files, the hub,
-//!   device and dtype), `kind` (the families by name), `registry` (the one place that names
+//!   (tokenizers, phrase rules, the prompt cache), `loading/` (settings, files, config.json,
+//!   the hub, device and dtype), `error` (what failed, with the library's error as its cause), `kind` (the families by name), `registry` (the one place that names
 //!   every family), `families/` (clip, siglip, owlvit, blip, paligemma), `remote/` (openai),
-//!   `testing/` (the null and test-colour models, synthetic weights, parity checks).
+//!   `testing/` (the null, stub and test-colour models, synthetic weights, parity checks).
 pub mod alerts;
 pub mod client;
 pub mod config;

@@ -187,48 +187,70 @@ impl ResultSink {
         self.write(&[], progress).await
     }
 
+    /// The atomic pipeline of one write: an XADD per entry, the progress hash, the count.
     fn build(&self, entries: &[ResultEntry], progress: &Progress) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         pipe.atomic();
-        let mut last_version = None;
         for e in entries {
-            let cmd = pipe
-                .cmd("XADD")
-                .arg(&*self.results_key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.maxlen)
-                .arg("*");
-            match &e.outcome {
-                FrameOutcome::Output(_) | FrameOutcome::Reused { .. } => {
-                    cmd.arg("kind").arg("result")
-                }
-                FrameOutcome::Error(_) => cmd.arg("kind").arg("error"),
-            };
-            cmd.arg("frame").arg(e.frame);
-            if let Some(pts) = e.pts_ms {
-                cmd.arg("pts_ms").arg(pts);
-            }
-            cmd.arg("capture_ms").arg(e.capture_ms);
-            if let Some(v) = e.prompt_version {
-                cmd.arg("prompt_version").arg(v);
-                last_version = Some(v);
-            }
-            cmd.arg("model")
-                .arg(&*e.model)
-                .arg("latency_ms")
-                .arg(format!("{:.2}", e.latency_ms));
-            match &e.outcome {
-                FrameOutcome::Output(v) => cmd.arg("output").arg(v.to_string()),
-                FrameOutcome::Error(msg) => cmd.arg("error").arg(msg),
-                FrameOutcome::Reused { output, from } => cmd
-                    .arg("output")
-                    .arg(&**output)
-                    .arg("reused_from")
-                    .arg(*from),
-            };
-            cmd.ignore();
+            self.add_entry(&mut pipe, e);
         }
+        let last_version = entries.iter().rev().find_map(|e| e.prompt_version);
+        self.add_progress(&mut pipe, progress, last_version);
+        if !entries.is_empty() {
+            pipe.cmd("HINCRBY")
+                .arg(&*self.progress_key)
+                .arg("results")
+                .arg(entries.len())
+                .ignore();
+        }
+        pipe
+    }
+
+    /// One entry's XADD to the job's results stream.
+    fn add_entry(&self, pipe: &mut redis::Pipeline, e: &ResultEntry) {
+        let cmd = pipe
+            .cmd("XADD")
+            .arg(&*self.results_key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.maxlen)
+            .arg("*");
+        match &e.outcome {
+            FrameOutcome::Output(_) | FrameOutcome::Reused { .. } => cmd.arg("kind").arg("result"),
+            FrameOutcome::Error(_) => cmd.arg("kind").arg("error"),
+        };
+        cmd.arg("frame").arg(e.frame);
+        if let Some(pts) = e.pts_ms {
+            cmd.arg("pts_ms").arg(pts);
+        }
+        cmd.arg("capture_ms").arg(e.capture_ms);
+        if let Some(v) = e.prompt_version {
+            cmd.arg("prompt_version").arg(v);
+        }
+        cmd.arg("model")
+            .arg(&*e.model)
+            .arg("latency_ms")
+            .arg(format!("{:.2}", e.latency_ms));
+        match &e.outcome {
+            FrameOutcome::Output(v) => cmd.arg("output").arg(v.to_string()),
+            FrameOutcome::Error(msg) => cmd.arg("error").arg(msg),
+            FrameOutcome::Reused { output, from } => cmd
+                .arg("output")
+                .arg(&**output)
+                .arg("reused_from")
+                .arg(*from),
+        };
+        cmd.ignore();
+    }
+
+    /// The HSET of the job's progress hash; `prompt_version` is the last one an entry of
+    /// this write ran with.
+    fn add_progress(
+        &self,
+        pipe: &mut redis::Pipeline,
+        progress: &Progress,
+        prompt_version: Option<u64>,
+    ) {
         let c = &progress.counters;
         let hset = pipe
             .cmd("HSET")
@@ -255,18 +277,10 @@ impl ResultSink {
         if let Some(note) = &progress.note {
             hset.arg("note").arg(note);
         }
-        if let Some(v) = last_version {
+        if let Some(v) = prompt_version {
             hset.arg("prompt_version").arg(v);
         }
         hset.ignore();
-        if !entries.is_empty() {
-            pipe.cmd("HINCRBY")
-                .arg(&*self.progress_key)
-                .arg("results")
-                .arg(entries.len())
-                .ignore();
-        }
-        pipe
     }
 }
 

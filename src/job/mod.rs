@@ -1,7 +1,10 @@
-//! What a job is: its spec parsed and validated from a `{fr}:jobs` entry, its statuses, and
-//! the `JobBody` trait that the pipeline (or a test body) implements to do a job's work.
+//! What a job is: its spec parsed and validated from a `{fr}:jobs` entry (each field read
+//! through `fields::EntryFields`), its fields, limits and statuses.
+
+mod fields;
 
 use crate::alerts::AlertSettings;
+use fields::EntryFields;
 use std::collections::BTreeMap;
 
 /// Longest accepted `prompt`, in bytes.
@@ -306,155 +309,77 @@ impl JobSpec {
         default_fps: f64,
         new_id: impl FnOnce() -> String,
     ) -> ParsedEntry {
-        let mut values: BTreeMap<String, String> = BTreeMap::new();
-        let mut first_error: Option<SpecError> = None;
-        let mut warnings = Vec::new();
-        if fields.len() > MAX_JOB_FIELDS {
-            first_error = Some(SpecError::other(
-                "entry",
-                format!(
-                    "has {} fields; at most {MAX_JOB_FIELDS} are allowed",
-                    fields.len()
-                ),
-            ));
-        }
-        for (name, value) in fields {
-            let Ok(name) = std::str::from_utf8(name) else {
-                first_error.get_or_insert(SpecError::other(
-                    &String::from_utf8_lossy(name),
-                    "field name is not valid UTF-8",
-                ));
-                continue;
-            };
-            match std::str::from_utf8(value) {
-                Ok(v) => {
-                    if values.insert(name.to_string(), v.to_string()).is_some() {
-                        warnings.push(format!("field `{name}` given twice; the last one counts"));
-                    }
-                }
-                Err(_) => {
-                    first_error.get_or_insert(SpecError::other(name, "value is not valid UTF-8"));
-                }
-            }
-        }
-
+        let (entry, entry_error) = EntryFields::decode(fields);
         // The job id first, so that any later error is filed under the producer's id.
-        let job_id = match values.get(JobField::JobId.name()) {
-            Some(id) => match validate_job_id(id) {
-                Ok(()) => Some(id.clone()),
-                Err(e) => return Err((e, None)),
-            },
+        let job_id = match entry.raw(JobField::JobId) {
+            Some(id) => {
+                if let Err(e) = validate_job_id(id) {
+                    return Err((e, None));
+                }
+                Some(id.to_string())
+            }
             None => None,
         };
-        if let Some(e) = first_error {
+        if let Some(e) = entry_error {
             return Err((e, job_id));
         }
-        let fail = |e: SpecError| Err((e, job_id.clone()));
+        let id_for_errors = job_id.clone();
+        Self::read(entry, entry_id, default_fps, || {
+            job_id.unwrap_or_else(new_id)
+        })
+        .map_err(|e| (e, id_for_errors))
+    }
 
-        let Some(stream_ref) = values.get(JobField::StreamRef.name()).cloned() else {
-            return fail(SpecError::new(JobField::StreamRef, "is required"));
-        };
-        if let Err(e) = validate_stream_ref(&stream_ref) {
-            return fail(e);
-        }
-        let source = match values.get(JobField::Source.name()).map(String::as_str) {
-            None | Some("") | Some("auto") => SourceKind::detect(&stream_ref),
-            Some("hls") => SourceKind::Hls,
-            Some("redis") => SourceKind::Redis,
-            Some(other) => {
-                return fail(SpecError::new(
-                    JobField::Source,
-                    format!("must be `hls` or `redis` (or absent to detect), got `{other}`"),
-                ));
-            }
-        };
-        let fps = match values.get(JobField::Fps.name()) {
-            None => default_fps,
-            Some(raw) => match raw.trim().parse::<f64>() {
-                Ok(f) if f.is_finite() && f > 0.0 && f <= MAX_FPS => f,
-                _ => {
-                    return fail(SpecError::new(
-                        JobField::Fps,
-                        format!("must be a number in (0, {MAX_FPS}], got `{raw}`"),
-                    ));
-                }
-            },
-        };
-        let prompt = match values.get(JobField::Prompt.name()) {
-            None => None,
-            Some(p) if p.len() > MAX_PROMPT_BYTES => {
-                return fail(SpecError::new(
-                    JobField::Prompt,
-                    format!(
-                        "is {} bytes; at most {MAX_PROMPT_BYTES} are allowed",
-                        p.len()
-                    ),
-                ));
-            }
-            Some(p) if p.trim().is_empty() => {
-                return fail(SpecError::new(
-                    JobField::Prompt,
-                    "is empty; leave it out to follow the active prompt",
-                ));
-            }
-            Some(p) => Some(p.clone()),
-        };
-        let max_frames = match values.get(JobField::MaxFrames.name()) {
-            None => None,
-            Some(raw) => match raw.trim().parse::<u64>() {
-                Ok(n) if n > 0 => Some(n),
-                _ => {
-                    return fail(SpecError::new(
-                        JobField::MaxFrames,
-                        format!("must be a whole number above 0, got `{raw}`"),
-                    ));
-                }
-            },
-        };
-        let max_duration_s = match values.get(JobField::MaxDurationS.name()) {
-            None => None,
-            Some(raw) => match raw.trim().parse::<f64>() {
-                Ok(s) if s.is_finite() && s > 0.0 => Some(s),
-                _ => {
-                    return fail(SpecError::new(
-                        JobField::MaxDurationS,
-                        format!("must be a number of seconds above 0, got `{raw}`"),
-                    ));
-                }
-            },
-        };
-        let scene_gate = match on_off(&values, JobField::SceneGate) {
-            Ok(v) => v,
-            Err(e) => return fail(e),
-        };
-        let alerts = match alert_settings(&values) {
-            Ok(v) => v,
-            Err(e) => return fail(e),
-        };
-        let rtsp_transport = match values.get(JobField::RtspTransport.name()) {
-            None => RtspTransport::default(),
-            Some(raw) => match RtspTransport::parse(raw) {
-                Some(t) => t,
-                None => {
-                    return fail(SpecError::new(
-                        JobField::RtspTransport,
-                        format!("must be `tcp` or `udp`, got `{raw}`"),
-                    ));
-                }
-            },
-        };
-        let extra: BTreeMap<String, String> = values
-            .iter()
-            .filter(|(k, _)| JobField::parse(k).is_none())
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        for name in extra.keys() {
-            warnings.push(format!(
-                "unknown field `{name}` was kept in `extra` but is not used"
-            ));
-        }
+    /// Reads and checks each field of a decoded entry, in the order errors are reported.
+    fn read(
+        entry: EntryFields,
+        entry_id: &str,
+        default_fps: f64,
+        job_id: impl FnOnce() -> String,
+    ) -> Result<JobSpec, SpecError> {
+        let stream_ref = entry.required(JobField::StreamRef)?.to_string();
+        validate_stream_ref(&stream_ref)?;
+        let source = entry
+            .parsed(JobField::Source, SOURCE_EXPECTED, |raw| {
+                source_named(raw, &stream_ref)
+            })?
+            .unwrap_or_else(|| SourceKind::detect(&stream_ref));
+        let fps = entry
+            .number(
+                JobField::Fps,
+                &format!("must be a number in (0, {MAX_FPS}]"),
+                |f: &f64| f.is_finite() && *f > 0.0 && *f <= MAX_FPS,
+            )?
+            .unwrap_or(default_fps);
+        let prompt = entry.checked(JobField::Prompt, checked_prompt)?;
+        let max_frames = entry.number(
+            JobField::MaxFrames,
+            "must be a whole number above 0",
+            |n: &u64| *n > 0,
+        )?;
+        let max_duration_s = entry.number(
+            JobField::MaxDurationS,
+            "must be a number of seconds above 0",
+            |s: &f64| s.is_finite() && *s > 0.0,
+        )?;
+        let scene_gate = entry.on_off(JobField::SceneGate)?;
+        let alerts = alert_settings(&entry)?;
+        let rtsp_transport = entry
+            .parsed(
+                JobField::RtspTransport,
+                "must be `tcp` or `udp`",
+                RtspTransport::parse,
+            )?
+            .unwrap_or_default();
+        let extra = entry.unknown();
+        let mut warnings = entry.warnings;
+        warnings.extend(
+            extra
+                .keys()
+                .map(|name| format!("unknown field `{name}` was kept in `extra` but is not used")),
+        );
         Ok(JobSpec {
-            job_id: job_id.unwrap_or_else(new_id),
+            job_id: job_id(),
             entry_id: entry_id.to_string(),
             stream_ref,
             source,
@@ -469,6 +394,35 @@ impl JobSpec {
             warnings,
         })
     }
+}
+
+/// What the `source` field accepts, for its error.
+const SOURCE_EXPECTED: &str = "must be `hls` or `redis` (or absent to detect)";
+
+/// The `source` field's value: a kind by name, or detection from the stream reference when
+/// it is blank or `auto`.
+fn source_named(raw: &str, stream_ref: &str) -> Option<SourceKind> {
+    match raw {
+        "" | "auto" => Some(SourceKind::detect(stream_ref)),
+        "hls" => Some(SourceKind::Hls),
+        "redis" => Some(SourceKind::Redis),
+        _ => None,
+    }
+}
+
+/// A job's own prompt: not over [`MAX_PROMPT_BYTES`], and not blank (a job without a prompt
+/// leaves the field out).
+fn checked_prompt(prompt: &str) -> Result<String, String> {
+    if prompt.len() > MAX_PROMPT_BYTES {
+        return Err(format!(
+            "is {} bytes; at most {MAX_PROMPT_BYTES} are allowed",
+            prompt.len()
+        ));
+    }
+    if prompt.trim().is_empty() {
+        return Err("is empty; leave it out to follow the active prompt".to_string());
+    }
+    Ok(prompt.to_string())
 }
 
 impl JobSpec {
@@ -517,51 +471,29 @@ impl JobSpec {
     }
 }
 
-/// An optional `on`/`off` field.
-fn on_off(values: &BTreeMap<String, String>, field: JobField) -> Result<Option<bool>, SpecError> {
-    match values
-        .get(field.name())
-        .map(|v| v.trim().to_ascii_lowercase())
-    {
-        None => Ok(None),
-        Some(v) if v == "on" => Ok(Some(true)),
-        Some(v) if v == "off" => Ok(Some(false)),
-        Some(v) => Err(SpecError::new(
-            field,
-            format!("must be `on` or `off`, got `{v}`"),
-        )),
-    }
-}
-
 /// Most consecutive frames `alert_min_frames` may ask for.
 pub const MAX_ALERT_MIN_FRAMES: u32 = 1000;
 
 /// The `alerts`, `alert_min_frames` and `alert_clear_ms` fields.
-fn alert_settings(values: &BTreeMap<String, String>) -> Result<Option<AlertSettings>, SpecError> {
-    if on_off(values, JobField::Alerts)? == Some(false) {
+fn alert_settings(entry: &EntryFields) -> Result<Option<AlertSettings>, SpecError> {
+    if entry.on_off(JobField::Alerts)? == Some(false) {
         return Ok(None);
     }
-    let mut settings = AlertSettings::default();
-    if let Some(raw) = values.get(JobField::AlertMinFrames.name()) {
-        settings.min_frames = match raw.trim().parse::<u32>() {
-            Ok(n) if (1..=MAX_ALERT_MIN_FRAMES).contains(&n) => n,
-            _ => {
-                return Err(SpecError::new(
-                    JobField::AlertMinFrames,
-                    format!("must be a whole number from 1 to {MAX_ALERT_MIN_FRAMES}, got `{raw}`"),
-                ));
-            }
-        };
-    }
-    if let Some(raw) = values.get(JobField::AlertClearMs.name()) {
-        settings.clear_ms = raw.trim().parse::<u64>().map_err(|_| {
-            SpecError::new(
-                JobField::AlertClearMs,
-                format!("must be a whole number of milliseconds, got `{raw}`"),
-            )
-        })?;
-    }
-    Ok(Some(settings))
+    let defaults = AlertSettings::default();
+    let min_frames = entry.number(
+        JobField::AlertMinFrames,
+        &format!("must be a whole number from 1 to {MAX_ALERT_MIN_FRAMES}"),
+        |n: &u32| (1..=MAX_ALERT_MIN_FRAMES).contains(n),
+    )?;
+    let clear_ms = entry.number(
+        JobField::AlertClearMs,
+        "must be a whole number of milliseconds",
+        |_: &u64| true,
+    )?;
+    Ok(Some(AlertSettings {
+        min_frames: min_frames.unwrap_or(defaults.min_frames),
+        clear_ms: clear_ms.unwrap_or(defaults.clear_ms),
+    }))
 }
 
 #[cfg(test)]
@@ -642,6 +574,124 @@ mod tests {
             Some("j"),
             "the producer's id is kept for the report"
         );
+    }
+
+    /// The refusals' words reach producers (the job hash's `error`, the dead letters), so
+    /// they are kept word for word.
+    #[test]
+    fn every_refusal_says_why_in_the_same_words() {
+        let long = "p".repeat(MAX_PROMPT_BYTES + 1);
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("prompt", "x")], "field `stream_ref`: is required"),
+            (
+                &[("stream_ref", " ")],
+                "field `stream_ref`: is required and may not be empty",
+            ),
+            (
+                &[("stream_ref", "-i x")],
+                "field `stream_ref`: may not start with '-'",
+            ),
+            (
+                &[("stream_ref", "a"), ("source", "ftp")],
+                "field `source`: must be `hls` or `redis` (or absent to detect), got `ftp`",
+            ),
+            (
+                &[("stream_ref", "a"), ("fps", " 0")],
+                "field `fps`: must be a number in (0, 30], got ` 0`",
+            ),
+            (
+                &[("stream_ref", "a"), ("prompt", " ")],
+                "field `prompt`: is empty; leave it out to follow the active prompt",
+            ),
+            (
+                &[("stream_ref", "a"), ("prompt", &long)],
+                "field `prompt`: is 8193 bytes; at most 8192 are allowed",
+            ),
+            (
+                &[("stream_ref", "a"), ("max_frames", "-1")],
+                "field `max_frames`: must be a whole number above 0, got `-1`",
+            ),
+            (
+                &[("stream_ref", "a"), ("max_duration_s", "inf")],
+                "field `max_duration_s`: must be a number of seconds above 0, got `inf`",
+            ),
+            (
+                &[("stream_ref", "a"), ("scene_gate", " YES ")],
+                "field `scene_gate`: must be `on` or `off`, got `yes`",
+            ),
+            (
+                &[("stream_ref", "a"), ("alerts", "1")],
+                "field `alerts`: must be `on` or `off`, got `1`",
+            ),
+            (
+                &[("stream_ref", "a"), ("alert_min_frames", "1001")],
+                "field `alert_min_frames`: must be a whole number from 1 to 1000, got `1001`",
+            ),
+            (
+                &[("stream_ref", "a"), ("alert_clear_ms", "-5")],
+                "field `alert_clear_ms`: must be a whole number of milliseconds, got `-5`",
+            ),
+            (
+                &[("stream_ref", "a"), ("rtsp_transport", "quic")],
+                "field `rtsp_transport`: must be `tcp` or `udp`, got `quic`",
+            ),
+            (
+                &[("stream_ref", "a"), ("job_id", "has space")],
+                "field `job_id`: may hold only letters, digits, '.', '_', ':' and '-'",
+            ),
+            // Fields are checked in a fixed order: the first bad one is reported.
+            (
+                &[("stream_ref", "a"), ("rtsp_transport", "x"), ("fps", "x")],
+                "field `fps`: must be a number in (0, 30], got `x`",
+            ),
+        ];
+        for (pairs, want) in cases {
+            let (err, _) = parse(pairs).unwrap_err();
+            assert_eq!(err.to_string(), *want, "{pairs:?}");
+        }
+    }
+
+    #[test]
+    fn optional_fields_are_read_with_their_defaults() {
+        let spec = parse(&[
+            ("stream_ref", "rtsp://cam/1"),
+            ("source", "auto"),
+            ("fps", " 30 "),
+            ("alert_min_frames", "3"),
+            ("alert_clear_ms", "250"),
+            ("rtsp_transport", " UDP "),
+            ("scene_gate", "On"),
+            ("fps", "30"),
+        ])
+        .unwrap();
+        assert_eq!(spec.source, SourceKind::Hls);
+        assert_eq!(spec.fps, 30.0);
+        assert_eq!(spec.scene_gate, Some(true));
+        assert_eq!(
+            spec.alerts,
+            Some(AlertSettings {
+                min_frames: 3,
+                clear_ms: 250
+            })
+        );
+        assert_eq!(spec.rtsp_transport, RtspTransport::Udp);
+        assert_eq!(
+            spec.warnings,
+            vec!["field `fps` given twice; the last one counts".to_string()]
+        );
+        let spec = parse(&[
+            ("stream_ref", "a"),
+            ("alerts", "OFF"),
+            ("alert_min_frames", "0"),
+        ])
+        .unwrap();
+        assert_eq!(
+            spec.alerts, None,
+            "with alerts off their settings are not read"
+        );
+        assert_eq!(spec.rtsp_transport, RtspTransport::Tcp);
+        let spec = parse(&[("stream_ref", "https://x"), ("source", "redis")]).unwrap();
+        assert_eq!(spec.source, SourceKind::Redis);
     }
 
     #[test]

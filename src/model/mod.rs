@@ -10,6 +10,7 @@
 //! Only this module (and its children) may import candle. Concrete backends are chosen by
 //! `MODEL_TYPE` and wired in the binary.
 
+pub mod error;
 pub mod families;
 pub mod kernels;
 pub mod kind;
@@ -21,6 +22,7 @@ pub mod testing;
 pub mod text;
 pub mod towers;
 
+pub use error::{Cause, ErrorDetail, ModelError};
 pub use kind::{ModelType, ParseSettingError};
 pub use loading::{DEFAULT_MAX_NEW_TOKENS, DeviceChoice, DtypeChoice, ModelSettings};
 pub use registry::{load_model, write_random_model};
@@ -65,17 +67,6 @@ pub struct ModelInfo {
     pub device: String,
     /// `f32`, `f16`, `bf16`.
     pub dtype: String,
-}
-
-/// A model failure. `batch` errors fail every frame of the batch; the worker goes on.
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error("model weights: {0}")]
-    Load(String),
-    #[error("bad prompt: {0}")]
-    Prompt(String),
-    #[error("inference failed: {0}")]
-    Inference(String),
 }
 
 /// What a model needs of a prompt. A job's own prompt is checked against it once, when the
@@ -183,7 +174,7 @@ impl BatchReplies {
     /// Fails frames `0..frames` with the same error.
     pub fn fail_all(&self, frames: usize, error: &str) {
         for i in 0..frames {
-            self.frame(i, Err(ModelError::Inference(error.to_string())));
+            self.frame(i, Err(ModelError::Inference(error.into())));
         }
     }
 }

@@ -85,17 +85,16 @@ impl Preprocessor {
             self.frame_into(frame, out)?;
         }
         Tensor::from_vec(data, (frames.len(), 3, self.side, self.side), device)
-            .map_err(|e| ModelError::Inference(format!("pixel tensor: {e}")))
+            .map_err(|e| ModelError::inference("pixel tensor", e))
     }
 
     /// Preprocesses one frame into `out` (planar CHW, `3 * side * side` values).
     pub fn frame_into(&self, frame: &Frame, out: &mut [f32]) -> Result<(), ModelError> {
         let (w, h) = (frame.width as usize, frame.height as usize);
         if w == 0 || h == 0 || frame.rgb.len() != w * h * 3 {
-            return Err(ModelError::Inference(format!(
-                "frame {} is not packed rgb24 {w}x{h}",
-                frame.index
-            )));
+            return Err(ModelError::Inference(
+                format!("frame {} is not packed rgb24 {w}x{h}", frame.index).into(),
+            ));
         }
         let resized = self.resize_and_crop(&frame.rgb, w, h);
         self.normalise(&resized, out);

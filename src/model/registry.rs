@@ -64,9 +64,9 @@ pub fn write_random_model(
         ModelType::Blip => blip::synthetic(size)?,
         ModelType::PaliGemma => paligemma::synthetic(size)?,
         ModelType::OpenAi | ModelType::Null | ModelType::TestColour => {
-            return Err(ModelError::Load(format!(
-                "MODEL_TYPE={kind} has no weights to write"
-            )));
+            return Err(ModelError::Load(
+                format!("MODEL_TYPE={kind} has no weights to write").into(),
+            ));
         }
     };
     synthetic::write(&model, seed, dir)

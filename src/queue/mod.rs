@@ -723,6 +723,8 @@ impl Worker {
         });
     }
 
+    /// Runs one job's body to its end, then finishes the job or hands it back, as the
+    /// reason it stopped decides.
     async fn run_job(
         &self,
         spec: JobSpec,
@@ -754,34 +756,9 @@ impl Worker {
             prompt,
         };
         let body = self.body.clone();
-        let mut task = tokio::spawn(async move { body.run(ctx).await });
-
-        let joined = tokio::select! {
-            r = &mut task => Some(r),
-            _ = stop.stopped() => {
-                let grace = match stop.reason() {
-                    Some(StopReason::Shutdown) => self.config.shutdown_timeout,
-                    _ => CANCEL_GRACE,
-                };
-                match tokio::time::timeout(grace, &mut task).await {
-                    Ok(r) => Some(r),
-                    Err(_) => {
-                        tracing::warn!(job = %spec.job_id, "job body did not stop in time; abandoned");
-                        task.abort();
-                        None
-                    }
-                }
-            }
-        };
+        let task = tokio::spawn(async move { body.run(ctx).await });
+        let outcome = self.await_body(task, &stop, &spec.job_id).await;
         let reason = stop.reason();
-        let outcome: Result<BodyOutcome, JobFailure> = match joined {
-            Some(Ok(r)) => r,
-            Some(Err(e)) if e.is_panic() => Err(JobFailure::new(format!(
-                "worker error: the job's body panicked: {}",
-                panic_message(e.into_panic())
-            ))),
-            Some(Err(_)) | None => Ok(BodyOutcome::Stopped),
-        };
         let final_status = match (reason, &outcome) {
             (Some(StopReason::LeaseLost), _) => {
                 self.metrics.leases_lost.inc();
@@ -805,6 +782,42 @@ impl Worker {
                 self.finish(&spec, status, &error, open_alerts).await
             }
             None => self.hand_back(&spec.entry_id, &spec.job_id).await,
+        }
+    }
+
+    /// Waits for a job's body. Once the job is told to stop, the body gets its grace (the
+    /// shutdown timeout, or CANCEL_GRACE) and is then abandoned; a body abandoned or
+    /// aborted counts as stopped, one that panicked as failed.
+    async fn await_body(
+        &self,
+        mut task: tokio::task::JoinHandle<Result<BodyOutcome, JobFailure>>,
+        stop: &StopSignal,
+        job_id: &str,
+    ) -> Result<BodyOutcome, JobFailure> {
+        let joined = tokio::select! {
+            r = &mut task => Some(r),
+            _ = stop.stopped() => {
+                let grace = match stop.reason() {
+                    Some(StopReason::Shutdown) => self.config.shutdown_timeout,
+                    _ => CANCEL_GRACE,
+                };
+                match tokio::time::timeout(grace, &mut task).await {
+                    Ok(r) => Some(r),
+                    Err(_) => {
+                        tracing::warn!(job = %job_id, "job body did not stop in time; abandoned");
+                        task.abort();
+                        None
+                    }
+                }
+            }
+        };
+        match joined {
+            Some(Ok(r)) => r,
+            Some(Err(e)) if e.is_panic() => Err(JobFailure::new(format!(
+                "worker error: the job's body panicked: {}",
+                panic_message(e.into_panic())
+            ))),
+            Some(Err(_)) | None => Ok(BodyOutcome::Stopped),
         }
     }
 

@@ -14,13 +14,14 @@ use crate::frame::Frame;
 use crate::store::{Backoff, now_ms};
 use bytes::BytesMut;
 use std::collections::VecDeque;
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// What one HLS job needs from its spec.
@@ -358,11 +359,11 @@ async fn terminate(child: &mut Child) {
 }
 
 /// A run whose stream pointed somewhere it may not: retrying cannot help.
-fn refused_end(job: &HlsJob, refusal: &str) -> RunEnd {
+fn refused_end(url: &str, refusal: &str) -> RunEnd {
     RunEnd::Fatal(format!(
         "`{}` led to a refused request: {refusal} (a variant, segment, key or redirect of \
          the stream names it)",
-        crate::redact::redact_url(&job.input.url)
+        crate::redact::redact_url(url)
     ))
 }
 
@@ -375,6 +376,7 @@ async fn refused(proxy: &mut Option<StreamProxy>) -> String {
 }
 
 /// How one ffmpeg run ended.
+#[derive(Debug, PartialEq)]
 enum RunEnd {
     Cancelled,
     /// The input ended cleanly (a finished playlist, a file): the job is complete.
@@ -395,6 +397,22 @@ struct Position {
     /// The input is a finished stream, so a restart may seek. A live input must not get
     /// `-ss`: ffmpeg cannot seek it but would still discard that much of its start.
     seekable: bool,
+}
+
+impl Position {
+    /// Gives `frame` the next index and stream time (and, on a finished input, the cursor
+    /// that resumes after it), and moves on by one frame.
+    fn stamp(&mut self, frame: &mut Frame, finished_ms: Option<i64>, received: Instant) {
+        let pts_ms = self.next_pts_ms.round() as i64;
+        frame.index = self.next_index;
+        frame.pts_ms = Some(pts_ms);
+        frame.capture_ms = now_ms();
+        frame.received = received;
+        frame.cursor = finished_ms.map(|_| cursor_for(pts_ms));
+        self.next_index += 1;
+        self.next_pts_ms += self.interval_ms;
+        self.last_pts_ms = Some(pts_ms);
+    }
 }
 
 /// The source task: runs ffmpeg until the stream ends, fails for good, or the job stops.
@@ -481,14 +499,13 @@ async fn run_once(
     pos: &mut Position,
     damage: &mut Damage,
 ) -> (RunEnd, bool) {
-    let opts = &job.options;
     // A restart of a finished stream picks up after the last frame handed over; a live one
     // goes back to the live edge.
     let start_ms = pos.seekable.then(|| pos.next_pts_ms.round() as i64);
     // A confined input (ALLOWED_STREAM_HOSTS) gets a proxy of its own for this run.
-    let mut proxy = match &job.input.confined {
+    let proxy = match &job.input.confined {
         None => None,
-        Some(allowed) => match StreamProxy::start(allowed.clone(), opts.io_timeout).await {
+        Some(allowed) => match StreamProxy::start(allowed.clone(), job.options.io_timeout).await {
             Ok(p) => Some(p),
             Err(e) => {
                 return (
@@ -498,208 +515,322 @@ async fn run_once(
             }
         },
     };
-    let proxy_url = proxy.as_ref().map(StreamProxy::url);
-    let args = ffmpeg_args(&FfmpegRun {
-        input: &job.input,
-        fps: job.fps,
-        max_side: opts.max_side,
-        start_ms,
-        io_timeout: opts.io_timeout,
-        http_proxy: proxy_url.as_deref(),
-    });
-    let mut command = Command::new(&opts.ffmpeg);
-    if proxy.is_some() {
-        // ffmpeg skips its proxy for hosts in `no_proxy`: none may go around this one.
-        for var in ["no_proxy", "NO_PROXY", "http_proxy", "HTTP_PROXY"] {
-            command.env_remove(var);
+    let mut run = match Run::spawn(job, start_ms, proxy) {
+        Ok(run) => run,
+        Err(reason) => return (RunEnd::Fatal(reason), false),
+    };
+    let read = match run.hand_over_frames(job, slot, cancel, pos, damage).await {
+        Stop::Cancelled => {
+            run.abandon().await;
+            return (RunEnd::Cancelled, run.delivered);
         }
-    }
-    let mut child = match command
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            return (
-                RunEnd::Fatal(format!(
+        Stop::Refused(refusal) => {
+            run.abandon().await;
+            return (refused_end(&job.input.url, &refusal), run.delivered);
+        }
+        Stop::OutputEnded => ReadEnd::OutputEnded(run.wait_exit().await),
+        Stop::ReadFailed(reason) => {
+            terminate(&mut run.child).await;
+            ReadEnd::Failed(reason)
+        }
+    };
+    let (said, transport_error) = run.last_words().await;
+    let end = classify_end(RunSeen {
+        url: &job.input.url,
+        rtsp: job.input.rtsp.is_some(),
+        read,
+        said,
+        transport_error,
+        refusal: run.proxy.as_ref().and_then(StreamProxy::refusal),
+        finished_ms: run.finished_ms,
+        last_pts_ms: pos.last_pts_ms,
+        interval_ms: pos.interval_ms,
+    });
+    (end, run.delivered)
+}
+
+/// One ffmpeg child with the reader of its stderr and the proxy it goes through, and what
+/// this run has learned and done so far.
+struct Run {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    stderr_task: JoinHandle<()>,
+    log: Arc<Mutex<RunLog>>,
+    /// The input's duration once ffmpeg printed it (`Some(None)`: live).
+    duration: watch::Receiver<Option<Option<i64>>>,
+    source_sizes: SourceSizes,
+    proxy: Option<StreamProxy>,
+    /// Whether any frame was handed over in this run.
+    delivered: bool,
+    /// This run's transport errors already added to the job's [`Damage`].
+    errors_counted: u64,
+    /// Whether the input is finished or live is known (from the first frame on).
+    mode_known: bool,
+    /// The length of a finished input; `None` for a live one.
+    finished_ms: Option<i64>,
+}
+
+/// Why a run stopped handing over frames.
+enum Stop {
+    Cancelled,
+    /// The proxy refused a request the stream led to.
+    Refused(String),
+    /// ffmpeg's output ended cleanly.
+    OutputEnded,
+    /// Reading failed: a stall, a broken pipe, a frame that makes no sense.
+    ReadFailed(String),
+}
+
+impl Run {
+    /// Starts ffmpeg on the job's input (through `proxy` when there is one) and the reader of
+    /// its stderr. `Err`: ffmpeg cannot be started at all.
+    fn spawn(
+        job: &HlsJob,
+        start_ms: Option<i64>,
+        proxy: Option<StreamProxy>,
+    ) -> Result<Self, String> {
+        let opts = &job.options;
+        let proxy_url = proxy.as_ref().map(StreamProxy::url);
+        let args = ffmpeg_args(&FfmpegRun {
+            input: &job.input,
+            fps: job.fps,
+            max_side: opts.max_side,
+            start_ms,
+            io_timeout: opts.io_timeout,
+            http_proxy: proxy_url.as_deref(),
+        });
+        let mut command = Command::new(&opts.ffmpeg);
+        if proxy.is_some() {
+            // ffmpeg skips its proxy for hosts in `no_proxy`: none may go around this one.
+            for var in ["no_proxy", "NO_PROXY", "http_proxy", "HTTP_PROXY"] {
+                command.env_remove(var);
+            }
+        }
+        let mut child = command
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                format!(
                     "could not start `{}` (is ffmpeg installed?): {e}",
                     opts.ffmpeg
-                )),
-                false,
-            );
+                )
+            })?;
+        #[cfg(target_os = "linux")]
+        if let Some(out) = child.stdout.as_ref() {
+            use std::os::fd::AsRawFd;
+            // A frame is megabytes; a 1 MiB pipe (the unprivileged maximum) instead of 64 KiB
+            // moves it in a few reads and wake-ups instead of dozens. Best effort.
+            // SAFETY: F_SETPIPE_SZ on a pipe descriptor we own; no memory is passed.
+            unsafe {
+                libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
+            }
         }
-    };
-    #[cfg(target_os = "linux")]
-    if let Some(out) = child.stdout.as_ref() {
-        use std::os::fd::AsRawFd;
-        // A frame is megabytes; a 1 MiB pipe (the unprivileged maximum) instead of 64 KiB
-        // moves it in a few reads and wake-ups instead of dozens. Best effort.
-        // SAFETY: F_SETPIPE_SZ on a pipe descriptor we own; no memory is passed.
-        unsafe {
-            libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
+        let log = Arc::new(Mutex::new(RunLog::default()));
+        let (duration_tx, duration) = watch::channel(None);
+        let (sizes_tx, sizes_rx) = mpsc::unbounded_channel();
+        let stderr_task = tokio::spawn(read_stderr(
+            child.stderr.take().expect("stderr is piped"),
+            log.clone(),
+            duration_tx,
+            sizes_tx,
+            job.input.url.clone(),
+        ));
+        let stdout =
+            BufReader::with_capacity(256 * 1024, child.stdout.take().expect("stdout is piped"));
+        Ok(Self {
+            child,
+            stdout,
+            stderr_task,
+            log,
+            duration,
+            source_sizes: SourceSizes::new(sizes_rx),
+            proxy,
+            delivered: false,
+            errors_counted: 0,
+            mode_known: false,
+            finished_ms: None,
+        })
+    }
+
+    /// Reads ffmpeg's frames and hands them to the job, stamped, until its output ends,
+    /// reading fails, the proxy refuses a request or the job stops.
+    async fn hand_over_frames(
+        &mut self,
+        job: &HlsJob,
+        slot: &Slot,
+        cancel: &CancellationToken,
+        pos: &mut Position,
+        damage: &mut Damage,
+    ) -> Stop {
+        let stall_timeout = job.options.stall_timeout;
+        loop {
+            let read = tokio::select! {
+                _ = cancel.cancelled() => return Stop::Cancelled,
+                refusal = refused(&mut self.proxy) => return Stop::Refused(refusal),
+                r = tokio::time::timeout(stall_timeout, read_frame(&mut self.stdout)) => r,
+            };
+            let (w, h, rgb) = match read {
+                Err(_) => {
+                    return Stop::ReadFailed(format!(
+                        "no frame for {} s (the stream stalled)",
+                        stall_timeout.as_secs_f64()
+                    ));
+                }
+                Ok(Err(e)) => return Stop::ReadFailed(format!("reading ffmpeg output: {e}")),
+                Ok(Ok(None)) => return Stop::OutputEnded,
+                Ok(Ok(Some(f))) => f,
+            };
+            let received = Instant::now();
+            if !self.mode_known {
+                self.learn_mode(slot, pos).await;
+            }
+            let mut frame = match Frame::new(w, h, rgb) {
+                Ok(f) => f,
+                Err(e) => return Stop::ReadFailed(format!("bad frame from ffmpeg: {e}")),
+            };
+            if let Some((sw, sh)) = self.source_sizes.next().await {
+                frame = frame.with_source_size(sw, sh);
+            }
+            pos.stamp(&mut frame, self.finished_ms, received);
+            self.delivered = true;
+            slot.counters.decoded.fetch_add(1, Ordering::Relaxed);
+            slot.counters.sampled.fetch_add(1, Ordering::Relaxed);
+            // Told with the frames it damaged: a stream going on after a transport error (a
+            // segment cut short) gives fewer frames, and its job says why.
+            let note = damage.update(
+                &mut self.errors_counted,
+                &self.log.lock().unwrap_or_else(|e| e.into_inner()),
+            );
+            if let Some(note) = note {
+                slot.note(note);
+            }
+            if self.finished_ms.is_some() {
+                tokio::select! {
+                    _ = slot.put_wait(frame) => {}
+                    _ = cancel.cancelled() => return Stop::Cancelled,
+                }
+            } else {
+                slot.put_latest(frame);
+            }
         }
     }
-    let log = Arc::new(Mutex::new(RunLog::default()));
-    let (duration_tx, mut duration_rx) = watch::channel(None);
-    let (sizes_tx, sizes_rx) = mpsc::unbounded_channel();
-    let mut source_sizes = SourceSizes::new(sizes_rx);
-    let stderr_task = tokio::spawn(read_stderr(
-        child.stderr.take().expect("stderr is piped"),
-        log.clone(),
-        duration_tx,
-        sizes_tx,
-        job.input.url.clone(),
-    ));
-    let mut stdout =
-        BufReader::with_capacity(256 * 1024, child.stdout.take().expect("stdout is piped"));
 
-    let mut delivered = false;
-    let mut errors_counted = 0u64;
-    let mut finished_ms: Option<i64> = None;
-    let mut mode_known = false;
-    let outcome: Result<(), String> = loop {
-        let read = tokio::select! {
-            _ = cancel.cancelled() => {
-                terminate(&mut child).await;
-                stderr_task.abort();
-                return (RunEnd::Cancelled, delivered);
-            }
-            refusal = refused(&mut proxy) => {
-                terminate(&mut child).await;
-                stderr_task.abort();
-                return (refused_end(job, &refusal), delivered);
-            }
-            r = tokio::time::timeout(opts.stall_timeout, read_frame(&mut stdout)) => r,
-        };
-        let (w, h, rgb) = match read {
-            Err(_) => {
-                break Err(format!(
-                    "no frame for {} s (the stream stalled)",
-                    opts.stall_timeout.as_secs_f64()
-                ));
-            }
-            Ok(Err(e)) => break Err(format!("reading ffmpeg output: {e}")),
-            Ok(Ok(None)) => break Ok(()),
-            Ok(Ok(Some(f))) => f,
-        };
-        let received = Instant::now();
-        if !mode_known {
-            // ffmpeg prints the input's duration before it writes any frame; wait for the
-            // stderr reader to get there, so the first frame already goes the right way.
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                duration_rx.wait_for(|d| d.is_some()),
-            )
-            .await;
-            finished_ms = duration_rx.borrow().flatten();
-            slot.set_live(finished_ms.is_none());
-            pos.seekable = finished_ms.is_some();
-            mode_known = true;
-        }
-        let mut frame = match Frame::new(w, h, rgb) {
-            Ok(f) => f,
-            Err(e) => break Err(format!("bad frame from ffmpeg: {e}")),
-        };
-        if let Some((sw, sh)) = source_sizes.next().await {
-            frame = frame.with_source_size(sw, sh);
-        }
-        let pts_ms = pos.next_pts_ms.round() as i64;
-        frame.index = pos.next_index;
-        frame.pts_ms = Some(pts_ms);
-        frame.capture_ms = now_ms();
-        frame.received = received;
-        frame.cursor = finished_ms.map(|_| cursor_for(pts_ms));
-        pos.next_index += 1;
-        pos.next_pts_ms += pos.interval_ms;
-        pos.last_pts_ms = Some(pts_ms);
-        delivered = true;
-        slot.counters.decoded.fetch_add(1, Ordering::Relaxed);
-        slot.counters.sampled.fetch_add(1, Ordering::Relaxed);
-        // Told with the frames it damaged: a stream going on after a transport error (a
-        // segment cut short) gives fewer frames, and its job says why.
-        let note = damage.update(
-            &mut errors_counted,
-            &log.lock().unwrap_or_else(|e| e.into_inner()),
-        );
-        if let Some(note) = note {
-            slot.note(note);
-        }
-        if finished_ms.is_some() {
-            tokio::select! {
-                _ = slot.put_wait(frame) => {}
-                _ = cancel.cancelled() => {
-                    terminate(&mut child).await;
-                    stderr_task.abort();
-                    return (RunEnd::Cancelled, delivered);
-                }
-            }
-        } else {
-            slot.put_latest(frame);
-        }
-    };
+    /// Learns whether the input is finished or live. ffmpeg prints the input's duration
+    /// before it writes any frame; this waits for the stderr reader to get there, so the
+    /// first frame already goes the right way.
+    async fn learn_mode(&mut self, slot: &Slot, pos: &mut Position) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.duration.wait_for(|d| d.is_some()),
+        )
+        .await;
+        self.finished_ms = self.duration.borrow().flatten();
+        slot.set_live(self.finished_ms.is_none());
+        pos.seekable = self.finished_ms.is_some();
+        self.mode_known = true;
+    }
 
-    let status = match outcome {
-        Ok(()) => match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+    /// Stops ffmpeg and its stderr reader, without waiting for its last lines.
+    async fn abandon(&mut self) {
+        terminate(&mut self.child).await;
+        self.stderr_task.abort();
+    }
+
+    /// ffmpeg's exit status after its output ended; `None` (and ffmpeg stopped) when it
+    /// does not exit in a moment.
+    async fn wait_exit(&mut self) -> Option<ExitStatus> {
+        match tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await {
             Ok(Ok(s)) => Some(s),
             _ => {
-                terminate(&mut child).await;
+                terminate(&mut self.child).await;
                 None
             }
-        },
-        Err(_) => {
-            terminate(&mut child).await;
-            None
         }
-    };
-    // stderr closes when ffmpeg exits; give the reader a moment to finish the last lines.
-    let _ = tokio::time::timeout(Duration::from_secs(2), stderr_task).await;
-    let (said, transport_error) = {
-        let log = log.lock().unwrap_or_else(|e| e.into_inner());
+    }
+
+    /// What ffmpeg said last (its kept lines, joined) and whether it had a transport error.
+    async fn last_words(&mut self) -> (String, bool) {
+        // stderr closes when ffmpeg exits; give the reader a moment to finish the last lines.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.stderr_task).await;
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         (
             log.last.iter().cloned().collect::<Vec<_>>().join(" | "),
             log.transport_error,
         )
-    };
+    }
+}
+
+/// How a run's output stopped.
+#[derive(Debug)]
+enum ReadEnd {
+    /// The output ended and ffmpeg exited with this status (`None`: it did not exit in time).
+    OutputEnded(Option<ExitStatus>),
+    /// Reading failed, for this reason.
+    Failed(String),
+}
+
+/// What was observed of a run that stopped by itself, to judge how it ended.
+struct RunSeen<'a> {
+    /// The job's input, as the user gave it.
+    url: &'a str,
+    rtsp: bool,
+    read: ReadEnd,
+    /// ffmpeg's last warnings, joined.
+    said: String,
+    /// ffmpeg reported a transport or demuxer error.
+    transport_error: bool,
+    /// The proxy's first refusal, if it refused anything.
+    refusal: Option<String>,
+    /// The length of a finished input; `None` for a live one.
+    finished_ms: Option<i64>,
+    /// Stream time of the last frame handed over.
+    last_pts_ms: Option<i64>,
+    interval_ms: f64,
+}
+
+/// How a run that stopped by itself ended: done, worth a retry, or beyond retrying.
+fn classify_end(seen: RunSeen<'_>) -> RunEnd {
+    // ffmpeg may give up on a refused segment before the proxy's refusal is seen.
+    if let Some(refusal) = &seen.refusal {
+        return refused_end(seen.url, refusal);
+    }
     let with_said = |reason: String| {
-        if said.is_empty() {
+        if seen.said.is_empty() {
             reason
         } else {
-            format!("{reason}; ffmpeg said: {said}")
+            format!("{reason}; ffmpeg said: {}", seen.said)
         }
     };
-    // ffmpeg may give up on a refused segment before the refusal above is seen.
-    if let Some(refusal) = proxy.as_ref().and_then(StreamProxy::refusal) {
-        return (refused_end(job, &refusal), delivered);
-    }
-    let end = match (outcome, status) {
-        (Err(reason), _) => RunEnd::Failed(with_said(reason)),
-        (Ok(()), Some(s)) if s.success() => {
+    match seen.read {
+        ReadEnd::Failed(reason) => RunEnd::Failed(with_said(reason)),
+        ReadEnd::OutputEnded(Some(s)) if s.success() => {
             // A finished stream that reached (nearly) its end is done even if a segment
             // was lost on the way; anything else that ended with transport errors is a
             // broken stream: a live playlist whose server went away also ends "cleanly".
-            let reached_end = match (finished_ms, pos.last_pts_ms) {
-                (Some(total), Some(last)) => last as f64 + 2.0 * pos.interval_ms >= total as f64,
+            let reached_end = match (seen.finished_ms, seen.last_pts_ms) {
+                (Some(total), Some(last)) => last as f64 + 2.0 * seen.interval_ms >= total as f64,
                 _ => false,
             };
-            if job.input.rtsp.is_some() && finished_ms.is_none() {
+            if seen.rtsp && seen.finished_ms.is_none() {
                 // A live camera never ends: its server closing the stream is a break.
                 RunEnd::Failed(with_said("the RTSP server closed the stream".into()))
-            } else if !transport_error || reached_end {
+            } else if !seen.transport_error || reached_end {
                 RunEnd::Finished
             } else {
                 RunEnd::Failed(with_said("the stream ended with errors".into()))
             }
         }
-        (Ok(()), Some(s)) => RunEnd::Failed(with_said(format!("ffmpeg exited with {s}"))),
-        (Ok(()), None) => RunEnd::Failed(with_said(
+        ReadEnd::OutputEnded(Some(s)) => {
+            RunEnd::Failed(with_said(format!("ffmpeg exited with {s}")))
+        }
+        ReadEnd::OutputEnded(None) => RunEnd::Failed(with_said(
             "ffmpeg did not exit after its output ended".into(),
         )),
-    };
-    (end, delivered)
+    }
 }
 
 #[cfg(test)]
@@ -876,5 +1007,136 @@ mod tests {
             "{note}"
         );
         assert!(!note.contains("secret"), "{note}");
+    }
+
+    /// A run that stopped by itself, seen as a clean end of a live HLS stream.
+    fn seen(read: ReadEnd) -> RunSeen<'static> {
+        RunSeen {
+            url: "http://u:secret@cam/live.m3u8",
+            rtsp: false,
+            read,
+            said: String::new(),
+            transport_error: false,
+            refusal: None,
+            finished_ms: None,
+            last_pts_ms: Some(9_000),
+            interval_ms: 500.0,
+        }
+    }
+
+    fn exited(code: i32) -> ReadEnd {
+        use std::os::unix::process::ExitStatusExt;
+        ReadEnd::OutputEnded(Some(ExitStatus::from_raw(code << 8)))
+    }
+
+    fn failed(end: RunEnd) -> String {
+        match end {
+            RunEnd::Failed(reason) => reason,
+            other => panic!("not a failure: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_clean_exit_finishes_unless_the_stream_broke_on_the_way() {
+        assert_eq!(classify_end(seen(exited(0))), RunEnd::Finished);
+        let broken = RunSeen {
+            transport_error: true,
+            said: "http: Connection reset".into(),
+            ..seen(exited(0))
+        };
+        assert_eq!(
+            failed(classify_end(broken)),
+            "the stream ended with errors; ffmpeg said: http: Connection reset"
+        );
+        // A recording that reached (nearly) its end is done despite a lost segment...
+        let recording = |last_pts_ms| RunSeen {
+            transport_error: true,
+            finished_ms: Some(10_000),
+            last_pts_ms: Some(last_pts_ms),
+            ..seen(exited(0))
+        };
+        assert_eq!(classify_end(recording(9_000)), RunEnd::Finished);
+        // ...and one cut short is not.
+        assert_eq!(
+            failed(classify_end(recording(8_999))),
+            "the stream ended with errors"
+        );
+    }
+
+    #[test]
+    fn a_live_camera_closing_its_stream_is_a_break() {
+        let camera = RunSeen {
+            rtsp: true,
+            ..seen(exited(0))
+        };
+        assert_eq!(
+            failed(classify_end(camera)),
+            "the RTSP server closed the stream"
+        );
+        let recorded = RunSeen {
+            rtsp: true,
+            finished_ms: Some(10_000),
+            ..seen(exited(0))
+        };
+        assert_eq!(classify_end(recorded), RunEnd::Finished);
+    }
+
+    #[test]
+    fn failed_reads_and_exits_say_what_ffmpeg_said() {
+        let stalled = RunSeen {
+            said: "hls: Failed to reload playlist 0".into(),
+            ..seen(ReadEnd::Failed(
+                "no frame for 10 s (the stream stalled)".into(),
+            ))
+        };
+        assert_eq!(
+            failed(classify_end(stalled)),
+            "no frame for 10 s (the stream stalled); ffmpeg said: hls: Failed to reload \
+             playlist 0"
+        );
+        assert_eq!(
+            failed(classify_end(seen(exited(1)))),
+            "ffmpeg exited with exit status: 1"
+        );
+        assert_eq!(
+            failed(classify_end(seen(ReadEnd::OutputEnded(None)))),
+            "ffmpeg did not exit after its output ended"
+        );
+    }
+
+    #[test]
+    fn a_refusal_ends_the_job_whatever_else_happened() {
+        for read in [exited(0), exited(1), ReadEnd::Failed("stalled".into())] {
+            let refused = RunSeen {
+                refusal: Some("`evil.example` is not in ALLOWED_STREAM_HOSTS".into()),
+                ..seen(read)
+            };
+            let RunEnd::Fatal(reason) = classify_end(refused) else {
+                panic!("a refusal is fatal");
+            };
+            assert!(reason.contains("led to a refused request"), "{reason}");
+            assert!(!reason.contains("secret"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn frames_are_stamped_in_stream_time_and_a_recording_gets_cursors() {
+        let mut pos = Position {
+            interval_ms: 333.4,
+            next_index: 3,
+            next_pts_ms: 1000.2,
+            last_pts_ms: None,
+            seekable: true,
+        };
+        let mut frame = Frame::new(1, 1, bytes::Bytes::from_static(&[0, 0, 0])).unwrap();
+        pos.stamp(&mut frame, Some(60_000), Instant::now());
+        assert_eq!((frame.index, frame.pts_ms), (3, Some(1000)));
+        assert_eq!(frame.cursor.as_deref(), Some("pts_ms:1000"));
+        pos.stamp(&mut frame, None, Instant::now());
+        assert_eq!(
+            (frame.index, frame.pts_ms, frame.cursor),
+            (4, Some(1334), None)
+        );
+        assert_eq!((pos.next_index, pos.last_pts_ms), (5, Some(1334)));
     }
 }

@@ -349,7 +349,6 @@ async fn start_position(store: &Store, key: &str) -> Result<(Option<StreamId>, b
 
 /// The source task.
 pub(crate) async fn run(job: FrameStreamJob, slot: Arc<Slot>, cancel: CancellationToken) {
-    let key = job.key.clone();
     let mut reader = Reader {
         sampler: Sampler::new(job.fps),
         next_index: job.first_index,
@@ -357,114 +356,161 @@ pub(crate) async fn run(job: FrameStreamJob, slot: Arc<Slot>, cancel: Cancellati
         job,
     };
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    let store = reader.job.store.clone();
-    let mut waiting = false;
     // The stall watchdog: since when reads have brought nothing while Redis answered.
-    let mut quiet_since = Instant::now();
+    let quiet_since = Instant::now();
+    let waiting = match reader.job.resume_cursor.clone().filter(|c| valid_id(c)) {
+        Some(cursor) => {
+            reader.last_id = cursor;
+            false
+        }
+        None => match reader.start(&slot, &cancel, &mut backoff).await {
+            Some(waiting) => waiting,
+            None => return,
+        },
+    };
+    reader
+        .follow(waiting, quiet_since, &slot, &cancel, &mut backoff)
+        .await;
+}
 
-    match reader.job.resume_cursor.clone().filter(|c| valid_id(c)) {
-        Some(cursor) => reader.last_id = cursor,
-        None => loop {
+impl Reader {
+    /// Finds where a new job starts (see [`start_position`]) and hands over the newest
+    /// entry already there. `Some(waiting)`: read on, `waiting` when the stream does not
+    /// exist yet; `None`: the job stopped, or failed for good.
+    async fn start(
+        &mut self,
+        slot: &Slot,
+        cancel: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Option<bool> {
+        let key = self.job.key.clone();
+        loop {
             let res = tokio::select! {
-                r = start_position(&store, &key) => r,
-                _ = cancel.cancelled() => return,
+                r = start_position(&self.job.store, &key) => r,
+                _ = cancel.cancelled() => return None,
             };
             match res {
                 Ok((Some(entry), _)) => {
-                    reader.handle(vec![entry], &slot).await;
-                    break;
+                    self.handle(vec![entry], slot).await;
+                    return Some(false);
                 }
                 Ok((None, exists)) => {
                     if !exists {
-                        waiting = true;
                         slot.note(format!("waiting for frame stream {key}"));
                     }
-                    break;
+                    return Some(!exists);
+                }
+                Err(e) => {
+                    if let Some(msg) = permanent(&e, &key) {
+                        slot.finish(SourceEvent::Failed(msg));
+                        return None;
+                    }
+                    if !sleep_unless_cancelled(backoff.next_delay(), cancel).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the stream from `last_id` on until the job stops, the stream stalls past
+    /// `stall_timeout`, or Redis fails for good; Redis not answering is retried with backoff.
+    async fn follow(
+        &mut self,
+        mut waiting: bool,
+        mut quiet_since: Instant,
+        slot: &Slot,
+        cancel: &CancellationToken,
+        backoff: &mut Backoff,
+    ) {
+        let key = self.job.key.clone();
+        loop {
+            let Some(res) = self.read(cancel).await else {
+                return;
+            };
+            match res {
+                Ok(reply) => {
+                    if reply.is_some() {
+                        backoff.reset();
+                    }
+                    let entries: Vec<StreamId> = reply
+                        .into_iter()
+                        .flat_map(|r| r.keys)
+                        .flat_map(|k| k.ids)
+                        .collect();
+                    if entries.is_empty() {
+                        let stall = stalled(&self.job.store, &key, quiet_since, &self.job).await;
+                        if let Some(msg) = stall {
+                            slot.finish(SourceEvent::Failed(msg));
+                            return;
+                        }
+                        continue;
+                    }
+                    quiet_since = Instant::now();
+                    if waiting {
+                        waiting = false;
+                        slot.note(format!("reading frame stream {key}"));
+                    }
+                    self.handle(entries, slot).await;
                 }
                 Err(e) => {
                     if let Some(msg) = permanent(&e, &key) {
                         slot.finish(SourceEvent::Failed(msg));
                         return;
                     }
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
-                        _ = cancel.cancelled() => return,
-                    }
-                }
-            }
-        },
-    }
-
-    loop {
-        let conn = tokio::select! {
-            c = store.conn() => c,
-            _ = cancel.cancelled() => return,
-        };
-        let res = match conn {
-            Ok(mut conn) => {
-                let mut cmd = redis::cmd("XREAD");
-                cmd.arg("COUNT")
-                    .arg(READ_COUNT)
-                    .arg("BLOCK")
-                    .arg(MAX_BLOCK_MS)
-                    .arg("STREAMS")
-                    .arg(&key)
-                    .arg(&reader.last_id);
-                let read = tokio::select! {
-                    r = cmd.query_async::<Option<StreamReadReply>>(&mut conn) => Some(r),
-                    _ = cancel.cancelled() => None,
-                };
-                match read {
-                    Some(r) => r.map_err(StoreError::from),
-                    None => {
-                        // The blocked read is still pending on that connection: close it
-                        // rather than hand it back to the pool.
-                        conn.discard();
+                    // Redis not answering is not the stream's stall: the clock starts again.
+                    quiet_since = Instant::now();
+                    let delay = backoff.next_delay();
+                    tracing::warn!(stream = %key, error = %e, ?delay, "reading frame stream failed; retrying");
+                    if !sleep_unless_cancelled(delay, cancel).await {
                         return;
                     }
-                }
-            }
-            Err(e) => Err(e),
-        };
-        match res {
-            Ok(Some(reply)) => {
-                backoff.reset();
-                let entries: Vec<StreamId> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
-                if entries.is_empty() {
-                    if let Some(msg) = stalled(&store, &key, quiet_since, &reader.job).await {
-                        slot.finish(SourceEvent::Failed(msg));
-                        return;
-                    }
-                    continue;
-                }
-                quiet_since = Instant::now();
-                if waiting {
-                    waiting = false;
-                    slot.note(format!("reading frame stream {key}"));
-                }
-                reader.handle(entries, &slot).await;
-            }
-            Ok(None) => {
-                if let Some(msg) = stalled(&store, &key, quiet_since, &reader.job).await {
-                    slot.finish(SourceEvent::Failed(msg));
-                    return;
-                }
-            }
-            Err(e) => {
-                if let Some(msg) = permanent(&e, &key) {
-                    slot.finish(SourceEvent::Failed(msg));
-                    return;
-                }
-                // Redis not answering is not the stream's stall: the clock starts again.
-                quiet_since = Instant::now();
-                let delay = backoff.next_delay();
-                tracing::warn!(stream = %key, error = %e, ?delay, "reading frame stream failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = cancel.cancelled() => return,
                 }
             }
         }
+    }
+
+    /// One blocking `XREAD` of the entries after `last_id`; `None` when the job stopped
+    /// meanwhile.
+    async fn read(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Option<Result<Option<StreamReadReply>, StoreError>> {
+        let conn = tokio::select! {
+            c = self.job.store.conn() => c,
+            _ = cancel.cancelled() => return None,
+        };
+        let mut conn = match conn {
+            Ok(conn) => conn,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(READ_COUNT)
+            .arg("BLOCK")
+            .arg(MAX_BLOCK_MS)
+            .arg("STREAMS")
+            .arg(&self.job.key)
+            .arg(&self.last_id);
+        tokio::select! {
+            r = cmd.query_async::<Option<StreamReadReply>>(&mut conn) => {
+                Some(r.map_err(StoreError::from))
+            }
+            _ = cancel.cancelled() => {
+                // The blocked read is still pending on that connection: close it rather
+                // than hand it back to the pool.
+                conn.discard();
+                None
+            }
+        }
+    }
+}
+
+/// Waits `delay`; false when the job stopped first.
+async fn sleep_unless_cancelled(delay: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = cancel.cancelled() => false,
     }
 }
 

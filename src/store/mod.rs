@@ -5,7 +5,7 @@
 use crate::redact::redact_url;
 use crate::store::keys::Keys;
 use crate::store::settings::{RedisSettings, RedisTlsFiles};
-use deadpool_redis::{Manager, Pool, Runtime};
+use deadpool_redis::{Manager, Pool, PoolConfig, Runtime};
 use redis::aio::ConnectionLike;
 use redis::{AsyncConnectionConfig, FromRedisValue, IntoConnectionInfo, ToRedisArgs, Value};
 use std::sync::Arc;
@@ -47,10 +47,7 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Redis(e) => {
-                e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_timeout()
+                is_broken_connection(e)
                     || matches!(
                         e.kind(),
                         redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
@@ -121,6 +118,12 @@ fn server_codes(e: &redis::RedisError) -> Vec<String> {
         .into_server_errors()
         .map(|errs| errs.iter().map(|(_, s)| s.code().to_string()).collect())
         .unwrap_or_default()
+}
+
+/// A failure of the connection itself: the server went away, refused it, or a reply timed
+/// out.
+fn is_broken_connection(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
 
 /// A Cluster answer that the slot moved (a failover, a resharding), also inside an aborted
@@ -270,19 +273,11 @@ impl Store {
             .set_response_timeout(Some(RESPONSE_TIMEOUT));
         let manager = Manager::new_with_config(info, config).map_err(url_error)?;
         let pool = Pool::builder(manager)
-            .max_size(max_connections.max(4))
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(CONNECT_TIMEOUT * 2))
-            .recycle_timeout(Some(Duration::from_secs(2)))
+            .config(pool_config(max_connections))
             .runtime(Runtime::Tokio1)
             .build()
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
-        Ok(Self {
-            pool: Pools::Node(pool),
-            shared: Arc::default(),
-            keys: Keys::new(key_prefix),
-            round_trips: Arc::new(AtomicU64::new(0)),
-        })
+            .map_err(pool_build_error)?;
+        Ok(Self::over(Pools::Node(pool), key_prefix))
     }
 
     /// A Redis Cluster through its seed nodes (`redis://host:port`, any reachable subset of
@@ -296,19 +291,21 @@ impl Store {
         let manager = deadpool_redis::cluster::Manager::new(nodes, false)
             .map_err(|e| StoreError::Url(redact_url(&e.to_string())))?;
         let pool = deadpool_redis::cluster::Pool::builder(manager)
-            .max_size(max_connections.max(4))
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(CONNECT_TIMEOUT * 2))
-            .recycle_timeout(Some(Duration::from_secs(2)))
+            .config(pool_config(max_connections))
             .runtime(Runtime::Tokio1)
             .build()
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
-        Ok(Self {
-            pool: Pools::Cluster(pool),
+            .map_err(pool_build_error)?;
+        Ok(Self::over(Pools::Cluster(pool), key_prefix))
+    }
+
+    /// A handle over a pool just built, with no shared connection yet.
+    fn over(pool: Pools, key_prefix: &str) -> Self {
+        Self {
+            pool,
             shared: Arc::default(),
             keys: Keys::new(key_prefix),
             round_trips: Arc::new(AtomicU64::new(0)),
-        })
+        }
     }
 
     /// The handle the settings ask for: a Cluster when `REDIS_CLUSTER_NODES` is set, else
@@ -370,11 +367,7 @@ impl Store {
     /// away, a reply timed out) or that its Cluster slot map is stale.
     fn check_shared<T>(&self, reply: redis::RedisResult<T>) -> redis::RedisResult<T> {
         if let Err(e) = &reply
-            && (e.is_io_error()
-                || e.is_connection_dropped()
-                || e.is_connection_refusal()
-                || e.is_timeout()
-                || is_stale_route(e))
+            && (is_broken_connection(e) || is_stale_route(e))
         {
             self.lock_shared().take();
         }
@@ -489,6 +482,19 @@ impl Store {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The pool's size and timeouts, the same for one node and a Cluster.
+fn pool_config(max_connections: usize) -> PoolConfig {
+    let mut config = PoolConfig::new(max_connections.max(4));
+    config.timeouts.wait = Some(Duration::from_secs(10));
+    config.timeouts.create = Some(CONNECT_TIMEOUT * 2);
+    config.timeouts.recycle = Some(Duration::from_secs(2));
+    config
+}
+
+fn pool_build_error(e: deadpool_redis::BuildError) -> StoreError {
+    StoreError::Pool(e.to_string())
 }
 
 /// The CA and client certificate files, read for the TLS client.

@@ -69,34 +69,13 @@ pub async fn run(config: Config) -> ExitCode {
         started: Instant::now(),
     };
     let health_stop = CancellationToken::new();
-    let health_task = match health::serve(config.health.addr, health_ctx, health_stop.clone()).await
-    {
-        Ok((addr, task)) => {
-            tracing::info!(%addr, "health endpoint listening");
-            task
-        }
-        Err(e) => {
-            eprintln!(
-                "free-roam: cannot listen on HEALTH_ADDR={}: {e}",
-                config.health.addr
-            );
-            return ExitCode::from(2);
-        }
+    let health_task = match start_health(&config, health_ctx, health_stop.clone()).await {
+        Ok(task) => task,
+        Err(code) => return code,
     };
-
-    let model = {
-        let config = config.clone();
-        match tokio::task::spawn_blocking(move || load_model(&config.model)).await {
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => {
-                eprintln!("free-roam: {e}");
-                return ExitCode::from(2);
-            }
-            Err(e) => {
-                eprintln!("free-roam: loading the model crashed: {e}");
-                return ExitCode::from(1);
-            }
-        }
+    let model = match load_model_off_runtime(&config).await {
+        Ok(model) => model,
+        Err(code) => return code,
     };
     let info: ModelInfo = model.info().clone();
     tracing::info!(model = %info.name, device = %info.device, dtype = %info.dtype, "model loaded");
@@ -126,6 +105,46 @@ pub async fn run(config: Config) -> ExitCode {
     health_stop.cancel();
     let _ = health_task.await;
     ExitCode::SUCCESS
+}
+
+/// The health endpoint on HEALTH_ADDR; exit code 2 when it cannot listen there.
+async fn start_health(
+    config: &Config,
+    ctx: HealthContext,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, ExitCode> {
+    match health::serve(config.health.addr, ctx, stop).await {
+        Ok((addr, task)) => {
+            tracing::info!(%addr, "health endpoint listening");
+            Ok(task)
+        }
+        Err(e) => {
+            eprintln!(
+                "free-roam: cannot listen on HEALTH_ADDR={}: {e}",
+                config.health.addr
+            );
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// Loads the model on a blocking thread (the runtime keeps serving health meanwhile);
+/// exit code 2 when the model cannot load, 1 when loading crashed.
+async fn load_model_off_runtime(
+    config: &Arc<Config>,
+) -> Result<Box<dyn VisionLanguageModel>, ExitCode> {
+    let config = config.clone();
+    match tokio::task::spawn_blocking(move || load_model(&config.model)).await {
+        Ok(Ok(m)) => Ok(m),
+        Ok(Err(e)) => {
+            eprintln!("free-roam: {e}");
+            Err(ExitCode::from(2))
+        }
+        Err(e) => {
+            eprintln!("free-roam: loading the model crashed: {e}");
+            Err(ExitCode::from(1))
+        }
+    }
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken, bound: std::time::Duration) {

@@ -34,6 +34,10 @@
 //!   the phrase fits better than every neutral caption). A frame can list nothing.
 //!
 //! CLIP says whether a phrase fits the frame, not where: use `owlvit` for boxes.
+//!
+//! [`prompt_phrases`]: crate::model::text::phrases::prompt_phrases
+//! [`FILLER_WORDS`]: crate::model::text::phrases::FILLER_WORDS
+//! [`PHRASE_TEMPLATE`]: crate::model::text::phrases::PHRASE_TEMPLATE
 
 use crate::model::kind::ModelType;
 use crate::model::loading::{
@@ -42,12 +46,13 @@ use crate::model::loading::{
 use crate::model::preprocess::Preprocessor;
 use crate::model::preprocess::{CLIP_MEAN, CLIP_STD};
 use crate::model::testing::synthetic::{ModelSize, SyntheticModel};
-use crate::model::text::phrases::{PHRASE_TEMPLATE, checked_phrases};
 use crate::model::text::prompt_cache::PromptCache;
 use crate::model::text::tokenizer::{self};
 use crate::model::text::tokenizer::{CLIP_BOS, CLIP_EOS};
 use crate::model::towers::clip_text::{ClipSpec, ClipTextEncoder};
-use crate::model::towers::scoring::{infer_err, l2_normalise, round6};
+use crate::model::towers::scoring::{
+    PhraseScore, l2_normalise, phrase_output, round6, sigmoid, templated_phrases,
+};
 use crate::model::towers::vit::{PreNormName, VisionTower};
 use crate::model::{Frame, ModelError, ModelInfo, VisionLanguageModel};
 use crate::prompt::PromptRef;
@@ -76,7 +81,7 @@ struct PromptEmbedding {
 /// The presence of a phrase with cosine similarity `phrase` when the best neutral caption
 /// has `best_neutral` (see the module docs).
 pub fn presence(phrase: f32, best_neutral: f32, logit_scale: f32) -> f32 {
-    1.0 / (1.0 + (-(logit_scale * (phrase - best_neutral))).exp())
+    sigmoid(logit_scale * (phrase - best_neutral))
 }
 
 /// CLIP zero-shot scoring behind [`VisionLanguageModel`].
@@ -126,7 +131,7 @@ impl ClipModel {
             ))
         };
         let (vision, visual_projection, logit_scale) =
-            build().map_err(|e| ModelError::Load(format!("building CLIP: {e}")))?;
+            build().map_err(|e| ModelError::load("building CLIP", e))?;
         let neutral: Vec<String> = NEUTRAL_TEXTS.iter().map(|t| t.to_string()).collect();
         let neutral = l2_normalise(&text.embeddings(&neutral)?)?;
         Ok(Self {
@@ -161,10 +166,8 @@ impl ClipModel {
 
     /// Projected (not normalised) image embeddings of preprocessed pixels.
     pub fn image_embeddings_from_pixels(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
-        self.vision
-            .forward(pixels)
-            .and_then(|x| self.visual_projection.forward(&x))
-            .map_err(infer_err)
+        let x = self.vision.forward(pixels)?;
+        Ok(self.visual_projection.forward(&x)?)
     }
 
     /// Projected (not normalised) image embeddings, one row per frame, in one batch.
@@ -187,16 +190,9 @@ impl ClipModel {
     fn prompt_embedding(&mut self, prompt: &PromptRef) -> Result<Arc<PromptEmbedding>, ModelError> {
         let mut cache = std::mem::take(&mut self.cache);
         let entry = cache.get_or_try_insert(&prompt.text, || {
-            let phrases = checked_phrases(&prompt.text).map_err(ModelError::Prompt)?;
-            let texts: Vec<String> = phrases
-                .iter()
-                .map(|p| PHRASE_TEMPLATE.replace("{phrase}", p))
-                .collect();
+            let (phrases, texts) = templated_phrases(&prompt.text)?;
             let text = l2_normalise(&self.text_embeddings(&texts)?)?;
-            let text_t = Tensor::cat(&[&text, &self.neutral], 0)
-                .and_then(|t| t.t())
-                .and_then(|t| t.contiguous())
-                .map_err(infer_err)?;
+            let text_t = Tensor::cat(&[&text, &self.neutral], 0)?.t()?.contiguous()?;
             Ok(PromptEmbedding { phrases, text_t })
         });
         self.cache = cache;
@@ -220,17 +216,13 @@ impl VisionLanguageModel for ClipModel {
         let prompt_embedding = self.prompt_embedding(prompt)?;
         let phrase_count = prompt_embedding.phrases.len();
         let image = l2_normalise(&self.image_embeddings(frames)?)?;
-        let all = image.matmul(&prompt_embedding.text_t).map_err(infer_err)?;
-        let similarity = all.narrow(1, 0, phrase_count).map_err(infer_err)?;
-        let probability = (&similarity * self.logit_scale() as f64)
-            .and_then(|logits| candle_nn::ops::softmax_last_dim(&logits))
-            .and_then(|p| p.to_dtype(DType::F32))
-            .and_then(|p| p.to_vec2::<f32>())
-            .map_err(infer_err)?;
-        let all = all
-            .to_dtype(DType::F32)
-            .and_then(|s| s.to_vec2::<f32>())
-            .map_err(infer_err)?;
+        let all = image.matmul(&prompt_embedding.text_t)?;
+        let similarity = all.narrow(1, 0, phrase_count)?;
+        let logits = (&similarity * self.logit_scale() as f64)?;
+        let probability = candle_nn::ops::softmax_last_dim(&logits)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        let all = all.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let scale = self.logit_scale();
         Ok(all
             .iter()
@@ -238,21 +230,16 @@ impl VisionLanguageModel for ClipModel {
             .map(|(row, probs)| {
                 let (sims, neutral) = row.split_at(phrase_count);
                 let best_neutral = neutral.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut detected: Vec<&String> = Vec::new();
-                let phrases: Vec<Value> = prompt_embedding
-                    .phrases
-                    .iter()
-                    .zip(sims.iter().zip(probs))
-                    .map(|(phrase, (s, p))| {
-                        let presence = presence(*s, best_neutral, scale);
-                        if presence > self.detect_threshold {
-                            detected.push(phrase);
-                        }
-                        json!({"phrase": phrase, "probability": round6(*p),
-                               "presence": round6(presence), "similarity": round6(*s)})
-                    })
-                    .collect();
-                json!({"phrases": phrases, "detected": detected})
+                let output = phrase_output(&prompt_embedding.phrases, |i| {
+                    let presence = presence(sims[i], best_neutral, scale);
+                    PhraseScore {
+                        numbers: json!({"probability": round6(probs[i]),
+                                        "presence": round6(presence),
+                                        "similarity": round6(sims[i])}),
+                        detected: presence > self.detect_threshold,
+                    }
+                });
+                Value::Object(output)
             })
             .collect())
     }

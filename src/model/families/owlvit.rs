@@ -35,6 +35,7 @@
 //!   so that the output matches the reference, which has none for text queries.
 //!
 //! [`prompt_phrases`]: crate::model::text::phrases::prompt_phrases
+//! [`PHRASE_TEMPLATE`]: crate::model::text::phrases::PHRASE_TEMPLATE
 
 use crate::model::kind::ModelType;
 use crate::model::loading::{
@@ -43,12 +44,13 @@ use crate::model::loading::{
 use crate::model::preprocess::Preprocessor;
 use crate::model::preprocess::{CLIP_MEAN, CLIP_STD};
 use crate::model::testing::synthetic::{ModelSize, SyntheticModel};
-use crate::model::text::phrases::{PHRASE_TEMPLATE, checked_phrases};
 use crate::model::text::prompt_cache::PromptCache;
 use crate::model::text::tokenizer;
 use crate::model::text::tokenizer::{CLIP_BOS, CLIP_EOS};
-use crate::model::towers::clip_text::{ClipSpec, ClipTextEncoder};
-use crate::model::towers::scoring::{infer_err, l2_normalise, round6};
+use crate::model::towers::clip_text::{ClipDefaults, ClipSpec, ClipTextEncoder};
+use crate::model::towers::scoring::{
+    PhraseScore, l2_normalise, phrase_output, round2, round6, sigmoid, templated_phrases,
+};
 use crate::model::towers::specs::{layer_norm_specs, linear_specs};
 use crate::model::towers::vit::{PreNormName, VisionTower};
 use crate::model::{Frame, ModelError, ModelInfo, VisionLanguageModel};
@@ -64,6 +66,12 @@ const LAYER_NORM_EPS: f64 = 1e-5;
 /// The class head's guard against dividing by a zero norm, as in the reference.
 const NORM_EPS: f64 = 1e-6;
 
+/// Where OWL-ViT's defaults differ from CLIP's: 768 x 768 images, 16 text positions.
+const OWLVIT_DEFAULTS: ClipDefaults = ClipDefaults {
+    image_size: 768,
+    max_position_embeddings: 16,
+};
+
 /// The OWL-ViT architecture read from `config.json`: CLIP's, with OWL-ViT's defaults.
 #[derive(Clone, Debug)]
 pub struct OwlVitSpec {
@@ -72,27 +80,18 @@ pub struct OwlVitSpec {
 
 impl OwlVitSpec {
     /// Reads a transformers `OwlViTConfig`. Missing keys take OWL-ViT's defaults where they
-    /// differ from CLIP's (768 x 768 images, 16 text positions).
+    /// differ from CLIP's ([`OWLVIT_DEFAULTS`]).
     pub fn from_config(config: &Value) -> Result<Self, ModelError> {
-        let mut config = config.clone();
-        for (section, key, default) in [
-            ("vision_config", "image_size", 768),
-            ("text_config", "max_position_embeddings", 16),
-        ] {
-            if config.get(section).is_none() {
-                config[section] = json!({});
-            }
-            if config[section].get(key).is_none() {
-                config[section][key] = json!(default);
-            }
-        }
-        let clip = ClipSpec::from_config(&config)?;
+        let clip = ClipSpec::with_defaults(config, OWLVIT_DEFAULTS)?;
         if clip.projection_dim != clip.text.embed_dim {
-            return Err(ModelError::Load(format!(
-                "config.json: projection_dim {} differs from the text hidden size {}; \
-                 OWL-ViT's class head needs them equal",
-                clip.projection_dim, clip.text.embed_dim
-            )));
+            return Err(ModelError::Load(
+                format!(
+                    "config.json: projection_dim {} differs from the text hidden size {}; \
+                     OWL-ViT's class head needs them equal",
+                    clip.projection_dim, clip.text.embed_dim
+                )
+                .into(),
+            ));
         }
         Ok(Self { clip })
     }
@@ -154,10 +153,6 @@ pub struct Detection {
     pub score: f32,
     /// `[x1, y1, x2, y2]` in frame pixels.
     pub corners: [f32; 4],
-}
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
 }
 
 /// Post-processing of one frame as the reference's `post_process_object_detection`: per
@@ -317,7 +312,7 @@ impl OwlVitModel {
                 cache: PromptCache::default(),
             })
         };
-        build().map_err(|e| ModelError::Load(format!("building OWL-ViT: {e}")))
+        build().map_err(|e| ModelError::load("building OWL-ViT", e))
     }
 
     /// Token ids of a query (see [`ClipTextEncoder::token_ids`]).
@@ -364,41 +359,27 @@ impl OwlVitModel {
             let logits = logits.broadcast_add(&shift)?.broadcast_mul(&scale)?;
             Ok(HeadOutput { logits, boxes })
         };
-        run().map_err(infer_err)
+        Ok(run()?)
     }
 
     /// Query embeddings normalised as the class head does (the reference divides the
     /// already unit-length `text_embeds` by their norm plus 1e-6), transposed.
     pub fn normalised_queries_t(&self, texts: &[String]) -> Result<Tensor, ModelError> {
         let q = self.query_embeddings(texts)?;
-        q.sqr()
-            .and_then(|s| s.sum_keepdim(D::Minus1))
-            .and_then(|s| s.sqrt())
-            .and_then(|n| n + NORM_EPS)
-            .and_then(|n| q.broadcast_div(&n))
-            .and_then(|q| q.t())
-            .and_then(|q| q.contiguous())
-            .map_err(infer_err)
+        let norm = (q.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? + NORM_EPS)?;
+        Ok(q.broadcast_div(&norm)?.t()?.contiguous()?)
     }
 
     fn queries(&mut self, prompt: &PromptRef) -> Result<Arc<Queries>, ModelError> {
         let mut cache = std::mem::take(&mut self.cache);
         let entry = cache.get_or_try_insert(&prompt.text, || {
-            let phrases = checked_phrases(&prompt.text).map_err(ModelError::Prompt)?;
-            let texts: Vec<String> = phrases
-                .iter()
-                .map(|p| PHRASE_TEMPLATE.replace("{phrase}", p))
-                .collect();
+            let (phrases, texts) = templated_phrases(&prompt.text)?;
             let embeds_t = self.normalised_queries_t(&texts)?;
             Ok(Queries { phrases, embeds_t })
         });
         self.cache = cache;
         entry
     }
-}
-
-fn round2(x: f32) -> f64 {
-    (x as f64 * 100.0).round() / 100.0
 }
 
 impl VisionLanguageModel for OwlVitModel {
@@ -417,58 +398,49 @@ impl VisionLanguageModel for OwlVitModel {
         let queries = self.queries(prompt)?;
         let pixels = self.preprocessor.batch(frames, &self.device)?;
         let out = self.heads(&pixels, &queries.embeds_t)?;
-        let logits = out
-            .logits
-            .to_dtype(DType::F32)
-            .and_then(|t| t.to_vec3::<f32>())
-            .map_err(infer_err)?;
-        let boxes = out
-            .boxes
-            .to_dtype(DType::F32)
-            .and_then(|t| t.to_vec3::<f32>())
-            .map_err(infer_err)?;
-        let phrases = &queries.phrases;
+        let logits = out.logits.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+        let boxes = out.boxes.to_dtype(DType::F32)?.to_vec3::<f32>()?;
         Ok(frames
             .iter()
             .zip(logits.iter().zip(&boxes))
-            .map(|(frame, (l, b))| {
-                let (mut kept, best) = post_process(
-                    l,
-                    b,
-                    frame.source_width,
-                    frame.source_height,
-                    self.detect_threshold,
-                    phrases.len(),
-                );
-                if let Some(max_iou) = self.nms_iou {
-                    kept = suppress_overlaps(kept, max_iou);
-                }
-                let mut counts = vec![0usize; phrases.len()];
-                for d in &kept {
-                    counts[d.label] += 1;
-                }
-                let detections: Vec<Value> = kept
-                    .iter()
-                    .map(|d| {
-                        json!({"label": phrases[d.label], "score": round6(d.score),
-                               "box": d.corners.map(round2)})
-                    })
-                    .collect();
-                let summary: Vec<Value> = phrases
-                    .iter()
-                    .zip(best.iter().zip(&counts))
-                    .map(|(p, (s, c))| json!({"phrase": p, "max_score": round6(*s), "count": c}))
-                    .collect();
-                let detected: Vec<&String> = phrases
-                    .iter()
-                    .zip(&counts)
-                    .filter(|(_, c)| **c > 0)
-                    .map(|(p, _)| p)
-                    .collect();
-                json!({"detections": detections, "phrases": summary, "detected": detected,
-                       "frame_size": [frame.source_width, frame.source_height]})
-            })
+            .map(|(frame, (l, b))| self.frame_output(frame, l, b, &queries.phrases))
             .collect())
+    }
+}
+
+impl OwlVitModel {
+    /// One frame's output (see the module docs) from its tokens' `logits` and `boxes`.
+    fn frame_output(
+        &self,
+        frame: &Frame,
+        logits: &[Vec<f32>],
+        boxes: &[Vec<f32>],
+        phrases: &[String],
+    ) -> Value {
+        let (w, h) = (frame.source_width, frame.source_height);
+        let (mut kept, best) =
+            post_process(logits, boxes, w, h, self.detect_threshold, phrases.len());
+        if let Some(max_iou) = self.nms_iou {
+            kept = suppress_overlaps(kept, max_iou);
+        }
+        let mut counts = vec![0usize; phrases.len()];
+        for d in &kept {
+            counts[d.label] += 1;
+        }
+        let detections: Vec<Value> = kept
+            .iter()
+            .map(|d| {
+                json!({"label": phrases[d.label], "score": round6(d.score),
+                       "box": d.corners.map(round2)})
+            })
+            .collect();
+        let mut output = serde_json::Map::from_iter([("detections".into(), json!(detections))]);
+        output.extend(phrase_output(phrases, |i| PhraseScore {
+            numbers: json!({"max_score": round6(best[i]), "count": counts[i]}),
+            detected: counts[i] > 0,
+        }));
+        output.insert("frame_size".into(), json!([w, h]));
+        Value::Object(output)
     }
 }
 

@@ -20,21 +20,27 @@
 //! `detected` lists the phrases whose probability is over the detect threshold.
 //!
 //! [`prompt_phrases`]: crate::model::text::phrases::prompt_phrases
+//! [`PHRASE_TEMPLATE`]: crate::model::text::phrases::PHRASE_TEMPLATE
 
 use crate::model::kernels::fused_linear::{Activation, FusedLinear, MatmulPrecision};
 use crate::model::kind::ModelType;
+use crate::model::loading::config::{check_heads, check_patches};
 use crate::model::loading::{
-    ModelFiles, ModelSettings, TensorSpec, Weights, device_name, read_config, resolve_precision,
+    ModelFiles, ModelSettings, TensorSpec, Weights, device_name, parse_config, read_config,
+    resolve_precision,
 };
 use crate::model::preprocess::Preprocessor;
 use crate::model::preprocess::SIGLIP_MEAN_STD;
 use crate::model::testing::synthetic::{ModelSize, SyntheticModel};
-use crate::model::text::phrases::{PHRASE_TEMPLATE, checked_phrases};
 use crate::model::text::prompt_cache::PromptCache;
 use crate::model::text::tokenizer::SIGLIP_UNK;
 use crate::model::text::tokenizer::{self, SIGLIP_EOS};
-use crate::model::towers::scoring::{infer_err, l2_normalise, round6};
-use crate::model::towers::specs::{encoder_specs, layer_norm_specs, linear_specs};
+use crate::model::towers::scoring::{
+    PhraseScore, l2_normalise, phrase_output, round6, sigmoid, templated_phrases,
+};
+use crate::model::towers::specs::{
+    TextTowerShape, layer_norm_specs, linear_specs, siglip_vision_specs, text_tower_specs,
+};
 use crate::model::towers::vit::VisionTower;
 use crate::model::{Frame, ModelError, ModelInfo, VisionLanguageModel};
 use crate::model::{kernels::batched_matmul, kernels::cpu_kernels};
@@ -42,6 +48,8 @@ use crate::prompt::PromptRef;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use candle_transformers::models::siglip;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use tokenizers::Tokenizer;
@@ -51,95 +59,98 @@ use tokenizers::Tokenizer;
 #[derive(Clone, Debug)]
 pub struct SiglipSpec {
     pub config: siglip::Config,
+    /// The image tower's activation, as the fused layers name it.
+    pub activation: Activation,
+}
+
+/// transformers' `SiglipConfig` as `config.json` holds it: candle's settings of each tower
+/// (whose defaults are transformers'), and the keys this backend checks.
+#[derive(Deserialize)]
+struct SiglipConfigFile {
+    #[serde(default = "all_defaults")]
+    text_config: TextSection,
+    #[serde(default = "all_defaults")]
+    vision_config: VisionSection,
+}
+
+#[derive(Deserialize)]
+struct TextSection {
+    #[serde(flatten)]
+    tower: siglip::TextConfig,
+    projection_size: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct VisionSection {
+    #[serde(flatten)]
+    tower: siglip::VisionConfig,
+    vision_use_head: Option<bool>,
+}
+
+/// A section that `config.json` leaves out: every key at its default.
+fn all_defaults<T: DeserializeOwned>() -> T {
+    serde_json::from_value(json!({})).expect("every SigLIP setting has a default")
 }
 
 impl SiglipSpec {
     pub fn from_config(config: &Value) -> Result<Self, ModelError> {
-        let mut config = config.clone();
-        for section in ["text_config", "vision_config"] {
-            if config.get(section).is_none() {
-                config[section] = json!({});
-            }
-        }
-        let text = &config["text_config"];
-        let hidden = text
-            .get("hidden_size")
-            .and_then(Value::as_u64)
-            .unwrap_or(768);
-        if let Some(p) = text.get("projection_size").and_then(Value::as_u64)
-            && p != hidden
+        let file: SiglipConfigFile = parse_config(config, "SigLIP")?;
+        let (text, vision) = (file.text_config.tower, file.vision_config.tower);
+        if let Some(p) = file.text_config.projection_size
+            && p != text.hidden_size
         {
-            return Err(ModelError::Load(format!(
-                "config.json: text_config.projection_size {p} differs from hidden_size; \
-                 this SigLIP backend supports equal sizes only"
-            )));
+            return Err(ModelError::Load(
+                format!(
+                    "config.json: text_config.projection_size {p} differs from hidden_size; \
+                     this SigLIP backend supports equal sizes only"
+                )
+                .into(),
+            ));
         }
-        if config["vision_config"].get("vision_use_head") == Some(&Value::Bool(false)) {
+        if file.vision_config.vision_use_head == Some(false) {
             return Err(ModelError::Load(
                 "config.json: vision_use_head is false; SigLIP needs its pooling head".into(),
             ));
         }
-        let config: siglip::Config = serde_json::from_value(config)
-            .map_err(|e| ModelError::Load(format!("config.json is not a SigLIP config: {e}")))?;
-        let (t, v) = (&config.text_config, &config.vision_config);
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
-            return Err(ModelError::Load(format!(
-                "config.json: image_size {} is not a multiple of patch_size {}",
-                v.image_size, v.patch_size
-            )));
-        }
-        if t.hidden_size % t.num_attention_heads != 0 || v.hidden_size % v.num_attention_heads != 0
-        {
-            return Err(ModelError::Load(
-                "config.json: hidden_size is not a multiple of num_attention_heads".into(),
-            ));
-        }
-        Ok(Self { config })
+        check_patches(vision.image_size, vision.patch_size)?;
+        check_heads(&[
+            (text.hidden_size, text.num_attention_heads),
+            (vision.hidden_size, vision.num_attention_heads),
+        ])?;
+        let activation = Activation::fused(vision.hidden_act).ok_or_else(|| {
+            let act = vision.hidden_act;
+            ModelError::Load(
+                format!(
+                    "config.json: vision_config.hidden_act {act:?} is not supported by the \
+                     SigLIP image tower (gelu_pytorch_tanh, gelu_new or gelu)"
+                )
+                .into(),
+            )
+        })?;
+        Ok(Self {
+            config: siglip::Config {
+                text_config: text,
+                vision_config: vision,
+            },
+            activation,
+        })
     }
 
     /// Every tensor transformers' `SiglipModel` stores, with its shape.
     pub fn tensor_specs(&self) -> Vec<TensorSpec> {
         let (t, v) = (&self.config.text_config, &self.config.vision_config);
-        let mut specs = vec![
-            TensorSpec::new(
-                "text_model.embeddings.token_embedding.weight",
-                &[t.vocab_size, t.hidden_size],
-            ),
-            TensorSpec::new(
-                "text_model.embeddings.position_embedding.weight",
-                &[t.max_position_embeddings, t.hidden_size],
-            ),
-        ];
-        encoder_specs(
-            &mut specs,
-            "text_model.encoder",
-            t.num_hidden_layers,
-            t.hidden_size,
-            t.intermediate_size,
-        );
-        layer_norm_specs(&mut specs, "text_model.final_layer_norm", t.hidden_size);
+        let mut specs = Vec::new();
+        let text_shape = TextTowerShape {
+            vocab: t.vocab_size,
+            positions: t.max_position_embeddings,
+            hidden: t.hidden_size,
+            intermediate: t.intermediate_size,
+            layers: t.num_hidden_layers,
+        };
+        text_tower_specs(&mut specs, "text_model", &text_shape);
         linear_specs(&mut specs, "text_model.head", t.hidden_size, t.hidden_size);
+        siglip_vision_specs(&mut specs, "vision_model", v);
         let d = v.hidden_size;
-        specs.push(TensorSpec::new(
-            "vision_model.embeddings.patch_embedding.weight",
-            &[d, v.num_channels, v.patch_size, v.patch_size],
-        ));
-        specs.push(TensorSpec::new(
-            "vision_model.embeddings.patch_embedding.bias",
-            &[d],
-        ));
-        specs.push(TensorSpec::new(
-            "vision_model.embeddings.position_embedding.weight",
-            &[v.num_patches(), d],
-        ));
-        encoder_specs(
-            &mut specs,
-            "vision_model.encoder",
-            v.num_hidden_layers,
-            d,
-            v.intermediate_size,
-        );
-        layer_norm_specs(&mut specs, "vision_model.post_layernorm", d);
         specs.push(TensorSpec::new("vision_model.head.probe", &[1, 1, d]));
         specs.push(TensorSpec::new(
             "vision_model.head.attention.in_proj_weight",
@@ -291,11 +302,14 @@ impl SiglipModel {
         // The checkpoints pad with `pad_token_id` (1, which is `</s>`, in google's).
         let pad_id = t.pad_token_id;
         if eos_id as usize >= t.vocab_size || pad_id as usize >= t.vocab_size {
-            return Err(ModelError::Load(format!(
-                "tokenizer's {SIGLIP_EOS} id {eos_id} or pad id {pad_id} is outside the \
-                 model's vocabulary of {}",
-                t.vocab_size
-            )));
+            let vocab = t.vocab_size;
+            return Err(ModelError::Load(
+                format!(
+                    "tokenizer's {SIGLIP_EOS} id {eos_id} or pad id {pad_id} is outside the \
+                     model's vocabulary of {vocab}"
+                )
+                .into(),
+            ));
         }
         let weights = Weights::open(&files.weights)?;
         weights.check(&spec.tensor_specs(), &[])?;
@@ -303,32 +317,18 @@ impl SiglipModel {
         let (precision, why) = resolve_precision(settings.dtype, &device)?;
         tracing::info!(dtype = %precision, "SigLIP image tower: {why}");
         let v = &spec.config.vision_config;
-        let activation = Activation::fused(v.hidden_act).ok_or_else(|| {
-            ModelError::Load(format!(
-                "config.json: vision_config.hidden_act {:?} is not supported by the SigLIP \
-                 image tower (gelu_pytorch_tanh, gelu_new or gelu)",
-                v.hidden_act
-            ))
-        })?;
         let build = || -> candle_core::Result<_> {
             let text = siglip::TextModel::new(t, vb.pp("text_model"))?;
             let vision = VisionTower::siglip(vb.pp("vision_model"), v, precision)?;
-            let head =
-                PoolingHead::new(vb.pp("vision_model").pp("head"), v, activation, precision)?;
-            let scalar = |name: &str| -> candle_core::Result<f32> {
-                vb.get(1, name)?.squeeze(0)?.to_scalar::<f32>()
-            };
-            Ok((
-                text,
-                vision,
-                head,
-                scalar("logit_scale")?,
-                scalar("logit_bias")?,
-            ))
+            let head = vb.pp("vision_model").pp("head");
+            let head = PoolingHead::new(head, v, spec.activation, precision)?;
+            let scalar = |name| vb.get(1, name)?.squeeze(0)?.to_scalar::<f32>();
+            let (logit_scale, logit_bias) = (scalar("logit_scale")?, scalar("logit_bias")?);
+            Ok((text, vision, head, logit_scale, logit_bias))
         };
         let (text, vision, head, logit_scale, logit_bias) =
-            build().map_err(|e| ModelError::Load(format!("building SigLIP: {e}")))?;
-        let side = spec.config.vision_config.image_size;
+            build().map_err(|e| ModelError::load("building SigLIP", e))?;
+        let side = v.image_size;
         Ok(Self {
             info: ModelInfo {
                 name: files.name.clone(),
@@ -357,11 +357,7 @@ impl SiglipModel {
     /// position limit with `</s>` kept last, then padded to the limit (the tower pools
     /// the last position).
     pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| ModelError::Prompt(format!("cannot tokenise {text:?}: {e}")))?;
-        let mut ids = enc.get_ids().to_vec();
+        let mut ids = tokenizer::encode_ids(&self.tokenizer, text, true)?;
         if ids.len() > self.max_positions {
             ids.truncate(self.max_positions - 1);
             ids.push(self.eos_id);
@@ -376,17 +372,14 @@ impl SiglipModel {
         for t in texts {
             flat.extend(self.token_ids(t)?);
         }
-        let ids = Tensor::from_vec(flat, (texts.len(), self.max_positions), &self.device)
-            .map_err(infer_err)?;
-        self.text.forward(&ids).map_err(infer_err)
+        let ids = Tensor::from_vec(flat, (texts.len(), self.max_positions), &self.device)?;
+        Ok(self.text.forward(&ids)?)
     }
 
     /// Image embeddings (not normalised) of preprocessed pixels, `(batch, hidden)`.
     pub fn image_embeddings_from_pixels(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
-        self.vision
-            .forward_tokens(pixels)
-            .and_then(|tokens| self.head.forward(&tokens))
-            .map_err(infer_err)
+        let tokens = self.vision.forward_tokens(pixels)?;
+        Ok(self.head.forward(&tokens)?)
     }
 
     /// The preprocessing this model applies.
@@ -402,24 +395,15 @@ impl SiglipModel {
     fn prompt_embedding(&mut self, prompt: &PromptRef) -> Result<Arc<PromptEmbedding>, ModelError> {
         let mut cache = std::mem::take(&mut self.cache);
         let entry = cache.get_or_try_insert(&prompt.text, || {
-            let phrases = checked_phrases(&prompt.text).map_err(ModelError::Prompt)?;
-            let texts: Vec<String> = phrases
-                .iter()
-                .map(|p| PHRASE_TEMPLATE.replace("{phrase}", p))
-                .collect();
+            let (phrases, texts) = templated_phrases(&prompt.text)?;
             let text_t = l2_normalise(&self.text_embeddings(&texts)?)?
-                .t()
-                .and_then(|t| t.contiguous())
-                .map_err(infer_err)?;
+                .t()?
+                .contiguous()?;
             Ok(PromptEmbedding { phrases, text_t })
         });
         self.cache = cache;
         entry
     }
-}
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
 }
 
 impl VisionLanguageModel for SiglipModel {
@@ -438,27 +422,20 @@ impl VisionLanguageModel for SiglipModel {
         let prompt_embedding = self.prompt_embedding(prompt)?;
         let pixels = self.preprocessor.batch(frames, &self.device)?;
         let similarity = l2_normalise(&self.image_embeddings_from_pixels(&pixels)?)?
-            .matmul(&prompt_embedding.text_t)
-            .and_then(|s| s.to_dtype(DType::F32))
-            .and_then(|s| s.to_vec2::<f32>())
-            .map_err(infer_err)?;
+            .matmul(&prompt_embedding.text_t)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
         Ok(similarity
             .iter()
             .map(|sims| {
-                let mut detected: Vec<&String> = Vec::new();
-                let phrases: Vec<Value> = prompt_embedding
-                    .phrases
-                    .iter()
-                    .zip(sims)
-                    .map(|(phrase, s)| {
-                        let p = sigmoid(self.logit_scale * s + self.logit_bias);
-                        if p > self.detect_threshold {
-                            detected.push(phrase);
-                        }
-                        json!({"phrase": phrase, "probability": round6(p), "similarity": round6(*s)})
-                    })
-                    .collect();
-                json!({"phrases": phrases, "detected": detected})
+                let output = phrase_output(&prompt_embedding.phrases, |i| {
+                    let p = sigmoid(self.logit_scale * sims[i] + self.logit_bias);
+                    PhraseScore {
+                        numbers: json!({"probability": round6(p), "similarity": round6(sims[i])}),
+                        detected: p > self.detect_threshold,
+                    }
+                });
+                Value::Object(output)
             })
             .collect())
     }
@@ -627,6 +604,33 @@ mod tests {
             f32_rows.to_vec2::<f32>().unwrap(),
             bf16_rows.to_vec2::<f32>().unwrap()
         );
+    }
+
+    #[test]
+    fn configs_this_backend_cannot_run_are_refused_with_the_reason() {
+        let refused = |config: Value| SiglipSpec::from_config(&config).err().unwrap().to_string();
+        let err = refused(json!({"text_config": {"projection_size": 512}}));
+        assert!(
+            err.contains("text_config.projection_size 512 differs from hidden_size"),
+            "{err}"
+        );
+        let err = refused(json!({"vision_config": {"vision_use_head": false}}));
+        assert!(err.contains("vision_use_head is false"), "{err}");
+        let err = refused(json!({"vision_config": {"hidden_act": "relu"}}));
+        assert!(
+            err.contains("is not supported by the SigLIP image tower"),
+            "{err}"
+        );
+        let err = refused(json!({"vision_config": {"patch_size": 15}}));
+        assert!(
+            err.contains("image_size 224 is not a multiple of patch_size 15"),
+            "{err}"
+        );
+        let err = refused(json!({"text_config": {"hidden_size": "wide"}}));
+        assert!(err.contains("config.json is not a SigLIP config"), "{err}");
+        // A null counts as absent, and an absent section takes every default.
+        let spec = SiglipSpec::from_config(&json!({"text_config": null})).unwrap();
+        assert_eq!(spec.config.text_config.hidden_size, 768);
     }
 
     #[test]

@@ -3,12 +3,12 @@
 //! through `tracing`, and an error that says what to set when the hub cannot be reached.
 
 use super::{ModelFiles, shard_files};
-use crate::model::ModelError;
+use crate::model::{ErrorDetail, ModelError};
 use std::path::PathBuf;
 
 /// The hub client and its cache, configured by the variables the Python tools read:
 /// `HF_HUB_CACHE` (else `HF_HOME`/hub), `HF_ENDPOINT` and `HF_TOKEN` (else the token file).
-pub(super) fn client() -> Result<(hf_hub::api::sync::Api, hf_hub::Cache), String> {
+pub(super) fn client() -> Result<(hf_hub::api::sync::Api, hf_hub::Cache), ErrorDetail> {
     let cache = match std::env::var_os("HF_HUB_CACHE") {
         Some(dir) => hf_hub::Cache::new(dir.into()),
         None => hf_hub::Cache::from_env(),
@@ -20,18 +20,21 @@ pub(super) fn client() -> Result<(hf_hub::api::sync::Api, hf_hub::Cache), String
     if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
         builder = builder.with_token(Some(token));
     }
-    let api = builder.build().map_err(|e| e.to_string())?;
+    let api = builder
+        .build()
+        .map_err(|e| ErrorDetail::new("the hub client", e))?;
     Ok((api, cache))
 }
 
-/// The error when the hub cannot supply a model: says exactly what to set instead.
-pub(super) fn error(id: &str, cause: &str) -> ModelError {
-    ModelError::Load(format!(
-        "no MODEL_PATH set and {id} could not be fetched from the Hugging Face hub ({cause}). \
+/// The error when the hub cannot supply a model: says exactly what to set instead, then
+/// what the hub said.
+pub(super) fn error(id: &str, cause: ErrorDetail) -> ModelError {
+    ModelError::Load(cause.within(format!(
+        "no MODEL_PATH set and {id} could not be fetched from the Hugging Face hub. \
          Set MODEL_PATH to a folder holding config.json, tokenizer.json and \
          model.safetensors (`free-roam model make` writes a random one for tests), or make \
-         the hub reachable and set MODEL_ID"
-    ))
+         the hub reachable and set MODEL_ID. The hub said"
+    )))
 }
 
 /// Logs a file's download progress through `tracing`, one line every 10%.
@@ -75,32 +78,34 @@ pub(super) fn files(
     api: &hf_hub::api::sync::Api,
     cache: &hf_hub::Cache,
     id: &str,
-) -> Result<ModelFiles, String> {
+) -> Result<ModelFiles, ErrorDetail> {
     let name = id.rsplit('/').next().unwrap_or(id);
     let cached = cache.model(id.to_string());
     let repo = api.model(id.to_string());
     // HF_HUB_OFFLINE=1 means the cache only, as in the Python tools.
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
-    let get = |file: &str| -> Result<PathBuf, String> {
+    // Each failure names its file.
+    let get = |file: &str| -> Result<PathBuf, ErrorDetail> {
         match cached.get(file) {
             Some(path) => Ok(path),
-            None if offline => Err(format!("{file} is not in the hub cache (HF_HUB_OFFLINE)")),
+            None if offline => {
+                Err(format!("{file} is not in the hub cache (HF_HUB_OFFLINE)").into())
+            }
             None => repo
                 .download_with_progress(file, LogProgress::default())
-                .map_err(|e| e.to_string()),
+                .map_err(|e| ErrorDetail::new(file, e)),
         }
     };
     let config = get("config.json")?;
-    let tokenizer = get("tokenizer.json").map_err(|e| format!("tokenizer.json: {e}"))?;
+    let tokenizer = get("tokenizer.json")?;
     let weights = match get("model.safetensors") {
         Ok(path) => vec![path],
         Err(single) => {
-            let index = get("model.safetensors.index.json")
-                .map_err(|_| format!("model.safetensors: {single}"))?;
-            shard_files(&index)
-                .map_err(|e| e.to_string())?
+            // A model without the index has one file: say why that one did not come.
+            let index = get("model.safetensors.index.json").map_err(|_| single)?;
+            shard_files(&index)?
                 .iter()
-                .map(|f| get(f).map_err(|e| format!("{f}: {e}")))
+                .map(|f| get(f))
                 .collect::<Result<Vec<_>, _>>()?
         }
     };
@@ -129,7 +134,7 @@ mod tests {
             .unwrap();
         let id = ModelType::Clip.default_model_id();
         let cause = files(&api, &hf_hub::Cache::new(cache.clone()), id).unwrap_err();
-        let err = error(id, &cause).to_string();
+        let err = error(id, cause).to_string();
         assert!(
             err.contains("Set MODEL_PATH to a folder holding config.json"),
             "{err}"

@@ -3,11 +3,11 @@
 //! Hugging Face hub, picking the device, and opening safetensors weights with a check that
 //! every tensor the architecture needs is really there.
 
-use crate::model::ModelError;
 use crate::model::kernels::cpu_kernels;
 use crate::model::kernels::fused_linear::{self, MatmulPrecision};
 use crate::model::kind::{ModelType, ParseSettingError};
 use crate::model::remote::openai::OpenAiSettings;
+use crate::model::{ErrorDetail, ModelError};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, DeviceLocation};
 use candle_nn::VarBuilder;
@@ -16,7 +16,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+pub mod config;
 mod hub;
+
+pub use config::{parse_config, read_config};
 
 /// Default bound on the tokens a BLIP caption or a PaliGemma answer may add
 /// (`MAX_NEW_TOKENS`).
@@ -182,20 +185,18 @@ impl ModelFiles {
     /// Finds the files in a local folder.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
         if !dir.is_dir() {
-            return Err(ModelError::Load(format!(
-                "MODEL_PATH {} is not a folder",
-                dir.display()
-            )));
+            return Err(ModelError::Load(
+                format!("MODEL_PATH {} is not a folder", dir.display()).into(),
+            ));
         }
         let need = |file: &str| {
             let path = dir.join(file);
             if path.is_file() {
                 Ok(path)
             } else {
-                Err(ModelError::Load(format!(
-                    "MODEL_PATH {} has no {file}",
-                    dir.display()
-                )))
+                Err(ModelError::Load(
+                    format!("MODEL_PATH {} has no {file}", dir.display()).into(),
+                ))
             }
         };
         let config = need("config.json")?;
@@ -203,21 +204,24 @@ impl ModelFiles {
         let weights = if dir.join("model.safetensors").is_file() {
             vec![dir.join("model.safetensors")]
         } else if dir.join("model.safetensors.index.json").is_file() {
-            shard_files(&dir.join("model.safetensors.index.json"))?
+            shard_files(&dir.join("model.safetensors.index.json"))
+                .map_err(ModelError::Load)?
                 .into_iter()
                 .map(|f| dir.join(f))
                 .collect()
         } else {
-            return Err(ModelError::Load(format!(
-                "MODEL_PATH {} has no model.safetensors (nor model.safetensors.index.json)",
-                dir.display()
-            )));
+            return Err(ModelError::Load(
+                format!(
+                    "MODEL_PATH {} has no model.safetensors (nor model.safetensors.index.json)",
+                    dir.display()
+                )
+                .into(),
+            ));
         };
         if let Some(missing) = weights.iter().find(|p| !p.is_file()) {
-            return Err(ModelError::Load(format!(
-                "weight shard {} is missing",
-                missing.display()
-            )));
+            return Err(ModelError::Load(
+                format!("weight shard {} is missing", missing.display()).into(),
+            ));
         }
         let name = dir
             .canonicalize()
@@ -235,15 +239,15 @@ impl ModelFiles {
 }
 
 /// The shard file names listed by a `model.safetensors.index.json`, in first-seen order.
-fn shard_files(index: &Path) -> Result<Vec<String>, ModelError> {
+fn shard_files(index: &Path) -> Result<Vec<String>, ErrorDetail> {
     let text = std::fs::read_to_string(index)
-        .map_err(|e| ModelError::Load(format!("cannot read {}: {e}", index.display())))?;
+        .map_err(|e| ErrorDetail::new(format!("cannot read {}", index.display()), e))?;
     let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ModelError::Load(format!("{} is not JSON: {e}", index.display())))?;
+        .map_err(|e| ErrorDetail::new(format!("{} is not JSON", index.display()), e))?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .ok_or_else(|| ModelError::Load(format!("{} has no weight_map", index.display())))?;
+        .ok_or_else(|| ErrorDetail::from(format!("{} has no weight_map", index.display())))?;
     let mut seen = HashSet::new();
     Ok(map
         .values()
@@ -262,8 +266,9 @@ pub(crate) fn resolve_files(settings: &ModelSettings) -> Result<ModelFiles, Mode
         .model_id
         .clone()
         .unwrap_or_else(|| settings.model_type.default_model_id().to_string());
-    let (api, cache) = hub::client().map_err(|e| hub::error(&id, &e))?;
-    hub::files(&api, &cache, &id).map_err(|e| hub::error(&id, &e))
+    hub::client()
+        .and_then(|(api, cache)| hub::files(&api, &cache, &id))
+        .map_err(|e| hub::error(&id, e))
 }
 
 /// Picks the device for a `DEVICE` choice.
@@ -285,7 +290,7 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device, ModelError> {
 
 #[cfg(feature = "cuda")]
 fn cuda_device() -> Result<Device, ModelError> {
-    Device::new_cuda(0).map_err(|e| ModelError::Load(format!("DEVICE=cuda: no usable GPU: {e}")))
+    Device::new_cuda(0).map_err(|e| ModelError::load("DEVICE=cuda: no usable GPU", e))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -339,7 +344,7 @@ impl Weights {
         // memory-mapped loader this relies on nobody truncating the files while the model
         // runs, which the folder layout (write once, then serve) gives.
         let tensors = unsafe { MmapedSafetensors::multi(paths) }
-            .map_err(|e| ModelError::Load(format!("cannot open weights {files}: {e}")))?;
+            .map_err(|e| ModelError::load(format!("cannot open weights {files}"), e))?;
         Ok(Self { tensors, files })
     }
 
@@ -374,23 +379,29 @@ impl Weights {
                 .collect::<Vec<_>>()
                 .join(", ");
             let more = missing.len().saturating_sub(8);
-            return Err(ModelError::Load(format!(
-                "{} lacks {} tensor(s) the model needs: {shown}{}",
-                self.files,
-                missing.len(),
-                if more > 0 {
-                    format!(" and {more} more")
-                } else {
-                    String::new()
-                }
-            )));
+            return Err(ModelError::Load(
+                format!(
+                    "{} lacks {} tensor(s) the model needs: {shown}{}",
+                    self.files,
+                    missing.len(),
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    }
+                )
+                .into(),
+            ));
         }
         if !wrong.is_empty() {
-            return Err(ModelError::Load(format!(
-                "{} does not match config.json: {}",
-                self.files,
-                wrong.into_iter().take(8).collect::<Vec<_>>().join("; ")
-            )));
+            return Err(ModelError::Load(
+                format!(
+                    "{} does not match config.json: {}",
+                    self.files,
+                    wrong.into_iter().take(8).collect::<Vec<_>>().join("; ")
+                )
+                .into(),
+            ));
         }
         Ok(())
     }
@@ -403,14 +414,6 @@ impl Weights {
     pub fn var_builder(self, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self.tensors), DType::F32, device.clone())
     }
-}
-
-/// Reads and parses `config.json`.
-pub fn read_config(path: &Path) -> Result<serde_json::Value, ModelError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ModelError::Load(format!("cannot read {}: {e}", path.display())))?;
-    serde_json::from_str(&text)
-        .map_err(|e| ModelError::Load(format!("{} is not valid JSON: {e}", path.display())))
 }
 
 #[cfg(test)]

@@ -21,7 +21,9 @@
 
 use crate::frame::Frame;
 use crate::model::kind::DEFAULT_IMAGE_MAX_SIDE;
-use crate::model::{BackendHealth, BatchReplies, ModelError, ModelInfo, VisionLanguageModel};
+use crate::model::{
+    BackendHealth, BatchReplies, Cause, ModelError, ModelInfo, VisionLanguageModel,
+};
 use crate::prompt::PromptRef;
 use base64::Engine as _;
 use std::fmt;
@@ -503,9 +505,10 @@ fn pool_thread(client: Arc<Client>, queue: Arc<Mutex<mpsc::Receiver<FrameRequest
                 replies.frame(index, Ok(output));
             }
             Err(e) => {
-                let error = format!("openai {}: {e}", e.kind());
-                client.health.record_failure(&error);
-                replies.frame(index, Err(ModelError::Inference(error)));
+                let kind = format!("openai {}", e.kind());
+                client.health.record_failure(&format!("{kind}: {e}"));
+                let error = ModelError::inference(kind, Cause::Remote(Box::new(e)));
+                replies.frame(index, Err(error));
             }
         }
     }
@@ -560,7 +563,7 @@ impl OpenAiModel {
             std::thread::Builder::new()
                 .name(format!("fr-openai-{i}"))
                 .spawn(move || pool_thread(client, receiver))
-                .map_err(|e| ModelError::Load(format!("cannot start a request thread: {e}")))?;
+                .map_err(|e| ModelError::load("cannot start a request thread", e))?;
         }
         tracing::info!(
             model = model_id,

@@ -72,10 +72,13 @@ fn parse_prompt(prompt: &str) -> Result<Vec<NamedColour>, ModelError> {
         let name = word.to_ascii_lowercase();
         let Some((_, rgb)) = COLOURS.iter().find(|(n, _)| *n == name) else {
             let known: Vec<&str> = COLOURS.iter().map(|(n, _)| *n).collect();
-            return Err(ModelError::Prompt(format!(
-                "the test-colour model knows only the colours {}, not {word:?}",
-                known.join(", ")
-            )));
+            return Err(ModelError::Prompt(
+                format!(
+                    "the test-colour model knows only the colours {}, not {word:?}",
+                    known.join(", ")
+                )
+                .into(),
+            ));
         };
         if !out.iter().any(|(n, _)| *n == name) {
             out.push((name, *rgb));

@@ -8,6 +8,7 @@ pub mod null;
 mod parity;
 #[cfg(test)]
 mod parity_jpeg;
+pub mod stub;
 pub mod synthetic;
 #[cfg(test)]
 pub(crate) mod util;

@@ -67,7 +67,7 @@ pub struct SyntheticModel {
 /// Writes `model` into `dir` as a checkpoint folder, with weights drawn from `seed`.
 pub fn write(model: &SyntheticModel, seed: u64, dir: &Path) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir)
-        .map_err(|e| ModelError::Load(format!("cannot create {}: {e}", dir.display())))?;
+        .map_err(|e| ModelError::load(format!("cannot create {}", dir.display()), e))?;
     for (name, value) in &model.extra_files {
         write_json(&dir.join(name), value)?;
     }
@@ -80,9 +80,9 @@ pub fn write(model: &SyntheticModel, seed: u64, dir: &Path) -> Result<(), ModelE
 
 fn write_json(path: &Path, value: &Value) -> Result<(), ModelError> {
     let text = serde_json::to_string_pretty(value)
-        .map_err(|e| ModelError::Load(format!("cannot serialise {}: {e}", path.display())))?;
+        .map_err(|e| ModelError::load(format!("cannot serialise {}", path.display()), e))?;
     std::fs::write(path, text + "\n")
-        .map_err(|e| ModelError::Load(format!("cannot write {}: {e}", path.display())))
+        .map_err(|e| ModelError::load(format!("cannot write {}", path.display()), e))
 }
 
 /// SplitMix64: tiny, fast, and the same on every platform.
@@ -169,11 +169,11 @@ fn write_weights(path: &Path, specs: &[TensorSpec], seed: u64) -> Result<(), Mod
                 .map(|v| (name.clone(), v))
         })
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ModelError::Load(format!("bad random tensor: {e}")))?;
+        .map_err(|e| ModelError::load("bad random tensor", e))?;
     // transformers refuses safetensors files whose metadata does not say "pt".
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::tensor::serialize_to_file(views, Some(metadata), path)
-        .map_err(|e| ModelError::Load(format!("cannot write {}: {e}", path.display())))
+        .map_err(|e| ModelError::load(format!("cannot write {}", path.display()), e))
 }
 
 #[cfg(test)]

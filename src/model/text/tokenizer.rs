@@ -6,7 +6,7 @@
 //! trained, because the `tokenizers` trainers break ties in hash order and so give a
 //! different vocabulary from run to run.
 
-use crate::model::ModelError;
+use crate::model::{Cause, ModelError};
 use serde_json::{Value, json};
 use std::path::Path;
 use tokenizers::Tokenizer;
@@ -88,15 +88,39 @@ const WORDS: &[&str] = &[
 
 /// Loads `tokenizer.json`, naming the file in the error.
 pub fn load(path: &Path) -> Result<Tokenizer, ModelError> {
-    Tokenizer::from_file(path)
-        .map_err(|e| ModelError::Load(format!("cannot read tokenizer {}: {e}", path.display())))
+    Tokenizer::from_file(path).map_err(|e| {
+        ModelError::load(
+            format!("cannot read tokenizer {}", path.display()),
+            Cause::Tokenizer(e),
+        )
+    })
 }
 
 /// The id of a token that must exist in the vocabulary.
 pub fn required_id(tokenizer: &Tokenizer, token: &str) -> Result<u32, ModelError> {
     tokenizer
         .token_to_id(token)
-        .ok_or_else(|| ModelError::Load(format!("tokenizer has no {token} token")))
+        .ok_or_else(|| ModelError::Load(format!("tokenizer has no {token} token").into()))
+}
+
+/// The token ids of `text`, with the tokenizer's special tokens when `special`; a text the
+/// tokenizer refuses is a prompt error.
+pub fn encode_ids(
+    tokenizer: &Tokenizer,
+    text: &str,
+    special: bool,
+) -> Result<Vec<u32>, ModelError> {
+    tokenizer
+        .encode(text, special)
+        .map(|encoding| encoding.get_ids().to_vec())
+        .map_err(|e| ModelError::prompt(format!("cannot tokenise {text:?}"), Cause::Tokenizer(e)))
+}
+
+/// The text of generated `ids`, without special tokens.
+pub fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String, ModelError> {
+    tokenizer.decode(ids, true).map_err(|e| {
+        ModelError::inference("cannot decode the generated tokens", Cause::Tokenizer(e))
+    })
 }
 
 /// GPT-2/CLIP byte-to-character table, in CLIP's vocabulary order: printable bytes first

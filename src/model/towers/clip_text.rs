@@ -3,17 +3,20 @@
 //! ([`ClipTextEncoder`]: tokenizer, text tower, projection).
 
 use crate::model::ModelError;
-use crate::model::loading::TensorSpec;
+use crate::model::loading::config::{check_heads, check_patches};
+use crate::model::loading::{TensorSpec, parse_config};
 use crate::model::text::tokenizer::{self, CLIP_EOS};
-use crate::model::towers::scoring::infer_err;
-use crate::model::towers::specs::{encoder_specs, layer_norm_specs};
+use crate::model::towers::specs::{
+    TextTowerShape, encoder_specs, layer_norm_specs, text_tower_specs,
+};
 use candle_core::{D, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use candle_transformers::models::clip::text_model::{
     Activation, ClipTextConfig, ClipTextTransformer,
 };
 use candle_transformers::models::clip::vision_model::ClipVisionConfig;
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::Value;
 use tokenizers::Tokenizer;
 
 /// The CLIP architecture settings read from `config.json`.
@@ -25,113 +28,194 @@ pub struct ClipSpec {
     pub logit_scale_init_value: f64,
 }
 
-fn get_usize(section: &Value, key: &str, default: usize) -> Result<usize, ModelError> {
-    match section.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_u64()
-            .map(|v| v as usize)
-            .ok_or_else(|| ModelError::Load(format!("config.json: {key} is not a count: {v}"))),
+/// The sizes whose defaults OWL-ViT sets apart from CLIP's.
+#[derive(Clone, Copy, Debug)]
+pub struct ClipDefaults {
+    pub image_size: usize,
+    pub max_position_embeddings: usize,
+}
+
+impl ClipDefaults {
+    /// transformers' `CLIPConfig`.
+    pub const CLIP: Self = Self {
+        image_size: 224,
+        max_position_embeddings: 77,
+    };
+}
+
+/// transformers' `CLIPConfig` as `config.json` holds it. `save_pretrained` leaves out values
+/// equal to the defaults, so every key has transformers' default.
+#[derive(Deserialize)]
+#[serde(default)]
+struct ClipConfigFile {
+    projection_dim: usize,
+    logit_scale_init_value: f64,
+    text_config: TextSection,
+    vision_config: VisionSection,
+}
+
+impl Default for ClipConfigFile {
+    fn default() -> Self {
+        Self {
+            projection_dim: 512,
+            logit_scale_init_value: 2.6592,
+            text_config: TextSection::default(),
+            vision_config: VisionSection::default(),
+        }
+    }
+}
+
+/// `text_config`; `None` takes the family's default ([`ClipDefaults`]).
+#[derive(Deserialize)]
+#[serde(default)]
+struct TextSection {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    max_position_embeddings: Option<usize>,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    hidden_act: Option<String>,
+    layer_norm_eps: Option<f64>,
+}
+
+impl Default for TextSection {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            max_position_embeddings: None,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            hidden_act: None,
+            layer_norm_eps: None,
+        }
+    }
+}
+
+/// `vision_config`; `None` takes the family's default ([`ClipDefaults`]).
+#[derive(Deserialize)]
+#[serde(default)]
+struct VisionSection {
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_channels: usize,
+    image_size: Option<usize>,
+    patch_size: usize,
+    hidden_act: Option<String>,
+    layer_norm_eps: Option<f64>,
+}
+
+impl Default for VisionSection {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: None,
+            patch_size: 32,
+            hidden_act: None,
+            layer_norm_eps: None,
+        }
     }
 }
 
 /// Candle's CLIP hard-codes quick_gelu and a LayerNorm eps of 1e-5: refuse anything else
 /// rather than run a different model.
-fn check_fixed(section: &Value, which: &str) -> Result<(), ModelError> {
-    if let Some(act) = section.get("hidden_act").and_then(Value::as_str)
+fn check_fixed(which: &str, act: Option<&str>, eps: Option<f64>) -> Result<(), ModelError> {
+    if let Some(act) = act
         && act != "quick_gelu"
     {
-        return Err(ModelError::Load(format!(
-            "config.json: {which}.hidden_act is {act}; this CLIP backend supports quick_gelu only"
-        )));
+        return Err(ModelError::Load(
+            format!(
+                "config.json: {which}.hidden_act is {act}; \
+                 this CLIP backend supports quick_gelu only"
+            )
+            .into(),
+        ));
     }
-    if let Some(eps) = section.get("layer_norm_eps").and_then(Value::as_f64)
+    if let Some(eps) = eps
         && (eps - 1e-5).abs() > 1e-12
     {
-        return Err(ModelError::Load(format!(
-            "config.json: {which}.layer_norm_eps is {eps}; this CLIP backend supports 1e-5 only"
-        )));
+        return Err(ModelError::Load(
+            format!(
+                "config.json: {which}.layer_norm_eps is {eps}; \
+                 this CLIP backend supports 1e-5 only"
+            )
+            .into(),
+        ));
     }
     Ok(())
 }
 
 impl ClipSpec {
-    /// Reads a transformers `CLIPConfig`, filling missing keys with transformers' defaults
-    /// (`save_pretrained` leaves out values equal to the defaults).
+    /// Reads a transformers `CLIPConfig`, filling missing keys with transformers' defaults.
     pub fn from_config(config: &Value) -> Result<Self, ModelError> {
-        let empty = json!({});
-        let text = config.get("text_config").unwrap_or(&empty);
-        let vision = config.get("vision_config").unwrap_or(&empty);
-        check_fixed(text, "text_config")?;
-        check_fixed(vision, "vision_config")?;
-        let projection_dim = get_usize(config, "projection_dim", 512)?;
+        Self::with_defaults(config, ClipDefaults::CLIP)
+    }
+
+    /// Reads a CLIP-shaped config whose family's defaults are `defaults` where they differ.
+    pub fn with_defaults(config: &Value, defaults: ClipDefaults) -> Result<Self, ModelError> {
+        let file: ClipConfigFile = parse_config(config, "CLIP")?;
+        let (t, v) = (file.text_config, file.vision_config);
+        check_fixed("text_config", t.hidden_act.as_deref(), t.layer_norm_eps)?;
+        check_fixed("vision_config", v.hidden_act.as_deref(), v.layer_norm_eps)?;
+        let image_size = v.image_size.unwrap_or(defaults.image_size);
+        check_patches(image_size, v.patch_size)?;
+        check_heads(&[
+            (t.hidden_size, t.num_attention_heads),
+            (v.hidden_size, v.num_attention_heads),
+        ])?;
+        let projection_dim = file.projection_dim;
         let text = ClipTextConfig {
-            vocab_size: get_usize(text, "vocab_size", 49408)?,
-            embed_dim: get_usize(text, "hidden_size", 512)?,
+            vocab_size: t.vocab_size,
+            embed_dim: t.hidden_size,
             activation: Activation::QuickGelu,
-            intermediate_size: get_usize(text, "intermediate_size", 2048)?,
-            max_position_embeddings: get_usize(text, "max_position_embeddings", 77)?,
+            intermediate_size: t.intermediate_size,
+            max_position_embeddings: t
+                .max_position_embeddings
+                .unwrap_or(defaults.max_position_embeddings),
             pad_with: None,
-            num_hidden_layers: get_usize(text, "num_hidden_layers", 12)?,
-            num_attention_heads: get_usize(text, "num_attention_heads", 8)?,
+            num_hidden_layers: t.num_hidden_layers,
+            num_attention_heads: t.num_attention_heads,
             projection_dim,
         };
         let vision = ClipVisionConfig {
-            embed_dim: get_usize(vision, "hidden_size", 768)?,
+            embed_dim: v.hidden_size,
             activation: Activation::QuickGelu,
-            intermediate_size: get_usize(vision, "intermediate_size", 3072)?,
-            num_hidden_layers: get_usize(vision, "num_hidden_layers", 12)?,
-            num_attention_heads: get_usize(vision, "num_attention_heads", 12)?,
+            intermediate_size: v.intermediate_size,
+            num_hidden_layers: v.num_hidden_layers,
+            num_attention_heads: v.num_attention_heads,
             projection_dim,
-            num_channels: get_usize(vision, "num_channels", 3)?,
-            image_size: get_usize(vision, "image_size", 224)?,
-            patch_size: get_usize(vision, "patch_size", 32)?,
+            num_channels: v.num_channels,
+            image_size,
+            patch_size: v.patch_size,
         };
-        if vision.patch_size == 0 || !vision.image_size.is_multiple_of(vision.patch_size) {
-            return Err(ModelError::Load(format!(
-                "config.json: image_size {} is not a multiple of patch_size {}",
-                vision.image_size, vision.patch_size
-            )));
-        }
-        if !text.embed_dim.is_multiple_of(text.num_attention_heads)
-            || !vision.embed_dim.is_multiple_of(vision.num_attention_heads)
-        {
-            return Err(ModelError::Load(
-                "config.json: hidden_size is not a multiple of num_attention_heads".into(),
-            ));
-        }
         Ok(Self {
             text,
             vision,
             projection_dim,
-            logit_scale_init_value: config
-                .get("logit_scale_init_value")
-                .and_then(Value::as_f64)
-                .unwrap_or(2.6592),
+            logit_scale_init_value: file.logit_scale_init_value,
         })
     }
 
     /// Every tensor transformers' `CLIPModel` stores, with its shape.
     pub fn tensor_specs(&self) -> Vec<TensorSpec> {
         let (t, v) = (&self.text, &self.vision);
-        let mut specs = vec![
-            TensorSpec::new(
-                "text_model.embeddings.token_embedding.weight",
-                &[t.vocab_size, t.embed_dim],
-            ),
-            TensorSpec::new(
-                "text_model.embeddings.position_embedding.weight",
-                &[t.max_position_embeddings, t.embed_dim],
-            ),
-        ];
-        encoder_specs(
-            &mut specs,
-            "text_model.encoder",
-            t.num_hidden_layers,
-            t.embed_dim,
-            t.intermediate_size,
-        );
-        layer_norm_specs(&mut specs, "text_model.final_layer_norm", t.embed_dim);
+        let mut specs = Vec::new();
+        let text_shape = TextTowerShape {
+            vocab: t.vocab_size,
+            positions: t.max_position_embeddings,
+            hidden: t.embed_dim,
+            intermediate: t.intermediate_size,
+            layers: t.num_hidden_layers,
+        };
+        text_tower_specs(&mut specs, "text_model", &text_shape);
         let patches = (v.image_size / v.patch_size).pow(2);
         specs.push(TensorSpec::new(
             "vision_model.embeddings.class_embedding",
@@ -198,10 +282,13 @@ impl ClipTextEncoder {
     ) -> Result<Self, ModelError> {
         let eos_id = tokenizer::required_id(&tokenizer, CLIP_EOS)?;
         if eos_id as usize >= spec.text.vocab_size {
-            return Err(ModelError::Load(format!(
-                "tokenizer's {CLIP_EOS} id {eos_id} is outside the model's vocabulary of {}",
-                spec.text.vocab_size
-            )));
+            return Err(ModelError::Load(
+                format!(
+                    "tokenizer's {CLIP_EOS} id {eos_id} is outside the model's vocabulary of {}",
+                    spec.text.vocab_size
+                )
+                .into(),
+            ));
         }
         let build = || -> candle_core::Result<_> {
             Ok((
@@ -214,7 +301,7 @@ impl ClipTextEncoder {
             ))
         };
         let (tower, projection) =
-            build().map_err(|e| ModelError::Load(format!("building the text tower: {e}")))?;
+            build().map_err(|e| ModelError::load("building the text tower", e))?;
         Ok(Self {
             tower,
             projection,
@@ -228,11 +315,7 @@ impl ClipTextEncoder {
     /// Token ids as the text tower reads them: `<|startoftext|> ... <|endoftext|>`, cut to
     /// the position limit with the end-of-text kept last.
     pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| ModelError::Prompt(format!("cannot tokenise {text:?}: {e}")))?;
-        let mut ids = enc.get_ids().to_vec();
+        let mut ids = tokenizer::encode_ids(&self.tokenizer, text, true)?;
         if ids.len() > self.max_positions {
             ids.truncate(self.max_positions - 1);
             ids.push(self.eos_id);
@@ -257,30 +340,84 @@ impl ClipTextEncoder {
             // Padding sits after the pooled token; the causal mask keeps it out of the result.
             flat.extend(std::iter::repeat_n(self.eos_id, len - ids.len()));
         }
-        let ids = Tensor::from_vec(flat, (all.len(), len), &self.device).map_err(infer_err)?;
+        let ids = Tensor::from_vec(flat, (all.len(), len), &self.device)?;
         Ok(TextBatch { ids, eos_positions })
     }
 
     /// Projected (not normalised) text embeddings, `(texts, projection_dim)`.
     pub fn embeddings(&self, texts: &[String]) -> Result<Tensor, ModelError> {
         let batch = self.text_batch(texts)?;
-        let (n, len) = batch.ids.dims2().map_err(infer_err)?;
-        let hidden = self
-            .tower
-            .forward_with_mask(&batch.ids, usize::MAX)
-            .map_err(infer_err)?;
+        let (n, len) = batch.ids.dims2()?;
+        let hidden = self.tower.forward_with_mask(&batch.ids, usize::MAX)?;
         let rows: Vec<u32> = batch
             .eos_positions
             .iter()
             .enumerate()
             .map(|(i, &p)| (i * len + p) as u32)
             .collect();
-        let rows = Tensor::from_vec(rows, n, &self.device).map_err(infer_err)?;
-        let dim = hidden.dim(D::Minus1).map_err(infer_err)?;
-        hidden
-            .reshape((n * len, dim))
-            .and_then(|h| h.index_select(&rows, 0))
-            .and_then(|pooled| self.projection.forward(&pooled))
-            .map_err(infer_err)
+        let rows = Tensor::from_vec(rows, n, &self.device)?;
+        let dim = hidden.dim(D::Minus1)?;
+        let pooled = hidden.reshape((n * len, dim))?.index_select(&rows, 0)?;
+        Ok(self.projection.forward(&pooled)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn absent_and_null_keys_take_the_familys_defaults() {
+        let config =
+            json!({"text_config": {"hidden_size": null}, "vision_config": {"patch_size": 16}});
+        let clip = ClipSpec::from_config(&config).unwrap();
+        assert_eq!(clip.text.embed_dim, 512);
+        assert_eq!(clip.text.max_position_embeddings, 77);
+        assert_eq!((clip.vision.image_size, clip.vision.patch_size), (224, 16));
+        let owlvit = ClipDefaults {
+            image_size: 768,
+            max_position_embeddings: 16,
+        };
+        let spec = ClipSpec::with_defaults(&config, owlvit).unwrap();
+        assert_eq!(spec.text.max_position_embeddings, 16);
+        assert_eq!(spec.vision.image_size, 768);
+        let set = json!({"vision_config": {"image_size": 336, "patch_size": 14}});
+        assert_eq!(
+            ClipSpec::with_defaults(&set, owlvit)
+                .unwrap()
+                .vision
+                .image_size,
+            336
+        );
+    }
+
+    #[test]
+    fn configs_candle_cannot_run_are_refused_with_the_reason() {
+        let refused = |config: Value| ClipSpec::from_config(&config).unwrap_err().to_string();
+        let err = refused(json!({"text_config": {"hidden_act": "gelu"}}));
+        assert!(
+            err.contains(
+                "text_config.hidden_act is gelu; this CLIP backend supports quick_gelu only"
+            ),
+            "{err}"
+        );
+        let err = refused(json!({"vision_config": {"layer_norm_eps": 1e-6}}));
+        assert!(
+            err.contains("vision_config.layer_norm_eps is 0.000001"),
+            "{err}"
+        );
+        let err = refused(json!({"vision_config": {"patch_size": 30}}));
+        assert!(
+            err.contains("image_size 224 is not a multiple of patch_size 30"),
+            "{err}"
+        );
+        let err = refused(json!({"text_config": {"num_attention_heads": 7}}));
+        assert!(
+            err.contains("hidden_size is not a multiple of num_attention_heads"),
+            "{err}"
+        );
+        let err = refused(json!({"projection_dim": "wide"}));
+        assert!(err.contains("config.json is not a CLIP config"), "{err}");
     }
 }

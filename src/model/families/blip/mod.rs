@@ -14,18 +14,22 @@
 pub mod net;
 
 use crate::model::families::blip::net::{TextDecoder, VisionTower};
+use crate::model::loading::config::check_patches;
 use crate::model::loading::{
-    ModelFiles, ModelSettings, TensorSpec, Weights, device_name, read_config,
+    ModelFiles, ModelSettings, TensorSpec, Weights, device_name, parse_config, read_config,
 };
 use crate::model::preprocess::Preprocessor;
 use crate::model::preprocess::{CLIP_MEAN, CLIP_STD};
 use crate::model::testing::synthetic::{ModelSize, SyntheticModel};
 use crate::model::text::tokenizer::{self, BERT_CLS};
 use crate::model::text::tokenizer::{BERT_MASK, BERT_PAD, BERT_SEP, BERT_UNK, BLIP_DEC, BLIP_ENC};
+use crate::model::towers::specs::{layer_norm_specs, linear_specs};
 use crate::model::{Frame, ModelError, ModelInfo, VisionLanguageModel};
 use crate::prompt::PromptRef;
 use candle_core::{D, Device, Tensor};
-use candle_transformers::models::blip;
+use candle_nn::Activation;
+use candle_transformers::models::{blip, blip_text};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use tokenizers::Tokenizer;
@@ -42,20 +46,127 @@ pub struct BlipSpec {
     pub sep_token_id: u32,
 }
 
-/// Sets `key` in `section` to `default` when it is missing or null.
-fn fill(section: &mut serde_json::Map<String, Value>, key: &str, default: Value) {
-    if section.get(key).is_none_or(Value::is_null) {
-        section.insert(key.to_string(), default);
+/// transformers' `BlipConfig` as `config.json` holds it; absent keys take transformers'
+/// defaults.
+#[derive(Deserialize)]
+#[serde(default)]
+struct BlipConfigFile {
+    text_config: TextSection,
+    vision_config: VisionSection,
+    projection_dim: usize,
+    image_text_hidden_size: usize,
+}
+
+impl Default for BlipConfigFile {
+    fn default() -> Self {
+        Self {
+            text_config: TextSection::default(),
+            vision_config: VisionSection::default(),
+            projection_dim: 512,
+            image_text_hidden_size: 256,
+        }
     }
 }
 
-fn section(config: &Value, key: &str) -> Result<serde_json::Map<String, Value>, ModelError> {
-    match config.get(key) {
-        None | Some(Value::Null) => Ok(serde_json::Map::new()),
-        Some(Value::Object(map)) => Ok(map.clone()),
-        Some(other) => Err(ModelError::Load(format!(
-            "config.json: {key} is not an object: {other}"
-        ))),
+#[derive(Deserialize)]
+#[serde(default)]
+struct TextSection {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    projection_dim: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    max_position_embeddings: usize,
+    hidden_act: Activation,
+    layer_norm_eps: f64,
+    is_decoder: bool,
+    bos_token_id: u32,
+    sep_token_id: u32,
+}
+
+impl Default for TextSection {
+    fn default() -> Self {
+        Self {
+            vocab_size: 30524,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            projection_dim: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 512,
+            hidden_act: Activation::Gelu,
+            layer_norm_eps: 1e-12,
+            is_decoder: true,
+            bos_token_id: 30522,
+            sep_token_id: 102,
+        }
+    }
+}
+
+impl TextSection {
+    /// Candle's settings of the text decoder, whose cross-attention reads image features of
+    /// `encoder_hidden_size`.
+    fn decoder(&self, encoder_hidden_size: usize) -> blip_text::Config {
+        blip_text::Config {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            encoder_hidden_size,
+            intermediate_size: self.intermediate_size,
+            projection_dim: self.projection_dim,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            max_position_embeddings: self.max_position_embeddings,
+            hidden_act: self.hidden_act,
+            layer_norm_eps: self.layer_norm_eps,
+            is_decoder: self.is_decoder,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(default)]
+struct VisionSection {
+    hidden_size: usize,
+    intermediate_size: usize,
+    projection_dim: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    image_size: usize,
+    patch_size: usize,
+    hidden_act: Activation,
+    layer_norm_eps: f64,
+}
+
+impl Default for VisionSection {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            projection_dim: 512,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            image_size: 384,
+            patch_size: 16,
+            hidden_act: Activation::Gelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+impl From<VisionSection> for blip::VisionConfig {
+    fn from(v: VisionSection) -> Self {
+        Self {
+            hidden_size: v.hidden_size,
+            intermediate_size: v.intermediate_size,
+            projection_dim: v.projection_dim,
+            num_hidden_layers: v.num_hidden_layers,
+            num_attention_heads: v.num_attention_heads,
+            image_size: v.image_size,
+            patch_size: v.patch_size,
+            hidden_act: v.hidden_act,
+            layer_norm_eps: v.layer_norm_eps,
+        }
     }
 }
 
@@ -64,67 +175,27 @@ impl BlipSpec {
     /// and, like transformers, taking the text decoder's `encoder_hidden_size` from the
     /// vision tower (some published configs leave it out).
     pub fn from_config(config: &Value) -> Result<Self, ModelError> {
-        let mut text = section(config, "text_config")?;
-        let mut vision = section(config, "vision_config")?;
-        for (key, default) in [
-            ("hidden_size", json!(768)),
-            ("intermediate_size", json!(3072)),
-            ("projection_dim", json!(512)),
-            ("num_hidden_layers", json!(12)),
-            ("num_attention_heads", json!(12)),
-            ("image_size", json!(384)),
-            ("patch_size", json!(16)),
-            ("hidden_act", json!("gelu")),
-            ("layer_norm_eps", json!(1e-5)),
-        ] {
-            fill(&mut vision, key, default);
-        }
-        for (key, default) in [
-            ("vocab_size", json!(30524)),
-            ("hidden_size", json!(768)),
-            ("intermediate_size", json!(3072)),
-            ("projection_dim", json!(768)),
-            ("num_hidden_layers", json!(12)),
-            ("num_attention_heads", json!(8)),
-            ("max_position_embeddings", json!(512)),
-            ("hidden_act", json!("gelu")),
-            ("layer_norm_eps", json!(1e-12)),
-            ("is_decoder", json!(true)),
-            ("bos_token_id", json!(30522)),
-            ("sep_token_id", json!(102)),
-        ] {
-            fill(&mut text, key, default);
-        }
-        text.insert("encoder_hidden_size".into(), vision["hidden_size"].clone());
-        let id = |key: &str| {
-            text[key].as_u64().map(|v| v as u32).ok_or_else(|| {
-                ModelError::Load(format!("config.json: text_config.{key} is not an id"))
-            })
+        let file: BlipConfigFile = parse_config(config, "BLIP")?;
+        let text = &file.text_config;
+        let (bos_token_id, sep_token_id) = (text.bos_token_id, text.sep_token_id);
+        let config = blip::Config {
+            text_config: text.decoder(file.vision_config.hidden_size),
+            vision_config: file.vision_config.into(),
+            projection_dim: file.projection_dim,
+            image_text_hidden_size: file.image_text_hidden_size,
         };
-        let (bos_token_id, sep_token_id) = (id("bos_token_id")?, id("sep_token_id")?);
-        let full = json!({
-            "text_config": text,
-            "vision_config": vision,
-            "projection_dim": config.get("projection_dim").cloned().unwrap_or(json!(512)),
-            "image_text_hidden_size":
-                config.get("image_text_hidden_size").cloned().unwrap_or(json!(256)),
-        });
-        let config: blip::Config = serde_json::from_value(full)
-            .map_err(|e| ModelError::Load(format!("config.json is not a BLIP config: {e}")))?;
         let v = &config.vision_config;
-        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
-            return Err(ModelError::Load(format!(
-                "config.json: image_size {} is not a multiple of patch_size {}",
-                v.image_size, v.patch_size
-            )));
-        }
+        check_patches(v.image_size, v.patch_size)?;
         let t = &config.text_config;
         for id in [bos_token_id, sep_token_id] {
             if id as usize >= t.vocab_size {
-                return Err(ModelError::Load(format!(
-                    "config.json: token id {id} is outside the vocabulary of {}",
-                    t.vocab_size
-                )));
+                return Err(ModelError::Load(
+                    format!(
+                        "config.json: token id {id} is outside the vocabulary of {}",
+                        t.vocab_size
+                    )
+                    .into(),
+                ));
             }
         }
         Ok(Self {
@@ -153,52 +224,44 @@ impl BlipSpec {
             ),
             TensorSpec::new("vision_model.embeddings.patch_embedding.bias", &[d]),
         ];
-        let linear = |s: &mut Vec<TensorSpec>, p: String, out: usize, inp: usize| {
-            s.push(TensorSpec::new(format!("{p}.weight"), &[out, inp]));
-            s.push(TensorSpec::new(format!("{p}.bias"), &[out]));
-        };
-        let norm = |s: &mut Vec<TensorSpec>, p: String, dim: usize| {
-            s.push(TensorSpec::new(format!("{p}.weight"), &[dim]));
-            s.push(TensorSpec::new(format!("{p}.bias"), &[dim]));
-        };
         for i in 0..v.num_hidden_layers {
             let p = format!("vision_model.encoder.layers.{i}");
-            linear(&mut s, format!("{p}.self_attn.qkv"), 3 * d, d);
-            linear(&mut s, format!("{p}.self_attn.projection"), d, d);
-            norm(&mut s, format!("{p}.layer_norm1"), d);
-            linear(&mut s, format!("{p}.mlp.fc1"), v.intermediate_size, d);
-            linear(&mut s, format!("{p}.mlp.fc2"), d, v.intermediate_size);
-            norm(&mut s, format!("{p}.layer_norm2"), d);
+            linear_specs(&mut s, &format!("{p}.self_attn.qkv"), 3 * d, d);
+            linear_specs(&mut s, &format!("{p}.self_attn.projection"), d, d);
+            layer_norm_specs(&mut s, &format!("{p}.layer_norm1"), d);
+            linear_specs(&mut s, &format!("{p}.mlp.fc1"), v.intermediate_size, d);
+            linear_specs(&mut s, &format!("{p}.mlp.fc2"), d, v.intermediate_size);
+            layer_norm_specs(&mut s, &format!("{p}.layer_norm2"), d);
         }
-        norm(&mut s, "vision_model.post_layernorm".into(), d);
+        layer_norm_specs(&mut s, "vision_model.post_layernorm", d);
         let e = "text_decoder.bert.embeddings";
         s.push(TensorSpec::new(WORD_EMBEDDINGS, &[t.vocab_size, h]));
         s.push(TensorSpec::new(
             format!("{e}.position_embeddings.weight"),
             &[t.max_position_embeddings, h],
         ));
-        norm(&mut s, format!("{e}.LayerNorm"), h);
+        layer_norm_specs(&mut s, &format!("{e}.LayerNorm"), h);
         for i in 0..t.num_hidden_layers {
             let p = format!("text_decoder.bert.encoder.layer.{i}");
             for (attn, kv_in) in [("attention", h), ("crossattention", t.encoder_hidden_size)] {
-                linear(&mut s, format!("{p}.{attn}.self.query"), h, h);
-                linear(&mut s, format!("{p}.{attn}.self.key"), h, kv_in);
-                linear(&mut s, format!("{p}.{attn}.self.value"), h, kv_in);
-                linear(&mut s, format!("{p}.{attn}.output.dense"), h, h);
-                norm(&mut s, format!("{p}.{attn}.output.LayerNorm"), h);
+                linear_specs(&mut s, &format!("{p}.{attn}.self.query"), h, h);
+                linear_specs(&mut s, &format!("{p}.{attn}.self.key"), h, kv_in);
+                linear_specs(&mut s, &format!("{p}.{attn}.self.value"), h, kv_in);
+                linear_specs(&mut s, &format!("{p}.{attn}.output.dense"), h, h);
+                layer_norm_specs(&mut s, &format!("{p}.{attn}.output.LayerNorm"), h);
             }
-            linear(
+            linear_specs(
                 &mut s,
-                format!("{p}.intermediate.dense"),
+                &format!("{p}.intermediate.dense"),
                 t.intermediate_size,
                 h,
             );
-            linear(&mut s, format!("{p}.output.dense"), h, t.intermediate_size);
-            norm(&mut s, format!("{p}.output.LayerNorm"), h);
+            linear_specs(&mut s, &format!("{p}.output.dense"), h, t.intermediate_size);
+            layer_norm_specs(&mut s, &format!("{p}.output.LayerNorm"), h);
         }
         let c = "text_decoder.cls.predictions";
-        linear(&mut s, format!("{c}.transform.dense"), h, h);
-        norm(&mut s, format!("{c}.transform.LayerNorm"), h);
+        linear_specs(&mut s, &format!("{c}.transform.dense"), h, h);
+        layer_norm_specs(&mut s, &format!("{c}.transform.LayerNorm"), h);
         s.push(TensorSpec::new(format!("{c}.bias"), &[t.vocab_size]));
         s.push(TensorSpec::new(DECODER_WEIGHT, &[t.vocab_size, h]));
         s
@@ -219,10 +282,6 @@ pub struct BlipModel {
     max_new_tokens: usize,
     /// The decoder prefix of the last prompt, since the same prompt repeats.
     prefix_cache: Option<(Arc<str>, Vec<u32>)>,
-}
-
-fn infer_err(e: candle_core::Error) -> ModelError {
-    ModelError::Inference(e.to_string())
 }
 
 impl BlipModel {
@@ -246,8 +305,7 @@ impl BlipModel {
                 TextDecoder::new(&spec.config.text_config, tied, vb.pp("text_decoder"))?,
             ))
         };
-        let (vision, decoder) =
-            build().map_err(|e| ModelError::Load(format!("building BLIP: {e}")))?;
+        let (vision, decoder) = build().map_err(|e| ModelError::load("building BLIP", e))?;
         let side = spec.config.vision_config.image_size;
         Ok(Self {
             info: ModelInfo {
@@ -280,11 +338,7 @@ impl BlipModel {
         if prompt.trim().is_empty() {
             return Ok(vec![bos]);
         }
-        let enc = self
-            .tokenizer
-            .encode(prompt, true)
-            .map_err(|e| ModelError::Prompt(format!("cannot tokenise the prompt: {e}")))?;
-        let mut ids = enc.get_ids().to_vec();
+        let mut ids = tokenizer::encode_ids(&self.tokenizer, prompt, true)?;
         if ids.last() == Some(&self.spec.sep_token_id) {
             ids.pop();
         }
@@ -298,7 +352,7 @@ impl BlipModel {
                 "the prompt is {} tokens; with {} new tokens it passes the model's {limit} positions",
                 ids.len(),
                 self.max_new_tokens
-            )));
+            ).into()));
         }
         Ok(ids)
     }
@@ -316,23 +370,22 @@ impl BlipModel {
 
     /// Image features `(batch, patches + 1, hidden)` of preprocessed pixels.
     pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
-        self.vision.forward(pixels).map_err(infer_err)
+        Ok(self.vision.forward(pixels)?)
     }
 
     /// The prefix repeated for every image, `(batch, len)`.
     fn prefix_batch(&self, prefix: &[u32], batch: usize) -> Result<Tensor, ModelError> {
-        Tensor::new(prefix, &self.device)
-            .and_then(|t| t.unsqueeze(0))
-            .and_then(|t| t.repeat((batch, 1)))
-            .map_err(infer_err)
+        Ok(Tensor::new(prefix, &self.device)?
+            .unsqueeze(0)?
+            .repeat((batch, 1))?)
     }
 
     /// The logits `(batch, vocab)` for the first generated token after `prefix`.
     pub fn first_step_logits(&self, pixels: &Tensor, prefix: &[u32]) -> Result<Tensor, ModelError> {
         let image = self.image_features(pixels)?;
-        let input = self.prefix_batch(prefix, image.dim(0).map_err(infer_err)?)?;
-        let mut state = self.decoder.start(&image).map_err(infer_err)?;
-        self.decoder.step(&input, &mut state).map_err(infer_err)
+        let input = self.prefix_batch(prefix, image.dim(0)?)?;
+        let mut state = self.decoder.start(&image)?;
+        Ok(self.decoder.step(&input, &mut state)?)
     }
 
     /// Greedy decoding for every image of `pixels`, all in one batch: each sequence is the
@@ -343,18 +396,17 @@ impl BlipModel {
         prefix: &[u32],
     ) -> Result<Vec<Vec<u32>>, ModelError> {
         let image = self.image_features(pixels)?;
-        let batch = image.dim(0).map_err(infer_err)?;
+        let batch = image.dim(0)?;
         let mut sequences = vec![prefix.to_vec(); batch];
         let mut done = vec![false; batch];
         let mut input = self.prefix_batch(prefix, batch)?;
-        let mut state = self.decoder.start(&image).map_err(infer_err)?;
+        let mut state = self.decoder.start(&image)?;
         for _ in 0..self.max_new_tokens {
             let next = self
                 .decoder
-                .step(&input, &mut state)
-                .and_then(|logits| logits.argmax(D::Minus1))
-                .and_then(|t| t.to_vec1::<u32>())
-                .map_err(infer_err)?;
+                .step(&input, &mut state)?
+                .argmax(D::Minus1)?
+                .to_vec1::<u32>()?;
             for (row, &token) in next.iter().enumerate() {
                 if !done[row] {
                     sequences[row].push(token);
@@ -365,18 +417,14 @@ impl BlipModel {
                 break;
             }
             // Finished rows keep decoding alongside the others; their tokens are dropped.
-            input = Tensor::new(next.as_slice(), &self.device)
-                .and_then(|t| t.unsqueeze(1))
-                .map_err(infer_err)?;
+            input = Tensor::new(next.as_slice(), &self.device)?.unsqueeze(1)?;
         }
         Ok(sequences)
     }
 
     /// The caption text of a generated sequence.
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
-        self.tokenizer
-            .decode(ids, true)
-            .map_err(|e| ModelError::Inference(format!("cannot decode caption: {e}")))
+        tokenizer::decode(&self.tokenizer, ids)
     }
 }
 

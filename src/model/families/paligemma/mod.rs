@@ -36,21 +36,25 @@ pub mod detect;
 
 use crate::model::families::paligemma::detect::{PaliTask, detected_labels, parse_detections};
 use crate::model::kind::ModelType;
+use crate::model::loading::config::check_patches;
 use crate::model::loading::{
-    DtypeChoice, ModelFiles, ModelSettings, TensorSpec, Weights, device_name, read_config,
+    DtypeChoice, ModelFiles, ModelSettings, TensorSpec, Weights, device_name, parse_config,
+    read_config,
 };
 use crate::model::preprocess::Preprocessor;
 use crate::model::preprocess::SIGLIP_MEAN_STD;
 use crate::model::testing::synthetic::{ModelSize, SyntheticModel};
 use crate::model::text::tokenizer::{self, GEMMA_BOS, GEMMA_EOS, PALIGEMMA_IMAGE};
 use crate::model::text::tokenizer::{GEMMA_PAD, GEMMA_UNK};
-use crate::model::towers::specs::{encoder_specs, layer_norm_specs, linear_specs};
+use crate::model::towers::scoring::round2;
+use crate::model::towers::specs::{linear_specs, siglip_vision_specs};
 use crate::model::{Frame, ModelError, ModelInfo, VisionLanguageModel};
 use crate::prompt::PromptRef;
 use candle_core::{D, Device, Module, Tensor};
-use candle_nn::Linear;
+use candle_nn::{Activation, Linear};
 use candle_transformers::models::{gemma, siglip};
-use serde_json::{Map, Value, json};
+use serde::Deserialize;
+use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
 use tokenizers::Tokenizer;
@@ -69,97 +73,175 @@ pub struct PaliGemmaSpec {
     pub eos_token_ids: Vec<u32>,
 }
 
-fn section(config: &Value, key: &str) -> Result<Map<String, Value>, ModelError> {
-    match config.get(key) {
-        None | Some(Value::Null) => Ok(Map::new()),
-        Some(Value::Object(map)) => Ok(map.clone()),
-        Some(other) => Err(ModelError::Load(format!(
-            "config.json: {key} is not an object: {other}"
-        ))),
-    }
+/// transformers' `PaliGemmaConfig` as `config.json` holds it; absent keys take transformers'
+/// defaults.
+#[derive(Deserialize)]
+#[serde(default)]
+struct PaliGemmaConfigFile {
+    vision_config: VisionSection,
+    text_config: TextSection,
+    projection_dim: usize,
+    eos_token_id: Option<TokenIds>,
 }
 
-fn fill(section: &mut Map<String, Value>, key: &str, default: Value) {
-    if section.get(key).is_none_or(Value::is_null) {
-        section.insert(key.to_string(), default);
+impl Default for PaliGemmaConfigFile {
+    fn default() -> Self {
+        Self {
+            vision_config: VisionSection::default(),
+            text_config: TextSection::default(),
+            projection_dim: 2048,
+            eos_token_id: None,
+        }
     }
 }
 
 /// `eos_token_id` as transformers writes it: one id or a list.
-fn token_ids(value: Option<&Value>) -> Vec<u32> {
-    match value {
-        Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .filter_map(Value::as_u64)
-            .map(|v| v as u32)
-            .collect(),
-        _ => Vec::new(),
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+/// The ids of an `eos_token_id`, none when it is absent.
+fn token_ids(ids: Option<TokenIds>) -> Vec<u32> {
+    match ids {
+        Some(TokenIds::One(id)) => vec![id],
+        Some(TokenIds::Many(ids)) => ids,
+        None => Vec::new(),
+    }
+}
+
+/// The image tower's settings (SigLIP's, with PaliGemma's defaults).
+#[derive(Deserialize)]
+#[serde(default)]
+struct VisionSection {
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_channels: usize,
+    image_size: usize,
+    patch_size: usize,
+    hidden_act: Activation,
+    layer_norm_eps: f64,
+}
+
+impl Default for VisionSection {
+    fn default() -> Self {
+        Self {
+            hidden_size: 1152,
+            intermediate_size: 4096,
+            num_hidden_layers: 27,
+            num_attention_heads: 16,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 14,
+            hidden_act: Activation::GeluPytorchTanh,
+            layer_norm_eps: 1e-6,
+        }
+    }
+}
+
+impl From<VisionSection> for siglip::VisionConfig {
+    fn from(v: VisionSection) -> Self {
+        Self {
+            hidden_size: v.hidden_size,
+            intermediate_size: v.intermediate_size,
+            num_hidden_layers: v.num_hidden_layers,
+            num_attention_heads: v.num_attention_heads,
+            num_channels: v.num_channels,
+            image_size: v.image_size,
+            patch_size: v.patch_size,
+            hidden_act: v.hidden_act,
+            layer_norm_eps: v.layer_norm_eps,
+        }
+    }
+}
+
+/// The Gemma decoder's settings.
+#[derive(Deserialize)]
+#[serde(default)]
+struct TextSection {
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+    head_dim: usize,
+    rms_norm_eps: f64,
+    rope_theta: f64,
+    /// transformers 5 nests `rope_theta` here.
+    rope_parameters: Option<RopeParameters>,
+    attention_bias: bool,
+    max_position_embeddings: usize,
+    vocab_size: usize,
+    /// Gemma configs name the activation `hidden_activation` or `hidden_act`.
+    hidden_activation: Option<Activation>,
+    hidden_act: Option<Activation>,
+    eos_token_id: Option<TokenIds>,
+}
+
+#[derive(Deserialize)]
+struct RopeParameters {
+    rope_theta: Option<f64>,
+}
+
+impl Default for TextSection {
+    fn default() -> Self {
+        Self {
+            hidden_size: 2048,
+            intermediate_size: 16384,
+            num_hidden_layers: 18,
+            num_attention_heads: 8,
+            num_key_value_heads: 1,
+            head_dim: 256,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            rope_parameters: None,
+            attention_bias: false,
+            max_position_embeddings: 8192,
+            vocab_size: 257152,
+            hidden_activation: None,
+            hidden_act: None,
+            eos_token_id: None,
+        }
+    }
+}
+
+impl TextSection {
+    /// Candle's Gemma settings. Candle refuses an activation named both ways, so it gets one.
+    fn gemma(&self) -> gemma::Config {
+        let rope_theta = self.rope_parameters.as_ref().and_then(|p| p.rope_theta);
+        gemma::Config {
+            attention_bias: self.attention_bias,
+            head_dim: self.head_dim,
+            hidden_act: Some(
+                self.hidden_activation
+                    .or(self.hidden_act)
+                    .unwrap_or(Activation::GeluPytorchTanh),
+            ),
+            hidden_activation: None,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_attention_heads: self.num_attention_heads,
+            num_hidden_layers: self.num_hidden_layers,
+            num_key_value_heads: self.num_key_value_heads,
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta: rope_theta.unwrap_or(self.rope_theta),
+            vocab_size: self.vocab_size,
+            max_position_embeddings: self.max_position_embeddings,
+        }
     }
 }
 
 impl PaliGemmaSpec {
     pub fn from_config(config: &Value) -> Result<Self, ModelError> {
-        let mut vision = section(config, "vision_config")?;
-        for (key, default) in [
-            ("hidden_size", json!(1152)),
-            ("intermediate_size", json!(4096)),
-            ("num_hidden_layers", json!(27)),
-            ("num_attention_heads", json!(16)),
-            ("num_channels", json!(3)),
-            ("image_size", json!(224)),
-            ("patch_size", json!(14)),
-            ("hidden_act", json!("gelu_pytorch_tanh")),
-            ("layer_norm_eps", json!(1e-6)),
-        ] {
-            fill(&mut vision, key, default);
-        }
-        let mut text = section(config, "text_config")?;
-        for (key, default) in [
-            ("hidden_size", json!(2048)),
-            ("intermediate_size", json!(16384)),
-            ("num_hidden_layers", json!(18)),
-            ("num_attention_heads", json!(8)),
-            ("num_key_value_heads", json!(1)),
-            ("head_dim", json!(256)),
-            ("rms_norm_eps", json!(1e-6)),
-            ("rope_theta", json!(10000.0)),
-            ("attention_bias", json!(false)),
-            ("max_position_embeddings", json!(8192)),
-            ("vocab_size", json!(257152)),
-        ] {
-            fill(&mut text, key, default);
-        }
-        // Gemma configs name the activation `hidden_activation` or `hidden_act`; candle
-        // refuses both at once.
-        let act = text
-            .remove("hidden_activation")
-            .filter(|v| !v.is_null())
-            .or_else(|| text.remove("hidden_act").filter(|v| !v.is_null()))
-            .unwrap_or(json!("gelu_pytorch_tanh"));
-        text.insert("hidden_act".into(), act);
-        // transformers 5 nests rope_theta under rope_parameters.
-        if let Some(theta) = text
-            .get("rope_parameters")
-            .and_then(|p| p.get("rope_theta"))
-            .cloned()
-        {
-            text.insert("rope_theta".into(), theta);
-        }
-        let vision: siglip::VisionConfig = serde_json::from_value(Value::Object(vision))
-            .map_err(|e| ModelError::Load(format!("config.json: bad vision_config: {e}")))?;
-        let text: gemma::Config = serde_json::from_value(Value::Object(text))
-            .map_err(|e| ModelError::Load(format!("config.json: bad text_config: {e}")))?;
-        let projection_dim = config
-            .get("projection_dim")
-            .and_then(Value::as_u64)
-            .map_or(2048, |v| v as usize);
-        if vision.patch_size == 0 || !vision.image_size.is_multiple_of(vision.patch_size) {
-            return Err(ModelError::Load(format!(
-                "config.json: image_size {} is not a multiple of patch_size {}",
-                vision.image_size, vision.patch_size
-            )));
-        }
+        let file: PaliGemmaConfigFile = parse_config(config, "PaliGemma")?;
+        let text = file.text_config.gemma();
+        let vision: siglip::VisionConfig = file.vision_config.into();
+        let projection_dim = file.projection_dim;
+        check_patches(vision.image_size, vision.patch_size)?;
         if !vision
             .hidden_size
             .is_multiple_of(vision.num_attention_heads)
@@ -173,15 +255,18 @@ impl PaliGemmaSpec {
             ));
         }
         if projection_dim != text.hidden_size {
-            return Err(ModelError::Load(format!(
-                "config.json: projection_dim {projection_dim} differs from the text \
-                 hidden_size {}",
-                text.hidden_size
-            )));
+            return Err(ModelError::Load(
+                format!(
+                    "config.json: projection_dim {projection_dim} differs from the text \
+                     hidden_size {}",
+                    text.hidden_size
+                )
+                .into(),
+            ));
         }
-        let mut eos_token_ids = token_ids(config.get("eos_token_id"));
+        let mut eos_token_ids = token_ids(file.eos_token_id);
         if eos_token_ids.is_empty() {
-            eos_token_ids = token_ids(config["text_config"].get("eos_token_id"));
+            eos_token_ids = token_ids(file.text_config.eos_token_id);
         }
         Ok(Self {
             vision,
@@ -201,26 +286,8 @@ impl PaliGemmaSpec {
     pub fn tensor_specs(&self) -> Vec<TensorSpec> {
         let (v, t) = (&self.vision, &self.text);
         let d = v.hidden_size;
-        let vp = "vision_tower.vision_model";
-        let mut specs = vec![
-            TensorSpec::new(
-                format!("{vp}.embeddings.patch_embedding.weight"),
-                &[d, v.num_channels, v.patch_size, v.patch_size],
-            ),
-            TensorSpec::new(format!("{vp}.embeddings.patch_embedding.bias"), &[d]),
-            TensorSpec::new(
-                format!("{vp}.embeddings.position_embedding.weight"),
-                &[v.num_patches(), d],
-            ),
-        ];
-        encoder_specs(
-            &mut specs,
-            &format!("{vp}.encoder"),
-            v.num_hidden_layers,
-            d,
-            v.intermediate_size,
-        );
-        layer_norm_specs(&mut specs, &format!("{vp}.post_layernorm"), d);
+        let mut specs = Vec::new();
+        siglip_vision_specs(&mut specs, "vision_tower.vision_model", v);
         linear_specs(
             &mut specs,
             "multi_modal_projector.linear",
@@ -259,14 +326,20 @@ impl PaliGemmaSpec {
     }
 }
 
+/// What the stop ids are read from in `generation_config.json`.
+#[derive(Deserialize)]
+struct GenerationConfig {
+    eos_token_id: Option<TokenIds>,
+}
+
 /// The stop ids: `generation_config.json` next to `config.json` when it names them, else
 /// the config's, else the tokenizer's `<eos>`.
 fn stop_ids(config_path: &Path, spec: &PaliGemmaSpec, eos: u32) -> Vec<u32> {
     let generation = config_path.with_file_name("generation_config.json");
     let from_generation = std::fs::read_to_string(&generation)
         .ok()
-        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-        .map(|v| token_ids(v.get("eos_token_id")))
+        .and_then(|text| serde_json::from_str::<GenerationConfig>(&text).ok())
+        .map(|g| token_ids(g.eos_token_id))
         .unwrap_or_default();
     [from_generation, spec.eos_token_ids.clone(), vec![eos]]
         .into_iter()
@@ -298,10 +371,6 @@ pub struct PaliGemmaModel {
     prompt_cache: Option<(Arc<str>, Arc<PreparedPrompt>)>,
 }
 
-fn infer_err(e: candle_core::Error) -> ModelError {
-    ModelError::Inference(e.to_string())
-}
-
 impl PaliGemmaModel {
     /// Loads PaliGemma from its files, after checking every tensor is present.
     pub fn load(
@@ -326,9 +395,9 @@ impl PaliGemmaModel {
             .chain(&stop_ids)
             .find(|&&id| id as usize >= vocab)
         {
-            return Err(ModelError::Load(format!(
-                "token id {id} is outside the model's vocabulary of {vocab}"
-            )));
+            return Err(ModelError::Load(
+                format!("token id {id} is outside the model's vocabulary of {vocab}").into(),
+            ));
         }
         let weights = Weights::open(&files.weights)?;
         weights.check(&spec.tensor_specs(), &[])?;
@@ -345,7 +414,7 @@ impl PaliGemmaModel {
             ))
         };
         let (vision, projector, language) =
-            build().map_err(|e| ModelError::Load(format!("building PaliGemma: {e}")))?;
+            build().map_err(|e| ModelError::load("building PaliGemma", e))?;
         let side = spec.vision.image_size;
         Ok(Self {
             info: ModelInfo {
@@ -382,22 +451,24 @@ impl PaliGemmaModel {
 
     /// What follows the image tokens for `prompt`: `<bos>`, the prompt's tokens, `\n`.
     pub fn text_ids(&self, prompt: &str) -> Result<Vec<u32>, ModelError> {
-        let enc = self
-            .tokenizer
-            .encode(format!("{prompt}\n"), false)
-            .map_err(|e| ModelError::Prompt(format!("cannot tokenise the prompt: {e}")))?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
-        ids.push(self.bos_id);
-        ids.extend_from_slice(enc.get_ids());
+        let mut ids = vec![self.bos_id];
+        ids.extend(tokenizer::encode_ids(
+            &self.tokenizer,
+            &format!("{prompt}\n"),
+            false,
+        )?);
         let total = self.spec.image_tokens() + FIRST_POSITION + ids.len() + self.max_new_tokens;
         let limit = self.spec.text.max_position_embeddings;
         if total > limit {
-            return Err(ModelError::Prompt(format!(
-                "the prompt is {} tokens; with the image and {} new tokens it passes the \
-                 model's {limit} positions",
-                ids.len(),
-                self.max_new_tokens
-            )));
+            return Err(ModelError::Prompt(
+                format!(
+                    "the prompt is {} tokens; with the image and {} new tokens it passes the \
+                     model's {limit} positions",
+                    ids.len(),
+                    self.max_new_tokens
+                )
+                .into(),
+            ));
         }
         Ok(ids)
     }
@@ -432,7 +503,7 @@ impl PaliGemmaModel {
         pixels: &Tensor,
         text_ids: &[u32],
     ) -> Result<Tensor, ModelError> {
-        let batch = pixels.dim(0).map_err(infer_err)?;
+        let batch = pixels.dim(0)?;
         let mut forward = || -> candle_core::Result<Tensor> {
             self.language.clear_kv_cache();
             let hidden = self.spec.text.hidden_size as f64;
@@ -452,7 +523,7 @@ impl PaliGemmaModel {
                 .forward_embeds(&sequence, None, FIRST_POSITION)?
                 .squeeze(1)
         };
-        forward().map_err(infer_err)
+        Ok(forward()?)
     }
 
     /// Greedy decoding for every image of `pixels`, as one batch: per image the generated
@@ -462,7 +533,7 @@ impl PaliGemmaModel {
         pixels: &Tensor,
         text_ids: &[u32],
     ) -> Result<Vec<Vec<u32>>, ModelError> {
-        let batch = pixels.dim(0).map_err(infer_err)?;
+        let batch = pixels.dim(0)?;
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); batch];
         let mut done = vec![false; batch];
         if self.max_new_tokens == 0 {
@@ -472,10 +543,7 @@ impl PaliGemmaModel {
         // The position of the token generated at step 0, fed back at step 1.
         let first_generated = FIRST_POSITION + self.spec.image_tokens() + text_ids.len();
         for step in 0..self.max_new_tokens {
-            let next: Vec<u32> = logits
-                .argmax(D::Minus1)
-                .and_then(|t| t.to_vec1::<u32>())
-                .map_err(infer_err)?;
+            let next: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
             for (i, &id) in next.iter().enumerate() {
                 if !done[i] {
                     out[i].push(id);
@@ -486,14 +554,11 @@ impl PaliGemmaModel {
                 break;
             }
             // Finished frames keep stepping with the others; their tokens are not kept.
-            let input = Tensor::new(next.as_slice(), &self.device)
-                .and_then(|t| t.unsqueeze(1))
-                .map_err(infer_err)?;
+            let input = Tensor::new(next.as_slice(), &self.device)?.unsqueeze(1)?;
             logits = self
                 .language
-                .forward(&input, first_generated + step)
-                .and_then(|l| l.squeeze(1))
-                .map_err(infer_err)?;
+                .forward(&input, first_generated + step)?
+                .squeeze(1)?;
         }
         self.language.clear_kv_cache();
         Ok(out)
@@ -505,15 +570,8 @@ impl PaliGemmaModel {
             Some((last, rest)) if self.stop_ids.contains(last) => rest,
             _ => generated,
         };
-        self.tokenizer
-            .decode(ids, true)
-            .map_err(|e| ModelError::Inference(format!("cannot decode: {e}")))
+        tokenizer::decode(&self.tokenizer, ids)
     }
-}
-
-/// Box corners to two decimals, as `owlvit` writes them.
-fn round2(v: f32) -> f64 {
-    (v as f64 * 100.0).round() / 100.0
 }
 
 impl VisionLanguageModel for PaliGemmaModel {
@@ -720,6 +778,36 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("f32 only"), "{err}");
+    }
+
+    #[test]
+    fn the_activation_rope_and_stop_ids_are_read_from_either_place() {
+        let spec = PaliGemmaSpec::from_config(&json!({
+            "text_config": {
+                "hidden_activation": "gelu", "hidden_act": "gelu_pytorch_tanh",
+                "rope_parameters": {"rope_theta": 5000.0}, "eos_token_id": [1, 107]
+            }
+        }))
+        .unwrap();
+        assert_eq!(spec.text.hidden_act, Some(Activation::Gelu));
+        assert_eq!(spec.text.hidden_activation, None);
+        assert_eq!(spec.text.rope_theta, 5000.0);
+        assert_eq!(spec.eos_token_ids, [1, 107]);
+        let spec = PaliGemmaSpec::from_config(&json!({
+            "eos_token_id": 1, "text_config": {"eos_token_id": [1, 107], "rope_theta": 20.0}
+        }))
+        .unwrap();
+        assert_eq!(spec.text.hidden_act, Some(Activation::GeluPytorchTanh));
+        assert_eq!(spec.text.rope_theta, 20.0);
+        assert_eq!(spec.eos_token_ids, [1]);
+        let err = PaliGemmaSpec::from_config(&json!({"projection_dim": 1024}))
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .contains("projection_dim 1024 differs from the text hidden_size 2048"),
+            "{err}"
+        );
     }
 
     #[test]
