@@ -258,7 +258,7 @@ async fn ready(ctx: &HealthContext) -> Response<Full<Bytes>> {
     if let Some(error) = ctx.state.backend_down() {
         reasons.push(format!(
             "the model's server is failing ({} frames in a row): {error}",
-            crate::model::BackendHealth::DOWN_AFTER_FAILURES
+            crate::backend::BackendHealth::DOWN_AFTER_FAILURES
         ));
     }
     if let Err(e) = ping(ctx).await {

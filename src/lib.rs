@@ -22,6 +22,8 @@
 //!   the active prompt in Redis.
 //! - [`client`]: the user-side operations the CLI speaks (submit, status, cancel, ...).
 //! - [`health`]: the HTTP health and metrics endpoint; [`metrics`]: the counters.
+//! - [`backend`]: whether a remote model's server answers (pure), shared by the model, the
+//!   queue and the health endpoint.
 //! - [`redact`]: masking secrets (URL passwords) before anything is shown (pure).
 //! - [`frame`]: the decoded frame type (pure); [`sampler`]: fps sampling by timestamp (pure).
 //! - [`source`]: frame sources (HLS and RTSP through an ffmpeg child, Redis frame streams).
@@ -41,6 +43,7 @@
 //!   every family), `families/` (clip, siglip, owlvit, blip, paligemma), `remote/` (openai),
 //!   `testing/` (the null, stub and test-colour models, synthetic weights, parity checks).
 pub mod alerts;
+pub mod backend;
 pub mod client;
 pub mod config;
 pub mod engine;

@@ -45,12 +45,12 @@ pub fn prepare_cpu_threads() {
     }
 }
 
+pub use crate::backend::BackendHealth;
 use crate::frame::Frame;
 pub use crate::prompt::PromptRef;
 
 use serde::Serialize;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// What a model is, as reported in health output, worker heartbeats and result entries.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -176,42 +176,5 @@ impl BatchReplies {
         for i in 0..frames {
             self.frame(i, Err(ModelError::Inference(error.into())));
         }
-    }
-}
-
-/// Whether the server a remote model calls is answering: the model records each frame's
-/// final outcome, `/health/ready` reads it.
-#[derive(Debug, Default)]
-pub struct BackendHealth {
-    consecutive_failures: AtomicU32,
-    last_error: Mutex<Option<String>>,
-}
-
-impl BackendHealth {
-    /// Frames that must fail in a row (after their retries) for the backend to count as down.
-    pub const DOWN_AFTER_FAILURES: u32 = 3;
-
-    pub fn record_success(&self) {
-        self.consecutive_failures.store(0, Ordering::Relaxed);
-    }
-
-    pub fn record_failure(&self, error: &str) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
-        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// `None` while the backend answers; the last error once `DOWN_AFTER_FAILURES` frames in
-    /// a row have failed, until one succeeds.
-    pub fn down(&self) -> Option<String> {
-        if self.consecutive_failures.load(Ordering::Relaxed) < Self::DOWN_AFTER_FAILURES {
-            return None;
-        }
-        Some(
-            self.last_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-                .unwrap_or_default(),
-        )
     }
 }

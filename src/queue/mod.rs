@@ -11,9 +11,9 @@ pub mod stop;
 
 pub use settings::QueueSettings;
 
+use crate::backend::BackendHealth;
 use crate::job::{JobField, JobSpec, JobStatus};
 use crate::metrics::Metrics;
-use crate::model::BackendHealth;
 use crate::prompt::PromptFollow;
 use crate::prompt::PromptRef;
 use crate::queue::body::{BodyOutcome, JobBody, JobContext, JobFailure};

@@ -388,7 +388,8 @@ impl SiglipModel {
     }
 
     /// `exp(logit_scale)` and `logit_bias`: logit = scale * cosine + bias.
-    pub fn logit_scale_and_bias(&self) -> (f32, f32) {
+    #[cfg(test)]
+    pub(crate) fn logit_scale_and_bias(&self) -> (f32, f32) {
         (self.logit_scale, self.logit_bias)
     }
 

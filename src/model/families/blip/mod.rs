@@ -381,7 +381,12 @@ impl BlipModel {
     }
 
     /// The logits `(batch, vocab)` for the first generated token after `prefix`.
-    pub fn first_step_logits(&self, pixels: &Tensor, prefix: &[u32]) -> Result<Tensor, ModelError> {
+    #[cfg(test)]
+    pub(crate) fn first_step_logits(
+        &self,
+        pixels: &Tensor,
+        prefix: &[u32],
+    ) -> Result<Tensor, ModelError> {
         let image = self.image_features(pixels)?;
         let input = self.prefix_batch(prefix, image.dim(0)?)?;
         let mut state = self.decoder.start(&image)?;
