@@ -50,7 +50,7 @@ ensure_run_tools() {
 
 ensure_tools() {
   ensure_run_tools
-  # tests/security.rs makes its test CA and certificates with it.
+  # tests/it/security.rs makes its test CA and certificates with it.
   ensure_command openssl openssl
   ensure_rtsp_server
 }

@@ -1,9 +1,7 @@
 //! Redis frame-stream ingest end to end: a test producer `XADD`s JPEG, PNG, raw, MessagePack
 //! and broken entries; the job samples, decodes, infers and writes results to a private Redis.
 
-mod common;
-mod ingest_support;
-
+use crate::ingest_support::*;
 use free_roam::metrics::Metrics;
 use free_roam::model::PromptRule;
 use free_roam::prompt::PromptFollow;
@@ -12,7 +10,6 @@ use free_roam::queue::body::BodyOutcome;
 use free_roam::queue::stop::StopReason;
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
 use free_roam::results::{FrameCounters, ResumeState};
-use ingest_support::*;
 use std::collections::HashMap;
 use std::io::Cursor;
 use std::sync::Arc;
@@ -88,10 +85,7 @@ async fn wait_hash(h: &Harness, job: &str, field: &str, want: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_entry_shape_decodes_and_bad_entries_become_error_entries() {
-    let h = Harness::new(
-        Box::new(ProbeModel::new(Duration::ZERO)),
-        &[("MAX_FRAME_PIXELS", "10000")],
-    );
+    let h = Harness::new(Box::new(probe_model()), &[("MAX_FRAME_PIXELS", "10000")]);
     let (_prompt_tx, prompt_rx) = watch::channel(PromptRef {
         text: "find cats".into(),
         version: Some(3),
@@ -206,7 +200,7 @@ async fn every_entry_shape_decodes_and_bad_entries_become_error_entries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reclaimed_job_resumes_right_after_its_cursor() {
-    let h = Harness::new(Box::new(ProbeModel::new(Duration::ZERO)), &[]);
+    let h = Harness::new(Box::new(probe_model()), &[]);
     let fields = [("stream_ref", KEY), ("fps", "2"), ("job_id", "res")];
     let png = |t: i64| vec![("data", encode(8, 8, image::ImageFormat::Png)), ts(t)];
 
@@ -263,7 +257,7 @@ async fn a_reclaimed_job_resumes_right_after_its_cursor() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_is_sampled_by_timestamp_and_only_the_newest_kept_frame_is_inferred() {
-    let h = Harness::new(Box::new(ProbeModel::new(Duration::ZERO)), &[]);
+    let h = Harness::new(Box::new(probe_model()), &[]);
     let job = h.start(
         h.spec(&[("stream_ref", KEY), ("fps", "2"), ("job_id", "burst")]),
         ResumeState::default(),
@@ -307,7 +301,7 @@ async fn a_slow_model_makes_the_stream_drop_frames_instead_of_queueing_them() {
     // One frame per 400 ms call, against frames arriving every 50 ms for 1.5 s: frames that
     // arrived together wait together (LIVE_QUEUE_MS), older ones are dropped for newer ones.
     let h = Harness::new(
-        Box::new(ProbeModel::new(Duration::from_millis(400))),
+        Box::new(probe_model().with_pause(Duration::from_millis(400))),
         &[("MAX_BATCH_SIZE", "1")],
     );
     let job = h.start(
@@ -356,7 +350,7 @@ async fn a_slow_model_makes_the_stream_drop_frames_instead_of_queueing_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_ends_with_max_duration_and_a_wrong_key_type_fails() {
-    let h = Harness::new(Box::new(ProbeModel::new(Duration::ZERO)), &[]);
+    let h = Harness::new(Box::new(probe_model()), &[]);
     let spec = h.spec(&[
         ("stream_ref", "never:written"),
         ("job_id", "wait"),
@@ -392,10 +386,7 @@ async fn waiting_ends_with_max_duration_and_a_wrong_key_type_fails() {
 /// naming the silence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_stream_deleted_or_gone_silent_fails_its_job_after_the_stall_timeout() {
-    let h = Harness::new(
-        Box::new(ProbeModel::new(Duration::ZERO)),
-        &[("STALL_TIMEOUT_MS", "1500")],
-    );
+    let h = Harness::new(Box::new(probe_model()), &[("STALL_TIMEOUT_MS", "1500")]);
     let png = |t: i64| vec![("data", encode(8, 8, image::ImageFormat::Png)), ts(t)];
     for (job, delete) in [("deleted", true), ("silent", false)] {
         xadd(&h, &png(1_000)).await;
@@ -426,7 +417,7 @@ async fn a_frame_stream_deleted_or_gone_silent_fails_its_job_after_the_stall_tim
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_without_its_own_prompt_follows_the_active_one_from_the_next_batch() {
-    let h = Harness::new(Box::new(ProbeModel::new(Duration::ZERO)), &[]);
+    let h = Harness::new(Box::new(probe_model()), &[]);
     let (prompt_tx, prompt_rx) = watch::channel(PromptRef {
         text: "cats".into(),
         version: Some(1),
@@ -530,7 +521,7 @@ async fn a_prompt_that_names_nothing_fails_the_job_once_when_claimed() {
     ];
     // A model that looks for phrases: the job fails at claim and never reads a frame.
     let h = Harness::new(
-        Box::new(ProbeModel::new(Duration::ZERO).with_prompt_rule(PromptRule::Phrases)),
+        Box::new(probe_model().with_prompt_rule(PromptRule::Phrases)),
         &[],
     );
     let (results, hash) = run_through_a_worker(&h, &entry, "nothing").await;
@@ -546,7 +537,7 @@ async fn a_prompt_that_names_nothing_fails_the_job_once_when_claimed() {
     drop(h);
 
     // A model that takes any prompt (a captioning model continues it) runs the same job.
-    let h = Harness::new(Box::new(ProbeModel::new(Duration::ZERO)), &[]);
+    let h = Harness::new(Box::new(probe_model()), &[]);
     let (results, hash) = run_through_a_worker(&h, &entry, "nothing").await;
     assert_eq!(hash["status"], "completed", "{hash:?}");
     let kinds: Vec<&str> = results.iter().map(|r| r["kind"].as_str()).collect();

@@ -1,10 +1,8 @@
 //! The `free-roam` command line against a real Redis: every subcommand, its text and JSON
 //! output, and its exit codes (0 ok, 1 not found or failed, 2 bad usage).
 
-mod common;
-
-use common::worker::InProcessWorker;
-use common::{TestRedis, unique_prefix};
+use crate::common::worker::InProcessWorker;
+use crate::common::{TestRedis, unique_prefix};
 use std::process::{Command, Output};
 
 fn run(redis: &TestRedis, prefix: &str, args: &[&str]) -> Output {

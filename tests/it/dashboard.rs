@@ -2,13 +2,11 @@
 //! `freeroam_*` series named in a panel query is found in a real worker's `/metrics`, and
 //! the panels cover what operators look at.
 
-mod common;
-
-use common::process::{http_get, signal, wait_ready, worker};
-use common::{TestRedis, free_port, unique_prefix};
+use crate::common::process::{http_get, signal, wait_ready, worker};
+use crate::common::{TestRedis, free_port, unique_prefix};
 use std::collections::BTreeSet;
 
-const DASHBOARD: &str = include_str!("../deploy/grafana/free-roam.json");
+const DASHBOARD: &str = include_str!("../../deploy/grafana/free-roam.json");
 
 /// Each `freeroam_*` metric a PromQL expression names, with its label selector if any.
 fn series_in(expr: &str) -> Vec<(String, Option<String>)> {

@@ -1,15 +1,14 @@
 //! Support for the ingest tests: a worker's ingest half (store, engine, stream body) against
 //! a private Redis, hand-built job contexts, HLS made by ffmpeg and served by a small HTTP
 //! server that can 404 or vanish on demand, and a probe model that reports what it saw.
-#![allow(dead_code)]
 
 use crate::common::{TestRedis, temp_dir, unique_prefix};
 use free_roam::config::Config;
 use free_roam::engine::Engine;
-use free_roam::frame::Frame;
 use free_roam::job::JobSpec;
 use free_roam::metrics::Metrics;
-use free_roam::model::{ModelError, ModelInfo, PromptRule, VisionLanguageModel};
+use free_roam::model::VisionLanguageModel;
+use free_roam::model::testing::stub::StubModel;
 use free_roam::pipeline::StreamJobBody;
 use free_roam::prompt::PromptFollow;
 use free_roam::prompt::PromptRef;
@@ -27,70 +26,26 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-/// A model that answers each frame with its size and mean value, optionally after a pause
-/// (to make a model slower than the stream).
-pub struct ProbeModel {
-    info: ModelInfo,
-    pause: Duration,
-    prompt_rule: PromptRule,
-}
-
-impl ProbeModel {
-    pub fn new(pause: Duration) -> Self {
-        Self {
-            info: ModelInfo {
-                name: "probe".into(),
-                task: "test".into(),
-                input_size: 224,
-                device: "cpu".into(),
-                dtype: "none".into(),
-            },
-            pause,
-            prompt_rule: PromptRule::Any,
-        }
-    }
-
-    /// The same probe, asking of prompts what a scoring or detection model asks.
-    pub fn with_prompt_rule(mut self, rule: PromptRule) -> Self {
-        self.prompt_rule = rule;
-        self
-    }
-}
-
-impl VisionLanguageModel for ProbeModel {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn prompt_rule(&self) -> PromptRule {
-        self.prompt_rule
-    }
-
-    fn infer(
-        &mut self,
-        frames: &[&Frame],
-        prompt: &PromptRef,
-    ) -> Result<Vec<serde_json::Value>, ModelError> {
-        std::thread::sleep(self.pause);
-        Ok(frames
-            .iter()
-            .map(|f| {
-                let sum: u64 = f.rgb.iter().map(|v| u64::from(*v)).sum();
-                serde_json::json!({
-                    "w": f.width,
-                    "h": f.height,
-                    "source": [f.source_width, f.source_height],
-                    "mean": sum / f.rgb.len() as u64,
-                    "prompt": &*prompt.text,
-                })
-            })
-            .collect())
-    }
+/// A model that answers each frame with its size, the size it had before scaling, its mean
+/// value and the prompt. `with_pause` makes it slower than the stream.
+pub fn probe_model() -> StubModel {
+    StubModel::named("probe").answering(|seen| {
+        let f = seen.frame;
+        let sum: u64 = f.rgb.iter().map(|v| u64::from(*v)).sum();
+        serde_json::json!({
+            "w": f.width,
+            "h": f.height,
+            "source": [f.source_width, f.source_height],
+            "mean": sum / f.rgb.len() as u64,
+            "prompt": &*seen.prompt.text,
+        })
+    })
 }
 
 /// The ingest half of a worker against a private Redis.
 pub struct Harness {
-    pub redis: TestRedis,
+    /// Held for its `Drop`: the server lives as long as the harness.
+    _redis: TestRedis,
     pub config: Config,
     pub store: Store,
     pub metrics: Arc<Metrics>,
@@ -127,7 +82,7 @@ impl Harness {
         }
         let body = Arc::new(body.with_source_options(options));
         Self {
-            redis,
+            _redis: redis,
             config,
             store,
             metrics,
@@ -324,10 +279,6 @@ impl LiveEncoder {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-
-    pub fn wait_exit(&mut self) {
-        let _ = self.child.wait();
-    }
 }
 
 impl Drop for LiveEncoder {
@@ -342,7 +293,6 @@ impl Drop for LiveEncoder {
 /// or vanish (stop listening, so connections are refused).
 pub struct FileServer {
     pub port: u16,
-    pub dir: PathBuf,
     accept: JoinHandle<()>,
     requests: Arc<Mutex<Vec<String>>>,
 }
@@ -413,7 +363,6 @@ impl FileServer {
         });
         Self {
             port,
-            dir: dir.to_path_buf(),
             accept,
             requests,
         }

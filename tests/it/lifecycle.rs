@@ -5,17 +5,17 @@
 //! Jobs here run the test body of `common::worker` (the model and ingest are tested on
 //! their own).
 
-mod common;
-
-use common::worker::{InProcessWorker, TestBody, config};
-use common::{TestRedis, eventually, unique_prefix};
+use crate::common::process::{signal, spawn_test_process};
+use crate::common::worker::{InProcessWorker, TestBody, config};
+use crate::common::{TestRedis, eventually, unique_prefix};
 use free_roam::job::JobStatus;
 use free_roam::metrics::Metrics;
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
 use free_roam::store::Store;
 use free_roam::store::functions::{self, ClaimVerdict, Lease, Ownership, Retention};
+use free_roam::store::keys::Keys;
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -41,8 +41,89 @@ async fn queue_store(redis: &TestRedis, prefix: &str) -> Store {
     store
 }
 
-fn keys(prefix: &str) -> free_roam::store::keys::Keys {
-    free_roam::store::keys::Keys::new(prefix)
+fn keys(prefix: &str) -> Keys {
+    Keys::new(prefix)
+}
+
+/// The queue's consumer group, driven by hand: the test stands in for a worker that read
+/// entries, was taken over, or died holding them. The group's name is written out, as the
+/// contract names it.
+struct WorkersGroup<'a> {
+    redis: &'a TestRedis,
+    jobs: String,
+}
+
+impl<'a> WorkersGroup<'a> {
+    const NAME: &'static str = "workers";
+
+    fn of(redis: &'a TestRedis, keys: &Keys) -> Self {
+        Self {
+            redis,
+            jobs: keys.jobs(),
+        }
+    }
+
+    /// Makes the group (and the jobs stream), as the first worker to start does.
+    fn create(&self) {
+        let _: String =
+            self.redis
+                .cmd(&["XGROUP", "CREATE", &self.jobs, Self::NAME, "0", "MKSTREAM"]);
+    }
+
+    /// Reads up to `count` new entries as `consumer`: pending on it from now on.
+    fn read(&self, consumer: &str, count: usize) {
+        let count = count.to_string();
+        let _: redis::Value = self.redis.cmd(&[
+            "XREADGROUP",
+            "GROUP",
+            Self::NAME,
+            consumer,
+            "COUNT",
+            &count,
+            "STREAMS",
+            &self.jobs,
+            ">",
+        ]);
+    }
+
+    /// `XCLAIM` of `entry` for `consumer`, with `options` after the entry id.
+    fn claim(&self, consumer: &str, entry: &str, options: &[&str]) {
+        let mut args = vec!["XCLAIM", &self.jobs, Self::NAME, consumer, "0", entry];
+        args.extend_from_slice(options);
+        let _: redis::Value = self.redis.cmd(&args);
+    }
+
+    /// Hands `entry` to `consumer` without counting a delivery, as a takeover does.
+    fn take_over(&self, consumer: &str, entry: &str) {
+        self.claim(consumer, entry, &["JUSTID"]);
+    }
+
+    /// Delivers `entry` to `consumer` once more, counting the delivery.
+    fn deliver_again(&self, consumer: &str, entry: &str) {
+        self.claim(consumer, entry, &[]);
+    }
+
+    /// Leaves `entry` with `consumer` but idle far past any lease, as a hand-back does.
+    fn hand_back(&self, consumer: &str, entry: &str) {
+        self.claim(consumer, entry, &["IDLE", "86400000", "JUSTID"]);
+    }
+
+    /// The pending entries, oldest first (ten at most): (entry id, owner, idle ms,
+    /// deliveries).
+    fn pending(&self) -> Vec<(String, String, u64, u64)> {
+        self.redis
+            .cmd(&["XPENDING", &self.jobs, Self::NAME, "-", "+", "10"])
+    }
+
+    /// The owner and the deliveries of one pending entry.
+    fn owner_of(&self, entry: &str) -> (String, u64) {
+        let pending = self.pending();
+        let (_, owner, _, deliveries) = pending
+            .iter()
+            .find(|(id, ..)| id == entry)
+            .unwrap_or_else(|| panic!("{entry} is not pending: {pending:?}"));
+        (owner.clone(), *deliveries)
+    }
 }
 
 fn xadd(redis: &TestRedis, prefix: &str, fields: &[(&str, &str)]) -> String {
@@ -163,11 +244,8 @@ async fn a_job_runs_from_xadd_to_its_end_entry() {
 
     // The entry is acked and deleted: nothing pending, nothing queued.
     wait_queue_empty(&redis, &p).await;
-    let pending: Vec<redis::Value> = redis.cmd(&["XPENDING", &keys(&p).jobs(), "workers"]);
-    assert_eq!(
-        redis::from_redis_value::<i64>(pending[0].clone()).unwrap(),
-        0
-    );
+    let pending = WorkersGroup::of(&redis, &keys(&p)).pending();
+    assert!(pending.is_empty(), "{pending:?}");
 
     let events: Vec<(String, String)> = redis
         .xrange(&keys(&p).events())
@@ -492,9 +570,9 @@ async fn a_worker_that_died_between_end_entry_and_ack_leaves_a_job_the_next_clai
     let redis = TestRedis::start();
     let p = unique_prefix();
     let k = keys(&p);
-    let jobs = k.jobs();
+    let group = WorkersGroup::of(&redis, &k);
     load_functions(&redis, &p).await;
-    let _: String = redis.cmd(&["XGROUP", "CREATE", &jobs, "workers", "0", "MKSTREAM"]);
+    group.create();
     let id = xadd(
         &redis,
         &p,
@@ -502,17 +580,7 @@ async fn a_worker_that_died_between_end_entry_and_ack_leaves_a_job_the_next_clai
     );
     // A worker claims the job, writes its end entry in the job's slot, and dies before
     // the queue's slot hears of it.
-    let _: redis::Value = redis.cmd(&[
-        "XREADGROUP",
-        "GROUP",
-        "workers",
-        "ghost",
-        "COUNT",
-        "1",
-        "STREAMS",
-        &jobs,
-        ">",
-    ]);
+    group.read("ghost", 1);
     let claim: Vec<Vec<String>> = redis.cmd(&[
         "FCALL",
         "fr_job_claim",
@@ -582,17 +650,7 @@ fn transitions_to(redis: &TestRedis, prefix: &str, job: &str, to: &str) -> usize
 /// Reads the next entry as consumer `worker` and claims it; returns its entry id.
 async fn read_and_claim(redis: &TestRedis, store: &Store, worker: &str, job: &str) -> String {
     let jobs = store.keys().jobs();
-    let _: redis::Value = redis.cmd(&[
-        "XREADGROUP",
-        "GROUP",
-        "workers",
-        worker,
-        "COUNT",
-        "1",
-        "STREAMS",
-        &jobs,
-        ">",
-    ]);
+    WorkersGroup::of(redis, store.keys()).read(worker, 1);
     let id = redis.xrange(&jobs).into_iter().last().unwrap().0;
     let entry = functions::ClaimEntry {
         entry_id: &id,
@@ -630,8 +688,7 @@ async fn an_entry_that_cannot_be_claimed_holds_back_no_other_entry_of_its_read()
     for job in ["before", "after"] {
         assert_eq!(wait_end(&redis, &p, job).await["status"], "completed");
     }
-    let pending: Vec<(String, String, u64, u64)> =
-        redis.cmd(&["XPENDING", &k.jobs(), "workers", "-", "+", "10"]);
+    let pending = WorkersGroup::of(&redis, &k).pending();
     assert_eq!(pending.len(), 1, "{pending:?}");
     let _: String = redis.cmd(&["GET", &k.job("broken")]);
     w.stop().await;
@@ -645,21 +702,12 @@ async fn one_call_claims_a_read_and_one_call_finishes_several_jobs() {
     let redis = TestRedis::start();
     let p = unique_prefix();
     let k = keys(&p);
+    let group = WorkersGroup::of(&redis, &k);
     let store = queue_store(&redis, &p).await;
     let a = xadd(&redis, &p, &[("stream_ref", "paced:3:10"), ("job_id", "a")]);
     let b = xadd(&redis, &p, &[("stream_ref", "paced:3:10"), ("job_id", "b")]);
     let again = xadd(&redis, &p, &[("stream_ref", "paced:3:10"), ("job_id", "a")]);
-    let _: redis::Value = redis.cmd(&[
-        "XREADGROUP",
-        "GROUP",
-        "workers",
-        "w1",
-        "COUNT",
-        "3",
-        "STREAMS",
-        &k.jobs(),
-        ">",
-    ]);
+    group.read("w1", 3);
     let fields = [("stream_ref", "paced:3:10".to_string())];
     let entry = |entry_id, job_id| functions::ClaimEntry {
         entry_id,
@@ -680,7 +728,7 @@ async fn one_call_claims_a_read_and_one_call_finishes_several_jobs() {
     assert_eq!(redis.hgetall(&k.job("b"))["stream_ref"], "paced:3:10");
 
     // b is taken over by another worker before w1 ends both.
-    let _: redis::Value = redis.cmd(&["XCLAIM", &k.jobs(), "workers", "w2", "0", &b, "JUSTID"]);
+    group.take_over("w2", &b);
     // One heartbeat renews a and gives b up; an entry that is nobody's now (the duplicate,
     // dropped) is lost too.
     let call_in = functions::CallIn {
@@ -708,8 +756,7 @@ async fn one_call_claims_a_read_and_one_call_finishes_several_jobs() {
     assert_eq!(answers, vec![Ownership::Done, Ownership::Lost]);
     assert_eq!(status(&redis, &p, "a").as_deref(), Some("completed"));
     assert_eq!(status(&redis, &p, "b").as_deref(), Some("running"));
-    let pending: Vec<(String, String, u64, u64)> =
-        redis.cmd(&["XPENDING", &k.jobs(), "workers", "-", "+", "10"]);
+    let pending = group.pending();
     assert_eq!(pending.len(), 1, "{pending:?}");
     assert_eq!(
         (pending[0].0.as_str(), pending[0].1.as_str()),
@@ -717,17 +764,7 @@ async fn one_call_claims_a_read_and_one_call_finishes_several_jobs() {
     );
     // A call whose arguments break off after a good entry writes nothing, not even that.
     let fresh = xadd(&redis, &p, &[("stream_ref", "paced:3:10"), ("job_id", "c")]);
-    let _: redis::Value = redis.cmd(&[
-        "XREADGROUP",
-        "GROUP",
-        "workers",
-        "w1",
-        "COUNT",
-        "1",
-        "STREAMS",
-        &k.jobs(),
-        ">",
-    ]);
+    group.read("w1", 1);
     let mut con = redis.client().get_connection().unwrap();
     let bad: redis::RedisResult<redis::Value> = redis::cmd("FCALL")
         .arg("fr_job_claim")
@@ -794,8 +831,9 @@ async fn every_step_of_a_jobs_end_is_safe_to_repeat() {
         .collect();
     assert_eq!(ends.len(), 1, "one end entry: {ends:?}");
     assert_eq!(transitions_to(&redis, &p, "twice", "completed"), 1);
-    let pending: Vec<redis::Value> = redis.cmd(&["XPENDING", &k.jobs(), "workers", "-", "+", "10"]);
-    assert!(pending.is_empty());
+    let group = WorkersGroup::of(&redis, &k);
+    let pending = group.pending();
+    assert!(pending.is_empty(), "{pending:?}");
     // Another worker's finish of the same entry is not taken for its own.
     assert_eq!(
         finish_one(&store, &id, "w2", "twice").await,
@@ -816,7 +854,7 @@ async fn every_step_of_a_jobs_end_is_safe_to_repeat() {
         &[("stream_ref", "paced:3:10"), ("job_id", "taken")],
     );
     let id = read_and_claim(&redis, &store, "w1", "taken").await;
-    let _: redis::Value = redis.cmd(&["XCLAIM", &k.jobs(), "workers", "w2", "0", &id, "JUSTID"]);
+    group.take_over("w2", &id);
     assert_eq!(
         finish_one(&store, &id, "w1", "taken").await,
         Ownership::Lost
@@ -848,27 +886,17 @@ async fn every_step_of_a_jobs_end_is_safe_to_repeat() {
 async fn an_entry_delivered_too_often_is_dead_lettered() {
     let redis = TestRedis::start();
     let p = unique_prefix();
-    let jobs = keys(&p).jobs();
-    let _: String = redis.cmd(&["XGROUP", "CREATE", &jobs, "workers", "0", "MKSTREAM"]);
+    let group = WorkersGroup::of(&redis, &keys(&p));
+    group.create();
     let id = xadd(
         &redis,
         &p,
         &[("stream_ref", "paced:3:10"), ("job_id", "poison")],
     );
     // A consumer that took the entry three times and died each time.
-    let _: redis::Value = redis.cmd(&[
-        "XREADGROUP",
-        "GROUP",
-        "workers",
-        "ghost",
-        "COUNT",
-        "1",
-        "STREAMS",
-        &jobs,
-        ">",
-    ]);
-    let _: redis::Value = redis.cmd(&["XCLAIM", &jobs, "workers", "ghost", "0", &id]);
-    let _: redis::Value = redis.cmd(&["XCLAIM", &jobs, "workers", "ghost", "0", &id]);
+    group.read("ghost", 1);
+    group.deliver_again("ghost", &id);
+    group.deliver_again("ghost", &id);
 
     let w = InProcessWorker::start(
         &redis,
@@ -902,7 +930,7 @@ async fn an_entry_delivered_too_often_is_dead_lettered() {
 async fn a_worker_that_lost_its_lease_stops_instead_of_stealing_it_back() {
     let redis = TestRedis::start();
     let p = unique_prefix();
-    let jobs = keys(&p).jobs();
+    let group = WorkersGroup::of(&redis, &keys(&p));
     let w = InProcessWorker::start(&redis, &p, "w1", &[]);
     let id = xadd(
         &redis,
@@ -914,11 +942,10 @@ async fn a_worker_that_lost_its_lease_stops_instead_of_stealing_it_back() {
     })
     .await;
     // Someone else takes the entry over (as XAUTOCLAIM would after a stall).
-    let _: redis::Value = redis.cmd(&["XCLAIM", &jobs, "workers", "other", "0", &id, "JUSTID"]);
+    group.take_over("other", &id);
     eventually(WAIT, "the worker lets go", || w.state.running_jobs() == 0).await;
-    let owner: Vec<redis::Value> = redis.cmd(&["XPENDING", &jobs, "workers", &id, &id, "1"]);
-    let owner: Vec<String> = redis::from_redis_value(owner[0].clone()).unwrap();
-    assert_eq!(owner[1], "other", "the lease stays with its new owner");
+    let (owner, _) = group.owner_of(&id);
+    assert_eq!(owner, "other", "the lease stays with its new owner");
     assert!(
         end_entry(&redis, &p, "taken").is_none(),
         "the old owner does not end the job"
@@ -1124,22 +1151,9 @@ async fn reclaiming_waits_a_lease_after_the_fleet_was_silent() {
         &p,
         &[("stream_ref", "paced:1:1"), ("job_id", "handed")],
     );
-    let jobs = keys(&p).jobs();
-    redis.cli(&[
-        "XREADGROUP",
-        "GROUP",
-        "workers",
-        "a",
-        "COUNT",
-        "2",
-        "STREAMS",
-        &jobs,
-        ">",
-    ]);
-    // Handed back: idle far past any lease.
-    redis.cli(&[
-        "XCLAIM", &jobs, "workers", "a", "0", &handed, "IDLE", "86400000", "JUSTID",
-    ]);
+    let group = WorkersGroup::of(&redis, &keys(&p));
+    group.read("a", 2);
+    group.hand_back("a", &handed);
     let call_in = functions::CallIn {
         quiet_ms: 300,
         lease_ms: 1000,
@@ -1179,12 +1193,10 @@ async fn reclaiming_waits_a_lease_after_the_fleet_was_silent() {
         "taken only after the hold"
     );
     // b's claim counted a delivery: the one the attempt count reads.
-    let pending = redis.cli(&["XPENDING", &jobs, "workers", &lapsed, &lapsed, "1"]);
-    let fields: Vec<&str> = pending.lines().collect();
     assert_eq!(
-        (fields[1], fields[3]),
-        ("b", "2"),
-        "owner and deliveries: {pending}"
+        group.owner_of(&lapsed),
+        ("b".to_string(), 2),
+        "owner and deliveries"
     );
 }
 
@@ -1388,38 +1400,18 @@ fn spawn_child_worker(
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "child_worker_process",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(
-            "FREE_ROAM_CHILD_WORKER",
-            serde_json::to_string(&pairs).unwrap(),
-        )
-        .env("FREE_ROAM_CHILD_REDIS", redis.url())
-        .env("FREE_ROAM_CHILD_PREFIX", prefix)
-        .env("FREE_ROAM_CHILD_ID", id)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn signal(child: &Child, sig: i32) {
-    // SAFETY: kill(2) on a pid this test spawned and has not reaped.
-    unsafe {
-        libc_kill(child.id() as i32, sig);
-    }
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
+    spawn_test_process(
+        "lifecycle::child_worker_process",
+        &[
+            (
+                "FREE_ROAM_CHILD_WORKER",
+                serde_json::to_string(&pairs).unwrap(),
+            ),
+            ("FREE_ROAM_CHILD_REDIS", redis.url()),
+            ("FREE_ROAM_CHILD_PREFIX", prefix.to_string()),
+            ("FREE_ROAM_CHILD_ID", id.to_string()),
+        ],
+    )
 }
 
 const SIGKILL: i32 = 9;

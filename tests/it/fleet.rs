@@ -6,10 +6,8 @@
 //! The story is read back from `{fr}:events`, which the claim and finish functions append
 //! to inside Redis, so its order is the order Redis ran them in.
 
-mod common;
-
-use common::process::{feed_frames, http_get, signal, wait_ready, worker};
-use common::{TestRedis, free_port, unique_prefix, wait_until};
+use crate::common::process::{feed_frames, http_get, signal, wait_ready, worker};
+use crate::common::{TestRedis, free_port, unique_prefix, wait_until};
 use free_roam::store::keys::Keys;
 use std::collections::HashMap;
 use std::process::Child;

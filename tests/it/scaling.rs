@@ -7,10 +7,8 @@
 //! It shows that the replicas wanted never drop below what the running jobs need, that
 //! scale-in loses no job, and that the group's lag (the old signal) would have.
 
-mod common;
-
-use common::worker::InProcessWorker;
-use common::{TestRedis, unique_prefix};
+use crate::common::worker::InProcessWorker;
+use crate::common::{TestRedis, unique_prefix};
 use free_roam::store::keys::{Keys, WORKER_GROUP};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

@@ -6,11 +6,9 @@
 //! a server that stays down fails frames without stopping the job or the worker and shows on
 //! `/health/ready`, and the key appears in no log nor health output.
 
-mod common;
-
+use crate::common::process::{WAIT, http_get, raw_frame_xadd, signal};
+use crate::common::{TestRedis, free_port, temp_dir, unique_prefix, wait_until};
 use base64::Engine as _;
-use common::process::{WAIT, http_get, raw_frame_xadd, signal};
-use common::{TestRedis, free_port, temp_dir, unique_prefix, wait_until};
 use free_roam::model::remote::openai::{ApiKey, OpenAiModel, OpenAiSettings};
 use free_roam::model::{BackendHealth, VisionLanguageModel};
 use free_roam::prompt::PromptRef;

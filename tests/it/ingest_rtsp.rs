@@ -2,14 +2,11 @@
 //! H.264 test pattern, the real ffmpeg child reads it over TCP or UDP, and the job's results
 //! go to a private Redis; also the server going away mid-job, for a while and for good.
 
-mod common;
-mod ingest_support;
-
-use common::free_port;
+use crate::common::free_port;
+use crate::ingest_support::*;
 use free_roam::queue::body::BodyOutcome;
 use free_roam::queue::stop::StopReason;
 use free_roam::results::ResumeState;
-use ingest_support::*;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -69,7 +66,7 @@ impl Drop for RtspCamera {
 async fn an_rtsp_camera_is_read_live_over_tcp_by_default_and_over_udp() {
     let camera = RtspCamera::start(free_port());
     let h = Harness::new(
-        Box::new(ProbeModel::new(Duration::ZERO)),
+        Box::new(probe_model()),
         &[("MAX_FRAME_SIDE", "160"), ("SCENE_GATE", "false")],
     );
     for (job, transport) in [("tcp", None), ("udp", Some("udp"))] {
@@ -111,7 +108,7 @@ async fn a_camera_that_goes_away_for_a_while_is_reconnected_and_the_job_goes_on(
     let port = free_port();
     let mut camera = RtspCamera::start(port);
     let h = Harness::new(
-        Box::new(ProbeModel::new(Duration::ZERO)),
+        Box::new(probe_model()),
         &[("MAX_FRAME_SIDE", "160"), ("SOURCE_RETRIES", "8")],
     );
     let spec = h.spec(&[
@@ -138,10 +135,7 @@ async fn a_camera_that_goes_away_for_a_while_is_reconnected_and_the_job_goes_on(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_camera_gone_for_good_fails_the_job_with_what_ffmpeg_said() {
     let mut camera = RtspCamera::start(free_port());
-    let h = Harness::new(
-        Box::new(ProbeModel::new(Duration::ZERO)),
-        &[("SOURCE_RETRIES", "2")],
-    );
+    let h = Harness::new(Box::new(probe_model()), &[("SOURCE_RETRIES", "2")]);
     let spec = h.spec(&[
         ("stream_ref", &camera.url()),
         ("fps", "5"),

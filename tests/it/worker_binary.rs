@@ -3,10 +3,8 @@
 //! back and the process exits 0, and SIGKILL leaves a job that another worker finishes; a
 //! question job gets an answer per frame from a tiny random PaliGemma.
 
-mod common;
-
-use common::process::{WAIT, feed_frames, http_get, signal, worker};
-use common::{TestRedis, free_port, unique_prefix, wait_until};
+use crate::common::process::{WAIT, feed_frames, http_get, raw_frame_xadd, signal, worker};
+use crate::common::{TestRedis, free_port, unique_prefix, wait_until};
 use std::time::{Duration, Instant};
 
 fn results(
@@ -177,8 +175,7 @@ fn sigterm_and_sigkill_lose_no_job() {
             let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
             let mut ts = 2_000_000i64;
             while feeding.load(std::sync::atomic::Ordering::Relaxed) {
-                let _: Result<String, _> =
-                    common::process::raw_frame_xadd("cam:2", None, 7, ts).query(&mut con);
+                let _: Result<String, _> = raw_frame_xadd("cam:2", None, 7, ts).query(&mut con);
                 ts += 100;
                 std::thread::sleep(Duration::from_millis(100));
             }

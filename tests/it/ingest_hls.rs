@@ -1,21 +1,19 @@
 //! HLS ingest end to end: playlists made by ffmpeg, served over HTTP by the test, decoded by
 //! the real ffmpeg child, run through the engine and written to a private Redis.
 
-mod common;
-mod ingest_support;
-
+use crate::ingest_support::*;
 use free_roam::job::{JobSpec, SourceKind};
+use free_roam::model::testing::stub::StubModel;
 use free_roam::queue::body::BodyOutcome;
 use free_roam::queue::stop::StopReason;
 use free_roam::results::{FrameCounters, ResumeState};
-use ingest_support::*;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(20);
 
-fn model() -> Box<ProbeModel> {
-    Box::new(ProbeModel::new(Duration::ZERO))
+fn model() -> Box<StubModel> {
+    Box::new(probe_model())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,7 +385,10 @@ async fn a_live_stream_faster_than_the_model_drops_frames_instead_of_queueing() 
     let encoder = LiveEncoder::start(&dir.0, 30);
     encoder.wait_segments(2).await;
     let server = FileServer::start(&dir.0).await;
-    let h = Harness::new(Box::new(ProbeModel::new(Duration::from_millis(1500))), &[]);
+    let h = Harness::new(
+        Box::new(probe_model().with_pause(Duration::from_millis(1500))),
+        &[],
+    );
     let spec = h.spec(&[
         ("stream_ref", &server.url("live.m3u8")),
         ("fps", "2"),
@@ -424,7 +425,10 @@ async fn a_segments_burst_waits_for_a_busy_model_instead_of_replacing_itself() {
     // The model has time for every frame (4 a second, 150 ms a call), but they arrive a
     // segment (four frames) at a time, within milliseconds: while the model runs the first,
     // the other three must wait rather than replace one another.
-    let h = Harness::new(Box::new(ProbeModel::new(Duration::from_millis(150))), &[]);
+    let h = Harness::new(
+        Box::new(probe_model().with_pause(Duration::from_millis(150))),
+        &[],
+    );
     let spec = h.spec(&[
         ("stream_ref", &server.url("live.m3u8")),
         ("fps", "4"),

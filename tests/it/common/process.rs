@@ -78,6 +78,26 @@ pub fn feed_frames(redis: &TestRedis, key: &str, start_ts: i64, n: i64) {
     }
 }
 
+/// Runs this test binary again as a child process for the one ignored test `test` (its
+/// path in the binary, e.g. `lifecycle::child_worker_process`), with `env` set: a worker
+/// in a process of its own, so a test can kill it for real.
+pub fn spawn_test_process(test: &str, env: &[(&str, String)]) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            test,
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// Sends `sig` (15: SIGTERM, 9: SIGKILL) to a child process.
 pub fn signal(child: &Child, sig: i32) {
     unsafe extern "C" {

@@ -3,9 +3,10 @@
 //! any slot, results, status, cancel, the prompt), the result writes of 30 running jobs land
 //! on all three masters, and running jobs survive a failover of the master holding `{fr}`.
 
-mod common;
-
-use common::{free_port, temp_dir, unique_prefix, wait_until};
+use crate::common::process::raw_frame_xadd;
+use crate::common::worker::config;
+use crate::common::{free_port, temp_dir, unique_prefix, wait_until};
+use free_roam::model::testing::stub::StubModel;
 use free_roam::store::keys::Keys;
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -338,8 +339,7 @@ impl Feeder {
                     let mut failed = false;
                     for key in &keys {
                         let r: redis::RedisResult<String> =
-                            common::process::raw_frame_xadd(key, Some(200), (ts % 255) as u8, ts)
-                                .query(&mut con);
+                            raw_frame_xadd(key, Some(200), (ts % 255) as u8, ts).query(&mut con);
                         failed |= r.is_err();
                     }
                     ts += 100;
@@ -636,29 +636,14 @@ fn running_jobs_survive_a_failover_of_the_master_holding_the_queue() {
 /// Sees "bright" in a frame whose first pixel is brighter than mid grey: the feeder's frames
 /// change brightness every 100 ms, so a job sees the label come and go. (The worker
 /// binary's `null` model detects nothing, so this test runs a worker in-process.)
-struct BrightModel {
-    info: free_roam::model::ModelInfo,
-}
-
-impl free_roam::model::VisionLanguageModel for BrightModel {
-    fn info(&self) -> &free_roam::model::ModelInfo {
-        &self.info
-    }
-
-    fn infer(
-        &mut self,
-        frames: &[&free_roam::frame::Frame],
-        _prompt: &free_roam::prompt::PromptRef,
-    ) -> Result<Vec<serde_json::Value>, free_roam::model::ModelError> {
-        Ok(frames
-            .iter()
-            .map(|f| {
-                let bright = f.rgb.first().is_some_and(|v| *v > 127);
-                let detected: Vec<&str> = if bright { vec!["bright"] } else { vec![] };
-                serde_json::json!({ "detected": detected })
-            })
-            .collect())
-    }
+fn bright_model() -> StubModel {
+    StubModel::named("bright")
+        .with_input_size(64)
+        .answering(|seen| {
+            let bright = seen.frame.rgb.first().is_some_and(|v| *v > 127);
+            let detected: Vec<&str> = if bright { vec!["bright"] } else { vec![] };
+            serde_json::json!({ "detected": detected })
+        })
 }
 
 #[test]
@@ -690,7 +675,7 @@ fn alerts_on_a_cluster_go_to_the_queue_slot_and_their_state_to_the_job_slot() {
         .build()
         .unwrap();
     let seeds = cluster.seeds();
-    let config = Arc::new(common::worker::config(
+    let config = Arc::new(config(
         "redis://127.0.0.1:1",
         &p,
         &[("REDIS_CLUSTER_NODES", seeds.as_str())],
@@ -699,15 +684,7 @@ fn alerts_on_a_cluster_go_to_the_queue_slot_and_their_state_to_the_job_slot() {
         let store = Store::connect(&config.redis, 16).unwrap();
         let metrics = Arc::new(Metrics::default());
         let engine = Engine::start(
-            Box::new(BrightModel {
-                info: free_roam::model::ModelInfo {
-                    name: "bright".into(),
-                    task: "test".into(),
-                    input_size: 64,
-                    device: "cpu".into(),
-                    dtype: "none".into(),
-                },
-            }),
+            Box::new(bright_model()),
             config.engine.clone(),
             metrics.clone(),
         );

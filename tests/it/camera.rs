@@ -4,20 +4,18 @@
 //! worker killed (SIGKILL, as a real process) while an alert is open, and for a job
 //! cancelled after its worker handed it back.
 
-mod common;
-
-use common::worker::config;
-use common::{TestRedis, eventually, unique_prefix};
+use crate::common::process::{signal, spawn_test_process};
+use crate::common::worker::config;
+use crate::common::{TestRedis, eventually, unique_prefix};
 use free_roam::engine::Engine;
 use free_roam::frame::Frame;
 use free_roam::metrics::Metrics;
-use free_roam::model::{ModelError, ModelInfo, VisionLanguageModel};
+use free_roam::model::testing::stub::StubModel;
 use free_roam::pipeline::StreamJobBody;
-use free_roam::prompt::PromptRef;
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
 use free_roam::store::Store;
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -33,51 +31,24 @@ const FPS: &str = "10";
 
 /// Decides presence from the pixels: "red" is detected when more than 2% of the frame is
 /// strongly red. Scored like CLIP's phrases, so alerts read it the same way.
-struct RedModel {
-    info: ModelInfo,
+fn red_model() -> StubModel {
+    StubModel::named("red-share")
+        .with_input_size(64)
+        .answering(|seen| red_share(seen.frame))
 }
 
-impl RedModel {
-    fn new() -> Self {
-        Self {
-            info: ModelInfo {
-                name: "red-share".into(),
-                task: "test".into(),
-                input_size: 64,
-                device: "cpu".into(),
-                dtype: "none".into(),
-            },
-        }
-    }
-}
-
-impl VisionLanguageModel for RedModel {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn infer(
-        &mut self,
-        frames: &[&Frame],
-        _prompt: &PromptRef,
-    ) -> Result<Vec<serde_json::Value>, ModelError> {
-        Ok(frames
-            .iter()
-            .map(|f| {
-                let red = f
-                    .rgb
-                    .chunks_exact(3)
-                    .filter(|p| p[0] > 180 && p[1] < 80 && p[2] < 80)
-                    .count();
-                let share = red as f64 / (f.width * f.height) as f64;
-                let detected: Vec<&str> = if share > 0.02 { vec!["red"] } else { vec![] };
-                serde_json::json!({
-                    "phrases": [{"phrase": "red", "probability": share}],
-                    "detected": detected,
-                })
-            })
-            .collect())
-    }
+fn red_share(f: &Frame) -> serde_json::Value {
+    let red = f
+        .rgb
+        .chunks_exact(3)
+        .filter(|p| p[0] > 180 && p[1] < 80 && p[2] < 80)
+        .count();
+    let share = red as f64 / (f.width * f.height) as f64;
+    let detected: Vec<&str> = if share > 0.02 { vec!["red"] } else { vec![] };
+    serde_json::json!({
+        "phrases": [{"phrase": "red", "probability": share}],
+        "detected": detected,
+    })
 }
 
 /// A still, textured light grey scene, with a red square when `red` is set.
@@ -144,7 +115,7 @@ impl CameraWorker {
         let store = Store::new(&config.redis.url, &config.redis.key_prefix, 16).unwrap();
         let metrics = Arc::new(Metrics::default());
         let engine = Engine::start(
-            Box::new(RedModel::new()),
+            Box::new(red_model()),
             config.engine.clone(),
             metrics.clone(),
         );
@@ -433,21 +404,13 @@ fn camera_child_worker() {
 }
 
 fn spawn_child(redis: &TestRedis, prefix: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "camera_child_worker",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("FREE_ROAM_CAMERA_CHILD", redis.url())
-        .env("FREE_ROAM_CAMERA_PREFIX", prefix)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    spawn_test_process(
+        "camera::camera_child_worker",
+        &[
+            ("FREE_ROAM_CAMERA_CHILD", redis.url()),
+            ("FREE_ROAM_CAMERA_PREFIX", prefix.to_string()),
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -471,8 +434,7 @@ async fn an_alert_open_when_its_worker_is_killed_starts_once_and_ends_once() {
     red.store(true, Ordering::Relaxed);
     eventually(WAIT, "a start", || !alerts(&redis, &p, "gate").is_empty()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // SAFETY: kill(2) on a pid this test spawned and has not reaped.
-    unsafe { libc_kill(child.id() as i32, 9) };
+    signal(&child, 9);
     let _ = child.wait();
 
     // Another worker takes the job over after the lease while the object is still there,
@@ -493,9 +455,4 @@ async fn an_alert_open_when_its_worker_is_killed_starts_once_and_ends_once() {
     stop.cancel();
     producer.join().unwrap();
     b.stop().await;
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }

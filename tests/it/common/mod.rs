@@ -1,6 +1,5 @@
 //! Test support shared by the integration tests: a private `redis-server` on a free port,
 //! and small helpers to wait for conditions.
-#![allow(dead_code)]
 
 pub mod process;
 pub mod worker;

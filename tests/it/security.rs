@@ -4,10 +4,8 @@
 //! no Redis password in logs, `/health`, `/metrics` or Redis; and a health endpoint that
 //! serves only its paths and outlasts slow, garbage and numerous clients.
 
-mod common;
-
-use common::process::{http_get, raw_frame_xadd, signal};
-use common::{TestRedis, free_port, temp_dir, wait_until};
+use crate::common::process::{http_get, raw_frame_xadd, signal};
+use crate::common::{TestRedis, free_port, temp_dir, wait_until};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -15,8 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
-const ACL_FILE: &str = include_str!("../deploy/redis/acl-users.txt");
-const SECURITY_DOC: &str = include_str!("../docs/security.md");
+const ACL_FILE: &str = include_str!("../../deploy/redis/acl-users.txt");
+const SECURITY_DOC: &str = include_str!("../../docs/security.md");
 const ADMIN_PASSWORD: &str = "admin-Pw-4e1f";
 const WORKER_PASSWORD: &str = "worker-Pw-9c2a";
 const PRODUCER_PASSWORD: &str = "producer-Pw-77d0";
@@ -743,7 +741,7 @@ fn read_until_closed(s: &mut TcpStream) -> Option<String> {
 fn the_health_endpoint_serves_its_paths_only_and_outlasts_abuse() {
     let redis = TestRedis::start();
     let port = free_port();
-    let mut worker = common::process::worker(&redis, PREFIX, port, &[]);
+    let mut worker = crate::common::process::worker(&redis, PREFIX, port, &[]);
     wait_until(WAIT, || {
         http_get(port, "/health/ready").is_some_and(|(c, _)| c == 200)
     });
