@@ -175,15 +175,8 @@ pub fn clip_tiny_tokenizer() -> (Value, usize) {
     vocab.push(CLIP_BOS.to_string());
     vocab.push(CLIP_EOS.to_string());
     let eos = bos + 1;
-    let vocab_map: serde_json::Map<String, Value> = vocab
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
-    let special = |id: usize, content: &str| {
-        json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-               "rstrip": false, "normalized": true, "special": true})
-    };
+    let vocab_map = vocab_ids(&vocab);
+    let special = |id: usize, content: &str| added_token(id, content, true);
     let tokenizer = json!({
         "version": "1.0",
         "truncation": null,
@@ -229,10 +222,7 @@ pub fn siglip_tiny_tokenizer() -> (Value, usize) {
     for w in WORDS {
         vocab.push((format!("\u{2581}{w}"), -2.0));
     }
-    let special = |id: usize, content: &str| {
-        json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-               "rstrip": false, "normalized": false, "special": true})
-    };
+    let special = |id: usize, content: &str| added_token(id, content, false);
     let metaspace = json!({"type": "Metaspace", "replacement": "\u{2581}",
                            "prepend_scheme": "always", "split": true});
     let tokenizer = json!({
@@ -312,15 +302,8 @@ pub fn bert_tiny_tokenizer() -> (Value, usize, BertSpecialIds) {
         dec,
         enc: dec + 1,
     };
-    let vocab_map: serde_json::Map<String, Value> = vocab
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
-    let special = |id: usize, content: &str| {
-        json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-               "rstrip": false, "normalized": false, "special": true})
-    };
+    let vocab_map = vocab_ids(&vocab);
+    let special = |id: usize, content: &str| added_token(id, content, false);
     let tokenizer = json!({
         "version": "1.0",
         "truncation": null,
@@ -449,6 +432,21 @@ pub fn paligemma_tiny_tokenizer() -> (Value, usize) {
         "model": {"type": "Unigram", "unk_id": 3, "vocab": vocab, "byte_fallback": false}
     });
     (tokenizer, vocab.len())
+}
+
+/// A word-level vocabulary as `tokenizer.json` lists it: each token with its id (its place).
+fn vocab_ids(vocab: &[String]) -> serde_json::Map<String, Value> {
+    vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect()
+}
+
+/// A special token's entry in `tokenizer.json`'s `added_tokens`.
+fn added_token(id: usize, content: &str, normalized: bool) -> Value {
+    json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+           "rstrip": false, "normalized": normalized, "special": true})
 }
 
 #[cfg(test)]
