@@ -1,8 +1,9 @@
 //! The worker's only HTTP face: `/health`, `/health/ready`, `/health/live` and `/metrics`,
 //! served with hyper. Everything else is a 404: the API is Redis. It is bounded so that a
-//! slow, noisy or hostile client cannot tie it up: a cap on open connections, a deadline for
-//! the request head and for the whole exchange, a small request size, one request per
-//! connection.
+//! slow, noisy or hostile client cannot tie it up: a cap on open connections, where a new
+//! connection takes the place of the oldest one that has not sent its request yet (idle
+//! connections cannot starve the kubelet's probes), a deadline for the request head and for
+//! the whole exchange, a small request size, one request per connection.
 
 use crate::metrics::Metrics;
 use crate::queue::WorkerState;
@@ -14,15 +15,16 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-/// Most connections served at once; one more is answered 503 and closed at once.
+/// Most connections open at once. One more closes the oldest connection that has not sent
+/// its request yet; only when every open one is being answered is it told 503 and closed.
 pub const MAX_CONNECTIONS: usize = 64;
 /// How long a client may take to send its request head (slowloris).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,7 +91,7 @@ pub async fn serve(
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let ctx = Arc::new(ctx);
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = Arc::new(Connections::default());
     let handle = tokio::spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
@@ -103,34 +105,126 @@ pub async fn serve(
                 },
                 _ = shutdown.cancelled() => return,
             };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                // Full: say so without waiting on the client, and close.
+            let Some(slot) = connections.admit() else {
+                // Every open connection is being answered: say so without waiting on the
+                // client, and close.
                 let _ = stream.try_write(BUSY_RESPONSE);
                 continue;
             };
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let service = service_fn(move |req| {
-                    let ctx = ctx.clone();
-                    async move { Ok::<_, std::convert::Infallible>(route(&ctx, req).await) }
-                });
-                let connection = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .max_buf_size(MAX_REQUEST_BYTES)
-                    .max_headers(MAX_HEADERS)
-                    .keep_alive(false)
-                    .serve_connection(TokioIo::new(stream), service);
-                match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::debug!(error = %e, "health connection ended"),
-                    Err(_) => tracing::debug!("health connection closed: too slow"),
-                }
-            });
+            tokio::spawn(serve_connection(stream, ctx.clone(), slot));
         }
     });
     Ok((local, handle))
+}
+
+/// Serves one request on `stream`, unless a newer connection takes its slot first (it sent
+/// no request head before the cap was reached).
+async fn serve_connection(stream: TcpStream, ctx: Arc<HealthContext>, slot: ConnectionSlot) {
+    let slot = Arc::new(slot);
+    let evicted = slot.evicted.clone();
+    let answering = slot.clone();
+    let service = service_fn(move |req| {
+        answering.answering();
+        let ctx = ctx.clone();
+        async move { Ok::<_, std::convert::Infallible>(route(&ctx, req).await) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_BYTES)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        r = tokio::time::timeout(CONNECTION_TIMEOUT, connection) => match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "health connection ended"),
+            Err(_) => tracing::debug!("health connection closed: too slow"),
+        },
+        _ = evicted.cancelled() => {
+            tracing::debug!("health connection closed: idle when the connection cap was reached");
+        }
+    }
+}
+
+/// The open connections, oldest first, at most [`MAX_CONNECTIONS`]. A connection is idle
+/// until its request head has been read; a new connection that finds the cap reached takes
+/// the place of the oldest idle one. A probe sends its request as soon as it connects, so
+/// however many idle connections are opened, and however often, the probe is answered;
+/// idle ones are also cut after [`HEADER_READ_TIMEOUT`] as before.
+#[derive(Default)]
+struct Connections {
+    open: Mutex<OpenConnections>,
+}
+
+#[derive(Default)]
+struct OpenConnections {
+    next_id: u64,
+    by_age: VecDeque<OpenConnection>,
+}
+
+struct OpenConnection {
+    id: u64,
+    idle: bool,
+    evict: CancellationToken,
+}
+
+impl Connections {
+    /// A slot for a new connection, closing the oldest idle one when the cap is reached;
+    /// `None` when every open connection is being answered.
+    fn admit(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.by_age.len() >= MAX_CONNECTIONS {
+            let oldest_idle = open.by_age.iter().position(|c| c.idle)?;
+            if let Some(old) = open.by_age.remove(oldest_idle) {
+                old.evict.cancel();
+            }
+        }
+        let id = open.next_id;
+        open.next_id += 1;
+        let evicted = CancellationToken::new();
+        open.by_age.push_back(OpenConnection {
+            id,
+            idle: true,
+            evict: evicted.clone(),
+        });
+        Some(ConnectionSlot {
+            id,
+            evicted,
+            connections: self.clone(),
+        })
+    }
+
+    fn update(&self, id: u64, change: impl FnOnce(&mut OpenConnections, usize)) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = open.by_age.iter().position(|c| c.id == id) {
+            change(&mut open, at);
+        }
+    }
+}
+
+/// One open connection's place under the cap, given back when dropped.
+struct ConnectionSlot {
+    id: u64,
+    /// Cancelled when a newer connection took this one's place.
+    evicted: CancellationToken,
+    connections: Arc<Connections>,
+}
+
+impl ConnectionSlot {
+    /// The request head has been read: the connection is answered, never evicted.
+    fn answering(&self) {
+        self.connections
+            .update(self.id, |open, at| open.by_age[at].idle = false);
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.connections.update(self.id, |open, at| {
+            open.by_age.remove(at);
+        });
+    }
 }
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -280,5 +374,38 @@ async fn ready(ctx: &HealthContext) -> Response<Full<Bytes>> {
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({"status": "not ready", "reasons": reasons}),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Idle connections up to the cap and past it: each new one closes the oldest idle
+    /// one, never more than the cap are open, and only a cap of connections being answered
+    /// refuses a new one.
+    #[test]
+    fn idle_connections_make_room_and_answered_ones_do_not() {
+        let connections = Arc::new(Connections::default());
+        let mut slots: Vec<ConnectionSlot> = (0..MAX_CONNECTIONS)
+            .map(|_| connections.admit().expect("room under the cap"))
+            .collect();
+        slots[0].answering();
+        let newer = connections.admit().expect("an idle one makes room");
+        assert!(!slots[0].evicted.is_cancelled(), "answered: kept");
+        assert!(slots[1].evicted.is_cancelled(), "the oldest idle one goes");
+        assert!(!slots[2].evicted.is_cancelled());
+        let open = || connections.open.lock().unwrap().by_age.len();
+        assert_eq!(open(), MAX_CONNECTIONS);
+        // The evicted one's task ends and gives its slot back, without touching another.
+        drop(slots.remove(1));
+        assert_eq!(open(), MAX_CONNECTIONS);
+        slots.push(newer);
+        for slot in &slots {
+            slot.answering();
+        }
+        assert!(connections.admit().is_none(), "all being answered: busy");
+        drop(slots.pop());
+        assert!(connections.admit().is_some(), "room again once one is done");
     }
 }

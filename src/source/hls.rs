@@ -74,7 +74,6 @@ struct RunLog {
 /// went on (`errors` so far in this job, `last` the latest line): its frames may be fewer
 /// than the stream should give, and nothing else would say so.
 fn damage_note(errors: u64, last: &str) -> String {
-    let last = crate::redact::redact_url(last);
     format!("stream damaged: {errors} transport errors so far, the last: {last}")
 }
 
@@ -167,7 +166,9 @@ pub(crate) fn parse_source_size(l: &LogLine<'_>) -> Option<(u32, u32)> {
 
 /// Reads ffmpeg's stderr: every line to the log at debug, warnings kept for errors, the
 /// input's duration published as soon as it is printed (`Some(None)`: live), and each
-/// frame's size before scaling, in frame order.
+/// frame's size before scaling, in frame order. This is where ffmpeg's words come in, so
+/// each line is masked here, once, before anything else sees it: ffmpeg names its input
+/// (`rtsp://admin:PASSWORD@cam/...: Connection refused`) and the URLs a playlist leads to.
 async fn read_stderr(
     stderr: impl AsyncRead + Unpin,
     log: Arc<Mutex<RunLog>>,
@@ -178,7 +179,8 @@ async fn read_stderr(
     let mut lines = BufReader::new(stderr).lines();
     let url = crate::redact::redact_url(&url);
     while let Ok(Some(line)) = lines.next_line().await {
-        tracing::debug!(target: "free_roam::ffmpeg", stream = %url, "{}", crate::redact::redact_url(&line));
+        let line = crate::redact::redact_text(&line);
+        tracing::debug!(target: "free_roam::ffmpeg", stream = %url, "{line}");
         let l = parse_line(&line);
         if let Some(size) = parse_source_size(&l) {
             let _ = source_sizes.send(size);
@@ -998,7 +1000,7 @@ mod tests {
         let mut counted = 0;
         let log = RunLog {
             transport_errors: 1,
-            last_transport_error: Some("http://u:secret@cam/x: Failed to open".into()),
+            last_transport_error: Some("http://cam/x: Failed to open".into()),
             ..Default::default()
         };
         let note = damage.update(&mut counted, &log).unwrap();
@@ -1006,7 +1008,32 @@ mod tests {
             note.starts_with("stream damaged: 3 transport errors"),
             "{note}"
         );
-        assert!(!note.contains("secret"), "{note}");
+    }
+
+    /// What ffmpeg says of a camera that is down or refuses the login names its URL with
+    /// the password: masked as it is read, so neither the log, the kept lines nor the
+    /// damage note ever hold it.
+    #[tokio::test]
+    async fn ffmpegs_words_are_masked_as_they_are_read() {
+        let said = "[tcp @ 0x1] [error] Connection to tcp://127.0.0.1:1?timeout=2 failed: \
+                    Connection refused\n\
+                    [error] rtsp://admin:Pw-9@127.0.0.1:1/cam: Connection refused\n\
+                    [rtsp @ 0x2] [error] method OPTIONS failed: 401 Unauthorized\n\
+                    [error] rtsp://admin:Pw-9@127.0.0.1:2/cam?token=t0k: Server returned 401 \
+                    Unauthorized (authorization failed)\n";
+        let log = Arc::new(Mutex::new(RunLog::default()));
+        let (duration, _duration_rx) = watch::channel(None);
+        let (sizes, _sizes_rx) = mpsc::unbounded_channel();
+        let url = "rtsp://admin:Pw-9@127.0.0.1:1/cam".to_string();
+        read_stderr(said.as_bytes(), log.clone(), duration, sizes, url).await;
+        let log = log.lock().unwrap();
+        let kept = format!("{:?} {:?}", log.last, log.last_transport_error);
+        assert!(!kept.contains("Pw-9") && !kept.contains("t0k"), "{kept}");
+        assert!(
+            kept.contains("rtsp://admin:***@127.0.0.1:1/cam: Connection refused"),
+            "{kept}"
+        );
+        assert_eq!(log.last.len(), 4, "{kept}");
     }
 
     /// A run that stopped by itself, seen as a clean end of a live HLS stream.

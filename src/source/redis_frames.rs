@@ -20,8 +20,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// Entries read per `XREAD`: enough to skim a backlog quickly, small enough to stay cheap.
-const READ_COUNT: usize = 256;
+/// Entries read per `XREAD`. An entry may be megabytes (a raw 1080p frame is 6 MB) and a
+/// read decodes only its newest kept entry, so reads are kept to a few entries: one read
+/// brings at most this many plus the newest (see [`Reader::catch_up`]), whatever the
+/// backlog.
+const READ_COUNT: usize = 4;
 
 /// A frame-stream key named by a `stream_ref`: `redis://KEY` or the bare key. The
 /// deployment's own keys are refused: a job may not read the queue, alerts or another
@@ -451,6 +454,7 @@ impl Reader {
                         waiting = false;
                         slot.note(format!("reading frame stream {key}"));
                     }
+                    let entries = self.catch_up(entries).await;
                     self.handle(entries, slot).await;
                 }
                 Err(e) => {
@@ -468,6 +472,40 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// A full read means the job is behind its producer (a resume after a hand-back, a
+    /// slow Redis, a burst): the entries between the read and the stream's newest one would
+    /// be dropped unseen anyway (a read hands over only its newest kept entry), so they are
+    /// skipped and the newest is read instead, on its own. The entries skipped are not
+    /// counted in the frame counters, which count the entries read.
+    async fn catch_up(&self, mut entries: Vec<StreamId>) -> Vec<StreamId> {
+        if entries.len() < READ_COUNT {
+            return entries;
+        }
+        let Some(last) = entries.last().map(|e| e.id.clone()) else {
+            return entries;
+        };
+        let newest: Result<StreamRangeReply, StoreError> = self
+            .job
+            .store
+            .query(
+                redis::cmd("XREVRANGE")
+                    .arg(&self.job.key)
+                    .arg("+")
+                    .arg(format!("({last}"))
+                    .arg("COUNT")
+                    .arg(1),
+            )
+            .await;
+        match newest {
+            Ok(reply) => entries.extend(reply.ids),
+            // The read's own entries go on; the next read skips ahead instead.
+            Err(e) => {
+                tracing::debug!(stream = %self.job.key, error = %e, "reading the newest frame failed")
+            }
+        }
+        entries
     }
 
     /// One blocking `XREAD` of the entries after `last_id`; `None` when the job stopped

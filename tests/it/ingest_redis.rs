@@ -285,15 +285,80 @@ async fn a_burst_is_sampled_by_timestamp_and_only_the_newest_kept_frame_is_infer
     }
     let () = h.store.pipe(&pipe).await.unwrap();
     let results = h.wait_results("burst", 1, LONG).await;
-    // ts 0..1900 at 2 fps keeps 0, 500, 1000, 1500; the newest of those wins.
-    assert_eq!(num(&results[0], "capture_ms"), 1500);
+    // A read of a few entries (ts 0..300) comes back full, so the reader skips to the
+    // newest entry (ts 1900): the sampler keeps 0 and 1900, and the newest of those wins.
+    assert_eq!(num(&results[0], "capture_ms"), 1900);
     let hash = h.job_hash("burst").await;
-    assert_eq!(hash["frames_decoded"], "20");
-    assert_eq!(hash["frames_sampled"], "4");
-    assert_eq!(hash["frames_dropped"], "3");
+    assert_eq!(
+        hash["frames_decoded"], "5",
+        "the entries read: 4 and the newest"
+    );
+    assert_eq!(hash["frames_sampled"], "2");
+    assert_eq!(hash["frames_dropped"], "1");
     job.stop.stop(StopReason::Cancelled);
     assert_eq!(job.finish(LONG).await, Ok(BodyOutcome::Stopped));
     assert_eq!(h.results("burst").await.len(), 1);
+}
+
+/// The bytes Redis has sent its clients so far (`INFO stats`).
+async fn bytes_sent(h: &Harness) -> u64 {
+    let info: String = h
+        .store
+        .query(redis::cmd("INFO").arg("stats"))
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("INFO stats has total_net_output_bytes")
+}
+
+/// A job that resumes far behind its stream (handed back while the producer went on at 30
+/// fps) reads a few entries and the newest, not the backlog: what Redis sends it stays a
+/// few frames' worth, and the frame it answers is the newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_resuming_far_behind_its_stream_reads_a_few_entries_not_the_backlog() {
+    let h = Harness::new(Box::new(probe_model()), &[]);
+    let side: u32 = 128;
+    let frame_bytes = (side * side * 3) as usize;
+    let raw = |t: i64| {
+        vec![
+            ("data", vec![(t % 251) as u8; frame_bytes]),
+            ("width", side.to_string().into_bytes()),
+            ("height", side.to_string().into_bytes()),
+            ("format", b"rgb24".to_vec()),
+            ts(t),
+        ]
+    };
+    let cursor = xadd(&h, &raw(0)).await;
+    let backlog = 300;
+    for i in 1..=backlog {
+        xadd(&h, &raw(i * 33)).await;
+    }
+    let before = bytes_sent(&h).await;
+    let resume = ResumeState {
+        cursor: Some(cursor),
+        ..ResumeState::default()
+    };
+    let job = h.start(
+        h.spec(&[("stream_ref", KEY), ("fps", "2"), ("job_id", "behind")]),
+        resume,
+    );
+    let results = h.wait_results("behind", 1, LONG).await;
+    let sent = bytes_sent(&h).await - before;
+    job.stop.stop(StopReason::Shutdown);
+    assert_eq!(job.finish(LONG).await, Ok(BodyOutcome::Stopped));
+    assert_eq!(num(&results[0], "capture_ms"), backlog * 33, "the newest");
+    assert!(
+        sent < 10 * frame_bytes as u64,
+        "{sent} bytes sent for a backlog of {} frames of {frame_bytes} bytes",
+        backlog
+    );
+    assert_eq!(
+        h.counter("behind", "frames_decoded").await,
+        5,
+        "4 read, and the newest"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -442,6 +442,20 @@ async fn every_bad_entry_ends_failed_with_the_field_and_reason() {
             vec![("stream_ref", "-i /etc/passwd")],
             "field `stream_ref`: may not start with '-'",
         ),
+        // Past what a deadline or a capture-time sum can hold: refused, not a panic later.
+        (
+            "huge-duration",
+            vec![("stream_ref", "a"), ("max_duration_s", "1e300")],
+            "field `max_duration_s`: must be a number of seconds above 0, at most",
+        ),
+        (
+            "huge-clear",
+            vec![
+                ("stream_ref", "a"),
+                ("alert_clear_ms", "18446744073709551615"),
+            ],
+            "field `alert_clear_ms`: must be a whole number of milliseconds, at most",
+        ),
     ];
     for (id, fields, _) in &cases {
         let mut f = fields.clone();

@@ -720,6 +720,156 @@ fn a_redis_password_is_masked_in_logs_health_metrics_and_redis() {
     );
 }
 
+/// An RTSP camera that refuses every login: it answers OPTIONS, then 401 with a Basic
+/// challenge to everything else, as a camera does to a wrong password. Stops when dropped.
+struct RefusingCamera {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RefusingCamera {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                if let Ok(conn) = conn {
+                    std::thread::spawn(move || refuse_logins(conn));
+                }
+            }
+        });
+        Self { port, stop }
+    }
+}
+
+impl Drop for RefusingCamera {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Answers each RTSP request on `conn` until the client goes.
+fn refuse_logins(conn: TcpStream) {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+    let mut conn = conn;
+    loop {
+        let (mut method, mut cseq) = (String::new(), String::from("0"));
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if method.is_empty() {
+                method = line.split(' ').next().unwrap_or_default().to_string();
+            } else if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("cseq")
+            {
+                cseq = value.trim().to_string();
+            }
+        }
+        let reply = if method == "OPTIONS" {
+            format!(
+                "RTSP/1.0 200 OK\r\nCSeq: {cseq}\r\nPublic: OPTIONS, DESCRIBE, SETUP, PLAY, \
+                 TEARDOWN\r\n\r\n"
+            )
+        } else {
+            format!(
+                "RTSP/1.0 401 Unauthorized\r\nCSeq: {cseq}\r\nWWW-Authenticate: Basic \
+                 realm=\"camera\"\r\n\r\n"
+            )
+        };
+        if conn.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// ffmpeg names its input in its errors, password and all (`rtsp://admin:PASSWORD@cam/...:
+/// Connection refused`): a camera that is down or refuses the login must not show its
+/// password in the log, the job's error, its end entry or the events.
+#[test]
+fn a_camera_password_is_masked_in_what_ffmpeg_said() {
+    let password = "Cam-Pw-5b3e";
+    let redis = TestRedis::start();
+    let refusing = RefusingCamera::start();
+    let env = [
+        ("REDIS_URL".to_string(), redis.url()),
+        ("LOG_LEVEL".to_string(), "debug".to_string()),
+        ("SOURCE_RETRIES".to_string(), "1".to_string()),
+        (
+            "PATH".to_string(),
+            std::env::var("PATH").unwrap_or_default(),
+        ),
+    ];
+    let worker = Process::worker(&env);
+    worker.wait_ready();
+    let mut con = redis.client().get_connection().unwrap();
+    let cameras = [
+        ("camera-down", free_port(), "Connection refused"),
+        ("login-refused", refusing.port, "401 Unauthorized"),
+    ];
+    let url = |port: u16| format!("rtsp://admin:{password}@127.0.0.1:{port}/cam");
+    for (job, port, _) in &cameras {
+        let _: String = redis::cmd("XADD")
+            .arg(format!("{{{PREFIX}}}:jobs"))
+            .arg("*")
+            .arg("stream_ref")
+            .arg(url(*port))
+            .arg("job_id")
+            .arg(job)
+            .query(&mut con)
+            .unwrap();
+    }
+    for (job, port, said) in &cameras {
+        let end = wait_end(&mut con, job);
+        assert!(end.starts_with("failed ("), "{job}: {end}");
+        assert!(end.contains(said), "{job}: ffmpeg's words are kept: {end}");
+        assert!(
+            end.contains(&format!("rtsp://admin:***@127.0.0.1:{port}/cam")),
+            "{job}: {end}"
+        );
+    }
+    // Everything the worker wrote: the job hashes (whose `stream_ref` is the producer's
+    // own, as given), results, end entries and events.
+    let keys: Vec<String> = redis.cmd(&["KEYS", "*"]);
+    let mut seen = String::new();
+    for key in keys.iter().filter(|k| !k.ends_with(":jobs")) {
+        let kind: String = redis.cmd(&["TYPE", key.as_str()]);
+        let dump = match kind.as_str() {
+            "hash" => format!("{:?}", redis.hgetall(key)),
+            "stream" => format!("{:?}", redis.xrange(key)),
+            _ => String::new(),
+        };
+        seen.push_str(&format!("{key}: {dump}\n"));
+    }
+    for (_, port, _) in &cameras {
+        seen = seen.replace(&url(*port), "");
+    }
+    assert!(
+        seen.contains(":events"),
+        "the events are among what was read"
+    );
+    assert!(!seen.contains(password), "Redis shows it: {seen}");
+    let (status, output) = worker.stop();
+    assert!(status.success());
+    assert!(
+        output.contains("ffmpeg failed"),
+        "the WARN log is read: {output}"
+    );
+    assert!(!output.contains(password), "the logs show it: {output}");
+}
+
 /// Reads what the server sends on `s` until it closes, or `None` if it keeps the
 /// connection open and silent past the read timeout.
 fn read_until_closed(s: &mut TcpStream) -> Option<String> {
@@ -805,27 +955,59 @@ fn the_health_endpoint_serves_its_paths_only_and_outlasts_abuse() {
         "the server closes a connection whose head never ends"
     );
 
-    // More connections than the cap, all silent: the ones over it are told 503 at once,
-    // and the endpoint answers again once the silent ones are cut off.
-    let extra = 8;
-    let mut held: Vec<TcpStream> = (0..free_roam::health::MAX_CONNECTIONS + extra)
+    signal(&worker, 15);
+    assert!(worker.wait().unwrap().success());
+}
+
+/// Whether the server has closed `s` (a read gives end of file at once); false while it is
+/// open and silent.
+fn closed_by_server(mut s: &TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+/// Anything on the pod network that keeps the connection cap full of idle connections
+/// (64 every 5 s) must not fail the kubelet's probes: a new connection takes the place of
+/// the oldest idle one, so `/health/live` answers while they are held, and never more
+/// than the cap are open.
+#[test]
+fn liveness_answers_while_idle_connections_fill_the_cap() {
+    let redis = TestRedis::start();
+    let port = free_port();
+    let mut worker = crate::common::process::worker(&redis, PREFIX, port, &[]);
+    wait_until(WAIT, || {
+        http_get(port, "/health/ready").is_some_and(|(c, _)| c == 200)
+    });
+    let cap = free_roam::health::MAX_CONNECTIONS;
+    let extra = 16;
+    let held: Vec<TcpStream> = (0..cap + extra)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();
-    let busy = held
-        .split_off(free_roam::health::MAX_CONNECTIONS)
-        .into_iter()
-        .filter_map(|mut s| read_until_closed(&mut s))
-        .filter(|r| r.starts_with("HTTP/1.1 503"))
-        .count();
-    assert!(busy >= 1, "connections over the cap are refused");
-    wait_until(WAIT, answers);
-    let closed = held.iter_mut().filter_map(read_until_closed).count();
-    assert_eq!(
-        closed,
-        free_roam::health::MAX_CONNECTIONS,
-        "every silent one is cut off"
-    );
-    assert!(answers());
+    for path in ["/health/live", "/health/ready"] {
+        assert_eq!(
+            http_get(port, path).map(|(c, _)| c),
+            Some(200),
+            "{path} with {} idle connections held",
+            held.len()
+        );
+    }
+    // The oldest idle ones made room: the server holds at most the cap.
+    let mut still_open = usize::MAX;
+    wait_until(WAIT, || {
+        still_open = held.iter().filter(|s| !closed_by_server(s)).count();
+        still_open <= cap
+    });
+    assert!(still_open <= cap, "{still_open} held open");
+    // And the idle ones left are still cut off at the head deadline.
+    wait_until(WAIT, || held.iter().all(closed_by_server));
+    assert!(http_get(port, "/health/live").is_some_and(|(c, _)| c == 200));
     signal(&worker, 15);
     assert!(worker.wait().unwrap().success());
 }

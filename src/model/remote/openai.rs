@@ -244,8 +244,9 @@ fn strip_fence(text: &str) -> Option<&str> {
 }
 
 /// The reply text of a chat completion body: `choices[0].message.content`, a string or a
-/// list of text parts.
-pub fn reply_text(body: &str) -> Result<String, OpenAiError> {
+/// list of text parts. A body that has none is quoted in the error as [`error_body`] shows
+/// it, scrubbed of `key`.
+pub fn reply_text(body: &str, key: Option<&ApiKey>) -> Result<String, OpenAiError> {
     let v: serde_json::Value =
         serde_json::from_str(body).map_err(|e| OpenAiError::BadReply(format!("not JSON: {e}")))?;
     match &v["choices"][0]["message"]["content"] {
@@ -257,8 +258,17 @@ pub fn reply_text(body: &str) -> Result<String, OpenAiError> {
             .join("")),
         _ => Err(OpenAiError::BadReply(format!(
             "no choices[0].message.content in {}",
-            clip(body)
+            error_body(body, key)
         ))),
+    }
+}
+
+/// What an error shows of a server's body: scrubbed of the key first, then clipped, so a
+/// key that straddles the cut leaves no prefix behind.
+fn error_body(body: &str, key: Option<&ApiKey>) -> String {
+    match key {
+        Some(key) => clip(&key.scrub(body)),
+        None => clip(body),
     }
 }
 
@@ -410,13 +420,13 @@ impl Client {
                 let text = response
                     .into_string()
                     .map_err(|e| self.transport_error(&e))?;
-                reply_text(&text)
+                reply_text(&text, self.key())
             }
             Err(ureq::Error::Status(status, response)) => {
                 let retry_after = response
                     .header("retry-after")
                     .and_then(|v| parse_retry_after(v, SystemTime::now()));
-                let body = self.scrub(&clip(&response.into_string().unwrap_or_default()));
+                let body = error_body(&response.into_string().unwrap_or_default(), self.key());
                 Err(match status {
                     429 => OpenAiError::RateLimited { retry_after, body },
                     500..=599 => OpenAiError::Server {
@@ -450,9 +460,13 @@ impl Client {
         }
     }
 
+    fn key(&self) -> Option<&ApiKey> {
+        self.authorization.as_ref().map(|(_, key)| key)
+    }
+
     fn scrub(&self, text: &str) -> String {
-        match &self.authorization {
-            Some((_, key)) => key.scrub(text),
+        match self.key() {
+            Some(key) => key.scrub(text),
             None => text.to_string(),
         }
     }
@@ -678,6 +692,28 @@ mod tests {
         );
     }
 
+    /// A server that echoes the key where the error body is cut: the key is scrubbed
+    /// before the clip, so not even its first characters are shown.
+    #[test]
+    fn a_key_across_the_clip_leaves_no_prefix() {
+        let key = ApiKey::new("sk-live-0123456789abcdef");
+        // `prefix`, padding, then the key from 3 characters before the cut on.
+        let straddling = |prefix: &str| {
+            let pad = ERROR_BODY_CHARS - prefix.len() - 3;
+            format!(
+                "{prefix}{}sk-live-0123456789abcdef and more",
+                "x".repeat(pad)
+            )
+        };
+        let shown = error_body(&straddling(""), Some(&key));
+        assert!(!shown.contains("sk-"), "{shown}");
+        assert!(shown.ends_with('…'), "{shown}");
+        let reply = format!("{}\"}}", straddling(r#"{"choices":[],"echo":""#));
+        let err = reply_text(&reply, Some(&key)).unwrap_err().to_string();
+        assert!(!err.contains("sk-"), "{err}");
+        assert!(err.contains("no choices"), "{err}");
+    }
+
     #[test]
     fn frames_shrink_to_the_long_side_and_never_grow() {
         assert_eq!(wire_size(1920, 1080, 768), (768, 432));
@@ -706,12 +742,15 @@ mod tests {
     #[test]
     fn reply_text_reads_the_message_content() {
         let body = r#"{"choices":[{"message":{"role":"assistant","content":"a gate"}}]}"#;
-        assert_eq!(reply_text(body).unwrap(), "a gate");
+        assert_eq!(reply_text(body, None).unwrap(), "a gate");
         let parts = r#"{"choices":[{"message":{"content":[{"type":"text","text":"a "},{"type":"text","text":"gate"}]}}]}"#;
-        assert_eq!(reply_text(parts).unwrap(), "a gate");
-        assert_eq!(reply_text("not json").unwrap_err().kind(), "bad_reply");
+        assert_eq!(reply_text(parts, None).unwrap(), "a gate");
         assert_eq!(
-            reply_text(r#"{"error":{"message":"x"}}"#)
+            reply_text("not json", None).unwrap_err().kind(),
+            "bad_reply"
+        );
+        assert_eq!(
+            reply_text(r#"{"error":{"message":"x"}}"#, None)
                 .unwrap_err()
                 .kind(),
             "bad_reply"
