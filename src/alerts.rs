@@ -7,6 +7,9 @@
 //! is plain data that serialises to the job hash with every result write, so a job resumed
 //! by another worker neither repeats a start nor loses an end.
 //!
+//! An alert carries the best score its label had while present (`peak_score`) and, for
+//! models that give boxes, the box that had it (`peak_box`).
+//!
 //! Models without labels (captions) have no `detected` list and make no alerts.
 
 use serde::{Deserialize, Serialize};
@@ -56,51 +59,90 @@ pub struct Observation {
 
 impl Observation {
     /// Reads a model output: `detected` as a list of labels, or of objects with `label`
-    /// (or `phrase`), `score` and `box`; scores of plain labels come from `phrases`
-    /// (`probability`). `None` for outputs without `detected` (captions).
+    /// (or `phrase`), `score` and `box`. A label's score and box are its own when the entry
+    /// has them, else those of its best box in `detections` (OWL-ViT, PaliGemma's
+    /// `detect`), else its phrase's `probability` in `phrases` (CLIP, SigLIP). `None` for
+    /// outputs without `detected` (captions).
     pub fn from_output(output: &Value) -> Option<Self> {
         let detected = output.get("detected")?.as_array()?;
         let phrases = output.get("phrases").and_then(Value::as_array);
-        let phrase_of = |p: &Value| p.get("phrase").and_then(Value::as_str).map(str::to_string);
-        let score_of = |label: &str| {
-            phrases?
-                .iter()
-                .find(|p| p.get("phrase").and_then(Value::as_str) == Some(label))?
-                .get("probability")?
-                .as_f64()
+        let frame = FrameOutput {
+            phrases: phrases.map(Vec::as_slice).unwrap_or_default(),
+            detections: output
+                .get("detections")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
         };
-        let detected = detected
-            .iter()
-            .filter_map(|d| match d {
-                Value::String(label) => Some(Detection {
-                    score: score_of(label),
-                    label: label.clone(),
-                    bbox: None,
-                }),
-                Value::Object(o) => {
-                    let label = o
-                        .get("label")
-                        .or_else(|| o.get("phrase"))?
-                        .as_str()?
-                        .to_string();
-                    Some(Detection {
-                        score: o
-                            .get("score")
-                            .or_else(|| o.get("probability"))
-                            .and_then(Value::as_f64)
-                            .or_else(|| score_of(&label)),
-                        bbox: o.get("box").cloned(),
-                        label,
-                    })
-                }
-                _ => None,
-            })
-            .collect();
+        let phrase_of = |p: &Value| p.get("phrase").and_then(Value::as_str).map(str::to_string);
         Some(Self {
-            detected,
+            detected: detected.iter().filter_map(|d| frame.detection(d)).collect(),
             asked: phrases.map(|p| p.iter().filter_map(phrase_of).collect()),
         })
     }
+}
+
+/// The parts of a frame's output a detected label's score and box come from.
+struct FrameOutput<'a> {
+    phrases: &'a [Value],
+    detections: &'a [Value],
+}
+
+impl FrameOutput<'_> {
+    /// One entry of `detected` as a [`Detection`]; `None` for an entry without a label.
+    fn detection(&self, entry: &Value) -> Option<Detection> {
+        let (label, own) = match entry {
+            Value::String(label) => (label.as_str(), None),
+            Value::Object(o) => (
+                o.get("label").or_else(|| o.get("phrase"))?.as_str()?,
+                Some(entry),
+            ),
+            _ => return None,
+        };
+        let best = self.best_box(label);
+        let score = own
+            .and_then(score_of)
+            .or_else(|| best.and_then(score_of))
+            .or_else(|| self.phrase_probability(label));
+        let bbox = own
+            .and_then(|o| o.get("box"))
+            .or_else(|| best.and_then(|b| b.get("box")))
+            .cloned();
+        Some(Detection {
+            label: label.to_string(),
+            score,
+            bbox,
+        })
+    }
+
+    /// The label's highest-scored entry of `detections` (the first, when boxes have no
+    /// score).
+    fn best_box(&self, label: &str) -> Option<&Value> {
+        self.detections
+            .iter()
+            .filter(|d| d.get("label").and_then(Value::as_str) == Some(label))
+            .fold(None, |best, d| match best {
+                Some(b) if score_of(d) <= score_of(b) => Some(b),
+                _ => Some(d),
+            })
+    }
+
+    /// The label's `probability` in `phrases`.
+    fn phrase_probability(&self, label: &str) -> Option<f64> {
+        self.phrases
+            .iter()
+            .find(|p| p.get("phrase").and_then(Value::as_str) == Some(label))?
+            .get("probability")?
+            .as_f64()
+    }
+}
+
+/// An entry's own `score` (or `probability`).
+fn score_of(entry: &Value) -> Option<f64> {
+    entry
+        .get("score")
+        .or_else(|| entry.get("probability"))
+        .and_then(Value::as_f64)
 }
 
 /// `start` or `end`.
@@ -595,5 +637,128 @@ mod tests {
             Observation::from_output(&json!({"caption": "a street"})),
             None
         );
+    }
+
+    #[test]
+    fn a_label_takes_its_best_box_from_detections() {
+        // OWL-ViT's shape: `detected` lists labels, boxes and scores are in `detections`.
+        let owlvit = json!({
+            "detections": [
+                {"label": "car", "score": 0.31, "box": [1.0, 2.0, 3.0, 4.0]},
+                {"label": "dog", "score": 0.9, "box": [5.0, 5.0, 9.0, 9.0]},
+                {"label": "car", "score": 0.72, "box": [10.0, 20.0, 30.0, 40.0]}
+            ],
+            "phrases": [
+                {"phrase": "car", "max_score": 0.72, "count": 2},
+                {"phrase": "dog", "max_score": 0.9, "count": 1}
+            ],
+            "detected": ["car", "dog"],
+            "frame_size": [640, 480]
+        });
+        let o = Observation::from_output(&owlvit).unwrap();
+        assert_eq!(o.detected[0].label, "car");
+        assert_eq!(o.detected[0].score, Some(0.72));
+        assert_eq!(o.detected[0].bbox, Some(json!([10.0, 20.0, 30.0, 40.0])));
+        assert_eq!(o.detected[1].score, Some(0.9));
+        // PaliGemma's `detect`: boxes without scores, the first one stands.
+        let paligemma = json!({
+            "text": "<loc0100><loc0200><loc0300><loc0400> car",
+            "detections": [
+                {"label": "car", "box": [1, 2, 3, 4]},
+                {"label": "car", "box": [5, 6, 7, 8]}
+            ],
+            "detected": ["car"]
+        });
+        let o = Observation::from_output(&paligemma).unwrap();
+        assert_eq!(o.detected[0].score, None);
+        assert_eq!(o.detected[0].bbox, Some(json!([1, 2, 3, 4])));
+    }
+
+    /// The first start two frames of `output` make for `label`.
+    fn start_of(output: &Value, label: &str) -> AlertEvent {
+        let obs = Observation::from_output(output).expect("the output has `detected`");
+        let mut state = AlertState::default();
+        let mut events = state.observe(&settings(), 0, 0, None, &obs);
+        events.extend(state.observe(&settings(), 1, 500, None, &obs));
+        events
+            .into_iter()
+            .find(|e| e.kind == AlertKind::Start && e.label == label)
+            .expect("a start")
+    }
+
+    #[test]
+    fn owlvit_alerts_carry_the_best_score_and_its_box() {
+        use crate::model::testing::util::{frame, prompt, tiny_model};
+        use crate::model::{ModelSettings, ModelType, load_model};
+        let settings = ModelSettings {
+            model_type: ModelType::OwlVit,
+            model_path: Some(tiny_model(ModelType::OwlVit).to_path_buf()),
+            ..ModelSettings::default()
+        };
+        let mut model = load_model(&settings).unwrap();
+        let out = model
+            .infer(&[&frame("rings", 97, 61)], &prompt("person, car"))
+            .unwrap()
+            .remove(0);
+        let label = out["detected"][0]
+            .as_str()
+            .expect("the random model keeps a box")
+            .to_string();
+        let boxes: Vec<&Value> = out["detections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["label"] == label.as_str())
+            .collect();
+        let best = boxes
+            .iter()
+            .filter_map(|d| d["score"].as_f64())
+            .fold(f64::MIN, f64::max);
+
+        let start = start_of(&out, &label);
+        assert_eq!(start.peak_score, Some(best));
+        let peak_box = start.peak_box.clone().expect("a box");
+        assert!(
+            boxes
+                .iter()
+                .any(|d| d["box"] == peak_box && d["score"].as_f64() == Some(best)),
+            "{peak_box} is the box with the best score"
+        );
+        let fields = start.fields();
+        assert!(fields.contains(&("peak_score", format!("{best:.4}"))));
+        assert!(fields.contains(&("peak_box", peak_box.to_string())));
+    }
+
+    #[test]
+    fn test_colour_alerts_carry_the_share_as_their_score() {
+        use crate::frame::Frame;
+        use crate::model::VisionLanguageModel;
+        use crate::model::testing::colour::ColourTestModel;
+        use crate::model::testing::util::prompt;
+        // A 100 x 50 grey frame with a 20 x 20 magenta square: 8% of the frame.
+        let (w, h) = (100usize, 50usize);
+        let mut px = vec![90u8; w * h * 3];
+        for y in 10..30 {
+            for x in 40..60 {
+                px[(y * w + x) * 3..][..3].copy_from_slice(&[255, 0, 255]);
+            }
+        }
+        let f = Frame::new(w as u32, h as u32, bytes::Bytes::from(px)).unwrap();
+        let out = ColourTestModel::new(224)
+            .infer(&[&f], &prompt("magenta, red"))
+            .unwrap()
+            .remove(0);
+        let start = start_of(&out, "magenta");
+        assert_eq!(start.peak_score, Some(0.08));
+        // Its box, where the output gives one.
+        let own = &out["detected"][0];
+        let boxed = own.get("box").or_else(|| {
+            out.get("detections")?
+                .as_array()?
+                .iter()
+                .find(|d| d["label"] == "magenta")?
+                .get("box")
+        });
+        assert_eq!(start.peak_box.as_ref(), boxed);
     }
 }

@@ -2,6 +2,7 @@
 //! cancel and listing. They do exactly what `redis-cli` would, so either can be used.
 
 use crate::job::{JobField, JobSpec, JobStatus, SpecError};
+use crate::queue::job_id_for_entry;
 use crate::store::functions::{self, CancelOutcome, JOB_EXISTS, NO_JOB, Retention};
 use crate::store::{MAX_BLOCK_MS, Store, StoreError};
 use std::collections::BTreeMap;
@@ -23,38 +24,19 @@ impl From<SpecError> for ClientError {
     }
 }
 
-/// A job to submit; unset fields are left out of the entry.
-#[derive(Clone, Debug, Default)]
-pub struct Submission {
-    pub stream_ref: String,
-    pub prompt: Option<String>,
-    pub fps: Option<f64>,
-    pub job_id: Option<String>,
-    pub max_frames: Option<u64>,
-    pub max_duration_s: Option<f64>,
-    pub source: Option<String>,
-}
-
-/// Validates and queues a job; returns its id. A job_id already known is refused.
-pub async fn submit(store: &Store, sub: &Submission) -> Result<String, ClientError> {
-    let job_id = sub
-        .job_id
-        .clone()
+/// Validates and queues a job from its fields as given (unset ones left out); returns its
+/// id, a UUID when `job_id` is not among them. A job_id already known is refused.
+pub async fn submit(store: &Store, given: &[(JobField, String)]) -> Result<String, ClientError> {
+    let job_id = given
+        .iter()
+        .find(|(f, _)| *f == JobField::JobId)
+        .map(|(_, v)| v.clone())
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let fields: Vec<(&str, String)> = [
-        (JobField::StreamRef, Some(sub.stream_ref.clone())),
-        (JobField::Prompt, sub.prompt.clone()),
-        (JobField::Fps, sub.fps.map(|f| f.to_string())),
-        (JobField::MaxFrames, sub.max_frames.map(|n| n.to_string())),
-        (
-            JobField::MaxDurationS,
-            sub.max_duration_s.map(|s| s.to_string()),
-        ),
-        (JobField::Source, sub.source.clone()),
-    ]
-    .into_iter()
-    .filter_map(|(field, value)| Some((field.name(), value?)))
-    .collect();
+    let fields: Vec<(&str, String)> = given
+        .iter()
+        .filter(|(f, _)| *f != JobField::JobId)
+        .map(|(f, v)| (f.name(), v.clone()))
+        .collect();
     // The same validation a worker applies, so a bad job is refused before it is queued.
     let mut raw: Vec<(Vec<u8>, Vec<u8>)> = fields
         .iter()
@@ -75,50 +57,152 @@ pub async fn submit(store: &Store, sub: &Submission) -> Result<String, ClientErr
     }
 }
 
-/// A job's hash with its progress (counters, results written) and the key of its result
-/// stream, or, for an entry no worker has read yet, what the entry says.
-pub async fn status(store: &Store, job_id: &str) -> Result<BTreeMap<String, String>, ClientError> {
+/// Whether a job runs with its own prompt or follows the active one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromptMode {
+    /// The job's own `prompt` (`prompt_mode` = `fixed`).
+    Own,
+    /// No `prompt`: the active prompt, live (`prompt_mode` = `live`).
+    FollowsActive,
+}
+
+/// A job as `status` shows it: both of its hashes, neither hiding the other's fields.
+#[derive(Clone, Debug, Default)]
+pub struct JobView {
+    pub job_id: String,
+    /// The job hash (`{fr}:job:<id>`); for an entry no worker has read yet, the entry's
+    /// fields with `status` = `queued`, `entry_id` and a `note` saying so.
+    pub job: BTreeMap<String, String>,
+    /// The progress hash (`{fr:<id>}:progress`): counters, `updated_ms`, `ended`, ...
+    pub progress: BTreeMap<String, String>,
+    /// The job's result stream.
+    pub results_key: String,
+}
+
+impl JobView {
+    /// From the hash's `prompt_mode` once a worker read the job, else from its `prompt`.
+    pub fn prompt_mode(&self) -> PromptMode {
+        match self.job.get("prompt_mode").map(String::as_str) {
+            Some("live") => PromptMode::FollowsActive,
+            Some("fixed") => PromptMode::Own,
+            _ if self.job.contains_key(JobField::Prompt.name()) => PromptMode::Own,
+            _ => PromptMode::FollowsActive,
+        }
+    }
+
+    /// One flat map (what `--json` prints): the job hash's fields as stored, the progress
+    /// hash's beside them (those the job hash also has, such as `updated_ms`, as
+    /// `progress_<name>`), `job_id` and `results_key`.
+    pub fn flat(&self) -> BTreeMap<String, String> {
+        let mut out = self.job.clone();
+        for (k, v) in &self.progress {
+            let name = if out.contains_key(k) {
+                format!("progress_{k}")
+            } else {
+                k.clone()
+            };
+            out.insert(name, v.clone());
+        }
+        out.insert("job_id".into(), self.job_id.clone());
+        out.insert("results_key".into(), self.results_key.clone());
+        out
+    }
+}
+
+/// Whether `id` has the shape of a stream entry id (`<ms>-<seq>`).
+pub fn is_entry_id(id: &str) -> bool {
+    id.split_once('-').is_some_and(|(ms, seq)| {
+        [ms, seq]
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// The job id a user means: `id` itself when a job has it, else, for the id of a
+/// `{fr}:jobs` entry pushed without `job_id`, the id every worker gives that entry
+/// ([`job_id_for_entry`]).
+pub async fn resolve_job_id(store: &Store, id: &str) -> Result<String, ClientError> {
+    if !is_entry_id(id) || exists(store, &store.keys().job(id)).await? {
+        return Ok(id.to_string());
+    }
+    let derived = job_id_for_entry(store.keys().tag(), id);
+    let mut cmd = redis::cmd("XRANGE");
+    cmd.arg(store.keys().jobs()).arg(id).arg(id);
+    let entry: Vec<(String, BTreeMap<String, String>)> = store.query(&cmd).await?;
+    let given = entry
+        .into_iter()
+        .next()
+        .and_then(|(_, f)| f.get(JobField::JobId.name()).cloned());
+    if let Some(given) = given {
+        return Ok(given);
+    }
+    if exists(store, &store.keys().job(&derived)).await?
+        || find_unread_entry(store, &derived).await?.is_some()
+    {
+        return Ok(derived);
+    }
+    Ok(id.to_string())
+}
+
+async fn exists(store: &Store, key: &str) -> Result<bool, StoreError> {
+    let mut cmd = redis::cmd("EXISTS");
+    cmd.arg(key);
+    Ok(store.query::<i64>(&cmd).await? > 0)
+}
+
+/// A job's hash and progress hash, or, for an entry no worker has read yet, what the entry
+/// says. `id` may be a job id or the entry id of a job pushed without one.
+pub async fn status(store: &Store, id: &str) -> Result<JobView, ClientError> {
+    let job_id = resolve_job_id(store, id).await?;
     let mut cmd = redis::cmd("HGETALL");
-    cmd.arg(store.keys().job(job_id));
+    cmd.arg(store.keys().job(&job_id));
     let hash: BTreeMap<String, String> = store.query(&cmd).await?;
     if !hash.is_empty() {
-        let mut cmd = redis::cmd("HGETALL");
-        cmd.arg(store.keys().progress(job_id));
-        let progress: BTreeMap<String, String> = store.query(&cmd).await?;
-        return Ok(with_progress(store, job_id, hash, progress));
+        return Ok(view_with_progress(store, &job_id, hash).await?);
     }
-    if let Some((entry_id, mut fields)) = find_unread_entry(store, job_id).await? {
+    if let Some((entry_id, mut fields)) = find_unread_entry(store, &job_id).await? {
+        fields.remove(JobField::JobId.name());
         fields.insert("status".into(), "queued".into());
         fields.insert("entry_id".into(), entry_id);
         fields.insert("note".into(), "not yet claimed by a worker".into());
-        fields.insert("results_key".into(), store.keys().results(job_id));
-        return Ok(fields);
+        return Ok(JobView {
+            results_key: store.keys().results(&job_id),
+            job_id,
+            job: fields,
+            progress: BTreeMap::new(),
+        });
     }
-    Err(ClientError::NotFound(format!("no job with id {job_id}")))
+    Err(ClientError::NotFound(format!("no job with id {id}")))
 }
 
-/// The job hash (queue slot) and the progress hash (job slot) as one view. The hash's
-/// status and times win; `ended` is the end entry's status, shown only through `status`.
-fn with_progress(
+async fn view_with_progress(
     store: &Store,
     job_id: &str,
-    mut hash: BTreeMap<String, String>,
-    progress: BTreeMap<String, String>,
-) -> BTreeMap<String, String> {
-    for (k, v) in progress {
-        if k != "ended" && k != "updated_ms" {
-            hash.entry(k).or_insert(v);
-        }
-    }
-    hash.insert("results_key".into(), store.keys().results(job_id));
-    hash
+    job: BTreeMap<String, String>,
+) -> Result<JobView, StoreError> {
+    let mut cmd = redis::cmd("HGETALL");
+    cmd.arg(store.keys().progress(job_id));
+    let progress: BTreeMap<String, String> = store.query(&cmd).await?;
+    Ok(JobView {
+        job_id: job_id.to_string(),
+        job,
+        progress,
+        results_key: store.keys().results(job_id),
+    })
 }
 
-/// Looks for an entry with this job_id still in the queue.
+/// Looks for an entry still in the queue that carries this job: by its `job_id`, or, for
+/// an entry without one, by the id derived from its entry id.
 async fn find_unread_entry(
     store: &Store,
     job_id: &str,
 ) -> Result<Option<(String, BTreeMap<String, String>)>, StoreError> {
+    let tag = store.keys().tag().to_string();
+    let carries = |entry_id: &str, f: &BTreeMap<String, String>| match f.get(JobField::JobId.name())
+    {
+        Some(given) => given == job_id,
+        None => job_id_for_entry(&tag, entry_id) == job_id,
+    };
     let mut start = "-".to_string();
     loop {
         let mut cmd = redis::cmd("XRANGE");
@@ -132,13 +216,67 @@ async fn find_unread_entry(
             return Ok(None);
         };
         start = format!("({last}");
-        if let Some(found) = batch
-            .into_iter()
-            .find(|(_, f)| f.get(JobField::JobId.name()).map(String::as_str) == Some(job_id))
-        {
+        if let Some(found) = batch.into_iter().find(|(id, f)| carries(id, f)) {
             return Ok(Some(found));
         }
     }
+}
+
+/// Fields of result and alert entries that hold a number.
+const NUMBER_FIELDS: &[&str] = &[
+    "frame",
+    "pts_ms",
+    "capture_ms",
+    "prompt_version",
+    "latency_ms",
+    "results",
+    "reused_from",
+    "first_frame",
+    "first_capture_ms",
+    "last_frame",
+    "last_capture_ms",
+    "peak_score",
+    // The job and progress hashes' numbers (`status --json`, `jobs --json`).
+    "fps",
+    "max_frames",
+    "max_duration_s",
+    "attempts",
+    "handoffs",
+    "created_ms",
+    "started_ms",
+    "updated_ms",
+    "finished_ms",
+    "progress_updated_ms",
+    "frames_decoded",
+    "frames_sampled",
+    "frames_dropped",
+    "frames_failed",
+    "frames_reused",
+    "progress_prompt_version",
+];
+/// Fields of entries and hashes that hold JSON.
+const JSON_FIELDS: &[&str] = &["output", "peak_box", "alert_state", "tracker_state"];
+
+/// A result or alert entry, or a job's hashes, as JSON for programs (`--json`): numbers as
+/// numbers, `output`, `peak_box` and the saved states as the JSON they hold, everything
+/// else (and a value that does not parse) as the string it is.
+pub fn typed_entry(fields: &BTreeMap<String, String>) -> serde_json::Value {
+    let typed = fields.iter().map(|(k, v)| {
+        let parsed = if NUMBER_FIELDS.contains(&k.as_str()) {
+            v.parse::<serde_json::Number>()
+                .ok()
+                .map(serde_json::Value::Number)
+        } else if JSON_FIELDS.contains(&k.as_str()) {
+            serde_json::from_str(v).ok()
+        } else {
+            None
+        };
+        (
+            k.clone(),
+            parsed.unwrap_or_else(|| serde_json::Value::String(v.clone())),
+        )
+    });
+    serde_json::Value::Object(typed.collect())
 }
 
 /// One entry of a results stream.
@@ -155,6 +293,23 @@ pub async fn results_after(
 ) -> Result<Vec<ResultRecord>, ClientError> {
     let key = store.keys().results(job_id);
     read_after(store, &key, after, count, block_ms).await
+}
+
+/// The last `count` entries of a job's results, oldest first.
+pub async fn results_last(
+    store: &Store,
+    job_id: &str,
+    count: usize,
+) -> Result<Vec<ResultRecord>, ClientError> {
+    let mut cmd = redis::cmd("XREVRANGE");
+    cmd.arg(store.keys().results(job_id))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(count);
+    let mut entries: Vec<ResultRecord> = store.query(&cmd).await?;
+    entries.reverse();
+    Ok(entries)
 }
 
 /// Reads one stream's entries after `after`, waiting up to `block_ms` when given.
@@ -194,6 +349,30 @@ pub async fn alerts_after(
     read_after(store, &key, after, count, block_ms).await
 }
 
+/// How long a job's keys are kept and its streams capped, as the fleet published them in
+/// `{fr}:settings` (the settings' defaults for what no worker published yet), so that an
+/// end entry the CLI writes is kept as a worker's would be.
+pub async fn fleet_retention(store: &Store) -> Result<Retention, ClientError> {
+    let defaults = crate::config::Config::defaults().queue.retention();
+    let mut cmd = redis::cmd("HMGET");
+    cmd.arg(store.keys().settings())
+        .arg("result_ttl_s")
+        .arg("results_maxlen")
+        .arg("alerts_maxlen");
+    let (ttl_s, results_maxlen, alerts_maxlen): (Option<String>, Option<String>, Option<String>) =
+        store.query(&cmd).await?;
+    Ok(Retention {
+        ttl_s: published(ttl_s).unwrap_or(defaults.ttl_s),
+        results_maxlen: published(results_maxlen).unwrap_or(defaults.results_maxlen),
+        alerts_maxlen: published(alerts_maxlen).unwrap_or(defaults.alerts_maxlen),
+    })
+}
+
+/// A value from `{fr}:settings`, when there and readable.
+fn published<T: std::str::FromStr>(value: Option<String>) -> Option<T> {
+    value.and_then(|v| v.parse().ok())
+}
+
 /// Asks a job to stop. A queued job gets its end entry at once (a worker would write it too,
 /// on reading the entry).
 pub async fn cancel(
@@ -222,7 +401,8 @@ pub async fn cancel(
     }
 }
 
-/// Jobs newest first from the index, optionally only those with `status`.
+/// Jobs newest first from the index, optionally only those with `status`, each as
+/// [`JobView::flat`].
 pub async fn list(
     store: &Store,
     status: Option<&str>,
@@ -255,16 +435,73 @@ pub async fn list(
             if status.is_some_and(|s| h.get("status").map(String::as_str) != Some(s)) {
                 continue;
             }
-            let mut cmd = redis::cmd("HGETALL");
-            cmd.arg(store.keys().progress(&id));
-            let progress: BTreeMap<String, String> = store.query(&cmd).await?;
-            let mut h = with_progress(store, &id, h, progress);
-            h.insert("job_id".into(), id);
-            out.push(h);
+            out.push(view_with_progress(store, &id, h).await?.flat());
             if out.len() >= limit {
                 break;
             }
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_are_told_from_job_ids() {
+        assert!(is_entry_id("1765094462000-0"));
+        assert!(!is_entry_id("lobby-1"));
+        assert!(!is_entry_id("12-"));
+        assert!(!is_entry_id("-3"));
+    }
+
+    #[test]
+    fn typed_entries_carry_numbers_and_json() {
+        let fields: BTreeMap<String, String> = [
+            ("frame", "5"),
+            ("latency_ms", "61.5"),
+            ("model", "clip"),
+            ("output", r#"{"detected": ["people"]}"#),
+            ("peak_box", "not json"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let v = typed_entry(&fields);
+        assert_eq!(v["frame"], 5);
+        assert_eq!(v["latency_ms"], 61.5);
+        assert_eq!(v["model"], "clip");
+        assert_eq!(v["output"]["detected"][0], "people");
+        assert_eq!(
+            v["peak_box"], "not json",
+            "what does not parse stays a string"
+        );
+    }
+
+    #[test]
+    fn a_view_shows_both_hashes_and_the_prompt_mode() {
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let view = JobView {
+            job_id: "j".into(),
+            job: map(&[("status", "running"), ("updated_ms", "1")]),
+            progress: map(&[("updated_ms", "2"), ("ended", "completed")]),
+            results_key: "{fr:j}:results".into(),
+        };
+        let flat = view.flat();
+        assert_eq!(flat["updated_ms"], "1");
+        assert_eq!(flat["progress_updated_ms"], "2");
+        assert_eq!(flat["ended"], "completed");
+        assert_eq!(view.prompt_mode(), PromptMode::FollowsActive);
+        let own = JobView {
+            job: map(&[("prompt", "cars")]),
+            ..view
+        };
+        assert_eq!(own.prompt_mode(), PromptMode::Own);
+    }
 }

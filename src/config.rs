@@ -39,7 +39,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "REDIS_CLUSTER_NODES",
         None,
-        "Seed nodes of a Redis Cluster, comma-separated (`redis://host:port`, `rediss://` for TLS, or `host:port`; a password goes in each URL). When set, the worker and the CLI use the Cluster and REDIS_URL and its parts are not used.",
+        "Seed nodes of a Redis Cluster, comma-separated (`redis://host:port`, `rediss://` for TLS, or `host:port`, which takes REDIS_PASSWORD, so that a scaler can read the same list). When set, the worker and the CLI use the Cluster and REDIS_URL and its parts are not used.",
     ),
     s(
         "REDIS_HOST",
@@ -54,7 +54,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "REDIS_PASSWORD",
         None,
-        "Redis password, used when REDIS_URL is unset.",
+        "Redis password, used when REDIS_URL is unset, and for REDIS_CLUSTER_NODES given as host:port.",
     ),
     s(
         "REDIS_DB",
@@ -104,7 +104,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "DTYPE",
         Some("auto"),
-        "Number format of the image towers' matrix products: auto, f32 or bf16. auto picks bf16 in an mkl build on an Intel CPU with AMX-BF16 or AVX512-BF16, else f32; bf16 elsewhere is an error (docs/models.md).",
+        "Number format of the image towers' matrix products: auto, f32 or bf16. auto picks bf16 on a CPU with AMX-BF16 or AVX512-BF16, else f32; bf16 where there is no bf16 product is an error (docs/models.md).",
     ),
     s(
         "DEFAULT_FPS",
@@ -283,8 +283,8 @@ pub const SETTINGS: &[Setting] = &[
     ),
     s(
         "MAX_FRAME_PIXELS",
-        Some("40000000"),
-        "Largest image (width x height) a frame stream entry may decode to.",
+        Some("16777216"),
+        "Largest image (width x height) a frame stream entry may decode to, checked from its header before decoding. The default, 4096 x 4096, is 48 MiB of decoded RGB per frame and job (a small compressed file can claim that much: a 117 KB PNG or a 234 KB JPEG decodes to 120 MB at 6320 x 6320); 4K UHD is 8.3 MP and large cameras 12 MP. Raise it only for a camera that needs it: the worst case is MAX_CONCURRENT_STREAMS times this times 3 bytes.",
     ),
     s(
         "HEALTH_ADDR",
@@ -296,7 +296,11 @@ pub const SETTINGS: &[Setting] = &[
         Some("info"),
         "trace, debug, info, warning (warn), error (critical).",
     ),
-    s("LOG_FORMAT", Some("text"), "text or json."),
+    s(
+        "LOG_FORMAT",
+        Some("text"),
+        "text or json. Text is coloured only when stderr is a terminal; NO_COLOR turns colour off.",
+    ),
     s(
         "WORKER_ID",
         None,
@@ -307,6 +311,21 @@ pub const SETTINGS: &[Setting] = &[
         Some("10000"),
         "How long a stopping worker waits for its jobs to hand back before it exits.",
     ),
+];
+
+/// The settings that say where Redis is and which keys are ours: the only ones the client
+/// commands (`submit`, `status`, `results`, ...) take; every other setting is the worker's.
+pub const CONNECTION_SETTINGS: &[&str] = &[
+    "REDIS_URL",
+    "REDIS_CLUSTER_NODES",
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "REDIS_PASSWORD",
+    "REDIS_DB",
+    "REDIS_TLS_CA_FILE",
+    "REDIS_TLS_CERT_FILE",
+    "REDIS_TLS_KEY_FILE",
+    "KEY_PREFIX",
 ];
 
 /// Settings whose values are or may hold a secret: never shown (`--help` hides their
@@ -572,12 +591,13 @@ impl Reader<'_> {
         let Some(list) = self.raw("REDIS_CLUSTER_NODES") else {
             return Ok(Vec::new());
         };
+        let password = self.raw("REDIS_PASSWORD");
         let mut nodes = Vec::new();
         for node in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            let url = if node.contains("://") {
-                node.to_string()
-            } else {
-                format!("redis://{node}")
+            let url = match &password {
+                _ if node.contains("://") => node.to_string(),
+                Some(pw) => format!("redis://:{}@{node}", percent_encode(pw)),
+                None => format!("redis://{node}"),
             };
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 return Err(Self::err(
@@ -851,6 +871,23 @@ mod tests {
     }
 
     #[test]
+    fn cluster_nodes_given_as_host_port_take_the_password() {
+        let c = with(&[
+            ("REDIS_CLUSTER_NODES", "a:7000, redis://:own@b:7001"),
+            ("REDIS_PASSWORD", "p@ss word"),
+        ])
+        .unwrap();
+        let nodes: Vec<&str> = c.redis.cluster_nodes.iter().map(|n| n.expose()).collect();
+        assert_eq!(
+            nodes,
+            ["redis://:p%40ss%20word@a:7000", "redis://:own@b:7001"]
+        );
+        assert!(!format!("{:?}", c.redis).contains("p%40ss"));
+        let c = with(&[("REDIS_CLUSTER_NODES", "a:7000")]).unwrap();
+        assert_eq!(c.redis.cluster_nodes[0].expose(), "redis://a:7000");
+    }
+
+    #[test]
     fn redis_url_is_built_from_parts_with_an_escaped_password() {
         let c = with(&[
             ("REDIS_HOST", "cache"),
@@ -945,6 +982,17 @@ mod tests {
                 .iter()
                 .all(|n| SETTINGS.iter().any(|s| s.env == *n))
         );
+    }
+
+    #[test]
+    fn connection_settings_are_settings_and_enough_for_a_client() {
+        for name in CONNECTION_SETTINGS {
+            assert!(SETTINGS.iter().any(|s| s.env == *name), "{name}");
+        }
+        // A client reads only these; every other setting takes its default.
+        let c = with(&[("REDIS_URL", "redis://cache:6380/1"), ("KEY_PREFIX", "cam")]).unwrap();
+        assert_eq!(c.redis.url, "redis://cache:6380/1");
+        assert_eq!(c.redis.key_prefix, "cam");
     }
 
     #[test]

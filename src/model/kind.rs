@@ -38,6 +38,39 @@ pub enum ModelType {
 }
 
 impl ModelType {
+    /// Every family, in the order of [`MODEL_TYPES`].
+    pub const ALL: [ModelType; 8] = [
+        ModelType::Clip,
+        ModelType::Siglip,
+        ModelType::OwlVit,
+        ModelType::Blip,
+        ModelType::OpenAi,
+        ModelType::PaliGemma,
+        ModelType::Null,
+        ModelType::TestColour,
+    ];
+
+    /// The `model_type` a checkpoint of this family names in its `config.json`
+    /// (transformers' name for the architecture); `None` for the families without weights.
+    pub fn config_model_type(self) -> Option<&'static str> {
+        match self {
+            ModelType::Clip => Some("clip"),
+            ModelType::Siglip => Some("siglip"),
+            ModelType::OwlVit => Some("owlvit"),
+            ModelType::Blip => Some("blip"),
+            ModelType::PaliGemma => Some("paligemma"),
+            ModelType::OpenAi | ModelType::Null | ModelType::TestColour => None,
+        }
+    }
+
+    /// The family whose checkpoints name `model_type` in their `config.json`, if the worker
+    /// has it.
+    pub fn from_config_model_type(model_type: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.config_model_type() == Some(model_type))
+    }
+
     /// The square side the model's preprocessing produces for the reference checkpoints:
     /// ingest can use it to pick a default maximum frame side.
     pub fn input_size(self) -> u32 {
@@ -161,5 +194,23 @@ mod tests {
 
         assert_eq!(ModelType::Clip.input_size(), 224);
         assert_eq!(ModelType::Blip.input_size(), 384);
+    }
+
+    #[test]
+    fn every_family_is_listed_once_and_checkpoints_name_their_own() {
+        let words: Vec<&str> = MODEL_TYPES.split(", ").collect();
+        let listed: Vec<&str> = ModelType::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(listed, words);
+        for kind in ModelType::ALL {
+            assert_eq!(kind.as_str().parse::<ModelType>().unwrap(), kind);
+            if let Some(name) = kind.config_model_type() {
+                assert_eq!(ModelType::from_config_model_type(name), Some(kind));
+            }
+        }
+        assert_eq!(
+            ModelType::from_config_model_type("owlvit"),
+            Some(ModelType::OwlVit)
+        );
+        assert_eq!(ModelType::from_config_model_type("clip_text_model"), None);
     }
 }

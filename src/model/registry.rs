@@ -8,7 +8,10 @@ use crate::model::families::owlvit::{self, OwlVitModel};
 use crate::model::families::paligemma::{self, PaliGemmaModel};
 use crate::model::families::siglip::{self, SiglipModel};
 use crate::model::kind::ModelType;
-use crate::model::loading::{ModelFiles, ModelSettings, device_name, resolve_files, select_device};
+use crate::model::loading::config::{check_family, with_family_hint};
+use crate::model::loading::{
+    ModelFiles, ModelSettings, device_name, read_config, resolve_files, select_device,
+};
 use crate::model::remote::openai::OpenAiModel;
 use crate::model::testing::colour::ColourTestModel;
 use crate::model::testing::null::NullModel;
@@ -39,6 +42,8 @@ pub fn load_model(settings: &ModelSettings) -> Result<Box<dyn VisionLanguageMode
         ModelType::PaliGemma => |f, d, s| Ok(Box::new(PaliGemmaModel::load(f, d, s)?)),
     };
     let files = resolve_files(settings)?;
+    let config = read_config(&files.config)?;
+    check_family(&config, kind, &files.source)?;
     let device = select_device(settings.device)?;
     tracing::info!(
         model_type = %kind,
@@ -46,7 +51,7 @@ pub fn load_model(settings: &ModelSettings) -> Result<Box<dyn VisionLanguageMode
         device = %device_name(&device),
         "loading model"
     );
-    load(&files, device, settings)
+    load(&files, device, settings).map_err(|e| with_family_hint(e, &config, kind))
 }
 
 /// Writes a random-weight checkpoint of `kind` into `dir` (`free-roam model make`): the

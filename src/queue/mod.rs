@@ -315,7 +315,9 @@ impl Worker {
             .arg("results_maxlen")
             .arg(self.config.results_maxlen)
             .arg("events_maxlen")
-            .arg(self.config.events_maxlen);
+            .arg(self.config.events_maxlen)
+            .arg("alerts_maxlen")
+            .arg(self.config.alerts_maxlen);
         self.store.query::<()>(&cmd).await
     }
 

@@ -1,10 +1,13 @@
 //! The real `free-roam worker` process: a job on a Redis frame stream runs through the real
 //! pipeline (MODEL_TYPE=null), the health endpoint answers, SIGTERM hands a running job
 //! back and the process exits 0, and SIGKILL leaves a job that another worker finishes; a
-//! question job gets an answer per frame from a tiny random PaliGemma.
+//! question job gets an answer per frame from a tiny random PaliGemma; a model folder of
+//! another family is refused with the family it names; logs carry colour on a terminal
+//! only.
 
 use crate::common::process::{WAIT, feed_frames, http_get, raw_frame_xadd, signal, worker};
 use crate::common::{TestRedis, free_port, unique_prefix, wait_until};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn results(
@@ -268,4 +271,121 @@ fn sigterm_and_sigkill_lose_no_job() {
     feeder.join().unwrap();
     signal(&c, 15);
     assert!(c.wait().unwrap().success());
+}
+
+/// `free-roam model make --type KIND` into a fresh folder.
+fn make_model(kind: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("free-roam-{}-made-{kind}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let made = Command::new(env!("CARGO_BIN_EXE_free-roam"))
+        .args(["model", "make", "--type", kind, "--size", "tiny"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    dir
+}
+
+/// The settings of a worker whose model cannot load, so that it exits by itself: it loads
+/// its model before it first asks Redis, so the Redis it is given need not run.
+fn failing_worker_env(model_type: &str, model_path: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("REDIS_URL", format!("redis://127.0.0.1:{}", free_port())),
+        ("HEALTH_ADDR", format!("127.0.0.1:{}", free_port())),
+        ("LOG_LEVEL", "info".into()),
+        ("MODEL_TYPE", model_type.into()),
+        ("MODEL_PATH", model_path.into()),
+    ]
+}
+
+fn run_worker(env: &[(&'static str, String)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_free-roam"))
+        .arg("worker")
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_model_folder_of_another_family_is_refused_with_the_family_its_config_names() {
+    let owlvit = make_model("owlvit");
+    let clip = make_model("clip");
+    for (model_type, folder, named) in [("clip", &owlvit, "owlvit"), ("owlvit", &clip, "clip")] {
+        let out = run_worker(&failing_worker_env(model_type, folder.to_str().unwrap()));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let hint = format!(
+            "its config.json names model_type \"{named}\", a MODEL_TYPE={named} checkpoint; \
+             set MODEL_TYPE={named}"
+        );
+        assert!(stderr.contains(&hint), "{stderr}");
+        assert!(
+            !stderr.contains("lacks"),
+            "no list of missing tensors: {stderr}"
+        );
+    }
+    for dir in [owlvit, clip] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[test]
+fn logs_written_to_a_pipe_carry_no_colour_codes() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let port = free_port();
+    let mut w = Command::new(env!("CARGO_BIN_EXE_free-roam"))
+        .arg("worker")
+        .env_clear()
+        .env("REDIS_URL", redis.url())
+        .env("KEY_PREFIX", &p)
+        .env("MODEL_TYPE", "null")
+        .env("HEALTH_ADDR", format!("127.0.0.1:{port}"))
+        .env("LOG_LEVEL", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(WAIT, || {
+        http_get(port, "/health/ready").is_some_and(|(c, _)| c == 200)
+    });
+    signal(&w, 15);
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut w.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(w.wait().unwrap().success());
+    assert!(log.contains("model loaded"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "no escape codes in a piped log: {log:?}"
+    );
+}
+
+/// The worker's stderr when it runs on a terminal (a pseudo-terminal of `script`, from
+/// util-linux), with `no_color` as NO_COLOR when given.
+fn log_on_a_terminal(no_color: Option<&str>) -> String {
+    let dir = std::env::temp_dir().join(format!("free-roam-{}-no-model", std::process::id()));
+    let mut cmd = Command::new("script");
+    cmd.args(["--quiet", "--return", "--command"])
+        .arg(format!("'{}' worker", env!("CARGO_BIN_EXE_free-roam")))
+        .arg("/dev/null")
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .envs(failing_worker_env("clip", dir.to_str().unwrap()))
+        .stdin(Stdio::null());
+    if let Some(value) = no_color {
+        cmd.env("NO_COLOR", value);
+    }
+    let out = cmd.output().expect("`script` (util-linux) runs");
+    let log = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(2), "the model cannot load: {log}");
+    assert!(log.contains("health endpoint listening"), "{log}");
+    log
+}
+
+#[test]
+fn logs_on_a_terminal_are_coloured_unless_no_color_is_set() {
+    assert!(log_on_a_terminal(None).contains("\x1b["));
+    assert!(!log_on_a_terminal(Some("1")).contains('\x1b'));
 }

@@ -1,48 +1,190 @@
 //! The user-side subcommands: submit, status, results, alerts, cancel, jobs, prompt. Text for
-//! people by default, JSON with `--json`.
+//! people by default (`show`), JSON with `--json`. They take only the Redis connection
+//! settings.
 
-use clap::{Args, Subcommand};
-use free_roam::client::{self, ClientError, Submission};
+mod show;
+
+use clap::{Arg, ArgMatches, Args, Command, FromArgMatches, Subcommand};
+use free_roam::client::{self, ClientError, ResultRecord};
 use free_roam::config::Config;
-use free_roam::store::Store;
+use free_roam::job::JobField;
+use free_roam::store::{Store, now_ms};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::process::ExitCode;
 
-#[derive(Args, Debug)]
-pub struct SubmitArgs {
-    /// An HLS URL (http/https) or a Redis frame stream key.
-    #[arg(long)]
-    stream_ref: String,
-    /// The job's own prompt; leave it out to follow the active prompt.
-    #[arg(long)]
-    prompt: Option<String>,
-    /// Frames per second to sample; the worker's DEFAULT_FPS when left out.
-    #[arg(long)]
-    fps: Option<f64>,
-    /// The job's id (a UUID otherwise). An id already known is refused.
-    #[arg(long)]
-    job_id: Option<String>,
-    #[arg(long)]
-    max_frames: Option<u64>,
-    #[arg(long)]
-    max_duration_s: Option<f64>,
-    /// `hls` or `redis`; detected from stream_ref when left out.
-    #[arg(long)]
-    source: Option<String>,
+/// Each job field's `submit` help; a field without a line here gets a generic one.
+const FIELD_HELP: &[(&str, &str)] = &[
+    (
+        "stream_ref",
+        "What to watch: an HLS URL (http://, https://), an RTSP camera (rtsp://, rtsps://) or a Redis frame stream key (redis://KEY or the bare key).",
+    ),
+    (
+        "prompt",
+        "The job's own prompt. Leave it out and the job follows the active prompt (`free-roam prompt set`), switching when it changes.",
+    ),
+    (
+        "fps",
+        "Frames per second to sample, in (0, 30]; the worker's DEFAULT_FPS when left out.",
+    ),
+    (
+        "job_id",
+        "The job's id (a UUID otherwise): 1 to 128 of A-Z a-z 0-9 . _ : -. An id already known is refused.",
+    ),
+    (
+        "max_frames",
+        "End the job as completed after this many results.",
+    ),
+    (
+        "max_duration_s",
+        "End the job as completed after this many seconds of running.",
+    ),
+    (
+        "source",
+        "hls or redis; detected from the stream ref when left out.",
+    ),
+    (
+        "scene_gate",
+        "on or off: repeat the last output while the scene does not change; the worker's SCENE_GATE when left out.",
+    ),
+    (
+        "alerts",
+        "on (default) or off: whether the job writes alert start and end events.",
+    ),
+    (
+        "alert_min_frames",
+        "Consecutive sampled frames a label must be detected in before its alert starts, 1 to 1000 (default 2).",
+    ),
+    (
+        "alert_clear_ms",
+        "How long (capture time) a label must be absent before its alert ends (default 5000).",
+    ),
+    (
+        "rtsp_transport",
+        "tcp (default) or udp: how an RTSP camera sends its media.",
+    ),
+    (
+        "track_activation_threshold",
+        "Box models: the score a box needs to start a track, 0 to 1 (default 0.7; lower it for OWL-ViT, whose scores are mostly 0.1 to 0.4).",
+    ),
+    (
+        "track_high_threshold",
+        "Box models: the score over which a box is matched in the tracker's first pass, 0 to 1 (default 0.6).",
+    ),
+    (
+        "track_min_iou",
+        "Box models: the least overlap (IoU) for a box to continue a track, 0 to 1 (default 0.1).",
+    ),
+    (
+        "track_min_frames",
+        "Box models: frames in a row a track must be matched before it gets an id, 1 to 1000 (default 2).",
+    ),
+    (
+        "track_lost_buffer",
+        "Box models: how many frames (at 30 FPS) a lost track is kept, 0 to 18000 (default 30).",
+    ),
+    (
+        "track_frame_rate",
+        "Box models: the frame rate the tracker assumes (default: the job's fps).",
+    ),
+    (
+        "zones",
+        "Box models: JSON, zone name to polygon (or to an object with `points`, `labels`, `loiter_s`); enter, leave and loiter events go to the alerts stream (docs/redis-contract.md, \"Zones and lines\").",
+    ),
+    (
+        "lines",
+        "Box models: JSON, line name to two points (or an object with `points` and side names); crossings per direction go to the alerts stream.",
+    ),
+    (
+        "zone_units",
+        "pixels (default) or normalised: whether zone and line points are source pixels or 0 to 1.",
+    ),
+];
+
+/// `submit`'s flags: one per job field (`JobField::ALL`), `--stream-ref` required; the
+/// values go to the same validation a worker applies.
+#[derive(Clone, Debug, Default)]
+pub struct JobFieldArgs(Vec<(JobField, String)>);
+
+impl FromArgMatches for JobFieldArgs {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let given = JobField::ALL
+            .into_iter()
+            .filter_map(|f| match m.try_get_one::<String>(f.name()) {
+                Ok(Some(v)) => Some((f, v.clone())),
+                _ => None,
+            })
+            .collect();
+        Ok(Self(given))
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for JobFieldArgs {
+    fn augment_args(cmd: Command) -> Command {
+        cmd.args(JobField::ALL.into_iter().map(|f| {
+            let help = FIELD_HELP
+                .iter()
+                .find(|(name, _)| *name == f.name())
+                .map(|(_, help)| help.to_string())
+                .unwrap_or_else(|| {
+                    format!(
+                        "The job's `{}` field (docs/redis-contract.md, \"A job entry\").",
+                        f.name()
+                    )
+                });
+            Arg::new(f.name())
+                .long(Box::leak(f.name().replace('_', "-").into_boxed_str()) as &'static str)
+                .value_name("VALUE")
+                .required(f == JobField::StreamRef)
+                .help(help)
+        }))
+    }
+
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
 }
 
 /// The commands that speak the Redis contract for a person.
 #[derive(Subcommand, Debug)]
 pub enum ClientCommand {
-    /// Queue a job; prints its id.
-    Submit(SubmitArgs),
-    /// Show a job's state.
-    Status { job_id: String },
-    /// Print a job's results; with --follow, wait for new ones until the job ends.
-    Results {
+    /// Queue a job; prints its id. Every job field is a flag.
+    Submit(JobFieldArgs),
+    /// Show a job: its state, its prompt mode and both of its hashes.
+    ///
+    /// Prints the job's status, whether it has its own prompt or follows the active one, its
+    /// results stream, then every field of its job hash and of its progress hash, times as
+    /// UTC with their age. --json prints the fields as stored (times in ms).
+    Status {
+        /// The job's id, or the entry id XADD printed for a job pushed without job_id.
         job_id: String,
+    },
+    /// Print a job's results, one line per entry; --follow waits for new ones.
+    ///
+    /// Each line reads `frame N  vV  T ms  SUMMARY`: the frame's index, the prompt version
+    /// that made it, the model's time for its batch, and what the output says (boxes per
+    /// label with the best score and the top boxes, detected phrases with their scores, a
+    /// caption). --full prints the output whole; --json prints each entry as JSON, numbers as
+    /// numbers and `output` as an object.
+    Results {
+        /// The job's id, or the entry id of a job pushed without job_id.
+        job_id: String,
+        /// Wait for new entries until the job's end entry.
         #[arg(long)]
         follow: bool,
+        /// Start with the last N entries written so far (0: only new ones).
+        #[arg(long, value_name = "N")]
+        last: Option<usize>,
+        /// Stop after printing N entries.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Print each output whole instead of its summary.
+        #[arg(long)]
+        full: bool,
     },
     /// Print alert start and end events (all jobs, or one); with --follow, wait for new ones.
     Alerts {
@@ -53,15 +195,21 @@ pub enum ClientCommand {
         job_id: Option<String>,
     },
     /// Cancel a job: a queued one never runs, a running one stops within a second.
-    Cancel { job_id: String },
+    Cancel {
+        /// The job's id, or the entry id of a job pushed without job_id.
+        job_id: String,
+    },
     /// List jobs, newest first.
+    ///
+    /// Columns: the job's id, its status, its prompt (`own`, or `active`: it follows the
+    /// active prompt), results written, age, stream.
     Jobs {
         #[arg(long)]
         status: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
-    /// Read or change the active prompt.
+    /// Read or change the active prompt, the one jobs without a prompt of their own follow.
     #[command(subcommand)]
     Prompt(PromptCommand),
 }
@@ -77,7 +225,7 @@ pub enum PromptCommand {
     },
     /// Show the active prompt.
     Get,
-    /// Show every version, newest first.
+    /// Show every version, newest first, with when it was set.
     History {
         #[arg(long, default_value_t = 0)]
         count: usize,
@@ -109,112 +257,172 @@ pub async fn run(command: ClientCommand, config: Config, json: bool) -> ExitCode
         Ok(s) => s,
         Err(e) => return fail(e, 2),
     };
-    match command {
-        ClientCommand::Submit(a) => {
-            let sub = Submission {
-                stream_ref: a.stream_ref,
-                prompt: a.prompt,
-                fps: a.fps,
-                job_id: a.job_id,
-                max_frames: a.max_frames,
-                max_duration_s: a.max_duration_s,
-                source: a.source,
+    let result = match command {
+        ClientCommand::Submit(JobFieldArgs(fields)) => submit(&store, &fields, json).await,
+        ClientCommand::Status { job_id } => status(&store, &job_id, json).await,
+        ClientCommand::Results {
+            job_id,
+            follow,
+            last,
+            limit,
+            full,
+        } => {
+            let view = ResultsView {
+                follow,
+                last,
+                limit,
+                full,
+                json,
             };
-            match client::submit(&store, &sub).await {
-                Ok(id) if json => print_json(&serde_json::json!({"job_id": id})),
-                Ok(id) => println!("{id}"),
-                Err(e) => return client_failure(e),
-            }
-        }
-        ClientCommand::Status { job_id } => match client::status(&store, &job_id).await {
-            Ok(h) if json => print_json(&serde_json::json!(h)),
-            Ok(h) => print_fields(&h),
-            Err(e) => return client_failure(e),
-        },
-        ClientCommand::Results { job_id, follow } => {
-            return results(&store, &job_id, follow, json).await;
+            return results(&store, &job_id, view).await;
         }
         ClientCommand::Alerts { follow, job_id } => {
             return alerts(&store, job_id.as_deref(), follow, json).await;
         }
-        ClientCommand::Cancel { job_id } => {
-            match client::cancel(&store, &job_id, config.queue.retention()).await {
-                Ok(v) if json => {
-                    print_json(&serde_json::json!({"job_id": job_id, "result": v.to_string()}))
-                }
-                Ok(v) => println!("{job_id}: {v}"),
-                Err(e) => return client_failure(e),
-            }
-        }
-        ClientCommand::Jobs { status, limit } => {
-            if let Some(s) = &status
-                && free_roam::job::JobStatus::parse(s).is_none()
-            {
-                return fail(
-                    format!(
-                        "--status {s}: use queued, running, completed, failed, cancelled or dead"
-                    ),
-                    2,
-                );
-            }
-            match client::list(&store, status.as_deref(), limit).await {
-                Ok(jobs) if json => print_json(&serde_json::json!(jobs)),
-                Ok(jobs) => {
-                    for j in jobs {
-                        let g = |k: &str| j.get(k).map(String::as_str).unwrap_or("-").to_string();
-                        println!(
-                            "{}  {:<9}  results={:<6}  {}",
-                            g("job_id"),
-                            g("status"),
-                            g("results"),
-                            g("stream_ref")
-                        );
-                    }
-                }
-                Err(e) => return client_failure(e),
-            }
-        }
+        ClientCommand::Cancel { job_id } => cancel(&store, &job_id, json).await,
+        ClientCommand::Jobs { status, limit } => return jobs(&store, status, limit, json).await,
         ClientCommand::Prompt(cmd) => return prompt(&store, cmd, json).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => client_failure(e),
+    }
+}
+
+async fn submit(
+    store: &Store,
+    fields: &[(JobField, String)],
+    json: bool,
+) -> Result<(), ClientError> {
+    let id = client::submit(store, fields).await?;
+    if json {
+        print_json(&serde_json::json!({"job_id": id}));
+    } else {
+        println!("{id}");
+    }
+    Ok(())
+}
+
+async fn status(store: &Store, id: &str, json: bool) -> Result<(), ClientError> {
+    let view = client::status(store, id).await?;
+    if json {
+        print_json(&client::typed_entry(&view.flat()));
+    } else {
+        println!("{}", show::status(&view, now_ms()));
+    }
+    Ok(())
+}
+
+async fn cancel(store: &Store, id: &str, json: bool) -> Result<(), ClientError> {
+    let job_id = client::resolve_job_id(store, id).await?;
+    let retention = client::fleet_retention(store).await?;
+    let outcome = client::cancel(store, &job_id, retention).await?;
+    if json {
+        print_json(&serde_json::json!({"job_id": job_id, "result": outcome.to_string()}));
+    } else {
+        println!("{job_id}: {outcome}");
+    }
+    Ok(())
+}
+
+async fn jobs(store: &Store, status: Option<String>, limit: usize, json: bool) -> ExitCode {
+    if let Some(s) = &status
+        && free_roam::job::JobStatus::parse(s).is_none()
+    {
+        return fail(
+            format!("--status {s}: use queued, running, completed, failed, cancelled or dead"),
+            2,
+        );
+    }
+    let jobs = match client::list(store, status.as_deref(), limit).await {
+        Ok(jobs) => jobs,
+        Err(e) => return client_failure(e),
+    };
+    if json {
+        let typed: Vec<_> = jobs.iter().map(client::typed_entry).collect();
+        print_json(&serde_json::Value::Array(typed));
+        return ExitCode::SUCCESS;
+    }
+    let width = jobs
+        .iter()
+        .filter_map(|j| j.get("job_id").map(String::len))
+        .chain([3])
+        .max()
+        .unwrap_or(3);
+    println!("{}", show::jobs_header(width));
+    let now = now_ms();
+    for j in &jobs {
+        println!("{}", show::job_line(j, width, now));
     }
     ExitCode::SUCCESS
 }
 
-fn print_fields(h: &BTreeMap<String, String>) {
-    let width = h.keys().map(String::len).max().unwrap_or(0);
-    for (k, v) in h {
-        println!("{k:<width$}  {v}");
+/// How `results` prints.
+struct ResultsView {
+    follow: bool,
+    last: Option<usize>,
+    limit: Option<usize>,
+    full: bool,
+    json: bool,
+}
+
+impl ResultsView {
+    fn print(&self, id: &str, fields: &BTreeMap<String, String>) {
+        if self.json {
+            print_json(&serde_json::json!({"id": id, "fields": client::typed_entry(fields)}));
+        } else {
+            println!("{}", show::result(fields, self.full));
+        }
     }
 }
 
-async fn results(store: &Store, job_id: &str, follow: bool, json: bool) -> ExitCode {
+/// Prints a job's results; ends at its end entry (exit 0 when it completed, else 1), at
+/// `--limit`, or, without `--follow`, when none are left.
+async fn results(store: &Store, id: &str, view: ResultsView) -> ExitCode {
+    let job_id = match client::resolve_job_id(store, id).await {
+        Ok(j) => j,
+        Err(e) => return client_failure(e),
+    };
+    let mut printed = 0usize;
     let mut last = "0".to_string();
-    let mut seen_any = false;
-    loop {
-        let block = if follow { Some(1000) } else { None };
-        let batch = match client::results_after(store, job_id, &last, 500, block).await {
-            Ok(b) => b,
+    let mut first: Vec<ResultRecord> = Vec::new();
+    if let Some(n) = view.last {
+        match client::results_last(store, &job_id, n.max(1)).await {
+            Ok(tail) => {
+                last = tail.last().map_or(last, |(id, _)| id.clone());
+                first = tail.into_iter().rev().take(n).rev().collect();
+            }
             Err(e) => return client_failure(e),
+        }
+    }
+    let mut seen_any = !first.is_empty() || last != "0";
+    loop {
+        let batch = if first.is_empty() {
+            let block = view.follow.then_some(1000);
+            match client::results_after(store, &job_id, &last, 500, block).await {
+                Ok(b) => b,
+                Err(e) => return client_failure(e),
+            }
+        } else {
+            std::mem::take(&mut first)
         };
         if batch.is_empty() {
-            if !seen_any {
-                match client::status(store, job_id).await {
-                    Err(ClientError::NotFound(m)) => return fail(m, 1),
-                    Err(e) => return client_failure(e),
-                    Ok(_) => {}
-                }
+            if !seen_any && let Err(e) = client::status(store, &job_id).await {
+                return client_failure(e);
             }
-            if follow {
+            seen_any = true;
+            if view.follow {
                 continue;
             }
             return ExitCode::SUCCESS;
         }
         seen_any = true;
-        for (id, fields) in &batch {
-            if json {
-                print_json(&serde_json::json!({"id": id, "fields": fields}));
-            } else {
-                println!("{}", describe_result(fields));
+        for (entry_id, fields) in &batch {
+            if view.limit.is_some_and(|n| printed >= n) {
+                return ExitCode::SUCCESS;
             }
+            view.print(entry_id, fields);
+            printed += 1;
             if fields.get("kind").map(String::as_str) == Some("end") {
                 let ok = fields.get("status").map(String::as_str) == Some("completed");
                 return if ok {
@@ -224,26 +432,10 @@ async fn results(store: &Store, job_id: &str, follow: bool, json: bool) -> ExitC
                 };
             }
         }
-        last = batch.last().map(|(id, _)| id.clone()).unwrap_or(last);
-    }
-}
-
-/// One line per result entry, for people.
-fn describe_result(f: &BTreeMap<String, String>) -> String {
-    let g = |k: &str| f.get(k).map(String::as_str).unwrap_or("-");
-    match g("kind") {
-        "end" => {
-            let err = f.get("error").map(|e| format!(": {e}")).unwrap_or_default();
-            format!("end  status={} results={}{err}", g("status"), g("results"))
+        if view.limit.is_some_and(|n| printed >= n) {
+            return ExitCode::SUCCESS;
         }
-        "error" => format!("frame {:>5}  error: {}", g("frame"), g("error")),
-        _ => format!(
-            "frame {:>5}  v{} {:>7}ms  {}",
-            g("frame"),
-            g("prompt_version"),
-            g("latency_ms"),
-            g("output")
-        ),
+        last = batch.last().map(|(id, _)| id.clone()).unwrap_or(last);
     }
 }
 
@@ -266,9 +458,9 @@ async fn alerts(store: &Store, job_id: Option<&str>, follow: bool, json: bool) -
                 continue;
             }
             if json {
-                print_json(&serde_json::json!({"id": id, "fields": fields}));
+                print_json(&serde_json::json!({"id": id, "fields": client::typed_entry(fields)}));
             } else {
-                println!("{}", describe_alert(fields));
+                println!("{}", show::alert(fields));
             }
         }
         last = batch.last().map(|(id, _)| id.clone()).unwrap_or(last);
@@ -306,24 +498,6 @@ impl SeenAlerts {
     }
 }
 
-/// One line per alert event, for people.
-fn describe_alert(f: &BTreeMap<String, String>) -> String {
-    let g = |k: &str| f.get(k).map(String::as_str).unwrap_or("-");
-    let reason = f
-        .get("reason")
-        .map(|r| format!(" ({r})"))
-        .unwrap_or_default();
-    format!(
-        "{:<5}  job={}  {}  frames {}..{}  peak={}{reason}",
-        g("kind"),
-        g("job_id"),
-        g("label"),
-        g("first_frame"),
-        g("last_frame"),
-        g("peak_score"),
-    )
-}
-
 async fn prompt(store: &Store, cmd: PromptCommand, json: bool) -> ExitCode {
     use free_roam::prompt::active as prompt;
     match cmd {
@@ -346,8 +520,14 @@ async fn prompt(store: &Store, cmd: PromptCommand, json: bool) -> ExitCode {
         PromptCommand::History { count } => match prompt::history(store, count).await {
             Ok(h) if json => print_json(&serde_json::json!(h)),
             Ok(h) => {
+                let now = now_ms();
                 for p in h {
-                    println!("v{}  {}  {}", p.version, p.updated_ms, p.text);
+                    println!(
+                        "v{}  {}  {}",
+                        p.version,
+                        show::time(p.updated_ms, now),
+                        p.text
+                    );
                 }
             }
             Err(e) => return fail(e, 1),

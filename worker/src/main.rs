@@ -8,7 +8,7 @@ mod model_cmd;
 mod settings;
 mod worker;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use free_roam::config::Config;
 use settings::RawSettings;
 use std::process::ExitCode;
@@ -23,11 +23,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     name = "free-roam",
     version,
     about = "Redis-native workers that run vision-language models on live video",
-    long_about = "Redis-native workers that run vision-language models on live video.\n\nEvery setting is a flag and an environment variable (see docs/configuration.md)."
+    long_about = "Redis-native workers that run vision-language models on live video.\n\nEvery setting is a flag and an environment variable of `free-roam worker` (see docs/configuration.md); the other commands take only the Redis connection settings (REDIS_*, KEY_PREFIX)."
 )]
 struct Cli {
-    #[command(flatten)]
-    settings: RawSettings,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -46,10 +44,40 @@ enum Commands {
     Model(model_cmd::ModelCommand),
 }
 
+/// The command line: the derived commands, with the settings each one takes.
+fn command() -> clap::Command {
+    let mut cmd = Cli::command();
+    let speaks_to_redis: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .filter(|name| name != "model")
+        .collect();
+    for name in speaks_to_redis {
+        cmd = cmd.mut_subcommand(name, settings::connection_args);
+    }
+    cmd.mut_subcommand("worker", settings::worker_args)
+}
+
+/// The matches of the innermost subcommand, where every setting given lands.
+fn innermost(m: &ArgMatches) -> &ArgMatches {
+    match m.subcommand() {
+        Some((_, sub)) => innermost(sub),
+        None => m,
+    }
+}
+
 fn main() -> ExitCode {
     free_roam::model::prepare_cpu_threads();
-    let cli = Cli::parse();
-    let config = match Config::from_lookup(&|name| cli.settings.get(name)) {
+    let matches = command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `None`: the worker; the model files need neither Redis nor settings.
+    let client = match cli.command {
+        Commands::Model(command) => return model_cmd::run(command),
+        Commands::Worker => None,
+        Commands::Client(command) => Some(command),
+    };
+    let raw = RawSettings::from_matches(innermost(&matches));
+    let config = match Config::from_lookup(&|name| raw.get(name)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("free-roam: {e}");
@@ -67,10 +95,9 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(async move {
-        match cli.command {
-            Commands::Worker => worker::run(config).await,
-            Commands::Client(command) => cli::run(command, config, cli.json).await,
-            Commands::Model(command) => model_cmd::run(command),
+        match client {
+            None => worker::run(config).await,
+            Some(command) => cli::run(command, config, cli.json).await,
         }
     });
     // Leftover blocking reads must not hold the process up once the work is done.

@@ -10,6 +10,8 @@ use free_roam::pipeline::StreamJobBody;
 use free_roam::queue::body::JobBody;
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState, default_worker_id};
 use free_roam::store::Store;
+use std::ffi::OsStr;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,13 +24,25 @@ fn init_logging(config: &Config) {
             level = config.log.level
         ))
     });
+    let colour = log_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+}
+
+/// Whether log lines carry ANSI colour codes: only on a terminal, so that a log file or a
+/// pipe into another tool gets plain text, and never with `NO_COLOR` set to anything but
+/// the empty string (no-color.org).
+fn log_colour(stderr_is_terminal: bool, no_color: Option<&OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(OsStr::is_empty)
 }
 
 /// Runs the worker until SIGTERM/SIGINT; exits 0 after handing its jobs back.
@@ -191,4 +205,18 @@ fn build_body(
         metrics,
     );
     (Arc::new(body), engine)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(log_colour(true, None));
+        assert!(log_colour(true, Some(OsStr::new(""))));
+        assert!(!log_colour(true, Some(OsStr::new("1"))));
+        assert!(!log_colour(false, None));
+        assert!(!log_colour(false, Some(OsStr::new(""))));
+    }
 }

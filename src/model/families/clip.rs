@@ -1,20 +1,12 @@
 //! The CLIP backend: zero-shot scoring of each frame against phrases taken from the prompt,
-//! with candle-transformers' CLIP text tower and our own image tower (`clip_vision`), in the
+//! with candle-transformers' CLIP text tower and our own image tower (`towers::vit`), in the
 //! openai/clip-vit-base-patch32 layout.
 //!
 //! # From prompt to phrases
 //!
-//! [`prompt_phrases`] turns the prompt into candidate phrases:
-//! 1. split on `,` `;` `:` `|` and line breaks, and on the standalone words `and`, `or`, `&`;
-//! 2. in each piece, lower-case it, collapse white space and trim surrounding punctuation;
-//! 3. drop leading instruction words ([`FILLER_WORDS`]: verbs such as "detect", "find",
-//!    "look", quantifiers and articles such as "all", "any", "the", "a"); a piece made only
-//!    of them ("Detect:") is dropped;
-//! 4. drop empty pieces and repeats, keeping the first order.
-//!
-//! "Detect all people and vehicles" gives `people`, `vehicles`; "person, car, dog" gives
-//! three phrases. Each phrase is scored through the template [`PHRASE_TEMPLATE`]
-//! ("a photo of {phrase}.").
+//! The prompt becomes phrases by the rule in [`crate::model::text::phrases`] ("Detect all
+//! people and vehicles" gives `people`, `vehicles`); each phrase is scored through the
+//! template `PHRASE_TEMPLATE` ("a photo of {phrase}.").
 //!
 //! # Output
 //!

@@ -1,8 +1,9 @@
-//! Reading a model's `config.json`: the file parsed as JSON, then read into a family's serde
-//! structs (whose absent keys take transformers' defaults), and the shape checks several
-//! families make of what they read.
+//! Reading a model's `config.json`: the file parsed as JSON, the family it names checked
+//! against `MODEL_TYPE`, then read into a family's serde structs (whose absent keys take
+//! transformers' defaults), and the shape checks several families make of what they read.
 
 use crate::model::ModelError;
+use crate::model::kind::ModelType;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::path::Path;
@@ -22,6 +23,51 @@ pub fn parse_config<T: DeserializeOwned>(config: &Value, family: &str) -> Result
     drop_nulls(&mut config);
     serde_json::from_value(config)
         .map_err(|e| ModelError::load(format!("config.json is not a {family} config"), e))
+}
+
+/// The `model_type` a parsed `config.json` names, if any.
+fn named_model_type(config: &Value) -> Option<&str> {
+    config.get("model_type")?.as_str()
+}
+
+/// Refuses a checkpoint (`source`: its folder or hub id) whose `config.json` names another
+/// family the worker has than the `chosen` one: it would otherwise fail on the first of
+/// many missing tensors, which hides the one-word fix. A config naming no family, or one
+/// the worker does not know, passes (see [`with_family_hint`]).
+pub fn check_family(config: &Value, chosen: ModelType, source: &str) -> Result<(), ModelError> {
+    let Some(named) = named_model_type(config) else {
+        return Ok(());
+    };
+    match ModelType::from_config_model_type(named) {
+        Some(other) if other != chosen => Err(ModelError::Load(
+            format!(
+                "MODEL_TYPE={chosen} cannot load {source}: its config.json names model_type \
+                 {named:?}, a MODEL_TYPE={other} checkpoint; set MODEL_TYPE={other}, or point \
+                 MODEL_PATH (or MODEL_ID) at a {chosen} checkpoint"
+            )
+            .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A failed load of a checkpoint whose `config.json` names a `model_type` other than the
+/// `chosen` family's: the error says so first, as the likely reason. Other failures are
+/// returned as they are.
+pub fn with_family_hint(err: ModelError, config: &Value, chosen: ModelType) -> ModelError {
+    let (Some(named), Some(expected)) = (named_model_type(config), chosen.config_model_type())
+    else {
+        return err;
+    };
+    if named == expected {
+        return err;
+    }
+    let hint = format!("config.json names model_type {named:?}, not {expected:?}");
+    match err {
+        ModelError::Load(detail) => ModelError::Load(detail.within(hint)),
+        ModelError::Prompt(detail) => ModelError::Prompt(detail.within(hint)),
+        ModelError::Inference(detail) => ModelError::Inference(detail.within(hint)),
+    }
 }
 
 /// Removes every `null` member of every object in `value`.
@@ -105,6 +151,41 @@ mod tests {
             err.detail().cause(),
             Some(crate::model::Cause::Json(_))
         ));
+    }
+
+    #[test]
+    fn a_config_of_another_family_is_refused_by_name() {
+        let owlvit =
+            json!({"model_type": "owlvit", "text_config": {"model_type": "owlvit_text_model"}});
+        let err = check_family(&owlvit, ModelType::Clip, "models/owl").unwrap_err();
+        assert!(matches!(err, ModelError::Load(_)));
+        assert_eq!(
+            err.to_string(),
+            "model weights: MODEL_TYPE=clip cannot load models/owl: its config.json names \
+             model_type \"owlvit\", a MODEL_TYPE=owlvit checkpoint; set MODEL_TYPE=owlvit, or \
+             point MODEL_PATH (or MODEL_ID) at a clip checkpoint"
+        );
+        assert!(check_family(&owlvit, ModelType::OwlVit, "models/owl").is_ok());
+        // No name, or a name the worker does not know: the load itself decides.
+        assert!(check_family(&json!({}), ModelType::Clip, "m").is_ok());
+        assert!(check_family(&json!({"model_type": "llava"}), ModelType::Clip, "m").is_ok());
+    }
+
+    #[test]
+    fn a_failed_load_names_an_unknown_model_type_first() {
+        let failed = || ModelError::Load("weights lack 3 tensor(s)".into());
+        let llava = json!({"model_type": "llava"});
+        let err = with_family_hint(failed(), &llava, ModelType::Clip);
+        assert!(matches!(err, ModelError::Load(_)));
+        assert_eq!(
+            err.to_string(),
+            "model weights: config.json names model_type \"llava\", not \"clip\": weights lack 3 tensor(s)"
+        );
+        let clip = json!({"model_type": "clip"});
+        let err = with_family_hint(failed(), &clip, ModelType::Clip);
+        assert_eq!(err.to_string(), "model weights: weights lack 3 tensor(s)");
+        let err = with_family_hint(failed(), &json!({}), ModelType::Clip);
+        assert_eq!(err.to_string(), "model weights: weights lack 3 tensor(s)");
     }
 
     #[test]

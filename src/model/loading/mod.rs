@@ -502,6 +502,52 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_of_another_family_is_named_instead_of_its_missing_tensors() {
+        use crate::model::registry::load_model;
+        use crate::model::testing::util::{scratch_dir, tiny_model};
+        let load_error = |kind: ModelType, dir: &Path| {
+            let settings = ModelSettings {
+                model_type: kind,
+                model_path: Some(dir.to_path_buf()),
+                ..ModelSettings::default()
+            };
+            match load_model(&settings) {
+                Ok(_) => panic!("MODEL_TYPE={kind} loaded {}", dir.display()),
+                Err(e) => e,
+            }
+        };
+        let owlvit = tiny_model(ModelType::OwlVit);
+        let err = load_error(ModelType::Clip, owlvit);
+        assert!(matches!(err, ModelError::Load(_)));
+        let text = err.to_string();
+        assert!(
+            text.contains(r#"its config.json names model_type "owlvit", a MODEL_TYPE=owlvit checkpoint; set MODEL_TYPE=owlvit"#),
+            "{text}"
+        );
+        assert!(!text.contains("lacks"), "{text}");
+        let text = load_error(ModelType::OwlVit, tiny_model(ModelType::Clip)).to_string();
+        assert!(text.contains("a MODEL_TYPE=clip checkpoint"), "{text}");
+
+        // A model_type the worker does not know: the load goes ahead, and its failure says
+        // first what the config names.
+        let dir = scratch_dir("load-unknown-family");
+        for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+            std::fs::copy(tiny_model(ModelType::Clip).join(file), dir.join(file)).unwrap();
+        }
+        let mut config = read_config(&dir.join("config.json")).unwrap();
+        config["model_type"] = "clip_fancy".into();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let text = load_error(ModelType::Siglip, &dir).to_string();
+        assert!(
+            text.starts_with(
+                r#"model weights: config.json names model_type "clip_fancy", not "siglip": "#
+            ),
+            "{text}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_folder_without_files_names_what_is_missing() {
         let dir = std::env::temp_dir().join(format!("fr-load-empty-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -3,42 +3,100 @@
 //! 1. split on `,` `;` `:` `|` and line breaks, and on the standalone words `and`, `or`, `&`;
 //! 2. in each piece, lower-case it, collapse white space and trim surrounding punctuation;
 //! 3. drop leading instruction words ([`FILLER_WORDS`]: verbs such as "detect", "find",
-//!    "look", quantifiers and articles such as "all", "any", "the", "a"); a piece made only
-//!    of them ("Detect:") is dropped;
-//! 4. drop empty pieces and repeats, keeping the first order.
+//!    "look" and their "-ing" forms, "only" and "just", quantifiers and articles such as
+//!    "all", "any", "the", "a", and the words of a question or a request: "is there",
+//!    "can you", "tell me if"); a piece made only of them ("Detect:") is dropped;
+//! 4. drop trailing [`TRAILING_WORDS`] ("people only" is `people`);
+//! 5. drop empty pieces and repeats, keeping the first order.
 //!
-//! "Detect all people and vehicles" gives `people`, `vehicles`; "person, car, dog" gives
-//! three phrases. CLIP, SigLIP and OWL-ViT put each phrase to their text tower through
-//! [`PHRASE_TEMPLATE`] ("a photo of {phrase}.").
+//! CLIP, SigLIP and OWL-ViT put each phrase to their text tower through
+//! [`PHRASE_TEMPLATE`] ("a photo of {phrase}."). What real prompts give (a unit test
+//! checks this table):
+//!
+//! | prompt | phrases |
+//! | --- | --- |
+//! | Detect all people and vehicles | `people`, `vehicles` |
+//! | Detect only vehicles | `vehicles` |
+//! | Is there a person at the door? | `person at the door` |
+//! | Count the cars | `cars` |
+//! | Look for people wearing helmets | `people wearing helmets` |
+//! | Find any dog or cat | `dog`, `cat` |
+//! | Counting trucks, looking for bikes; searching for a red car | `trucks`, `bikes`, `red car` |
+//! | Are there any people? | `people` |
+//! | Tell me if there is a fire | `fire` |
+//! | Just the dogs please | `dogs` |
+//! | person, car, dog | `person`, `car`, `dog` |
+//! | fire in the kitchen | `fire in the kitchen` |
+//!
+//! Only the front and the end of a phrase are trimmed: words inside it stay ("a person at
+//! the door" keeps "the"), and so does a verb that is not an instruction ("people wearing
+//! helmets").
 
 /// How each phrase is put to the text tower.
 pub const PHRASE_TEMPLATE: &str = "a photo of {phrase}.";
 /// Words dropped from the front of a phrase (see the module docs).
 pub const FILLER_WORDS: &[&str] = &[
+    // instructions, and their -ing forms ("counting cars")
     "detect",
     "detecting",
     "find",
     "finding",
     "identify",
+    "identifying",
     "locate",
+    "locating",
     "spot",
+    "spotting",
     "show",
+    "showing",
     "count",
+    "counting",
     "search",
+    "searching",
     "look",
+    "looking",
     "track",
+    "tracking",
     "highlight",
+    "highlighting",
     "recognize",
+    "recognizing",
     "recognise",
+    "recognising",
     "see",
+    "seeing",
     "check",
+    "checking",
     "list",
+    "listing",
     "label",
+    "labelling",
+    "labeling",
     "classify",
+    "classifying",
+    "tell",
+    "notify",
+    "alert",
+    "warn",
+    // requests and questions ("can you see", "tell me if there is", "are there any")
     "please",
+    "can",
+    "could",
+    "you",
     "me",
+    "us",
+    "if",
+    "whether",
+    "when",
+    "whenever",
     "for",
     "out",
+    "there",
+    "is",
+    "are",
+    // restrictions, quantifiers and articles
+    "only",
+    "just",
     "all",
     "any",
     "every",
@@ -47,10 +105,9 @@ pub const FILLER_WORDS: &[&str] = &[
     "a",
     "an",
     "some",
-    "there",
-    "is",
-    "are",
 ];
+/// Words dropped from the end of a phrase ("people only", "dogs please").
+pub const TRAILING_WORDS: &[&str] = &["only", "please"];
 /// The most phrases one prompt may produce (each is a text-tower pass when the prompt
 /// changes, and a column of every frame's output).
 pub const MAX_PHRASES: usize = 64;
@@ -101,7 +158,11 @@ pub fn prompt_phrases(prompt: &str) -> Vec<String> {
                 .iter()
                 .position(|w| !FILLER_WORDS.contains(w))
                 .unwrap_or(words.len());
-            let phrase = words[first..].join(" ");
+            let last = words
+                .iter()
+                .rposition(|w| !TRAILING_WORDS.contains(w))
+                .map_or(first, |i| (i + 1).max(first));
+            let phrase = words[first..last].join(" ");
             if !phrase.is_empty() && !phrases.contains(&phrase) {
                 phrases.push(phrase);
             }
@@ -135,5 +196,44 @@ mod tests {
             ["fire in the kitchen"]
         );
         assert!(prompt_phrases(" , ; and ").is_empty());
+    }
+
+    /// The table in the module docs, row by row.
+    #[test]
+    fn real_world_prompts_give_the_documented_phrases() {
+        let table: &[(&str, &[&str])] = &[
+            ("Detect all people and vehicles", &["people", "vehicles"]),
+            ("Detect only vehicles", &["vehicles"]),
+            ("Is there a person at the door?", &["person at the door"]),
+            ("Count the cars", &["cars"]),
+            (
+                "Look for people wearing helmets",
+                &["people wearing helmets"],
+            ),
+            ("Find any dog or cat", &["dog", "cat"]),
+            (
+                "Counting trucks, looking for bikes; searching for a red car",
+                &["trucks", "bikes", "red car"],
+            ),
+            ("Are there any people?", &["people"]),
+            ("Tell me if there is a fire", &["fire"]),
+            ("Just the dogs please", &["dogs"]),
+            ("person, car, dog", &["person", "car", "dog"]),
+            ("fire in the kitchen", &["fire in the kitchen"]),
+        ];
+        let docs = include_str!("phrases.rs");
+        for (prompt, phrases) in table {
+            assert_eq!(prompt_phrases(prompt), *phrases, "{prompt}");
+            let cells: Vec<String> = phrases.iter().map(|p| format!("`{p}`")).collect();
+            let row = format!("//! | {prompt} | {} |", cells.join(", "));
+            assert!(docs.contains(&row), "the module docs lack the row {row}");
+        }
+    }
+
+    #[test]
+    fn instruction_words_alone_and_trailing_words_leave_nothing_behind() {
+        assert!(prompt_phrases("Detect only").is_empty());
+        assert_eq!(prompt_phrases("people only"), ["people"]);
+        assert_eq!(prompt_phrases("only"), Vec::<String>::new());
     }
 }
