@@ -30,6 +30,9 @@
 //! - [`gate`]: the scene-change gate that lets a job reuse the last output on a still scene
 //!   (pure).
 //! - [`alerts`]: start and end events from a job's detected labels (pure).
+//! - [`tracker`]: ByteTrack, a job's track ids for the boxes of box models (pure).
+//! - [`zones`]: a job's zones and lines: enter, leave, cross and loiter events and counts
+//!   from its tracks (pure).
 //! - [`engine`]: the model on its own thread, batching frames across all jobs: `stream` (a
 //!   job's queue and replies), `batch` and `batcher` (forming batches, grouped by prompt),
 //!   `model_thread`, and `infer_call` and `submit_call` (a model waited on, or one that
@@ -63,3 +66,5 @@ pub mod results;
 pub mod sampler;
 pub mod source;
 pub mod store;
+pub mod tracker;
+pub mod zones;

@@ -9,6 +9,9 @@
 //! the model, the result entry. The job keeps taking frames while a write is under way, so
 //! nothing waits on Redis.
 //!
+//! A box model's output goes through the job's tracker before anything else reads it, so
+//! its entry, the alerts and the outputs the gate repeats all carry the same `track_id`s.
+//!
 //! This is the only module that knows sources, the engine and the result sink together.
 
 use crate::alerts::{AlertEvent, AlertSettings, AlertState, EndReason, Observation};
@@ -17,12 +20,17 @@ use crate::frame::Frame;
 use crate::gate::{Decision, GateSettings, SceneGate};
 use crate::job::{JobField, JobSpec, SpecError};
 use crate::metrics::Metrics;
+use crate::model::{ModelInfo, ModelType};
 use crate::queue::body::{BodyFuture, BodyOutcome, JobBody, JobContext, JobFailure};
 use crate::queue::stop::StopReason;
 use crate::results::FrameCounters;
-use crate::results::{AlertWrite, FrameOutcome, Progress, ResultEntry};
+use crate::results::{AlertWrite, FrameOutcome, Progress, ResultEntry, ZoneWrite};
 use crate::source::{BadFrame, Source, SourceCounters, SourceEvent, SourceOptions, SourceSettings};
 use crate::store::Store;
+use crate::tracker::output::{leave_untracked, track_output};
+use crate::tracker::{ByteTrack, TrackerState};
+use crate::zones::output::sightings;
+use crate::zones::watch::{WatchState, ZoneEvent, ZoneWatch};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -132,6 +140,22 @@ impl StreamJobBody {
                 maxlen: self.alerts_maxlen,
                 last: None,
             }),
+            tracks: Tracks {
+                tracker: ByteTrack::new(ctx.spec.tracker, saved.tracker),
+                changed: false,
+                last_frame: None,
+            },
+            zones: (!ctx.spec.places.is_empty()).then(|| Zones {
+                watch: ZoneWatch::new(
+                    ctx.spec.places.clone(),
+                    ctx.spec.tracker.max_missed_frames(),
+                    saved.zones,
+                ),
+                events: Vec::new(),
+                changed: false,
+                maxlen: self.alerts_maxlen,
+                source_size: (0, 0),
+            }),
         };
         run.reported = run.counters(source.counters());
         run.reported_reused = run.base_reused;
@@ -147,28 +171,46 @@ impl StreamJobBody {
         let mut cmd = redis::cmd("HMGET");
         cmd.arg(&key)
             .arg("frames_reused")
-            .arg(crate::results::ALERT_STATE_FIELD);
+            .arg(crate::results::ALERT_STATE_FIELD)
+            .arg(crate::results::TRACKER_STATE_FIELD)
+            .arg(crate::results::ZONE_STATE_FIELD);
         let v = match self.store.query::<Vec<Option<String>>>(&cmd).await {
             Ok(v) => v,
             Err(e) => {
                 return Err(JobFailure::new(format!(
-                    "reading the job's saved alert state failed: {e}"
+                    "reading the job's saved alert, tracker and zone state failed: {e}"
                 )));
             }
         };
         let field = |i: usize| v.get(i).cloned().flatten();
-        let alerts = match field(1) {
-            None => AlertState::default(),
-            Some(json) => serde_json::from_str(&json).unwrap_or_else(|e| {
-                tracing::warn!(job = %job_id, error = %e, "the saved alert state is unreadable; starting afresh");
-                AlertState::default()
-            }),
+        let tracker = match saved_json::<TrackerState>(job_id, "tracker", field(2)) {
+            Some(state) if !state.is_sound() => {
+                tracing::warn!(job = %job_id, "the saved tracker state is not sound; starting afresh");
+                TrackerState::default()
+            }
+            state => state.unwrap_or_default(),
         };
         Ok(SavedState {
             frames_reused: field(0).and_then(|n| n.parse().ok()).unwrap_or(0),
-            alerts,
+            alerts: saved_json(job_id, "alert", field(1)).unwrap_or_default(),
+            tracker,
+            zones: saved_json(job_id, "zone", field(3)).unwrap_or_default(),
         })
     }
+}
+
+/// A state saved as JSON in the progress hash, read back; `None` when there is none, or
+/// when it cannot be read (said in the log: the job starts that state afresh).
+fn saved_json<T: serde::de::DeserializeOwned>(
+    job_id: &str,
+    what: &str,
+    json: Option<String>,
+) -> Option<T> {
+    serde_json::from_str(&json?)
+        .inspect_err(|e| {
+            tracing::warn!(job = %job_id, error = %e, "the saved {what} state is unreadable; starting afresh");
+        })
+        .ok()
 }
 
 /// What a job's progress hash holds for the camera behaviour of earlier deliveries.
@@ -176,11 +218,14 @@ impl StreamJobBody {
 struct SavedState {
     frames_reused: u64,
     alerts: AlertState,
+    tracker: TrackerState,
+    zones: WatchState,
 }
 
 impl JobBody for StreamJobBody {
     /// A job's own prompt must suit the model (phrases for the scoring and detection
-    /// models); a job that follows the active prompt is not checked here.
+    /// models); a job that follows the active prompt is not checked here. Zones and lines
+    /// need a model that gives boxes.
     fn check(&self, spec: &JobSpec) -> Result<(), SpecError> {
         match &spec.prompt {
             Some(prompt) => self
@@ -189,12 +234,42 @@ impl JobBody for StreamJobBody {
                 .check(prompt)
                 .map_err(|reason| SpecError::new(JobField::Prompt, reason)),
             None => Ok(()),
-        }
+        }?;
+        check_places(spec, self.engine.model_info())
     }
 
     fn run(&self, ctx: JobContext) -> BodyFuture<'_> {
         Box::pin(self.run_job(ctx))
     }
+}
+
+/// The model types whose outputs never hold boxes: a job with zones or lines is refused on
+/// them, since nothing would ever be counted.
+const BOXLESS_MODELS: [ModelType; 4] = [
+    ModelType::Clip,
+    ModelType::Siglip,
+    ModelType::Blip,
+    ModelType::Null,
+];
+
+/// A job with zones or lines needs a model that gives boxes.
+fn check_places(spec: &JobSpec, model: &ModelInfo) -> Result<(), SpecError> {
+    if spec.places.is_empty() || !BOXLESS_MODELS.iter().any(|m| m.task() == model.task) {
+        return Ok(());
+    }
+    let field = if spec.places.zones.is_empty() {
+        JobField::Lines
+    } else {
+        JobField::Zones
+    };
+    Err(SpecError::new(
+        field,
+        format!(
+            "the model `{}` ({}) gives no boxes, so it cannot place tracks in zones or on \
+             lines; use a box model (owlvit, paligemma with a `detect` prompt)",
+            model.name, model.task
+        ),
+    ))
 }
 
 /// The newest model output of a job, kept for the scene gate to repeat.
@@ -274,6 +349,79 @@ impl Alerts {
     }
 }
 
+/// A job's tracker while it runs: fed the outputs of the frames the model answered, in
+/// frame order. Frames whose output the gate reuses repeat the ids of the output they
+/// reuse, and do not step it.
+struct Tracks {
+    tracker: ByteTrack,
+    /// The state changed since it was last written.
+    changed: bool,
+    /// The newest frame tracked in this delivery.
+    last_frame: Option<u64>,
+}
+
+impl Tracks {
+    /// Gives the boxes of frame `index`'s output their `track_id`s; returns whether the
+    /// tracker stepped. An output older than one already tracked (replies out of order)
+    /// does not step the tracker back in time: its boxes get no id.
+    fn output(&mut self, index: u64, output: &mut serde_json::Value) -> bool {
+        if self.last_frame.is_some_and(|last| index <= last) {
+            leave_untracked(output);
+            return false;
+        }
+        let stepped = track_output(&mut self.tracker, output);
+        if stepped {
+            self.last_frame = Some(index);
+            self.changed = true;
+        }
+        stepped
+    }
+
+    /// The state to save with the next write, if it changed.
+    fn take_write(&mut self) -> Option<String> {
+        std::mem::take(&mut self.changed)
+            .then(|| serde_json::to_string(self.tracker.state()).unwrap_or_default())
+    }
+}
+
+/// A job's zones and lines while it runs: fed the tracked outputs in the tracker's order,
+/// and the frames that reuse them.
+struct Zones {
+    watch: ZoneWatch,
+    /// Events not yet written.
+    events: Vec<ZoneEvent>,
+    /// The state changed since it was last written.
+    changed: bool,
+    maxlen: usize,
+    /// The source picture's size, which normalised zones are fractions of.
+    source_size: (u32, u32),
+}
+
+impl Zones {
+    fn tracked(&mut self, index: u64, capture_ms: i64, output: &serde_json::Value) {
+        let units = self.watch.places().units;
+        let seen = sightings(output, units, self.source_size);
+        self.events
+            .extend(self.watch.observe(index, capture_ms, &seen));
+        self.changed = true;
+    }
+
+    fn reused(&mut self, index: u64, capture_ms: i64) {
+        self.events.extend(self.watch.reused(index, capture_ms));
+        self.changed = true;
+    }
+
+    /// The events, state and counts for the next write, if there is anything new.
+    fn take_write(&mut self) -> Option<ZoneWrite> {
+        std::mem::take(&mut self.changed).then(|| ZoneWrite {
+            events: std::mem::take(&mut self.events),
+            state: serde_json::to_string(self.watch.state()).unwrap_or_default(),
+            counts: self.watch.state().counts(),
+            maxlen: self.maxlen,
+        })
+    }
+}
+
 /// One job's bookkeeping while it runs.
 struct Run<'a> {
     model: Arc<str>,
@@ -315,6 +463,9 @@ struct Run<'a> {
     source_failed: Option<String>,
     /// `None` when the job's alerts are off.
     alerts: Option<Alerts>,
+    tracks: Tracks,
+    /// `None` when the job has neither zones nor lines.
+    zones: Option<Zones>,
 }
 
 enum Step {
@@ -373,7 +524,12 @@ impl Run<'_> {
         self.dirty = true;
         let index = r.meta.index;
         let outcome = match r.outcome {
-            ReplyOutcome::Output(v) => {
+            ReplyOutcome::Output(mut v) => {
+                if self.tracks.output(index, &mut v)
+                    && let Some(z) = &mut self.zones
+                {
+                    z.tracked(index, r.meta.capture_ms, &v);
+                }
                 if let Some(a) = &mut self.alerts {
                     a.output(index, r.meta.capture_ms, r.prompt_version, &v);
                 }
@@ -451,6 +607,9 @@ impl Run<'_> {
             if let Some(a) = &mut self.alerts {
                 a.reused(entry.frame, entry.capture_ms, entry.prompt_version, *from);
             }
+            if let Some(z) = &mut self.zones {
+                z.reused(entry.frame, entry.capture_ms);
+            }
             self.finished(entry.frame, cursor);
             self.pending_received.push(received);
             self.pending.push(entry);
@@ -479,6 +638,9 @@ impl Run<'_> {
     }
 
     fn on_frame(&mut self, frame: Frame, ctx: &JobContext, live: bool, stream: &EngineStream) {
+        if let Some(z) = &mut self.zones {
+            z.source_size = (frame.source_width, frame.source_height);
+        }
         let reuse = match &mut self.gate {
             Some(gate) => match gate.decide(&frame, ctx.prompt.version()) {
                 Decision::Reuse { from } => self
@@ -537,6 +699,8 @@ impl Run<'_> {
             note: self.note.take(),
             frames_reused: self.gate.is_some().then_some(reused),
             alerts: self.alerts.as_mut().and_then(Alerts::take_write),
+            tracker_state: self.tracks.take_write(),
+            zones: self.zones.as_mut().and_then(Zones::take_write),
         };
         let mut entries = std::mem::take(&mut self.pending);
         let received = std::mem::take(&mut self.pending_received);
@@ -565,6 +729,12 @@ impl Run<'_> {
                 let newer = std::mem::replace(&mut a.events, w.events);
                 a.events.extend(newer);
                 a.changed = true;
+            }
+            self.tracks.changed |= progress.tracker_state.is_some();
+            if let (Some(z), Some(w)) = (&mut self.zones, progress.zones) {
+                let newer = std::mem::replace(&mut z.events, w.events);
+                z.events.extend(newer);
+                z.changed = true;
             }
             entries.append(&mut self.pending);
             self.pending = entries;
@@ -689,6 +859,108 @@ fn gate_seed(job_id: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tracker::TrackerSettings;
+
+    fn tracks() -> Tracks {
+        Tracks {
+            tracker: ByteTrack::new(TrackerSettings::at_fps(2.0), TrackerState::default()),
+            changed: false,
+            last_frame: None,
+        }
+    }
+
+    fn boxes(x: f64) -> serde_json::Value {
+        serde_json::json!({"detections": [{"label": "red", "score": 0.9, "box": [x, 0.0, x + 20.0, 20.0]}]})
+    }
+
+    fn track_id(output: &serde_json::Value) -> serde_json::Value {
+        output["detections"][0]["track_id"].clone()
+    }
+
+    #[test]
+    fn the_tracker_steps_once_per_answered_frame_in_order_and_saves_what_changed() {
+        let mut t = tracks();
+        assert_eq!(t.take_write(), None);
+        let mut captions = serde_json::json!({"caption": "a street"});
+        t.output(0, &mut captions);
+        assert_eq!(t.take_write(), None, "no boxes, nothing to save");
+        for (frame, x) in [(1, 0.0), (2, 2.0)] {
+            let mut o = boxes(x);
+            t.output(frame, &mut o);
+            assert_eq!(
+                track_id(&o),
+                if frame == 1 {
+                    serde_json::Value::Null
+                } else {
+                    0.into()
+                }
+            );
+        }
+        let saved = t.take_write().expect("the state after the boxes");
+        assert_eq!(t.take_write(), None, "written once");
+        // A reply for a frame older than one tracked gets no id and changes nothing.
+        let mut late = boxes(1.0);
+        t.output(2, &mut late);
+        assert_eq!(track_id(&late), serde_json::Value::Null);
+        assert_eq!(t.take_write(), None);
+        // The saved state carries the ids on, as a delivery taking the job over reads it.
+        let state = saved_json::<TrackerState>("job", "tracker", Some(saved)).unwrap();
+        let mut next = Tracks {
+            tracker: ByteTrack::new(TrackerSettings::at_fps(2.0), state),
+            ..tracks()
+        };
+        let mut o = boxes(4.0);
+        next.output(0, &mut o);
+        assert_eq!(track_id(&o), serde_json::json!(0));
+        assert_eq!(
+            saved_json::<TrackerState>("job", "tracker", Some("{".into())),
+            None
+        );
+        assert_eq!(saved_json::<TrackerState>("job", "tracker", None), None);
+    }
+
+    #[test]
+    fn zones_and_lines_are_refused_for_a_model_without_boxes_by_field() {
+        let spec = |pairs: &[(&str, &str)]| {
+            let mut f = vec![(b"stream_ref".to_vec(), b"frames:cam".to_vec())];
+            f.extend(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())),
+            );
+            JobSpec::parse("1-0", &f, 2.0, || "j".into()).unwrap()
+        };
+        let info = |kind: ModelType| ModelInfo {
+            name: kind.as_str().into(),
+            task: kind.task().into(),
+            input_size: 224,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+        };
+        let zoned = spec(&[("zones", r#"{"z": [[0,0],[9,0],[9,9]]}"#)]);
+        let lined = spec(&[("lines", r#"{"l": [[0,0],[9,9]]}"#)]);
+        let err = check_places(&zoned, &info(ModelType::Clip)).unwrap_err();
+        assert_eq!(err.field, "zones");
+        assert!(
+            err.reason
+                .contains("`clip` (zero-shot-scoring) gives no boxes"),
+            "{err}"
+        );
+        assert_eq!(
+            check_places(&lined, &info(ModelType::Blip))
+                .unwrap_err()
+                .field,
+            "lines"
+        );
+        for kind in [
+            ModelType::OwlVit,
+            ModelType::PaliGemma,
+            ModelType::TestColour,
+        ] {
+            assert_eq!(check_places(&zoned, &info(kind)), Ok(()), "{kind:?}");
+        }
+        assert_eq!(check_places(&spec(&[]), &info(ModelType::Siglip)), Ok(()));
+    }
 
     #[test]
     fn default_side_is_twice_the_model_input_within_bounds() {

@@ -8,6 +8,7 @@ use crate::job::JobStatus;
 use crate::queue::stop::StopSignal;
 use crate::store::functions::{self, EndRecord, Retention};
 use crate::store::{Backoff, Store, StoreResult, now_ms};
+use crate::zones::watch::ZoneEvent;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -71,10 +72,37 @@ pub struct Progress {
     /// Alert events to add to `{fr}:alerts` (written first, in the queue's slot) and the
     /// alert state to save in the progress hash with the entries they come from.
     pub alerts: Option<AlertWrite>,
+    /// The job's tracker state (JSON), saved as `tracker_state` in its progress hash with
+    /// the entries whose track ids it gave; `None` leaves the saved one.
+    pub tracker_state: Option<String>,
+    /// Zone and line events to add to `{fr}:alerts` (with the alert events, first), and
+    /// the zone state and counts to save in the progress hash.
+    pub zones: Option<ZoneWrite>,
 }
 
 /// The progress hash field that holds a job's alert state (JSON of `AlertState`).
 pub const ALERT_STATE_FIELD: &str = "alert_state";
+
+/// The progress hash field that holds a job's tracker state (JSON of
+/// [`crate::tracker::TrackerState`]), so a job taken over keeps its track ids.
+pub const TRACKER_STATE_FIELD: &str = "tracker_state";
+
+/// The progress hash field that holds a job's zone state (JSON of
+/// [`crate::zones::watch::WatchState`]), so a job taken over neither loses nor repeats a
+/// zone or line event.
+pub const ZONE_STATE_FIELD: &str = "zone_state";
+
+/// A job's zone and line output for one write.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ZoneWrite {
+    pub events: Vec<ZoneEvent>,
+    /// The zone state (JSON), saved as `zone_state`.
+    pub state: String,
+    /// The running counts, each a progress hash field.
+    pub counts: Vec<(String, u64)>,
+    /// ALERTS_MAXLEN.
+    pub maxlen: usize,
+}
 
 /// A job's alert output for one write.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -149,14 +177,17 @@ impl ResultSink {
         if progress.alerts.is_some() {
             self.alert_state_saved.store(true, Ordering::Relaxed);
         }
-        if let Some(a) = progress.alerts.as_ref().filter(|a| !a.events.is_empty()) {
-            self.send(&alert_pipeline(
-                &self.store,
-                &self.job_id,
-                &a.events,
-                a.maxlen,
-            ))
-            .await?;
+        let alerts = progress.alerts.as_ref().filter(|a| !a.events.is_empty());
+        let zones = progress.zones.as_ref().filter(|z| !z.events.is_empty());
+        if alerts.is_some() || zones.is_some() {
+            let mut pipe = redis::pipe();
+            if let Some(a) = alerts {
+                add_alert_events(&mut pipe, &self.store, &self.job_id, &a.events, a.maxlen);
+            }
+            if let Some(z) = zones {
+                add_zone_events(&mut pipe, &self.store, &self.job_id, &z.events, z.maxlen);
+            }
+            self.send(&pipe).await?;
         }
         self.send(&self.build(entries, progress)).await?;
         self.written
@@ -274,6 +305,15 @@ impl ResultSink {
         if let Some(a) = &progress.alerts {
             hset.arg(ALERT_STATE_FIELD).arg(&a.state);
         }
+        if let Some(state) = &progress.tracker_state {
+            hset.arg(TRACKER_STATE_FIELD).arg(state);
+        }
+        if let Some(z) = &progress.zones {
+            hset.arg(ZONE_STATE_FIELD).arg(&z.state);
+            for (field, n) in &z.counts {
+                hset.arg(field).arg(n);
+            }
+        }
         if let Some(note) = &progress.note {
             hset.arg("note").arg(note);
         }
@@ -291,8 +331,50 @@ fn alert_pipeline(
     events: &[AlertEvent],
     maxlen: usize,
 ) -> redis::Pipeline {
-    let alerts_key = store.keys().alerts();
     let mut pipe = redis::pipe();
+    add_alert_events(&mut pipe, store, job_id, events, maxlen);
+    pipe
+}
+
+/// Zone and line `events` of job `job_id` as XADDs to `{fr}:alerts` beside the label
+/// alerts, each with its `alert_id` (`<job_id>:<event id>`) to dedupe by with `kind`.
+fn add_zone_events(
+    pipe: &mut redis::Pipeline,
+    store: &Store,
+    job_id: &str,
+    events: &[ZoneEvent],
+    maxlen: usize,
+) {
+    let alerts_key = store.keys().alerts();
+    for e in events {
+        let cmd = pipe
+            .cmd("XADD")
+            .arg(&alerts_key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(maxlen)
+            .arg("*")
+            .arg("job_id")
+            .arg(job_id)
+            .arg("alert_id")
+            .arg(format!("{job_id}:{}", e.event_id))
+            .arg("kind")
+            .arg(e.kind.as_str());
+        for (name, value) in e.fields() {
+            cmd.arg(name).arg(value);
+        }
+        cmd.ignore();
+    }
+}
+
+fn add_alert_events(
+    pipe: &mut redis::Pipeline,
+    store: &Store,
+    job_id: &str,
+    events: &[AlertEvent],
+    maxlen: usize,
+) {
+    let alerts_key = store.keys().alerts();
     for e in events {
         let cmd = pipe
             .cmd("XADD")
@@ -310,7 +392,6 @@ fn alert_pipeline(
         }
         cmd.ignore();
     }
-    pipe
 }
 
 impl std::fmt::Debug for ResultSink {
@@ -435,4 +516,49 @@ async fn close_saved_alerts(
         .arg(serde_json::to_string(&state).unwrap_or_default());
     store.query::<redis::Value>(&set).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sink() -> ResultSink {
+        let store = Store::new("redis://127.0.0.1:1/0", "fr", 1).expect("a lazy pool");
+        ResultSink::new(store, "cam", 100, StopSignal::new(), 0)
+    }
+
+    /// The progress HSET of one write, as the words it sends.
+    fn progress_words(progress: &Progress) -> Vec<String> {
+        let pipe = sink().build(&[], progress);
+        let hset = pipe
+            .cmd_iter()
+            .find(|c| {
+                c.args_iter()
+                    .next()
+                    .is_some_and(|a| matches!(a, redis::Arg::Simple(b"HSET")))
+            })
+            .expect("an HSET");
+        hset.args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => String::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_tracker_state_is_saved_with_the_progress_only_when_given() {
+        let words = progress_words(&Progress {
+            tracker_state: Some(r#"{"next_id":3,"tracks":[]}"#.into()),
+            ..Default::default()
+        });
+        let at = words
+            .iter()
+            .position(|w| w == TRACKER_STATE_FIELD)
+            .expect("the field");
+        assert_eq!(words[at + 1], r#"{"next_id":3,"tracks":[]}"#);
+        assert_eq!(words[1], "{fr:cam}:progress");
+        let words = progress_words(&Progress::default());
+        assert!(!words.iter().any(|w| w == TRACKER_STATE_FIELD), "{words:?}");
+    }
 }

@@ -2,8 +2,11 @@
 //! through `fields::EntryFields`), its fields, limits and statuses.
 
 mod fields;
+mod tracking;
 
 use crate::alerts::AlertSettings;
+use crate::tracker::TrackerSettings;
+use crate::zones::Places;
 use fields::EntryFields;
 use std::collections::BTreeMap;
 
@@ -15,6 +18,12 @@ pub const MAX_STREAM_REF_BYTES: usize = 2 * 1024;
 pub const MAX_JOB_ID_LEN: usize = 128;
 /// Highest accepted `fps`.
 pub const MAX_FPS: f64 = 30.0;
+/// Longest accepted `max_duration_s`: a year. A job that should run for ever leaves it
+/// out; the bound keeps the deadline a worker computes from it inside its clock's range.
+pub const MAX_DURATION_S: f64 = 365.0 * 24.0 * 3600.0;
+/// Longest accepted `alert_clear_ms`: a day. Capture times are signed milliseconds; the
+/// bound keeps every sum and conversion with them exact.
+pub const MAX_ALERT_CLEAR_MS: u64 = 24 * 3600 * 1000;
 /// Most fields a job entry may carry: every known field several times over, so only an
 /// entry built to abuse the parser meets it.
 pub const MAX_JOB_FIELDS: usize = 64;
@@ -36,10 +45,19 @@ pub enum JobField {
     AlertMinFrames,
     AlertClearMs,
     RtspTransport,
+    TrackActivationThreshold,
+    TrackHighThreshold,
+    TrackMinIou,
+    TrackMinFrames,
+    TrackLostBuffer,
+    TrackFrameRate,
+    Zones,
+    Lines,
+    ZoneUnits,
 }
 
 impl JobField {
-    pub const ALL: [JobField; 12] = [
+    pub const ALL: [JobField; 21] = [
         JobField::StreamRef,
         JobField::Prompt,
         JobField::Fps,
@@ -52,6 +70,15 @@ impl JobField {
         JobField::AlertMinFrames,
         JobField::AlertClearMs,
         JobField::RtspTransport,
+        JobField::TrackActivationThreshold,
+        JobField::TrackHighThreshold,
+        JobField::TrackMinIou,
+        JobField::TrackMinFrames,
+        JobField::TrackLostBuffer,
+        JobField::TrackFrameRate,
+        JobField::Zones,
+        JobField::Lines,
+        JobField::ZoneUnits,
     ];
 
     /// The field's name in the entry (and in the job hash).
@@ -69,6 +96,15 @@ impl JobField {
             JobField::AlertMinFrames => "alert_min_frames",
             JobField::AlertClearMs => "alert_clear_ms",
             JobField::RtspTransport => "rtsp_transport",
+            JobField::TrackActivationThreshold => "track_activation_threshold",
+            JobField::TrackHighThreshold => "track_high_threshold",
+            JobField::TrackMinIou => "track_min_iou",
+            JobField::TrackMinFrames => "track_min_frames",
+            JobField::TrackLostBuffer => "track_lost_buffer",
+            JobField::TrackFrameRate => "track_frame_rate",
+            JobField::Zones => "zones",
+            JobField::Lines => "lines",
+            JobField::ZoneUnits => "zone_units",
         }
     }
 
@@ -91,7 +127,16 @@ impl JobField {
             | JobField::Alerts
             | JobField::AlertMinFrames
             | JobField::AlertClearMs
-            | JobField::RtspTransport => false,
+            | JobField::RtspTransport
+            | JobField::TrackActivationThreshold
+            | JobField::TrackHighThreshold
+            | JobField::TrackMinIou
+            | JobField::TrackMinFrames
+            | JobField::TrackLostBuffer
+            | JobField::TrackFrameRate
+            | JobField::Zones
+            | JobField::Lines
+            | JobField::ZoneUnits => false,
         }
     }
 }
@@ -215,6 +260,12 @@ pub struct JobSpec {
     pub alerts: Option<AlertSettings>,
     /// `rtsp_transport`: `tcp` (default) or `udp`, for `rtsp://` and `rtsps://` streams.
     pub rtsp_transport: RtspTransport,
+    /// The box tracker's parameters: the `track_*` fields, each defaulting to the
+    /// reference's value (`track_frame_rate` to the job's `fps`).
+    pub tracker: TrackerSettings,
+    /// `zones`, `lines` and `zone_units`: where the job counts its tracks (`crate::zones`);
+    /// empty when the job has neither.
+    pub places: Places,
     /// Fields the contract does not know, kept as they came.
     pub extra: BTreeMap<String, String>,
     /// Things the producer should know about but that did not stop the job.
@@ -359,8 +410,11 @@ impl JobSpec {
         )?;
         let max_duration_s = entry.number(
             JobField::MaxDurationS,
-            "must be a number of seconds above 0",
-            |s: &f64| s.is_finite() && *s > 0.0,
+            &format!(
+                "must be a number of seconds above 0, at most {MAX_DURATION_S} (leave it out \
+                 for no limit)"
+            ),
+            |s: &f64| s.is_finite() && *s > 0.0 && *s <= MAX_DURATION_S,
         )?;
         let scene_gate = entry.on_off(JobField::SceneGate)?;
         let alerts = alert_settings(&entry)?;
@@ -371,6 +425,8 @@ impl JobSpec {
                 RtspTransport::parse,
             )?
             .unwrap_or_default();
+        let tracker = tracking::tracker_settings(&entry, fps)?;
+        let places = tracking::places(&entry)?;
         let extra = entry.unknown();
         let mut warnings = entry.warnings;
         warnings.extend(
@@ -390,6 +446,8 @@ impl JobSpec {
             scene_gate,
             alerts,
             rtsp_transport,
+            tracker,
+            places,
             extra,
             warnings,
         })
@@ -466,7 +524,16 @@ impl JobSpec {
             | JobField::Alerts
             | JobField::AlertMinFrames
             | JobField::AlertClearMs
-            | JobField::RtspTransport => None,
+            | JobField::RtspTransport
+            | JobField::TrackActivationThreshold
+            | JobField::TrackHighThreshold
+            | JobField::TrackMinIou
+            | JobField::TrackMinFrames
+            | JobField::TrackLostBuffer
+            | JobField::TrackFrameRate
+            | JobField::Zones
+            | JobField::Lines
+            | JobField::ZoneUnits => None,
         }
     }
 }
@@ -487,8 +554,8 @@ fn alert_settings(entry: &EntryFields) -> Result<Option<AlertSettings>, SpecErro
     )?;
     let clear_ms = entry.number(
         JobField::AlertClearMs,
-        "must be a whole number of milliseconds",
-        |_: &u64| true,
+        &format!("must be a whole number of milliseconds, at most {MAX_ALERT_CLEAR_MS}"),
+        |ms: &u64| *ms <= MAX_ALERT_CLEAR_MS,
     )?;
     Ok(Some(AlertSettings {
         min_frames: min_frames.unwrap_or(defaults.min_frames),
@@ -550,6 +617,34 @@ mod tests {
             (
                 &[("stream_ref", "a"), ("alert_clear_ms", "-5")],
                 "alert_clear_ms",
+            ),
+            // Values that would overflow a deadline or a capture-time sum.
+            (
+                &[("stream_ref", "a"), ("max_duration_s", "1e300")],
+                "max_duration_s",
+            ),
+            (
+                &[("stream_ref", "a"), ("max_duration_s", "31536000.5")],
+                "max_duration_s",
+            ),
+            (
+                &[
+                    ("stream_ref", "a"),
+                    ("alert_clear_ms", "18446744073709551615"),
+                ],
+                "alert_clear_ms",
+            ),
+            (
+                &[("stream_ref", "a"), ("alert_clear_ms", "86400001")],
+                "alert_clear_ms",
+            ),
+            (
+                &[("stream_ref", "a"), ("alert_min_frames", "4294967296")],
+                "alert_min_frames",
+            ),
+            (
+                &[("stream_ref", "a"), ("max_frames", "18446744073709551616")],
+                "max_frames",
             ),
         ];
         for (pairs, field) in cases {
@@ -613,7 +708,8 @@ mod tests {
             ),
             (
                 &[("stream_ref", "a"), ("max_duration_s", "inf")],
-                "field `max_duration_s`: must be a number of seconds above 0, got `inf`",
+                "field `max_duration_s`: must be a number of seconds above 0, at most 31536000 \
+                 (leave it out for no limit), got `inf`",
             ),
             (
                 &[("stream_ref", "a"), ("scene_gate", " YES ")],
@@ -629,7 +725,8 @@ mod tests {
             ),
             (
                 &[("stream_ref", "a"), ("alert_clear_ms", "-5")],
-                "field `alert_clear_ms`: must be a whole number of milliseconds, got `-5`",
+                "field `alert_clear_ms`: must be a whole number of milliseconds, at most \
+                 86400000, got `-5`",
             ),
             (
                 &[("stream_ref", "a"), ("rtsp_transport", "quic")],
@@ -649,6 +746,28 @@ mod tests {
             let (err, _) = parse(pairs).unwrap_err();
             assert_eq!(err.to_string(), *want, "{pairs:?}");
         }
+    }
+
+    /// The largest values accepted are safe where they are used: a deadline `max_duration_s`
+    /// from now, and `alert_clear_ms` as the signed milliseconds capture times are counted in.
+    #[test]
+    fn the_largest_accepted_durations_and_counts_stay_in_range() {
+        let spec = parse(&[
+            ("stream_ref", "a"),
+            ("max_duration_s", &MAX_DURATION_S.to_string()),
+            ("alert_clear_ms", &MAX_ALERT_CLEAR_MS.to_string()),
+            ("max_frames", &u64::MAX.to_string()),
+        ])
+        .unwrap();
+        let duration = std::time::Duration::from_secs_f64(spec.max_duration_s.unwrap());
+        assert!(std::time::Instant::now().checked_add(duration).is_some());
+        let clear_ms = spec.alerts.unwrap().clear_ms;
+        assert_eq!(clear_ms as i64 as u64, clear_ms, "exact as i64");
+        assert_eq!(
+            spec.max_frames,
+            Some(u64::MAX),
+            "a count that is only compared"
+        );
     }
 
     #[test]

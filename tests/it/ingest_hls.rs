@@ -313,6 +313,8 @@ fn raw_spec(stream_ref: &str, source: SourceKind) -> JobSpec {
         scene_gate: None,
         alerts: None,
         rtsp_transport: Default::default(),
+        tracker: Default::default(),
+        places: Default::default(),
         extra: BTreeMap::new(),
         warnings: Vec::new(),
     }

@@ -1,0 +1,334 @@
+//! Zones and lines end to end against a real Redis, with a full worker (queue, pipeline,
+//! engine) running the test-colour model, which gives each named colour's bounding box: a
+//! red box on a camera's frames (a Redis frame stream) walks into a zone, stands there past
+//! its `loiter_s` (the scene gate reuses the output meanwhile), walks out and across a line.
+//! The job's events in `{fr}:alerts` and its counts in the progress hash must be exactly one
+//! enter, one loiter, one leave and one crossing, in that order and the right direction,
+//! also when the worker hands the job back while the box is in the zone and another one
+//! takes it over.
+
+use crate::common::worker::config;
+use crate::common::{TestRedis, eventually, unique_prefix};
+use free_roam::engine::Engine;
+use free_roam::metrics::Metrics;
+use free_roam::model::testing::colour::ColourTestModel;
+use free_roam::pipeline::StreamJobBody;
+use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
+use free_roam::store::Store;
+use free_roam::store::keys::Keys;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+const KEY: &str = "frames:yard";
+const W: u32 = 240;
+const H: u32 = 120;
+const SIDE: u32 = 20;
+const FRAME_MS: u64 = 100;
+const FPS: &str = "10";
+/// Pixels the box moves per frame while it walks.
+const STEP: u32 = 4;
+/// Frames it walks before it stops (then x = 110: its anchor at 120, inside the zone).
+const WALK: u64 = 25;
+/// Frames it stands still: 2 s, past the zone's 1 s `loiter_s`.
+const STAND: u64 = 20;
+/// Where it ends: x = 220, its anchor at 230, past the line at 180.
+const LAST_X: u32 = 220;
+
+/// The zone covers x from 72 to 168 and the line stands at x = 180, top to bottom, so its
+/// left side going down the screen is the east (larger x).
+const ZONES: &str = r#"{"dock": {"points": [[0.3, 0], [0.7, 0], [0.7, 1], [0.3, 1]], "labels": ["red"], "loiter_s": 1}}"#;
+const LINES: &str = r#"{"gate": {"points": [[0.75, 0], [0.75, 1]], "sides": ["east", "west"]}}"#;
+
+/// The box's left edge at moving frame `t`.
+fn box_x(t: u64) -> u32 {
+    let walked = t.min(WALK) + t.saturating_sub(WALK + STAND);
+    (10 + STEP * walked as u32).min(LAST_X)
+}
+
+/// A textured grey yard with the red box at `x`, on the ground (its bottom at y = 100).
+fn picture(x: u32) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity((W * H * 3) as usize);
+    for y in 0..H {
+        for px in 0..W {
+            let inside = (x..x + SIDE).contains(&px) && (80..80 + SIDE).contains(&y);
+            let colour = if inside {
+                [230, 20, 20]
+            } else {
+                [(120 + (px * 2 + y) % 60) as u8; 3]
+            };
+            rgb.extend_from_slice(&colour);
+        }
+    }
+    rgb
+}
+
+/// Pushes a frame every FRAME_MS until `stop`: the box waits at its start until `go`, then
+/// walks its path (`moved` counts the frames since).
+fn produce(
+    redis: &TestRedis,
+    go: Arc<AtomicBool>,
+    moved: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> std::thread::JoinHandle<()> {
+    let client = redis.client();
+    std::thread::spawn(move || {
+        let mut con = client.get_connection().unwrap();
+        while !stop.is_cancelled() {
+            let t = if go.load(Ordering::SeqCst) {
+                moved.fetch_add(1, Ordering::SeqCst)
+            } else {
+                0
+            };
+            let _: String = redis::cmd("XADD")
+                .arg(KEY)
+                .arg("*")
+                .arg("format")
+                .arg("rgb24")
+                .arg("width")
+                .arg(W)
+                .arg("height")
+                .arg(H)
+                .arg("ts")
+                .arg(free_roam::store::now_ms())
+                .arg("data")
+                .arg(picture(box_x(t)))
+                .query(&mut con)
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(FRAME_MS));
+        }
+    })
+}
+
+/// A full worker (queue, stream body, engine with the test-colour model).
+struct ColourWorker {
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+    engine: Engine,
+}
+
+impl ColourWorker {
+    fn start(redis_url: &str, prefix: &str, id: &str) -> Self {
+        let config = Arc::new(config(redis_url, prefix, &[]));
+        let store = Store::new(&config.redis.url, &config.redis.key_prefix, 16).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let engine = Engine::start(
+            Box::new(ColourTestModel::new(64)),
+            config.engine.clone(),
+            metrics.clone(),
+        );
+        let body = StreamJobBody::new(
+            &config.pipeline,
+            &config.source,
+            engine.clone(),
+            store.clone(),
+            metrics.clone(),
+        );
+        let worker = Arc::new(Worker::new(
+            store,
+            Arc::new(config.queue.clone()),
+            Arc::new(body),
+            metrics,
+            Arc::new(WorkerState::default()),
+            WorkerIdentity {
+                id: id.into(),
+                model: "test-colour".into(),
+                device: "cpu".into(),
+            },
+        ));
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(shutdown.clone()));
+        Self {
+            shutdown,
+            handle,
+            engine,
+        }
+    }
+
+    /// Stops the worker; a job it runs is handed back.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.handle).await;
+        let engine = self.engine;
+        tokio::task::spawn_blocking(move || engine.shutdown(Duration::from_secs(2)))
+            .await
+            .unwrap();
+    }
+}
+
+/// The job's zone and line events, in order, each as its fields.
+fn zone_events(redis: &TestRedis, keys: &Keys) -> Vec<HashMap<String, String>> {
+    redis
+        .xrange(&keys.alerts())
+        .into_iter()
+        .map(|(_, f)| f)
+        .filter(|f| {
+            ["enter", "leave", "cross", "loiter"].contains(&f["kind"].as_str())
+                && f["job_id"] == "yard"
+        })
+        .collect()
+}
+
+/// Runs the job `yard` while the box walks its path, on one worker, or on two when
+/// `hand_back`: the first stops (handing the job back) once the box is in the zone, and a
+/// second takes the job over. Returns the job's zone and line events.
+async fn walk(redis: &TestRedis, p: &str, hand_back: bool) -> Vec<HashMap<String, String>> {
+    let keys = Keys::new(p);
+    let mut worker = ColourWorker::start(&redis.url(), p, "a");
+    let (go, moved, stop) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+        CancellationToken::new(),
+    );
+    let producer = produce(redis, go.clone(), moved.clone(), stop.clone());
+    let _: String = redis.cmd(&[
+        "XADD",
+        keys.jobs().as_str(),
+        "*",
+        "stream_ref",
+        KEY,
+        "fps",
+        FPS,
+        "job_id",
+        "yard",
+        "prompt",
+        "red",
+        "zones",
+        ZONES,
+        "lines",
+        LINES,
+        "zone_units",
+        "normalised",
+    ]);
+    let progress = keys.progress("yard");
+    eventually(WAIT, "the job samples the waiting box", || {
+        redis
+            .hget(&progress, "frames_sampled")
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n >= 3)
+    })
+    .await;
+    go.store(true, Ordering::SeqCst);
+    if hand_back {
+        eventually(WAIT, "the box is in the zone", || {
+            redis.hget(&progress, "zone:dock:in").as_deref() == Some("1")
+        })
+        .await;
+        worker.stop().await;
+        assert_eq!(
+            redis.hget(&keys.job("yard"), "status").as_deref(),
+            Some("queued"),
+            "handed back"
+        );
+        worker = ColourWorker::start(&redis.url(), p, "b");
+    }
+    let end = WALK + STAND + u64::from((LAST_X - 10) / STEP) + 10;
+    eventually(WAIT, "the box walks its path and the job counts it", || {
+        moved.load(Ordering::SeqCst) > end
+            && redis.hget(&progress, "line:gate:east").as_deref() == Some("1")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    producer.join().unwrap();
+    worker.stop().await;
+    zone_events(redis, &keys)
+}
+
+/// Exactly one enter, loiter, leave and crossing of track 0, and the counts to match.
+fn assert_each_event_once(redis: &TestRedis, p: &str, events: &[HashMap<String, String>]) {
+    let kinds: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| {
+            let place = e.get("zone").or_else(|| e.get("line")).unwrap();
+            (e["kind"].as_str(), place.as_str())
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("enter", "dock"),
+            ("loiter", "dock"),
+            ("leave", "dock"),
+            ("cross", "gate")
+        ],
+        "{events:#?}"
+    );
+    for e in events {
+        assert_eq!(e["track_id"], "0", "one track throughout: {e:?}");
+        assert_eq!(e["label"], "red");
+    }
+    let (enter, leave, cross) = (&events[0], &events[2], &events[3]);
+    assert_eq!(enter["alert_id"], leave["alert_id"], "one stay, one id");
+    assert_eq!(events[1]["alert_id"], enter["alert_id"]);
+    assert_eq!(leave["reason"], "left");
+    let dwell: i64 = leave["dwell_ms"].parse().unwrap();
+    assert!(
+        dwell >= 2000,
+        "it stood 2 s inside, and walked in it: {dwell}"
+    );
+    assert_eq!(
+        (cross["direction"].as_str(), cross["from"].as_str()),
+        ("east", "west")
+    );
+    assert_eq!(cross["alert_id"], "yard:line:gate:0:east");
+    let counts = redis.hgetall(&Keys::new(p).progress("yard"));
+    for (field, want) in [
+        ("zone:dock:in", "0"),
+        ("zone:dock:entered", "1"),
+        ("line:gate:east", "1"),
+        ("line:gate:west", "0"),
+    ] {
+        assert_eq!(counts.get(field).map(String::as_str), Some(want), "{field}");
+    }
+    assert!(counts.contains_key("zone_state"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_box_walking_through_a_zone_and_across_a_line_makes_each_event_once() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let events = walk(&redis, &p, false).await;
+    assert_each_event_once(&redis, &p, &events);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_handed_back_mid_stay_neither_loses_nor_repeats_an_event() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let events = walk(&redis, &p, true).await;
+    assert_each_event_once(&redis, &p, &events);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_zones_fail_the_job_once_at_claim_naming_the_field() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let keys = Keys::new(&p);
+    let worker = ColourWorker::start(&redis.url(), &p, "a");
+    let _: String = redis.cmd(&[
+        "XADD",
+        keys.jobs().as_str(),
+        "*",
+        "stream_ref",
+        KEY,
+        "job_id",
+        "crooked",
+        "zones",
+        r#"{"bow": [[0,0],[10,10],[10,0],[0,10]]}"#,
+    ]);
+    let job = keys.job("crooked");
+    eventually(WAIT, "the job fails", || {
+        redis.hget(&job, "status").as_deref() == Some("failed")
+    })
+    .await;
+    let error = redis.hget(&job, "error").unwrap_or_default();
+    assert!(
+        error.contains("field `zones`: `bow` is a self-crossing polygon"),
+        "{error}"
+    );
+    worker.stop().await;
+}
