@@ -1,6 +1,8 @@
 //! Times a job's tracker per frame at 10 and 100 boxes: the ByteTrack step alone, the step
 //! as the pipeline runs it on a model output (reading the `detections`, writing each
-//! `track_id`), and serialising the state the pipeline saves with each write.
+//! `track_id`), serialising the state the pipeline saves with each write, and the zones and
+//! lines on the tracked output (4 zones and 4 lines over the frame: reading the anchors,
+//! then enter, leave, cross and loiter).
 //!
 //! The objects walk on a 1920x1080 frame with box jitter and score noise, some crossing,
 //! a few missed or weak on each frame, so both matching stages and the lost tracks work.
@@ -18,6 +20,9 @@
 //! CPU time is the thread's own, which stays true on a busy machine.
 
 use free_roam::tracker::output::track_output;
+use free_roam::zones::output::sightings;
+use free_roam::zones::watch::{WatchState, ZoneWatch};
+use free_roam::zones::{Places, Units, parse_lines, parse_zones};
 use free_roam::tracker::{ByteTrack, Detection, TrackerSettings, TrackerState};
 use serde_json::{Value, json};
 
@@ -95,6 +100,27 @@ fn cpu_ms() -> f64 {
     t.tv_sec as f64 * 1e3 + t.tv_nsec as f64 / 1e6
 }
 
+/// 4 zones in the frame's quarters and 4 lines across it, in source pixels.
+fn places() -> Places {
+    let zones = json!({
+        "nw": [[0, 0], [960, 0], [960, 540], [0, 540]],
+        "ne": [[960, 0], [1920, 0], [1920, 540], [960, 540]],
+        "sw": {"points": [[0, 540], [960, 540], [960, 1080], [0, 1080]], "loiter_s": 2},
+        "se": {"points": [[960, 540], [1920, 540], [1920, 1080], [960, 1080]], "labels": ["person"]}
+    });
+    let lines = json!({
+        "v1": [[480, 0], [480, 1080]],
+        "v2": [[1440, 0], [1440, 1080]],
+        "h1": [[0, 270], [1920, 270]],
+        "h2": [[0, 810], [1920, 810]]
+    });
+    Places {
+        units: Units::Pixels,
+        zones: parse_zones(&zones.to_string(), Units::Pixels).unwrap(),
+        lines: parse_lines(&lines.to_string(), Units::Pixels).unwrap(),
+    }
+}
+
 fn report(n: usize, what: &str, mut ms: Vec<f64>) {
     ms.sort_by(|a, b| a.total_cmp(b));
     let (median, p99) = (
@@ -132,16 +158,25 @@ fn main() {
         }
 
         let mut tracker = ByteTrack::new(settings, TrackerState::default());
+        let mut watch = ZoneWatch::new(places(), 30, WatchState::default());
         let mut on_output = Vec::with_capacity(frames);
-        for output in &outputs {
+        let mut zones = Vec::with_capacity(frames);
+        let mut events = 0usize;
+        for (i, output) in outputs.iter().enumerate() {
             let mut output = output.clone();
             let t = cpu_ms();
             track_output(&mut tracker, &mut output);
             on_output.push(cpu_ms() - t);
+            let t = cpu_ms();
+            let seen = sightings(&output, Units::Pixels, (1920, 1080));
+            events += watch.observe(i as u64, i as i64 * 100, &seen).len();
+            zones.push(cpu_ms() - t);
         }
         report(n, "step", step);
         report(n, "on a model output", on_output);
         report(n, "state to JSON", save);
+        report(n, "zones and lines", zones);
+        println!("tracker {n} boxes: {events} zone and line events");
         let state_bytes = serde_json::to_string(tracker.state()).unwrap().len();
         println!(
             "tracker {n} boxes: {:.1}% of boxes with an id, saved state {state_bytes} bytes",

@@ -7,7 +7,9 @@ use crate::alerts::{AlertEvent, AlertState, EndReason};
 use crate::job::JobStatus;
 use crate::queue::stop::StopSignal;
 use crate::store::functions::{self, EndRecord, Retention};
+use crate::store::keys::{Keys, snapshot_name};
 use crate::store::{Backoff, Store, StoreResult, now_ms};
+use bytes::Bytes;
 use crate::zones::watch::ZoneEvent;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -78,6 +80,38 @@ pub struct Progress {
     /// Zone and line events to add to `{fr}:alerts` (with the alert events, first), and
     /// the zone state and counts to save in the progress hash.
     pub zones: Option<ZoneWrite>,
+    /// Event pictures (stored first, so an event never names a missing one) and the
+    /// latest annotated frame.
+    pub pictures: Option<PictureWrite>,
+}
+
+/// A job's pictures for one write, each a JPEG.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PictureWrite {
+    /// Each event's picture by its [`snapshot_name`]: stored at [`Keys::snapshot`], and
+    /// named in the event's `snapshot` field.
+    pub snapshots: Vec<(String, Bytes)>,
+    /// The job's latest annotated frame, stored at [`Keys::latest_snapshot`].
+    pub latest: Option<Bytes>,
+    /// RESULT_TTL_S: every picture expires this long after it is stored, so none
+    /// outlives the job's results.
+    pub ttl_s: u64,
+}
+
+impl PictureWrite {
+    /// The key of the event named `name`'s picture, if this write stores one.
+    fn snapshot_key(&self, keys: &Keys, job_id: &str, name: &str) -> Option<String> {
+        self.snapshots
+            .iter()
+            .any(|(n, _)| n == name)
+            .then(|| keys.snapshot(job_id, name))
+    }
+}
+
+/// The `alert_id` of a zone or line event of job `job_id` (with `kind`, it names one
+/// event).
+pub fn zone_alert_id(job_id: &str, event: &ZoneEvent) -> String {
+    format!("{job_id}:{}", event.event_id)
 }
 
 /// The progress hash field that holds a job's alert state (JSON of `AlertState`).
@@ -177,15 +211,28 @@ impl ResultSink {
         if progress.alerts.is_some() {
             self.alert_state_saved.store(true, Ordering::Relaxed);
         }
+        let pictures = progress.pictures.as_ref();
+        if let Some(p) = pictures.filter(|p| !p.snapshots.is_empty()) {
+            let mut pipe = redis::pipe();
+            for (name, jpeg) in &p.snapshots {
+                let key = self.store.keys().snapshot(&self.job_id, name);
+                set_picture(&mut pipe, &key, jpeg, p.ttl_s);
+            }
+            self.send(&pipe).await?;
+        }
         let alerts = progress.alerts.as_ref().filter(|a| !a.events.is_empty());
         let zones = progress.zones.as_ref().filter(|z| !z.events.is_empty());
         if alerts.is_some() || zones.is_some() {
             let mut pipe = redis::pipe();
+            let keys = self.store.keys();
+            let snapshot = |name: &str| pictures?.snapshot_key(keys, &self.job_id, name);
             if let Some(a) = alerts {
-                add_alert_events(&mut pipe, &self.store, &self.job_id, &a.events, a.maxlen);
+                let events = EventWrite::new(&self.job_id, a.maxlen, &snapshot);
+                add_alert_events(&mut pipe, &self.store, &events, &a.events);
             }
             if let Some(z) = zones {
-                add_zone_events(&mut pipe, &self.store, &self.job_id, &z.events, z.maxlen);
+                let events = EventWrite::new(&self.job_id, z.maxlen, &snapshot);
+                add_zone_events(&mut pipe, &self.store, &events, &z.events);
             }
             self.send(&pipe).await?;
         }
@@ -227,6 +274,12 @@ impl ResultSink {
         }
         let last_version = entries.iter().rev().find_map(|e| e.prompt_version);
         self.add_progress(&mut pipe, progress, last_version);
+        if let Some(p) = &progress.pictures
+            && let Some(jpeg) = &p.latest
+        {
+            let key = self.store.keys().latest_snapshot(&self.job_id);
+            set_picture(&mut pipe, &key, jpeg, p.ttl_s);
+        }
         if !entries.is_empty() {
             pipe.cmd("HINCRBY")
                 .arg(&*self.progress_key)
@@ -324,6 +377,63 @@ impl ResultSink {
     }
 }
 
+/// A picture's SET, expiring after `ttl_s`.
+fn set_picture(pipe: &mut redis::Pipeline, key: &str, jpeg: &Bytes, ttl_s: u64) {
+    pipe.cmd("SET")
+        .arg(key)
+        .arg(&jpeg[..])
+        .arg("EX")
+        .arg(ttl_s.max(1))
+        .ignore();
+}
+
+/// How one job's events go to `{fr}:alerts`: the job, the stream's cap, and the key of
+/// each event's picture where the write stores one (by [`snapshot_name`]).
+struct EventWrite<'a> {
+    job_id: &'a str,
+    maxlen: usize,
+    snapshot: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl<'a> EventWrite<'a> {
+    fn new(job_id: &'a str, maxlen: usize, snapshot: &'a dyn Fn(&str) -> Option<String>) -> Self {
+        Self {
+            job_id,
+            maxlen,
+            snapshot,
+        }
+    }
+
+    /// One entry: `fields` (which start with `kind`), then `snapshot` when there is one.
+    fn add(
+        &self,
+        pipe: &mut redis::Pipeline,
+        alerts_key: &str,
+        alert_id: &str,
+        kind: &str,
+        fields: impl IntoIterator<Item = (&'static str, String)>,
+    ) {
+        let cmd = pipe
+            .cmd("XADD")
+            .arg(alerts_key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.maxlen)
+            .arg("*")
+            .arg("job_id")
+            .arg(self.job_id)
+            .arg("alert_id")
+            .arg(alert_id);
+        for (name, value) in fields {
+            cmd.arg(name).arg(value);
+        }
+        if let Some(key) = (self.snapshot)(&snapshot_name(kind, alert_id)) {
+            cmd.arg("snapshot").arg(key);
+        }
+        cmd.ignore();
+    }
+}
+
 /// `events` of job `job_id` as XADDs to `{fr}:alerts`, capped at about `maxlen`.
 fn alert_pipeline(
     store: &Store,
@@ -332,65 +442,40 @@ fn alert_pipeline(
     maxlen: usize,
 ) -> redis::Pipeline {
     let mut pipe = redis::pipe();
-    add_alert_events(&mut pipe, store, job_id, events, maxlen);
+    let no_pictures = |_: &str| None;
+    let write = EventWrite::new(job_id, maxlen, &no_pictures);
+    add_alert_events(&mut pipe, store, &write, events);
     pipe
 }
 
-/// Zone and line `events` of job `job_id` as XADDs to `{fr}:alerts` beside the label
-/// alerts, each with its `alert_id` (`<job_id>:<event id>`) to dedupe by with `kind`.
+/// Zone and line `events` as XADDs to `{fr}:alerts` beside the label alerts, each with
+/// its `alert_id` ([`zone_alert_id`]) to dedupe by with `kind`.
 fn add_zone_events(
     pipe: &mut redis::Pipeline,
     store: &Store,
-    job_id: &str,
+    write: &EventWrite<'_>,
     events: &[ZoneEvent],
-    maxlen: usize,
 ) {
     let alerts_key = store.keys().alerts();
     for e in events {
-        let cmd = pipe
-            .cmd("XADD")
-            .arg(&alerts_key)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(maxlen)
-            .arg("*")
-            .arg("job_id")
-            .arg(job_id)
-            .arg("alert_id")
-            .arg(format!("{job_id}:{}", e.event_id))
-            .arg("kind")
-            .arg(e.kind.as_str());
-        for (name, value) in e.fields() {
-            cmd.arg(name).arg(value);
-        }
-        cmd.ignore();
+        let kind = e.kind.as_str();
+        let alert_id = zone_alert_id(write.job_id, e);
+        let fields = std::iter::once(("kind", kind.to_string())).chain(e.fields());
+        write.add(pipe, &alerts_key, &alert_id, kind, fields);
     }
 }
 
+/// Label alert `events` as XADDs to `{fr}:alerts`.
 fn add_alert_events(
     pipe: &mut redis::Pipeline,
     store: &Store,
-    job_id: &str,
+    write: &EventWrite<'_>,
     events: &[AlertEvent],
-    maxlen: usize,
 ) {
     let alerts_key = store.keys().alerts();
     for e in events {
-        let cmd = pipe
-            .cmd("XADD")
-            .arg(&alerts_key)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(maxlen)
-            .arg("*")
-            .arg("job_id")
-            .arg(job_id)
-            .arg("alert_id")
-            .arg(e.alert_id(job_id));
-        for (name, value) in e.fields() {
-            cmd.arg(name).arg(value);
-        }
-        cmd.ignore();
+        let alert_id = e.alert_id(write.job_id);
+        write.add(pipe, &alerts_key, &alert_id, e.kind.as_str(), e.fields());
     }
 }
 

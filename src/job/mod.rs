@@ -519,21 +519,8 @@ impl JobSpec {
             JobField::Prompt => self.prompt.clone(),
             JobField::MaxFrames => self.max_frames.map(|n| n.to_string()),
             JobField::MaxDurationS => self.max_duration_s.map(|s| s.to_string()),
-            JobField::JobId
-            | JobField::SceneGate
-            | JobField::Alerts
-            | JobField::AlertMinFrames
-            | JobField::AlertClearMs
-            | JobField::RtspTransport
-            | JobField::TrackActivationThreshold
-            | JobField::TrackHighThreshold
-            | JobField::TrackMinIou
-            | JobField::TrackMinFrames
-            | JobField::TrackLostBuffer
-            | JobField::TrackFrameRate
-            | JobField::Zones
-            | JobField::Lines
-            | JobField::ZoneUnits => None,
+            // The rest are kept out of the hash (`JobField::in_hash` is their one list).
+            _ => None,
         }
     }
 }
