@@ -20,10 +20,10 @@
 //! CPU time is the thread's own, which stays true on a busy machine.
 
 use free_roam::tracker::output::track_output;
+use free_roam::tracker::{ByteTrack, Detection, TrackerSettings, TrackerState};
 use free_roam::zones::output::sightings;
 use free_roam::zones::watch::{WatchState, ZoneWatch};
 use free_roam::zones::{Places, Units, parse_lines, parse_zones};
-use free_roam::tracker::{ByteTrack, Detection, TrackerSettings, TrackerState};
 use serde_json::{Value, json};
 
 /// A small deterministic generator (the example needs no randomness crate).

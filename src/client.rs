@@ -349,6 +349,32 @@ pub async fn alerts_after(
     read_after(store, &key, after, count, block_ms).await
 }
 
+/// A job's latest annotated frame (a JPEG), kept while it runs and refreshed every
+/// SNAPSHOT_INTERVAL_MS. `id` may be a job id or the entry id of a job pushed without one.
+pub async fn latest_snapshot(store: &Store, id: &str) -> Result<Vec<u8>, ClientError> {
+    let job_id = resolve_job_id(store, id).await?;
+    let mut cmd = redis::cmd("GET");
+    cmd.arg(store.keys().latest_snapshot(&job_id));
+    store.query::<Option<Vec<u8>>>(&cmd).await?.ok_or_else(|| {
+        ClientError::NotFound(format!(
+            "job `{job_id}` has no latest frame (it has not run, its pictures are off \
+             (SNAPSHOT_INTERVAL_MS=0), or it ended longer ago than RESULT_TTL_S)"
+        ))
+    })
+}
+
+/// The picture an event's `snapshot` field names (a JPEG); `None` once it has expired.
+pub async fn event_snapshot(store: &Store, key: &str) -> Result<Option<Vec<u8>>, ClientError> {
+    if !store.keys().owns(key) {
+        return Err(ClientError::Invalid(format!(
+            "`{key}` is not a key of this deployment (KEY_PREFIX)"
+        )));
+    }
+    let mut cmd = redis::cmd("GET");
+    cmd.arg(key);
+    Ok(store.query::<Option<Vec<u8>>>(&cmd).await?)
+}
+
 /// How long a job's keys are kept and its streams capped, as the fleet published them in
 /// `{fr}:settings` (the settings' defaults for what no worker published yet), so that an
 /// end entry the CLI writes is kept as a worker's would be.

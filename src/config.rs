@@ -8,7 +8,7 @@ use crate::health::HealthSettings;
 use crate::job::{MAX_FPS, MAX_PROMPT_BYTES, validate_job_id};
 use crate::model::remote::openai::{ApiKey, ImageDetail, OpenAiSettings};
 use crate::model::{DeviceChoice, DtypeChoice, ModelSettings, ModelType, ParseSettingError};
-use crate::pipeline::PipelineSettings;
+use crate::pipeline::{PipelineSettings, SnapshotSettings};
 use crate::queue::QueueSettings;
 use crate::redact::{Secret, redact_url};
 use crate::source::SourceSettings;
@@ -165,6 +165,16 @@ pub const SETTINGS: &[Setting] = &[
         "SCENE_MAX_REUSE_MS",
         Some("10000"),
         "The longest (in capture time) the scene gate repeats one model output before the model runs again; each job refreshes at a moment of its own in the last quarter of it, so jobs started together do not all refresh at once.",
+    ),
+    s(
+        "SNAPSHOTS_PER_MIN",
+        Some("6"),
+        "Most event pictures (JPEG, at most 1280x720) a job keeps per minute: an alert `start` or a zone or line event beyond it carries no `snapshot`; 0 turns them off. Each is kept RESULT_TTL_S from when it was taken.",
+    ),
+    s(
+        "SNAPSHOT_INTERVAL_MS",
+        Some("5000"),
+        "How often a running job refreshes its latest annotated frame (`{fr:<job_id>}:latest`, what `free-roam snapshot` shows), at most; 0 turns it off.",
     ),
     s(
         "MAX_NEW_TOKENS",
@@ -735,11 +745,7 @@ impl Reader<'_> {
                 f.is_finite() && *f > 0.0 && *f <= MAX_FPS
             })?,
             default_prompt,
-            result_ttl: Duration::from_secs(self.parse(
-                "RESULT_TTL_S",
-                "a whole number of seconds, at least 1",
-                |v: &u64| *v >= 1,
-            )?),
+            result_ttl: self.result_ttl()?,
             results_maxlen: self.count("RESULTS_MAXLEN", 1)?,
             events_maxlen: self.count("EVENTS_MAXLEN", 1)?,
             alerts_maxlen: self.count("ALERTS_MAXLEN", 1)?,
@@ -813,6 +819,15 @@ impl Reader<'_> {
         })
     }
 
+    /// RESULT_TTL_S: how long a job's results, and so its pictures, are kept.
+    fn result_ttl(&self) -> Result<Duration, ConfigError> {
+        Ok(Duration::from_secs(self.parse(
+            "RESULT_TTL_S",
+            "a whole number of seconds, at least 1",
+            |v: &u64| *v >= 1,
+        )?))
+    }
+
     fn pipeline(&self) -> Result<PipelineSettings, ConfigError> {
         Ok(PipelineSettings {
             scene_gate: self.boolean("SCENE_GATE")?,
@@ -823,6 +838,11 @@ impl Reader<'_> {
             )?,
             scene_max_reuse: self.millis("SCENE_MAX_REUSE_MS", 0)?,
             alerts_maxlen: self.count("ALERTS_MAXLEN", 1)?,
+            snapshots: SnapshotSettings {
+                per_minute: self.parse("SNAPSHOTS_PER_MIN", "a whole number", |_: &u32| true)?,
+                interval: self.millis("SNAPSHOT_INTERVAL_MS", 0)?,
+                ttl: self.result_ttl()?,
+            },
         })
     }
 }
@@ -868,6 +888,9 @@ mod tests {
         assert!(c.pipeline.scene_gate);
         assert_eq!(c.pipeline.scene_change_min_area, 0.002);
         assert_eq!(c.pipeline.scene_max_reuse, Duration::from_secs(10));
+        assert_eq!(c.pipeline.snapshots.per_minute, 6);
+        assert_eq!(c.pipeline.snapshots.interval, Duration::from_secs(5));
+        assert_eq!(c.pipeline.snapshots.ttl, c.queue.result_ttl);
     }
 
     #[test]

@@ -33,6 +33,8 @@
 //! - [`tracker`]: ByteTrack, a job's track ids for the boxes of box models (pure).
 //! - [`zones`]: a job's zones and lines: enter, leave, cross and loiter events and counts
 //!   from its tracks (pure).
+//! - [`snapshot`]: pictures of a job's events and its latest frame: boxes, track ids, zones
+//!   and lines drawn on the frame, a JPEG, and the per-minute cap (pure).
 //! - [`engine`]: the model on its own thread, batching frames across all jobs: `stream` (a
 //!   job's queue and replies), `batch` and `batcher` (forming batches, grouped by prompt),
 //!   `model_thread`, and `infer_call` and `submit_call` (a model waited on, or one that
@@ -64,6 +66,7 @@ pub mod queue;
 pub mod redact;
 pub mod results;
 pub mod sampler;
+pub mod snapshot;
 pub mod source;
 pub mod store;
 pub mod tracker;

@@ -12,9 +12,13 @@
 //! A box model's output goes through the job's tracker before anything else reads it, so
 //! its entry, the alerts and the outputs the gate repeats all carry the same `track_id`s.
 //!
+//! An alert `start` and each zone or line event may carry a picture of its frame, and the
+//! job keeps its latest annotated frame ([`crate::snapshot`]): the frames drawn are the ones
+//! the job holds anyway, drawn and encoded off the runtime while the write waits for them.
+//!
 //! This is the only module that knows sources, the engine and the result sink together.
 
-use crate::alerts::{AlertEvent, AlertSettings, AlertState, EndReason, Observation};
+use crate::alerts::{AlertEvent, AlertKind, AlertSettings, AlertState, EndReason, Observation};
 use crate::engine::{Engine, EngineStream, Reply, ReplyOutcome, Submitted};
 use crate::frame::Frame;
 use crate::gate::{Decision, GateSettings, SceneGate};
@@ -24,9 +28,13 @@ use crate::model::{ModelInfo, ModelType};
 use crate::queue::body::{BodyFuture, BodyOutcome, JobBody, JobContext, JobFailure};
 use crate::queue::stop::StopReason;
 use crate::results::FrameCounters;
-use crate::results::{AlertWrite, FrameOutcome, Progress, ResultEntry, ZoneWrite};
+use crate::results::{
+    AlertWrite, FrameOutcome, PictureWrite, Progress, ResultEntry, ZoneWrite, zone_alert_id,
+};
+use crate::snapshot::{Pictures, Shot, snapshot_jpeg};
 use crate::source::{BadFrame, Source, SourceCounters, SourceEvent, SourceOptions, SourceSettings};
 use crate::store::Store;
+use crate::store::keys::snapshot_name;
 use crate::tracker::output::{leave_untracked, track_output};
 use crate::tracker::{ByteTrack, TrackerState};
 use crate::zones::output::sightings;
@@ -43,13 +51,25 @@ pub fn default_max_side(input_size: u32) -> u32 {
 }
 
 /// The pipeline's own settings: the scene gate's (`SCENE_GATE`, `SCENE_CHANGE_MIN_AREA`,
-/// `SCENE_MAX_REUSE_MS`) and the cap of the alerts stream it writes to (`ALERTS_MAXLEN`).
+/// `SCENE_MAX_REUSE_MS`), the cap of the alerts stream it writes to (`ALERTS_MAXLEN`) and
+/// the pictures'.
 #[derive(Clone, Debug)]
 pub struct PipelineSettings {
     pub scene_gate: bool,
     pub scene_change_min_area: f32,
     pub scene_max_reuse: Duration,
     pub alerts_maxlen: usize,
+    pub snapshots: SnapshotSettings,
+}
+
+/// A job's pictures: at most `per_minute` event pictures (`SNAPSHOTS_PER_MIN`, 0 = none),
+/// the latest annotated frame every `interval` at most (`SNAPSHOT_INTERVAL_MS`, 0 = off),
+/// each kept `ttl` from when it is stored (`RESULT_TTL_S`, so none outlives the results).
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotSettings {
+    pub per_minute: u32,
+    pub interval: Duration,
+    pub ttl: Duration,
 }
 
 /// The stream job body, built once per worker and shared by all its jobs.
@@ -63,6 +83,7 @@ pub struct StreamJobBody {
     scene_gate: bool,
     gate: GateSettings,
     alerts_maxlen: usize,
+    snapshots: SnapshotSettings,
 }
 
 impl StreamJobBody {
@@ -87,6 +108,7 @@ impl StreamJobBody {
                 max_reuse_ms: settings.scene_max_reuse.as_millis() as i64,
             },
             alerts_maxlen: settings.alerts_maxlen,
+            snapshots: settings.snapshots,
         }
     }
 
@@ -110,7 +132,15 @@ impl StreamJobBody {
             .scene_gate
             .unwrap_or(self.scene_gate)
             .then(|| SceneGate::new(self.gate, gate_seed(&ctx.spec.job_id)));
+        let pictures = &self.snapshots;
         let mut run = Run {
+            job_id: ctx.spec.job_id.as_str().into(),
+            pictures: Pictures::new(
+                pictures.per_minute,
+                pictures.interval,
+                ctx.spec.places.clone(),
+            ),
+            picture_ttl: pictures.ttl,
             model: self.engine.model_name(),
             metrics: &self.metrics,
             base: ctx.resume.counters,
@@ -424,6 +454,11 @@ impl Zones {
 
 /// One job's bookkeeping while it runs.
 struct Run<'a> {
+    job_id: Arc<str>,
+    /// `None` when the job's pictures are off.
+    pictures: Option<Pictures>,
+    /// How long each picture is kept.
+    picture_ttl: Duration,
     model: Arc<str>,
     metrics: &'a Metrics,
     /// Counters saved by earlier deliveries.
@@ -523,6 +558,7 @@ impl Run<'_> {
         self.in_flight = self.in_flight.saturating_sub(1);
         self.dirty = true;
         let index = r.meta.index;
+        let marks = self.event_marks();
         let outcome = match r.outcome {
             ReplyOutcome::Output(mut v) => {
                 if self.tracks.output(index, &mut v)
@@ -543,10 +579,12 @@ impl Run<'_> {
                         });
                     }
                 }
+                self.pictured(index, true, marks, || Some(v.clone()));
                 FrameOutcome::Output(v)
             }
             ReplyOutcome::Error(e) => {
                 self.failed += 1;
+                self.unpictured(index);
                 if let Some(gate) = &mut self.gate {
                     gate.lost(index);
                 }
@@ -554,6 +592,7 @@ impl Run<'_> {
             }
             ReplyOutcome::TooOld => {
                 self.dropped += 1;
+                self.unpictured(index);
                 if let Some(gate) = &mut self.gate {
                     gate.lost(index);
                 }
@@ -599,20 +638,81 @@ impl Run<'_> {
     /// Moves held reused entries to the pending ones (nothing is with the model now).
     fn release_held(&mut self) {
         for (entry, received, cursor) in std::mem::take(&mut self.held) {
-            let FrameOutcome::Reused { from, .. } = &entry.outcome else {
+            let FrameOutcome::Reused { from, output } = &entry.outcome else {
                 continue;
             };
             self.reused += 1;
             self.dirty = true;
+            let marks = self.event_marks();
             if let Some(a) = &mut self.alerts {
                 a.reused(entry.frame, entry.capture_ms, entry.prompt_version, *from);
             }
             if let Some(z) = &mut self.zones {
                 z.reused(entry.frame, entry.capture_ms);
             }
+            self.pictured(entry.frame, false, marks, || {
+                serde_json::from_str(output).ok()
+            });
             self.finished(entry.frame, cursor);
             self.pending_received.push(received);
             self.pending.push(entry);
+        }
+    }
+
+    /// How many alert and zone events are waiting, to tell which ones a frame brought.
+    fn event_marks(&self) -> (usize, usize) {
+        (
+            self.alerts.as_ref().map_or(0, |a| a.events.len()),
+            self.zones.as_ref().map_or(0, |z| z.events.len()),
+        )
+    }
+
+    /// The snapshot names of the events that came after `marks` and may have a picture:
+    /// alert starts, and every zone and line event.
+    fn new_event_names(&self, marks: (usize, usize)) -> Vec<String> {
+        let mut names = Vec::new();
+        if let Some(a) = &self.alerts {
+            let starts = a.events.get(marks.0..).unwrap_or_default();
+            names.extend(
+                starts
+                    .iter()
+                    .filter(|e| e.kind == AlertKind::Start)
+                    .map(|e| snapshot_name(e.kind.as_str(), &e.alert_id(&self.job_id))),
+            );
+        }
+        if let Some(z) = &self.zones {
+            let events = z.events.get(marks.1..).unwrap_or_default();
+            names.extend(
+                events
+                    .iter()
+                    .map(|e| snapshot_name(e.kind.as_str(), &zone_alert_id(&self.job_id, e))),
+            );
+        }
+        names
+    }
+
+    /// Frame `index` is done: a picture of it for the events since `marks` and as the
+    /// latest frame, as the job's pictures allow; `output` is what to draw on it.
+    fn pictured(
+        &mut self,
+        index: u64,
+        answered: bool,
+        marks: (usize, usize),
+        output: impl FnOnce() -> Option<serde_json::Value>,
+    ) {
+        if self.pictures.is_none() {
+            return;
+        }
+        let names = self.new_event_names(marks);
+        if let Some(p) = &mut self.pictures {
+            p.answered(index, answered, names, output);
+        }
+    }
+
+    /// Frame `index` is done without an output: nothing to draw.
+    fn unpictured(&mut self, index: u64) {
+        if let Some(p) = &mut self.pictures {
+            p.release(index);
         }
     }
 
@@ -638,6 +738,9 @@ impl Run<'_> {
     }
 
     fn on_frame(&mut self, frame: Frame, ctx: &JobContext, live: bool, stream: &EngineStream) {
+        if let Some(p) = &mut self.pictures {
+            p.hold(&frame);
+        }
         if let Some(z) = &mut self.zones {
             z.source_size = (frame.source_width, frame.source_height);
         }
@@ -693,7 +796,13 @@ impl Run<'_> {
         let src = source.counters();
         let counters = self.counters(src);
         let reused = self.base_reused + self.reused;
-        let progress = Progress {
+        let shots = self
+            .pictures
+            .as_mut()
+            .map(Pictures::take)
+            .unwrap_or_default();
+        let picture_ttl = self.picture_ttl;
+        let mut progress = Progress {
             counters,
             cursor: self.cursor.as_ref().map(|(_, c)| c.clone()),
             note: self.note.take(),
@@ -701,14 +810,18 @@ impl Run<'_> {
             alerts: self.alerts.as_mut().and_then(Alerts::take_write),
             tracker_state: self.tracks.take_write(),
             zones: self.zones.as_mut().and_then(Zones::take_write),
+            pictures: None,
         };
-        let mut entries = std::mem::take(&mut self.pending);
+        let entries = std::mem::take(&mut self.pending);
         let received = std::mem::take(&mut self.pending_received);
         self.dirty = false;
         self.writing = entries.len() as u64;
         let alert_events = progress.alerts.as_ref().map_or(0, |a| a.events.len());
         let result = {
-            let write = ctx.sink.write(&entries, &progress);
+            let write = async {
+                progress.pictures = render(shots, picture_ttl).await;
+                ctx.sink.write(&entries, &progress).await
+            };
             tokio::pin!(write);
             loop {
                 tokio::select! {
@@ -724,20 +837,7 @@ impl Run<'_> {
         };
         self.writing = 0;
         if let Err(e) = result {
-            // Keep the entries and alert events for the final write, in order.
-            if let (Some(a), Some(w)) = (&mut self.alerts, progress.alerts) {
-                let newer = std::mem::replace(&mut a.events, w.events);
-                a.events.extend(newer);
-                a.changed = true;
-            }
-            self.tracks.changed |= progress.tracker_state.is_some();
-            if let (Some(z), Some(w)) = (&mut self.zones, progress.zones) {
-                let newer = std::mem::replace(&mut z.events, w.events);
-                z.events.extend(newer);
-                z.changed = true;
-            }
-            entries.append(&mut self.pending);
-            self.pending = entries;
+            self.keep_unwritten(progress, entries);
             return Err(if ctx.stop.is_stopped() {
                 Step::Stop
             } else {
@@ -746,9 +846,40 @@ impl Run<'_> {
                 )))
             });
         }
+        self.report_written(counters, reused, entries.len(), received, alert_events);
+        Ok(())
+    }
+
+    /// Keeps the entries and events of a write that failed for the final write, in order
+    /// (their pictures are not kept: those events go without one).
+    fn keep_unwritten(&mut self, progress: Progress, mut entries: Vec<ResultEntry>) {
+        if let (Some(a), Some(w)) = (&mut self.alerts, progress.alerts) {
+            let newer = std::mem::replace(&mut a.events, w.events);
+            a.events.extend(newer);
+            a.changed = true;
+        }
+        self.tracks.changed |= progress.tracker_state.is_some();
+        if let (Some(z), Some(w)) = (&mut self.zones, progress.zones) {
+            let newer = std::mem::replace(&mut z.events, w.events);
+            z.events.extend(newer);
+            z.changed = true;
+        }
+        entries.append(&mut self.pending);
+        self.pending = entries;
+    }
+
+    /// Adds what a write saved to the worker's metrics.
+    fn report_written(
+        &mut self,
+        counters: FrameCounters,
+        reused: u64,
+        written: usize,
+        received: Vec<std::time::Instant>,
+        alert_events: usize,
+    ) {
         let m = self.metrics;
         let r = &self.reported;
-        m.results_written.add(entries.len() as u64);
+        m.results_written.add(written as u64);
         for at in received {
             m.result_delay.observe(at.elapsed().as_secs_f64());
         }
@@ -765,7 +896,6 @@ impl Run<'_> {
         m.alerts_written.add(alert_events as u64);
         self.reported = counters;
         self.reported_reused = reused;
-        Ok(())
     }
 
     async fn drive(
@@ -839,6 +969,37 @@ impl Run<'_> {
             (Step::Done, Ok(())) => Ok(BodyOutcome::Completed),
         }
     }
+}
+
+/// Draws and encodes `shots` off the runtime (a 720p picture takes milliseconds); a shot
+/// that cannot be made is left out, and its events carry no `snapshot`.
+async fn render(shots: Vec<Shot>, ttl: Duration) -> Option<PictureWrite> {
+    if shots.is_empty() {
+        return None;
+    }
+    let made = tokio::task::spawn_blocking(move || {
+        let mut write = PictureWrite {
+            ttl_s: ttl.as_secs(),
+            ..PictureWrite::default()
+        };
+        for shot in shots {
+            match snapshot_jpeg(&shot.frame, shot.output.as_ref(), &shot.places) {
+                Ok(jpeg) => {
+                    let jpeg = bytes::Bytes::from(jpeg);
+                    if shot.latest {
+                        write.latest = Some(jpeg.clone());
+                    }
+                    write
+                        .snapshots
+                        .extend(shot.names.into_iter().map(|name| (name, jpeg.clone())));
+                }
+                Err(e) => tracing::warn!(error = %e, frame = shot.frame.index, "a snapshot could not be made"),
+            }
+        }
+        write
+    })
+    .await;
+    made.ok()
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -13,6 +13,13 @@ pub struct Keys {
     tag: String,
 }
 
+/// An event's name in its snapshot key: its `kind` and its `alert_id` (which holds the
+/// job id), so that the start and end of one alert, or the enter and leave of one stay,
+/// are apart.
+pub fn snapshot_name(kind: &str, alert_id: &str) -> String {
+    format!("{kind}:{alert_id}")
+}
+
 /// The consumer group every worker reads the job stream through.
 pub const WORKER_GROUP: &str = "workers";
 
@@ -53,6 +60,15 @@ impl Keys {
     /// job's own slot so that each result write touches one slot.
     pub fn progress(&self, job_id: &str) -> String {
         format!("{}:progress", self.job_tag(job_id))
+    }
+    /// The JPEG of one event's moment (see [`crate::snapshot`]), in the job's own slot: `name`
+    /// is [`snapshot_name`] of the event.
+    pub fn snapshot(&self, job_id: &str, name: &str) -> String {
+        format!("{}:snap:{name}", self.job_tag(job_id))
+    }
+    /// The JPEG of a running job's latest annotated frame, in the job's own slot.
+    pub fn latest_snapshot(&self, job_id: &str) -> String {
+        format!("{}:latest", self.job_tag(job_id))
     }
     /// Fleet-wide settings workers publish for the functions to read.
     pub fn settings(&self) -> String {
@@ -110,6 +126,9 @@ mod tests {
         assert_eq!(k.job_tag("cam-1:a"), "{fr:cam-1:a}");
         assert_eq!(k.results("cam-1:a"), "{fr:cam-1:a}:results");
         assert_eq!(k.progress("cam-1:a"), "{fr:cam-1:a}:progress");
+        assert_eq!(k.latest_snapshot("a"), "{fr:a}:latest");
+        let name = snapshot_name("enter", "a:zone:door:4:12");
+        assert_eq!(k.snapshot("a", &name), "{fr:a}:snap:enter:a:zone:door:4:12");
     }
 
     #[test]

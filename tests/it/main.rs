@@ -20,6 +20,7 @@ mod openai;
 mod readme;
 mod scaling;
 mod security;
+mod snapshots;
 mod tracks;
 mod worker_binary;
 mod zones;

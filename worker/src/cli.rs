@@ -10,6 +10,7 @@ use free_roam::config::Config;
 use free_roam::job::JobField;
 use free_roam::store::{Store, now_ms};
 use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Each job field's `submit` help; a field without a line here gets a generic one.
@@ -193,6 +194,19 @@ pub enum ClientCommand {
         /// Only this job's alerts.
         #[arg(long = "job")]
         job_id: Option<String>,
+        /// Save each event's picture (its `snapshot`) in DIR, named by the event: its kind and
+        /// `alert_id`, `:` and other characters unsafe in a file name written `_`, `.jpg`.
+        #[arg(long, value_name = "DIR")]
+        save: Option<PathBuf>,
+    },
+    /// Save a running job's latest frame, its boxes, track ids, zones and lines drawn, as a
+    /// JPEG (refreshed every SNAPSHOT_INTERVAL_MS).
+    Snapshot {
+        /// The job's id, or the entry id of a job pushed without job_id.
+        job_id: String,
+        /// Where to write the JPEG.
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
     },
     /// Cancel a job: a queued one never runs, a running one stops within a second.
     Cancel {
@@ -276,8 +290,21 @@ pub async fn run(command: ClientCommand, config: Config, json: bool) -> ExitCode
             };
             return results(&store, &job_id, view).await;
         }
-        ClientCommand::Alerts { follow, job_id } => {
-            return alerts(&store, job_id.as_deref(), follow, json).await;
+        ClientCommand::Alerts {
+            follow,
+            job_id,
+            save,
+        } => {
+            let view = AlertsView {
+                job_id,
+                follow,
+                save,
+                json,
+            };
+            return alerts(&store, &view).await;
+        }
+        ClientCommand::Snapshot { job_id, output } => {
+            return snapshot(&store, &job_id, &output, json).await;
         }
         ClientCommand::Cancel { job_id } => cancel(&store, &job_id, json).await,
         ClientCommand::Jobs { status, limit } => return jobs(&store, status, limit, json).await,
@@ -439,32 +466,93 @@ async fn results(store: &Store, id: &str, view: ResultsView) -> ExitCode {
     }
 }
 
-async fn alerts(store: &Store, job_id: Option<&str>, follow: bool, json: bool) -> ExitCode {
+/// What `free-roam alerts` shows and keeps.
+struct AlertsView {
+    job_id: Option<String>,
+    follow: bool,
+    /// Where each event's picture is saved.
+    save: Option<PathBuf>,
+    json: bool,
+}
+
+async fn alerts(store: &Store, view: &AlertsView) -> ExitCode {
+    if let Some(dir) = &view.save
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        return fail(format!("cannot create {}: {e}", dir.display()), 2);
+    }
     let mut last = "0".to_string();
     let mut seen = SeenAlerts::default();
     loop {
-        let block = if follow { Some(1000) } else { None };
+        let block = if view.follow { Some(1000) } else { None };
         let batch = match client::alerts_after(store, &last, 500, block).await {
             Ok(b) => b,
             Err(e) => return client_failure(e),
         };
-        if batch.is_empty() && !follow {
+        if batch.is_empty() && !view.follow {
             return ExitCode::SUCCESS;
         }
         for (id, fields) in &batch {
-            if job_id.is_some_and(|j| fields.get("job_id").map(String::as_str) != Some(j))
-                || !seen.first_time(fields)
-            {
+            let job = fields.get("job_id").map(String::as_str);
+            if view.job_id.as_deref().is_some_and(|j| job != Some(j)) || !seen.first_time(fields) {
                 continue;
             }
-            if json {
+            if view.json {
                 print_json(&serde_json::json!({"id": id, "fields": client::typed_entry(fields)}));
             } else {
                 println!("{}", show::alert(fields));
             }
+            if let Some(dir) = &view.save
+                && let Err(code) = save_event_picture(store, dir, fields).await
+            {
+                return code;
+            }
         }
         last = batch.last().map(|(id, _)| id.clone()).unwrap_or(last);
     }
+}
+
+/// Writes the picture an event's `snapshot` names to `dir`, named by the event; an event
+/// without one, or whose picture has expired, saves nothing.
+async fn save_event_picture(
+    store: &Store,
+    dir: &Path,
+    fields: &BTreeMap<String, String>,
+) -> Result<(), ExitCode> {
+    let (Some(key), Some(kind), Some(alert_id)) = (
+        fields.get("snapshot"),
+        fields.get("kind"),
+        fields.get("alert_id"),
+    ) else {
+        return Ok(());
+    };
+    let Some(jpeg) = client::event_snapshot(store, key)
+        .await
+        .map_err(client_failure)?
+    else {
+        eprintln!("free-roam: the picture {key} has expired");
+        return Ok(());
+    };
+    let path = dir.join(show::picture_file_name(kind, alert_id));
+    std::fs::write(&path, jpeg)
+        .map_err(|e| fail(format!("cannot write {}: {e}", path.display()), 1))
+}
+
+/// `free-roam snapshot`: writes the job's latest annotated frame to `output`.
+async fn snapshot(store: &Store, id: &str, output: &Path, json: bool) -> ExitCode {
+    let jpeg = match client::latest_snapshot(store, id).await {
+        Ok(j) => j,
+        Err(e) => return client_failure(e),
+    };
+    if let Err(e) = std::fs::write(output, &jpeg) {
+        return fail(format!("cannot write {}: {e}", output.display()), 1);
+    }
+    if json {
+        print_json(&serde_json::json!({"path": output.display().to_string(), "bytes": jpeg.len()}));
+    } else {
+        println!("{} ({} KB)", output.display(), jpeg.len().div_ceil(1024));
+    }
+    ExitCode::SUCCESS
 }
 
 /// Alert events already printed, by `alert_id` and `kind`: a write retried after a failure

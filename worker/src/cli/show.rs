@@ -2,6 +2,7 @@
 //! UTC with their age. `--json` bypasses all of it.
 
 use free_roam::client::{JobView, PromptMode};
+use free_roam::store::keys::snapshot_name;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -327,6 +328,22 @@ fn detected_summary(output: &Value) -> String {
     }
 }
 
+/// The file an event's picture is saved as: its snapshot name (kind and `alert_id`), every
+/// character other than a letter, a digit, `.`, `-` and `_` written `_`, then `.jpg`.
+pub fn picture_file_name(kind: &str, alert_id: &str) -> String {
+    let name: String = snapshot_name(kind, alert_id)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{name}.jpg")
+}
+
 /// One line per alert event.
 pub fn alert(f: &BTreeMap<String, String>) -> String {
     let g = |k: &str| f.get(k).map(String::as_str).unwrap_or("-");
@@ -353,6 +370,14 @@ pub fn alert(f: &BTreeMap<String, String>) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_picture_is_saved_under_a_file_name_safe_name() {
+        assert_eq!(
+            picture_file_name("enter", "cam/1:zone:door 2:4:12"),
+            "enter_cam_1_zone_door_2_4_12.jpg"
+        );
+    }
 
     #[test]
     fn times_read_as_utc_with_their_age() {

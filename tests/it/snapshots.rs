@@ -1,0 +1,272 @@
+//! Event pictures and the latest frame end to end against a real Redis, with a full worker
+//! (queue, pipeline, engine) running the test-colour model on a camera's frames (a Redis
+//! frame stream): a red box walks out of a zone and across a line. The alert `start` and
+//! the zone `enter` carry a `snapshot` whose key holds a JPEG of the frame with the box
+//! drawn; the per-minute cap leaves the later events without one; every picture expires;
+//! `free-roam snapshot` saves the job's latest frame and `free-roam alerts --save` each
+//! event's picture.
+
+use crate::common::worker::config;
+use crate::common::{TestRedis, eventually, unique_prefix};
+use free_roam::engine::Engine;
+use free_roam::metrics::Metrics;
+use free_roam::model::testing::colour::ColourTestModel;
+use free_roam::pipeline::StreamJobBody;
+use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
+use free_roam::snapshot::box_colour;
+use free_roam::store::Store;
+use free_roam::store::keys::Keys;
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+const KEY: &str = "frames:gate";
+const W: u32 = 240;
+const H: u32 = 120;
+const SIDE: u32 = 20;
+/// The test-colour model's input side.
+const INPUT: u32 = 64;
+/// Pictures per minute: the first two events get one, the others none.
+const CAP: usize = 2;
+
+/// The zone covers the left 40% of the yard, the line stands at 75% top to bottom.
+const ZONES: &str = r#"{"yard": [[0, 0], [0.4, 0], [0.4, 1], [0, 1]]}"#;
+const LINES: &str = r#"{"gate": {"points": [[0.75, 0], [0.75, 1]], "sides": ["east", "west"]}}"#;
+
+/// A grey yard with the red box at `x` (its bottom at y = 100).
+fn picture(x: u32) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity((W * H * 3) as usize);
+    for y in 0..H {
+        for px in 0..W {
+            let inside = (x..x + SIDE).contains(&px) && (80..80 + SIDE).contains(&y);
+            let colour = if inside {
+                [230, 20, 20]
+            } else {
+                [(120 + (px * 2 + y) % 60) as u8; 3]
+            };
+            rgb.extend_from_slice(&colour);
+        }
+    }
+    rgb
+}
+
+/// Pushes a frame every 100 ms until `stop`, the box walking 4 pixels a frame from x = 10
+/// to x = 210.
+fn produce(redis: &TestRedis, stop: CancellationToken) -> std::thread::JoinHandle<()> {
+    let client = redis.client();
+    std::thread::spawn(move || {
+        let mut con = client.get_connection().unwrap();
+        let mut x = 10;
+        while !stop.is_cancelled() {
+            let _: String = redis::cmd("XADD")
+                .arg(KEY)
+                .arg("*")
+                .arg("format")
+                .arg("rgb24")
+                .arg("width")
+                .arg(W)
+                .arg("height")
+                .arg(H)
+                .arg("ts")
+                .arg(free_roam::store::now_ms())
+                .arg("data")
+                .arg(picture(x))
+                .query(&mut con)
+                .unwrap();
+            x = (x + 4).min(210);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+/// A full worker with the test-colour model, its pictures capped at CAP a minute and its
+/// latest frame refreshed every 200 ms.
+fn start_worker(
+    redis: &TestRedis,
+    prefix: &str,
+) -> (CancellationToken, tokio::task::JoinHandle<()>, Engine) {
+    let cap = CAP.to_string();
+    let overrides = [
+        ("SNAPSHOTS_PER_MIN", cap.as_str()),
+        ("SNAPSHOT_INTERVAL_MS", "200"),
+    ];
+    let config = Arc::new(config(&redis.url(), prefix, &overrides));
+    let store = Store::new(&config.redis.url, &config.redis.key_prefix, 16).unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let engine = Engine::start(
+        Box::new(ColourTestModel::new(INPUT)),
+        config.engine.clone(),
+        metrics.clone(),
+    );
+    let body = StreamJobBody::new(
+        &config.pipeline,
+        &config.source,
+        engine.clone(),
+        store.clone(),
+        metrics.clone(),
+    );
+    let worker = Arc::new(Worker::new(
+        store,
+        Arc::new(config.queue.clone()),
+        Arc::new(body),
+        metrics,
+        Arc::new(WorkerState::default()),
+        WorkerIdentity {
+            id: "a".into(),
+            model: "test-colour".into(),
+            device: "cpu".into(),
+        },
+    ));
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(worker.run(shutdown.clone()));
+    (shutdown, handle, engine)
+}
+
+fn get_bytes(redis: &TestRedis, key: &str) -> Option<Vec<u8>> {
+    let mut con = redis.client().get_connection().unwrap();
+    redis::cmd("GET").arg(key).query(&mut con).unwrap()
+}
+
+/// The output of frame `frame` in the job's results.
+fn output_of(redis: &TestRedis, keys: &Keys, frame: &str) -> serde_json::Value {
+    let entry = redis
+        .xrange(&keys.results("gate"))
+        .into_iter()
+        .map(|(_, f)| f)
+        .find(|f| f.get("frame").map(String::as_str) == Some(frame))
+        .expect("the event's frame has a result");
+    serde_json::from_str(&entry["output"]).unwrap()
+}
+
+/// A pixel halfway down the left edge of the output's first box (inside its outline), in a
+/// picture of `scale` picture pixels per source pixel; and the box's track.
+fn left_edge(output: &serde_json::Value, scale: f64) -> (u32, u32, u64) {
+    let d = &output["detections"][0];
+    let b: Vec<f64> = d["box"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let x = (b[0] * scale).round() as u32 + 1;
+    let y = ((b[1] + (b[3] - b[1]) / 2.0) * scale).round() as u32;
+    (x, y, d["track_id"].as_u64().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_carry_pictures_of_their_frame_within_the_cap_and_the_latest_is_kept() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let keys = Keys::new(&p);
+    let (shutdown, handle, engine) = start_worker(&redis, &p);
+    let stop = CancellationToken::new();
+    let producer = produce(&redis, stop.clone());
+    let _: String = redis.cmd(&[
+        "XADD",
+        keys.jobs().as_str(),
+        "*",
+        "stream_ref",
+        KEY,
+        "fps",
+        "10",
+        "job_id",
+        "gate",
+        "prompt",
+        "red",
+        "zones",
+        ZONES,
+        "lines",
+        LINES,
+        "zone_units",
+        "normalised",
+    ]);
+    let progress = keys.progress("gate");
+    eventually(WAIT, "the box leaves the zone and crosses the line", || {
+        redis.hget(&progress, "line:gate:east").as_deref() == Some("1")
+    })
+    .await;
+
+    // The latest frame, through the real binary, while the job runs.
+    let dir = std::env::temp_dir().join(format!("fr-snapshots-{p}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let latest = dir.join("latest.jpg");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_free-roam"))
+            .args(args)
+            .env_clear()
+            .env("REDIS_URL", redis.url())
+            .env("KEY_PREFIX", &p)
+            .output()
+            .expect("the free-roam binary runs")
+    };
+    let o = run(&["snapshot", "gate", "-o", latest.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Frames from a Redis stream come at their own size (W x H fits within 720p).
+    let frame_size = (W, H);
+    let latest_picture = image::load_from_memory(&std::fs::read(&latest).unwrap()).unwrap();
+    assert_eq!(
+        (latest_picture.width(), latest_picture.height()),
+        frame_size
+    );
+    let ttl: i64 = redis.cmd(&["TTL", &keys.latest_snapshot("gate")]);
+    assert!(ttl > 0, "the latest frame expires: {ttl}");
+
+    stop.cancel();
+    producer.join().unwrap();
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), handle).await;
+    tokio::task::spawn_blocking(move || engine.shutdown(Duration::from_secs(2)))
+        .await
+        .unwrap();
+
+    // The events a picture may go with, in order: the first CAP have one, the rest none.
+    let events: Vec<HashMap<String, String>> = redis
+        .xrange(&keys.alerts())
+        .into_iter()
+        .map(|(_, f)| f)
+        .filter(|f| ["start", "enter", "leave", "cross", "loiter"].contains(&f["kind"].as_str()))
+        .collect();
+    assert!(events.len() > CAP, "more events than the cap: {events:#?}");
+    let mut kinds: Vec<&str> = events[..CAP].iter().map(|e| e["kind"].as_str()).collect();
+    kinds.sort();
+    assert_eq!(kinds, ["enter", "start"], "{events:#?}");
+    for e in &events[CAP..] {
+        assert!(!e.contains_key("snapshot"), "over the cap: {e:?}");
+    }
+    let scale = f64::from(frame_size.0) / f64::from(W);
+    for e in &events[..CAP] {
+        let key = &e["snapshot"];
+        let name = free_roam::store::keys::snapshot_name(&e["kind"], &e["alert_id"]);
+        assert_eq!(key, &keys.snapshot("gate", &name));
+        let jpeg = get_bytes(&redis, key).expect("the picture is stored");
+        assert!(jpeg.len() < 100 * 1024);
+        let ttl: i64 = redis.cmd(&["TTL", key]);
+        assert!(
+            ttl > 0 && ttl <= 86_400,
+            "the picture expires with the results: {ttl}"
+        );
+        let picture = image::load_from_memory(&jpeg).unwrap().to_rgb8();
+        assert_eq!(picture.dimensions(), frame_size);
+        if e["kind"] == "enter" {
+            let (x, y, track) = left_edge(&output_of(&redis, &keys, &e["frame"]), scale);
+            let want = box_colour(Some(track));
+            let got = *picture.get_pixel(x, y);
+            let near = got.0.iter().zip(want.0).all(|(a, b)| a.abs_diff(b) <= 80);
+            assert!(
+                near,
+                "the box's edge at ({x}, {y}) is {got:?}, not {want:?}"
+            );
+        }
+    }
+
+    // Each event's picture, saved by the real binary under the event's name.
+    let saved = dir.join("saved");
+    let o = run(&["alerts", "--job", "gate", "--save", saved.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let files = std::fs::read_dir(&saved).unwrap().count();
+    assert_eq!(files, CAP);
+    let _ = std::fs::remove_dir_all(&dir);
+}
