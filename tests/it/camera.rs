@@ -5,14 +5,10 @@
 //! cancelled after its worker handed it back.
 
 use crate::common::process::{signal, spawn_test_process};
-use crate::common::worker::config;
+use crate::common::worker::StreamWorker;
 use crate::common::{TestRedis, eventually, unique_prefix};
-use free_roam::engine::Engine;
 use free_roam::frame::Frame;
-use free_roam::metrics::Metrics;
 use free_roam::model::testing::stub::StubModel;
-use free_roam::pipeline::StreamJobBody;
-use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
 use free_roam::store::Store;
 use std::collections::HashMap;
 use std::process::Child;
@@ -101,60 +97,12 @@ fn produce(
     })
 }
 
-/// A full worker (queue, stream body, engine with the red model) in this process.
-struct CameraWorker {
-    shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<()>,
-    metrics: Arc<Metrics>,
-    engine: Engine,
-}
+/// A full worker with the red model in this process.
+struct CameraWorker;
 
 impl CameraWorker {
-    fn start(redis_url: &str, prefix: &str, id: &str, settings: &[(&str, &str)]) -> Self {
-        let config = Arc::new(config(redis_url, prefix, settings));
-        let store = Store::new(&config.redis.url, &config.redis.key_prefix, 16).unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let engine = Engine::start(
-            Box::new(red_model()),
-            config.engine.clone(),
-            metrics.clone(),
-        );
-        let body = StreamJobBody::new(
-            &config.pipeline,
-            &config.source,
-            engine.clone(),
-            store.clone(),
-            metrics.clone(),
-        );
-        let worker = Arc::new(Worker::new(
-            store,
-            Arc::new(config.queue.clone()),
-            Arc::new(body),
-            metrics.clone(),
-            Arc::new(WorkerState::default()),
-            WorkerIdentity {
-                id: id.to_string(),
-                model: "red-share".into(),
-                device: "cpu".into(),
-            },
-        ));
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(worker.run(shutdown.clone()));
-        Self {
-            shutdown,
-            handle,
-            metrics,
-            engine,
-        }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(15), self.handle).await;
-        let engine = self.engine;
-        tokio::task::spawn_blocking(move || engine.shutdown(Duration::from_secs(2)))
-            .await
-            .unwrap();
+    fn start(redis_url: &str, prefix: &str, id: &str, settings: &[(&str, &str)]) -> StreamWorker {
+        StreamWorker::start(redis_url, prefix, id, Box::new(red_model()), settings)
     }
 }
 

@@ -6,19 +6,13 @@
 //! `free-roam snapshot` saves the job's latest frame and `free-roam alerts --save` each
 //! event's picture.
 
-use crate::common::worker::config;
+use crate::common::worker::StreamWorker;
 use crate::common::{TestRedis, eventually, unique_prefix};
-use free_roam::engine::Engine;
-use free_roam::metrics::Metrics;
 use free_roam::model::testing::colour::ColourTestModel;
-use free_roam::pipeline::StreamJobBody;
-use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
 use free_roam::snapshot::box_colour;
-use free_roam::store::Store;
 use free_roam::store::keys::Keys;
 use std::collections::HashMap;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -84,45 +78,14 @@ fn produce(redis: &TestRedis, stop: CancellationToken) -> std::thread::JoinHandl
 
 /// A full worker with the test-colour model, its pictures capped at CAP a minute and its
 /// latest frame refreshed every 200 ms.
-fn start_worker(
-    redis: &TestRedis,
-    prefix: &str,
-) -> (CancellationToken, tokio::task::JoinHandle<()>, Engine) {
+fn start_worker(redis: &TestRedis, prefix: &str) -> StreamWorker {
     let cap = CAP.to_string();
     let overrides = [
         ("SNAPSHOTS_PER_MIN", cap.as_str()),
         ("SNAPSHOT_INTERVAL_MS", "200"),
     ];
-    let config = Arc::new(config(&redis.url(), prefix, &overrides));
-    let store = Store::new(&config.redis.url, &config.redis.key_prefix, 16).unwrap();
-    let metrics = Arc::new(Metrics::default());
-    let engine = Engine::start(
-        Box::new(ColourTestModel::new(INPUT)),
-        config.engine.clone(),
-        metrics.clone(),
-    );
-    let body = StreamJobBody::new(
-        &config.pipeline,
-        &config.source,
-        engine.clone(),
-        store.clone(),
-        metrics.clone(),
-    );
-    let worker = Arc::new(Worker::new(
-        store,
-        Arc::new(config.queue.clone()),
-        Arc::new(body),
-        metrics,
-        Arc::new(WorkerState::default()),
-        WorkerIdentity {
-            id: "a".into(),
-            model: "test-colour".into(),
-            device: "cpu".into(),
-        },
-    ));
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(worker.run(shutdown.clone()));
-    (shutdown, handle, engine)
+    let model = Box::new(ColourTestModel::new(INPUT));
+    StreamWorker::start(&redis.url(), prefix, "a", model, &overrides)
 }
 
 fn get_bytes(redis: &TestRedis, key: &str) -> Option<Vec<u8>> {
@@ -161,7 +124,7 @@ async fn events_carry_pictures_of_their_frame_within_the_cap_and_the_latest_is_k
     let redis = TestRedis::start();
     let p = unique_prefix();
     let keys = Keys::new(&p);
-    let (shutdown, handle, engine) = start_worker(&redis, &p);
+    let worker = start_worker(&redis, &p);
     let stop = CancellationToken::new();
     let producer = produce(&redis, stop.clone());
     let _: String = redis.cmd(&[
@@ -216,11 +179,7 @@ async fn events_carry_pictures_of_their_frame_within_the_cap_and_the_latest_is_k
 
     stop.cancel();
     producer.join().unwrap();
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(15), handle).await;
-    tokio::task::spawn_blocking(move || engine.shutdown(Duration::from_secs(2)))
-        .await
-        .unwrap();
+    worker.stop().await;
 
     // The events a picture may go with, in order: the first CAP have one, the rest none.
     let events: Vec<HashMap<String, String>> = redis

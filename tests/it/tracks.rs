@@ -10,15 +10,10 @@
 //! a confident detector would (random weights locate nothing).
 
 use crate::common::process::{signal, spawn_test_process};
-use crate::common::worker::config;
+use crate::common::worker::StreamWorker;
 use crate::common::{TestRedis, eventually, unique_prefix};
-use free_roam::engine::Engine;
 use free_roam::frame::Frame;
-use free_roam::metrics::Metrics;
 use free_roam::model::testing::stub::StubModel;
-use free_roam::pipeline::StreamJobBody;
-use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
-use free_roam::store::Store;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -123,60 +118,18 @@ fn produce(
     })
 }
 
-/// A full worker (queue, stream body, engine with the colour-locating model).
-struct BoxWorker {
-    shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<()>,
-    engine: Engine,
-}
-
 /// Leases short enough for a takeover while the boxes stand.
 const SETTINGS: &[(&str, &str)] = &[("JOB_LEASE_MS", "2000")];
 
+/// A full worker with the colour-locating model in this process.
+struct BoxWorker;
+
 impl BoxWorker {
-    fn start(redis_url: &str, prefix: &str, id: &str) -> Self {
-        let config = Arc::new(config(redis_url, prefix, SETTINGS));
-        let store = Store::new(&config.redis.url, &config.redis.key_prefix, 16).unwrap();
-        let metrics = Arc::new(Metrics::default());
+    fn start(redis_url: &str, prefix: &str, id: &str) -> StreamWorker {
         let model = StubModel::named("colour-boxes")
             .with_input_size(64)
             .answering(|seen| locate(seen.frame));
-        let engine = Engine::start(Box::new(model), config.engine.clone(), metrics.clone());
-        let body = StreamJobBody::new(
-            &config.pipeline,
-            &config.source,
-            engine.clone(),
-            store.clone(),
-            metrics.clone(),
-        );
-        let worker = Arc::new(Worker::new(
-            store,
-            Arc::new(config.queue.clone()),
-            Arc::new(body),
-            metrics,
-            Arc::new(WorkerState::default()),
-            WorkerIdentity {
-                id: id.to_string(),
-                model: "colour-boxes".into(),
-                device: "cpu".into(),
-            },
-        ));
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(worker.run(shutdown.clone()));
-        Self {
-            shutdown,
-            handle,
-            engine,
-        }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(15), self.handle).await;
-        let engine = self.engine;
-        tokio::task::spawn_blocking(move || engine.shutdown(Duration::from_secs(2)))
-            .await
-            .unwrap();
+        StreamWorker::start(redis_url, prefix, id, Box::new(model), SETTINGS)
     }
 }
 

@@ -7,14 +7,9 @@
 //! also when the worker hands the job back while the box is in the zone and another one
 //! takes it over.
 
-use crate::common::worker::config;
+use crate::common::worker::StreamWorker;
 use crate::common::{TestRedis, eventually, unique_prefix};
-use free_roam::engine::Engine;
-use free_roam::metrics::Metrics;
 use free_roam::model::testing::colour::ColourTestModel;
-use free_roam::pipeline::StreamJobBody;
-use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
-use free_roam::store::Store;
 use free_roam::store::keys::Keys;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -103,59 +98,18 @@ fn produce(
     })
 }
 
-/// A full worker (queue, stream body, engine with the test-colour model).
-struct ColourWorker {
-    shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<()>,
-    engine: Engine,
-}
+/// A full worker with the test-colour model in this process.
+struct ColourWorker;
 
 impl ColourWorker {
-    fn start(redis_url: &str, prefix: &str, id: &str) -> Self {
-        let config = Arc::new(config(redis_url, prefix, &[]));
-        let store = Store::new(&config.redis.url, &config.redis.key_prefix, 16).unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let engine = Engine::start(
+    fn start(redis_url: &str, prefix: &str, id: &str) -> StreamWorker {
+        StreamWorker::start(
+            redis_url,
+            prefix,
+            id,
             Box::new(ColourTestModel::new(64)),
-            config.engine.clone(),
-            metrics.clone(),
-        );
-        let body = StreamJobBody::new(
-            &config.pipeline,
-            &config.source,
-            engine.clone(),
-            store.clone(),
-            metrics.clone(),
-        );
-        let worker = Arc::new(Worker::new(
-            store,
-            Arc::new(config.queue.clone()),
-            Arc::new(body),
-            metrics,
-            Arc::new(WorkerState::default()),
-            WorkerIdentity {
-                id: id.into(),
-                model: "test-colour".into(),
-                device: "cpu".into(),
-            },
-        ));
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(worker.run(shutdown.clone()));
-        Self {
-            shutdown,
-            handle,
-            engine,
-        }
-    }
-
-    /// Stops the worker; a job it runs is handed back.
-    async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(15), self.handle).await;
-        let engine = self.engine;
-        tokio::task::spawn_blocking(move || engine.shutdown(Duration::from_secs(2)))
-            .await
-            .unwrap();
+            &[],
+        )
     }
 }
 

@@ -4,7 +4,10 @@
 
 use super::TestRedis;
 use free_roam::config::Config;
+use free_roam::engine::Engine;
 use free_roam::metrics::Metrics;
+use free_roam::model::VisionLanguageModel;
+use free_roam::pipeline::StreamJobBody;
 use free_roam::queue::body::{BodyFuture, BodyOutcome, JobBody, JobContext, JobFailure};
 use free_roam::queue::{Worker, WorkerIdentity, WorkerState};
 use free_roam::results::{FrameOutcome, Progress, ResultEntry};
@@ -120,6 +123,68 @@ impl InProcessWorker {
         tokio::time::timeout(Duration::from_secs(15), self.handle)
             .await
             .expect("worker stops within its shutdown timeout")
+            .unwrap();
+    }
+}
+
+/// A full worker in this process, wired as the binary wires it: the queue, the stream job
+/// body and an engine running `model` (named in the worker's heartbeat by its own name).
+pub struct StreamWorker {
+    pub shutdown: CancellationToken,
+    pub handle: tokio::task::JoinHandle<()>,
+    pub metrics: Arc<Metrics>,
+    pub engine: Engine,
+}
+
+impl StreamWorker {
+    pub fn start(
+        redis_url: &str,
+        prefix: &str,
+        id: &str,
+        model: Box<dyn VisionLanguageModel>,
+        overrides: &[(&str, &str)],
+    ) -> Self {
+        let config = config(redis_url, prefix, overrides);
+        let store = Store::new(&config.redis.url, &config.redis.key_prefix, 16).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let identity = WorkerIdentity {
+            id: id.to_string(),
+            model: model.info().name.clone(),
+            device: "cpu".into(),
+        };
+        let engine = Engine::start(model, config.engine.clone(), metrics.clone());
+        let body = StreamJobBody::new(
+            &config.pipeline,
+            &config.source,
+            engine.clone(),
+            store.clone(),
+            metrics.clone(),
+        );
+        let worker = Arc::new(Worker::new(
+            store,
+            Arc::new(config.queue.clone()),
+            Arc::new(body),
+            metrics.clone(),
+            Arc::new(WorkerState::default()),
+            identity,
+        ));
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(shutdown.clone()));
+        Self {
+            shutdown,
+            handle,
+            metrics,
+            engine,
+        }
+    }
+
+    /// Stops the worker (a job it runs is handed back), then its engine.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.handle).await;
+        let engine = self.engine;
+        tokio::task::spawn_blocking(move || engine.shutdown(Duration::from_secs(2)))
+            .await
             .unwrap();
     }
 }
