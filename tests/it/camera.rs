@@ -4,6 +4,7 @@
 //! worker killed (SIGKILL, as a real process) while an alert is open, and for a job
 //! cancelled after its worker handed it back.
 
+use crate::common::frames::{Square, rgb_frame_xadd, yard};
 use crate::common::process::{signal, spawn_test_process};
 use crate::common::worker::StreamWorker;
 use crate::common::{TestRedis, eventually, unique_prefix};
@@ -49,15 +50,12 @@ fn red_share(f: &Frame) -> serde_json::Value {
 
 /// A still, textured light grey scene, with a red square when `red` is set.
 fn picture(red: bool) -> Vec<u8> {
-    let mut rgb = Vec::with_capacity((W * H * 3) as usize);
-    for y in 0..H {
-        for x in 0..W {
-            let inside = red && (30..50).contains(&x) && (20..40).contains(&y);
-            let grey = (140 + (x * 2 + y) % 80) as u8;
-            rgb.extend_from_slice(&if inside { [220, 20, 20] } else { [grey; 3] });
-        }
-    }
-    rgb
+    let squares: &[Square] = if red {
+        &[(30, 20, 20, [220, 20, 20])]
+    } else {
+        &[]
+    };
+    yard(W, H, 140, 80, squares)
 }
 
 /// Pushes one frame every FRAME_MS with the capture time as `ts`, red while `red` is set,
@@ -77,21 +75,7 @@ fn produce(
             } else {
                 &still
             };
-            let _: String = redis::cmd("XADD")
-                .arg(KEY)
-                .arg("*")
-                .arg("format")
-                .arg("rgb24")
-                .arg("width")
-                .arg(W)
-                .arg("height")
-                .arg(H)
-                .arg("ts")
-                .arg(free_roam::store::now_ms())
-                .arg("data")
-                .arg(data.as_slice())
-                .query(&mut con)
-                .unwrap();
+            let _: String = rgb_frame_xadd(KEY, W, H, data).query(&mut con).unwrap();
             std::thread::sleep(Duration::from_millis(FRAME_MS));
         }
     })

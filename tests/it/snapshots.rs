@@ -6,6 +6,7 @@
 //! `free-roam snapshot` saves the job's latest frame and `free-roam alerts --save` each
 //! event's picture.
 
+use crate::common::frames::{rgb_frame_xadd, yard};
 use crate::common::worker::StreamWorker;
 use crate::common::{TestRedis, eventually, unique_prefix};
 use free_roam::model::testing::colour::ColourTestModel;
@@ -32,19 +33,7 @@ const LINES: &str = r#"{"gate": {"points": [[0.75, 0], [0.75, 1]], "sides": ["ea
 
 /// A grey yard with the red box at `x` (its bottom at y = 100).
 fn picture(x: u32) -> Vec<u8> {
-    let mut rgb = Vec::with_capacity((W * H * 3) as usize);
-    for y in 0..H {
-        for px in 0..W {
-            let inside = (x..x + SIDE).contains(&px) && (80..80 + SIDE).contains(&y);
-            let colour = if inside {
-                [230, 20, 20]
-            } else {
-                [(120 + (px * 2 + y) % 60) as u8; 3]
-            };
-            rgb.extend_from_slice(&colour);
-        }
-    }
-    rgb
+    yard(W, H, 120, 60, &[(x, 80, SIDE, [230, 20, 20])])
 }
 
 /// Pushes a frame every 100 ms until `stop`, the box walking 4 pixels a frame from x = 10
@@ -55,19 +44,7 @@ fn produce(redis: &TestRedis, stop: CancellationToken) -> std::thread::JoinHandl
         let mut con = client.get_connection().unwrap();
         let mut x = 10;
         while !stop.is_cancelled() {
-            let _: String = redis::cmd("XADD")
-                .arg(KEY)
-                .arg("*")
-                .arg("format")
-                .arg("rgb24")
-                .arg("width")
-                .arg(W)
-                .arg("height")
-                .arg(H)
-                .arg("ts")
-                .arg(free_roam::store::now_ms())
-                .arg("data")
-                .arg(picture(x))
+            let _: String = rgb_frame_xadd(KEY, W, H, &picture(x))
                 .query(&mut con)
                 .unwrap();
             x = (x + 4).min(210);

@@ -9,6 +9,7 @@
 //! The model locates colours by their pixels: each named colour's bounding box, scored as
 //! a confident detector would (random weights locate nothing).
 
+use crate::common::frames::{rgb_frame_xadd, yard};
 use crate::common::process::{signal, spawn_test_process};
 use crate::common::worker::StreamWorker;
 use crate::common::{TestRedis, eventually, unique_prefix};
@@ -67,24 +68,9 @@ fn travelled(t: u64) -> u32 {
 /// going left along the bottom (they pass each other half way).
 fn picture(t: u64) -> Vec<u8> {
     let d = travelled(t);
-    let red = (20 + d, 20);
-    let blue = (W - 40 - d, 70);
-    let mut rgb = Vec::with_capacity((W * H * 3) as usize);
-    for y in 0..H {
-        for x in 0..W {
-            let inside =
-                |(bx, by): (u32, u32)| (bx..bx + SIDE).contains(&x) && (by..by + SIDE).contains(&y);
-            let px = if inside(red) {
-                COLOURS[0].1
-            } else if inside(blue) {
-                COLOURS[1].1
-            } else {
-                [(120 + (x * 2 + y) % 60) as u8; 3]
-            };
-            rgb.extend_from_slice(&px);
-        }
-    }
-    rgb
+    let red = (20 + d, 20, SIDE, COLOURS[0].1);
+    let blue = (W - 40 - d, 70, SIDE, COLOURS[1].1);
+    yard(W, H, 120, 60, &[red, blue])
 }
 
 /// Pushes frame after frame every FRAME_MS until `stop` fires; `count` is the next frame.
@@ -98,19 +84,7 @@ fn produce(
         let mut con = client.get_connection().unwrap();
         while !stop.is_cancelled() {
             let t = count.fetch_add(1, Ordering::SeqCst);
-            let _: String = redis::cmd("XADD")
-                .arg(KEY)
-                .arg("*")
-                .arg("format")
-                .arg("rgb24")
-                .arg("width")
-                .arg(W)
-                .arg("height")
-                .arg(H)
-                .arg("ts")
-                .arg(free_roam::store::now_ms())
-                .arg("data")
-                .arg(picture(t))
+            let _: String = rgb_frame_xadd(KEY, W, H, &picture(t))
                 .query(&mut con)
                 .unwrap();
             std::thread::sleep(Duration::from_millis(FRAME_MS));

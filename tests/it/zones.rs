@@ -7,6 +7,7 @@
 //! also when the worker hands the job back while the box is in the zone and another one
 //! takes it over.
 
+use crate::common::frames::{rgb_frame_xadd, yard};
 use crate::common::worker::StreamWorker;
 use crate::common::{TestRedis, eventually, unique_prefix};
 use free_roam::model::testing::colour::ColourTestModel;
@@ -46,19 +47,7 @@ fn box_x(t: u64) -> u32 {
 
 /// A textured grey yard with the red box at `x`, on the ground (its bottom at y = 100).
 fn picture(x: u32) -> Vec<u8> {
-    let mut rgb = Vec::with_capacity((W * H * 3) as usize);
-    for y in 0..H {
-        for px in 0..W {
-            let inside = (x..x + SIDE).contains(&px) && (80..80 + SIDE).contains(&y);
-            let colour = if inside {
-                [230, 20, 20]
-            } else {
-                [(120 + (px * 2 + y) % 60) as u8; 3]
-            };
-            rgb.extend_from_slice(&colour);
-        }
-    }
-    rgb
+    yard(W, H, 120, 60, &[(x, 80, SIDE, [230, 20, 20])])
 }
 
 /// Pushes a frame every FRAME_MS until `stop`: the box waits at its start until `go`, then
@@ -78,19 +67,7 @@ fn produce(
             } else {
                 0
             };
-            let _: String = redis::cmd("XADD")
-                .arg(KEY)
-                .arg("*")
-                .arg("format")
-                .arg("rgb24")
-                .arg("width")
-                .arg(W)
-                .arg("height")
-                .arg(H)
-                .arg("ts")
-                .arg(free_roam::store::now_ms())
-                .arg("data")
-                .arg(picture(box_x(t)))
+            let _: String = rgb_frame_xadd(KEY, W, H, &picture(box_x(t)))
                 .query(&mut con)
                 .unwrap();
             std::thread::sleep(Duration::from_millis(FRAME_MS));
