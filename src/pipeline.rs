@@ -296,7 +296,7 @@ fn check_places(spec: &JobSpec, model: &ModelInfo) -> Result<(), SpecError> {
         field,
         format!(
             "the model `{}` ({}) gives no boxes, so it cannot place tracks in zones or on \
-             lines; use a box model (owlvit, paligemma with a `detect` prompt)",
+             lines; use a box model (owlvit, yoloworld, paligemma with a `detect` prompt)",
             model.name, model.task
         ),
     ))
@@ -1115,6 +1115,7 @@ mod tests {
         );
         for kind in [
             ModelType::OwlVit,
+            ModelType::YoloWorld,
             ModelType::PaliGemma,
             ModelType::TestColour,
         ] {

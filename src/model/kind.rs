@@ -9,7 +9,8 @@ use std::str::FromStr;
 pub const DEFAULT_IMAGE_MAX_SIDE: u32 = 768;
 
 /// The accepted `MODEL_TYPE` words, as error messages list them.
-pub const MODEL_TYPES: &str = "clip, siglip, owlvit, blip, openai, paligemma, null, test-colour";
+pub const MODEL_TYPES: &str =
+    "clip, siglip, owlvit, yoloworld, blip, openai, paligemma, null, test-colour";
 
 /// Which backend to run (`MODEL_TYPE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -23,6 +24,10 @@ pub enum ModelType {
     /// Open-vocabulary detection with boxes with OWL-ViT (the google/owlvit-base-patch32
     /// layout).
     OwlVit,
+    /// Open-vocabulary detection with boxes fast enough for live cameras with YOLO-World v2
+    /// (Ultralytics' `yolov8{n,s,m,l,x}-worldv2` layout, converted by
+    /// `scripts/convert-yoloworld.py`).
+    YoloWorld,
     /// Prompt-conditioned captioning with BLIP (the Salesforce/blip-image-captioning-large
     /// layout).
     Blip,
@@ -39,10 +44,11 @@ pub enum ModelType {
 
 impl ModelType {
     /// Every family, in the order of [`MODEL_TYPES`].
-    pub const ALL: [ModelType; 8] = [
+    pub const ALL: [ModelType; 9] = [
         ModelType::Clip,
         ModelType::Siglip,
         ModelType::OwlVit,
+        ModelType::YoloWorld,
         ModelType::Blip,
         ModelType::OpenAi,
         ModelType::PaliGemma,
@@ -57,6 +63,7 @@ impl ModelType {
             ModelType::Clip => Some("clip"),
             ModelType::Siglip => Some("siglip"),
             ModelType::OwlVit => Some("owlvit"),
+            ModelType::YoloWorld => Some("yoloworld"),
             ModelType::Blip => Some("blip"),
             ModelType::PaliGemma => Some("paligemma"),
             ModelType::OpenAi | ModelType::Null | ModelType::TestColour => None,
@@ -79,12 +86,14 @@ impl ModelType {
             ModelType::Null | ModelType::TestColour => 224,
             ModelType::Blip => 384,
             ModelType::OwlVit => 768,
+            ModelType::YoloWorld => 640,
             ModelType::OpenAi => DEFAULT_IMAGE_MAX_SIDE,
         }
     }
 
     /// The hub model used when neither `MODEL_PATH` nor `MODEL_ID` is set (none for
-    /// `openai`, whose MODEL_ID names the served model and is required).
+    /// `openai`, whose MODEL_ID names the served model and is required, nor for `yoloworld`,
+    /// whose checkpoints are converted from Ultralytics' files into a `MODEL_PATH` folder).
     pub fn default_model_id(self) -> &'static str {
         match self {
             ModelType::Clip => "openai/clip-vit-base-patch32",
@@ -92,6 +101,7 @@ impl ModelType {
             ModelType::OwlVit => "google/owlvit-base-patch32",
             ModelType::Blip => "Salesforce/blip-image-captioning-large",
             ModelType::OpenAi | ModelType::Null | ModelType::TestColour => "",
+            ModelType::YoloWorld => "",
             ModelType::PaliGemma => "google/paligemma-3b-mix-224",
         }
     }
@@ -99,13 +109,15 @@ impl ModelType {
     /// The score over which a phrase is listed in `detected` when `DETECT_THRESHOLD` is
     /// unset: CLIP's presence against its neutral captions (0.5: the phrase fits better
     /// than every neutral caption), SigLIP's sigmoid probability, and OWL-ViT's box score
-    /// (0.1, as transformers' examples use). BLIP lists nothing as detected, and PaliGemma
-    /// lists the label of every box it generates (it gives no score).
+    /// (0.1, as transformers' examples use), and YOLO-World's box score (0.25, the
+    /// confidence threshold of Ultralytics' `predict`). BLIP lists nothing as detected, and
+    /// PaliGemma lists the label of every box it generates (it gives no score).
     pub fn default_detect_threshold(self) -> f32 {
         match self {
             ModelType::Clip | ModelType::Blip | ModelType::OpenAi | ModelType::PaliGemma => 0.5,
             ModelType::Null | ModelType::TestColour => 0.5,
             ModelType::Siglip | ModelType::OwlVit => 0.1,
+            ModelType::YoloWorld => 0.25,
         }
     }
 
@@ -114,7 +126,7 @@ impl ModelType {
         match self {
             ModelType::Clip => "zero-shot-scoring",
             ModelType::Siglip => "presence",
-            ModelType::OwlVit => "detection",
+            ModelType::OwlVit | ModelType::YoloWorld => "detection",
             ModelType::Blip => "captioning",
             ModelType::OpenAi => "chat",
             ModelType::PaliGemma => "generation",
@@ -128,6 +140,7 @@ impl ModelType {
             ModelType::Clip => "clip",
             ModelType::Siglip => "siglip",
             ModelType::OwlVit => "owlvit",
+            ModelType::YoloWorld => "yoloworld",
             ModelType::Blip => "blip",
             ModelType::OpenAi => "openai",
             ModelType::PaliGemma => "paligemma",
@@ -159,6 +172,7 @@ impl FromStr for ModelType {
             "clip" => Ok(ModelType::Clip),
             "siglip" => Ok(ModelType::Siglip),
             "owlvit" => Ok(ModelType::OwlVit),
+            "yoloworld" | "yolo-world" => Ok(ModelType::YoloWorld),
             "blip" => Ok(ModelType::Blip),
             "openai" => Ok(ModelType::OpenAi),
             "paligemma" => Ok(ModelType::PaliGemma),
@@ -185,7 +199,7 @@ mod tests {
         let err = "llava".parse::<ModelType>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "MODEL_TYPE must be one of clip, siglip, owlvit, blip, openai, paligemma, null, test-colour, not \"llava\""
+            "MODEL_TYPE must be one of clip, siglip, owlvit, yoloworld, blip, openai, paligemma, null, test-colour, not \"llava\""
         );
         assert_eq!(
             "test-colour".parse::<ModelType>().unwrap(),

@@ -7,6 +7,7 @@ use crate::model::families::clip::{self, ClipModel};
 use crate::model::families::owlvit::{self, OwlVitModel};
 use crate::model::families::paligemma::{self, PaliGemmaModel};
 use crate::model::families::siglip::{self, SiglipModel};
+use crate::model::families::yoloworld::{self, YoloWorldModel};
 use crate::model::kind::ModelType;
 use crate::model::loading::config::{check_family, with_family_hint};
 use crate::model::loading::{
@@ -38,6 +39,7 @@ pub fn load_model(settings: &ModelSettings) -> Result<Box<dyn VisionLanguageMode
         ModelType::Clip => |f, d, s| Ok(Box::new(ClipModel::load(f, d, s)?)),
         ModelType::Siglip => |f, d, s| Ok(Box::new(SiglipModel::load(f, d, s)?)),
         ModelType::OwlVit => |f, d, s| Ok(Box::new(OwlVitModel::load(f, d, s)?)),
+        ModelType::YoloWorld => |f, d, s| Ok(Box::new(YoloWorldModel::load(f, d, s)?)),
         ModelType::Blip => |f, d, s| Ok(Box::new(BlipModel::load(f, d, s)?)),
         ModelType::PaliGemma => |f, d, s| Ok(Box::new(PaliGemmaModel::load(f, d, s)?)),
     };
@@ -62,10 +64,19 @@ pub fn write_random_model(
     seed: u64,
     dir: &Path,
 ) -> Result<(), ModelError> {
+    if let ModelSize::Scale(scale) = size
+        && kind != ModelType::YoloWorld
+    {
+        return Err(ModelError::Load(
+            format!("MODEL_TYPE={kind} has no scale {}; its sizes are tiny and full", scale.as_str())
+                .into(),
+        ));
+    }
     let model = match kind {
         ModelType::Clip => clip::synthetic(size)?,
         ModelType::Siglip => siglip::synthetic(size)?,
         ModelType::OwlVit => owlvit::synthetic(size)?,
+        ModelType::YoloWorld => yoloworld::synthetic(size)?,
         ModelType::Blip => blip::synthetic(size)?,
         ModelType::PaliGemma => paligemma::synthetic(size)?,
         ModelType::OpenAi | ModelType::Null | ModelType::TestColour => {

@@ -6,3 +6,4 @@ pub mod clip;
 pub mod owlvit;
 pub mod paligemma;
 pub mod siglip;
+pub mod yoloworld;

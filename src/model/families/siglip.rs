@@ -476,7 +476,7 @@ pub fn synthetic(size: ModelSize) -> Result<SyntheticModel, ModelError> {
 fn siglip_config(size: ModelSize, tiny_vocab: usize) -> Value {
     let (vocab, hidden, inter, layers, heads) = match size {
         ModelSize::Tiny => (tiny_vocab, 32, 64, 2, 4),
-        ModelSize::Full => (32000, 768, 3072, 12, 12),
+        ModelSize::Full | ModelSize::Scale(_) => (32000, 768, 3072, 12, 12),
     };
     json!({
         "_name_or_path": format!("random-siglip-{size}"),

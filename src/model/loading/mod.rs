@@ -266,6 +266,15 @@ pub(crate) fn resolve_files(settings: &ModelSettings) -> Result<ModelFiles, Mode
         .model_id
         .clone()
         .unwrap_or_else(|| settings.model_type.default_model_id().to_string());
+    if id.is_empty() {
+        return Err(ModelError::Load(
+            format!(
+                "MODEL_TYPE={} has no default checkpoint on the hub; set MODEL_PATH",
+                settings.model_type
+            )
+            .into(),
+        ));
+    }
     hub::client()
         .and_then(|(api, cache)| hub::files(&api, &cache, &id))
         .map_err(|e| hub::error(&id, e))

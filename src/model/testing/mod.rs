@@ -8,6 +8,8 @@ pub mod null;
 mod parity;
 #[cfg(test)]
 mod parity_jpeg;
+#[cfg(test)]
+mod parity_yoloworld;
 pub mod stub;
 pub mod synthetic;
 #[cfg(test)]

@@ -592,6 +592,7 @@ fn write_parity_model() {
         ModelType::OwlVit,
         ModelType::Blip,
         ModelType::PaliGemma,
+        ModelType::YoloWorld,
     ] {
         write_random_model(kind, ModelSize::Tiny, SEED, &dir.join(kind.as_str())).unwrap();
     }

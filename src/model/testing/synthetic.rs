@@ -25,6 +25,31 @@ pub enum ModelSize {
     Tiny,
     /// The reference checkpoint's sizes: for benchmarks.
     Full,
+    /// One of the published scales of a family that has several (yoloworld's n, s, m, l,
+    /// x); the other families have none.
+    Scale(Scale),
+}
+
+/// The published scales of the YOLO families, smallest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scale {
+    N,
+    S,
+    M,
+    L,
+    X,
+}
+
+impl Scale {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scale::N => "n",
+            Scale::S => "s",
+            Scale::M => "m",
+            Scale::L => "l",
+            Scale::X => "x",
+        }
+    }
 }
 
 impl FromStr for ModelSize {
@@ -33,9 +58,14 @@ impl FromStr for ModelSize {
         match s.trim().to_ascii_lowercase().as_str() {
             "tiny" => Ok(ModelSize::Tiny),
             "full" => Ok(ModelSize::Full),
+            "n" => Ok(ModelSize::Scale(Scale::N)),
+            "s" => Ok(ModelSize::Scale(Scale::S)),
+            "m" => Ok(ModelSize::Scale(Scale::M)),
+            "l" => Ok(ModelSize::Scale(Scale::L)),
+            "x" => Ok(ModelSize::Scale(Scale::X)),
             _ => Err(ParseSettingError {
                 setting: "model size",
-                expected: "tiny, full",
+                expected: "tiny, full, or a scale n, s, m, l, x",
                 value: s.to_string(),
             }),
         }
@@ -47,6 +77,7 @@ impl fmt::Display for ModelSize {
         f.write_str(match self {
             ModelSize::Tiny => "tiny",
             ModelSize::Full => "full",
+            ModelSize::Scale(scale) => scale.as_str(),
         })
     }
 }
@@ -131,7 +162,8 @@ fn normal_bytes(seed: u64, name: &str, n: usize, mean: f64, std: f64) -> Vec<u8>
 /// The values one tensor gets. Scaled so that a signal survives every layer (weights with
 /// standard deviation 1/sqrt(fan-in), embeddings of unit-ish size): with the usual 0.02 of a
 /// fresh model the tiny towers would barely see their input, and parity checks would not
-/// notice a wrong image path. LayerNorm scales sit near 1, biases near 0, and CLIP's logit
+/// notice a wrong image path. Layer and batch norm scales sit near 1 (batch norm variances
+/// too), biases and means near 0, and CLIP's logit
 /// scale at its usual initial value.
 fn tensor_bytes(spec: &TensorSpec, seed: u64) -> Vec<u8> {
     let n = spec.shape.iter().product();
@@ -140,7 +172,11 @@ fn tensor_bytes(spec: &TensorSpec, seed: u64) -> Vec<u8> {
         return 2.6592f32.to_le_bytes().to_vec();
     }
     let lower = name.to_ascii_lowercase();
-    let is_norm = lower.contains("norm") || lower.contains("layrnorm");
+    if lower.ends_with(".running_var") {
+        // A batch norm's variance: positive, near 1.
+        return normal_bytes(seed, name, n, 1.0, 0.1);
+    }
+    let is_norm = lower.contains("norm") || lower.contains("layrnorm") || lower.contains(".bn.");
     let fan_in: usize = spec.shape.iter().skip(1).product();
     if is_norm {
         if name.ends_with(".weight") {
@@ -224,6 +260,8 @@ mod tests {
     fn sizes_parse() {
         assert_eq!("TINY".parse::<ModelSize>().unwrap(), ModelSize::Tiny);
         assert_eq!("full".parse::<ModelSize>().unwrap(), ModelSize::Full);
+        assert_eq!("S".parse::<ModelSize>().unwrap(), ModelSize::Scale(Scale::S));
+        assert_eq!(ModelSize::Scale(Scale::M).to_string(), "m");
         assert!("huge".parse::<ModelSize>().is_err());
     }
 }

@@ -40,8 +40,10 @@ pub fn tiny_model(kind: ModelType) -> &'static Path {
     static SIGLIP: OnceLock<PathBuf> = OnceLock::new();
     static OWLVIT: OnceLock<PathBuf> = OnceLock::new();
     static PALIGEMMA: OnceLock<PathBuf> = OnceLock::new();
+    static YOLOWORLD: OnceLock<PathBuf> = OnceLock::new();
     let cell = match kind {
         ModelType::OwlVit => &OWLVIT,
+        ModelType::YoloWorld => &YOLOWORLD,
         ModelType::Clip => &CLIP,
         ModelType::Siglip => &SIGLIP,
         ModelType::Blip => &BLIP,

@@ -656,11 +656,11 @@ fn paligemma_config(size: ModelSize, tiny_vocab: usize) -> Value {
     let image_token = tiny_vocab - 1;
     let (v_hidden, v_inter, v_layers, v_heads) = match size {
         ModelSize::Tiny => (32, 64, 2, 4),
-        ModelSize::Full => (1152, 4304, 27, 16),
+        ModelSize::Full | ModelSize::Scale(_) => (1152, 4304, 27, 16),
     };
     let (vocab, t_hidden, t_inter, t_layers, t_heads, head_dim) = match size {
         ModelSize::Tiny => (tiny_vocab, 32, 64, 2, 4, 8),
-        ModelSize::Full => (257216, 2048, 16384, 18, 8, 256),
+        ModelSize::Full | ModelSize::Scale(_) => (257216, 2048, 16384, 18, 8, 256),
     };
     json!({
         "_name_or_path": format!("random-paligemma-{size}"),

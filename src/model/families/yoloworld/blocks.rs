@@ -1,0 +1,219 @@
+//! The detector's building blocks, as Ultralytics defines them: `Conv` (a convolution with
+//! its batch norm folded in at load, and SiLU), `C2f`, `SPPF`, and the text-guided `C2fAttn`
+//! with its max-sigmoid attention, whose guide (a linear map of the prompt's text
+//! embeddings) is computed once per prompt by [`C2fAttn::guide`].
+
+use crate::model::kernels::conv::{Conv2d, ConvActivation};
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+/// A batch norm's per-channel `(scale, shift)`: `y = x * scale + shift`.
+pub fn batch_norm_affine(vb: &VarBuilder, c: usize, eps: f64) -> Result<(Tensor, Tensor)> {
+    let gamma = vb.get(c, "weight")?;
+    let beta = vb.get(c, "bias")?;
+    let mean = vb.get(c, "running_mean")?;
+    let var = vb.get(c, "running_var")?;
+    let scale = gamma.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let shift = (beta - mean.mul(&scale)?)?;
+    Ok((scale, shift))
+}
+
+/// Ultralytics' `Conv` at `vb` (`conv.weight` and `bn.*`), its batch norm folded into the
+/// convolution's weight and bias.
+pub fn conv_bn(
+    vb: &VarBuilder,
+    (c1, c2, k, stride): (usize, usize, usize, usize),
+    eps: f64,
+    activation: ConvActivation,
+) -> Result<Conv2d> {
+    let weight = vb.get((c2, c1, k, k), "conv.weight")?;
+    let (scale, shift) = batch_norm_affine(&vb.pp("bn"), c2, eps)?;
+    let weight = weight.broadcast_mul(&scale.reshape((c2, 1, 1, 1))?)?;
+    Conv2d::new(weight, Some(shift), stride, k / 2, activation)
+}
+
+/// A `Conv` with SiLU (Ultralytics' default activation).
+pub fn conv_silu(vb: &VarBuilder, c1: usize, c2: usize, k: usize, s: usize, eps: f64) -> Result<Conv2d> {
+    conv_bn(vb, (c1, c2, k, s), eps, ConvActivation::Silu)
+}
+
+/// `Bottleneck` with two 3x3 convolutions, and a shortcut when the block has one.
+struct Bottleneck {
+    cv1: Conv2d,
+    cv2: Conv2d,
+    shortcut: bool,
+}
+
+impl Bottleneck {
+    fn new(vb: &VarBuilder, c: usize, shortcut: bool, eps: f64) -> Result<Self> {
+        Ok(Self {
+            cv1: conv_silu(&vb.pp("cv1"), c, c, 3, 1, eps)?,
+            cv2: conv_silu(&vb.pp("cv2"), c, c, 3, 1, eps)?,
+            shortcut,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.cv2.forward(&self.cv1.forward(x)?)?;
+        if self.shortcut { x + y } else { Ok(y) }
+    }
+}
+
+/// The CSP part `C2f` and `C2fAttn` share: split, bottlenecks, and the parts to concatenate.
+struct Csp {
+    cv1: Conv2d,
+    cv2: Conv2d,
+    m: Vec<Bottleneck>,
+    hidden: usize,
+}
+
+impl Csp {
+    fn new(vb: &VarBuilder, (c1, c2, n): (usize, usize, usize), parts: usize, shortcut: bool, eps: f64) -> Result<Self> {
+        let c = c2 / 2;
+        let m = (0..n)
+            .map(|j| Bottleneck::new(&vb.pp(format!("m.{j}")), c, shortcut, eps))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            cv1: conv_silu(&vb.pp("cv1"), c1, 2 * c, 1, 1, eps)?,
+            cv2: conv_silu(&vb.pp("cv2"), (parts + n) * c, c2, 1, 1, eps)?,
+            m,
+            hidden: c,
+        })
+    }
+
+    /// The parts before the last convolution: both halves of `cv1`, then each bottleneck's
+    /// output.
+    fn parts(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let y = self.cv1.forward(x)?;
+        let mut parts = vec![y.narrow(1, 0, self.hidden)?, y.narrow(1, self.hidden, self.hidden)?];
+        for m in &self.m {
+            let next = m.forward(&parts[parts.len() - 1])?;
+            parts.push(next);
+        }
+        Ok(parts)
+    }
+}
+
+/// `C2f` (the backbone's, with shortcuts).
+pub struct C2f(Csp);
+
+impl C2f {
+    pub fn new(vb: &VarBuilder, c1: usize, c2: usize, n: usize, eps: f64) -> Result<Self> {
+        Ok(Self(Csp::new(vb, (c1, c2, n), 2, true, eps)?))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.0.cv2.forward(&Tensor::cat(&self.0.parts(x)?, 1)?)
+    }
+}
+
+/// `SPPF`: three chained 5x5 max pools (stride 1, padded), their outputs concatenated.
+pub struct Sppf {
+    cv1: Conv2d,
+    cv2: Conv2d,
+}
+
+impl Sppf {
+    pub fn new(vb: &VarBuilder, c1: usize, c2: usize, eps: f64) -> Result<Self> {
+        let hidden = c1 / 2;
+        Ok(Self {
+            cv1: conv_silu(&vb.pp("cv1"), c1, hidden, 1, 1, eps)?,
+            cv2: conv_silu(&vb.pp("cv2"), hidden * 4, c2, 1, 1, eps)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut parts = vec![self.cv1.forward(x)?];
+        for _ in 0..3 {
+            let next = max_pool_5(&parts[parts.len() - 1])?;
+            parts.push(next);
+        }
+        self.cv2.forward(&Tensor::cat(&parts, 1)?)
+    }
+}
+
+/// A 5x5 max pool with stride 1 and 2 of padding, as two 1-D passes. PyTorch pads with
+/// minus infinity; repeating the edge value instead gives the same maxima, since the edge is
+/// inside every window that reaches past it.
+fn max_pool_5(x: &Tensor) -> Result<Tensor> {
+    let pass = |x: &Tensor, dim: usize| -> Result<Tensor> {
+        let len = x.dim(dim)?;
+        let padded = x.pad_with_same(dim, 2, 2)?;
+        let mut best = padded.narrow(dim, 0, len)?;
+        for offset in 1..5 {
+            best = best.maximum(&padded.narrow(dim, offset, len)?)?;
+        }
+        Ok(best)
+    };
+    pass(&pass(x, 3)?, 2)
+}
+
+/// `C2fAttn`: `C2f` without shortcuts whose last bottleneck output also goes through the
+/// max-sigmoid attention guided by the prompt's text embeddings.
+pub struct C2fAttn {
+    csp: Csp,
+    /// The guide's linear map of the text embeddings (`attn.gl`).
+    gl: Linear,
+    /// `attn.bias`, per head.
+    bias: Tensor,
+    proj_conv: Conv2d,
+    heads: usize,
+}
+
+impl C2fAttn {
+    pub fn new(
+        vb: &VarBuilder,
+        (c1, c2, n, heads): (usize, usize, usize, usize),
+        embed: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let c = c2 / 2;
+        let attn = vb.pp("attn");
+        Ok(Self {
+            csp: Csp::new(vb, (c1, c2, n), 3, false, eps)?,
+            gl: candle_nn::linear(embed, c, attn.pp("gl"))?,
+            bias: attn.get(heads, "bias")?,
+            proj_conv: conv_bn(&attn.pp("proj_conv"), (c, c, 3, 1), eps, ConvActivation::Identity)?,
+            heads,
+        })
+    }
+
+    /// The guide for `text` (`(phrases, embed)`, as the reference feeds it): per head, the
+    /// `(head channels, phrases)` matrix the attention multiplies with, already divided by
+    /// the square root of the head width. `(heads, head channels, phrases)`.
+    pub fn guide(&self, text: &Tensor) -> Result<Tensor> {
+        let g = self.gl.forward(text)?;
+        let (k, ec) = g.dims2()?;
+        let hc = ec / self.heads;
+        let g = (g / (hc as f64).sqrt())?;
+        g.reshape((k, self.heads, hc))?.permute((1, 2, 0))?.contiguous()
+    }
+
+    /// `x`: `(batch, c1, h, w)`; `guide` from [`Self::guide`].
+    pub fn forward(&self, x: &Tensor, guide: &Tensor) -> Result<Tensor> {
+        let mut parts = self.csp.parts(x)?;
+        let last = &parts[parts.len() - 1];
+        let attended = self.attention(last, guide)?;
+        parts.push(attended);
+        self.csp.cv2.forward(&Tensor::cat(&parts, 1)?)
+    }
+
+    /// `MaxSigmoidAttnBlock`: per head, the best match of each pixel with any phrase, through
+    /// a sigmoid, scales that head's channels of a 3x3 projection of the input.
+    fn attention(&self, x: &Tensor, guide: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let hc = c / self.heads;
+        let embed = x
+            .reshape((b, self.heads, hc, h * w))?
+            .transpose(2, 3)?
+            .contiguous()?;
+        let scores = embed.broadcast_matmul(&guide.unsqueeze(0)?)?.max(D::Minus1)?;
+        let weights = candle_nn::ops::sigmoid(
+            &scores.broadcast_add(&self.bias.reshape((1, self.heads, 1))?)?,
+        )?;
+        let projected = self.proj_conv.forward(x)?.reshape((b, self.heads, hc, h * w))?;
+        projected
+            .broadcast_mul(&weights.unsqueeze(2)?)?
+            .reshape((b, c, h, w))
+    }
+}
