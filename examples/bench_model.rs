@@ -238,7 +238,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     match kind {
         ModelType::Blip => return bench_blip(&tag, iters, dir),
         ModelType::PaliGemma => return bench_paligemma(&tag, iters, dir),
-        ModelType::Siglip | ModelType::OwlVit => return bench_infer(kind, &tag, iters, dir),
+        ModelType::Siglip | ModelType::OwlVit | ModelType::YoloWorld => {
+            return bench_infer(kind, &tag, iters, dir);
+        }
         ModelType::Clip => {}
         ModelType::OpenAi | ModelType::Null | ModelType::TestColour => {
             return Err(format!("BENCH_KIND={kind} has no weights to time").into());

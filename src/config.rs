@@ -84,7 +84,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "MODEL_TYPE",
         Some("clip"),
-        "Model backend: clip, siglip, owlvit, blip, paligemma (a generative VLM: PaliGemma task prompts), openai (a VLM behind an OpenAI-compatible server, see OPENAI_BASE_URL), null (no model: one empty output per frame, for pipeline tests and benchmarks), or test-colour (a test model that detects the colours the prompt names by counting pixels, for alert tests and benchmarks: see docs/models.md).",
+        "Model backend: clip, siglip, owlvit, yoloworld (open-vocabulary boxes fast enough for live cameras; MODEL_PATH from scripts/convert-yoloworld.py), blip, paligemma (a generative VLM: PaliGemma task prompts), openai (a VLM behind an OpenAI-compatible server, see OPENAI_BASE_URL), null (no model: one empty output per frame, for pipeline tests and benchmarks), or test-colour (a test model that detects the colours the prompt names by counting pixels, for alert tests and benchmarks: see docs/models.md).",
     ),
     s(
         "MODEL_PATH",
@@ -144,12 +144,12 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "DETECT_THRESHOLD",
         None,
-        "Score over which a phrase is listed as detected; [0, 1]. Default per model: clip 0.5 (presence against neutral captions), siglip 0.1 (probability), owlvit 0.1 (box score); paligemma has no scores and lists the label of every box it generates; see docs/models.md.",
+        "Score over which a phrase is listed as detected; [0, 1]. Default per model: clip 0.5 (presence against neutral captions), siglip 0.1 (probability), owlvit 0.1 (box score), yoloworld 0.25 (box score, the reference's confidence threshold); paligemma has no scores and lists the label of every box it generates; see docs/models.md.",
     ),
     s(
         "NMS_IOU",
         None,
-        "owlvit: drop a box that overlaps a better box of the same label by more than this IoU, in (0, 1]; unset keeps every box, as the reference does.",
+        "owlvit and yoloworld: drop a box that overlaps a better box of the same label by more than this IoU, in (0, 1]; unset keeps every box for owlvit and means 0.7 for yoloworld, as their references do.",
     ),
     s(
         "SCENE_GATE",

@@ -45,8 +45,9 @@
 //!   `towers/` (the shared ViT tower, CLIP's text side, weight specs, scoring), `text/`
 //!   (tokenizers, phrase rules, the prompt cache), `loading/` (settings, files, config.json,
 //!   the hub, device and dtype), `error` (what failed, with the library's error as its cause), `kind` (the families by name), `registry` (the one place that names
-//!   every family), `families/` (clip, siglip, owlvit, blip, paligemma), `remote/` (openai),
-//!   `testing/` (the null, stub and test-colour models, synthetic weights, parity checks).
+//!   every family), `families/` (clip, siglip, owlvit, yoloworld, blip, paligemma), `remote/`
+//!   (openai), `testing/` (the null, stub and test-colour models, synthetic weights, parity
+//!   checks).
 pub mod alerts;
 pub mod backend;
 pub mod client;

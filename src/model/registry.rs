@@ -68,8 +68,11 @@ pub fn write_random_model(
         && kind != ModelType::YoloWorld
     {
         return Err(ModelError::Load(
-            format!("MODEL_TYPE={kind} has no scale {}; its sizes are tiny and full", scale.as_str())
-                .into(),
+            format!(
+                "MODEL_TYPE={kind} has no scale {}; its sizes are tiny and full",
+                scale.as_str()
+            )
+            .into(),
         ));
     }
     let model = match kind {

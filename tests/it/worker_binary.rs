@@ -1,9 +1,10 @@
 //! The real `free-roam worker` process: a job on a Redis frame stream runs through the real
 //! pipeline (MODEL_TYPE=null), the health endpoint answers, SIGTERM hands a running job
 //! back and the process exits 0, and SIGKILL leaves a job that another worker finishes; a
-//! question job gets an answer per frame from a tiny random PaliGemma; a model folder of
-//! another family is refused with the family it names; logs carry colour on a terminal
-//! only.
+//! question job gets an answer per frame from a tiny random PaliGemma, and a camera job
+//! boxes from a tiny random YOLO-World (whose prompt of too many phrases fails at claim); a
+//! model folder of another family is refused with the family it names; logs carry colour on
+//! a terminal only.
 
 use crate::common::process::{WAIT, feed_frames, http_get, raw_frame_xadd, signal, worker};
 use crate::common::{TestRedis, free_port, unique_prefix, wait_until};
@@ -274,6 +275,91 @@ fn sigterm_and_sigkill_lose_no_job() {
 }
 
 /// `free-roam model make --type KIND` into a fresh folder.
+#[test]
+fn a_yoloworld_worker_boxes_frames_and_refuses_a_prompt_of_too_many_phrases_at_claim() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let dir = make_model("yoloworld");
+    let port = free_port();
+    let mut w = worker(
+        &redis,
+        &p,
+        port,
+        &[
+            ("MODEL_TYPE", "yoloworld"),
+            ("MODEL_PATH", dir.to_str().unwrap()),
+        ],
+    );
+    wait_until(WAIT, || {
+        http_get(port, "/health/ready").is_some_and(|(c, _)| c == 200)
+    });
+    feed_frames(&redis, "cam:1", 1_000_000, 10);
+    let many: Vec<String> = (0..65).map(|i| format!("thing{i}")).collect();
+    for (job, prompt) in [
+        ("boxes", "Detect all people and cars".to_string()),
+        ("many", many.join(", ")),
+    ] {
+        redis.cli(&[
+            "XADD",
+            &format!("{{{p}}}:jobs"),
+            "*",
+            "stream_ref",
+            "cam:1",
+            "fps",
+            "2",
+            "max_duration_s",
+            "2",
+            "prompt",
+            &prompt,
+            "job_id",
+            job,
+        ]);
+    }
+    wait_until(WAIT, || {
+        ended(&redis, &p, "boxes").is_some() && ended(&redis, &p, "many").is_some()
+    });
+    assert_eq!(ended(&redis, &p, "boxes").as_deref(), Some("completed"));
+    let outputs: Vec<serde_json::Value> = results(&redis, &p, "boxes")
+        .iter()
+        .filter(|f| f["kind"] == "result")
+        .inspect(|f| assert!(f["model"].ends_with("made-yoloworld"), "{f:?}"))
+        .map(|f| serde_json::from_str(&f["output"]).unwrap())
+        .collect();
+    assert!(!outputs.is_empty(), "the sampled frames reach the model");
+    let mut boxes = 0;
+    for o in &outputs {
+        assert_eq!(o["frame_size"], serde_json::json!([8, 8]), "{o}");
+        assert_eq!(o["phrases"][0]["phrase"], "people");
+        assert_eq!(o["phrases"][1]["phrase"], "cars");
+        for d in o["detections"].as_array().unwrap() {
+            boxes += 1;
+            let b: Vec<f64> = d["box"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert!(
+                b.iter().all(|v| (0.0..=8.0).contains(v)),
+                "clipped to the frame: {d}"
+            );
+            assert!(d["score"].as_f64().unwrap() > 0.25, "{d}");
+            assert!(d.get("track_id").is_some(), "{d}");
+        }
+    }
+    assert!(boxes > 0, "the tiny model keeps boxes over 0.25");
+    let failed = results(&redis, &p, "many");
+    assert_eq!(failed.len(), 1, "the end entry alone: {failed:?}");
+    assert_eq!(failed[0]["status"], "failed");
+    assert!(
+        failed[0]["error"].contains("the prompt gives 65 phrases; at most 64 are scored"),
+        "{failed:?}"
+    );
+    signal(&w, 15);
+    assert!(w.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn make_model(kind: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("free-roam-{}-made-{kind}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -8,10 +8,11 @@ use std::process::ExitCode;
 pub enum ModelCommand {
     /// Write a randomly initialised model (config.json, model.safetensors, tokenizer.json).
     Make {
-        /// clip, siglip, owlvit, blip or paligemma.
+        /// clip, siglip, owlvit, yoloworld, blip or paligemma.
         #[arg(long = "type")]
         kind: String,
-        /// tiny (for tests) or full (the real sizes, for benchmarks).
+        /// tiny (for tests) or full (the real sizes, for benchmarks); yoloworld also takes
+        /// its scales n, s, m, l, x (full is s).
         #[arg(long, default_value = "tiny")]
         size: String,
         #[arg(long, default_value_t = 0)]

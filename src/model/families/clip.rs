@@ -275,7 +275,9 @@ fn clip_config(size: ModelSize, tiny_vocab: usize) -> Value {
     let (vocab, t_hidden, t_inter, t_layers, t_heads, v_hidden, v_inter, v_layers, v_heads, proj) =
         match size {
             ModelSize::Tiny => (tiny_vocab, 32, 64, 2, 4, 32, 64, 2, 4, 16),
-            ModelSize::Full | ModelSize::Scale(_) => (49408, 512, 2048, 12, 8, 768, 3072, 12, 12, 512),
+            ModelSize::Full | ModelSize::Scale(_) => {
+                (49408, 512, 2048, 12, 8, 768, 3072, 12, 12, 512)
+            }
         };
     json!({
         "_name_or_path": format!("random-clip-{size}"),

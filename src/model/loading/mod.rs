@@ -138,8 +138,9 @@ pub struct ModelSettings {
     /// The score over which a phrase is listed in `detected`; `None` for the model's
     /// default ([`ModelType::default_detect_threshold`]).
     pub detect_threshold: Option<f32>,
-    /// OWL-ViT: drop a kept box that overlaps a better box of the same label by more than
-    /// this IoU; `None` (the default) keeps every box, as the reference does.
+    /// OWL-ViT and YOLO-World: drop a kept box that overlaps a better box of the same label
+    /// by more than this IoU; `None` (the default) keeps every box for OWL-ViT and means 0.7
+    /// for YOLO-World, as their references do.
     pub nms_iou: Option<f32>,
     /// openai: the server and how to talk to it (`model_id` names the served model).
     pub openai: OpenAiSettings,

@@ -260,7 +260,10 @@ mod tests {
     fn sizes_parse() {
         assert_eq!("TINY".parse::<ModelSize>().unwrap(), ModelSize::Tiny);
         assert_eq!("full".parse::<ModelSize>().unwrap(), ModelSize::Full);
-        assert_eq!("S".parse::<ModelSize>().unwrap(), ModelSize::Scale(Scale::S));
+        assert_eq!(
+            "S".parse::<ModelSize>().unwrap(),
+            ModelSize::Scale(Scale::S)
+        );
         assert_eq!(ModelSize::Scale(Scale::M).to_string(), "m");
         assert!("huge".parse::<ModelSize>().is_err());
     }

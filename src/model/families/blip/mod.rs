@@ -495,7 +495,9 @@ fn blip_config(size: ModelSize, tiny_vocab: usize, ids: tokenizer::BertSpecialId
     let (vocab, t_hidden, t_inter, t_layers, t_heads, v_hidden, v_inter, v_layers, v_heads, patch) =
         match size {
             ModelSize::Tiny => (tiny_vocab, 32, 64, 2, 4, 32, 64, 2, 4, 32),
-            ModelSize::Full | ModelSize::Scale(_) => (30524, 768, 3072, 12, 12, 1024, 4096, 24, 16, 16),
+            ModelSize::Full | ModelSize::Scale(_) => {
+                (30524, 768, 3072, 12, 12, 1024, 4096, 24, 16, 16)
+            }
         };
     json!({
         "_name_or_path": format!("random-blip-{size}"),

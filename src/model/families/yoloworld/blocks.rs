@@ -33,7 +33,14 @@ pub fn conv_bn(
 }
 
 /// A `Conv` with SiLU (Ultralytics' default activation).
-pub fn conv_silu(vb: &VarBuilder, c1: usize, c2: usize, k: usize, s: usize, eps: f64) -> Result<Conv2d> {
+pub fn conv_silu(
+    vb: &VarBuilder,
+    c1: usize,
+    c2: usize,
+    k: usize,
+    s: usize,
+    eps: f64,
+) -> Result<Conv2d> {
     conv_bn(vb, (c1, c2, k, s), eps, ConvActivation::Silu)
 }
 
@@ -68,7 +75,13 @@ struct Csp {
 }
 
 impl Csp {
-    fn new(vb: &VarBuilder, (c1, c2, n): (usize, usize, usize), parts: usize, shortcut: bool, eps: f64) -> Result<Self> {
+    fn new(
+        vb: &VarBuilder,
+        (c1, c2, n): (usize, usize, usize),
+        parts: usize,
+        shortcut: bool,
+        eps: f64,
+    ) -> Result<Self> {
         let c = c2 / 2;
         let m = (0..n)
             .map(|j| Bottleneck::new(&vb.pp(format!("m.{j}")), c, shortcut, eps))
@@ -85,7 +98,10 @@ impl Csp {
     /// output.
     fn parts(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let y = self.cv1.forward(x)?;
-        let mut parts = vec![y.narrow(1, 0, self.hidden)?, y.narrow(1, self.hidden, self.hidden)?];
+        let mut parts = vec![
+            y.narrow(1, 0, self.hidden)?,
+            y.narrow(1, self.hidden, self.hidden)?,
+        ];
         for m in &self.m {
             let next = m.forward(&parts[parts.len() - 1])?;
             parts.push(next);
@@ -173,7 +189,12 @@ impl C2fAttn {
             csp: Csp::new(vb, (c1, c2, n), 3, false, eps)?,
             gl: candle_nn::linear(embed, c, attn.pp("gl"))?,
             bias: attn.get(heads, "bias")?,
-            proj_conv: conv_bn(&attn.pp("proj_conv"), (c, c, 3, 1), eps, ConvActivation::Identity)?,
+            proj_conv: conv_bn(
+                &attn.pp("proj_conv"),
+                (c, c, 3, 1),
+                eps,
+                ConvActivation::Identity,
+            )?,
             heads,
         })
     }
@@ -186,7 +207,9 @@ impl C2fAttn {
         let (k, ec) = g.dims2()?;
         let hc = ec / self.heads;
         let g = (g / (hc as f64).sqrt())?;
-        g.reshape((k, self.heads, hc))?.permute((1, 2, 0))?.contiguous()
+        g.reshape((k, self.heads, hc))?
+            .permute((1, 2, 0))?
+            .contiguous()
     }
 
     /// `x`: `(batch, c1, h, w)`; `guide` from [`Self::guide`].
@@ -207,11 +230,16 @@ impl C2fAttn {
             .reshape((b, self.heads, hc, h * w))?
             .transpose(2, 3)?
             .contiguous()?;
-        let scores = embed.broadcast_matmul(&guide.unsqueeze(0)?)?.max(D::Minus1)?;
+        let scores = embed
+            .broadcast_matmul(&guide.unsqueeze(0)?)?
+            .max(D::Minus1)?;
         let weights = candle_nn::ops::sigmoid(
             &scores.broadcast_add(&self.bias.reshape((1, self.heads, 1))?)?,
         )?;
-        let projected = self.proj_conv.forward(x)?.reshape((b, self.heads, hc, h * w))?;
+        let projected = self
+            .proj_conv
+            .forward(x)?
+            .reshape((b, self.heads, hc, h * w))?;
         projected
             .broadcast_mul(&weights.unsqueeze(2)?)?
             .reshape((b, c, h, w))

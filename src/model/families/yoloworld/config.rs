@@ -104,7 +104,9 @@ impl YoloWorldSpec {
             file.max_channels,
         ) {
             (_, Some(d), Some(w), Some(m)) => (d, w, m),
-            (Some(&(_, d, w, m)), d2, w2, m2) => (d2.unwrap_or(d), w2.unwrap_or(w), m2.unwrap_or(m)),
+            (Some(&(_, d, w, m)), d2, w2, m2) => {
+                (d2.unwrap_or(d), w2.unwrap_or(w), m2.unwrap_or(m))
+            }
             (None, ..) => {
                 return Err(ModelError::Load(
                     format!(
@@ -152,7 +154,11 @@ impl YoloWorldSpec {
                 self.image_size
             ));
         }
-        if let Some(layer) = self.attn_layers().into_iter().find(|l| !(l.c2 / 2).is_multiple_of(l.heads)) {
+        if let Some(layer) = self
+            .attn_layers()
+            .into_iter()
+            .find(|l| !(l.c2 / 2).is_multiple_of(l.heads))
+        {
             return bad(format!(
                 "layer {} has {} hidden channels, not a multiple of its {} heads",
                 layer.index,

@@ -88,7 +88,10 @@ impl WorldDetect {
                         conv_silu(&classes.pp("1"), c3, c3, 3, 1, eps)?,
                     ],
                     class_tail: ClassTail {
-                        weight: classes.pp("2").get((embed, c3, 1, 1), "weight")?.reshape((embed, c3))?,
+                        weight: classes
+                            .pp("2")
+                            .get((embed, c3, 1, 1), "weight")?
+                            .reshape((embed, c3))?,
                         bias: classes.pp("2").get(embed, "bias")?,
                         norm: batch_norm_affine(&contrast.pp("norm"), embed, eps)?,
                         logit_scale: scalar(&contrast, "logit_scale", &[])?.exp(),
@@ -113,9 +116,16 @@ impl WorldDetect {
                 let scaled = (unit.broadcast_mul(&scale.unsqueeze(0)?)? * t.logit_scale)?;
                 let weight = scaled.matmul(&t.weight)?;
                 let offset = (t.bias.mul(scale)? + shift)?;
-                let bias = ((unit.matmul(&offset.unsqueeze(1)?)?.squeeze(1)? * t.logit_scale)? + t.head_bias)?;
+                let bias = ((unit.matmul(&offset.unsqueeze(1)?)?.squeeze(1)? * t.logit_scale)?
+                    + t.head_bias)?;
                 let (k, c3) = weight.dims2()?;
-                Conv2d::new(weight.reshape((k, c3, 1, 1))?, Some(bias), 1, 0, ConvActivation::Identity)
+                Conv2d::new(
+                    weight.reshape((k, c3, 1, 1))?,
+                    Some(bias),
+                    1,
+                    0,
+                    ConvActivation::Identity,
+                )
             })
             .collect::<Result<_>>()?;
         Ok(FoldedClasses(convs))
@@ -162,7 +172,11 @@ impl WorldDetect {
         let (b, c3, h, w) = x.dims4()?;
         let (embed, _) = t.weight.dims2()?;
         let flat = x.reshape((b, c3, h * w))?;
-        let y = t.weight.unsqueeze(0)?.broadcast_matmul(&flat)?.broadcast_add(&t.bias.reshape((1, embed, 1))?)?;
+        let y = t
+            .weight
+            .unsqueeze(0)?
+            .broadcast_matmul(&flat)?
+            .broadcast_add(&t.bias.reshape((1, embed, 1))?)?;
         let (scale, shift) = &t.norm;
         let y = y
             .broadcast_mul(&scale.reshape((1, embed, 1))?)?
@@ -177,7 +191,8 @@ impl WorldDetect {
     fn decode(&self, feats: &[Tensor; 3], boxes: &Tensor, logits: &Tensor) -> Result<HeadOutput> {
         let (b, _, a) = boxes.dims3()?;
         let device = boxes.device();
-        let bins = Tensor::arange(0f32, self.reg_max as f32, device)?.reshape((1, 1, self.reg_max, 1))?;
+        let bins =
+            Tensor::arange(0f32, self.reg_max as f32, device)?.reshape((1, 1, self.reg_max, 1))?;
         let probs = candle_nn::ops::softmax(&boxes.reshape((b, 4, self.reg_max, a))?, 2)?;
         let dist = probs.broadcast_mul(&bins)?.sum(2)?;
         let (points, strides) = anchors(feats, device)?;
@@ -196,7 +211,11 @@ impl WorldDetect {
 
 /// Rows scaled to unit length (PyTorch's `F.normalize`, which divides by at least 1e-12).
 fn unit_rows(x: &Tensor) -> Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
     x.broadcast_div(&norm)
 }
 

@@ -212,9 +212,15 @@ mod tests {
         assert_eq!(lb.scaled, (640, 360));
         assert_eq!(lb.canvas, (640, 384));
         assert_eq!(lb.offset, (0, 12));
-        assert_eq!(lb.to_source([0.0, 12.0, 640.0, 372.0]), [0.0, 0.0, 1280.0, 720.0]);
+        assert_eq!(
+            lb.to_source([0.0, 12.0, 640.0, 372.0]),
+            [0.0, 0.0, 1280.0, 720.0]
+        );
         // Outside the picture is clipped to it.
-        assert_eq!(lb.to_source([-5.0, 0.0, 700.0, 384.0]), [0.0, 0.0, 1280.0, 720.0]);
+        assert_eq!(
+            lb.to_source([-5.0, 0.0, 700.0, 384.0]),
+            [0.0, 0.0, 1280.0, 720.0]
+        );
         let square = Letterbox::plan(1280, 720, 640, 32, false);
         assert_eq!((square.canvas, square.offset), ((640, 640), (0, 140)));
         // Small frames are scaled up, as the reference's `scaleup` does.

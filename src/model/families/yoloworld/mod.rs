@@ -95,8 +95,8 @@ impl YoloWorldModel {
         weights.check(&spec.tensor_specs(), &[])?;
         let vb = weights.var_builder(&device);
         let text = ClipTextEncoder::new(&spec.clip, tokenizer, vb.clone(), &device)?;
-        let detector = Detector::new(&vb, &spec)
-            .map_err(|e| ModelError::load("building YOLO-World", e))?;
+        let detector =
+            Detector::new(&vb, &spec).map_err(|e| ModelError::load("building YOLO-World", e))?;
         Ok(Self {
             info: ModelInfo {
                 name: files.name.clone(),
@@ -129,7 +129,12 @@ impl YoloWorldModel {
     /// The head's output `(batch, 4 + phrases, anchors)` for letterboxed `pixels` and text
     /// embeddings `text`: with the prompt folded in, or (`folded` false) as the reference
     /// computes it.
-    pub fn head_output(&self, pixels: &Tensor, text: &Tensor, folded: bool) -> Result<Tensor, ModelError> {
+    pub fn head_output(
+        &self,
+        pixels: &Tensor,
+        text: &Tensor,
+        folded: bool,
+    ) -> Result<Tensor, ModelError> {
         let out = if folded {
             let weights = self.detector.prompt_weights(text)?;
             self.detector.forward(pixels, &weights)?
@@ -154,9 +159,21 @@ impl YoloWorldModel {
 
     /// One frame's output (see the module docs) from its head output `(4 + phrases,
     /// anchors)`, row-major.
-    fn frame_output(&self, frame: &Frame, lb: &Letterbox, values: &[f32], phrases: &[String]) -> Value {
+    fn frame_output(
+        &self,
+        frame: &Frame,
+        lb: &Letterbox,
+        values: &[f32],
+        phrases: &[String],
+    ) -> Value {
         let anchors = values.len() / (4 + phrases.len());
-        let (kept, best) = nms::suppress(values, anchors, phrases.len(), self.confidence, self.max_iou);
+        let (kept, best) = nms::suppress(
+            values,
+            anchors,
+            phrases.len(),
+            self.confidence,
+            self.max_iou,
+        );
         // Boxes go to the frame's pixels, then to the source's where ingest scaled it down.
         let sx = frame.source_width as f32 / frame.width as f32;
         let sy = frame.source_height as f32 / frame.height as f32;
@@ -176,7 +193,10 @@ impl YoloWorldModel {
             numbers: json!({"max_score": round6(best[i]), "count": counts[i]}),
             detected: counts[i] > 0,
         }));
-        output.insert("frame_size".into(), json!([frame.source_width, frame.source_height]));
+        output.insert(
+            "frame_size".into(),
+            json!([frame.source_width, frame.source_height]),
+        );
         Value::Object(output)
     }
 }
@@ -197,7 +217,11 @@ impl VisionLanguageModel for YoloWorldModel {
         let prompted = self.prompted(prompt)?;
         let (pixels, boxes) = self.preprocess(frames)?;
         let out = self.detector.forward(&pixels, &prompted.weights)?;
-        let values = out.0.to_dtype(DType::F32)?.flatten_from(1)?.to_vec2::<f32>()?;
+        let values = out
+            .0
+            .to_dtype(DType::F32)?
+            .flatten_from(1)?
+            .to_vec2::<f32>()?;
         Ok(frames
             .iter()
             .zip(boxes.iter().zip(&values))

@@ -37,7 +37,9 @@ impl Detector {
         let layer = |i: usize| vb.pp(layer_prefix(i));
         let down_conv = |i, c1, c2| conv_silu(&layer(i), c1, c2, 3, 2, eps);
         let csp = |i, ch, n| C2f::new(&layer(i), ch, ch, n, eps);
-        let attn = spec.attn_layers().map(|l| (l.index, (l.c1, l.c2, l.n, l.heads)));
+        let attn = spec
+            .attn_layers()
+            .map(|l| (l.index, (l.c1, l.c2, l.n, l.heads)));
         let guided = |(i, dims)| C2fAttn::new(&layer(i), dims, spec.embed(), eps);
         Ok(Self {
             down: [
@@ -89,7 +91,9 @@ impl Detector {
         let x = self.csp[0].forward(&self.down[1].forward(&x)?)?;
         let p3 = self.csp[1].forward(&self.down[2].forward(&x)?)?;
         let p4 = self.csp[2].forward(&self.down[3].forward(&p3)?)?;
-        let p5 = self.sppf.forward(&self.csp[3].forward(&self.down[4].forward(&p4)?)?)?;
+        let p5 = self
+            .sppf
+            .forward(&self.csp[3].forward(&self.down[4].forward(&p4)?)?)?;
         let up = |t: &Tensor| {
             let (_, _, h, w) = t.dims4()?;
             t.upsample_nearest2d(2 * h, 2 * w)

@@ -83,7 +83,9 @@ mod tests {
 
     /// Columns are anchors: `(cx, cy, w, h, score per phrase...)`.
     fn head(anchors: &[[f32; 6]]) -> Vec<f32> {
-        (0..6).flat_map(|r| anchors.iter().map(move |a| a[r])).collect()
+        (0..6)
+            .flat_map(|r| anchors.iter().map(move |a| a[r]))
+            .collect()
     }
 
     #[test]
