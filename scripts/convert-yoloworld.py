@@ -20,6 +20,7 @@ Ultralytics' code AGPL-3.0 (docs/models.md).
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -46,10 +47,18 @@ def load_detector(pt: Path):
     return ckpt, model
 
 
-def detector_config(ckpt, model) -> dict:
+def detector_config(pt: Path, ckpt, model) -> dict:
     yaml = model.yaml
-    scale = yaml.get("scale") or "s"
-    depth, width, max_channels = yaml["scales"][scale]
+    # The scale the YAML was built at; older checkpoints name it only in the file name.
+    guess = re.search(r"yolov8([nsmlx])", pt.name)
+    scale = yaml.get("scale") or (guess and guess.group(1))
+    if scale in yaml.get("scales", {}):
+        depth, width, max_channels = yaml["scales"][scale]
+    elif "depth_multiple" in yaml and "width_multiple" in yaml:
+        depth, width = yaml["depth_multiple"], yaml["width_multiple"]
+        max_channels = yaml.get("max_channels", 1024)
+    else:
+        fail(f"cannot tell the scale (n, s, m, l, x) of {pt}: its YAML names none")
     eps = next(m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     imgsz = (ckpt.get("train_args") or {}).get("imgsz", 640)
     return {
@@ -102,7 +111,7 @@ def main():
         if not k.endswith("num_batches_tracked")
     }
     text_tensors, text_config = text_tower(args.clip)
-    config = detector_config(ckpt, model) | text_config
+    config = detector_config(args.checkpoint, ckpt, model) | text_config
     embed = model.model[-1].cv3[0][-1].out_channels
     if embed != config["projection_dim"]:
         fail(f"the head reads {embed}-wide text embeddings, the CLIP tower gives "
