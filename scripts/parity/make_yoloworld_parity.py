@@ -9,12 +9,13 @@ checkpoint's tensors loaded into it by name. The text embeddings are fixed unit 
 (Ultralytics' `set_classes` would download CLIP), and the frames go through the reference's
 own `LetterBox`, `WorldModel.predict`, `non_max_suppression` and `scale_boxes`, as its
 predictor calls them. Frames are converted to BGR first, as OpenCV reads them, and back to
-RGB after the letterbox, as the predictor does.
+RGB after the letterbox, as the predictor does. One JPEG file goes the whole way: read by
+OpenCV, its prompt's phrases through the checkpoint's CLIP text tower (transformers).
 
 Run it in a virtual environment of its own that has `ultralytics` (it brings torchvision,
 which changes transformers' image processors: keep it out of the other parity venvs):
 
-    python3 -m venv ../venv-yolo && ../venv-yolo/bin/pip install ultralytics safetensors
+    python3 -m venv ../venv-yolo && ../venv-yolo/bin/pip install ultralytics safetensors transformers
     target/debug/free-roam model make --type yoloworld --size tiny --seed 7 /tmp/yw-tiny
     ../venv-yolo/bin/python scripts/parity/make_yoloworld_parity.py \
         --model /tmp/yw-tiny --out tests/parity/yoloworld.json
@@ -46,6 +47,10 @@ MAX_DET = 300
 # Anchors whose raw outputs are written out (every row), spread over all levels.
 ANCHOR_SAMPLES = 400
 PIXEL_SAMPLES = 64
+# The whole path: a JPEG file read as the predictor reads it (OpenCV), the prompt's phrases
+# through the checkpoint's own CLIP text tower (transformers), the default suppression.
+JPEG = "scene-420-320x240.jpg"
+JPEG_PHRASES = ["people", "cars"]
 
 
 def make_image(kind: str, w: int, h: int) -> np.ndarray:
@@ -192,16 +197,63 @@ def run(model, text, rgb):
     }
 
 
+def clip_text(model_dir: Path, config: dict, phrases):
+    """The phrases' embeddings from the checkpoint's text tower, L2-normalised as
+    Ultralytics' text model gives them."""
+    from tokenizers import Tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    text_config = CLIPTextConfig(**config["text_config"])
+    text_config.projection_dim = config["projection_dim"]
+    tower = CLIPTextModelWithProjection(text_config).eval()
+    state = load_file(str(model_dir / "model.safetensors"))
+    missing, _ = tower.load_state_dict(
+        {k: v for k, v in state.items() if k.startswith("text_")}, strict=False
+    )
+    assert all("position_ids" in k for k in missing), missing
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    rows = []
+    with torch.no_grad():
+        for phrase in phrases:
+            ids = torch.tensor([tokenizer.encode(phrase).ids])
+            rows.append(tower(input_ids=ids).text_embeds[0])
+    t = torch.stack(rows)
+    return t / t.norm(dim=-1, keepdim=True)
+
+
+def jpeg_case(model, model_dir: Path, config: dict, jpeg_dir: Path):
+    """The predictor's path on a JPEG file with the prompt's phrases."""
+    text = clip_text(model_dir, config, JPEG_PHRASES)
+    model.model[-1].nc = len(JPEG_PHRASES)
+    bgr = cv2.imread(str(jpeg_dir / JPEG))
+    boxed = LetterBox((640, 640), auto=True, stride=32)(image=bgr)[..., ::-1]
+    x = torch.from_numpy(np.ascontiguousarray(boxed)).permute(2, 0, 1)[None].float() / 255.0
+    with torch.no_grad():
+        y, _ = model.predict(x, txt_feats=text[None])
+    det = non_max_suppression(y, 0.25, 0.7, max_det=MAX_DET)[0]
+    det[:, :4] = ops.scale_boxes(x.shape[2:], det[:, :4].clone(), bgr.shape[:2])
+    model.model[-1].nc = PHRASES
+    return {
+        "file": JPEG,
+        "phrases": JPEG_PHRASES,
+        "text": text.tolist(),
+        "pixels": pixel_summary(np.ascontiguousarray(boxed)),
+        "detections": det.tolist(),
+    }
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--jpegs", type=Path, default=Path(__file__).parents[2] / "tests/parity/jpeg")
     args = p.parse_args()
     model, config = build(args.model)
     text = text_embeddings(config.get("projection_dim", 512))
     stats = calibrate(model, text)
     frames = [run(model, text, make_image(k, w, h)) for k, w, h in IMAGES]
     # A batch of frames of different sizes is letterboxed to the square.
+    jpeg = jpeg_case(model, args.model, config, args.jpegs)
     square = [pixel_summary(letterbox(make_image(k, w, h), auto=False)) for k, w, h in IMAGES[1:]]
     out = {
         "model": {"seed": SEED, "scale": config.get("scale"), "phrases": PHRASES},
@@ -209,6 +261,7 @@ def main():
             "ultralytics": ultralytics.__version__,
             "torch": torch.__version__,
             "opencv": cv2.__version__,
+            "transformers": __import__("transformers").__version__,
         },
         "max_det": MAX_DET,
         "images": [{"kind": k, "width": w, "height": h} for k, w, h in IMAGES],
@@ -216,11 +269,13 @@ def main():
         "calibrated": stats,
         "frames": frames,
         "square_pixels": square,
+        "jpeg": jpeg,
     }
     args.out.write_text(json.dumps(out) + "\n")
     for (k, w, h), f in zip(IMAGES, frames):
         kept = [len(n["detections"]) for n in f["suppressions"]]
         print(f"{k} {w}x{h}: input {f['pixels']['shape']}, boxes kept {kept}")
+    print(f"{JPEG}: {len(jpeg['detections'])} boxes kept")
 
 
 if __name__ == "__main__":
