@@ -84,9 +84,13 @@ impl YoloWorldModel {
         device: Device,
         settings: &ModelSettings,
     ) -> Result<Self, ModelError> {
+        // Its convolutions have no bf16 path yet: asking for one is an error, not a silent
+        // f32 (DTYPE=auto picks f32 for it).
         if settings.dtype == DtypeChoice::Bf16 {
             return Err(ModelError::Load(
-                "MODEL_TYPE=yoloworld runs in f32; use DTYPE=auto or f32".into(),
+                "MODEL_TYPE=yoloworld runs in f32 (its convolutions have no bf16 path yet); \
+                 use DTYPE=auto or f32"
+                    .into(),
             ));
         }
         let spec = YoloWorldSpec::from_config(&read_config(&files.config)?)?;
