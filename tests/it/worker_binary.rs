@@ -2,9 +2,9 @@
 //! pipeline (MODEL_TYPE=null), the health endpoint answers, SIGTERM hands a running job
 //! back and the process exits 0, and SIGKILL leaves a job that another worker finishes; a
 //! question job gets an answer per frame from a tiny random PaliGemma, and a camera job
-//! boxes from a tiny random YOLO-World (whose prompt of too many phrases fails at claim); a
-//! model folder of another family is refused with the family it names; logs carry colour on
-//! a terminal only.
+//! boxes from a tiny random YOLO-World (whose prompt of too many phrases fails at claim),
+//! the same boxes for a JPEG frame as the model gives it; a model folder of another family
+//! is refused with the family it names; logs carry colour on a terminal only.
 
 use crate::common::process::{WAIT, feed_frames, http_get, raw_frame_xadd, signal, worker};
 use crate::common::{TestRedis, free_port, unique_prefix, wait_until};
@@ -360,8 +360,99 @@ fn a_yoloworld_worker_boxes_frames_and_refuses_a_prompt_of_too_many_phrases_at_c
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A JPEG frame through Redis and a yoloworld worker gets the very boxes the model gives for
+/// the worker's decode of the file (the model's own parity with Ultralytics on that file is
+/// `parity_yoloworld`'s JPEG test).
+#[test]
+fn a_jpeg_frame_through_a_yoloworld_worker_gets_the_boxes_the_model_gives_it() {
+    use free_roam::model::{ModelSettings, ModelType, PromptRef, load_model};
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let dir = make_model_in("yoloworld", "yoloworld-jpeg");
+    let port = free_port();
+    let mut w = worker(
+        &redis,
+        &p,
+        port,
+        &[
+            ("MODEL_TYPE", "yoloworld"),
+            ("MODEL_PATH", dir.to_str().unwrap()),
+        ],
+    );
+    wait_until(WAIT, || {
+        http_get(port, "/health/ready").is_some_and(|(c, _)| c == 200)
+    });
+    let jpeg = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/parity/jpeg/scene-420-320x240.jpg"
+    ))
+    .unwrap();
+    let mut con = redis.client().get_connection().unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg("cam:jpeg")
+        .arg("*")
+        .arg("data")
+        .arg(&jpeg)
+        .arg("ts")
+        .arg(1_000_000)
+        .query(&mut con)
+        .unwrap();
+    let job = [
+        "XADD",
+        &format!("{{{p}}}:jobs"),
+        "*",
+        "stream_ref",
+        "cam:jpeg",
+        "prompt",
+        "people, cars",
+        "max_frames",
+        "1",
+        "job_id",
+        "jpeg",
+    ];
+    redis.cli(&job);
+    wait_until(WAIT, || ended(&redis, &p, "jpeg").is_some());
+    assert_eq!(ended(&redis, &p, "jpeg").as_deref(), Some("completed"));
+    let entry = results(&redis, &p, "jpeg")
+        .into_iter()
+        .find(|f| f["kind"] == "result")
+        .expect("a result for the frame");
+    let mut got: serde_json::Value = serde_json::from_str(&entry["output"]).unwrap();
+    for d in got["detections"].as_array_mut().unwrap() {
+        // The job's tracker adds track ids; the model gives none.
+        d.as_object_mut().unwrap().remove("track_id");
+    }
+
+    let settings = ModelSettings {
+        model_type: ModelType::YoloWorld,
+        model_path: Some(dir.clone()),
+        ..ModelSettings::default()
+    };
+    let frame = free_roam::source::image_decode::decode_image(&jpeg, u64::MAX).unwrap();
+    let prompt = PromptRef {
+        text: "people, cars".into(),
+        version: None,
+    };
+    let want = load_model(&settings)
+        .unwrap()
+        .infer(&[&frame], &prompt)
+        .unwrap()
+        .remove(0);
+    assert!(!want["detections"].as_array().unwrap().is_empty());
+    assert_eq!(got, want);
+    signal(&w, 15);
+    assert!(w.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn make_model(kind: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("free-roam-{}-made-{kind}", std::process::id()));
+    make_model_in(kind, kind)
+}
+
+/// A tiny random model of `kind` in a folder of its own, named by `tag` (two tests of one
+/// family run at once in this process).
+fn make_model_in(kind: &str, tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("free-roam-{}-made-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let made = Command::new(env!("CARGO_BIN_EXE_free-roam"))
         .args(["model", "make", "--type", kind, "--size", "tiny"])
