@@ -94,6 +94,8 @@ fn make_divisible(x: f64, divisor: usize) -> usize {
 }
 
 impl YoloWorldSpec {
+    /// Reads `config.json`: the multiples it sets win over those of the scale it names, and
+    /// the text tower's settings are CLIP's (`text_config`, `projection_dim`).
     pub fn from_config(config: &Value) -> Result<Self, ModelError> {
         let file: ConfigFile = parse_config(config, "YOLO-World")?;
         let row = SCALES.iter().find(|(name, ..)| *name == file.scale);
