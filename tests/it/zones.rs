@@ -4,17 +4,19 @@
 //! its `loiter_s` (the scene gate reuses the output meanwhile), walks out and across a line.
 //! The job's events in `{fr}:alerts` and its counts in the progress hash must be exactly one
 //! enter, one loiter, one leave and one crossing, in that order and the right direction,
-//! also when the worker hands the job back while the box is in the zone and another one
-//! takes it over. A job that ends with the box inside (cancelled while it runs, or while
+//! also when the worker hands the job back while the box is in the zone, or is killed
+//! (SIGKILL, as a real process), and another one takes it over (events counted once by
+//! `alert_id` and `kind`, as readers dedupe them). A job that ends with the box inside (cancelled while it runs, or while
 //! handed back) ends its stay with a `leave`.
 
 use crate::common::frames::{rgb_frame_xadd, yard};
+use crate::common::process::{signal, spawn_test_process};
 use crate::common::worker::StreamWorker;
 use crate::common::{TestRedis, eventually, unique_prefix};
 use free_roam::model::testing::colour::ColourTestModel;
 use free_roam::store::Store;
 use free_roam::store::keys::Keys;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -31,8 +33,9 @@ const FPS: &str = "10";
 const STEP: u32 = 4;
 /// Frames it walks before it stops (then x = 110: its anchor at 120, inside the zone).
 const WALK: u64 = 25;
-/// Frames it stands still: 2 s, past the zone's 1 s `loiter_s`.
-const STAND: u64 = 20;
+/// Frames it stands still: 6 s, past the zone's 1 s `loiter_s`, and long enough for a
+/// killed worker's lease to run out and another worker to take the job over.
+const STAND: u64 = 60;
 /// Where it ends: x = 220, its anchor at 230, past the line at 180.
 const LAST_X: u32 = 220;
 
@@ -77,6 +80,9 @@ fn produce(
     })
 }
 
+/// Leases short enough for a takeover while the box stands.
+const SETTINGS: &[(&str, &str)] = &[("JOB_LEASE_MS", "2000")];
+
 /// A full worker with the test-colour model in this process.
 struct ColourWorker;
 
@@ -87,9 +93,37 @@ impl ColourWorker {
             prefix,
             id,
             Box::new(ColourTestModel::new(64)),
-            &[],
+            SETTINGS,
         )
     }
+}
+
+/// How the job changes workers while the box stands in the zone, if it does.
+#[derive(Clone, Copy, PartialEq)]
+enum Takeover {
+    None,
+    /// The worker shuts down, handing the job back.
+    HandBack,
+    /// The worker, a process of its own, is killed; another takes the job over once its
+    /// lease runs out.
+    Kill,
+}
+
+/// Not a test on its own: the body of a worker process that the SIGKILL test starts (this
+/// test binary, run again with FREE_ROAM_ZONES_CHILD set), so it can be killed for real.
+#[test]
+#[ignore]
+fn zones_child_worker() {
+    let Ok(url) = std::env::var("FREE_ROAM_ZONES_CHILD") else {
+        return;
+    };
+    let prefix = std::env::var("FREE_ROAM_ZONES_PREFIX").unwrap();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let w = ColourWorker::start(&url, &prefix, "a");
+            let _ = w.handle.await;
+        });
 }
 
 /// The job's zone and line events, in order, each as its fields.
@@ -114,11 +148,10 @@ struct Yard {
 }
 
 impl Yard {
-    /// Starts the frames and a worker, submits the job `yard`, and sets the box off once
-    /// the job has seen it waiting.
-    async fn start(redis: &TestRedis, p: &str) -> (Self, StreamWorker) {
+    /// Starts the frames, submits the job `yard`, and sets the box off once a worker's job
+    /// has seen it waiting.
+    async fn start(redis: &TestRedis, p: &str) -> Self {
         let keys = Keys::new(p);
-        let worker = ColourWorker::start(&redis.url(), p, "a");
         let (go, moved, stop) = (
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicU64::new(0)),
@@ -153,12 +186,11 @@ impl Yard {
         })
         .await;
         go.store(true, Ordering::SeqCst);
-        let yard = Self {
+        Self {
             moved,
             stop,
             producer,
-        };
-        (yard, worker)
+        }
     }
 
     /// Waits until the box stands in the zone (standing, so that the frames a live stream
@@ -179,22 +211,40 @@ impl Yard {
     }
 }
 
-/// Runs the job `yard` while the box walks its path, on one worker, or on two when
-/// `hand_back`: the first stops (handing the job back) once the box stands in the zone, and
-/// a second takes the job over. Returns the job's zone and line events.
-async fn walk(redis: &TestRedis, p: &str, hand_back: bool) -> Vec<HashMap<String, String>> {
+/// Runs the job `yard` while the box walks its path, changing workers as `takeover` says
+/// once the box stands in the zone. Returns the job's zone and line events, each once
+/// (by `alert_id` and `kind`, as delivery is at least once).
+async fn walk(redis: &TestRedis, p: &str, takeover: Takeover) -> Vec<HashMap<String, String>> {
     let keys = Keys::new(p);
     let progress = keys.progress("yard");
-    let (yard, mut worker) = Yard::start(redis, p).await;
-    if hand_back {
+    let mut child = (takeover == Takeover::Kill).then(|| {
+        spawn_test_process(
+            "zones::zones_child_worker",
+            &[
+                ("FREE_ROAM_ZONES_CHILD", redis.url()),
+                ("FREE_ROAM_ZONES_PREFIX", p.to_string()),
+            ],
+        )
+    });
+    let mut worker = child
+        .is_none()
+        .then(|| ColourWorker::start(&redis.url(), p, "a"));
+    let yard = Yard::start(redis, p).await;
+    if takeover != Takeover::None {
         yard.standing_in_the_zone(redis, p).await;
-        worker.stop().await;
-        assert_eq!(
-            redis.hget(&keys.job("yard"), "status").as_deref(),
-            Some("queued"),
-            "handed back"
-        );
-        worker = ColourWorker::start(&redis.url(), p, "b");
+        if let Some(w) = worker.take() {
+            w.stop().await;
+            assert_eq!(
+                redis.hget(&keys.job("yard"), "status").as_deref(),
+                Some("queued"),
+                "handed back"
+            );
+        }
+        if let Some(c) = &mut child {
+            signal(c, 9);
+            let _ = c.wait();
+        }
+        worker = Some(ColourWorker::start(&redis.url(), p, "b"));
     }
     let end = WALK + STAND + u64::from((LAST_X - 10) / STEP) + 10;
     eventually(WAIT, "the box walks its path and the job counts it", || {
@@ -204,8 +254,18 @@ async fn walk(redis: &TestRedis, p: &str, hand_back: bool) -> Vec<HashMap<String
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     yard.stop();
-    worker.stop().await;
+    if let Some(w) = worker {
+        w.stop().await;
+    }
+    if takeover == Takeover::Kill {
+        let attempts = redis.hget(&keys.job("yard"), "attempts");
+        assert_eq!(attempts.as_deref(), Some("2"), "taken over after the kill");
+    }
+    let mut seen = HashSet::new();
     zone_events(redis, &keys)
+        .into_iter()
+        .filter(|e| seen.insert((e["alert_id"].clone(), e["kind"].clone())))
+        .collect()
 }
 
 /// Exactly one enter, loiter, leave and crossing of track 0, and the counts to match.
@@ -261,7 +321,15 @@ fn assert_each_event_once(redis: &TestRedis, p: &str, events: &[HashMap<String, 
 async fn a_box_walking_through_a_zone_and_across_a_line_makes_each_event_once() {
     let redis = TestRedis::start();
     let p = unique_prefix();
-    let events = walk(&redis, &p, false).await;
+    let events = walk(&redis, &p, Takeover::None).await;
+    assert_each_event_once(&redis, &p, &events);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_whose_worker_is_killed_mid_stay_neither_loses_nor_repeats_an_event() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let events = walk(&redis, &p, Takeover::Kill).await;
     assert_each_event_once(&redis, &p, &events);
 }
 
@@ -269,7 +337,7 @@ async fn a_box_walking_through_a_zone_and_across_a_line_makes_each_event_once() 
 async fn a_job_handed_back_mid_stay_neither_loses_nor_repeats_an_event() {
     let redis = TestRedis::start();
     let p = unique_prefix();
-    let events = walk(&redis, &p, true).await;
+    let events = walk(&redis, &p, Takeover::HandBack).await;
     assert_each_event_once(&redis, &p, &events);
 }
 
@@ -298,7 +366,8 @@ async fn a_track_inside_a_zone_leaves_it_when_the_job_ends() {
     // Cancelled while it runs: its worker ends the stay in its last write.
     let p = unique_prefix();
     let keys = Keys::new(&p);
-    let (yard, worker) = Yard::start(&redis, &p).await;
+    let worker = ColourWorker::start(&redis.url(), &p, "a");
+    let yard = Yard::start(&redis, &p).await;
     yard.standing_in_the_zone(&redis, &p).await;
     let _: String = redis.cmd(&["FCALL", "fr_cancel", "1", keys.tag(), "yard"]);
     eventually(WAIT, "the job is cancelled", || {
@@ -321,7 +390,8 @@ async fn a_track_inside_a_zone_leaves_it_when_the_job_ends() {
     // Handed back, then cancelled with no worker running it: the cancel ends the stay.
     let p = unique_prefix();
     let keys = Keys::new(&p);
-    let (yard, worker) = Yard::start(&redis, &p).await;
+    let worker = ColourWorker::start(&redis.url(), &p, "a");
+    let yard = Yard::start(&redis, &p).await;
     yard.standing_in_the_zone(&redis, &p).await;
     worker.stop().await;
     yard.stop();
