@@ -1162,7 +1162,7 @@ mod tests {
             ..Default::default()
         };
         run.keep_unwritten(failed, Vec::new());
-        assert_eq!(run.unsent_pictures, [kept.clone()]);
+        assert_eq!(run.unsent_pictures, std::slice::from_ref(&kept));
         let p = run.pictures.as_mut().unwrap();
         assert_eq!(
             p.take_cap(),

@@ -356,7 +356,7 @@ mod tests {
             }
         }
         let mut found = overlapping(&rows, &cols);
-        found.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        found.sort_by_key(|a| (a.0, a.1));
         assert!(every.len() > 20, "a crowded scene: {}", every.len());
         assert_eq!(found, every);
     }
