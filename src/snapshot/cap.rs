@@ -24,8 +24,7 @@ impl RateCap {
     }
 
     /// Goes on from `taken`, the times of the snapshots taken (a saved [`Self::taken`]).
-    pub fn resume(per_minute: u32, taken: Vec<i64>) -> Self {
-        let mut taken: Vec<i64> = taken;
+    pub fn resume(per_minute: u32, mut taken: Vec<i64>) -> Self {
         taken.sort_unstable();
         Self {
             per_minute: per_minute as usize,
