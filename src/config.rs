@@ -169,7 +169,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "SNAPSHOTS_PER_MIN",
         Some("6"),
-        "Most event pictures (JPEG, at most 1280x720) a job keeps per minute: an alert `start` or a zone or line event beyond it carries no `snapshot`; 0 turns them off. Each is kept RESULT_TTL_S from when it was taken.",
+        "Most event pictures (JPEG, at most 1280x720 and 100,000 bytes) a job keeps per minute, across its deliveries: an alert `start` or a zone or line event beyond it carries no `snapshot`; 0 turns them off. Each is kept RESULT_TTL_S from when it was taken.",
     ),
     s(
         "SNAPSHOT_INTERVAL_MS",

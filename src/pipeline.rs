@@ -27,10 +27,10 @@ use crate::metrics::Metrics;
 use crate::model::{ModelInfo, ModelType};
 use crate::queue::body::{BodyFuture, BodyOutcome, JobBody, JobContext, JobFailure};
 use crate::queue::stop::StopReason;
-use crate::results::FrameCounters;
 use crate::results::{
     AlertWrite, FrameOutcome, PictureWrite, Progress, ResultEntry, ZoneWrite, zone_alert_id,
 };
+use crate::results::{FrameCounters, read_saved};
 use crate::snapshot::{Pictures, Shot, snapshot_jpeg};
 use crate::source::{BadFrame, Source, SourceCounters, SourceEvent, SourceOptions, SourceSettings};
 use crate::store::Store;
@@ -139,7 +139,9 @@ impl StreamJobBody {
                 pictures.per_minute,
                 pictures.interval,
                 ctx.spec.places.clone(),
+                saved.snapshot_cap,
             ),
+            unsent_pictures: Vec::new(),
             picture_ttl: pictures.ttl,
             model: self.engine.model_name(),
             metrics: &self.metrics,
@@ -203,7 +205,8 @@ impl StreamJobBody {
             .arg("frames_reused")
             .arg(crate::results::ALERT_STATE_FIELD)
             .arg(crate::results::TRACKER_STATE_FIELD)
-            .arg(crate::results::ZONE_STATE_FIELD);
+            .arg(crate::results::ZONE_STATE_FIELD)
+            .arg(crate::results::SNAPSHOT_CAP_FIELD);
         let v = match self.store.query::<Vec<Option<String>>>(&cmd).await {
             Ok(v) => v,
             Err(e) => {
@@ -213,7 +216,7 @@ impl StreamJobBody {
             }
         };
         let field = |i: usize| v.get(i).cloned().flatten();
-        let tracker = match saved_json::<TrackerState>(job_id, "tracker", field(2)) {
+        let tracker = match read_saved::<TrackerState>(job_id, "tracker", field(2)) {
             Some(state) if !state.is_sound() => {
                 tracing::warn!(job = %job_id, "the saved tracker state is not sound; starting afresh");
                 TrackerState::default()
@@ -222,25 +225,12 @@ impl StreamJobBody {
         };
         Ok(SavedState {
             frames_reused: field(0).and_then(|n| n.parse().ok()).unwrap_or(0),
-            alerts: saved_json(job_id, "alert", field(1)).unwrap_or_default(),
+            alerts: read_saved(job_id, "alert", field(1)).unwrap_or_default(),
             tracker,
-            zones: saved_json(job_id, "zone", field(3)).unwrap_or_default(),
+            zones: read_saved(job_id, "zone", field(3)).unwrap_or_default(),
+            snapshot_cap: read_saved(job_id, "snapshot cap", field(4)).unwrap_or_default(),
         })
     }
-}
-
-/// A state saved as JSON in the progress hash, read back; `None` when there is none, or
-/// when it cannot be read (said in the log: the job starts that state afresh).
-fn saved_json<T: serde::de::DeserializeOwned>(
-    job_id: &str,
-    what: &str,
-    json: Option<String>,
-) -> Option<T> {
-    serde_json::from_str(&json?)
-        .inspect_err(|e| {
-            tracing::warn!(job = %job_id, error = %e, "the saved {what} state is unreadable; starting afresh");
-        })
-        .ok()
 }
 
 /// What a job's progress hash holds for the camera behaviour of earlier deliveries.
@@ -250,6 +240,8 @@ struct SavedState {
     alerts: AlertState,
     tracker: TrackerState,
     zones: WatchState,
+    /// The picture cap's window.
+    snapshot_cap: Vec<i64>,
 }
 
 impl JobBody for StreamJobBody {
@@ -441,6 +433,13 @@ impl Zones {
         self.changed = true;
     }
 
+    /// The job ends: the tracks still inside zones leave them.
+    fn close(&mut self, reason: EndReason) {
+        let events = self.watch.close_all(reason.as_str());
+        self.changed |= !events.is_empty();
+        self.events.extend(events);
+    }
+
     /// The events, state and counts for the next write, if there is anything new.
     fn take_write(&mut self) -> Option<ZoneWrite> {
         std::mem::take(&mut self.changed).then(|| ZoneWrite {
@@ -457,6 +456,9 @@ struct Run<'a> {
     job_id: Arc<str>,
     /// `None` when the job's pictures are off.
     pictures: Option<Pictures>,
+    /// Event pictures of a write that failed, by snapshot name: stored with the next
+    /// write, which carries their events again, so those keep their `snapshot`.
+    unsent_pictures: Vec<(String, bytes::Bytes)>,
     /// How long each picture is kept.
     picture_ttl: Duration,
     model: Arc<str>,
@@ -801,6 +803,7 @@ impl Run<'_> {
             .as_mut()
             .map(Pictures::take)
             .unwrap_or_default();
+        let unsent = std::mem::take(&mut self.unsent_pictures);
         let picture_ttl = self.picture_ttl;
         let mut progress = Progress {
             counters,
@@ -811,6 +814,11 @@ impl Run<'_> {
             tracker_state: self.tracks.take_write(),
             zones: self.zones.as_mut().and_then(Zones::take_write),
             pictures: None,
+            snapshot_cap: self
+                .pictures
+                .as_mut()
+                .and_then(Pictures::take_cap)
+                .map(|window| serde_json::to_string(&window).unwrap_or_default()),
         };
         let entries = std::mem::take(&mut self.pending);
         let received = std::mem::take(&mut self.pending_received);
@@ -819,7 +827,7 @@ impl Run<'_> {
         let alert_events = progress.alerts.as_ref().map_or(0, |a| a.events.len());
         let result = {
             let write = async {
-                progress.pictures = render(shots, picture_ttl).await;
+                progress.pictures = render(shots, unsent, picture_ttl).await;
                 ctx.sink.write(&entries, &progress).await
             };
             tokio::pin!(write);
@@ -850,15 +858,21 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Keeps the entries and events of a write that failed for the final write, in order
-    /// (their pictures are not kept: those events go without one).
+    /// Keeps the entries, events and event pictures of a write that failed for the next
+    /// write, in order (the latest frame is not kept: a newer one comes).
     fn keep_unwritten(&mut self, progress: Progress, mut entries: Vec<ResultEntry>) {
+        if let Some(p) = progress.pictures {
+            self.unsent_pictures = p.snapshots;
+        }
         if let (Some(a), Some(w)) = (&mut self.alerts, progress.alerts) {
             let newer = std::mem::replace(&mut a.events, w.events);
             a.events.extend(newer);
             a.changed = true;
         }
         self.tracks.changed |= progress.tracker_state.is_some();
+        if let (Some(p), Some(_)) = (&mut self.pictures, &progress.snapshot_cap) {
+            p.cap_unsaved();
+        }
         if let (Some(z), Some(w)) = (&mut self.zones, progress.zones) {
             let newer = std::mem::replace(&mut z.events, w.events);
             z.events.extend(newer);
@@ -942,17 +956,22 @@ impl Run<'_> {
             }
         };
         drop(stream);
-        // A job that ends closes its open alerts here, before the queue writes its end entry
-        // (`fr_job_end`) and finishes it; one handed back or taken over keeps them open in
-        // its progress hash for the next delivery.
+        // A job that ends closes its open alerts and zone stays here, before the queue writes
+        // its end entry (`fr_job_end`) and finishes it; one handed back or taken over keeps
+        // them open in its progress hash for the next delivery.
         let end_reason = match (&step, ctx.stop.reason()) {
             (Step::Fail(_), _) => Some(EndReason::JobFailed),
             (Step::Done, _) => Some(EndReason::JobCompleted),
             (Step::Stop, Some(StopReason::Cancelled)) => Some(EndReason::JobCancelled),
             (Step::Stop, _) => None,
         };
-        if let (Some(a), Some(reason)) = (&mut self.alerts, end_reason) {
-            a.close(reason);
+        if let Some(reason) = end_reason {
+            if let Some(a) = &mut self.alerts {
+                a.close(reason);
+            }
+            if let Some(z) = &mut self.zones {
+                z.close(reason);
+            }
         }
         // Save what is in hand (the final counters and cursor) unless another worker owns
         // the job now.
@@ -971,14 +990,20 @@ impl Run<'_> {
     }
 }
 
-/// Draws and encodes `shots` off the runtime (a 720p picture takes milliseconds); a shot
-/// that cannot be made is left out, and its events carry no `snapshot`.
-async fn render(shots: Vec<Shot>, ttl: Duration) -> Option<PictureWrite> {
-    if shots.is_empty() {
+/// Draws and encodes `shots` off the runtime (a 720p picture takes milliseconds), after
+/// `unsent`, the pictures of a write that failed; a shot that cannot be made is left out,
+/// and its events carry no `snapshot`.
+async fn render(
+    shots: Vec<Shot>,
+    unsent: Vec<(String, bytes::Bytes)>,
+    ttl: Duration,
+) -> Option<PictureWrite> {
+    if shots.is_empty() && unsent.is_empty() {
         return None;
     }
     let made = tokio::task::spawn_blocking(move || {
         let mut write = PictureWrite {
+            snapshots: unsent,
             ttl_s: ttl.as_secs(),
             ..PictureWrite::default()
         };
@@ -1065,7 +1090,7 @@ mod tests {
         assert_eq!(track_id(&late), serde_json::Value::Null);
         assert_eq!(t.take_write(), None);
         // The saved state carries the ids on, as a delivery taking the job over reads it.
-        let state = saved_json::<TrackerState>("job", "tracker", Some(saved)).unwrap();
+        let state = read_saved::<TrackerState>("job", "tracker", Some(saved)).unwrap();
         let mut next = Tracks {
             tracker: ByteTrack::new(TrackerSettings::at_fps(2.0), state),
             ..tracks()
@@ -1074,10 +1099,99 @@ mod tests {
         next.output(0, &mut o);
         assert_eq!(track_id(&o), serde_json::json!(0));
         assert_eq!(
-            saved_json::<TrackerState>("job", "tracker", Some("{".into())),
+            read_saved::<TrackerState>("job", "tracker", Some("{".into())),
             None
         );
-        assert_eq!(saved_json::<TrackerState>("job", "tracker", None), None);
+        assert_eq!(read_saved::<TrackerState>("job", "tracker", None), None);
+    }
+
+    /// A job's run with nothing done yet, its pictures on.
+    fn run(metrics: &Metrics) -> Run<'_> {
+        let places = crate::zones::Places {
+            units: crate::zones::Units::Pixels,
+            zones: Vec::new(),
+            lines: Vec::new(),
+        };
+        Run {
+            job_id: "cam".into(),
+            pictures: Pictures::new(6, Duration::ZERO, places, Vec::new()),
+            unsent_pictures: Vec::new(),
+            picture_ttl: Duration::from_secs(60),
+            model: "test".into(),
+            metrics,
+            base: FrameCounters::default(),
+            base_reused: 0,
+            reported: FrameCounters::default(),
+            reported_reused: 0,
+            dropped: 0,
+            failed: 0,
+            reused: 0,
+            pending: Vec::new(),
+            pending_received: Vec::new(),
+            writing: 0,
+            held: Vec::new(),
+            dirty: false,
+            cursor: None,
+            note: None,
+            in_flight: 0,
+            gate: None,
+            last_output: None,
+            source_done: false,
+            source_failed: None,
+            alerts: None,
+            tracks: tracks(),
+            zones: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_pictures_of_a_failed_write_go_with_the_next_one_before_its_own() {
+        let metrics = Metrics::default();
+        let mut run = run(&metrics);
+        let kept = (
+            "enter:cam:zone:dock:1:3".to_string(),
+            bytes::Bytes::from_static(b"a"),
+        );
+        let failed = Progress {
+            pictures: Some(PictureWrite {
+                snapshots: vec![kept.clone()],
+                latest: Some(bytes::Bytes::from_static(b"latest")),
+                ttl_s: 60,
+            }),
+            snapshot_cap: Some("[1]".into()),
+            ..Default::default()
+        };
+        run.keep_unwritten(failed, Vec::new());
+        assert_eq!(run.unsent_pictures, std::slice::from_ref(&kept));
+        let p = run.pictures.as_mut().unwrap();
+        assert_eq!(
+            p.take_cap(),
+            Some(Vec::new()),
+            "the cap's window is saved again"
+        );
+        // The next write: its own shot's picture after the kept one.
+        let mut frame = Frame::new(8, 8, bytes::Bytes::from(vec![50u8; 192])).unwrap();
+        frame.index = 4;
+        let shot = Shot {
+            names: vec!["cross:cam:line:gate:1:east".into()],
+            latest: false,
+            frame,
+            output: None,
+            places: Arc::new(crate::zones::Places {
+                units: crate::zones::Units::Pixels,
+                zones: Vec::new(),
+                lines: Vec::new(),
+            }),
+        };
+        let unsent = std::mem::take(&mut run.unsent_pictures);
+        let write = render(vec![shot], unsent, Duration::from_secs(60))
+            .await
+            .expect("pictures to store");
+        let names: Vec<&str> = write.snapshots.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, [kept.0.as_str(), "cross:cam:line:gate:1:east"]);
+        assert_eq!(write.snapshots[0].1, kept.1);
+        assert_eq!(write.latest, None);
+        assert_eq!(render(Vec::new(), Vec::new(), Duration::ZERO).await, None);
     }
 
     #[test]

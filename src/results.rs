@@ -9,7 +9,7 @@ use crate::queue::stop::StopSignal;
 use crate::store::functions::{self, EndRecord, Retention};
 use crate::store::keys::{Keys, snapshot_name};
 use crate::store::{Backoff, Store, StoreResult, now_ms};
-use crate::zones::watch::ZoneEvent;
+use crate::zones::watch::{WatchState, ZoneEvent};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -83,6 +83,10 @@ pub struct Progress {
     /// Event pictures (stored first, so an event never names a missing one) and the
     /// latest annotated frame.
     pub pictures: Option<PictureWrite>,
+    /// The picture cap's window (JSON: when each picture of the last minute was taken),
+    /// saved as `snapshot_cap` so that the cap holds across deliveries; `None` leaves the
+    /// saved one.
+    pub snapshot_cap: Option<String>,
 }
 
 /// A job's pictures for one write, each a JPEG.
@@ -126,6 +130,11 @@ pub const TRACKER_STATE_FIELD: &str = "tracker_state";
 /// zone or line event.
 pub const ZONE_STATE_FIELD: &str = "zone_state";
 
+/// The progress hash field that holds a job's picture cap window (JSON: the wall-clock
+/// milliseconds of each picture of the last minute), so that a job taken over keeps to
+/// `SNAPSHOTS_PER_MIN`.
+pub const SNAPSHOT_CAP_FIELD: &str = "snapshot_cap";
+
 /// A job's zone and line output for one write.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ZoneWrite {
@@ -161,11 +170,11 @@ pub struct ResultSink {
     alert_state_saved: Arc<AtomicBool>,
 }
 
-/// Whether a job's progress hash may hold alerts still open when the job ends, so that
-/// [`write_end`] must read it.
+/// Whether a job's progress hash may hold alerts still open, or tracks still inside zones,
+/// when the job ends, so that [`write_end`] must read it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpenAlerts {
-    /// An earlier delivery, or this one, saved an alert state.
+    /// An earlier delivery, or this one, saved an alert or zone state.
     Possible,
     /// A first delivery whose sink never saved one: the hash holds none.
     NoneSaved,
@@ -191,8 +200,8 @@ impl ResultSink {
         }
     }
 
-    /// Set once this sink has sent an alert state to the progress hash (before the write,
-    /// since a write whose reply was lost may still have landed).
+    /// Set once this sink has sent an alert or zone state to the progress hash (before the
+    /// write, since a write whose reply was lost may still have landed).
     pub fn alert_state_saved(&self) -> Arc<AtomicBool> {
         self.alert_state_saved.clone()
     }
@@ -208,7 +217,7 @@ impl ResultSink {
     /// carries its `alert_id`) and never loses one. Connection failures are retried with
     /// backoff until Redis answers or the job is stopped.
     pub async fn write(&self, entries: &[ResultEntry], progress: &Progress) -> StoreResult<()> {
-        if progress.alerts.is_some() {
+        if progress.alerts.is_some() || progress.zones.is_some() {
             self.alert_state_saved.store(true, Ordering::Relaxed);
         }
         let pictures = progress.pictures.as_ref();
@@ -220,26 +229,36 @@ impl ResultSink {
             }
             self.send(&pipe).await?;
         }
-        let alerts = progress.alerts.as_ref().filter(|a| !a.events.is_empty());
-        let zones = progress.zones.as_ref().filter(|z| !z.events.is_empty());
-        if alerts.is_some() || zones.is_some() {
-            let mut pipe = redis::pipe();
-            let keys = self.store.keys();
-            let snapshot = |name: &str| pictures?.snapshot_key(keys, &self.job_id, name);
-            if let Some(a) = alerts {
-                let events = EventWrite::new(&self.job_id, a.maxlen, &snapshot);
-                add_alert_events(&mut pipe, &self.store, &events, &a.events);
-            }
-            if let Some(z) = zones {
-                let events = EventWrite::new(&self.job_id, z.maxlen, &snapshot);
-                add_zone_events(&mut pipe, &self.store, &events, &z.events);
-            }
+        if let Some(pipe) = self.events(progress) {
             self.send(&pipe).await?;
         }
         self.send(&self.build(entries, progress)).await?;
         self.written
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The XADDs of a write's alert, zone and line events to `{fr}:alerts`, each naming
+    /// its picture where the write stores one; `None` without events.
+    fn events(&self, progress: &Progress) -> Option<redis::Pipeline> {
+        let alerts = progress.alerts.as_ref().filter(|a| !a.events.is_empty());
+        let zones = progress.zones.as_ref().filter(|z| !z.events.is_empty());
+        if alerts.is_none() && zones.is_none() {
+            return None;
+        }
+        let mut pipe = redis::pipe();
+        let keys = self.store.keys();
+        let pictures = progress.pictures.as_ref();
+        let snapshot = |name: &str| pictures?.snapshot_key(keys, &self.job_id, name);
+        if let Some(a) = alerts {
+            let events = EventWrite::new(&self.job_id, a.maxlen, &snapshot);
+            add_alert_events(&mut pipe, &self.store, &events, &a.events);
+        }
+        if let Some(z) = zones {
+            let events = EventWrite::new(&self.job_id, z.maxlen, &snapshot);
+            add_zone_events(&mut pipe, &self.store, &events, &z.events);
+        }
+        Some(pipe)
     }
 
     async fn send(&self, pipe: &redis::Pipeline) -> StoreResult<()> {
@@ -367,6 +386,9 @@ impl ResultSink {
                 hset.arg(field).arg(n);
             }
         }
+        if let Some(window) = &progress.snapshot_cap {
+            hset.arg(SNAPSHOT_CAP_FIELD).arg(window);
+        }
         if let Some(note) = &progress.note {
             hset.arg("note").arg(note);
         }
@@ -432,20 +454,6 @@ impl<'a> EventWrite<'a> {
         }
         cmd.ignore();
     }
-}
-
-/// `events` of job `job_id` as XADDs to `{fr}:alerts`, capped at about `maxlen`.
-fn alert_pipeline(
-    store: &Store,
-    job_id: &str,
-    events: &[AlertEvent],
-    maxlen: usize,
-) -> redis::Pipeline {
-    let mut pipe = redis::pipe();
-    let no_pictures = |_: &str| None;
-    let write = EventWrite::new(job_id, maxlen, &no_pictures);
-    add_alert_events(&mut pipe, store, &write, events);
-    pipe
 }
 
 /// Zone and line `events` as XADDs to `{fr}:alerts` beside the label alerts, each with
@@ -533,10 +541,11 @@ pub async fn saved_progress(store: &Store, job_id: &str) -> StoreResult<SavedPro
 /// Writes a job's end entry unless one is there ([`functions::end`], in the job's slot);
 /// returns the final status and results count as recorded, which may be an earlier call's.
 ///
-/// First it ends the alerts the job's progress hash still holds open: a job that ends while
-/// no worker runs it (cancelled after it was handed back, dead-lettered) has nobody else to
-/// end them. A worker that ran the job to its end closed them already and saved that, so
-/// for it this finds none. With [`OpenAlerts::NoneSaved`] the read is skipped.
+/// First it ends the alerts the job's progress hash still holds open, and the stays of the
+/// tracks still inside its zones: a job that ends while no worker runs it (cancelled after
+/// it was handed back, dead-lettered) has nobody else to end them. A worker that ran the
+/// job to its end closed them already and saved that, so for it this finds none. With
+/// [`OpenAlerts::NoneSaved`] the read is skipped.
 pub async fn write_end(
     store: &Store,
     job_id: &str,
@@ -546,7 +555,7 @@ pub async fn write_end(
     open_alerts: OpenAlerts,
 ) -> StoreResult<EndRecord> {
     if open_alerts == OpenAlerts::Possible {
-        close_saved_alerts(store, job_id, status, retention.alerts_maxlen).await?;
+        close_saved(store, job_id, status, retention.alerts_maxlen).await?;
     }
     functions::end(store, job_id, status, error, retention).await
 }
@@ -562,11 +571,11 @@ fn end_reason(status: JobStatus) -> Option<EndReason> {
     }
 }
 
-/// Ends the open alerts saved in a job's progress hash: their `end` events go to
-/// `{fr}:alerts`, then the state without them replaces the saved one. Repeating it after a
-/// failure between the two steps repeats the events, each with its `alert_id`, and loses
-/// none (as a result write does).
-async fn close_saved_alerts(
+/// Ends the open alerts and zone stays saved in a job's progress hash: their `end` and
+/// `leave` events go to `{fr}:alerts`, then the states without them (and the zone counts)
+/// replace the saved ones. Repeating it after a failure between the two steps repeats the
+/// events, each with its `alert_id`, and loses none (as a result write does).
+async fn close_saved(
     store: &Store,
     job_id: &str,
     status: JobStatus,
@@ -576,31 +585,64 @@ async fn close_saved_alerts(
         return Ok(());
     };
     let progress = store.keys().progress(job_id);
-    let mut get = redis::cmd("HGET");
-    get.arg(&progress).arg(ALERT_STATE_FIELD);
-    let Some(json) = store.query::<Option<String>>(&get).await? else {
-        return Ok(());
-    };
-    let mut state: AlertState = match serde_json::from_str(&json) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(job = %job_id, error = %e, "the saved alert state is unreadable; its alerts cannot be ended");
-            return Ok(());
-        }
-    };
-    let events = state.close_all(reason);
-    if events.is_empty() {
+    let mut get = redis::cmd("HMGET");
+    get.arg(&progress)
+        .arg(ALERT_STATE_FIELD)
+        .arg(ZONE_STATE_FIELD);
+    let saved: Vec<Option<String>> = store.query(&get).await?;
+    let field = |i: usize| saved.get(i).cloned().flatten();
+    let mut alerts = read_saved::<AlertState>(job_id, "alert", field(0));
+    let mut zones = read_saved::<WatchState>(job_id, "zone", field(1));
+    let alert_events = alerts
+        .as_mut()
+        .map(|s| s.close_all(reason))
+        .unwrap_or_default();
+    let zone_events = zones
+        .as_mut()
+        .map(|s| s.close_all(reason.as_str()))
+        .unwrap_or_default();
+    if alert_events.is_empty() && zone_events.is_empty() {
         return Ok(());
     }
-    store
-        .pipe::<redis::Value>(&alert_pipeline(store, job_id, &events, maxlen))
-        .await?;
+    let pipe = {
+        let mut pipe = redis::pipe();
+        let no_pictures = |_: &str| None;
+        let write = EventWrite::new(job_id, maxlen, &no_pictures);
+        add_alert_events(&mut pipe, store, &write, &alert_events);
+        add_zone_events(&mut pipe, store, &write, &zone_events);
+        pipe
+    };
+    store.pipe::<redis::Value>(&pipe).await?;
     let mut set = redis::cmd("HSET");
-    set.arg(&progress)
-        .arg(ALERT_STATE_FIELD)
-        .arg(serde_json::to_string(&state).unwrap_or_default());
+    set.arg(&progress);
+    if let Some(state) = alerts.filter(|_| !alert_events.is_empty()) {
+        set.arg(ALERT_STATE_FIELD)
+            .arg(serde_json::to_string(&state).unwrap_or_default());
+    }
+    if let Some(state) = zones.filter(|_| !zone_events.is_empty()) {
+        set.arg(ZONE_STATE_FIELD)
+            .arg(serde_json::to_string(&state).unwrap_or_default());
+        for (field, n) in state.counts() {
+            set.arg(field).arg(n);
+        }
+    }
     store.query::<redis::Value>(&set).await?;
     Ok(())
+}
+
+/// A state saved as JSON in a job's progress hash (`what`: alert, tracker, zone, ...);
+/// `None` when there is none, or when it cannot be read (said in the log: a delivery
+/// starts that state afresh, and its open events cannot be ended).
+pub fn read_saved<T: serde::de::DeserializeOwned>(
+    job_id: &str,
+    what: &str,
+    json: Option<String>,
+) -> Option<T> {
+    serde_json::from_str(&json?)
+        .inspect_err(|e| {
+            tracing::warn!(job = %job_id, error = %e, "the saved {what} state is unreadable; it is left out");
+        })
+        .ok()
 }
 
 #[cfg(test)]
@@ -614,21 +656,63 @@ mod tests {
 
     /// The progress HSET of one write, as the words it sends.
     fn progress_words(progress: &Progress) -> Vec<String> {
-        let pipe = sink().build(&[], progress);
-        let hset = pipe
-            .cmd_iter()
-            .find(|c| {
+        words(&sink().build(&[], progress))
+            .into_iter()
+            .find(|c| c[0] == "HSET")
+            .expect("an HSET")
+    }
+
+    /// The words of every command of `pipe`.
+    fn words(pipe: &redis::Pipeline) -> Vec<Vec<String>> {
+        pipe.cmd_iter()
+            .map(|c| {
                 c.args_iter()
-                    .next()
-                    .is_some_and(|a| matches!(a, redis::Arg::Simple(b"HSET")))
-            })
-            .expect("an HSET");
-        hset.args_iter()
-            .map(|a| match a {
-                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
-                _ => String::new(),
+                    .map(|a| match a {
+                        redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                        _ => String::new(),
+                    })
+                    .collect()
             })
             .collect()
+    }
+
+    fn enter(track_id: u64) -> ZoneEvent {
+        ZoneEvent {
+            kind: crate::zones::watch::EventKind::Enter,
+            event_id: format!("zone:dock:{track_id}:3"),
+            place: "dock".into(),
+            track_id,
+            label: "red".into(),
+            frame: 3,
+            capture_ms: 300,
+            dwell_ms: None,
+            direction: None,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn an_event_names_its_picture_only_when_the_write_stores_it() {
+        let pictured = snapshot_name("enter", &zone_alert_id("cam", &enter(1)));
+        let progress = Progress {
+            zones: Some(ZoneWrite {
+                events: vec![enter(1), enter(2)],
+                maxlen: 100,
+                ..Default::default()
+            }),
+            pictures: Some(PictureWrite {
+                snapshots: vec![(pictured.clone(), Bytes::from_static(b"jpeg"))],
+                latest: None,
+                ttl_s: 60,
+            }),
+            ..Default::default()
+        };
+        let adds = words(&sink().events(&progress).expect("two events"));
+        assert_eq!(adds.len(), 2);
+        let at = adds[0].iter().position(|w| w == "snapshot").expect("named");
+        assert_eq!(adds[0][at + 1], format!("{{fr:cam}}:snap:{pictured}"));
+        assert!(!adds[1].iter().any(|w| w == "snapshot"), "{:?}", adds[1]);
+        assert!(sink().events(&Progress::default()).is_none());
     }
 
     #[test]

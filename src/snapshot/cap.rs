@@ -1,4 +1,6 @@
-//! The per-job cap on snapshots: at most `SNAPSHOTS_PER_MIN` in any minute.
+//! The per-job cap on snapshots: at most `SNAPSHOTS_PER_MIN` in any minute, across the
+//! job's deliveries (its window is saved with the job, so a job taken over goes on
+//! counting where it was).
 
 use std::collections::VecDeque;
 
@@ -21,7 +23,23 @@ impl RateCap {
         }
     }
 
-    /// Whether a snapshot may be taken at `now_ms` (a monotonic clock); counts it if so.
+    /// Goes on from `taken`, the times of the snapshots taken (a saved [`Self::taken`]).
+    pub fn resume(per_minute: u32, mut taken: Vec<i64>) -> Self {
+        taken.sort_unstable();
+        Self {
+            per_minute: per_minute as usize,
+            taken: taken.into(),
+        }
+    }
+
+    /// When each snapshot of the window was taken, oldest first: what a delivery taking
+    /// the job over goes on from.
+    pub fn taken(&self) -> Vec<i64> {
+        self.taken.iter().copied().collect()
+    }
+
+    /// Whether a snapshot may be taken at `now_ms` (wall-clock milliseconds, which every
+    /// worker shares); counts it if so.
     pub fn take(&mut self, now_ms: i64) -> bool {
         while self.taken.front().is_some_and(|t| now_ms - t >= WINDOW_MS) {
             self.taken.pop_front();
@@ -49,6 +67,17 @@ mod tests {
         assert!(cap.take(60_010));
         assert!(cap.take(60_020));
         assert!(!cap.take(60_030));
+    }
+
+    #[test]
+    fn a_resumed_cap_goes_on_counting_the_saved_window() {
+        let mut cap = RateCap::new(2);
+        assert!(cap.take(1_000) && cap.take(2_000));
+        let mut next = RateCap::resume(2, cap.taken());
+        assert!(!next.take(30_000), "the window saved is still full");
+        assert!(next.take(61_000));
+        assert_eq!(next.taken(), [2_000, 61_000]);
+        assert!(RateCap::resume(1, vec![]).take(0));
     }
 
     #[test]

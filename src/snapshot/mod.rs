@@ -22,13 +22,24 @@ use imageproc::rect::Rect;
 use serde_json::Value;
 use std::sync::LazyLock;
 
-/// The largest picture kept (720p): a larger frame is scaled down to fit, so that a
-/// snapshot stays near 100 KB at [`JPEG_QUALITY`].
+/// The largest picture kept (720p): a larger frame is scaled down to fit.
 pub const MAX_SIZE: (u32, u32) = (1280, 720);
 
-/// JPEG quality of every snapshot: a 720p camera picture with its drawing comes to about
-/// 100 KB or less (65 to 92 KB on the benchmark pictures).
-pub const JPEG_QUALITY: i32 = 60;
+/// The most bytes a picture takes (about 100 KB): a picture that does not fit at one
+/// quality of [`QUALITIES`] is tried at the next, and at the last one it is scaled down.
+pub const MAX_BYTES: usize = 100_000;
+
+/// JPEG qualities tried in turn. A 720p camera picture with its drawing fits at the first
+/// (65 to 92 KB on the benchmark pictures); a noisy one needs a lower one, or a smaller
+/// picture.
+pub const QUALITIES: [i32; 4] = [60, 50, 40, 30];
+
+/// The smallest share of its sides a picture is scaled to in one step, so that a picture
+/// whose size estimate misleads still shrinks quickly.
+const MIN_SHRINK: f32 = 0.5;
+
+/// The smallest side a picture is scaled down to: below it, what fits is not worth seeing.
+const MIN_SIDE: u32 = 64;
 
 /// The colour of zone outlines and names.
 pub const ZONE_COLOUR: Rgb<u8> = Rgb([255, 200, 0]);
@@ -80,7 +91,7 @@ pub fn snapshot_jpeg(
     places: &Places,
 ) -> Result<Vec<u8>, SnapshotError> {
     let picture = annotate(frame, output, places)?;
-    encode_jpeg(&picture)
+    encode_within(picture, MAX_BYTES)
 }
 
 /// `frame` (fitted to [`MAX_SIZE`]) with `places` and the boxes of `output` drawn on it.
@@ -107,11 +118,38 @@ pub fn annotate(
     Ok(picture)
 }
 
-/// Encodes `picture` as a JPEG at [`JPEG_QUALITY`] (libjpeg-turbo, as the OpenAI model's
-/// frames are).
-pub fn encode_jpeg(picture: &RgbImage) -> Result<Vec<u8>, SnapshotError> {
+/// `picture` as a JPEG of at most `max_bytes`: at the first of [`QUALITIES`] it fits at,
+/// else at the last one, scaled down until it fits (to no less than [`MIN_SIDE`], where
+/// it is kept as it comes).
+pub fn encode_within(picture: RgbImage, max_bytes: usize) -> Result<Vec<u8>, SnapshotError> {
+    let mut jpeg = Vec::new();
+    for quality in QUALITIES {
+        jpeg = encode_jpeg(&picture, quality)?;
+        if jpeg.len() <= max_bytes {
+            return Ok(jpeg);
+        }
+    }
+    let lowest = QUALITIES[QUALITIES.len() - 1];
+    let mut picture = picture;
+    while jpeg.len() > max_bytes && picture.width().min(picture.height()) > MIN_SIDE {
+        // A JPEG's size follows its pixel count; aim a little under the cap.
+        let short = picture.width().min(picture.height()) as f32;
+        let shrink = (0.9 * max_bytes as f32 / jpeg.len() as f32)
+            .sqrt()
+            .clamp(MIN_SHRINK, 1.0)
+            .max(MIN_SIDE as f32 / short);
+        let side = |s: u32| ((s as f32 * shrink).round() as u32).max(1);
+        picture = imageops::thumbnail(&picture, side(picture.width()), side(picture.height()));
+        jpeg = encode_jpeg(&picture, lowest)?;
+    }
+    Ok(jpeg)
+}
+
+/// Encodes `picture` as a JPEG at `quality` (libjpeg-turbo, as the OpenAI model's frames
+/// are).
+pub fn encode_jpeg(picture: &RgbImage, quality: i32) -> Result<Vec<u8>, SnapshotError> {
     let mut compressor = turbojpeg::Compressor::new()?;
-    compressor.set_quality(JPEG_QUALITY)?;
+    compressor.set_quality(quality)?;
     compressor.set_subsamp(turbojpeg::Subsamp::Sub2x2)?;
     let image = turbojpeg::Image {
         pixels: picture.as_raw().as_slice(),
@@ -310,14 +348,67 @@ mod tests {
         assert_eq!(*picture.get_pixel(400, 36), ZONE_COLOUR);
     }
 
+    /// A 1080p frame: a smooth gradient, with noise of up to `noise` levels per channel.
+    fn frame_1080p(noise: u32) -> Frame {
+        let (w, h) = (1920u32, 1080u32);
+        let mut seed = 0x9e37_79b9_u32;
+        let mut rgb = Vec::with_capacity((w * h * 3) as usize);
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3 {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    let grain = if noise == 0 {
+                        0
+                    } else {
+                        (seed >> 8) % (2 * noise + 1)
+                    };
+                    let base = (x * 200 / w + y * 40 / h + c * 10) as i64;
+                    rgb.push((base + grain as i64 - noise as i64).clamp(0, 255) as u8);
+                }
+            }
+        }
+        Frame::new(w, h, Bytes::from(rgb)).unwrap()
+    }
+
     #[test]
-    fn a_frame_larger_than_720p_is_fitted_and_stays_small() {
-        let (w, h) = (1920, 1080);
-        let rgb: Vec<u8> = (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect();
-        let frame = Frame::new(w, h, Bytes::from(rgb)).unwrap();
+    fn a_camera_like_1080p_frame_is_fitted_to_720p_at_the_first_quality() {
+        let frame = frame_1080p(0);
         let jpeg = snapshot_jpeg(&frame, None, &no_places()).unwrap();
         let picture = image::load_from_memory(&jpeg).unwrap();
         assert_eq!((picture.width(), picture.height()), MAX_SIZE);
+        let fitted = annotate(&frame, None, &no_places()).unwrap();
+        assert_eq!(jpeg, encode_jpeg(&fitted, QUALITIES[0]).unwrap());
+    }
+
+    #[test]
+    fn a_noisy_1080p_frame_stays_under_the_cap() {
+        let frame = frame_1080p(60);
+        let output = json!({"detections": [
+            {"label": "car", "box": [400.0, 300.0, 900.0, 700.0], "track_id": 2}
+        ]});
+        let fitted = annotate(&frame, Some(&output), &no_places()).unwrap();
+        let first = encode_jpeg(&fitted, QUALITIES[0]).unwrap();
+        assert!(
+            first.len() > MAX_BYTES,
+            "the frame is noisy enough: {}",
+            first.len()
+        );
+        let jpeg = snapshot_jpeg(&frame, Some(&output), &no_places()).unwrap();
+        assert!(jpeg.len() <= MAX_BYTES, "{} bytes", jpeg.len());
+        let picture = image::load_from_memory(&jpeg).unwrap();
+        // Scaled down, if at all, keeping its shape.
+        let (w, h) = (picture.width(), picture.height());
+        assert!(w <= MAX_SIZE.0 && w >= MIN_SIDE, "{w}x{h}");
+        assert!((w as f32 / h as f32 - 16.0 / 9.0).abs() < 0.05, "{w}x{h}");
+    }
+
+    #[test]
+    fn a_picture_that_cannot_shrink_further_is_kept_as_it_comes() {
+        // Halved, then down to the smallest side, keeping its shape.
+        let picture = annotate(&grey_frame(200, 150), None, &no_places()).unwrap();
+        let jpeg = encode_within(picture, 10).unwrap();
+        let back = image::load_from_memory(&jpeg).unwrap();
+        assert_eq!((back.width(), back.height()), (85, MIN_SIDE));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! A running job's pictures: the frames it holds for them until they are answered, which
-//! events get one (the per-minute cap), and when the latest annotated frame is due.
+//! events get one (the per-minute cap, whose window the job saves so that it holds across
+//! deliveries), and when the latest annotated frame is due.
 //!
 //! The frames are the ones the job already has (their pixels are shared, not copied);
 //! drawing and encoding happen later, off the job's loop, for the shots taken here.
@@ -10,7 +11,7 @@ use crate::zones::Places;
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Frames held at most: those with the model and those the scene gate is holding back.
 /// Older ones are let go (an event on them gets no picture).
@@ -33,27 +34,46 @@ pub struct Shot {
 pub struct Pictures {
     places: Arc<Places>,
     cap: RateCap,
+    /// The cap counted a picture since its window was last taken to be saved.
+    cap_changed: bool,
     /// `None` when the latest frame is off.
     interval: Option<Duration>,
     latest_at: Option<Instant>,
-    started: Instant,
     frames: VecDeque<Frame>,
     shots: Vec<Shot>,
 }
 
 impl Pictures {
     /// `None` when both the event pictures (`per_minute` 0) and the latest frame
-    /// (`interval` 0) are off.
-    pub fn new(per_minute: u32, interval: Duration, places: Places) -> Option<Self> {
+    /// (`interval` 0) are off. `taken` is the cap's window an earlier delivery saved
+    /// ([`Self::take_cap`]), empty for a first one.
+    pub fn new(
+        per_minute: u32,
+        interval: Duration,
+        places: Places,
+        taken: Vec<i64>,
+    ) -> Option<Self> {
         (per_minute > 0 || !interval.is_zero()).then(|| Self {
             places: Arc::new(places),
-            cap: RateCap::new(per_minute),
+            cap: RateCap::resume(per_minute, taken),
+            cap_changed: false,
             interval: (!interval.is_zero()).then_some(interval),
             latest_at: None,
-            started: Instant::now(),
             frames: VecDeque::new(),
             shots: Vec::new(),
         })
+    }
+
+    /// The cap's window (when each picture of the last minute was taken, in wall-clock
+    /// milliseconds) to save with the job, if it changed since the last call.
+    pub fn take_cap(&mut self) -> Option<Vec<i64>> {
+        std::mem::take(&mut self.cap_changed).then(|| self.cap.taken())
+    }
+
+    /// A write that was to save [`Self::take_cap`]'s window failed: it is saved again
+    /// with the next.
+    pub fn cap_unsaved(&mut self) {
+        self.cap_changed = true;
     }
 
     /// Keeps a frame the job took until it is answered (a shared buffer, not a copy).
@@ -85,11 +105,12 @@ impl Pictures {
             return;
         };
         let now = Instant::now();
-        let at_ms = now.duration_since(self.started).as_millis() as i64;
+        let at_ms = wall_ms();
         let names: Vec<String> = events
             .into_iter()
             .filter(|_| self.cap.take(at_ms))
             .collect();
+        self.cap_changed |= !names.is_empty();
         let latest = answered
             && self.interval.is_some_and(|every| {
                 self.latest_at
@@ -116,6 +137,14 @@ impl Pictures {
     }
 }
 
+/// Milliseconds since the Unix epoch: the cap's clock, shared by every worker a job may
+/// move to (a monotonic clock is not).
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,7 +163,13 @@ mod tests {
             zones: Vec::new(),
             lines: Vec::new(),
         };
-        Pictures::new(per_minute, Duration::from_millis(interval_ms), places).unwrap()
+        Pictures::new(
+            per_minute,
+            Duration::from_millis(interval_ms),
+            places,
+            Vec::new(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -154,6 +189,30 @@ mod tests {
         p.answered(2, true, vec!["d".into()], || None);
         assert!(p.take().is_empty(), "the cap is spent for this minute");
         assert!(p.frames.is_empty());
+    }
+
+    #[test]
+    fn the_cap_window_is_saved_when_it_counts_and_a_taken_over_job_goes_on_from_it() {
+        let mut p = pictures(2, 0);
+        assert_eq!(p.take_cap(), None);
+        for i in 0..3 {
+            p.hold(&frame(i));
+        }
+        p.answered(0, true, vec![], || None);
+        assert_eq!(p.take_cap(), None, "no picture counted");
+        p.answered(1, true, vec!["a".into(), "b".into()], || None);
+        let window = p.take_cap().expect("two pictures counted");
+        assert_eq!(window.len(), 2);
+        assert_eq!(p.take_cap(), None, "saved once");
+        p.cap_unsaved();
+        assert_eq!(p.take_cap().as_deref(), Some(&window[..]));
+        // The next delivery, within the minute: the cap is spent.
+        let places = p.places.as_ref().clone();
+        let mut next = Pictures::new(2, Duration::ZERO, places, window).unwrap();
+        next.hold(&frame(5));
+        next.answered(5, true, vec!["c".into()], || None);
+        assert!(next.take().is_empty());
+        assert_eq!(next.take_cap(), None);
     }
 
     #[test]
@@ -177,6 +236,7 @@ mod tests {
             p.hold(&frame(i));
         }
         assert_eq!(p.frames.len(), HELD_FRAMES);
-        assert!(Pictures::new(0, Duration::ZERO, pictures(1, 0).places.as_ref().clone()).is_none());
+        let places = pictures(1, 0).places.as_ref().clone();
+        assert!(Pictures::new(0, Duration::ZERO, places, Vec::new()).is_none());
     }
 }

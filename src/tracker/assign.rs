@@ -33,22 +33,15 @@ pub struct Assignment {
 /// Matches `rows` (predicted track boxes) with `cols` (detected boxes) by the greatest
 /// total IoU, keeping pairs whose IoU is at least `min_iou`.
 pub fn associate(rows: &[[f64; 4]], cols: &[[f64; 4]], min_iou: f64) -> Assignment {
-    let (n, m) = (rows.len(), cols.len());
-    let mut matrix = vec![0f32; n * m];
-    for (i, r) in rows.iter().enumerate() {
-        for (j, c) in cols.iter().enumerate() {
-            matrix[i * m + j] = iou(r, c);
-        }
-    }
     // The reference compares the f32 IoU with the threshold in f32.
     let threshold = min_iou as f32;
-    let mut row_taken = vec![false; n];
-    let mut col_taken = vec![false; m];
+    let mut row_taken = vec![false; rows.len()];
+    let mut col_taken = vec![false; cols.len()];
     let mut matched = Vec::new();
-    for (group_rows, group_cols) in groups(&matrix, n, m, threshold <= 0.0) {
-        for (gi, gj) in solve(&matrix, m, &group_rows, &group_cols) {
-            let (i, j) = (group_rows[gi], group_cols[gj]);
-            if matrix[i * m + j] >= threshold {
+    for problem in problems(rows, cols, threshold <= 0.0) {
+        for (gi, gj) in solve(&problem) {
+            if problem.iou(gi, gj) >= threshold {
+                let (i, j) = (problem.rows[gi], problem.cols[gj]);
                 matched.push((i, j));
                 row_taken[i] = true;
                 col_taken[j] = true;
@@ -64,17 +57,67 @@ pub fn associate(rows: &[[f64; 4]], cols: &[[f64; 4]], min_iou: f64) -> Assignme
     }
 }
 
+/// One group of rows and columns to match among themselves (ascending), with the IoU of
+/// each of their pairs.
+struct Problem {
+    rows: Vec<usize>,
+    cols: Vec<usize>,
+    /// `rows.len()` x `cols.len()`, row-major; 0 for the pairs that do not overlap.
+    ious: Vec<f32>,
+}
+
+impl Problem {
+    fn iou(&self, gi: usize, gj: usize) -> f32 {
+        self.ious[gi * self.cols.len() + gj]
+    }
+}
+
+/// The pairs of `rows` and `cols` that overlap (IoU above 0), with their IoU: the columns
+/// sorted by left edge, each row tries only those that start within its reach, rather
+/// than every pair.
+fn overlapping(rows: &[[f64; 4]], cols: &[[f64; 4]]) -> Vec<(usize, usize, f32)> {
+    let mut by_left: Vec<usize> = (0..cols.len()).collect();
+    by_left.sort_unstable_by(|&a, &b| cols[a][0].total_cmp(&cols[b][0]));
+    let widest = cols.iter().map(|c| c[2] - c[0]).fold(0.0, f64::max);
+    let mut pairs = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        // A column overlapping `r` ends right of r's left edge, so it starts right of
+        // that edge less the widest column; and it starts left of r's right edge.
+        let from = by_left.partition_point(|&j| cols[j][0] <= r[0] - widest);
+        for &j in &by_left[from..] {
+            if cols[j][0] >= r[2] {
+                break;
+            }
+            let v = iou(r, &cols[j]);
+            if v > 0.0 {
+                pairs.push((i, j, v));
+            }
+        }
+    }
+    pairs
+}
+
 /// The connected groups of rows and columns linked by overlapping pairs (every row and
 /// column in one group when `all_pairs`, as a threshold of 0 lets any pair match). Rows
-/// and columns that overlap nothing are in no group.
-fn groups(matrix: &[f32], n: usize, m: usize, all_pairs: bool) -> Vec<(Vec<usize>, Vec<usize>)> {
+/// and columns that overlap nothing are in no group. Groups come in the order of their
+/// first row (or column), their rows and columns ascending.
+fn problems(rows: &[[f64; 4]], cols: &[[f64; 4]], all_pairs: bool) -> Vec<Problem> {
+    let (n, m) = (rows.len(), cols.len());
     if all_pairs {
-        return if n > 0 && m > 0 {
-            vec![((0..n).collect(), (0..m).collect())]
-        } else {
-            Vec::new()
-        };
+        if n == 0 || m == 0 {
+            return Vec::new();
+        }
+        let ious = rows
+            .iter()
+            .flat_map(|r| cols.iter().map(move |c| iou(r, c)))
+            .collect();
+        return vec![Problem {
+            rows: (0..n).collect(),
+            cols: (0..m).collect(),
+            ious,
+        }];
     }
+    let pairs = overlapping(rows, cols);
     // Union-find over rows (0..n) and columns (n..n + m).
     let mut parent: Vec<usize> = (0..n + m).collect();
     fn root(parent: &mut [usize], mut k: usize) -> usize {
@@ -85,44 +128,57 @@ fn groups(matrix: &[f32], n: usize, m: usize, all_pairs: bool) -> Vec<(Vec<usize
         k
     }
     let mut linked = vec![false; n + m];
-    for i in 0..n {
-        for j in 0..m {
-            if matrix[i * m + j] > 0.0 {
-                let (a, b) = (root(&mut parent, i), root(&mut parent, n + j));
-                parent[a] = b;
-                linked[i] = true;
-                linked[n + j] = true;
-            }
-        }
+    for &(i, j, _) in &pairs {
+        let (a, b) = (root(&mut parent, i), root(&mut parent, n + j));
+        parent[a] = b;
+        linked[i] = true;
+        linked[n + j] = true;
     }
     let mut by_root: Vec<Option<usize>> = vec![None; n + m];
-    let mut out: Vec<(Vec<usize>, Vec<usize>)> = Vec::new();
+    // Each row's and column's group and place in it.
+    let mut place = vec![(0usize, 0usize); n + m];
+    let mut out: Vec<Problem> = Vec::new();
     for k in (0..n + m).filter(|&k| linked[k]) {
         let r = root(&mut parent, k);
         let g = *by_root[r].get_or_insert_with(|| {
-            out.push((Vec::new(), Vec::new()));
+            out.push(Problem {
+                rows: Vec::new(),
+                cols: Vec::new(),
+                ious: Vec::new(),
+            });
             out.len() - 1
         });
-        if k < n {
-            out[g].0.push(k);
+        let members = if k < n {
+            &mut out[g].rows
         } else {
-            out[g].1.push(k - n);
-        }
+            &mut out[g].cols
+        };
+        place[k] = (g, members.len());
+        members.push(if k < n { k } else { k - n });
+    }
+    for p in &mut out {
+        p.ious = vec![0.0; p.rows.len() * p.cols.len()];
+    }
+    for (i, j, v) in pairs {
+        let ((g, gi), (_, gj)) = (place[i], place[n + j]);
+        let p = &mut out[g];
+        let width = p.cols.len();
+        p.ious[gi * width + gj] = v;
     }
     out
 }
 
 /// The assignment of one group maximising its summed IoU, as `(row, column)` positions
 /// within the group: every row matched when rows are fewer, else every column.
-fn solve(matrix: &[f32], m: usize, rows: &[usize], cols: &[usize]) -> Vec<(usize, usize)> {
-    if let ([_], [_]) = (rows, cols) {
+fn solve(p: &Problem) -> Vec<(usize, usize)> {
+    if let ([_], [_]) = (p.rows.as_slice(), p.cols.as_slice()) {
         return vec![(0, 0)];
     }
-    let value = |gi: usize, gj: usize| f64::from(matrix[rows[gi] * m + cols[gj]]);
-    if rows.len() <= cols.len() {
-        min_cost_assignment(rows.len(), cols.len(), |i, j| -value(i, j))
+    let value = |gi: usize, gj: usize| f64::from(p.iou(gi, gj));
+    if p.rows.len() <= p.cols.len() {
+        min_cost_assignment(p.rows.len(), p.cols.len(), |i, j| -value(i, j))
     } else {
-        min_cost_assignment(cols.len(), rows.len(), |j, i| -value(i, j))
+        min_cost_assignment(p.cols.len(), p.rows.len(), |j, i| -value(i, j))
             .into_iter()
             .map(|(j, i)| (i, j))
             .collect()
@@ -270,6 +326,39 @@ mod tests {
         let a = associate(&tracks, &dets, 0.1);
         assert_eq!(a.matched, vec![(0, 1), (1, 0)]);
         assert!(a.unmatched_rows.is_empty() && a.unmatched_cols.is_empty());
+    }
+
+    #[test]
+    fn the_overlapping_pairs_are_exactly_those_of_every_pair_with_an_iou() {
+        let mut seed = 99u64;
+        let mut next = |scale: f64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 11) as f64 / (1u64 << 53) as f64 * scale
+        };
+        let mut boxes = |k: usize| -> Vec<[f64; 4]> {
+            (0..k)
+                .map(|_| {
+                    let (x, y) = (next(500.0), next(300.0));
+                    [x, y, x + next(80.0), y + next(120.0)]
+                })
+                .collect()
+        };
+        let (rows, cols) = (boxes(60), boxes(70));
+        let mut every = Vec::new();
+        for (i, r) in rows.iter().enumerate() {
+            for (j, c) in cols.iter().enumerate() {
+                let v = iou(r, c);
+                if v > 0.0 {
+                    every.push((i, j, v));
+                }
+            }
+        }
+        let mut found = overlapping(&rows, &cols);
+        found.sort_by_key(|a| (a.0, a.1));
+        assert!(every.len() > 20, "a crowded scene: {}", every.len());
+        assert_eq!(found, every);
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! - **enter / leave**: a track's anchor goes inside / outside a zone (of a label the zone
 //!   counts). A track the tracker has let go (unseen for more frames than it keeps a lost
 //!   track) leaves every zone it was in, with `reason` `lost`; otherwise `reason` is `left`.
-//!   `leave` carries `dwell_ms`, capture time from the enter to the last frame inside.
+//!   `leave` carries `dwell_ms`, capture time from the enter to the last frame inside. When
+//!   the job ends, every track still inside a zone leaves it, with the job's end as
+//!   `reason`.
 //! - **loiter**: once per stay, when a track has been inside a zone with `loiter_s` that
 //!   long (frames the scene gate reused count: a still object is still there).
 //! - **cross**: a track's anchor passes from one side of a line to the other along a path
@@ -69,7 +71,7 @@ pub struct ZoneEvent {
     pub dwell_ms: Option<i64>,
     /// cross: the side reached, and the side left.
     pub direction: Option<(String, String)>,
-    /// leave: `left` or `lost`.
+    /// leave: `left`, `lost`, or why the job ended ([`WatchState::close_all`]).
     pub reason: Option<&'static str>,
 }
 
@@ -170,6 +172,37 @@ impl WatchState {
         });
         zones.chain(lines).collect()
     }
+
+    /// The job ends (`reason` says how): every track still inside a zone leaves it, as of
+    /// the last frame it was seen, and all tracks are forgotten. Closing again finds none.
+    pub fn close_all(&mut self, reason: &'static str) -> Vec<ZoneEvent> {
+        let ids: Vec<u64> = self.tracks.keys().copied().collect();
+        ids.into_iter()
+            .flat_map(|id| self.forget(id, reason))
+            .collect()
+    }
+
+    /// Track `id` leaves every zone it is in, with `reason`, and is forgotten.
+    fn forget(&mut self, id: u64, reason: &'static str) -> Vec<ZoneEvent> {
+        let Some(place) = self.tracks.remove(&id) else {
+            return Vec::new();
+        };
+        let mut events = Vec::with_capacity(place.stays.len());
+        for (zone, stay) in place.stays {
+            if let Some(count) = self.zones.get_mut(&zone) {
+                count.inside = count.inside.saturating_sub(1);
+            }
+            events.push(leave(
+                &zone,
+                id,
+                &place.label,
+                &stay,
+                place.last_frame,
+                reason,
+            ));
+        }
+        events
+    }
 }
 
 /// A job's zones and lines with their state.
@@ -228,14 +261,19 @@ impl ZoneWatch {
                     lines: BTreeMap::new(),
                 });
             (place.last_step, place.last_frame, place.last_ms) = (step, frame, capture_ms);
-            place.label = s.label.clone();
+            if place.label != s.label {
+                place.label.clone_from(&s.label);
+            }
+            // Every zone and line has its count from `new`: looked up, not made, per box.
             for zone in &self.places.zones {
-                let count = self.state.zones.entry(zone.name.clone()).or_default();
-                events.extend(zone_step(zone, count, place, s, frame, capture_ms));
+                if let Some(count) = self.state.zones.get_mut(&zone.name) {
+                    events.extend(zone_step(zone, count, place, s, frame, capture_ms));
+                }
             }
             for line in &self.places.lines {
-                let counts = self.state.lines.entry(line.name.clone()).or_default();
-                events.extend(line_step(line, counts, place, s, frame, capture_ms));
+                if let Some(counts) = self.state.lines.get_mut(&line.name) {
+                    events.extend(line_step(line, counts, place, s, frame, capture_ms));
+                }
             }
         }
         events.extend(self.loiters(frame, capture_ms));
@@ -298,26 +336,14 @@ impl ZoneWatch {
             .filter(|(_, p)| step - p.last_step > self.keep_unseen)
             .map(|(&id, _)| id)
             .collect();
-        let mut events = Vec::new();
-        for id in lost {
-            let Some(place) = self.state.tracks.remove(&id) else {
-                continue;
-            };
-            for (zone, stay) in place.stays {
-                if let Some(count) = self.state.zones.get_mut(&zone) {
-                    count.inside = count.inside.saturating_sub(1);
-                }
-                events.push(leave(
-                    &zone,
-                    id,
-                    &place.label,
-                    &stay,
-                    place.last_frame,
-                    "lost",
-                ));
-            }
-        }
-        events
+        lost.into_iter()
+            .flat_map(|id| self.state.forget(id, "lost"))
+            .collect()
+    }
+
+    /// The job ends: see [`WatchState::close_all`].
+    pub fn close_all(&mut self, reason: &'static str) -> Vec<ZoneEvent> {
+        self.state.close_all(reason)
     }
 }
 
@@ -417,7 +443,10 @@ fn line_step(
     } else {
         return None;
     };
-    let last = place.lines.entry(line.name.clone()).or_default();
+    if !place.lines.contains_key(&line.name) {
+        place.lines.insert(line.name.clone(), LineSide::default());
+    }
+    let last = place.lines.get_mut(&line.name)?;
     let crossed =
         last.side != 0 && last.side != side && segments_meet(last.at, s.anchor, line.from, line.to);
     let from = last.side;
@@ -588,6 +617,45 @@ mod tests {
             (Some(100), Some("lost"), 1)
         );
         assert_eq!(w.state().zones["dock"].inside, 0);
+    }
+
+    #[test]
+    fn tracks_inside_zones_leave_when_the_job_ends_and_only_once() {
+        let mut w = watch(30);
+        w.observe(0, 0, &at(150.0));
+        w.observe(1, 100, &at(160.0));
+        // Track 8 is seen outside every zone: it leaves nothing.
+        let outside = Sighting {
+            track_id: 8,
+            anchor: [20.0, 50.0],
+            ..at(0.0)[0].clone()
+        };
+        w.observe(2, 200, std::slice::from_ref(&outside));
+        let e = w.close_all("job_completed");
+        assert_eq!(kinds(&e), [("leave", "dock")]);
+        assert_eq!(
+            (e[0].track_id, e[0].frame, e[0].capture_ms, e[0].dwell_ms),
+            (7, 1, 100, Some(100)),
+            "as of the last frame the track was seen"
+        );
+        assert_eq!(e[0].reason, Some("job_completed"));
+        assert_eq!(
+            e[0].event_id, "zone:dock:7:0",
+            "the stay's enter names it alike"
+        );
+        assert_eq!(w.state().zones["dock"].inside, 0);
+        assert_eq!(w.state().zones["dock"].entered, 1);
+        assert!(w.close_all("job_completed").is_empty());
+        // As a saved state, read back by whoever ends a job no worker runs.
+        let mut again = watch(30);
+        again.observe(0, 0, &at(150.0));
+        let mut saved: WatchState =
+            serde_json::from_str(&serde_json::to_string(again.state()).unwrap()).unwrap();
+        assert_eq!(
+            kinds(&saved.close_all("job_cancelled")),
+            [("leave", "dock")]
+        );
+        assert_eq!(saved.counts()[0], ("zone:dock:in".to_string(), 0));
     }
 
     #[test]

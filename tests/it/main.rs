@@ -6,6 +6,7 @@ mod common;
 mod ingest_support;
 
 mod camera;
+mod camera_paths;
 mod cli;
 mod cluster;
 mod dashboard;

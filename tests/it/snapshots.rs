@@ -4,7 +4,7 @@
 //! the zone `enter` carry a `snapshot` whose key holds a JPEG of the frame with the box
 //! drawn; the per-minute cap leaves the later events without one; every picture expires;
 //! `free-roam snapshot` saves the job's latest frame and `free-roam alerts --save` each
-//! event's picture.
+//! event's picture. The cap holds for a job handed back and taken over within the minute.
 
 use crate::common::frames::{rgb_frame_xadd, yard};
 use crate::common::worker::StreamWorker;
@@ -55,14 +55,14 @@ fn produce(redis: &TestRedis, stop: CancellationToken) -> std::thread::JoinHandl
 
 /// A full worker with the test-colour model, its pictures capped at CAP a minute and its
 /// latest frame refreshed every 200 ms.
-fn start_worker(redis: &TestRedis, prefix: &str) -> StreamWorker {
+fn start_worker(redis: &TestRedis, prefix: &str, id: &str) -> StreamWorker {
     let cap = CAP.to_string();
     let overrides = [
         ("SNAPSHOTS_PER_MIN", cap.as_str()),
         ("SNAPSHOT_INTERVAL_MS", "200"),
     ];
     let model = Box::new(ColourTestModel::new(INPUT));
-    StreamWorker::start(&redis.url(), prefix, "a", model, &overrides)
+    StreamWorker::start(&redis.url(), prefix, id, model, &overrides)
 }
 
 fn get_bytes(redis: &TestRedis, key: &str) -> Option<Vec<u8>> {
@@ -96,14 +96,8 @@ fn left_edge(output: &serde_json::Value, scale: f64) -> (u32, u32, u64) {
     (x, y, d["track_id"].as_u64().unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn events_carry_pictures_of_their_frame_within_the_cap_and_the_latest_is_kept() {
-    let redis = TestRedis::start();
-    let p = unique_prefix();
-    let keys = Keys::new(&p);
-    let worker = start_worker(&redis, &p);
-    let stop = CancellationToken::new();
-    let producer = produce(&redis, stop.clone());
+/// Submits the job `gate`: the yard's zone and line on the frames, looking for red.
+fn submit(redis: &TestRedis, keys: &Keys) {
     let _: String = redis.cmd(&[
         "XADD",
         keys.jobs().as_str(),
@@ -123,6 +117,27 @@ async fn events_carry_pictures_of_their_frame_within_the_cap_and_the_latest_is_k
         "zone_units",
         "normalised",
     ]);
+}
+
+/// The job's events that may carry a picture, in order, each as its fields.
+fn picture_events(redis: &TestRedis, keys: &Keys) -> Vec<HashMap<String, String>> {
+    redis
+        .xrange(&keys.alerts())
+        .into_iter()
+        .map(|(_, f)| f)
+        .filter(|f| ["start", "enter", "leave", "cross", "loiter"].contains(&f["kind"].as_str()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_carry_pictures_of_their_frame_within_the_cap_and_the_latest_is_kept() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let keys = Keys::new(&p);
+    let worker = start_worker(&redis, &p, "a");
+    let stop = CancellationToken::new();
+    let producer = produce(&redis, stop.clone());
+    submit(&redis, &keys);
     let progress = keys.progress("gate");
     eventually(WAIT, "the box leaves the zone and crosses the line", || {
         redis.hget(&progress, "line:gate:east").as_deref() == Some("1")
@@ -159,12 +174,7 @@ async fn events_carry_pictures_of_their_frame_within_the_cap_and_the_latest_is_k
     worker.stop().await;
 
     // The events a picture may go with, in order: the first CAP have one, the rest none.
-    let events: Vec<HashMap<String, String>> = redis
-        .xrange(&keys.alerts())
-        .into_iter()
-        .map(|(_, f)| f)
-        .filter(|f| ["start", "enter", "leave", "cross", "loiter"].contains(&f["kind"].as_str()))
-        .collect();
+    let events = picture_events(&redis, &keys);
     assert!(events.len() > CAP, "more events than the cap: {events:#?}");
     let mut kinds: Vec<&str> = events[..CAP].iter().map(|e| e["kind"].as_str()).collect();
     kinds.sort();
@@ -205,4 +215,48 @@ async fn events_carry_pictures_of_their_frame_within_the_cap_and_the_latest_is_k
     let files = std::fs::read_dir(&saved).unwrap().count();
     assert_eq!(files, CAP);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_picture_cap_holds_across_a_hand_back() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let keys = Keys::new(&p);
+    let worker = start_worker(&redis, &p, "a");
+    let stop = CancellationToken::new();
+    let producer = produce(&redis, stop.clone());
+    submit(&redis, &keys);
+    let progress = keys.progress("gate");
+    // The first worker spends the minute's pictures on the start and the enter, saving
+    // the cap's window, then hands the job back; a second one goes on within the minute.
+    eventually(WAIT, "the cap is spent", || {
+        let window = redis.hget(&progress, "snapshot_cap").unwrap_or_default();
+        serde_json::from_str::<Vec<i64>>(&window).is_ok_and(|w| w.len() == CAP)
+    })
+    .await;
+    worker.stop().await;
+    assert_eq!(
+        redis.hget(&keys.job("gate"), "status").as_deref(),
+        Some("queued"),
+        "handed back"
+    );
+    let worker = start_worker(&redis, &p, "b");
+    eventually(WAIT, "the box crosses the line", || {
+        redis.hget(&progress, "line:gate:east").as_deref() == Some("1")
+    })
+    .await;
+    stop.cancel();
+    producer.join().unwrap();
+    worker.stop().await;
+    let events = picture_events(&redis, &keys);
+    let pictured: Vec<&str> = events
+        .iter()
+        .filter(|e| e.contains_key("snapshot"))
+        .map(|e| e["kind"].as_str())
+        .collect();
+    assert_eq!(pictured.len(), CAP, "{events:#?}");
+    assert!(
+        events.iter().any(|e| e["kind"] == "cross"),
+        "the second worker made events: {events:#?}"
+    );
 }

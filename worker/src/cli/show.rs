@@ -344,9 +344,13 @@ pub fn picture_file_name(kind: &str, alert_id: &str) -> String {
     format!("{name}.jpg")
 }
 
-/// One line per alert event.
+/// One line per alert event: a label's `start` or `end`, or a track's zone or line event.
 pub fn alert(f: &BTreeMap<String, String>) -> String {
     let g = |k: &str| f.get(k).map(String::as_str).unwrap_or("-");
+    match g("kind") {
+        "enter" | "leave" | "loiter" | "cross" => return zone_event(f),
+        _ => {}
+    }
     let reason = f
         .get("reason")
         .map(|r| format!(" ({r})"))
@@ -356,13 +360,45 @@ pub fn alert(f: &BTreeMap<String, String>) -> String {
         .map(|b| format!(" box={b}"))
         .unwrap_or_default();
     format!(
-        "{:<5}  job={}  {}  frames {}..{}  peak={}{peak_box}{reason}",
+        "{:<6}  job={}  {}  frames {}..{}  peak={}{peak_box}{reason}",
         g("kind"),
         g("job_id"),
         g("label"),
         g("first_frame"),
         g("last_frame"),
         g("peak_score"),
+    )
+}
+
+/// A zone or line event: who (label and track), where, and what it did there, e.g.
+/// `leave   job=yard  person #4  zone dock  frame 40  after 12.5s (left)` or
+/// `cross   job=yard  car #9  line gate  west -> east  frame 52`.
+fn zone_event(f: &BTreeMap<String, String>) -> String {
+    let g = |k: &str| f.get(k).map(String::as_str).unwrap_or("-");
+    let kind = g("kind");
+    let place = match kind {
+        "cross" => format!("line {}", g("line")),
+        _ => format!("zone {}", g("zone")),
+    };
+    let what = match kind {
+        "cross" => format!("  {} -> {}", g("from"), g("direction")),
+        _ => String::new(),
+    };
+    let dwell = f
+        .get("dwell_ms")
+        .and_then(|ms| ms.parse::<f64>().ok())
+        .map(|ms| format!("  after {:.1}s", ms / 1000.0))
+        .unwrap_or_default();
+    let reason = f
+        .get("reason")
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    format!(
+        "{kind:<6}  job={}  {} #{}  {place}{what}  frame {}{dwell}{reason}",
+        g("job_id"),
+        g("label"),
+        g("track_id"),
+        g("frame"),
     )
 }
 
@@ -376,6 +412,64 @@ mod tests {
         assert_eq!(
             picture_file_name("enter", "cam/1:zone:door 2:4:12"),
             "enter_cam_1_zone_door_2_4_12.jpg"
+        );
+    }
+
+    fn fields(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn zone_and_line_events_read_as_who_did_what_where() {
+        let common = [("job_id", "yard"), ("label", "person"), ("track_id", "4")];
+        let event = |more: &[(&str, &str)]| {
+            let mut f = fields(&common);
+            f.extend(fields(more));
+            alert(&f)
+        };
+        assert_eq!(
+            event(&[("kind", "enter"), ("zone", "dock"), ("frame", "12")]),
+            "enter   job=yard  person #4  zone dock  frame 12"
+        );
+        assert_eq!(
+            event(&[("kind", "loiter"), ("zone", "dock"), ("frame", "30")]),
+            "loiter  job=yard  person #4  zone dock  frame 30"
+        );
+        assert_eq!(
+            event(&[
+                ("kind", "leave"),
+                ("zone", "dock"),
+                ("frame", "40"),
+                ("dwell_ms", "12500"),
+                ("reason", "left")
+            ]),
+            "leave   job=yard  person #4  zone dock  frame 40  after 12.5s (left)"
+        );
+        assert_eq!(
+            event(&[
+                ("kind", "cross"),
+                ("line", "gate"),
+                ("frame", "52"),
+                ("direction", "east"),
+                ("from", "west")
+            ]),
+            "cross   job=yard  person #4  line gate  west -> east  frame 52"
+        );
+        // A label's alert keeps its own line.
+        let start = fields(&[
+            ("kind", "start"),
+            ("job_id", "yard"),
+            ("label", "red"),
+            ("first_frame", "3"),
+            ("last_frame", "4"),
+            ("peak_score", "0.9"),
+        ]);
+        assert_eq!(
+            alert(&start),
+            "start   job=yard  red  frames 3..4  peak=0.9"
         );
     }
 
