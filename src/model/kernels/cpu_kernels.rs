@@ -167,6 +167,13 @@ fn quick_gelu_body(values: &mut [f32]) {
 }
 
 #[inline(always)]
+fn silu_body(values: &mut [f32]) {
+    for v in values.iter_mut() {
+        *v /= 1.0 + exp(-*v);
+    }
+}
+
+#[inline(always)]
 fn gelu_erf_body(values: &mut [f32]) {
     for v in values.iter_mut() {
         *v *= (erf(*v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5;
@@ -211,6 +218,11 @@ fn softmax_row_body(row: &[f32], out: &mut [MaybeUninit<f32>]) {
 dispatched! {
     /// `x * sigmoid(1.702 x)` in place.
     pub fn quick_gelu_in_place(values: &mut [f32]) => quick_gelu_body
+}
+
+dispatched! {
+    /// SiLU, `x * sigmoid(x)`, in place.
+    pub fn silu_in_place(values: &mut [f32]) => silu_body
 }
 
 dispatched! {
