@@ -10,7 +10,9 @@
 //! `bench_conv shapes` prints the layers as JSON, which `scripts/bench-conv-pt.py` reads so
 //! that PyTorch times the same ones. `scripts/bench conv` runs both, alternately.
 //!
-//! `BENCH_BATCHES=1,4` sets the batch sizes (default 1 and 4).
+//! `BENCH_BATCHES=1,4` sets the batch sizes (default 1 and 4); `BENCH_LAYERS=1` adds a line
+//! per layer (`[in, out, kernel, stride, h, w, silu]` and its time in the median pass);
+//! `BENCH_SKIP_CANDLE=1` leaves candle's `conv2d` out.
 
 use candle_core::{Device, Module, Tensor};
 use free_roam::model::kernels::conv::{Conv2d, ConvActivation};
@@ -178,23 +180,27 @@ fn prepare(
         .collect()
 }
 
-/// Median time of the whole stack, and of each group within that pass, in ms.
-fn time_stack(prepared: &[Prepared], iters: usize) -> candle_core::Result<(f64, [f64; 3])> {
+/// The median pass over the stack: its total, each group's time within it, and each
+/// layer's, in ms.
+fn time_stack(prepared: &[Prepared], iters: usize) -> candle_core::Result<(f64, [f64; 3], Vec<f64>)> {
     let mut passes = Vec::with_capacity(iters);
     for pass in 0..iters + 1 {
         let mut groups = [0f64; 3];
+        let mut layers = Vec::with_capacity(prepared.len());
         for p in prepared {
             let start = Instant::now();
             drop(p.layer.forward(&p.input)?);
-            groups[p.group] += start.elapsed().as_secs_f64() * 1000.0;
+            let ms = start.elapsed().as_secs_f64() * 1000.0;
+            groups[p.group] += ms;
+            layers.push(ms);
         }
         // The first pass warms the caches and the allocator.
         if pass > 0 {
-            passes.push((groups.iter().sum::<f64>(), groups));
+            passes.push((groups.iter().sum::<f64>(), groups, layers));
         }
     }
     passes.sort_by(|a, b| a.0.total_cmp(&b.0));
-    Ok(passes[passes.len() / 2])
+    Ok(passes.swap_remove(passes.len() / 2))
 }
 
 fn batches() -> Result<Vec<usize>, Box<dyn std::error::Error>> {
@@ -237,10 +243,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         gflop(&layers),
         rayon::current_num_threads()
     );
+    let layer_lines = std::env::var_os("BENCH_LAYERS").is_some();
+    let skip_candle = std::env::var_os("BENCH_SKIP_CANDLE").is_some();
+    if skip_candle {
+        implementations.remove(0);
+    }
     for batch in batches()? {
         for &implementation in &implementations {
             let prepared = prepare(&layers, batch, implementation)?;
-            let (total, groups) = time_stack(&prepared, iters)?;
+            let (total, groups, times) = time_stack(&prepared, iters)?;
+            if layer_lines {
+                for (layer, ms) in layers.iter().zip(times) {
+                    println!("[candle {tag}] layer impl={} bs={batch} {layer:?} {ms:.2} ms", implementation.name());
+                }
+            }
             println!(
                 "[candle {tag}] conv-stack impl={} bs={batch} median={total:.1} ms \
                  per-image={:.1} ms 1x1={:.1} 3x3s1={:.1} 3x3s2={:.1}",

@@ -7,7 +7,7 @@ layers run under `torch.autocast("cpu", dtype=torch.bfloat16)`.
 
     python scripts/bench-conv-pt.py SHAPES_JSON [TAG] [ITERS] [f32|bf16]
 
-SHAPES_JSON is what `bench_conv shapes` prints: `[in, out, kernel, stride, h, w, silu]` per
+BENCH_LAYERS=1 adds a line per layer, as the candle side does. SHAPES_JSON is what `bench_conv shapes` prints: `[in, out, kernel, stride, h, w, silu]` per
 layer. Lines look like the candle side's:
 `[torch TAG] conv-stack impl=f32 bs=1 median=... ms per-image=... ms 1x1=... 3x3s1=... 3x3s2=...`
 """
@@ -51,14 +51,21 @@ def main():
         with torch.inference_mode(), precision():
             for i in range(iters + 1):
                 groups = [0.0, 0.0, 0.0]
+                times = []
                 for conv, act, x, g in prepared:
                     t = time.perf_counter()
                     act(conv(x))
-                    groups[g] += (time.perf_counter() - t) * 1000
+                    ms = (time.perf_counter() - t) * 1000
+                    groups[g] += ms
+                    times.append(ms)
                 if i > 0:
-                    passes.append((sum(groups), groups))
+                    passes.append((sum(groups), groups, times))
         passes.sort(key=lambda p: p[0])
-        total, groups = passes[len(passes) // 2]
+        total, groups, times = passes[len(passes) // 2]
+        if os.environ.get("BENCH_LAYERS"):
+            for layer, ms in zip(layers, times):
+                shape = "(" + ", ".join(str(v).lower() for v in layer) + ")"
+                print(f"[torch {tag}] layer impl={dtype} bs={batch} {shape} {ms:.2f} ms")
         print(
             f"[torch {tag}] conv-stack impl={dtype} bs={batch} median={total:.1f} ms "
             f"per-image={total / batch:.1f} ms 1x1={groups[0]:.1f} 3x3s1={groups[1]:.1f} "

@@ -123,6 +123,8 @@ impl Product {
 /// have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CpuProduct {
+    /// The f32 product of a build without MKL (tests run it in every build).
+    #[cfg_attr(feature = "mkl", allow(dead_code))]
     Gemm,
     #[cfg(feature = "mkl")]
     Mkl(MatmulPrecision),
@@ -800,8 +802,9 @@ mod mkl_filter {
                 return None;
             }
             // SAFETY: `filter` holds out × depth values, row-major (ld = depth), and `data`
-            // has the size MKL asked for.
-            unsafe {
+            // has the size MKL asked for. On this thread: a threaded pack would leave MKL's
+            // OpenMP threads spinning on the cores the layers load next to it need.
+            on_this_thread(|| unsafe {
                 match precision {
                     MatmulPrecision::F32 => cblas_sgemm_pack(
                         ROW_MAJOR,
@@ -831,7 +834,7 @@ mod mkl_filter {
                         )
                     }
                 }
-            }
+            });
             Some(Self {
                 data,
                 layout,
