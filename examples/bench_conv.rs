@@ -6,7 +6,8 @@
 //! convolutions' alone.
 //!
 //! `bench_conv [TAG] [ITERS]` prints lines like
-//! `[candle TAG] conv-stack impl=f32 bs=1 median=... ms 1x1=... 3x3s1=... 3x3s2=...`;
+//! `[candle TAG] conv-stack impl=f32 bs=1 median=... ms 1x1=... 3x3s1=... 3x3s2=... best=...`
+//! (the median pass over the stack, its groups, and the sum of each layer's fastest pass);
 //! `bench_conv shapes` prints the layers as JSON, which `scripts/bench-conv-pt.py` reads so
 //! that PyTorch times the same ones. `scripts/bench conv` runs both, alternately.
 //!
@@ -182,7 +183,10 @@ fn prepare(
 
 /// The median pass over the stack: its total, each group's time within it, and each
 /// layer's, in ms.
-fn time_stack(prepared: &[Prepared], iters: usize) -> candle_core::Result<(f64, [f64; 3], Vec<f64>)> {
+fn time_stack(
+    prepared: &[Prepared],
+    iters: usize,
+) -> candle_core::Result<(f64, [f64; 3], Vec<f64>)> {
     let mut passes = Vec::with_capacity(iters);
     for pass in 0..iters + 1 {
         let mut groups = [0f64; 3];
@@ -201,6 +205,20 @@ fn time_stack(prepared: &[Prepared], iters: usize) -> candle_core::Result<(f64, 
     }
     passes.sort_by(|a, b| a.0.total_cmp(&b.0));
     Ok(passes.swap_remove(passes.len() / 2))
+}
+
+/// The sum over layers of each layer's fastest pass, in ms: the figure least moved by other
+/// work on a shared machine.
+fn best_sum(prepared: &[Prepared], iters: usize) -> candle_core::Result<f64> {
+    let mut best = vec![f64::INFINITY; prepared.len()];
+    for _ in 0..iters {
+        for (p, best) in prepared.iter().zip(best.iter_mut()) {
+            let start = Instant::now();
+            drop(p.layer.forward(&p.input)?);
+            *best = best.min(start.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(best.iter().sum())
 }
 
 fn batches() -> Result<Vec<usize>, Box<dyn std::error::Error>> {
@@ -252,14 +270,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for &implementation in &implementations {
             let prepared = prepare(&layers, batch, implementation)?;
             let (total, groups, times) = time_stack(&prepared, iters)?;
+            let best = best_sum(&prepared, iters)?;
             if layer_lines {
                 for (layer, ms) in layers.iter().zip(times) {
-                    println!("[candle {tag}] layer impl={} bs={batch} {layer:?} {ms:.2} ms", implementation.name());
+                    println!(
+                        "[candle {tag}] layer impl={} bs={batch} {layer:?} {ms:.2} ms",
+                        implementation.name()
+                    );
                 }
             }
             println!(
                 "[candle {tag}] conv-stack impl={} bs={batch} median={total:.1} ms \
-                 per-image={:.1} ms 1x1={:.1} 3x3s1={:.1} 3x3s2={:.1}",
+                 per-image={:.1} ms 1x1={:.1} 3x3s1={:.1} 3x3s2={:.1} best={best:.1} ms",
                 implementation.name(),
                 total / batch as f64,
                 groups[0],

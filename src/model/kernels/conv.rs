@@ -11,7 +11,9 @@
 //! MKL. Each image's output pixels are cut into tiles that rayon's threads share; a tile
 //! gathers its columns into a buffer that stays in the L2 cache, writes the bias into its
 //! output, runs the product onto it on its own thread and applies the activation, so the
-//! output is written once and read once more. candle's own `conv2d` (im2col into a full
+//! output is written once and read once more. With MKL, a stride-1 kernel larger than 1x1
+//! gathers nothing: it runs one product per kernel position over the padded input, shifted
+//! (`convolve_shifted`). candle's own `conv2d` (im2col into a full
 //! buffer, a product into a zeroed output, then separate single-threaded bias and
 //! activation passes) runs anything else: other devices and dtypes.
 
@@ -64,6 +66,12 @@ impl Geometry {
         self.kernel == 1 && self.stride == 1 && self.padding == 0
     }
 
+    /// A stride-1 kernel larger than 1x1: one product per kernel position over the padded
+    /// input shifted by that position, instead of gathered columns.
+    fn shifted(&self) -> bool {
+        self.kernel > 1 && self.stride == 1
+    }
+
     /// The output's spatial size for an input of `(h, w)`.
     fn output_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
         let (padded_h, padded_w) = (h + 2 * self.padding, w + 2 * self.padding);
@@ -95,6 +103,13 @@ enum Product {
         filter: mkl_filter::PackedFilter,
         bias: Vec<f32>,
     },
+    /// A stride-1 kernel larger than 1x1 as one packed `(out, in)` filter per kernel
+    /// position, for MKL (see [`convolve_shifted`]).
+    #[cfg(feature = "mkl")]
+    MklShifted {
+        filters: Vec<mkl_filter::PackedFilter>,
+        bias: Vec<f32>,
+    },
     /// Rounded to bf16 and packed for the own AVX512-BF16 product.
     #[cfg(target_arch = "x86_64")]
     OwnBf16 {
@@ -112,6 +127,11 @@ impl Product {
             Self::Mkl { filter, .. } => match filter.precision() {
                 MatmulPrecision::F32 => "mkl-f32",
                 MatmulPrecision::Bf16 => "mkl-bf16",
+            },
+            #[cfg(feature = "mkl")]
+            Self::MklShifted { filters, .. } => match filters[0].precision() {
+                MatmulPrecision::F32 => "mkl-f32-shifted",
+                MatmulPrecision::Bf16 => "mkl-bf16-shifted",
             },
             #[cfg(target_arch = "x86_64")]
             Self::OwnBf16 { .. } => "own-bf16",
@@ -281,9 +301,30 @@ fn pack(
         CpuProduct::Gemm => Ok(Product::Gemm { filter, bias }),
         #[cfg(feature = "mkl")]
         CpuProduct::Mkl(precision) => {
-            let filter = mkl_filter::PackedFilter::new(&filter, out, depth, precision)
-                .ok_or_else(|| candle_core::Error::Msg("convolution: MKL could not pack".into()))?;
-            Ok(Product::Mkl { filter, bias })
+            let packed = |filter: &[f32], depth| {
+                mkl_filter::PackedFilter::new(filter, out, depth, precision).ok_or_else(|| {
+                    candle_core::Error::Msg("convolution: MKL could not pack".into())
+                })
+            };
+            if geometry.shifted() {
+                let positions = geometry.kernel * geometry.kernel;
+                let filters = (0..positions)
+                    .map(|position| {
+                        let slice: Vec<f32> = filter
+                            .iter()
+                            .skip(position)
+                            .step_by(positions)
+                            .copied()
+                            .collect();
+                        packed(&slice, geometry.inp)
+                    })
+                    .collect::<Result<_>>()?;
+                return Ok(Product::MklShifted { filters, bias });
+            }
+            Ok(Product::Mkl {
+                filter: packed(&filter, depth)?,
+                bias,
+            })
         }
         #[cfg(target_arch = "x86_64")]
         CpuProduct::OwnBf16 => {
@@ -349,7 +390,13 @@ impl CustomOp1 for ConvOp<'_> {
             oh,
             ow,
         };
-        let out = convolve(&self.0.product, geometry, self.0.activation, &input, batch);
+        let out = match &*self.0.product {
+            #[cfg(feature = "mkl")]
+            Product::MklShifted { filters, bias } => {
+                convolve_shifted(filters, bias, geometry, self.0.activation, &input, batch)
+            }
+            product => convolve(product, geometry, self.0.activation, &input, batch),
+        };
         Ok((
             CpuStorage::F32(out),
             Shape::from((batch, geometry.out, oh, ow)),
@@ -451,6 +498,110 @@ fn convolve(
     out
 }
 
+/// A stride-1 convolution as `k²` products per tile, one per kernel position `(ky, kx)`,
+/// each of that position's `(out, in)` filter with the padded input shifted by `ky` rows
+/// and `kx` columns: with the output computed at the padded width (`k - 1` columns of each
+/// row are wasted), a shift is an offset into the padded planes, so the input is copied
+/// (and rounded to bf16) once instead of gathered `k²` times. Tiles are runs of output
+/// rows; each writes its bias, runs the products onto it and moves its rows, activated,
+/// into the output.
+#[cfg(feature = "mkl")]
+fn convolve_shifted(
+    filters: &[mkl_filter::PackedFilter],
+    bias: &[f32],
+    geometry: Geometry,
+    activation: ConvActivation,
+    input: &Input<'_>,
+    batch: usize,
+) -> Vec<f32> {
+    let Geometry {
+        out: channels,
+        inp,
+        kernel,
+        padding,
+        ..
+    } = geometry;
+    let (hp, wp) = (input.h + 2 * padding, input.w + 2 * padding);
+    let (oh, ow) = (input.oh, input.ow);
+    let plane = hp * wp;
+    // The last image's last rows read up to k - 1 values past its planes (into wasted
+    // columns only).
+    let mut padded = vec![0f32; batch * inp * plane + kernel];
+    padded[..batch * inp * plane]
+        .par_chunks_mut(plane)
+        .zip(input.data.par_chunks(input.h * input.w))
+        .for_each(|(padded, plane_in)| {
+            for (y, row) in plane_in.chunks_exact(input.w).enumerate() {
+                let start = (y + padding) * wp + padding;
+                padded[start..start + input.w].copy_from_slice(row);
+            }
+        });
+    let bf16 = filters[0].precision() == MatmulPrecision::Bf16;
+    let mut rounded = Vec::new();
+    if bf16 {
+        rounded = vec![0u16; padded.len()];
+        rounded
+            .par_chunks_mut(plane)
+            .zip(padded.par_chunks(plane))
+            .for_each(|(out, values)| cpu_kernels::round_to_bf16(values, out));
+    }
+    let wide_size = oh * wp;
+    let mut wide = vec![0f32; batch * channels * wide_size];
+    let mut out: Vec<f32> = Vec::with_capacity(batch * channels * oh * ow);
+    let rows = shifted_tile_rows(inp, wp, oh, batch);
+    let tiles_per_image = oh.div_ceil(rows);
+    let (wide_ptr, out_ptr) = (SendPtr(wide.as_mut_ptr()), SendPtr(out.as_mut_ptr()));
+    (0..batch * tiles_per_image)
+        .into_par_iter()
+        .for_each(|task| {
+            let (image, tile) = (task / tiles_per_image, task % tiles_per_image);
+            let (first, last) = (tile * rows, ((tile + 1) * rows).min(oh));
+            let width = (last - first) * wp;
+            // SAFETY: this task alone writes rows first..last of this image's wide output.
+            let target = Target {
+                out: unsafe { wide_ptr.at(image * channels * wide_size + first * wp) },
+                stride: wide_size,
+            };
+            target.fill_bias(bias, width);
+            let base = image * inp * plane + first * wp;
+            for (position, filter) in filters.iter().enumerate() {
+                let offset = base + (position / kernel) * wp + position % kernel;
+                if bf16 {
+                    filter.accumulate_bf16(&target, &rounded[offset..], plane, width);
+                } else {
+                    filter.accumulate_f32(&target, &padded[offset..], plane, width);
+                }
+            }
+            for channel in 0..channels {
+                // SAFETY: one wide row per output channel, this tile's width.
+                let wide_rows = unsafe { target.row(channel, width) };
+                for (y, wide_row) in wide_rows.chunks_exact(wp).enumerate() {
+                    let offset = ((image * channels + channel) * oh + first + y) * ow;
+                    // SAFETY: output row `first + y` of this channel and image: this
+                    // task's alone, inside the output's capacity.
+                    let row = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(offset), ow) };
+                    row.copy_from_slice(&wide_row[..ow]);
+                    if activation == ConvActivation::Silu {
+                        cpu_kernels::silu_in_place(row);
+                    }
+                }
+            }
+        });
+    // SAFETY: the tasks wrote every row of every output channel of every image.
+    unsafe { out.set_len(batch * channels * oh * ow) };
+    out
+}
+
+/// Output rows per tile of a shifted convolution: the tile's input rows (`in` channels of
+/// about as many padded rows) fit [`COLUMN_BYTES`], and every thread gets about two tiles.
+#[cfg(feature = "mkl")]
+fn shifted_tile_rows(inp: usize, wp: usize, oh: usize, batch: usize) -> usize {
+    let fits = COLUMN_BYTES / (inp * wp * 4);
+    let wanted_tiles = 2 * rayon::current_num_threads().max(1);
+    let per_image = wanted_tiles.div_ceil(batch).max(1);
+    fits.min(oh.div_ceil(per_image)).clamp(1, oh.max(1))
+}
+
 /// A run of one image's output pixels, in row-major pixel order.
 struct Tile<'a> {
     /// The image's `[in, h, w]` input.
@@ -537,6 +688,8 @@ fn run_tile(
         let (rhs, ldb) = right_hand(geometry, input, tile, columns);
         match product {
             Product::Candle { .. } => unreachable!("candle's layers do not come here"),
+            #[cfg(feature = "mkl")]
+            Product::MklShifted { .. } => unreachable!("shifted layers go by convolve_shifted"),
             Product::Gemm { filter, bias } => {
                 target.fill_bias(bias, width);
                 gemm_onto(filter, rhs, ldb, geometry, width, target)
@@ -548,7 +701,7 @@ fn run_tile(
                     MatmulPrecision::F32 => filter.accumulate_f32(target, rhs, ldb, width),
                     MatmulPrecision::Bf16 => ROUNDED.with_borrow_mut(|rounded| {
                         round_rows(rhs, ldb, geometry.depth(), width, rounded);
-                        filter.accumulate_bf16(target, rounded, width)
+                        filter.accumulate_bf16(target, rounded, width, width)
                     }),
                 }
             }
@@ -876,12 +1029,12 @@ mod mkl_filter {
             })
         }
 
-        /// `target += filter · rhs`, `rhs` bf16 `depth` rows of `width` values, on this
-        /// thread.
-        pub fn accumulate_bf16(&self, target: &Target, rhs: &[u16], width: usize) {
+        /// `target += filter · rhs`, `rhs` bf16 `depth` rows of `width` values `ldb` apart,
+        /// on this thread.
+        pub fn accumulate_bf16(&self, target: &Target, rhs: &[u16], ldb: usize, width: usize) {
             assert_eq!(self.precision, MatmulPrecision::Bf16);
-            assert_eq!(rhs.len(), self.depth as usize * width);
-            let (n, ldc) = (width as i32, target.stride as i32);
+            assert!(rhs.len() >= (self.depth as usize - 1) * ldb + width);
+            let (n, ldb, ldc) = (width as i32, ldb as i32, target.stride as i32);
             on_this_thread(|| {
                 // SAFETY: as in accumulate_f32.
                 unsafe {
@@ -896,7 +1049,7 @@ mod mkl_filter {
                         self.data as *const u16,
                         self.depth,
                         rhs.as_ptr(),
-                        n,
+                        ldb,
                         1.0,
                         target.out,
                         ldc,
