@@ -25,7 +25,8 @@ pub fn exp(x: f32) -> f32 {
     let x = x.clamp(LOWEST, 88.7);
     // Round to nearest by the 1.5 × 2^23 trick: unlike `round`, it vectorises everywhere.
     const ROUNDER: f32 = 12_582_912.0;
-    let n = (x * LOG2E + ROUNDER) - ROUNDER;
+    let shifted = x * LOG2E + ROUNDER;
+    let n = shifted - ROUNDER;
     let r = x - n * LN2_HI - n * LN2_LO;
     // Taylor coefficients 1/k! for k = 2..7 (Horner form): the first term left out is below
     // 1e-8 relative on the range.
@@ -36,10 +37,13 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 1.0 / 6.0;
     let p = p * r + 0.5;
     let p = p * r * r + r + 1.0;
+    // n as an integer, read from the low mantissa bits of `shifted` (ROUNDER + n, exact)
+    // rather than by `n as i32`: that cast saturates, which the compiler turned into
+    // scalar code, one value at a time, inside the AVX-512 loops (SiLU's profile).
+    let n = (shifted.to_bits() as i32).wrapping_sub(ROUNDER.to_bits() as i32);
     // n is in [-126, 128] after the clamp; 2^128 does not fit, so scale in two steps.
     // Wrapping arithmetic: it cannot overflow here, and builds with overflow checks (the
     // dev profile) would otherwise branch on every value and stop the loop vectorising.
-    let n = n as i32;
     let half = n >> 1;
     let scale_a = f32::from_bits((half.wrapping_add(127) as u32) << 23);
     let scale_b = f32::from_bits((n.wrapping_sub(half).wrapping_add(127) as u32) << 23);
@@ -167,6 +171,13 @@ fn quick_gelu_body(values: &mut [f32]) {
 }
 
 #[inline(always)]
+fn silu_body(values: &mut [f32]) {
+    for v in values.iter_mut() {
+        *v /= 1.0 + exp(-*v);
+    }
+}
+
+#[inline(always)]
 fn gelu_erf_body(values: &mut [f32]) {
     for v in values.iter_mut() {
         *v *= (erf(*v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5;
@@ -211,6 +222,11 @@ fn softmax_row_body(row: &[f32], out: &mut [MaybeUninit<f32>]) {
 dispatched! {
     /// `x * sigmoid(1.702 x)` in place.
     pub fn quick_gelu_in_place(values: &mut [f32]) => quick_gelu_body
+}
+
+dispatched! {
+    /// SiLU, `x * sigmoid(x)`, in place.
+    pub fn silu_in_place(values: &mut [f32]) => silu_body
 }
 
 dispatched! {

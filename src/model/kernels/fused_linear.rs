@@ -604,71 +604,15 @@ mod mkl_packed {
     use candle_core::{DType, Storage, Tensor};
     use std::alloc::Layout;
 
-    use crate::model::kernels::cblas::{NO_TRANSPOSE, PACKED, ROW_MAJOR, TRANSPOSE};
-    const B_MATRIX: i32 = 162;
+    use crate::model::kernels::cblas::{
+        B_MATRIX, NO_TRANSPOSE, PACKED, ROW_MAJOR, TRANSPOSE, cblas_gemm_bf16bf16f32_compute,
+        cblas_gemm_bf16bf16f32_pack, cblas_gemm_bf16bf16f32_pack_get_size, cblas_sgemm_compute,
+        cblas_sgemm_pack, cblas_sgemm_pack_get_size,
+    };
     /// The row count MKL is told to expect when packing. Packed for few rows, large products
     /// ran a third slower; packed for 400, products of 17 to 577 rows all ran faster than an
     /// unpacked call (CLIP's batch of 8 frames has 400 rows, BLIP's one frame 577).
     const ROWS_HINT: i32 = 512;
-
-    unsafe extern "C" {
-        fn cblas_sgemm_pack_get_size(identifier: i32, m: i32, n: i32, k: i32) -> usize;
-        fn cblas_sgemm_pack(
-            layout: i32,
-            identifier: i32,
-            trans: i32,
-            m: i32,
-            n: i32,
-            k: i32,
-            alpha: f32,
-            src: *const f32,
-            ld: i32,
-            dest: *mut f32,
-        );
-        fn cblas_sgemm_compute(
-            layout: i32,
-            transa: i32,
-            transb: i32,
-            m: i32,
-            n: i32,
-            k: i32,
-            a: *const f32,
-            lda: i32,
-            b: *const f32,
-            ldb: i32,
-            beta: f32,
-            c: *mut f32,
-            ldc: i32,
-        );
-        fn cblas_gemm_bf16bf16f32_pack_get_size(identifier: i32, m: i32, n: i32, k: i32) -> usize;
-        fn cblas_gemm_bf16bf16f32_pack(
-            layout: i32,
-            identifier: i32,
-            trans: i32,
-            m: i32,
-            n: i32,
-            k: i32,
-            src: *const u16,
-            ld: i32,
-            dest: *mut u16,
-        );
-        fn cblas_gemm_bf16bf16f32_compute(
-            layout: i32,
-            transa: i32,
-            transb: i32,
-            m: i32,
-            n: i32,
-            k: i32,
-            alpha: f32,
-            a: *const u16,
-            lda: i32,
-            b: *const u16,
-            ldb: i32,
-            beta: f32,
-            c: *mut f32,
-            ldc: i32,
-        );
-    }
 
     /// A `(out, in)` weight packed as the right-hand `Wᵀ` of `x Wᵀ`.
     pub struct PackedWeight {
