@@ -67,7 +67,8 @@ impl Geometry {
     }
 
     /// A stride-1 kernel larger than 1x1: one product per kernel position over the padded
-    /// input shifted by that position, instead of gathered columns.
+    /// input shifted by that position, instead of gathered columns (MKL's products only).
+    #[cfg(feature = "mkl")]
     fn shifted(&self) -> bool {
         self.kernel > 1 && self.stride == 1
     }
