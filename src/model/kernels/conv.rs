@@ -67,7 +67,8 @@ impl Geometry {
     }
 
     /// A stride-1 kernel larger than 1x1: one product per kernel position over the padded
-    /// input shifted by that position, instead of gathered columns.
+    /// input shifted by that position, instead of gathered columns (MKL's products only).
+    #[cfg(feature = "mkl")]
     fn shifted(&self) -> bool {
         self.kernel > 1 && self.stride == 1
     }
@@ -524,27 +525,8 @@ fn convolve_shifted(
     let (hp, wp) = (input.h + 2 * padding, input.w + 2 * padding);
     let (oh, ow) = (input.oh, input.ow);
     let plane = hp * wp;
-    // The last image's last rows read up to k - 1 values past its planes (into wasted
-    // columns only).
-    let mut padded = vec![0f32; batch * inp * plane + kernel];
-    padded[..batch * inp * plane]
-        .par_chunks_mut(plane)
-        .zip(input.data.par_chunks(input.h * input.w))
-        .for_each(|(padded, plane_in)| {
-            for (y, row) in plane_in.chunks_exact(input.w).enumerate() {
-                let start = (y + padding) * wp + padding;
-                padded[start..start + input.w].copy_from_slice(row);
-            }
-        });
     let bf16 = filters[0].precision() == MatmulPrecision::Bf16;
-    let mut rounded = Vec::new();
-    if bf16 {
-        rounded = vec![0u16; padded.len()];
-        rounded
-            .par_chunks_mut(plane)
-            .zip(padded.par_chunks(plane))
-            .for_each(|(out, values)| cpu_kernels::round_to_bf16(values, out));
-    }
+    let (padded, rounded) = padded_input(input, geometry, batch, bf16);
     let wide_size = oh * wp;
     let mut wide = vec![0f32; batch * channels * wide_size];
     let mut out: Vec<f32> = Vec::with_capacity(batch * channels * oh * ow);
@@ -590,6 +572,42 @@ fn convolve_shifted(
     // SAFETY: the tasks wrote every row of every output channel of every image.
     unsafe { out.set_len(batch * channels * oh * ow) };
     out
+}
+
+/// The input's planes with `padding` zeros around them, and `k` values to spare at the end
+/// (the last image's last rows read up to `k - 1` values past its planes, into wasted
+/// columns only); with `bf16`, rounded to bf16 as well (the f32 copy is then the caller's
+/// to drop).
+#[cfg(feature = "mkl")]
+fn padded_input(
+    input: &Input<'_>,
+    geometry: Geometry,
+    batch: usize,
+    bf16: bool,
+) -> (Vec<f32>, Vec<u16>) {
+    let padding = geometry.padding;
+    let (hp, wp) = (input.h + 2 * padding, input.w + 2 * padding);
+    let plane = hp * wp;
+    let planes = batch * geometry.inp;
+    let mut padded = vec![0f32; planes * plane + geometry.kernel];
+    padded[..planes * plane]
+        .par_chunks_mut(plane)
+        .zip(input.data.par_chunks(input.h * input.w))
+        .for_each(|(padded, plane_in)| {
+            for (y, row) in plane_in.chunks_exact(input.w).enumerate() {
+                let start = (y + padding) * wp + padding;
+                padded[start..start + input.w].copy_from_slice(row);
+            }
+        });
+    let mut rounded = Vec::new();
+    if bf16 {
+        rounded = vec![0u16; padded.len()];
+        rounded
+            .par_chunks_mut(plane)
+            .zip(padded.par_chunks(plane))
+            .for_each(|(out, values)| cpu_kernels::round_to_bf16(values, out));
+    }
+    (padded, rounded)
 }
 
 /// Output rows per tile of a shifted convolution: the tile's input rows (`in` channels of
