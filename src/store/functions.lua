@@ -11,6 +11,17 @@ local GROUP = 'workers'
 local TERMINAL = { completed = true, failed = true, cancelled = true, dead = true }
 local MAX_PROMPT_BYTES = 8192
 local CANCEL_SCAN_LIMIT = 100000
+-- Leases are per worker: each worker renews one member of `{fr}:workers:alive` (score: its
+-- deadline) per tick, and the entries it owns are kept in its own set `{fr}:owned:<worker>`.
+-- A reclaim pass declares at most OVERDUE_PER_PASS overdue workers dead: their entries move
+-- to `{fr}:orphans`, which the passes then take from.
+local OVERDUE_PER_PASS = 8
+-- Entries no registered worker owns (read by a worker that died before its claim, or owned
+-- by a worker of a version without leases) are found by a sweep of the pending list: at most
+-- SWEEP_ROWS rows, at most once per SWEEP_EVERY_MS for the whole fleet, from where the last
+-- sweep stopped.
+local SWEEP_ROWS = 100
+local SWEEP_EVERY_MS = 1000
 -- The entry fields a job hash shows as they came. The Rust side owns this list
 -- (`JobField::in_hash` in src/job/mod.rs); a test there checks this copy against it.
 local HASH_FIELDS = { 'stream_ref', 'source', 'fps', 'prompt', 'max_frames', 'max_duration_s' }
@@ -64,9 +75,18 @@ local function event(tag, job_id, from, to, worker, err, entry_id)
   redis.call('XADD', unpack(args))
 end
 
-local function ack_and_delete(tag, entry_id)
+local function alive_key(tag) return tag .. ':workers:alive' end
+local function owned_key(tag, worker) return tag .. ':owned:' .. worker end
+local function cancel_key(tag, worker) return tag .. ':cancel:' .. worker end
+local function orphans_key(tag) return tag .. ':orphans' end
+
+-- Acks and deletes an entry `owner` holds, and drops it from the owner's set (and from the
+-- orphans: an owner declared dead may still end the job before anyone took it).
+local function ack_and_delete(tag, entry_id, owner)
   redis.call('XACK', tag .. ':jobs', GROUP, entry_id)
   redis.call('XDEL', tag .. ':jobs', entry_id)
+  redis.call('SREM', owned_key(tag, owner), entry_id)
+  redis.call('ZREM', orphans_key(tag), entry_id)
 end
 
 -- Moves a job's hash to a terminal state: status, expiry, event; with `unless_final`, a job
@@ -182,6 +202,8 @@ local function claim_one(tag, worker, max_attempts, entry_id, job_id, fields)
   local owner, deliveries = owner_of(tag, entry_id)
   if not owner then return { 'gone' } end
   if owner ~= worker then return { 'lost' } end
+  -- Owned from now until its ack or hand-back, whatever the verdict.
+  redis.call('SADD', owned_key(tag, worker), entry_id)
 
   -- Every job hash has a status or an entry id from the moment it is written.
   local h = redis.call('HMGET', jk, 'status', 'entry_id', 'cancel_requested', 'handoffs',
@@ -190,7 +212,7 @@ local function claim_one(tag, worker, max_attempts, entry_id, job_id, fields)
   local exists = (status or known_entry) ~= nil
   if exists then
     if known_entry and known_entry ~= entry_id then
-      ack_and_delete(tag, entry_id)
+      ack_and_delete(tag, entry_id, worker)
       event(tag, job_id, '', 'rejected', worker,
         'duplicate job_id: ' .. job_id .. ' already belongs to entry ' .. known_entry, entry_id)
       return { 'duplicate', status or '' }
@@ -293,9 +315,12 @@ local function fr_job_reject(keys, args)
   local jk = tag .. ':job:' .. job_id
   local known_entry = redis.call('HGET', jk, 'entry_id')
   if known_entry and known_entry ~= entry_id then
-    ack_and_delete(tag, entry_id)
+    ack_and_delete(tag, entry_id, worker)
     event(tag, job_id, '', 'rejected', worker, err, entry_id)
     return 'duplicate'
+  end
+  if owner_of(tag, entry_id) == worker then
+    redis.call('SADD', owned_key(tag, worker), entry_id)
   end
   local now = now_ms()
   if not TERMINAL[redis.call('HGET', jk, 'status')] then
@@ -308,11 +333,41 @@ local function fr_job_reject(keys, args)
   return final_reply('failed', jk)
 end
 
+-- fr_worker_tick KEY=tag ARGV: worker, quiet_ms, lease_ms, then its registry fields (field,
+-- value, ...)
+-- A worker's one call per heartbeat tick, whatever it runs: its deadline in
+-- `{fr}:workers:alive` becomes now + lease_ms, and its registry hash `{fr}:worker:<id>` gets
+-- the fields and `updated_ms`, expiring after three leases. Returns {registered, {job_id, ...}}:
+-- registered is 1 when the worker was not in the set (its first tick, or it had been
+-- declared dead and its entries orphaned: it must check each of its jobs with
+-- fr_job_heartbeat), and the job ids fr_cancel asked it to stop.
+local function fr_worker_tick(keys, args)
+  local tag, worker, lease_ms = keys[1], args[1], tonumber(args[3])
+  if not worker or worker == '' or not lease_ms then
+    return redis.error_reply('ERR usage: FCALL fr_worker_tick 1 <tag> <worker> <quiet_ms> <lease_ms>')
+  end
+  if #args % 2 == 0 then
+    return redis.error_reply('ERR fr_worker_tick: registry fields come in pairs')
+  end
+  fleet_call_in(tag, tonumber(args[2]), lease_ms)
+  local now = now_ms()
+  local added = redis.call('ZADD', alive_key(tag), now + lease_ms, worker)
+  local wk = tag .. ':worker:' .. worker
+  local fields = { 'updated_ms', now }
+  for i = 4, #args do table.insert(fields, args[i]) end
+  redis.call('HSET', wk, unpack(fields))
+  redis.call('PEXPIRE', wk, lease_ms * 3)
+  return { added, redis.call('SMEMBERS', cancel_key(tag, worker)) }
+end
+
 -- fr_job_heartbeat KEY=tag ARGV: worker, quiet_ms, lease_ms, entry_id, job_id, entry_id,
 -- job_id, ...
--- Renews the lease on each entry this worker still owns (XCLAIM ... JUSTID resets its idle
--- time without counting a delivery). Returns one verdict per job: 'ok', 'lost' (someone
--- else owns it: stop, do not steal it back) or 'cancel' (fr_cancel asked it to stop).
+-- Checks each job a worker runs, entry by entry: rare (a worker calls it when its tick says
+-- it registered afresh, and every JOB_LEASE_MS / 2), since fr_worker_tick is the lease.
+-- Renews the entry's idle time (XCLAIM ... JUSTID, no delivery counted), keeps it in the
+-- worker's set and takes it back from the orphans when the worker had been declared dead
+-- but nobody took it yet. Returns one verdict per job: 'ok', 'lost' (someone else owns it,
+-- or it is gone: stop, do not steal it back) or 'cancel' (fr_cancel asked it to stop).
 local function fr_job_heartbeat(keys, args)
   local tag, worker = keys[1], args[1]
   fleet_call_in(tag, tonumber(args[2]), tonumber(args[3]))
@@ -324,9 +379,13 @@ local function fr_job_heartbeat(keys, args)
     -- A job handed back (or taken over) no longer names this worker: renewing it would
     -- undo the hand-back's idle time.
     if owner ~= worker or h[1] ~= worker then
+      redis.call('SREM', owned_key(tag, worker), entry_id)
+      redis.call('SREM', cancel_key(tag, worker), job_id)
       table.insert(out, 'lost')
     else
       redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, entry_id, 'JUSTID')
+      redis.call('SADD', owned_key(tag, worker), entry_id)
+      redis.call('ZREM', orphans_key(tag), entry_id)
       if h[2] == '1' then
         table.insert(out, 'cancel')
       else
@@ -337,25 +396,86 @@ local function fr_job_heartbeat(keys, args)
   return out
 end
 
+-- Declares dead up to OVERDUE_PER_PASS workers whose deadline is older than `before`
+-- (ZRANGEBYSCORE ... LIMIT: what it costs is what it finds): their entries become orphans,
+-- their sets go. The caller itself is never declared dead: it is calling.
+local function bury_overdue(tag, worker, before)
+  local alive, orphans = alive_key(tag), orphans_key(tag)
+  local overdue = redis.call('ZRANGEBYSCORE', alive, '-inf', '(' .. before, 'LIMIT', 0,
+    OVERDUE_PER_PASS)
+  local now = now_ms()
+  for _, w in ipairs(overdue) do
+    if w ~= worker then
+      for _, id in ipairs(redis.call('SMEMBERS', owned_key(tag, w))) do
+        redis.call('ZADD', orphans, now, id)
+      end
+      redis.call('DEL', owned_key(tag, w), cancel_key(tag, w))
+      redis.call('ZREM', alive, w)
+    end
+  end
+end
+
+-- Whether a pending entry is covered by a live lease: its owner is registered and holds it
+-- in its set. Such an entry is never swept, however long idle.
+local function leased(tag, owner, entry_id)
+  return redis.call('ZSCORE', alive_key(tag), owner) and
+    redis.call('SISMEMBER', owned_key(tag, owner), entry_id) == 1
+end
+
+-- The fleet's sweep of the pending list (at most once per SWEEP_EVERY_MS, SWEEP_ROWS rows,
+-- from where the last one stopped): adds to `ids`, up to `room`, the entries of other
+-- workers idle past min_idle that no live lease covers, and drops them from their owner's
+-- set and the orphans.
+local function sweep(tag, worker, min_idle, room, ids)
+  local fk = tag .. ':fleet'
+  local v = redis.call('HMGET', fk, 'swept_ms', 'sweep_from')
+  local now = now_ms()
+  local last = tonumber(v[1])
+  if last and now - last < SWEEP_EVERY_MS and now >= last then return end
+  local rows = redis.call('XPENDING', tag .. ':jobs', GROUP, v[2] or '-', '+', SWEEP_ROWS)
+  local next_from = '-'
+  local taken = {}
+  for _, id in ipairs(ids) do taken[id] = true end
+  for i, p in ipairs(rows) do
+    if #ids >= room then
+      next_from = p[1]
+      break
+    end
+    local id, owner, idle = p[1], p[2], tonumber(p[3])
+    if owner ~= worker and idle > min_idle and not taken[id] and not leased(tag, owner, id) then
+      table.insert(ids, id)
+      redis.call('SREM', owned_key(tag, owner), id)
+      redis.call('ZREM', orphans_key(tag), id)
+    end
+    if i == SWEEP_ROWS then next_from = '(' .. id end
+  end
+  redis.call('HSET', fk, 'swept_ms', now, 'sweep_from', next_from)
+end
+
 -- fr_job_reclaim KEY=tag ARGV: worker, quiet_ms, lease_ms, count
--- Takes over up to `count` entries that another worker has left idle past lease_ms (its
--- owner died, or handed it back), counting a delivery each, and returns them as XCLAIM does:
--- {{entry_id, {field, value, ...}}, ...}. This worker's own entries are never taken, and
--- after a silence of the whole fleet only those idle for longer still (fleet_call_in).
+-- Takes over up to `count` entries whose owner is gone, counting a delivery each, and
+-- returns them as XCLAIM does: {{entry_id, {field, value, ...}}, ...}. First it declares
+-- dead the workers whose tick is overdue (bury_overdue), then takes orphans (handed back,
+-- or a dead worker's), oldest first, then what the fleet's sweep finds. After a silence of
+-- the whole fleet, a worker is overdue only if its deadline passed before the silence, and
+-- a swept entry must be idle for longer than the silence plus a lease (fleet_call_in).
 local function fr_job_reclaim(keys, args)
   local tag, worker = keys[1], args[1]
   local lease_ms, count = tonumber(args[3]), tonumber(args[4])
-  local min_idle = lease_ms + fleet_call_in(tag, tonumber(args[2]), lease_ms)
-  local jobs = tag .. ':jobs'
-  -- Own entries idle past the lease (renewed within a tick of an outage) can fill the
-  -- first rows: ask for more than will be taken.
-  local idle = redis.call('XPENDING', jobs, GROUP, 'IDLE', min_idle, '-', '+', count * 2 + 8)
-  local ids = {}
-  for _, p in ipairs(idle) do
-    if p[2] ~= worker and #ids < count then table.insert(ids, p[1]) end
+  if not worker or worker == '' or not lease_ms or not count or count < 1 then
+    return redis.error_reply('ERR usage: FCALL fr_job_reclaim 1 <tag> <worker> <quiet_ms> <lease_ms> <count>')
   end
+  local hold = fleet_call_in(tag, tonumber(args[2]), lease_ms)
+  bury_overdue(tag, worker, now_ms() - hold)
+  local orphans = orphans_key(tag)
+  local ids = redis.call('ZRANGE', orphans, 0, count - 1)
+  if #ids > 0 then redis.call('ZREM', orphans, unpack(ids)) end
+  if #ids < count then sweep(tag, worker, lease_ms + hold, count, ids) end
   if #ids == 0 then return {} end
-  return redis.call('XCLAIM', jobs, GROUP, worker, min_idle, unpack(ids))
+  local taken = redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, unpack(ids))
+  local mine = owned_key(tag, worker)
+  for _, e in ipairs(taken) do redis.call('SADD', mine, e[1]) end
+  return taken
 end
 
 -- Whether this worker's own end of the job is already recorded: the entry is no longer
@@ -396,7 +516,8 @@ local function fr_job_finish(keys, args)
       end
     else
       finalize(tag, job_id, status, err, worker, true)
-      ack_and_delete(tag, entry_id)
+      ack_and_delete(tag, entry_id, worker)
+      redis.call('SREM', cancel_key(tag, worker), job_id)
       table.insert(out, 'ok')
     end
   end
@@ -412,7 +533,7 @@ local function fr_job_ack(keys, args)
   local owner = owner_of(tag, entry_id)
   if not owner then return 'ok' end
   if owner ~= worker then return 'lost' end
-  ack_and_delete(tag, entry_id)
+  ack_and_delete(tag, entry_id, worker)
   return 'ok'
 end
 
@@ -444,16 +565,21 @@ local function fr_job_end(keys, args)
 end
 
 -- fr_job_handback KEY=tag ARGV: entry_id, worker, job_id, idle_ms
--- Gives a running job back on shutdown: the entry's idle time is set past the lease so the
--- next reclaim pass of any worker takes it at once, and the hand-back is not counted as a
--- failed attempt. 'ok' or 'lost'. Safe to repeat: once handed back the hash no longer
--- names this worker, and a repeated call counts nothing again.
+-- Gives a running job back on shutdown: the entry becomes an orphan (the next reclaim pass
+-- of any worker takes it at once) with its idle time set past the lease, and the hand-back
+-- is not counted as a failed attempt. An empty job_id gives back an entry read but never
+-- claimed. 'ok' or 'lost'. Safe to repeat: once handed back the hash no longer names this
+-- worker, and a repeated call counts nothing again.
 local function fr_job_handback(keys, args)
   local tag, entry_id, worker, job_id, idle = keys[1], args[1], args[2], args[3], args[4]
   local owner = owner_of(tag, entry_id)
   if owner ~= worker then return 'lost' end
-  local jk = tag .. ':job:' .. job_id
   redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, entry_id, 'IDLE', idle, 'JUSTID')
+  redis.call('SREM', owned_key(tag, worker), entry_id)
+  redis.call('ZADD', orphans_key(tag), now_ms(), entry_id)
+  if not job_id or job_id == '' then return 'ok' end
+  redis.call('SREM', cancel_key(tag, worker), job_id)
+  local jk = tag .. ':job:' .. job_id
   if redis.call('HGET', jk, 'worker') ~= worker then return 'ok' end
   redis.call('HINCRBY', jk, 'handoffs', 1)
   redis.call('HSET', jk, 'status', 'queued', 'updated_ms', now_ms())
@@ -478,6 +604,9 @@ local function fr_cancel(keys, args)
     if TERMINAL[status] then return 'already ' .. status end
     if status == 'running' then
       redis.call('HSET', jk, 'cancel_requested', 1, 'updated_ms', now_ms())
+      -- Its worker reads its own cancel set with every tick.
+      local worker = redis.call('HGET', jk, 'worker')
+      if worker then redis.call('SADD', cancel_key(tag, worker), job_id) end
       return 'cancelling'
     end
     finalize(tag, job_id, 'cancelled', nil, '')
@@ -569,6 +698,7 @@ end
 redis.register_function('fr_submit', per_call(fr_submit))
 redis.register_function('fr_job_claim', per_call(fr_job_claim))
 redis.register_function('fr_job_reject', per_call(fr_job_reject))
+redis.register_function('fr_worker_tick', per_call(fr_worker_tick))
 redis.register_function('fr_job_heartbeat', per_call(fr_job_heartbeat))
 redis.register_function('fr_job_reclaim', per_call(fr_job_reclaim))
 redis.register_function('fr_job_finish', per_call(fr_job_finish))

@@ -1214,6 +1214,183 @@ async fn reclaiming_waits_a_lease_after_the_fleet_was_silent() {
     );
 }
 
+/// The ids of the entries a reclaim pass took.
+fn taken_ids(reply: &redis::Value) -> Vec<String> {
+    free_roam::queue::entries::parse_entry_list(reply)
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
+}
+
+/// Leases are per worker: a worker whose tick is fresh keeps its entries however long they
+/// sit idle in the pending list; once its tick is a lease overdue, a reclaim pass declares
+/// it dead and its entries are taken, each delivery counted. Coming back, it registers
+/// afresh and its audit finds the job lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_workers_entries_are_never_taken_and_a_dead_ones_are_after_the_lease() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let store = queue_store(&redis, &p).await;
+    let group = WorkersGroup::of(&redis, &k);
+    let call_in = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 1000,
+    };
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:1:1"), ("job_id", "held")],
+    );
+    let entry = read_and_claim(&redis, &store, "a", "held").await;
+    let registry = [("capacity", "1".to_string())];
+    let first = functions::tick(&store, "a", call_in, &registry)
+        .await
+        .unwrap();
+    assert!(first.registered && first.cancelled.is_empty());
+    let hash = redis.hgetall(&k.worker("a"));
+    assert_eq!(hash["capacity"], "1", "the tick writes the registry hash");
+    assert!(hash.contains_key("updated_ms"));
+    // Idle far past any lease, and no per-entry renewal: only a's tick protects it.
+    group.claim("a", &entry, &["IDLE", "86400000", "JUSTID"]);
+    let swept_before = redis.hget(&k.fleet(), "swept_ms");
+    for _ in 0..4 {
+        let tick = functions::tick(&store, "a", call_in, &[]).await.unwrap();
+        assert!(!tick.registered, "still registered");
+        let reply = functions::reclaim(&store, "b", call_in, 5).await.unwrap();
+        assert!(taken_ids(&reply).is_empty(), "a live worker's entry taken");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_ne!(
+        redis.hget(&k.fleet(), "swept_ms"),
+        swept_before,
+        "the sweep of the pending list ran meanwhile"
+    );
+    assert_eq!(group.owner_of(&entry), ("a".to_string(), 1));
+
+    // a stops ticking: a lease later its entry goes to the next pass.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = functions::reclaim(&store, "b", call_in, 5).await.unwrap();
+    assert_eq!(taken_ids(&reply), vec![entry.clone()]);
+    assert_eq!(group.owner_of(&entry), ("b".to_string(), 2));
+    let alive: Option<String> = redis.cmd(&["ZSCORE", &k.workers_alive(), "a"]);
+    assert_eq!(alive, None, "a was declared dead");
+    let held: bool = redis.cmd(&["SISMEMBER", &k.owned("b"), &entry]);
+    assert!(held, "the entry is b's now");
+    let left: bool = redis.cmd(&["EXISTS", &k.owned("a")]);
+    assert!(!left, "a's set went with it");
+
+    let tick = functions::tick(&store, "a", call_in, &[]).await.unwrap();
+    assert!(tick.registered, "a comes back unregistered");
+    let audit = functions::heartbeat(&store, "a", call_in, &[(&entry, "held")])
+        .await
+        .unwrap();
+    assert_eq!(
+        audit,
+        vec![Lease::Lost],
+        "and stops the job, not steals it back"
+    );
+}
+
+/// A reclaim pass declares at most 8 overdue workers dead (`ZRANGEBYSCORE ... LIMIT`), so it
+/// costs what it finds, not the size of the fleet or of the pending list; the dead workers'
+/// entries wait in `{fr}:orphans` for the next passes, and live workers stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reclaim_pass_declares_a_bounded_number_of_workers_dead() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let store = queue_store(&redis, &p).await;
+    let overdue = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 1,
+    };
+    let live = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 60_000,
+    };
+    for i in 0..20 {
+        let job = format!("job-{i}");
+        xadd(&redis, &p, &[("stream_ref", "paced:1:1"), ("job_id", &job)]);
+        let worker = format!("gone-{i}");
+        read_and_claim(&redis, &store, &worker, &job).await;
+        functions::tick(&store, &worker, overdue, &[])
+            .await
+            .unwrap();
+    }
+    for i in 0..5 {
+        functions::tick(&store, &format!("live-{i}"), live, &[])
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let card = |key: &str| -> usize { redis.cmd(&["ZCARD", key]) };
+    let reply = functions::reclaim(&store, "b", live, 1).await.unwrap();
+    assert_eq!(taken_ids(&reply).len(), 1);
+    assert_eq!(card(&k.workers_alive()), 25 - 8, "eight declared dead");
+    assert_eq!(
+        card(&k.orphans()),
+        8 - 1,
+        "their entries wait, less the one taken"
+    );
+    let reply = functions::reclaim(&store, "b", live, 1).await.unwrap();
+    assert_eq!(taken_ids(&reply).len(), 1);
+    assert_eq!(card(&k.workers_alive()), 25 - 16);
+    assert_eq!(card(&k.orphans()), 16 - 2);
+    for _ in 0..2 {
+        functions::reclaim(&store, "b", live, 100).await.unwrap();
+    }
+    assert_eq!(
+        card(&k.workers_alive()),
+        5,
+        "only the live workers are left"
+    );
+    assert_eq!(card(&k.orphans()), 0);
+    let owned: usize = redis.cmd(&["SCARD", &k.owned("b")]);
+    assert_eq!(owned, 20, "every dead worker's entry is b's now");
+}
+
+/// An entry whose owner never registered a lease (read by a worker that died before its
+/// claim, or held by a worker of a version without leases) is found by the fleet's sweep of
+/// the pending list once idle past the lease, and an unregistered owner that still renews
+/// its entries one by one keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn entries_of_unregistered_owners_are_swept_after_the_lease() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let store = queue_store(&redis, &p).await;
+    let group = WorkersGroup::of(&redis, &k);
+    let call_in = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 1000,
+    };
+    let unclaimed = xadd(&redis, &p, &[("stream_ref", "paced:1:1"), ("job_id", "u")]);
+    group.read("crashed", 1);
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:1:1"), ("job_id", "old")],
+    );
+    let renewed = read_and_claim(&redis, &store, "old-version", "old").await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let taken = loop {
+        // The older worker renews its entry one by one, as it did before leases.
+        functions::heartbeat(&store, "old-version", call_in, &[(&renewed, "old")])
+            .await
+            .unwrap();
+        let reply = functions::reclaim(&store, "b", call_in, 5).await.unwrap();
+        let taken = taken_ids(&reply);
+        if !taken.is_empty() || std::time::Instant::now() > deadline {
+            break taken;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(taken, vec![unclaimed.clone()]);
+    assert_eq!(group.owner_of(&unclaimed), ("b".to_string(), 2));
+    assert_eq!(group.owner_of(&renewed).0, "old-version");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn prompt_functions_version_and_keep_history() {
     let redis = TestRedis::start();
