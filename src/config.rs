@@ -267,6 +267,11 @@ pub const SETTINGS: &[Setting] = &[
         "Approximate cap on the alerts stream (MAXLEN ~).",
     ),
     s(
+        "PROMPT_HISTORY_MAX",
+        Some("100"),
+        "Prompt versions kept in the prompt history, newest first (`fr_prompt_set` trims the rest).",
+    ),
+    s(
         "SOURCE_RETRIES",
         Some("5"),
         "Restarts of a failed HLS source (exponential backoff) before the job fails.",
@@ -749,6 +754,7 @@ impl Reader<'_> {
             results_maxlen: self.count("RESULTS_MAXLEN", 1)?,
             events_maxlen: self.count("EVENTS_MAXLEN", 1)?,
             alerts_maxlen: self.count("ALERTS_MAXLEN", 1)?,
+            prompt_history_max: self.count("PROMPT_HISTORY_MAX", 1)?,
         })
     }
 

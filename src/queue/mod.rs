@@ -326,7 +326,9 @@ impl Worker {
             .arg("events_maxlen")
             .arg(self.config.events_maxlen)
             .arg("alerts_maxlen")
-            .arg(self.config.alerts_maxlen);
+            .arg(self.config.alerts_maxlen)
+            .arg("prompt_history_max")
+            .arg(self.config.prompt_history_max);
         self.store.query::<()>(&cmd).await
     }
 

@@ -23,6 +23,8 @@ pub struct QueueSettings {
     pub results_maxlen: usize,
     pub events_maxlen: usize,
     pub alerts_maxlen: usize,
+    /// `PROMPT_HISTORY_MAX`: prompt versions `fr_prompt_set` keeps.
+    pub prompt_history_max: usize,
 }
 
 impl QueueSettings {

@@ -10,6 +10,9 @@
 local GROUP = 'workers'
 local TERMINAL = { completed = true, failed = true, cancelled = true, dead = true }
 local MAX_PROMPT_BYTES = 8192
+-- A job id as the worker accepts it (`job::validate_job_id`, which owns the rule; a test
+-- there checks this copy): 1 to MAX_JOB_ID_LEN letters, digits, '.', '_', ':' and '-'.
+local MAX_JOB_ID_LEN = 128
 local CANCEL_SCAN_LIMIT = 100000
 -- Leases are per worker: each worker renews one member of `{fr}:workers:alive` (score: its
 -- deadline) per tick, and the entries it owns are kept in its own set `{fr}:owned:<worker>`.
@@ -22,6 +25,11 @@ local OVERDUE_PER_PASS = 8
 -- sweep stopped.
 local SWEEP_ROWS = 100
 local SWEEP_EVERY_MS = 1000
+-- Every worker process is a consumer of the group. At most once per
+-- CONSUMER_PRUNE_EVERY_MS for the whole fleet, a reclaim pass deletes the consumers that own
+-- no entry, hold no lease and have been idle past `consumer_idle_ms` ({fr}:settings, 10
+-- minutes by default): a crash-looping worker adds consumers, this takes them away.
+local CONSUMER_PRUNE_EVERY_MS = 60000
 -- The entry fields a job hash shows as they came. The Rust side owns this list
 -- (`JobField::in_hash` in src/job/mod.rs); a test there checks this copy against it.
 local HASH_FIELDS = { 'stream_ref', 'source', 'fps', 'prompt', 'max_frames', 'max_duration_s' }
@@ -48,7 +56,8 @@ local function now_ms()
 end
 
 -- Fleet-wide settings a worker publishes at start; user-called functions read them too.
-local SETTINGS = { 'events_maxlen', 'result_ttl_s' }
+local SETTINGS = { 'events_maxlen', 'result_ttl_s', 'dead_maxlen', 'consumer_idle_ms',
+  'prompt_history_max' }
 local function setting(tag, name, default)
   local known = call_settings[tag]
   if not known then
@@ -79,6 +88,9 @@ local function alive_key(tag) return tag .. ':workers:alive' end
 local function owned_key(tag, worker) return tag .. ':owned:' .. worker end
 local function cancel_key(tag, worker) return tag .. ':cancel:' .. worker end
 local function orphans_key(tag) return tag .. ':orphans' end
+-- Entries of jobs cancelled while queued (entry id -> job id), until a worker acks them:
+-- what a worker reads after the job's hash expired is still known as cancelled.
+local function cancelled_key(tag) return tag .. ':jobs:cancelled' end
 
 -- Acks and deletes an entry `owner` holds, and drops it from the owner's set (and from the
 -- orphans: an owner declared dead may still end the job before anyone took it).
@@ -87,6 +99,7 @@ local function ack_and_delete(tag, entry_id, owner)
   redis.call('XDEL', tag .. ':jobs', entry_id)
   redis.call('SREM', owned_key(tag, owner), entry_id)
   redis.call('ZREM', orphans_key(tag), entry_id)
+  redis.call('HDEL', cancelled_key(tag), entry_id)
 end
 
 -- Moves a job's hash to a terminal state: status, expiry, event; with `unless_final`, a job
@@ -158,11 +171,23 @@ local function owner_of(tag, entry_id)
   return p[1][2], tonumber(p[1][4])
 end
 
+-- Whether a job whose entry is no longer pending still runs on `worker`: its hash says
+-- running there, under this entry. That is a running job whose entry a producer trimmed
+-- (`XADD ... MAXLEN`, `XTRIM`, `XDEL`): it carries on and ends as usual.
+local function runs_unpending(jk, entry_id, worker)
+  local v = redis.call('HMGET', jk, 'status', 'worker', 'entry_id')
+  return v[1] == 'running' and v[2] == worker and v[3] == entry_id
+end
+
 -- fr_submit KEY=tag ARGV: job_id, field, value, ... (the job entry's fields)
--- Queues a job atomically: refuses a job_id already known, writes the queued hash, adds the
+-- Queues a job atomically: refuses a job_id the worker would refuse or one already known, writes the queued hash, adds the
 -- entry. Returns the entry id.
 local function fr_submit(keys, args)
   local tag, job_id = keys[1], args[1]
+  if not job_id or #job_id == 0 or #job_id > MAX_JOB_ID_LEN or job_id:find('[^%w%._:%-]') then
+    return redis.error_reply('ERR job_id must be 1 to ' .. MAX_JOB_ID_LEN ..
+      " characters, only letters, digits, '.', '_', ':' and '-'")
+  end
   local jk = tag .. ':job:' .. job_id
   if redis.call('EXISTS', jk) == 1 then
     return redis.error_reply('JOBEXISTS job_id ' .. job_id .. ' already exists (status ' ..
@@ -210,6 +235,13 @@ local function claim_one(tag, worker, max_attempts, entry_id, job_id, fields)
     'started_ms')
   local status, known_entry = h[1] or nil, h[2] or nil
   local exists = (status or known_entry) ~= nil
+  if not exists and redis.call('HEXISTS', cancelled_key(tag), entry_id) == 1 then
+    -- Cancelled while queued, and its hash expired since: cancelled again, never run.
+    redis.call('HSET', jk, 'entry_id', entry_id, 'created_ms', now_ms(), 'status', 'queued')
+    hset_from(jk, fields, 1)
+    finalize(tag, job_id, 'cancelled', nil, worker)
+    return final_reply('cancelled', jk)
+  end
   if exists then
     if known_entry and known_entry ~= entry_id then
       ack_and_delete(tag, entry_id, worker)
@@ -238,7 +270,9 @@ local function claim_one(tag, worker, max_attempts, entry_id, job_id, fields)
     local last = redis.call('HGET', jk, 'error') or 'the worker running it stopped without finishing'
     local err = 'delivered ' .. (attempt - 1) .. ' times without finishing (MAX_ATTEMPTS=' ..
       max_attempts .. '); last error: ' .. last
-    local dead = { tag .. ':jobs:dead', '*', 'job_id', job_id, 'entry_id', entry_id,
+    -- Capped like the events: an operator may set `dead_maxlen` in {fr}:settings.
+    local dead = { tag .. ':jobs:dead', 'MAXLEN', '~', setting(tag, 'dead_maxlen', 10000), '*',
+      'job_id', job_id, 'entry_id', entry_id,
       'attempts', attempt - 1, 'error', err, 'time_ms', now_ms() }
     local entry = redis.call('XRANGE', tag .. ':jobs', entry_id, entry_id)
     if #entry == 1 then
@@ -374,11 +408,16 @@ local function fr_job_heartbeat(keys, args)
   local out = {}
   for i = 4, #args, 2 do
     local entry_id, job_id = args[i], args[i + 1]
+    local jk = tag .. ':job:' .. job_id
     local owner = owner_of(tag, entry_id)
-    local h = redis.call('HMGET', tag .. ':job:' .. job_id, 'worker', 'cancel_requested')
+    local h = redis.call('HMGET', jk, 'worker', 'cancel_requested')
+    if not owner and runs_unpending(jk, entry_id, worker) then
+      -- Trimmed from the stream while it ran: nothing to renew, the job goes on.
+      redis.call('SREM', owned_key(tag, worker), entry_id)
+      table.insert(out, h[2] == '1' and 'cancel' or 'ok')
     -- A job handed back (or taken over) no longer names this worker: renewing it would
     -- undo the hand-back's idle time.
-    if owner ~= worker or h[1] ~= worker then
+    elseif owner ~= worker or h[1] ~= worker then
       redis.call('SREM', owned_key(tag, worker), entry_id)
       redis.call('SREM', cancel_key(tag, worker), job_id)
       table.insert(out, 'lost')
@@ -452,6 +491,26 @@ local function sweep(tag, worker, min_idle, room, ids)
   redis.call('HSET', fk, 'swept_ms', now, 'sweep_from', next_from)
 end
 
+-- Deletes idle consumers that own nothing (see CONSUMER_PRUNE_EVERY_MS); never `worker`,
+-- the caller, nor a worker that holds a lease.
+local function prune_consumers(tag, worker)
+  local fk = tag .. ':fleet'
+  local now = now_ms()
+  local last = tonumber(redis.call('HGET', fk, 'consumers_ms'))
+  if last and now - last < CONSUMER_PRUNE_EVERY_MS and now >= last then return end
+  redis.call('HSET', fk, 'consumers_ms', now)
+  local bound = setting(tag, 'consumer_idle_ms', 600000)
+  local jobs, alive = tag .. ':jobs', alive_key(tag)
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', jobs, GROUP)) do
+    local f = {}
+    for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+    if f.pending == 0 and f.idle > bound and f.name ~= worker and
+        not redis.call('ZSCORE', alive, f.name) then
+      redis.call('XGROUP', 'DELCONSUMER', jobs, GROUP, f.name)
+    end
+  end
+end
+
 -- fr_job_reclaim KEY=tag ARGV: worker, quiet_ms, lease_ms, count
 -- Takes over up to `count` entries whose owner is gone, counting a delivery each, and
 -- returns them as XCLAIM does: {{entry_id, {field, value, ...}}, ...}. First it declares
@@ -471,6 +530,7 @@ local function fr_job_reclaim(keys, args)
   local ids = redis.call('ZRANGE', orphans, 0, count - 1)
   if #ids > 0 then redis.call('ZREM', orphans, unpack(ids)) end
   if #ids < count then sweep(tag, worker, lease_ms + hold, count, ids) end
+  prune_consumers(tag, worker)
   if #ids == 0 then return {} end
   local taken = redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, unpack(ids))
   local mine = owned_key(tag, worker)
@@ -508,7 +568,14 @@ local function fr_job_finish(keys, args)
   for i = 2, #args, 4 do
     local entry_id, job_id, status, err = args[i], args[i + 1], args[i + 2], args[i + 3]
     local jk = tag .. ':job:' .. job_id
-    if owner_of(tag, entry_id) ~= worker then
+    local owner = owner_of(tag, entry_id)
+    if not owner and runs_unpending(jk, entry_id, worker) then
+      -- Its entry was trimmed while it ran: the job ends as any other.
+      finalize(tag, job_id, status, err, worker, true)
+      ack_and_delete(tag, entry_id, worker)
+      redis.call('SREM', cancel_key(tag, worker), job_id)
+      table.insert(out, 'ok')
+    elseif owner ~= worker then
       if finished_by(tag, entry_id, worker, jk) then
         table.insert(out, 'ok')
       else
@@ -589,8 +656,9 @@ local function fr_job_handback(keys, args)
 end
 
 -- fr_cancel KEY=tag ARGV: job_id
--- A queued job is cancelled at once and never runs; a running one is flagged and its worker
--- stops it within a second. Returns 'cancelled', 'cancelling', or 'already <status>'. A
+-- A queued job is cancelled at once and never runs, even if its entry is read after its hash
+-- expired ({fr}:jobs:cancelled keeps the entry's id until its ack); a running one is
+-- flagged and its worker stops it within a second. Returns 'cancelled', 'cancelling', or 'already <status>'. A
 -- cancelled queued job's entry stays until a worker reads it, writes the end entry (in the
 -- job's slot, which this function cannot reach) and acks it; the CLI writes it at once.
 local function fr_cancel(keys, args)
@@ -609,6 +677,8 @@ local function fr_cancel(keys, args)
       if worker then redis.call('SADD', cancel_key(tag, worker), job_id) end
       return 'cancelling'
     end
+    local entry_id = redis.call('HGET', jk, 'entry_id')
+    if entry_id then redis.call('HSET', cancelled_key(tag), entry_id, job_id) end
     finalize(tag, job_id, 'cancelled', nil, '')
     return 'cancelled'
   end
@@ -631,6 +701,7 @@ local function fr_cancel(keys, args)
             end
           end
           redis.call('ZADD', tag .. ':jobs:index', now, job_id)
+          redis.call('HSET', cancelled_key(tag), e[1], job_id)
           finalize(tag, job_id, 'cancelled', nil, '')
           return 'cancelled'
         end
@@ -643,8 +714,9 @@ local function fr_cancel(keys, args)
 end
 
 -- fr_prompt_set KEY=tag ARGV: text [preserve_previous=1]
--- Sets the active prompt, bumping its version atomically. With preserve_previous 0/false
--- the history is reset to the new version alone. Returns the new version.
+-- Sets the active prompt, bumping its version atomically. The history keeps the newest
+-- PROMPT_HISTORY_MAX versions (`prompt_history_max` in {fr}:settings, 100 by default); with
+-- preserve_previous 0/false it is reset to the new version alone. Returns the new version.
 local function fr_prompt_set(keys, args)
   local tag, text, preserve = keys[1], args[1], args[2]
   if not text or text:match('^%s*$') then
@@ -660,6 +732,7 @@ local function fr_prompt_set(keys, args)
   redis.call('HSET', pk, 'text', text, 'updated_ms', now)
   if not keep then redis.call('DEL', hk) end
   redis.call('LPUSH', hk, cjson.encode({ version = version, text = text, updated_ms = now }))
+  redis.call('LTRIM', hk, 0, setting(tag, 'prompt_history_max', 100) - 1)
   redis.call('XADD', tag .. ':events', 'MAXLEN', '~', setting(tag, 'events_maxlen', 10000), '*',
     'kind', 'prompt', 'version', version, 'time_ms', now)
   return version
@@ -681,17 +754,26 @@ local function fr_prompt_history(keys, args)
 end
 
 -- fr_index_prune KEY=tag ARGV: [limit]: drops index members whose job hash has expired.
+-- Each call looks at `limit` members from where the last one stopped (`prune_from` in
+-- {fr}:fleet, a rank), so that every member is looked at in turn, however many long-lived
+-- jobs come first.
 local function fr_index_prune(keys, args)
-  local ik = keys[1] .. ':jobs:index'
+  local tag = keys[1]
+  local ik, fk = tag .. ':jobs:index', tag .. ':fleet'
   local limit = tonumber(args[1] or '500') or 500
-  local ids = redis.call('ZRANGE', ik, 0, limit - 1)
+  if limit < 1 then return redis.error_reply('ERR fr_index_prune: limit must be positive') end
+  local from = tonumber(redis.call('HGET', fk, 'prune_from') or '0') or 0
+  local ids = redis.call('ZRANGE', ik, from, from + limit - 1)
   local removed = 0
   for _, id in ipairs(ids) do
-    if redis.call('EXISTS', keys[1] .. ':job:' .. id) == 0 then
+    if redis.call('EXISTS', tag .. ':job:' .. id) == 0 then
       redis.call('ZREM', ik, id)
       removed = removed + 1
     end
   end
+  local next_from = from + #ids - removed
+  if #ids < limit then next_from = 0 end
+  redis.call('HSET', fk, 'prune_from', next_from)
   return removed
 end
 

@@ -80,6 +80,12 @@ impl Keys {
     pub fn fleet(&self) -> String {
         format!("{}:fleet", self.tag)
     }
+    /// Entries of jobs cancelled while queued (entry id -> job id), until a worker acks
+    /// them: a cancelled job never runs, even when its hash expired before its entry was
+    /// read.
+    pub fn jobs_cancelled(&self) -> String {
+        format!("{}:jobs:cancelled", self.tag)
+    }
     /// The workers' leases: member = worker id, score = its deadline in ms (`fr_worker_tick`
     /// renews it every tick; `fr_job_reclaim` removes the overdue).
     pub fn workers_alive(&self) -> String {

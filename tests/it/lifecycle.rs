@@ -404,6 +404,78 @@ async fn cancel_stops_a_running_job_and_a_queued_one_never_runs() {
     w.stop().await;
 }
 
+/// A job cancelled while queued never runs, even when its entry is read only after its
+/// hash expired (a backlog longer than RESULT_TTL_S, or the fleet down that long): before,
+/// the worker took it for a new job and ran it under the end entry that said cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_cancelled_while_queued_never_runs_though_its_hash_expired_first() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    load_functions(&redis, &p).await;
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:3:10"), ("job_id", "late")],
+    );
+    let r: String = redis.cmd(&["FCALL", "fr_cancel", "1", k.tag(), "late"]);
+    assert_eq!(r, "cancelled");
+    // Its hash expires before any worker reads the entry.
+    let _: i64 = redis.cmd(&["DEL", &k.job("late")]);
+
+    let w = InProcessWorker::start(&redis, &p, "w1", &[]);
+    let end = wait_end(&redis, &p, "late").await;
+    assert_eq!(end["status"], "cancelled");
+    wait_queue_empty(&redis, &p).await;
+    assert!(frames_of(&redis, &p, "late").is_empty(), "it never ran");
+    assert_eq!(status(&redis, &p, "late").as_deref(), Some("cancelled"));
+    let ttl: i64 = redis.cmd(&["TTL", &k.job("late")]);
+    assert!(ttl > 0, "the hash written again expires as usual: {ttl}");
+    let left: i64 = redis.cmd(&["HLEN", &k.jobs_cancelled()]);
+    assert_eq!(left, 0, "the mark goes with the entry's ack");
+    w.stop().await;
+}
+
+/// A producer that trims `{fr}:jobs` (`XADD ... MAXLEN`, `XTRIM`) under a running job does
+/// not orphan it: the job carries on to its end, with its end entry and its keys' expiry.
+/// Before, the next renewal found the entry gone and the worker dropped the job silently,
+/// its hash `running` for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_running_job_whose_entry_was_trimmed_carries_on_to_its_end() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    // A short lease: the entry is audited every half second.
+    let w = InProcessWorker::start(&redis, &p, "w1", &[("JOB_LEASE_MS", "1000")]);
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:100:30"), ("job_id", "trimmed")],
+    );
+    eventually(WAIT, "running", || {
+        frames_of(&redis, &p, "trimmed").len() >= 3
+    })
+    .await;
+    let _: i64 = redis.cmd(&["XTRIM", &k.jobs(), "MAXLEN", "0"]);
+    let end = wait_end(&redis, &p, "trimmed").await;
+    assert_eq!(end["status"], "completed");
+    assert_eq!(
+        frames_of(&redis, &p, "trimmed"),
+        (0..100).collect::<Vec<u64>>()
+    );
+    assert_eq!(status(&redis, &p, "trimmed").as_deref(), Some("completed"));
+    for key in [
+        k.job("trimmed"),
+        k.results("trimmed"),
+        k.progress("trimmed"),
+    ] {
+        let ttl: i64 = redis.cmd(&["TTL", &key]);
+        assert!(ttl > 0, "{key} expires: {ttl}");
+    }
+    assert_eq!(w.metrics.leases_lost.get(), 0);
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_bad_entry_ends_failed_with_the_field_and_reason() {
     let redis = TestRedis::start();
@@ -1145,6 +1217,183 @@ async fn the_events_stream_stays_near_events_maxlen() {
     assert!((50..=150).contains(&len), "{len} events kept");
     let newest = redis.cli(&["XREVRANGE", &k.events(), "+", "-", "COUNT", "1"]);
     assert!(newest.contains("capped-299"), "{newest}");
+}
+
+/// `fr_submit` refuses at once a job_id the worker would refuse (before, `lobby 1` left a
+/// `queued` hash with no TTL for ever, and an entry every worker then failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fr_submit_refuses_a_job_id_the_worker_would_refuse() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    load_functions(&redis, &p).await;
+    let k = keys(&p);
+    let long = "x".repeat(129);
+    for bad in ["lobby 1", "a{b}", long.as_str(), "caf\u{e9}"] {
+        let out = redis.cli(&["FCALL", "fr_submit", "1", k.tag(), bad, "stream_ref", "x"]);
+        assert!(out.contains("job_id must be"), "{bad}: {out}");
+        assert!(redis.hgetall(&k.job(bad)).is_empty(), "{bad}");
+    }
+    let len: usize = redis.cmd(&["XLEN", &k.jobs()]);
+    assert_eq!(len, 0, "nothing queued");
+    let ok = redis.cli(&[
+        "FCALL",
+        "fr_submit",
+        "1",
+        k.tag(),
+        "lobby-1.a:b_c",
+        "stream_ref",
+        "x",
+    ]);
+    assert!(!ok.contains("ERR"), "{ok}");
+}
+
+/// `fr_index_prune` reaches every member of `{fr}:jobs:index` in turn: with more long-lived
+/// jobs than one call looks at first, an expired job's member behind them still goes
+/// (before, only the oldest `limit` members were ever looked at).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_index_prune_reaches_members_behind_long_lived_jobs() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    load_functions(&redis, &p).await;
+    let k = keys(&p);
+    let store = Store::new(&redis.url(), &p, 2).unwrap();
+    let mut con = redis.client().get_connection().unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..30 {
+        let id = format!("camera-{i}");
+        pipe.cmd("ZADD")
+            .arg(k.jobs_index())
+            .arg(i)
+            .arg(&id)
+            .ignore();
+        pipe.cmd("HSET")
+            .arg(k.job(&id))
+            .arg("status")
+            .arg("running")
+            .ignore();
+    }
+    // Newer than all of them, and its hash gone (expired).
+    pipe.cmd("ZADD")
+        .arg(k.jobs_index())
+        .arg(100)
+        .arg("expired")
+        .ignore();
+    pipe.query::<()>(&mut con).unwrap();
+    let mut removed = 0;
+    for _ in 0..4 {
+        removed += functions::prune_index(&store, 10).await.unwrap();
+    }
+    assert_eq!(removed, 1);
+    let left: Option<String> = redis.cmd(&["ZSCORE", &k.jobs_index(), "expired"]);
+    assert_eq!(left, None);
+    let card: usize = redis.cmd(&["ZCARD", &k.jobs_index()]);
+    assert_eq!(card, 30, "the live jobs stay");
+}
+
+/// `{fr}:jobs:dead` is capped (`dead_maxlen` in `{fr}:settings`, 10,000 by default): 300
+/// dead letters with a cap of 50 leave at most the cap and one 100-entry node, the newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dead_letter_stream_is_capped() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let store = queue_store(&redis, &p).await;
+    redis.cli(&["HSET", &k.settings(), "dead_maxlen", "50"]);
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        let job = format!("doomed-{i}");
+        ids.push((
+            xadd(&redis, &p, &[("stream_ref", "x"), ("job_id", &job)]),
+            job,
+        ));
+    }
+    WorkersGroup::of(&redis, &k).read("w", 300);
+    let batch: Vec<functions::ClaimEntry<'_>> = ids
+        .iter()
+        .map(|(entry_id, job_id)| functions::ClaimEntry {
+            entry_id,
+            job_id,
+            fields: &[],
+        })
+        .collect();
+    // No delivery is allowed: each one is dead at its first claim.
+    let verdicts = functions::claim(&store, "w", 0, &batch).await.unwrap();
+    assert!(verdicts.iter().all(|v| matches!(
+        v,
+        ClaimVerdict::Final {
+            status: JobStatus::Dead,
+            ..
+        }
+    )));
+    let len: usize = redis.cmd(&["XLEN", &k.jobs_dead()]);
+    assert!((50..=150).contains(&len), "{len} dead letters kept");
+    let newest = redis.cli(&["XREVRANGE", &k.jobs_dead(), "+", "-", "COUNT", "1"]);
+    assert!(newest.contains("doomed-299"), "{newest}");
+}
+
+/// Consumers that own no entry, hold no lease and have been idle past `consumer_idle_ms`
+/// are deleted by a reclaim pass (at most once a minute for the fleet): a crash-looping
+/// worker no longer adds consumers without limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_consumers_that_own_nothing_are_deleted() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let store = queue_store(&redis, &p).await;
+    redis.cli(&["HSET", &k.settings(), "consumer_idle_ms", "100"]);
+    xadd(&redis, &p, &[("stream_ref", "x"), ("job_id", "held")]);
+    WorkersGroup::of(&redis, &k).read("holder", 1);
+    for name in ["crashed-1", "crashed-2", "live"] {
+        let _: i64 = redis.cmd(&["XGROUP", "CREATECONSUMER", &k.jobs(), "workers", name]);
+    }
+    let live = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 60_000,
+    };
+    functions::tick(&store, "live", live, &[]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    functions::reclaim(&store, "b", live, 1).await.unwrap();
+    let consumers: Vec<Vec<redis::Value>> =
+        redis.cmd(&["XINFO", "CONSUMERS", &k.jobs(), "workers"]);
+    let mut names: Vec<String> = consumers
+        .into_iter()
+        .map(|c| redis::from_redis_value(c[1].clone()).unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["holder".to_string(), "live".to_string()]);
+}
+
+/// `{fr}:prompt:history` keeps the newest `PROMPT_HISTORY_MAX` versions (100 unless a worker
+/// published another value): 1,000 versions set leave 100, newest first; before, every
+/// version of up to 8 KiB stayed for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_prompt_history_keeps_the_newest_versions_only() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    load_functions(&redis, &p).await;
+    let k = keys(&p);
+    let mut con = redis.client().get_connection().unwrap();
+    let set_prompts = |con: &mut redis::Connection, n: usize| {
+        let mut pipe = redis::pipe();
+        for i in 0..n {
+            pipe.cmd("FCALL")
+                .arg("fr_prompt_set")
+                .arg(1)
+                .arg(k.tag())
+                .arg(format!("prompt {i}"))
+                .ignore();
+        }
+        pipe.query::<()>(con).unwrap();
+    };
+    set_prompts(&mut con, 1000);
+    let len: usize = redis.cmd(&["LLEN", &k.prompt_history()]);
+    assert_eq!(len, 100);
+    let newest: String = redis.cmd(&["LINDEX", &k.prompt_history(), "0"]);
+    assert!(newest.contains("\"version\":1000"), "{newest}");
+    redis.cli(&["HSET", &k.settings(), "prompt_history_max", "5"]);
+    set_prompts(&mut con, 1);
+    let len: usize = redis.cmd(&["LLEN", &k.prompt_history()]);
+    assert_eq!(len, 5, "the published setting wins");
 }
 
 /// The fleet's clock: a worker's own idle entry is never reclaimed by itself; after a
