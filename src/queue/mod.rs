@@ -41,6 +41,10 @@ const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// pass takes it, whatever its JOB_LEASE_MS.
 const HANDBACK_IDLE_MS: u64 = 24 * 3600 * 1000;
 const INDEX_PRUNE_EVERY: Duration = Duration::from_secs(30);
+/// The longest wait between two tries of a Redis call about one job.
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Most entries one look for strays reads (`XPENDING ... <worker>`).
+const STRAYS_MAX: usize = 100;
 
 /// What the health endpoint reads about the worker.
 #[derive(Debug, Default)]
@@ -96,6 +100,10 @@ impl WorkerState {
             .values()
             .map(|r| r.job_id.clone())
             .collect()
+    }
+
+    fn is_running(&self, entry_id: &str) -> bool {
+        self.lock_running().contains_key(entry_id)
     }
 
     /// The running jobs by entry id, copied out so no lock is held across an await.
@@ -660,18 +668,31 @@ impl Worker {
         self.retrying(call).await.ok()
     }
 
+    /// How long a Redis call about one job is retried while the worker is not stopping.
+    fn patience(&self) -> Duration {
+        self.config.job_lease.max(self.config.shutdown_timeout)
+    }
+
+    /// How long an entry pending under this worker may go without a running job before the
+    /// worker gives it back: past the retries of every step that handles an entry outside a
+    /// running job (its claim, the read of its progress, its end entry and its ack, each
+    /// [`Worker::patience`] and a last backoff).
+    fn stray_after(&self) -> Duration {
+        (self.patience() + RETRY_BACKOFF_MAX) * 3
+    }
+
     /// [`Worker::with_retry`], giving back the last error.
     async fn retrying<T, F, Fut>(&self, mut call: F) -> StoreResult<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = StoreResult<T>>,
     {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut backoff = Backoff::new(Duration::from_millis(100), RETRY_BACKOFF_MAX);
         // While draining, the shutdown bound wins: an unrecorded job is reclaimed later.
         let patience = if self.state.draining.load(Ordering::Relaxed) {
             self.config.shutdown_timeout
         } else {
-            self.config.job_lease.max(self.config.shutdown_timeout)
+            self.patience()
         };
         let deadline = Instant::now() + patience;
         loop {
@@ -997,7 +1018,51 @@ impl Worker {
                 job.stop.stop(StopReason::Cancelled);
             }
         }
+        if audit && !self.state.draining.load(Ordering::Relaxed) {
+            self.hand_back_strays(&jobs).await;
+        }
         (audit || tick.registered) && !jobs.is_empty() && self.audit(&jobs).await
+    }
+
+    /// Gives back the entries pending under this worker that no running job holds and that
+    /// have been idle past [`Worker::stray_after`]: what a claim, an end or a hand-back that
+    /// ran out of retries (a long failover) left behind. They go to the orphans, which the
+    /// next reclaim pass of any worker, this one too, takes.
+    async fn hand_back_strays(&self, jobs: &[(String, RunningJob)]) {
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(self.store.keys().jobs())
+            .arg(WORKER_GROUP)
+            .arg("IDLE")
+            .arg(self.stray_after().as_millis() as u64)
+            .arg("-")
+            .arg("+")
+            .arg(STRAYS_MAX)
+            .arg(&self.identity.id);
+        let pending: Vec<(String, String, u64, u64)> = match self.store.query(&cmd).await {
+            Ok(rows) => rows,
+            Err(e) => return self.on_redis_error(&e, "looking for stray entries").await,
+        };
+        let running: HashSet<&str> = jobs.iter().map(|(entry_id, _)| entry_id.as_str()).collect();
+        for (entry_id, ..) in pending {
+            if running.contains(entry_id.as_str()) || self.state.is_running(&entry_id) {
+                continue;
+            }
+            let given = functions::handback(
+                &self.store,
+                &entry_id,
+                &self.identity.id,
+                "",
+                HANDBACK_IDLE_MS,
+            )
+            .await;
+            match given {
+                Ok(Ownership::Done) => {
+                    tracing::warn!(entry = %entry_id, "an entry no running job held was given back");
+                }
+                Ok(Ownership::Lost) => {}
+                Err(e) => return self.on_redis_error(&e, "giving back a stray entry").await,
+            }
+        }
     }
 
     /// Checks every running job's entry in one call: a job whose entry another worker owns

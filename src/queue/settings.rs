@@ -35,10 +35,11 @@ impl QueueSettings {
     }
 
     /// How often a worker audits each of its jobs entry by entry (`fr_job_heartbeat`): the
-    /// tick is the lease, so this only finds what no reclaim pass did (an entry taken by
-    /// hand, trimmed, or lost with a server's data) and costs a job a call per half lease.
+    /// tick is the lease, and a worker declared dead learns it from its next tick, so this
+    /// only finds what happened outside the contract (an entry taken over by hand) and costs
+    /// a job one entry check per lease.
     pub fn audit_interval(&self) -> Duration {
-        (self.job_lease / 2).max(self.heartbeat_tick())
+        self.job_lease.max(self.heartbeat_tick())
     }
 
     /// How a worker calls in to the fleet's clock: a live worker calls in at least once per

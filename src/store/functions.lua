@@ -397,7 +397,7 @@ end
 -- fr_job_heartbeat KEY=tag ARGV: worker, quiet_ms, lease_ms, entry_id, job_id, entry_id,
 -- job_id, ...
 -- Checks each job a worker runs, entry by entry: rare (a worker calls it when its tick says
--- it registered afresh, and every JOB_LEASE_MS / 2), since fr_worker_tick is the lease.
+-- it registered afresh, and every JOB_LEASE_MS), since fr_worker_tick is the lease.
 -- Renews the entry's idle time (XCLAIM ... JUSTID, no delivery counted), keeps it in the
 -- worker's set and takes it back from the orphans when the worker had been declared dead
 -- but nobody took it yet. Returns one verdict per job: 'ok', 'lost' (someone else owns it,
@@ -446,7 +446,7 @@ local function bury_overdue(tag, worker, before)
   for _, w in ipairs(overdue) do
     if w ~= worker then
       for _, id in ipairs(redis.call('SMEMBERS', owned_key(tag, w))) do
-        redis.call('ZADD', orphans, now, id)
+        redis.call('ZADD', orphans, 'NX', now, id)
       end
       redis.call('DEL', owned_key(tag, w), cancel_key(tag, w))
       redis.call('ZREM', alive, w)
@@ -643,7 +643,7 @@ local function fr_job_handback(keys, args)
   if owner ~= worker then return 'lost' end
   redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, entry_id, 'IDLE', idle, 'JUSTID')
   redis.call('SREM', owned_key(tag, worker), entry_id)
-  redis.call('ZADD', orphans_key(tag), now_ms(), entry_id)
+  redis.call('ZADD', orphans_key(tag), 'NX', now_ms(), entry_id)
   if not job_id or job_id == '' then return 'ok' end
   redis.call('SREM', cancel_key(tag, worker), job_id)
   local jk = tag .. ':job:' .. job_id

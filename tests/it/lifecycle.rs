@@ -445,7 +445,7 @@ async fn a_running_job_whose_entry_was_trimmed_carries_on_to_its_end() {
     let redis = TestRedis::start();
     let p = unique_prefix();
     let k = keys(&p);
-    // A short lease: the entry is audited every half second.
+    // A short lease: the entry is audited every second.
     let w = InProcessWorker::start(&redis, &p, "w1", &[("JOB_LEASE_MS", "1000")]);
     xadd(
         &redis,
@@ -473,6 +473,46 @@ async fn a_running_job_whose_entry_was_trimmed_carries_on_to_its_end() {
         assert!(ttl > 0, "{key} expires: {ttl}");
     }
     assert_eq!(w.metrics.leases_lost.get(), 0);
+    w.stop().await;
+}
+
+/// A worker alone notices an entry pending under its own name that no running job holds
+/// (what a claim or an end that ran out of retries during a long failover leaves behind),
+/// gives it back and takes it again: the job runs to its end. Before, a reclaim pass never
+/// took its caller's own entries, and the job showed `queued` or `running` until the
+/// process restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_single_worker_takes_back_its_own_stray_entry() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let group = WorkersGroup::of(&redis, &k);
+    group.create();
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:3:10"), ("job_id", "stray")],
+    );
+    // Read under the worker's own name, and never claimed: as if its claim gave up.
+    group.read("w1", 1);
+    let settings = [("JOB_LEASE_MS", "1000"), ("SHUTDOWN_TIMEOUT_MS", "1000")];
+    let w = InProcessWorker::start(&redis, &p, "w1", &settings);
+    // Given back once idle past three rounds of a step's retries (1 s and a 5 s backoff).
+    eventually(Duration::from_secs(40), "the stray job ends", || {
+        end_entry(&redis, &p, "stray").is_some()
+    })
+    .await;
+    assert_eq!(
+        end_entry(&redis, &p, "stray").unwrap()["status"],
+        "completed"
+    );
+    assert_eq!(frames_of(&redis, &p, "stray"), vec![0, 1, 2]);
+    assert!(group.pending().is_empty(), "{:?}", group.pending());
+    assert_eq!(
+        w.metrics.jobs_reclaimed.get(),
+        1,
+        "taken back by the reclaim pass"
+    );
     w.stop().await;
 }
 

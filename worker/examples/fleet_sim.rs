@@ -4,7 +4,7 @@
 //! costs Redis at sizes no machine here runs for real. Each simulated worker keeps the real
 //! worker's cadence (`QueueSettings::heartbeat_tick`, `audit_interval`, `call_in`): a tick
 //! (its lease and the worker hash) each heartbeat, an audit of every running job's entry each
-//! half lease, a reclaim pass each RECLAIM_INTERVAL_MS, claims as slots free up; a job ends
+//! lease, a reclaim pass each RECLAIM_INTERVAL_MS, claims as slots free up; a job ends
 //! every JOB_S seconds and a new one is queued in its place. Per (W, N) it prints the Redis CPU per second (`INFO
 //! cpu`), per command (`INFO commandstats`) and per function (the slow log at threshold 0),
 //! then stops one worker's heartbeats and measures when its jobs are taken over. Every
@@ -200,7 +200,7 @@ impl SimWorker {
     }
 
     /// One heartbeat as the worker sends it: its lease and registry hash (`fr_worker_tick`),
-    /// and every half lease (or when the tick says it registered afresh) an audit of its
+    /// and every lease (or when the tick says it registered afresh) an audit of its
     /// jobs' entries.
     async fn heartbeat(&mut self) {
         let fleet = self.fleet.clone();
