@@ -13,7 +13,10 @@ local MAX_PROMPT_BYTES = 8192
 -- A job id as the worker accepts it (`job::validate_job_id`, which owns the rule; a test
 -- there checks this copy): 1 to MAX_JOB_ID_LEN letters, digits, '.', '_', ':' and '-'.
 local MAX_JOB_ID_LEN = 128
-local CANCEL_SCAN_LIMIT = 100000
+-- How many of the entries no worker has read yet fr_cancel looks through for a job id it
+-- has no hash for: bounded whatever the backlog (a job queued with fr_submit has its hash
+-- from the start and is found at any depth).
+local CANCEL_SCAN_LIMIT = 500
 -- Leases are per worker: each worker renews one member of `{fr}:workers:alive` (score: its
 -- deadline) per tick, and the entries it owns are kept in its own set `{fr}:owned:<worker>`.
 -- A reclaim pass declares at most OVERDUE_PER_PASS overdue workers dead: their entries move
@@ -682,12 +685,20 @@ local function fr_cancel(keys, args)
     finalize(tag, job_id, 'cancelled', nil, '')
     return 'cancelled'
   end
-  -- Not yet seen by any worker: look for the entry in the queue itself.
+  -- Not yet seen by any worker (every entry a worker read has a hash from its claim): look
+  -- among the first CANCEL_SCAN_LIMIT entries after the group's last-delivered id.
   local jobs = tag .. ':jobs'
-  local start, scanned = '-', 0
-  while scanned < CANCEL_SCAN_LIMIT do
-    local batch = redis.call('XRANGE', jobs, start, '+', 'COUNT', 500)
-    if #batch == 0 then break end
+  if redis.call('EXISTS', jobs) == 0 then
+    return redis.error_reply('NOJOB unknown job ' .. job_id)
+  end
+  local start = '-'
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', jobs)) do
+    local f = {}
+    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+    if f.name == GROUP then start = '(' .. f['last-delivered-id'] end
+  end
+  do
+    local batch = redis.call('XRANGE', jobs, start, '+', 'COUNT', CANCEL_SCAN_LIMIT)
     for _, e in ipairs(batch) do
       local f = e[2]
       for i = 1, #f, 2 do
@@ -706,9 +717,7 @@ local function fr_cancel(keys, args)
           return 'cancelled'
         end
       end
-      start = '(' .. e[1]
     end
-    scanned = scanned + #batch
   end
   return redis.error_reply('NOJOB unknown job ' .. job_id)
 end

@@ -1436,6 +1436,40 @@ async fn the_prompt_history_keeps_the_newest_versions_only() {
     assert_eq!(len, 5, "the published setting wins");
 }
 
+/// `fr_cancel` of a job queued with a plain `XADD` and not read yet looks only at the
+/// entries no worker has read, after the group's last-delivered id, and at most 500 of
+/// them: a job behind 100,000 entries already read is found (before, the scan from the
+/// stream's start stopped at 100,000 entries and answered `NOJOB`, after 0.3 s of blocked
+/// Redis), and an unknown id costs a bounded look whatever the backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fr_cancel_finds_a_queued_job_behind_a_long_read_backlog() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    queue_store(&redis, &p).await;
+    let mut con = redis.client().get_connection().unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..100_000 {
+        pipe.cmd("XADD")
+            .arg(k.jobs())
+            .arg("*")
+            .arg("stream_ref")
+            .arg("x")
+            .arg("job_id")
+            .arg(format!("read-{i}"))
+            .ignore();
+    }
+    pipe.query::<()>(&mut con).unwrap();
+    // Every one of them delivered already, as a busy fleet leaves them.
+    let _: String = redis.cmd(&["XGROUP", "SETID", &k.jobs(), "workers", "$"]);
+    xadd(&redis, &p, &[("stream_ref", "x"), ("job_id", "behind")]);
+    let r: String = redis.cmd(&["FCALL", "fr_cancel", "1", k.tag(), "behind"]);
+    assert_eq!(r, "cancelled");
+    assert_eq!(status(&redis, &p, "behind").as_deref(), Some("cancelled"));
+    let out = redis.cli(&["FCALL", "fr_cancel", "1", k.tag(), "nobody"]);
+    assert!(out.contains("unknown job nobody"), "{out}");
+}
+
 /// The fleet's clock: a worker's own idle entry is never reclaimed by itself; after a
 /// silence of the whole fleet, an entry that lapsed in the silence waits one lease while a
 /// handed-back one is taken at once.
