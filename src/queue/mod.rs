@@ -406,7 +406,7 @@ impl Worker {
         self.config.call_in()
     }
 
-    /// Entries idle past the lease (their owner died or handed them back) are taken over,
+    /// Entries whose owner's lease lapsed (it died) or that were handed back are taken over,
     /// on a timer, whatever this worker's load: a full fleet must still recover dead jobs.
     /// When full it takes one per pass, up to twice its capacity.
     async fn reclaim_loop(self: Arc<Self>, shutdown: CancellationToken) {
