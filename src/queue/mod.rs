@@ -992,7 +992,8 @@ impl Worker {
 
     /// Renews the worker's lease, writes its registry hash and reads its cancel requests in
     /// one call (and, when `audit` is due or the tick says the worker registered afresh,
-    /// checks every running job's entry). Whether it audited.
+    /// checks every running job's entry, and looks for stray entries). Whether the audit
+    /// that was due is done.
     async fn heartbeat_once(&self, audit: bool) -> bool {
         let jobs = self.state.snapshot();
         let registry = self.registry(&jobs);
@@ -1021,7 +1022,13 @@ impl Worker {
         if audit && !self.state.draining.load(Ordering::Relaxed) {
             self.hand_back_strays(&jobs).await;
         }
-        (audit || tick.registered) && !jobs.is_empty() && self.audit(&jobs).await
+        let due = audit || tick.registered;
+        if due && !jobs.is_empty() {
+            return self.audit(&jobs).await;
+        }
+        // Nothing to audit counts as audited: an idle worker looks for strays once a lease
+        // too, not every tick.
+        due
     }
 
     /// Gives back the entries pending under this worker that no running job holds and that
