@@ -239,7 +239,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "RECLAIM_INTERVAL_MS",
         Some("1000"),
-        "How often a worker looks for entries to reclaim (idle past JOB_LEASE_MS, or handed back); below JOB_LEASE_MS.",
+        "How often a worker looks for entries to reclaim (of workers whose lease lapsed, or handed back); below JOB_LEASE_MS.",
     ),
     s(
         "MAX_ATTEMPTS",
@@ -265,6 +265,11 @@ pub const SETTINGS: &[Setting] = &[
         "ALERTS_MAXLEN",
         Some("10000"),
         "Approximate cap on the alerts stream (MAXLEN ~).",
+    ),
+    s(
+        "PROMPT_HISTORY_MAX",
+        Some("100"),
+        "Prompt versions kept in the prompt history, newest first (`fr_prompt_set` trims the rest).",
     ),
     s(
         "SOURCE_RETRIES",
@@ -749,6 +754,7 @@ impl Reader<'_> {
             results_maxlen: self.count("RESULTS_MAXLEN", 1)?,
             events_maxlen: self.count("EVENTS_MAXLEN", 1)?,
             alerts_maxlen: self.count("ALERTS_MAXLEN", 1)?,
+            prompt_history_max: self.count("PROMPT_HISTORY_MAX", 1)?,
         })
     }
 

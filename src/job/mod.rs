@@ -849,6 +849,23 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// `fr_submit` refuses what the worker refuses: the library's copy of the job id's
+    /// length bound is this one, and its character class lets through exactly the
+    /// characters [`validate_job_id`] does.
+    #[test]
+    fn the_function_library_bounds_job_ids_as_the_worker_does() {
+        let lua = crate::store::FUNCTIONS_LUA;
+        let bound = format!("local MAX_JOB_ID_LEN = {MAX_JOB_ID_LEN}\n");
+        assert!(lua.contains(&bound), "functions.lua: {bound}");
+        assert!(lua.contains("job_id:find('[^%w%._:%-]')"));
+        // `%w` is ASCII letters and digits in Redis's Lua (C locale).
+        for b in 0u8..=127 {
+            let c = b as char;
+            let lua_ok = c.is_ascii_alphanumeric() || ".:_-".contains(c);
+            assert_eq!(validate_job_id(&c.to_string()).is_ok(), lua_ok, "{c:?}");
+        }
+    }
+
     /// The function library keeps its own copy of the hash fields (`fr_submit` and
     /// `fr_cancel` record them before any worker has read the entry): it must be this list.
     #[test]

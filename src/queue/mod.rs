@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-/// How often running jobs' leases are renewed and cancel requests looked for.
+/// How often a worker renews its lease (`fr_worker_tick`) and looks for cancel requests.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a cancelled job's body gets to return before it is abandoned.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
@@ -41,6 +41,10 @@ const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// pass takes it, whatever its JOB_LEASE_MS.
 const HANDBACK_IDLE_MS: u64 = 24 * 3600 * 1000;
 const INDEX_PRUNE_EVERY: Duration = Duration::from_secs(30);
+/// The longest wait between two tries of a Redis call about one job.
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Most entries one look for strays reads (`XPENDING ... <worker>`).
+const STRAYS_MAX: usize = 100;
 
 /// What the health endpoint reads about the worker.
 #[derive(Debug, Default)]
@@ -96,6 +100,10 @@ impl WorkerState {
             .values()
             .map(|r| r.job_id.clone())
             .collect()
+    }
+
+    fn is_running(&self, entry_id: &str) -> bool {
+        self.lock_running().contains_key(entry_id)
     }
 
     /// The running jobs by entry id, copied out so no lock is held across an await.
@@ -261,10 +269,19 @@ impl Worker {
         tasks_stop.cancel();
         let _ = heartbeat_task.await;
         let _ = prompt_task.await;
-        let _ = self
-            .store
-            .query::<()>(redis::cmd("DEL").arg(self.store.keys().worker(&self.identity.id)))
-            .await;
+        let keys = self.store.keys();
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(keys.worker(&self.identity.id)).ignore();
+        // Out of the leases at once when no job is left running (an entry whose hand-back
+        // failed is then the sweep's, once idle past a lease); a job still running keeps
+        // the lease until it lapses and is then taken as a dead worker's.
+        if self.state.running_jobs() == 0 {
+            pipe.cmd("ZREM")
+                .arg(keys.workers_alive())
+                .arg(&self.identity.id)
+                .ignore();
+        }
+        let _ = self.store.pipe::<()>(&pipe).await;
         tracing::info!(worker = %self.identity.id, "worker stopped");
     }
 
@@ -317,7 +334,9 @@ impl Worker {
             .arg("events_maxlen")
             .arg(self.config.events_maxlen)
             .arg("alerts_maxlen")
-            .arg(self.config.alerts_maxlen);
+            .arg(self.config.alerts_maxlen)
+            .arg("prompt_history_max")
+            .arg(self.config.prompt_history_max);
         self.store.query::<()>(&cmd).await
     }
 
@@ -383,25 +402,11 @@ impl Worker {
         }
     }
 
-    /// The heartbeat's period: several per lease, so that one late renewal loses nothing.
-    fn heartbeat_tick(&self) -> Duration {
-        HEARTBEAT_INTERVAL.min(self.config.job_lease / 3)
-    }
-
-    /// How this worker calls in to the fleet's clock: a live worker calls in at least once
-    /// per reclaim interval and heartbeat tick, so a fleet-wide silence of two intervals and
-    /// a tick (or a lease, if shorter) was the server's outage or an empty fleet, not a
-    /// live owner's lapse.
     fn call_in(&self) -> CallIn {
-        let quiet =
-            (self.config.reclaim_interval * 2 + self.heartbeat_tick()).min(self.config.job_lease);
-        CallIn {
-            quiet_ms: quiet.as_millis() as u64,
-            lease_ms: self.config.job_lease.as_millis() as u64,
-        }
+        self.config.call_in()
     }
 
-    /// Entries idle past the lease (their owner died or handed them back) are taken over,
+    /// Entries whose owner's lease lapsed (it died) or that were handed back are taken over,
     /// on a timer, whatever this worker's load: a full fleet must still recover dead jobs.
     /// When full it takes one per pass, up to twice its capacity.
     async fn reclaim_loop(self: Arc<Self>, shutdown: CancellationToken) {
@@ -663,18 +668,31 @@ impl Worker {
         self.retrying(call).await.ok()
     }
 
+    /// How long a Redis call about one job is retried while the worker is not stopping.
+    fn patience(&self) -> Duration {
+        self.config.job_lease.max(self.config.shutdown_timeout)
+    }
+
+    /// How long an entry pending under this worker may go without a running job before the
+    /// worker gives it back: past the retries of every step that handles an entry outside a
+    /// running job (its claim, the read of its progress, its end entry and its ack, each
+    /// [`Worker::patience`] and a last backoff).
+    fn stray_after(&self) -> Duration {
+        (self.patience() + RETRY_BACKOFF_MAX) * 3
+    }
+
     /// [`Worker::with_retry`], giving back the last error.
     async fn retrying<T, F, Fut>(&self, mut call: F) -> StoreResult<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = StoreResult<T>>,
     {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut backoff = Backoff::new(Duration::from_millis(100), RETRY_BACKOFF_MAX);
         // While draining, the shutdown bound wins: an unrecorded job is reclaimed later.
         let patience = if self.state.draining.load(Ordering::Relaxed) {
             self.config.shutdown_timeout
         } else {
-            self.config.job_lease.max(self.config.shutdown_timeout)
+            self.patience()
         };
         let deadline = Instant::now() + patience;
         loop {
@@ -904,16 +922,15 @@ impl Worker {
 
     /// An entry that arrived while shutting down: give it back untouched.
     async fn hand_back_unstarted(&self, entry: &Entry) {
-        let mut cmd = redis::cmd("XCLAIM");
-        cmd.arg(self.store.keys().jobs())
-            .arg(WORKER_GROUP)
-            .arg(&self.identity.id)
-            .arg(0)
-            .arg(&entry.id)
-            .arg("IDLE")
-            .arg(HANDBACK_IDLE_MS)
-            .arg("JUSTID");
-        if let Err(e) = self.store.query::<redis::Value>(&cmd).await {
+        let given = functions::handback(
+            &self.store,
+            &entry.id,
+            &self.identity.id,
+            "",
+            HANDBACK_IDLE_MS,
+        )
+        .await;
+        if let Err(e) = given {
             tracing::warn!(error = %e, entry = %entry.id, "could not hand back an unstarted entry; it is reclaimed after the lease");
         }
     }
@@ -954,10 +971,14 @@ impl Worker {
     }
 
     async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
-        let tick = self.heartbeat_tick();
+        let tick = self.config.heartbeat_tick();
         let mut last_prune = Instant::now();
+        let mut last_audit = Instant::now();
         loop {
-            self.heartbeat_once().await;
+            let audit = last_audit.elapsed() >= self.config.audit_interval();
+            if self.heartbeat_once(audit).await {
+                last_audit = Instant::now();
+            }
             if last_prune.elapsed() > INDEX_PRUNE_EVERY {
                 last_prune = Instant::now();
                 let _ = functions::prune_index(&self.store, 500).await;
@@ -969,84 +990,134 @@ impl Worker {
         }
     }
 
-    /// Renews every running job's lease and reads cancel flags in one call, then refreshes
-    /// the worker's own heartbeat hash.
-    async fn heartbeat_once(&self) {
+    /// Renews the worker's lease, writes its registry hash and reads its cancel requests in
+    /// one call (and, when `audit` is due or the tick says the worker registered afresh,
+    /// checks every running job's entry, and looks for stray entries). Whether the audit
+    /// that was due is done.
+    async fn heartbeat_once(&self, audit: bool) -> bool {
         let jobs = self.state.snapshot();
-        if !jobs.is_empty() {
-            let ids: Vec<(&str, &str)> = jobs
-                .iter()
-                .map(|(entry_id, job)| (entry_id.as_str(), job.job_id.as_str()))
-                .collect();
-            match functions::heartbeat(&self.store, &self.identity.id, self.call_in(), &ids).await {
-                Ok(leases) => {
-                    for ((_, job), lease) in jobs.iter().zip(leases) {
-                        match lease {
-                            Lease::Lost => job.stop.stop(StopReason::LeaseLost),
-                            Lease::Cancel => job.stop.stop(StopReason::Cancelled),
-                            Lease::Renewed => {}
-                        }
-                    }
-                }
-                Err(e) => self.on_redis_error(&e, "renewing leases").await,
+        let registry = self.registry(&jobs);
+        let tick = functions::tick(&self.store, &self.identity.id, self.call_in(), &registry).await;
+        let tick = match tick {
+            Ok(tick) => tick,
+            Err(e) => {
+                self.on_redis_error(&e, "renewing the lease").await;
+                return false;
+            }
+        };
+        if !self.state.redis_ready.load(Ordering::Relaxed) {
+            // Back after an outage: the server may have lost the group and settings.
+            if self.prepare_redis().await.is_ok() {
+                self.state.redis_ok();
+            }
+        } else {
+            self.state.redis_ok();
+        }
+        let cancelled: HashSet<&str> = tick.cancelled.iter().map(String::as_str).collect();
+        for (_, job) in &jobs {
+            if cancelled.contains(job.job_id.as_str()) {
+                job.stop.stop(StopReason::Cancelled);
             }
         }
-        let key = self.store.keys().worker(&self.identity.id);
+        if audit && !self.state.draining.load(Ordering::Relaxed) {
+            self.hand_back_strays(&jobs).await;
+        }
+        let due = audit || tick.registered;
+        if due && !jobs.is_empty() {
+            return self.audit(&jobs).await;
+        }
+        // Nothing to audit counts as audited: an idle worker looks for strays once a lease
+        // too, not every tick.
+        due
+    }
+
+    /// Gives back the entries pending under this worker that no running job holds and that
+    /// have been idle past [`Worker::stray_after`]: what a claim, an end or a hand-back that
+    /// ran out of retries (a long failover) left behind. They go to the orphans, which the
+    /// next reclaim pass of any worker, this one too, takes.
+    async fn hand_back_strays(&self, jobs: &[(String, RunningJob)]) {
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(self.store.keys().jobs())
+            .arg(WORKER_GROUP)
+            .arg("IDLE")
+            .arg(self.stray_after().as_millis() as u64)
+            .arg("-")
+            .arg("+")
+            .arg(STRAYS_MAX)
+            .arg(&self.identity.id);
+        let pending: Vec<(String, String, u64, u64)> = match self.store.query(&cmd).await {
+            Ok(rows) => rows,
+            Err(e) => return self.on_redis_error(&e, "looking for stray entries").await,
+        };
+        let running: HashSet<&str> = jobs.iter().map(|(entry_id, _)| entry_id.as_str()).collect();
+        for (entry_id, ..) in pending {
+            if running.contains(entry_id.as_str()) || self.state.is_running(&entry_id) {
+                continue;
+            }
+            let given = functions::handback(
+                &self.store,
+                &entry_id,
+                &self.identity.id,
+                "",
+                HANDBACK_IDLE_MS,
+            )
+            .await;
+            match given {
+                Ok(Ownership::Done) => {
+                    tracing::warn!(entry = %entry_id, "an entry no running job held was given back");
+                }
+                Ok(Ownership::Lost) => {}
+                Err(e) => return self.on_redis_error(&e, "giving back a stray entry").await,
+            }
+        }
+    }
+
+    /// Checks every running job's entry in one call: a job whose entry another worker owns
+    /// now, or that is gone, is stopped here, not stolen back. Whether the call answered.
+    async fn audit(&self, jobs: &[(String, RunningJob)]) -> bool {
+        let ids: Vec<(&str, &str)> = jobs
+            .iter()
+            .map(|(entry_id, job)| (entry_id.as_str(), job.job_id.as_str()))
+            .collect();
+        match functions::heartbeat(&self.store, &self.identity.id, self.call_in(), &ids).await {
+            Ok(leases) => {
+                for ((_, job), lease) in jobs.iter().zip(leases) {
+                    match lease {
+                        Lease::Lost => job.stop.stop(StopReason::LeaseLost),
+                        Lease::Cancel => job.stop.stop(StopReason::Cancelled),
+                        Lease::Renewed => {}
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                self.on_redis_error(&e, "checking running jobs").await;
+                false
+            }
+        }
+    }
+
+    /// The fields of the worker's registry hash (`{fr}:worker:<id>`), which each tick
+    /// writes.
+    fn registry(&self, jobs: &[(String, RunningJob)]) -> Vec<(&'static str, String)> {
         let ids = jobs
             .iter()
             .map(|(_, j)| j.job_id.as_str())
             .collect::<Vec<_>>()
             .join(",");
-        let mut pipe = redis::pipe();
-        pipe.cmd("HSET")
-            .arg(&key)
-            .arg("host")
-            .arg(hostname())
-            .arg("pid")
-            .arg(std::process::id())
-            .arg("version")
-            .arg(env!("CARGO_PKG_VERSION"))
-            .arg("started_ms")
-            .arg(self.started_ms)
-            .arg("updated_ms")
-            .arg(now_ms())
-            .arg("running")
-            .arg(jobs.len())
-            .arg("running_jobs")
-            .arg(ids)
-            .arg("capacity")
-            .arg(self.config.max_concurrent_streams)
-            .arg("model")
-            .arg(&self.identity.model)
-            .arg("device")
-            .arg(&self.identity.device)
-            .arg("draining")
-            .arg(if self.state.draining.load(Ordering::Relaxed) {
-                1
-            } else {
-                0
-            })
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&key)
-            .arg(self.config.job_lease.as_millis() as u64 * 3)
-            .ignore();
-        match self.store.pipe::<()>(&pipe).await {
-            Ok(()) => {
-                if !self.state.redis_ready.load(Ordering::Relaxed) {
-                    // Back after an outage: the server may have lost the group and settings.
-                    if self.prepare_redis().await.is_ok() {
-                        self.state.redis_ok();
-                    }
-                } else {
-                    self.state.redis_ok();
-                }
-            }
-            Err(e) => {
-                self.on_redis_error(&e, "writing the worker heartbeat")
-                    .await
-            }
-        }
+        let draining = self.state.draining.load(Ordering::Relaxed);
+        vec![
+            ("host", hostname()),
+            ("pid", std::process::id().to_string()),
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("started_ms", self.started_ms.to_string()),
+            ("running", jobs.len().to_string()),
+            ("running_jobs", ids),
+            ("capacity", self.config.max_concurrent_streams.to_string()),
+            ("model", self.identity.model.clone()),
+            ("device", self.identity.device.clone()),
+            ("draining", u8::from(draining).to_string()),
+        ]
     }
 }
 

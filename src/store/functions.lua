@@ -10,7 +10,29 @@
 local GROUP = 'workers'
 local TERMINAL = { completed = true, failed = true, cancelled = true, dead = true }
 local MAX_PROMPT_BYTES = 8192
-local CANCEL_SCAN_LIMIT = 100000
+-- A job id as the worker accepts it (`job::validate_job_id`, which owns the rule; a test
+-- there checks this copy): 1 to MAX_JOB_ID_LEN letters, digits, '.', '_', ':' and '-'.
+local MAX_JOB_ID_LEN = 128
+-- How many of the entries no worker has read yet fr_cancel looks through for a job id it
+-- has no hash for: bounded whatever the backlog (a job queued with fr_submit has its hash
+-- from the start and is found at any depth).
+local CANCEL_SCAN_LIMIT = 500
+-- Leases are per worker: each worker renews one member of `{fr}:workers:alive` (score: its
+-- deadline) per tick, and the entries it owns are kept in its own set `{fr}:owned:<worker>`.
+-- A reclaim pass declares at most OVERDUE_PER_PASS overdue workers dead: their entries move
+-- to `{fr}:orphans`, which the passes then take from.
+local OVERDUE_PER_PASS = 8
+-- Entries no registered worker owns (read by a worker that died before its claim, or owned
+-- by a worker of a version without leases) are found by a sweep of the pending list: at most
+-- SWEEP_ROWS rows, at most once per SWEEP_EVERY_MS for the whole fleet, from where the last
+-- sweep stopped.
+local SWEEP_ROWS = 100
+local SWEEP_EVERY_MS = 1000
+-- Every worker process is a consumer of the group. At most once per
+-- CONSUMER_PRUNE_EVERY_MS for the whole fleet, a reclaim pass deletes the consumers that own
+-- no entry, hold no lease and have been idle past `consumer_idle_ms` ({fr}:settings, 10
+-- minutes by default): a crash-looping worker adds consumers, this takes them away.
+local CONSUMER_PRUNE_EVERY_MS = 60000
 -- The entry fields a job hash shows as they came. The Rust side owns this list
 -- (`JobField::in_hash` in src/job/mod.rs); a test there checks this copy against it.
 local HASH_FIELDS = { 'stream_ref', 'source', 'fps', 'prompt', 'max_frames', 'max_duration_s' }
@@ -37,7 +59,8 @@ local function now_ms()
 end
 
 -- Fleet-wide settings a worker publishes at start; user-called functions read them too.
-local SETTINGS = { 'events_maxlen', 'result_ttl_s' }
+local SETTINGS = { 'events_maxlen', 'result_ttl_s', 'dead_maxlen', 'consumer_idle_ms',
+  'prompt_history_max' }
 local function setting(tag, name, default)
   local known = call_settings[tag]
   if not known then
@@ -64,9 +87,22 @@ local function event(tag, job_id, from, to, worker, err, entry_id)
   redis.call('XADD', unpack(args))
 end
 
-local function ack_and_delete(tag, entry_id)
+local function alive_key(tag) return tag .. ':workers:alive' end
+local function owned_key(tag, worker) return tag .. ':owned:' .. worker end
+local function cancel_key(tag, worker) return tag .. ':cancel:' .. worker end
+local function orphans_key(tag) return tag .. ':orphans' end
+-- Entries of jobs cancelled while queued (entry id -> job id), until a worker acks them:
+-- what a worker reads after the job's hash expired is still known as cancelled.
+local function cancelled_key(tag) return tag .. ':jobs:cancelled' end
+
+-- Acks and deletes an entry `owner` holds, and drops it from the owner's set (and from the
+-- orphans: an owner declared dead may still end the job before anyone took it).
+local function ack_and_delete(tag, entry_id, owner)
   redis.call('XACK', tag .. ':jobs', GROUP, entry_id)
   redis.call('XDEL', tag .. ':jobs', entry_id)
+  redis.call('SREM', owned_key(tag, owner), entry_id)
+  redis.call('ZREM', orphans_key(tag), entry_id)
+  redis.call('HDEL', cancelled_key(tag), entry_id)
 end
 
 -- Moves a job's hash to a terminal state: status, expiry, event; with `unless_final`, a job
@@ -138,11 +174,23 @@ local function owner_of(tag, entry_id)
   return p[1][2], tonumber(p[1][4])
 end
 
+-- Whether a job whose entry is no longer pending still runs on `worker`: its hash says
+-- running there, under this entry. That is a running job whose entry a producer trimmed
+-- (`XADD ... MAXLEN`, `XTRIM`, `XDEL`): it carries on and ends as usual.
+local function runs_unpending(jk, entry_id, worker)
+  local v = redis.call('HMGET', jk, 'status', 'worker', 'entry_id')
+  return v[1] == 'running' and v[2] == worker and v[3] == entry_id
+end
+
 -- fr_submit KEY=tag ARGV: job_id, field, value, ... (the job entry's fields)
--- Queues a job atomically: refuses a job_id already known, writes the queued hash, adds the
+-- Queues a job atomically: refuses a job_id the worker would refuse or one already known, writes the queued hash, adds the
 -- entry. Returns the entry id.
 local function fr_submit(keys, args)
   local tag, job_id = keys[1], args[1]
+  if not job_id or #job_id == 0 or #job_id > MAX_JOB_ID_LEN or job_id:find('[^%w%._:%-]') then
+    return redis.error_reply('ERR job_id must be 1 to ' .. MAX_JOB_ID_LEN ..
+      " characters, only letters, digits, '.', '_', ':' and '-'")
+  end
   local jk = tag .. ':job:' .. job_id
   if redis.call('EXISTS', jk) == 1 then
     return redis.error_reply('JOBEXISTS job_id ' .. job_id .. ' already exists (status ' ..
@@ -182,15 +230,24 @@ local function claim_one(tag, worker, max_attempts, entry_id, job_id, fields)
   local owner, deliveries = owner_of(tag, entry_id)
   if not owner then return { 'gone' } end
   if owner ~= worker then return { 'lost' } end
+  -- Owned from now until its ack or hand-back, whatever the verdict.
+  redis.call('SADD', owned_key(tag, worker), entry_id)
 
   -- Every job hash has a status or an entry id from the moment it is written.
   local h = redis.call('HMGET', jk, 'status', 'entry_id', 'cancel_requested', 'handoffs',
     'started_ms')
   local status, known_entry = h[1] or nil, h[2] or nil
   local exists = (status or known_entry) ~= nil
+  if not exists and redis.call('HEXISTS', cancelled_key(tag), entry_id) == 1 then
+    -- Cancelled while queued, and its hash expired since: cancelled again, never run.
+    redis.call('HSET', jk, 'entry_id', entry_id, 'created_ms', now_ms(), 'status', 'queued')
+    hset_from(jk, fields, 1)
+    finalize(tag, job_id, 'cancelled', nil, worker)
+    return final_reply('cancelled', jk)
+  end
   if exists then
     if known_entry and known_entry ~= entry_id then
-      ack_and_delete(tag, entry_id)
+      ack_and_delete(tag, entry_id, worker)
       event(tag, job_id, '', 'rejected', worker,
         'duplicate job_id: ' .. job_id .. ' already belongs to entry ' .. known_entry, entry_id)
       return { 'duplicate', status or '' }
@@ -216,7 +273,9 @@ local function claim_one(tag, worker, max_attempts, entry_id, job_id, fields)
     local last = redis.call('HGET', jk, 'error') or 'the worker running it stopped without finishing'
     local err = 'delivered ' .. (attempt - 1) .. ' times without finishing (MAX_ATTEMPTS=' ..
       max_attempts .. '); last error: ' .. last
-    local dead = { tag .. ':jobs:dead', '*', 'job_id', job_id, 'entry_id', entry_id,
+    -- Capped like the events: an operator may set `dead_maxlen` in {fr}:settings.
+    local dead = { tag .. ':jobs:dead', 'MAXLEN', '~', setting(tag, 'dead_maxlen', 10000), '*',
+      'job_id', job_id, 'entry_id', entry_id,
       'attempts', attempt - 1, 'error', err, 'time_ms', now_ms() }
     local entry = redis.call('XRANGE', tag .. ':jobs', entry_id, entry_id)
     if #entry == 1 then
@@ -293,9 +352,12 @@ local function fr_job_reject(keys, args)
   local jk = tag .. ':job:' .. job_id
   local known_entry = redis.call('HGET', jk, 'entry_id')
   if known_entry and known_entry ~= entry_id then
-    ack_and_delete(tag, entry_id)
+    ack_and_delete(tag, entry_id, worker)
     event(tag, job_id, '', 'rejected', worker, err, entry_id)
     return 'duplicate'
+  end
+  if owner_of(tag, entry_id) == worker then
+    redis.call('SADD', owned_key(tag, worker), entry_id)
   end
   local now = now_ms()
   if not TERMINAL[redis.call('HGET', jk, 'status')] then
@@ -308,25 +370,64 @@ local function fr_job_reject(keys, args)
   return final_reply('failed', jk)
 end
 
+-- fr_worker_tick KEY=tag ARGV: worker, quiet_ms, lease_ms, then its registry fields (field,
+-- value, ...)
+-- A worker's one call per heartbeat tick, whatever it runs: its deadline in
+-- `{fr}:workers:alive` becomes now + lease_ms, and its registry hash `{fr}:worker:<id>` gets
+-- the fields and `updated_ms`, expiring after three leases. Returns {registered, {job_id, ...}}:
+-- registered is 1 when the worker was not in the set (its first tick, or it had been
+-- declared dead and its entries orphaned: it must check each of its jobs with
+-- fr_job_heartbeat), and the job ids fr_cancel asked it to stop.
+local function fr_worker_tick(keys, args)
+  local tag, worker, lease_ms = keys[1], args[1], tonumber(args[3])
+  if not worker or worker == '' or not lease_ms then
+    return redis.error_reply('ERR usage: FCALL fr_worker_tick 1 <tag> <worker> <quiet_ms> <lease_ms>')
+  end
+  if #args % 2 == 0 then
+    return redis.error_reply('ERR fr_worker_tick: registry fields come in pairs')
+  end
+  fleet_call_in(tag, tonumber(args[2]), lease_ms)
+  local now = now_ms()
+  local added = redis.call('ZADD', alive_key(tag), now + lease_ms, worker)
+  local wk = tag .. ':worker:' .. worker
+  local fields = { 'updated_ms', now }
+  for i = 4, #args do table.insert(fields, args[i]) end
+  redis.call('HSET', wk, unpack(fields))
+  redis.call('PEXPIRE', wk, lease_ms * 3)
+  return { added, redis.call('SMEMBERS', cancel_key(tag, worker)) }
+end
+
 -- fr_job_heartbeat KEY=tag ARGV: worker, quiet_ms, lease_ms, entry_id, job_id, entry_id,
 -- job_id, ...
--- Renews the lease on each entry this worker still owns (XCLAIM ... JUSTID resets its idle
--- time without counting a delivery). Returns one verdict per job: 'ok', 'lost' (someone
--- else owns it: stop, do not steal it back) or 'cancel' (fr_cancel asked it to stop).
+-- Checks each job a worker runs, entry by entry: rare (a worker calls it when its tick says
+-- it registered afresh, and every JOB_LEASE_MS), since fr_worker_tick is the lease.
+-- Renews the entry's idle time (XCLAIM ... JUSTID, no delivery counted), keeps it in the
+-- worker's set and takes it back from the orphans when the worker had been declared dead
+-- but nobody took it yet. Returns one verdict per job: 'ok', 'lost' (someone else owns it,
+-- or it is gone: stop, do not steal it back) or 'cancel' (fr_cancel asked it to stop).
 local function fr_job_heartbeat(keys, args)
   local tag, worker = keys[1], args[1]
   fleet_call_in(tag, tonumber(args[2]), tonumber(args[3]))
   local out = {}
   for i = 4, #args, 2 do
     local entry_id, job_id = args[i], args[i + 1]
+    local jk = tag .. ':job:' .. job_id
     local owner = owner_of(tag, entry_id)
-    local h = redis.call('HMGET', tag .. ':job:' .. job_id, 'worker', 'cancel_requested')
+    local h = redis.call('HMGET', jk, 'worker', 'cancel_requested')
+    if not owner and runs_unpending(jk, entry_id, worker) then
+      -- Trimmed from the stream while it ran: nothing to renew, the job goes on.
+      redis.call('SREM', owned_key(tag, worker), entry_id)
+      table.insert(out, h[2] == '1' and 'cancel' or 'ok')
     -- A job handed back (or taken over) no longer names this worker: renewing it would
     -- undo the hand-back's idle time.
-    if owner ~= worker or h[1] ~= worker then
+    elseif owner ~= worker or h[1] ~= worker then
+      redis.call('SREM', owned_key(tag, worker), entry_id)
+      redis.call('SREM', cancel_key(tag, worker), job_id)
       table.insert(out, 'lost')
     else
       redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, entry_id, 'JUSTID')
+      redis.call('SADD', owned_key(tag, worker), entry_id)
+      redis.call('ZREM', orphans_key(tag), entry_id)
       if h[2] == '1' then
         table.insert(out, 'cancel')
       else
@@ -337,25 +438,107 @@ local function fr_job_heartbeat(keys, args)
   return out
 end
 
+-- Declares dead up to OVERDUE_PER_PASS workers whose deadline is older than `before`
+-- (ZRANGEBYSCORE ... LIMIT: what it costs is what it finds): their entries become orphans,
+-- their sets go. The caller itself is never declared dead: it is calling.
+local function bury_overdue(tag, worker, before)
+  local alive, orphans = alive_key(tag), orphans_key(tag)
+  local overdue = redis.call('ZRANGEBYSCORE', alive, '-inf', '(' .. before, 'LIMIT', 0,
+    OVERDUE_PER_PASS)
+  local now = now_ms()
+  for _, w in ipairs(overdue) do
+    if w ~= worker then
+      for _, id in ipairs(redis.call('SMEMBERS', owned_key(tag, w))) do
+        redis.call('ZADD', orphans, 'NX', now, id)
+      end
+      redis.call('DEL', owned_key(tag, w), cancel_key(tag, w))
+      redis.call('ZREM', alive, w)
+    end
+  end
+end
+
+-- Whether a pending entry is covered by a live lease: its owner is registered and holds it
+-- in its set. Such an entry is never swept, however long idle.
+local function leased(tag, owner, entry_id)
+  return redis.call('ZSCORE', alive_key(tag), owner) and
+    redis.call('SISMEMBER', owned_key(tag, owner), entry_id) == 1
+end
+
+-- The fleet's sweep of the pending list (at most once per SWEEP_EVERY_MS, SWEEP_ROWS rows,
+-- from where the last one stopped): adds to `ids`, up to `room`, the entries of other
+-- workers idle past min_idle that no live lease covers, and drops them from their owner's
+-- set and the orphans.
+local function sweep(tag, worker, min_idle, room, ids)
+  local fk = tag .. ':fleet'
+  local v = redis.call('HMGET', fk, 'swept_ms', 'sweep_from')
+  local now = now_ms()
+  local last = tonumber(v[1])
+  if last and now - last < SWEEP_EVERY_MS and now >= last then return end
+  local rows = redis.call('XPENDING', tag .. ':jobs', GROUP, v[2] or '-', '+', SWEEP_ROWS)
+  local next_from = '-'
+  local taken = {}
+  for _, id in ipairs(ids) do taken[id] = true end
+  for i, p in ipairs(rows) do
+    if #ids >= room then
+      next_from = p[1]
+      break
+    end
+    local id, owner, idle = p[1], p[2], tonumber(p[3])
+    if owner ~= worker and idle > min_idle and not taken[id] and not leased(tag, owner, id) then
+      table.insert(ids, id)
+      redis.call('SREM', owned_key(tag, owner), id)
+      redis.call('ZREM', orphans_key(tag), id)
+    end
+    if i == SWEEP_ROWS then next_from = '(' .. id end
+  end
+  redis.call('HSET', fk, 'swept_ms', now, 'sweep_from', next_from)
+end
+
+-- Deletes idle consumers that own nothing (see CONSUMER_PRUNE_EVERY_MS); never `worker`,
+-- the caller, nor a worker that holds a lease.
+local function prune_consumers(tag, worker)
+  local fk = tag .. ':fleet'
+  local now = now_ms()
+  local last = tonumber(redis.call('HGET', fk, 'consumers_ms'))
+  if last and now - last < CONSUMER_PRUNE_EVERY_MS and now >= last then return end
+  redis.call('HSET', fk, 'consumers_ms', now)
+  local bound = setting(tag, 'consumer_idle_ms', 600000)
+  local jobs, alive = tag .. ':jobs', alive_key(tag)
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', jobs, GROUP)) do
+    local f = {}
+    for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+    if f.pending == 0 and f.idle > bound and f.name ~= worker and
+        not redis.call('ZSCORE', alive, f.name) then
+      redis.call('XGROUP', 'DELCONSUMER', jobs, GROUP, f.name)
+    end
+  end
+end
+
 -- fr_job_reclaim KEY=tag ARGV: worker, quiet_ms, lease_ms, count
--- Takes over up to `count` entries that another worker has left idle past lease_ms (its
--- owner died, or handed it back), counting a delivery each, and returns them as XCLAIM does:
--- {{entry_id, {field, value, ...}}, ...}. This worker's own entries are never taken, and
--- after a silence of the whole fleet only those idle for longer still (fleet_call_in).
+-- Takes over up to `count` entries whose owner is gone, counting a delivery each, and
+-- returns them as XCLAIM does: {{entry_id, {field, value, ...}}, ...}. First it declares
+-- dead the workers whose tick is overdue (bury_overdue), then takes orphans (handed back,
+-- or a dead worker's), oldest first, then what the fleet's sweep finds. After a silence of
+-- the whole fleet, a worker is overdue only if its deadline passed before the silence, and
+-- a swept entry must be idle for longer than the silence plus a lease (fleet_call_in).
 local function fr_job_reclaim(keys, args)
   local tag, worker = keys[1], args[1]
   local lease_ms, count = tonumber(args[3]), tonumber(args[4])
-  local min_idle = lease_ms + fleet_call_in(tag, tonumber(args[2]), lease_ms)
-  local jobs = tag .. ':jobs'
-  -- Own entries idle past the lease (renewed within a tick of an outage) can fill the
-  -- first rows: ask for more than will be taken.
-  local idle = redis.call('XPENDING', jobs, GROUP, 'IDLE', min_idle, '-', '+', count * 2 + 8)
-  local ids = {}
-  for _, p in ipairs(idle) do
-    if p[2] ~= worker and #ids < count then table.insert(ids, p[1]) end
+  if not worker or worker == '' or not lease_ms or not count or count < 1 then
+    return redis.error_reply('ERR usage: FCALL fr_job_reclaim 1 <tag> <worker> <quiet_ms> <lease_ms> <count>')
   end
+  local hold = fleet_call_in(tag, tonumber(args[2]), lease_ms)
+  bury_overdue(tag, worker, now_ms() - hold)
+  local orphans = orphans_key(tag)
+  local ids = redis.call('ZRANGE', orphans, 0, count - 1)
+  if #ids > 0 then redis.call('ZREM', orphans, unpack(ids)) end
+  if #ids < count then sweep(tag, worker, lease_ms + hold, count, ids) end
+  prune_consumers(tag, worker)
   if #ids == 0 then return {} end
-  return redis.call('XCLAIM', jobs, GROUP, worker, min_idle, unpack(ids))
+  local taken = redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, unpack(ids))
+  local mine = owned_key(tag, worker)
+  for _, e in ipairs(taken) do redis.call('SADD', mine, e[1]) end
+  return taken
 end
 
 -- Whether this worker's own end of the job is already recorded: the entry is no longer
@@ -388,7 +571,14 @@ local function fr_job_finish(keys, args)
   for i = 2, #args, 4 do
     local entry_id, job_id, status, err = args[i], args[i + 1], args[i + 2], args[i + 3]
     local jk = tag .. ':job:' .. job_id
-    if owner_of(tag, entry_id) ~= worker then
+    local owner = owner_of(tag, entry_id)
+    if not owner and runs_unpending(jk, entry_id, worker) then
+      -- Its entry was trimmed while it ran: the job ends as any other.
+      finalize(tag, job_id, status, err, worker, true)
+      ack_and_delete(tag, entry_id, worker)
+      redis.call('SREM', cancel_key(tag, worker), job_id)
+      table.insert(out, 'ok')
+    elseif owner ~= worker then
       if finished_by(tag, entry_id, worker, jk) then
         table.insert(out, 'ok')
       else
@@ -396,7 +586,8 @@ local function fr_job_finish(keys, args)
       end
     else
       finalize(tag, job_id, status, err, worker, true)
-      ack_and_delete(tag, entry_id)
+      ack_and_delete(tag, entry_id, worker)
+      redis.call('SREM', cancel_key(tag, worker), job_id)
       table.insert(out, 'ok')
     end
   end
@@ -412,7 +603,7 @@ local function fr_job_ack(keys, args)
   local owner = owner_of(tag, entry_id)
   if not owner then return 'ok' end
   if owner ~= worker then return 'lost' end
-  ack_and_delete(tag, entry_id)
+  ack_and_delete(tag, entry_id, worker)
   return 'ok'
 end
 
@@ -444,16 +635,21 @@ local function fr_job_end(keys, args)
 end
 
 -- fr_job_handback KEY=tag ARGV: entry_id, worker, job_id, idle_ms
--- Gives a running job back on shutdown: the entry's idle time is set past the lease so the
--- next reclaim pass of any worker takes it at once, and the hand-back is not counted as a
--- failed attempt. 'ok' or 'lost'. Safe to repeat: once handed back the hash no longer
--- names this worker, and a repeated call counts nothing again.
+-- Gives a running job back on shutdown: the entry becomes an orphan (the next reclaim pass
+-- of any worker takes it at once) with its idle time set past the lease, and the hand-back
+-- is not counted as a failed attempt. An empty job_id gives back an entry read but never
+-- claimed. 'ok' or 'lost'. Safe to repeat: once handed back the hash no longer names this
+-- worker, and a repeated call counts nothing again.
 local function fr_job_handback(keys, args)
   local tag, entry_id, worker, job_id, idle = keys[1], args[1], args[2], args[3], args[4]
   local owner = owner_of(tag, entry_id)
   if owner ~= worker then return 'lost' end
-  local jk = tag .. ':job:' .. job_id
   redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, entry_id, 'IDLE', idle, 'JUSTID')
+  redis.call('SREM', owned_key(tag, worker), entry_id)
+  redis.call('ZADD', orphans_key(tag), 'NX', now_ms(), entry_id)
+  if not job_id or job_id == '' then return 'ok' end
+  redis.call('SREM', cancel_key(tag, worker), job_id)
+  local jk = tag .. ':job:' .. job_id
   if redis.call('HGET', jk, 'worker') ~= worker then return 'ok' end
   redis.call('HINCRBY', jk, 'handoffs', 1)
   redis.call('HSET', jk, 'status', 'queued', 'updated_ms', now_ms())
@@ -463,8 +659,9 @@ local function fr_job_handback(keys, args)
 end
 
 -- fr_cancel KEY=tag ARGV: job_id
--- A queued job is cancelled at once and never runs; a running one is flagged and its worker
--- stops it within a second. Returns 'cancelled', 'cancelling', or 'already <status>'. A
+-- A queued job is cancelled at once and never runs, even if its entry is read after its hash
+-- expired ({fr}:jobs:cancelled keeps the entry's id until its ack); a running one is
+-- flagged and its worker stops it within a second. Returns 'cancelled', 'cancelling', or 'already <status>'. A
 -- cancelled queued job's entry stays until a worker reads it, writes the end entry (in the
 -- job's slot, which this function cannot reach) and acks it; the CLI writes it at once.
 local function fr_cancel(keys, args)
@@ -478,17 +675,30 @@ local function fr_cancel(keys, args)
     if TERMINAL[status] then return 'already ' .. status end
     if status == 'running' then
       redis.call('HSET', jk, 'cancel_requested', 1, 'updated_ms', now_ms())
+      -- Its worker reads its own cancel set with every tick.
+      local worker = redis.call('HGET', jk, 'worker')
+      if worker then redis.call('SADD', cancel_key(tag, worker), job_id) end
       return 'cancelling'
     end
+    local entry_id = redis.call('HGET', jk, 'entry_id')
+    if entry_id then redis.call('HSET', cancelled_key(tag), entry_id, job_id) end
     finalize(tag, job_id, 'cancelled', nil, '')
     return 'cancelled'
   end
-  -- Not yet seen by any worker: look for the entry in the queue itself.
+  -- Not yet seen by any worker (every entry a worker read has a hash from its claim): look
+  -- among the first CANCEL_SCAN_LIMIT entries after the group's last-delivered id.
   local jobs = tag .. ':jobs'
-  local start, scanned = '-', 0
-  while scanned < CANCEL_SCAN_LIMIT do
-    local batch = redis.call('XRANGE', jobs, start, '+', 'COUNT', 500)
-    if #batch == 0 then break end
+  if redis.call('EXISTS', jobs) == 0 then
+    return redis.error_reply('NOJOB unknown job ' .. job_id)
+  end
+  local start = '-'
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', jobs)) do
+    local f = {}
+    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+    if f.name == GROUP then start = '(' .. f['last-delivered-id'] end
+  end
+  do
+    local batch = redis.call('XRANGE', jobs, start, '+', 'COUNT', CANCEL_SCAN_LIMIT)
     for _, e in ipairs(batch) do
       local f = e[2]
       for i = 1, #f, 2 do
@@ -502,20 +712,20 @@ local function fr_cancel(keys, args)
             end
           end
           redis.call('ZADD', tag .. ':jobs:index', now, job_id)
+          redis.call('HSET', cancelled_key(tag), e[1], job_id)
           finalize(tag, job_id, 'cancelled', nil, '')
           return 'cancelled'
         end
       end
-      start = '(' .. e[1]
     end
-    scanned = scanned + #batch
   end
   return redis.error_reply('NOJOB unknown job ' .. job_id)
 end
 
 -- fr_prompt_set KEY=tag ARGV: text [preserve_previous=1]
--- Sets the active prompt, bumping its version atomically. With preserve_previous 0/false
--- the history is reset to the new version alone. Returns the new version.
+-- Sets the active prompt, bumping its version atomically. The history keeps the newest
+-- PROMPT_HISTORY_MAX versions (`prompt_history_max` in {fr}:settings, 100 by default); with
+-- preserve_previous 0/false it is reset to the new version alone. Returns the new version.
 local function fr_prompt_set(keys, args)
   local tag, text, preserve = keys[1], args[1], args[2]
   if not text or text:match('^%s*$') then
@@ -531,6 +741,7 @@ local function fr_prompt_set(keys, args)
   redis.call('HSET', pk, 'text', text, 'updated_ms', now)
   if not keep then redis.call('DEL', hk) end
   redis.call('LPUSH', hk, cjson.encode({ version = version, text = text, updated_ms = now }))
+  redis.call('LTRIM', hk, 0, setting(tag, 'prompt_history_max', 100) - 1)
   redis.call('XADD', tag .. ':events', 'MAXLEN', '~', setting(tag, 'events_maxlen', 10000), '*',
     'kind', 'prompt', 'version', version, 'time_ms', now)
   return version
@@ -552,23 +763,33 @@ local function fr_prompt_history(keys, args)
 end
 
 -- fr_index_prune KEY=tag ARGV: [limit]: drops index members whose job hash has expired.
+-- Each call looks at `limit` members from where the last one stopped (`prune_from` in
+-- {fr}:fleet, a rank), so that every member is looked at in turn, however many long-lived
+-- jobs come first.
 local function fr_index_prune(keys, args)
-  local ik = keys[1] .. ':jobs:index'
+  local tag = keys[1]
+  local ik, fk = tag .. ':jobs:index', tag .. ':fleet'
   local limit = tonumber(args[1] or '500') or 500
-  local ids = redis.call('ZRANGE', ik, 0, limit - 1)
+  if limit < 1 then return redis.error_reply('ERR fr_index_prune: limit must be positive') end
+  local from = tonumber(redis.call('HGET', fk, 'prune_from') or '0') or 0
+  local ids = redis.call('ZRANGE', ik, from, from + limit - 1)
   local removed = 0
   for _, id in ipairs(ids) do
-    if redis.call('EXISTS', keys[1] .. ':job:' .. id) == 0 then
+    if redis.call('EXISTS', tag .. ':job:' .. id) == 0 then
       redis.call('ZREM', ik, id)
       removed = removed + 1
     end
   end
+  local next_from = from + #ids - removed
+  if #ids < limit then next_from = 0 end
+  redis.call('HSET', fk, 'prune_from', next_from)
   return removed
 end
 
 redis.register_function('fr_submit', per_call(fr_submit))
 redis.register_function('fr_job_claim', per_call(fr_job_claim))
 redis.register_function('fr_job_reject', per_call(fr_job_reject))
+redis.register_function('fr_worker_tick', per_call(fr_worker_tick))
 redis.register_function('fr_job_heartbeat', per_call(fr_job_heartbeat))
 redis.register_function('fr_job_reclaim', per_call(fr_job_reclaim))
 redis.register_function('fr_job_finish', per_call(fr_job_finish))

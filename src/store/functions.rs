@@ -251,7 +251,47 @@ pub struct CallIn {
     pub lease_ms: u64,
 }
 
-/// `fr_job_heartbeat`: renews the leases of `jobs` (entry id, job id), one answer each.
+/// What `fr_worker_tick` answered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tick {
+    /// The worker was not registered: its first tick, or it had been declared dead (its
+    /// entries orphaned). Each job it runs must then be checked with [`heartbeat`].
+    pub registered: bool,
+    /// Jobs `fr_cancel` asked this worker to stop.
+    pub cancelled: Vec<String>,
+}
+
+/// `fr_worker_tick`: renews this worker's one lease, whatever it runs, and writes its
+/// registry hash (`registry`: its fields and values; the function adds `updated_ms`).
+pub async fn tick(
+    store: &Store,
+    worker: &str,
+    call_in: CallIn,
+    registry: &[(&str, String)],
+) -> StoreResult<Tick> {
+    let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&worker, &call_in.quiet_ms, &call_in.lease_ms];
+    for (k, v) in registry {
+        args.push(k);
+        args.push(v);
+    }
+    let reply: Value = store.fcall("fr_worker_tick", &args).await?;
+    tick_reply(reply)
+}
+
+/// Reads `fr_worker_tick`'s reply: `{0 or 1, {job_id, ...}}`.
+pub(crate) fn tick_reply(reply: Value) -> StoreResult<Tick> {
+    let parsed: Option<(i64, Vec<String>)> = redis::from_redis_value(reply.clone()).ok();
+    match parsed {
+        Some((added @ (0 | 1), cancelled)) => Ok(Tick {
+            registered: added == 1,
+            cancelled,
+        }),
+        _ => Err(unexpected("fr_worker_tick", &reply)),
+    }
+}
+
+/// `fr_job_heartbeat`: checks each of `jobs` (entry id, job id) entry by entry and renews
+/// its idle time, one answer each. [`tick`] is the lease; this is its rare audit.
 pub async fn heartbeat(
     store: &Store,
     worker: &str,
@@ -267,9 +307,9 @@ pub async fn heartbeat(
     leases(reply, jobs.len())
 }
 
-/// `fr_job_reclaim`: takes over up to `count` entries other workers left idle past the
-/// lease (longer, just after a silence of the fleet: see [`CallIn`]), as XCLAIM returns
-/// them.
+/// `fr_job_reclaim`: takes over up to `count` entries whose owner is gone (declared dead
+/// when its tick is a lease overdue, handed back, or never registered; later just after a
+/// silence of the fleet: see [`CallIn`]), as XCLAIM returns them.
 pub async fn reclaim(
     store: &Store,
     worker: &str,
@@ -337,7 +377,8 @@ pub async fn ack(store: &Store, entry_id: &str, worker: &str) -> StoreResult<Own
     ownership("fr_job_ack", store.fcall("fr_job_ack", &args).await?)
 }
 
-/// `fr_job_handback`: gives a running job back for another worker to take at once.
+/// `fr_job_handback`: gives a running job back for another worker to take at once; an
+/// empty `job_id` gives back an entry read but never claimed.
 pub async fn handback(
     store: &Store,
     entry_id: &str,
@@ -503,5 +544,19 @@ mod tests {
             }
         );
         assert!(end_record(reply(&["running", "1"])).is_err());
+        let tick = Value::Array(vec![Value::Int(1), reply(&["a", "b"])]);
+        assert_eq!(
+            tick_reply(tick).unwrap(),
+            Tick {
+                registered: true,
+                cancelled: vec!["a".into(), "b".into()]
+            }
+        );
+        assert!(
+            !tick_reply(Value::Array(vec![Value::Int(0), reply(&[])]))
+                .unwrap()
+                .registered
+        );
+        assert!(tick_reply(Value::Array(vec![Value::Int(2), reply(&[])])).is_err());
     }
 }

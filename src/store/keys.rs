@@ -75,9 +75,34 @@ impl Keys {
         format!("{}:settings", self.tag)
     }
     /// When a worker last called in, and how long reclaiming is held after a server outage
-    /// (written by `fr_job_heartbeat` and `fr_job_reclaim`).
+    /// and where the fleet's sweep of the pending list is (written by `fr_worker_tick`,
+    /// `fr_job_heartbeat` and `fr_job_reclaim`).
     pub fn fleet(&self) -> String {
         format!("{}:fleet", self.tag)
+    }
+    /// Entries of jobs cancelled while queued (entry id -> job id), until a worker acks
+    /// them: a cancelled job never runs, even when its hash expired before its entry was
+    /// read.
+    pub fn jobs_cancelled(&self) -> String {
+        format!("{}:jobs:cancelled", self.tag)
+    }
+    /// The workers' leases: member = worker id, score = its deadline in ms (`fr_worker_tick`
+    /// renews it every tick; `fr_job_reclaim` removes the overdue).
+    pub fn workers_alive(&self) -> String {
+        format!("{}:workers:alive", self.tag)
+    }
+    /// The entry ids a worker owns (claimed and not yet acked or handed back).
+    pub fn owned(&self, worker_id: &str) -> String {
+        format!("{}:owned:{worker_id}", self.tag)
+    }
+    /// The job ids `fr_cancel` asked a worker to stop, read with each of its ticks.
+    pub fn cancels(&self, worker_id: &str) -> String {
+        format!("{}:cancel:{worker_id}", self.tag)
+    }
+    /// Entries whose owner is gone (handed back, or declared dead), by when: any worker's
+    /// next reclaim pass takes them.
+    pub fn orphans(&self) -> String {
+        format!("{}:orphans", self.tag)
     }
     /// The capped stream of alert start and end events of every job.
     pub fn alerts(&self) -> String {
@@ -123,6 +148,10 @@ mod tests {
         assert_eq!(k.alerts(), "{fr}:alerts");
         assert_eq!(k.worker("w1"), "{fr}:worker:w1");
         assert_eq!(k.settings(), "{fr}:settings");
+        assert_eq!(k.workers_alive(), "{fr}:workers:alive");
+        assert_eq!(k.owned("w1"), "{fr}:owned:w1");
+        assert_eq!(k.cancels("w1"), "{fr}:cancel:w1");
+        assert_eq!(k.orphans(), "{fr}:orphans");
         assert_eq!(k.job_tag("cam-1:a"), "{fr:cam-1:a}");
         assert_eq!(k.results("cam-1:a"), "{fr:cam-1:a}:results");
         assert_eq!(k.progress("cam-1:a"), "{fr:cam-1:a}:progress");

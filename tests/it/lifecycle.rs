@@ -404,6 +404,118 @@ async fn cancel_stops_a_running_job_and_a_queued_one_never_runs() {
     w.stop().await;
 }
 
+/// A job cancelled while queued never runs, even when its entry is read only after its
+/// hash expired (a backlog longer than RESULT_TTL_S, or the fleet down that long): before,
+/// the worker took it for a new job and ran it under the end entry that said cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_cancelled_while_queued_never_runs_though_its_hash_expired_first() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    load_functions(&redis, &p).await;
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:3:10"), ("job_id", "late")],
+    );
+    let r: String = redis.cmd(&["FCALL", "fr_cancel", "1", k.tag(), "late"]);
+    assert_eq!(r, "cancelled");
+    // Its hash expires before any worker reads the entry.
+    let _: i64 = redis.cmd(&["DEL", &k.job("late")]);
+
+    let w = InProcessWorker::start(&redis, &p, "w1", &[]);
+    let end = wait_end(&redis, &p, "late").await;
+    assert_eq!(end["status"], "cancelled");
+    wait_queue_empty(&redis, &p).await;
+    assert!(frames_of(&redis, &p, "late").is_empty(), "it never ran");
+    assert_eq!(status(&redis, &p, "late").as_deref(), Some("cancelled"));
+    let ttl: i64 = redis.cmd(&["TTL", &k.job("late")]);
+    assert!(ttl > 0, "the hash written again expires as usual: {ttl}");
+    let left: i64 = redis.cmd(&["HLEN", &k.jobs_cancelled()]);
+    assert_eq!(left, 0, "the mark goes with the entry's ack");
+    w.stop().await;
+}
+
+/// A producer that trims `{fr}:jobs` (`XADD ... MAXLEN`, `XTRIM`) under a running job does
+/// not orphan it: the job carries on to its end, with its end entry and its keys' expiry.
+/// Before, the next renewal found the entry gone and the worker dropped the job silently,
+/// its hash `running` for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_running_job_whose_entry_was_trimmed_carries_on_to_its_end() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    // A short lease: the entry is audited every second.
+    let w = InProcessWorker::start(&redis, &p, "w1", &[("JOB_LEASE_MS", "1000")]);
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:100:30"), ("job_id", "trimmed")],
+    );
+    eventually(WAIT, "running", || {
+        frames_of(&redis, &p, "trimmed").len() >= 3
+    })
+    .await;
+    let _: i64 = redis.cmd(&["XTRIM", &k.jobs(), "MAXLEN", "0"]);
+    let end = wait_end(&redis, &p, "trimmed").await;
+    assert_eq!(end["status"], "completed");
+    assert_eq!(
+        frames_of(&redis, &p, "trimmed"),
+        (0..100).collect::<Vec<u64>>()
+    );
+    assert_eq!(status(&redis, &p, "trimmed").as_deref(), Some("completed"));
+    for key in [
+        k.job("trimmed"),
+        k.results("trimmed"),
+        k.progress("trimmed"),
+    ] {
+        let ttl: i64 = redis.cmd(&["TTL", &key]);
+        assert!(ttl > 0, "{key} expires: {ttl}");
+    }
+    assert_eq!(w.metrics.leases_lost.get(), 0);
+    w.stop().await;
+}
+
+/// A worker alone notices an entry pending under its own name that no running job holds
+/// (what a claim or an end that ran out of retries during a long failover leaves behind),
+/// gives it back and takes it again: the job runs to its end. Before, a reclaim pass never
+/// took its caller's own entries, and the job showed `queued` or `running` until the
+/// process restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_single_worker_takes_back_its_own_stray_entry() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let group = WorkersGroup::of(&redis, &k);
+    group.create();
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:3:10"), ("job_id", "stray")],
+    );
+    // Read under the worker's own name, and never claimed: as if its claim gave up.
+    group.read("w1", 1);
+    let settings = [("JOB_LEASE_MS", "1000"), ("SHUTDOWN_TIMEOUT_MS", "1000")];
+    let w = InProcessWorker::start(&redis, &p, "w1", &settings);
+    // Given back once idle past three rounds of a step's retries (1 s and a 5 s backoff).
+    eventually(Duration::from_secs(40), "the stray job ends", || {
+        end_entry(&redis, &p, "stray").is_some()
+    })
+    .await;
+    assert_eq!(
+        end_entry(&redis, &p, "stray").unwrap()["status"],
+        "completed"
+    );
+    assert_eq!(frames_of(&redis, &p, "stray"), vec![0, 1, 2]);
+    assert!(group.pending().is_empty(), "{:?}", group.pending());
+    assert_eq!(
+        w.metrics.jobs_reclaimed.get(),
+        1,
+        "taken back by the reclaim pass"
+    );
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_bad_entry_ends_failed_with_the_field_and_reason() {
     let redis = TestRedis::start();
@@ -1147,6 +1259,217 @@ async fn the_events_stream_stays_near_events_maxlen() {
     assert!(newest.contains("capped-299"), "{newest}");
 }
 
+/// `fr_submit` refuses at once a job_id the worker would refuse (before, `lobby 1` left a
+/// `queued` hash with no TTL for ever, and an entry every worker then failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fr_submit_refuses_a_job_id_the_worker_would_refuse() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    load_functions(&redis, &p).await;
+    let k = keys(&p);
+    let long = "x".repeat(129);
+    for bad in ["lobby 1", "a{b}", long.as_str(), "caf\u{e9}"] {
+        let out = redis.cli(&["FCALL", "fr_submit", "1", k.tag(), bad, "stream_ref", "x"]);
+        assert!(out.contains("job_id must be"), "{bad}: {out}");
+        assert!(redis.hgetall(&k.job(bad)).is_empty(), "{bad}");
+    }
+    let len: usize = redis.cmd(&["XLEN", &k.jobs()]);
+    assert_eq!(len, 0, "nothing queued");
+    let ok = redis.cli(&[
+        "FCALL",
+        "fr_submit",
+        "1",
+        k.tag(),
+        "lobby-1.a:b_c",
+        "stream_ref",
+        "x",
+    ]);
+    assert!(!ok.contains("ERR"), "{ok}");
+}
+
+/// `fr_index_prune` reaches every member of `{fr}:jobs:index` in turn: with more long-lived
+/// jobs than one call looks at first, an expired job's member behind them still goes
+/// (before, only the oldest `limit` members were ever looked at).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_index_prune_reaches_members_behind_long_lived_jobs() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    load_functions(&redis, &p).await;
+    let k = keys(&p);
+    let store = Store::new(&redis.url(), &p, 2).unwrap();
+    let mut con = redis.client().get_connection().unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..30 {
+        let id = format!("camera-{i}");
+        pipe.cmd("ZADD")
+            .arg(k.jobs_index())
+            .arg(i)
+            .arg(&id)
+            .ignore();
+        pipe.cmd("HSET")
+            .arg(k.job(&id))
+            .arg("status")
+            .arg("running")
+            .ignore();
+    }
+    // Newer than all of them, and its hash gone (expired).
+    pipe.cmd("ZADD")
+        .arg(k.jobs_index())
+        .arg(100)
+        .arg("expired")
+        .ignore();
+    pipe.query::<()>(&mut con).unwrap();
+    let mut removed = 0;
+    for _ in 0..4 {
+        removed += functions::prune_index(&store, 10).await.unwrap();
+    }
+    assert_eq!(removed, 1);
+    let left: Option<String> = redis.cmd(&["ZSCORE", &k.jobs_index(), "expired"]);
+    assert_eq!(left, None);
+    let card: usize = redis.cmd(&["ZCARD", &k.jobs_index()]);
+    assert_eq!(card, 30, "the live jobs stay");
+}
+
+/// `{fr}:jobs:dead` is capped (`dead_maxlen` in `{fr}:settings`, 10,000 by default): 300
+/// dead letters with a cap of 50 leave at most the cap and one 100-entry node, the newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dead_letter_stream_is_capped() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let store = queue_store(&redis, &p).await;
+    redis.cli(&["HSET", &k.settings(), "dead_maxlen", "50"]);
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        let job = format!("doomed-{i}");
+        ids.push((
+            xadd(&redis, &p, &[("stream_ref", "x"), ("job_id", &job)]),
+            job,
+        ));
+    }
+    WorkersGroup::of(&redis, &k).read("w", 300);
+    let batch: Vec<functions::ClaimEntry<'_>> = ids
+        .iter()
+        .map(|(entry_id, job_id)| functions::ClaimEntry {
+            entry_id,
+            job_id,
+            fields: &[],
+        })
+        .collect();
+    // No delivery is allowed: each one is dead at its first claim.
+    let verdicts = functions::claim(&store, "w", 0, &batch).await.unwrap();
+    assert!(verdicts.iter().all(|v| matches!(
+        v,
+        ClaimVerdict::Final {
+            status: JobStatus::Dead,
+            ..
+        }
+    )));
+    let len: usize = redis.cmd(&["XLEN", &k.jobs_dead()]);
+    assert!((50..=150).contains(&len), "{len} dead letters kept");
+    let newest = redis.cli(&["XREVRANGE", &k.jobs_dead(), "+", "-", "COUNT", "1"]);
+    assert!(newest.contains("doomed-299"), "{newest}");
+}
+
+/// Consumers that own no entry, hold no lease and have been idle past `consumer_idle_ms`
+/// are deleted by a reclaim pass (at most once a minute for the fleet): a crash-looping
+/// worker no longer adds consumers without limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_consumers_that_own_nothing_are_deleted() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let store = queue_store(&redis, &p).await;
+    redis.cli(&["HSET", &k.settings(), "consumer_idle_ms", "100"]);
+    xadd(&redis, &p, &[("stream_ref", "x"), ("job_id", "held")]);
+    WorkersGroup::of(&redis, &k).read("holder", 1);
+    for name in ["crashed-1", "crashed-2", "live"] {
+        let _: i64 = redis.cmd(&["XGROUP", "CREATECONSUMER", &k.jobs(), "workers", name]);
+    }
+    let live = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 60_000,
+    };
+    functions::tick(&store, "live", live, &[]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    functions::reclaim(&store, "b", live, 1).await.unwrap();
+    let consumers: Vec<Vec<redis::Value>> =
+        redis.cmd(&["XINFO", "CONSUMERS", &k.jobs(), "workers"]);
+    let mut names: Vec<String> = consumers
+        .into_iter()
+        .map(|c| redis::from_redis_value(c[1].clone()).unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["holder".to_string(), "live".to_string()]);
+}
+
+/// `{fr}:prompt:history` keeps the newest `PROMPT_HISTORY_MAX` versions (100 unless a worker
+/// published another value): 1,000 versions set leave 100, newest first; before, every
+/// version of up to 8 KiB stayed for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_prompt_history_keeps_the_newest_versions_only() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    load_functions(&redis, &p).await;
+    let k = keys(&p);
+    let mut con = redis.client().get_connection().unwrap();
+    let set_prompts = |con: &mut redis::Connection, n: usize| {
+        let mut pipe = redis::pipe();
+        for i in 0..n {
+            pipe.cmd("FCALL")
+                .arg("fr_prompt_set")
+                .arg(1)
+                .arg(k.tag())
+                .arg(format!("prompt {i}"))
+                .ignore();
+        }
+        pipe.query::<()>(con).unwrap();
+    };
+    set_prompts(&mut con, 1000);
+    let len: usize = redis.cmd(&["LLEN", &k.prompt_history()]);
+    assert_eq!(len, 100);
+    let newest: String = redis.cmd(&["LINDEX", &k.prompt_history(), "0"]);
+    assert!(newest.contains("\"version\":1000"), "{newest}");
+    redis.cli(&["HSET", &k.settings(), "prompt_history_max", "5"]);
+    set_prompts(&mut con, 1);
+    let len: usize = redis.cmd(&["LLEN", &k.prompt_history()]);
+    assert_eq!(len, 5, "the published setting wins");
+}
+
+/// `fr_cancel` of a job queued with a plain `XADD` and not read yet looks only at the
+/// entries no worker has read, after the group's last-delivered id, and at most 500 of
+/// them: a job behind 100,000 entries already read is found (before, the scan from the
+/// stream's start stopped at 100,000 entries and answered `NOJOB`, after 0.3 s of blocked
+/// Redis), and an unknown id costs a bounded look whatever the backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fr_cancel_finds_a_queued_job_behind_a_long_read_backlog() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    queue_store(&redis, &p).await;
+    let mut con = redis.client().get_connection().unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..100_000 {
+        pipe.cmd("XADD")
+            .arg(k.jobs())
+            .arg("*")
+            .arg("stream_ref")
+            .arg("x")
+            .arg("job_id")
+            .arg(format!("read-{i}"))
+            .ignore();
+    }
+    pipe.query::<()>(&mut con).unwrap();
+    // Every one of them delivered already, as a busy fleet leaves them.
+    let _: String = redis.cmd(&["XGROUP", "SETID", &k.jobs(), "workers", "$"]);
+    xadd(&redis, &p, &[("stream_ref", "x"), ("job_id", "behind")]);
+    let r: String = redis.cmd(&["FCALL", "fr_cancel", "1", k.tag(), "behind"]);
+    assert_eq!(r, "cancelled");
+    assert_eq!(status(&redis, &p, "behind").as_deref(), Some("cancelled"));
+    let out = redis.cli(&["FCALL", "fr_cancel", "1", k.tag(), "nobody"]);
+    assert!(out.contains("unknown job nobody"), "{out}");
+}
+
 /// The fleet's clock: a worker's own idle entry is never reclaimed by itself; after a
 /// silence of the whole fleet, an entry that lapsed in the silence waits one lease while a
 /// handed-back one is taken at once.
@@ -1212,6 +1535,183 @@ async fn reclaiming_waits_a_lease_after_the_fleet_was_silent() {
         ("b".to_string(), 2),
         "owner and deliveries"
     );
+}
+
+/// The ids of the entries a reclaim pass took.
+fn taken_ids(reply: &redis::Value) -> Vec<String> {
+    free_roam::queue::entries::parse_entry_list(reply)
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
+}
+
+/// Leases are per worker: a worker whose tick is fresh keeps its entries however long they
+/// sit idle in the pending list; once its tick is a lease overdue, a reclaim pass declares
+/// it dead and its entries are taken, each delivery counted. Coming back, it registers
+/// afresh and its audit finds the job lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_workers_entries_are_never_taken_and_a_dead_ones_are_after_the_lease() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let store = queue_store(&redis, &p).await;
+    let group = WorkersGroup::of(&redis, &k);
+    let call_in = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 1000,
+    };
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:1:1"), ("job_id", "held")],
+    );
+    let entry = read_and_claim(&redis, &store, "a", "held").await;
+    let registry = [("capacity", "1".to_string())];
+    let first = functions::tick(&store, "a", call_in, &registry)
+        .await
+        .unwrap();
+    assert!(first.registered && first.cancelled.is_empty());
+    let hash = redis.hgetall(&k.worker("a"));
+    assert_eq!(hash["capacity"], "1", "the tick writes the registry hash");
+    assert!(hash.contains_key("updated_ms"));
+    // Idle far past any lease, and no per-entry renewal: only a's tick protects it.
+    group.claim("a", &entry, &["IDLE", "86400000", "JUSTID"]);
+    let swept_before = redis.hget(&k.fleet(), "swept_ms");
+    for _ in 0..4 {
+        let tick = functions::tick(&store, "a", call_in, &[]).await.unwrap();
+        assert!(!tick.registered, "still registered");
+        let reply = functions::reclaim(&store, "b", call_in, 5).await.unwrap();
+        assert!(taken_ids(&reply).is_empty(), "a live worker's entry taken");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_ne!(
+        redis.hget(&k.fleet(), "swept_ms"),
+        swept_before,
+        "the sweep of the pending list ran meanwhile"
+    );
+    assert_eq!(group.owner_of(&entry), ("a".to_string(), 1));
+
+    // a stops ticking: a lease later its entry goes to the next pass.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = functions::reclaim(&store, "b", call_in, 5).await.unwrap();
+    assert_eq!(taken_ids(&reply), vec![entry.clone()]);
+    assert_eq!(group.owner_of(&entry), ("b".to_string(), 2));
+    let alive: Option<String> = redis.cmd(&["ZSCORE", &k.workers_alive(), "a"]);
+    assert_eq!(alive, None, "a was declared dead");
+    let held: bool = redis.cmd(&["SISMEMBER", &k.owned("b"), &entry]);
+    assert!(held, "the entry is b's now");
+    let left: bool = redis.cmd(&["EXISTS", &k.owned("a")]);
+    assert!(!left, "a's set went with it");
+
+    let tick = functions::tick(&store, "a", call_in, &[]).await.unwrap();
+    assert!(tick.registered, "a comes back unregistered");
+    let audit = functions::heartbeat(&store, "a", call_in, &[(&entry, "held")])
+        .await
+        .unwrap();
+    assert_eq!(
+        audit,
+        vec![Lease::Lost],
+        "and stops the job, not steals it back"
+    );
+}
+
+/// A reclaim pass declares at most 8 overdue workers dead (`ZRANGEBYSCORE ... LIMIT`), so it
+/// costs what it finds, not the size of the fleet or of the pending list; the dead workers'
+/// entries wait in `{fr}:orphans` for the next passes, and live workers stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reclaim_pass_declares_a_bounded_number_of_workers_dead() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let store = queue_store(&redis, &p).await;
+    let overdue = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 1,
+    };
+    let live = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 60_000,
+    };
+    for i in 0..20 {
+        let job = format!("job-{i}");
+        xadd(&redis, &p, &[("stream_ref", "paced:1:1"), ("job_id", &job)]);
+        let worker = format!("gone-{i}");
+        read_and_claim(&redis, &store, &worker, &job).await;
+        functions::tick(&store, &worker, overdue, &[])
+            .await
+            .unwrap();
+    }
+    for i in 0..5 {
+        functions::tick(&store, &format!("live-{i}"), live, &[])
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let card = |key: &str| -> usize { redis.cmd(&["ZCARD", key]) };
+    let reply = functions::reclaim(&store, "b", live, 1).await.unwrap();
+    assert_eq!(taken_ids(&reply).len(), 1);
+    assert_eq!(card(&k.workers_alive()), 25 - 8, "eight declared dead");
+    assert_eq!(
+        card(&k.orphans()),
+        8 - 1,
+        "their entries wait, less the one taken"
+    );
+    let reply = functions::reclaim(&store, "b", live, 1).await.unwrap();
+    assert_eq!(taken_ids(&reply).len(), 1);
+    assert_eq!(card(&k.workers_alive()), 25 - 16);
+    assert_eq!(card(&k.orphans()), 16 - 2);
+    for _ in 0..2 {
+        functions::reclaim(&store, "b", live, 100).await.unwrap();
+    }
+    assert_eq!(
+        card(&k.workers_alive()),
+        5,
+        "only the live workers are left"
+    );
+    assert_eq!(card(&k.orphans()), 0);
+    let owned: usize = redis.cmd(&["SCARD", &k.owned("b")]);
+    assert_eq!(owned, 20, "every dead worker's entry is b's now");
+}
+
+/// An entry whose owner never registered a lease (read by a worker that died before its
+/// claim, or held by a worker of a version without leases) is found by the fleet's sweep of
+/// the pending list once idle past the lease, and an unregistered owner that still renews
+/// its entries one by one keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn entries_of_unregistered_owners_are_swept_after_the_lease() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let store = queue_store(&redis, &p).await;
+    let group = WorkersGroup::of(&redis, &k);
+    let call_in = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 1000,
+    };
+    let unclaimed = xadd(&redis, &p, &[("stream_ref", "paced:1:1"), ("job_id", "u")]);
+    group.read("crashed", 1);
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:1:1"), ("job_id", "old")],
+    );
+    let renewed = read_and_claim(&redis, &store, "old-version", "old").await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let taken = loop {
+        // The older worker renews its entry one by one, as it did before leases.
+        functions::heartbeat(&store, "old-version", call_in, &[(&renewed, "old")])
+            .await
+            .unwrap();
+        let reply = functions::reclaim(&store, "b", call_in, 5).await.unwrap();
+        let taken = taken_ids(&reply);
+        if !taken.is_empty() || std::time::Instant::now() > deadline {
+            break taken;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(taken, vec![unclaimed.clone()]);
+    assert_eq!(group.owner_of(&unclaimed), ("b".to_string(), 2));
+    assert_eq!(group.owner_of(&renewed).0, "old-version");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

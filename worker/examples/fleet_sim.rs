@@ -1,10 +1,11 @@
-//! Fleet simulator: the queue's real functions (`fr_job_claim`, `fr_job_heartbeat`,
-//! `fr_job_reclaim`, `fr_job_end`, `fr_job_finish`) called at the rates W workers running N
-//! jobs call them, with no video and no model, to measure what the queue costs Redis at
-//! sizes no machine here runs for real. Each simulated worker keeps the real worker's
-//! cadence: a heartbeat (every running job's lease and the worker hash) each tick, a reclaim
-//! pass each RECLAIM_INTERVAL_MS, claims as slots free up; a job ends every JOB_S seconds and
-//! a new one is queued in its place. Per (W, N) it prints the Redis CPU per second (`INFO
+//! Fleet simulator: the queue's real functions (`fr_job_claim`, `fr_worker_tick`,
+//! `fr_job_heartbeat`, `fr_job_reclaim`, `fr_job_end`, `fr_job_finish`) called at the rates W
+//! workers running N jobs call them, with no video and no model, to measure what the queue
+//! costs Redis at sizes no machine here runs for real. Each simulated worker keeps the real
+//! worker's cadence (`QueueSettings::heartbeat_tick`, `audit_interval`, `call_in`): a tick
+//! (its lease and the worker hash) each heartbeat, an audit of every running job's entry each
+//! lease, a reclaim pass each RECLAIM_INTERVAL_MS, claims as slots free up; a job ends
+//! every JOB_S seconds and a new one is queued in its place. Per (W, N) it prints the Redis CPU per second (`INFO
 //! cpu`), per command (`INFO commandstats`) and per function (the slow log at threshold 0),
 //! then stops one worker's heartbeats and measures when its jobs are taken over. Every
 //! lease a live worker loses, and every entry taken from a live worker, is counted.
@@ -17,8 +18,8 @@
 
 use free_roam::config::Config;
 use free_roam::job::{JobSpec, JobStatus};
+use free_roam::queue::QueueSettings;
 use free_roam::queue::entries::{Entry, parse_entry_list, parse_read_reply};
-use free_roam::queue::{HEARTBEAT_INTERVAL, QueueSettings};
 use free_roam::store::Store;
 use free_roam::store::functions::{
     self, CallIn, ClaimEntry, ClaimVerdict, FinishEntry, Lease, Ownership, Retention,
@@ -79,11 +80,11 @@ fn probes(config: &Config) -> Vec<Store> {
         .collect()
 }
 
-/// The worker's cadence, derived as the worker derives it (`Worker::heartbeat_tick` and
-/// `Worker::call_in` are private, so their one-line rules are restated here).
+/// The worker's cadence, from the worker's own rules ([`QueueSettings`]).
 #[derive(Clone, Copy)]
 struct Cadence {
     tick: Duration,
+    audit: Duration,
     reclaim: Duration,
     lease: Duration,
     call_in: CallIn,
@@ -94,16 +95,12 @@ struct Cadence {
 
 impl Cadence {
     fn new(q: &QueueSettings, job_len: Duration) -> Self {
-        let tick = HEARTBEAT_INTERVAL.min(q.job_lease / 3);
-        let quiet = (q.reclaim_interval * 2 + tick).min(q.job_lease);
         Cadence {
-            tick,
+            tick: q.heartbeat_tick(),
+            audit: q.audit_interval(),
             reclaim: q.reclaim_interval,
             lease: q.job_lease,
-            call_in: CallIn {
-                quiet_ms: quiet.as_millis() as u64,
-                lease_ms: q.job_lease.as_millis() as u64,
-            },
+            call_in: q.call_in(),
             job_len,
             max_attempts: q.max_attempts,
             retention: q.retention(),
@@ -168,6 +165,7 @@ struct SimWorker {
     fleet: Arc<Fleet>,
     /// Spreads the first jobs' ends over a job length, so ends come at a steady rate.
     first_jobs: u64,
+    last_audit: Instant,
 }
 
 impl SimWorker {
@@ -201,10 +199,45 @@ impl SimWorker {
         }
     }
 
-    /// One heartbeat as the worker sends it: the leases in one call, then the worker hash.
+    /// One heartbeat as the worker sends it: its lease and registry hash (`fr_worker_tick`),
+    /// and every lease (or when the tick says it registered afresh) an audit of its
+    /// jobs' entries.
     async fn heartbeat(&mut self) {
         let fleet = self.fleet.clone();
-        if !self.jobs.is_empty() {
+        // The fields the worker writes into its registry hash with each tick.
+        let registry = [
+            ("host", "sim".to_string()),
+            ("pid", "0".to_string()),
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("started_ms", "0".to_string()),
+            ("running", self.jobs.len().to_string()),
+            (
+                "running_jobs",
+                self.jobs
+                    .iter()
+                    .map(|j| j.job_id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            ("capacity", self.capacity.to_string()),
+            ("model", "null".to_string()),
+            ("device", "cpu".to_string()),
+            ("draining", "0".to_string()),
+        ];
+        let tick = functions::tick(&fleet.store, &self.id, fleet.cadence.call_in, &registry);
+        let registered = match tick.await {
+            Ok(tick) => {
+                fleet.renewed.lock().unwrap()[self.index] = Some(Instant::now());
+                tick.registered
+            }
+            Err(e) => {
+                fleet.error("renewing the lease", e);
+                false
+            }
+        };
+        let audit = registered || self.last_audit.elapsed() >= fleet.cadence.audit;
+        if audit && !self.jobs.is_empty() {
+            self.last_audit = Instant::now();
             let ids: Vec<(&str, &str)> = self
                 .jobs
                 .iter()
@@ -212,7 +245,6 @@ impl SimWorker {
                 .collect();
             match functions::heartbeat(&fleet.store, &self.id, fleet.cadence.call_in, &ids).await {
                 Ok(leases) => {
-                    fleet.renewed.lock().unwrap()[self.index] = Some(Instant::now());
                     let lost = leases.iter().filter(|l| **l == Lease::Lost).count();
                     fleet.live_lost.fetch_add(lost as u64, Ordering::Relaxed);
                     let mut answers = leases.into_iter();
@@ -220,23 +252,6 @@ impl SimWorker {
                 }
                 Err(e) => fleet.error("renewing leases", e),
             }
-        }
-        let mut pipe = redis::pipe();
-        pipe.cmd("HSET")
-            .arg(fleet.store.keys().worker(&self.id))
-            .arg("updated_ms")
-            .arg(free_roam::store::now_ms())
-            .arg("running")
-            .arg(self.jobs.len())
-            .arg("capacity")
-            .arg(self.capacity)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(fleet.store.keys().worker(&self.id))
-            .arg(fleet.cadence.lease.as_millis() as u64 * 3)
-            .ignore();
-        if let Err(e) = fleet.store.pipe::<()>(&pipe).await {
-            fleet.error("writing the worker hash", e);
         }
     }
 
@@ -681,6 +696,8 @@ async fn start_fleet(
             jobs: Vec::new(),
             fleet: fleet.clone(),
             first_jobs: capacity as u64,
+            // Audits spread over their period as the ticks are.
+            last_audit: Instant::now() - cadence.audit.mul_f64(index as f64 / point.workers as f64),
         };
         let phase = index as f64 / point.workers as f64;
         let stop = CancellationToken::new();
