@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Tests scripts/gpu_summary.py on a log `scripts/gpu-check run` really wrote
+(tests/gpu-check/recorded.log: the run half on a CPU with tiny models, DEVICE=cpu SIZE=tiny,
+see its first line), so that the parsing follows the lines the binaries print.
+
+    python3 scripts/gpu_summary_test.py
+"""
+
+import os
+import sys
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_summary  # noqa: E402
+
+RECORDED = os.path.join(os.path.dirname(__file__), "..", "tests", "gpu-check", "recorded.log")
+
+
+class RecordedRun(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        with open(RECORDED, encoding="utf-8") as f:
+            cls.text = f.read()
+        cls.run = gpu_summary.parse(cls.text)
+
+    def test_header_and_device(self):
+        self.assertEqual(self.run.device, "cpu")
+        self.assertEqual(self.run.size, "tiny")
+        self.assertRegex(self.run.date, r"^\d{4}-\d{2}-\d{2}$")
+
+    def test_every_parity_test_is_counted(self):
+        ran = [
+            line
+            for line in self.text.splitlines()
+            if line.startswith("test ") and not line.endswith("ignored")
+        ]
+        self.assertGreater(len(ran), 0)
+        self.assertEqual(len(self.run.passed) + len(self.run.failed), len(ran))
+        self.assertTrue(any("yoloworld" in name for name in self.run.passed))
+
+    def test_every_family_has_both_batches_on_our_side(self):
+        self.assertEqual(
+            list(self.run.families),
+            ["clip", "siglip", "owlvit", "yoloworld", "paligemma"],
+        )
+        for fam in self.run.families.values():
+            for bs in gpu_summary.COMPARED_BATCHES:
+                self.assertIn(bs, fam.ms["candle"], fam.name)
+
+    def test_pytorch_sides_are_told_apart(self):
+        clip = self.run.families["clip"]
+        self.assertEqual(set(clip.ms["torch"]), {1, 8})
+        self.assertEqual(set(clip.ms["torch-bf16"]), {1, 8})
+        self.assertNotEqual(clip.ms["torch"], clip.ms["torch-bf16"])
+        self.assertEqual(set(self.run.families["paligemma"].ms["torch-bf16"]), set())
+        self.assertTrue(self.run.families["yoloworld"].no_reference)
+
+    def test_the_best_batch_is_the_fewest_ms_per_frame(self):
+        for fam in self.run.families.values():
+            bs, ms = fam.best()
+            self.assertEqual(ms, min(fam.ms["candle"].values()))
+            self.assertEqual(fam.ms["candle"][bs], ms)
+
+    def test_summary_has_a_row_per_family_and_batch(self):
+        summary = gpu_summary.render(self.run)
+        for fam in self.run.families:
+            for bs in gpu_summary.COMPARED_BATCHES:
+                self.assertRegex(summary, rf"(?m)^{fam} +{bs} ")
+            self.assertRegex(summary, rf"(?m)^  {fam}: bs=\d+ [\d.]+ frames/s, \d+ cameras$")
+        self.assertIn(f"parity: {len(self.run.passed)} passed, 0 failed", summary)
+
+
+class Lines(unittest.TestCase):
+    def test_a_failed_test_and_a_failed_side_are_reported(self):
+        run = gpu_summary.parse(
+            "== gpu-check 2026-01-01 device=cuda size=full iters=5 batches=1,8\n"
+            "gpu: NVIDIA H100 80GB HBM3, 580.1, 81559 MiB\n"
+            "== parity\n"
+            "test model::testing::parity::clip_matches_transformers ... FAILED\n"
+            "== siglip\n"
+            "[candle-siglip gpu] failed\n"
+        )
+        self.assertEqual(run.failed, ["model::testing::parity::clip_matches_transformers"])
+        summary = gpu_summary.render(run)
+        self.assertIn("FAILED model::testing::parity::clip_matches_transformers", summary)
+        self.assertIn("siglip: no timing", summary)
+        self.assertIn("candle side FAILED", summary)
+
+
+if __name__ == "__main__":
+    unittest.main()
