@@ -7,6 +7,7 @@ see its first line), so that the parsing follows the lines the binaries print.
 """
 
 import os
+import re
 import sys
 import unittest
 
@@ -32,7 +33,7 @@ class RecordedRun(unittest.TestCase):
         ran = [
             line
             for line in self.text.splitlines()
-            if line.startswith("test ") and not line.endswith("ignored")
+            if re.match(r"^test \S+ \.\.\. (ok|FAILED)", line)
         ]
         self.assertGreater(len(ran), 0)
         self.assertEqual(len(self.run.passed) + len(self.run.failed), len(ran))
@@ -45,21 +46,28 @@ class RecordedRun(unittest.TestCase):
         )
         for fam in self.run.families.values():
             for bs in gpu_summary.COMPARED_BATCHES:
-                self.assertIn(bs, fam.ms["candle"], fam.name)
+                self.assertIn(bs, fam.whole_path(), fam.name)
 
     def test_pytorch_sides_are_told_apart(self):
         clip = self.run.families["clip"]
-        self.assertEqual(set(clip.ms["torch"]), {1, 8})
-        self.assertEqual(set(clip.ms["torch-bf16"]), {1, 8})
+        self.assertEqual(set(clip.ms["torch"]), {("image", 1), ("image", 8)})
+        self.assertEqual(set(clip.ms["torch-bf16"]), {("image", 1), ("image", 8)})
         self.assertNotEqual(clip.ms["torch"], clip.ms["torch-bf16"])
-        self.assertEqual(set(self.run.families["paligemma"].ms["torch-bf16"]), set())
+        self.assertEqual(self.run.families["paligemma"].ms["torch-bf16"], {})
         self.assertTrue(self.run.families["yoloworld"].no_reference)
 
-    def test_the_best_batch_is_the_fewest_ms_per_frame(self):
+    def test_clip_is_compared_tower_to_tower(self):
+        clip = self.run.families["clip"]
+        ours, theirs = clip.compared("torch", 8)
+        self.assertEqual(ours, clip.ms["candle"][("image", 8)])
+        self.assertEqual(theirs, clip.ms["torch"][("image", 8)])
+        self.assertNotEqual(ours, clip.whole_path()[8])
+
+    def test_the_best_batch_is_the_fewest_ms_per_frame_on_the_whole_path(self):
         for fam in self.run.families.values():
             bs, ms = fam.best()
-            self.assertEqual(ms, min(fam.ms["candle"].values()))
-            self.assertEqual(fam.ms["candle"][bs], ms)
+            self.assertEqual(ms, min(fam.whole_path().values()))
+            self.assertEqual(fam.whole_path()[bs], ms)
 
     def test_summary_has_a_row_per_family_and_batch(self):
         summary = gpu_summary.render(self.run)

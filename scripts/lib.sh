@@ -157,7 +157,9 @@ CUDA_PACKAGES="nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==1
 # linking, so the linker needs each library by its plain name (libcublas.so, ...) and the
 # driver's libcuda.so, which no package ships: a stub defining every function cuda.h
 # declares stands in for it (as the toolkit's own lib/stubs does); the driver's real one is
-# loaded when the binary starts.
+# loaded when the binary starts. Each stub function answers CUDA_ERROR_NO_DEVICE (100), so
+# that with the stub on the loader's path a binary runs on the CPU of a machine without a
+# driver.
 ensure_cuda() {
   [ -x "$CUDA_DIR/bin/nvcc" ] && [ -f "$CUDA_DIR/lib/stubs/libcuda.so" ] && return 0
   ensure_python_venv || return 1
@@ -180,7 +182,7 @@ ensure_cuda() {
   { gcc -E -I"$tmp/toolkit/include" "$tmp/toolkit/include/cuda.h"
     gcc -E -D__CUDA_API_VERSION_INTERNAL -I"$tmp/toolkit/include" "$tmp/toolkit/include/cuda.h"; } \
     | grep -oE '\bcu[A-Z][A-Za-z0-9_]*[[:space:]]*\(' | tr -d '( \t' | sort -u \
-    | sed 's/.*/void &(void) {}/' >"$tmp/cuda_stub.c"
+    | sed 's/.*/int &(void) { return 100; }/' >"$tmp/cuda_stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$tmp/toolkit/lib/stubs/libcuda.so" "$tmp/cuda_stub.c" \
     || { rm -rf "$tmp"; return 1; }
   rm -f "$tmp/cuda_stub.c"
