@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Tests scripts/gpu_summary.py on a log `scripts/gpu-check run` really wrote
-(tests/gpu-check/recorded.log: the run half on a CPU with tiny models, DEVICE=cpu SIZE=tiny,
-see its first line), so that the parsing follows the lines the binaries print.
+"""Tests scripts/gpu_summary.py on a log `scripts/gpu-check run` really wrote, so that the
+parsing follows the lines the binaries and PyTorch's scripts print:
+tests/gpu-check/recorded.log is the run half on a CPU (`DEVICE=cpu SIZE=tiny ITERS=2
+BATCHES=1,8,32`), from a folder laid out as `build` lays it but holding the CPU build's
+binaries. Its figures mean nothing: tiny models on a shared machine, and PyTorch's CLIP
+script times the full-size tower whatever SIZE says.
 
     python3 scripts/gpu_summary_test.py
 """
@@ -22,12 +25,12 @@ class RecordedRun(unittest.TestCase):
     def setUpClass(cls):
         with open(RECORDED, encoding="utf-8") as f:
             cls.text = f.read()
-        cls.run = gpu_summary.parse(cls.text)
+        cls.parsed = gpu_summary.parse(cls.text)
 
     def test_header_and_device(self):
-        self.assertEqual(self.run.device, "cpu")
-        self.assertEqual(self.run.size, "tiny")
-        self.assertRegex(self.run.date, r"^\d{4}-\d{2}-\d{2}$")
+        self.assertEqual(self.parsed.device, "cpu")
+        self.assertEqual(self.parsed.size, "tiny")
+        self.assertRegex(self.parsed.date, r"^\d{4}-\d{2}-\d{2}$")
 
     def test_every_parity_test_is_counted(self):
         ran = [
@@ -36,46 +39,46 @@ class RecordedRun(unittest.TestCase):
             if re.match(r"^test \S+ \.\.\. (ok|FAILED)", line)
         ]
         self.assertGreater(len(ran), 0)
-        self.assertEqual(len(self.run.passed) + len(self.run.failed), len(ran))
-        self.assertTrue(any("yoloworld" in name for name in self.run.passed))
+        self.assertEqual(len(self.parsed.passed) + len(self.parsed.failed), len(ran))
+        self.assertTrue(any("yoloworld" in name for name in self.parsed.passed))
 
     def test_every_family_has_both_batches_on_our_side(self):
         self.assertEqual(
-            list(self.run.families),
+            list(self.parsed.families),
             ["clip", "siglip", "owlvit", "yoloworld", "paligemma"],
         )
-        for fam in self.run.families.values():
+        for fam in self.parsed.families.values():
             for bs in gpu_summary.COMPARED_BATCHES:
                 self.assertIn(bs, fam.whole_path(), fam.name)
 
     def test_pytorch_sides_are_told_apart(self):
-        clip = self.run.families["clip"]
+        clip = self.parsed.families["clip"]
         self.assertEqual(set(clip.ms["torch"]), {("image", 1), ("image", 8)})
         self.assertEqual(set(clip.ms["torch-bf16"]), {("image", 1), ("image", 8)})
         self.assertNotEqual(clip.ms["torch"], clip.ms["torch-bf16"])
-        self.assertEqual(self.run.families["paligemma"].ms["torch-bf16"], {})
-        self.assertTrue(self.run.families["yoloworld"].no_reference)
+        self.assertEqual(self.parsed.families["paligemma"].ms["torch-bf16"], {})
+        self.assertTrue(self.parsed.families["yoloworld"].no_reference)
 
     def test_clip_is_compared_tower_to_tower(self):
-        clip = self.run.families["clip"]
+        clip = self.parsed.families["clip"]
         ours, theirs = clip.compared("torch", 8)
         self.assertEqual(ours, clip.ms["candle"][("image", 8)])
         self.assertEqual(theirs, clip.ms["torch"][("image", 8)])
         self.assertNotEqual(ours, clip.whole_path()[8])
 
     def test_the_best_batch_is_the_fewest_ms_per_frame_on_the_whole_path(self):
-        for fam in self.run.families.values():
+        for fam in self.parsed.families.values():
             bs, ms = fam.best()
             self.assertEqual(ms, min(fam.whole_path().values()))
             self.assertEqual(fam.whole_path()[bs], ms)
 
     def test_summary_has_a_row_per_family_and_batch(self):
-        summary = gpu_summary.render(self.run)
-        for fam in self.run.families:
+        summary = gpu_summary.render(self.parsed)
+        for fam in self.parsed.families:
             for bs in gpu_summary.COMPARED_BATCHES:
                 self.assertRegex(summary, rf"(?m)^{fam} +{bs} ")
             self.assertRegex(summary, rf"(?m)^  {fam}: bs=\d+ [\d.]+ frames/s, \d+ cameras$")
-        self.assertIn(f"parity: {len(self.run.passed)} passed, 0 failed", summary)
+        self.assertIn(f"parity: {len(self.parsed.passed)} passed, 0 failed", summary)
 
 
 class Lines(unittest.TestCase):
