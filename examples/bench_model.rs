@@ -17,7 +17,8 @@
 //! 1 and 2, the work `scripts/bench-paligemma-pt.py` times for transformers: seconds per
 //! frame on a CPU, so use few iterations.
 //!
-//! `BENCH_BATCHES=1,8` replaces the batch sizes of any kind (scripts/gpu-check).
+//! `BENCH_BATCHES=1,8` replaces the batch sizes of any kind, and `DEVICE` picks the device as
+//! the worker's setting does (scripts/gpu-check).
 
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
@@ -94,7 +95,7 @@ fn bench_paligemma(
         max_new_tokens,
         ..ModelSettings::default()
     };
-    let device = select_device(DeviceChoice::Auto)?;
+    let device = select_device(device_from_env()?)?;
     let mut model = PaliGemmaModel::load(&ModelFiles::from_dir(&dir)?, device.clone(), &settings)?;
     p(format!(
         "loaded in {:.0} ms on {}",
@@ -135,7 +136,7 @@ fn bench_blip(tag: &str, iters: usize, dir: PathBuf) -> Result<(), Box<dyn std::
         model_path: Some(dir.clone()),
         ..ModelSettings::default()
     };
-    let device = select_device(DeviceChoice::Auto)?;
+    let device = select_device(device_from_env()?)?;
     let mut model = BlipModel::load(&ModelFiles::from_dir(&dir)?, device.clone(), &settings)?;
     p(format!(
         "loaded in {:.0} ms",
@@ -172,6 +173,15 @@ fn bench_blip(tag: &str, iters: usize, dir: PathBuf) -> Result<(), Box<dyn std::
 }
 
 /// `DTYPE` from the environment, as the worker reads it; `auto` when unset.
+/// `DEVICE` as the worker reads it (`auto` when unset).
+fn device_from_env() -> Result<DeviceChoice, Box<dyn std::error::Error>> {
+    Ok(std::env::var("DEVICE")
+        .ok()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or_default())
+}
+
 fn dtype_from_env() -> Result<DtypeChoice, Box<dyn std::error::Error>> {
     Ok(std::env::var("DTYPE")
         .ok()
@@ -192,6 +202,7 @@ fn bench_infer(
         model_type: kind,
         model_path: Some(dir),
         dtype: dtype_from_env()?,
+        device: device_from_env()?,
         ..ModelSettings::default()
     };
     let mut model = load_model(&settings)?;
@@ -247,7 +258,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let p = |msg: String| println!("[candle {tag}] {msg}");
-    let device = select_device(DeviceChoice::Auto)?;
+    let device = select_device(device_from_env()?)?;
     let t = Instant::now();
     let settings = ModelSettings {
         model_path: Some(dir.clone()),
@@ -291,6 +302,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 model
                     .image_embeddings_from_pixels(&pixels)
                     .expect("image tower");
+                // A GPU queues the work and returns: the time is the work's once it is done.
+                device.synchronize().expect("device");
             },
             3,
             iters,

@@ -7,6 +7,8 @@ decoding of up to MAX_NEW_TOKENS (default 10) new tokens, batch 1 and 2, on 2 th
 prints the generated ids: the same ids on both sides show they decoded the same tokens.
 
     python scripts/bench-paligemma-pt.py MODEL_DIR [TAG] [ITERS]
+
+`DEVICE=cuda` runs it on the GPU (scripts/gpu-check), `BENCH_BATCHES=1,8` sets the batches.
 """
 
 import os
@@ -31,12 +33,14 @@ def main():
     tag = sys.argv[2] if len(sys.argv) > 2 else "run"
     iters = int(sys.argv[3]) if len(sys.argv) > 3 else 2
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    device = os.environ.get("DEVICE", "cpu")
+    batches = [int(b) for b in os.environ.get("BENCH_BATCHES", "1,2").split(",")]
 
     def say(msg):
         print(f"[torch-paligemma {tag}] {msg}", flush=True)
 
     t0 = time.perf_counter()
-    model = PaliGemmaForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = PaliGemmaForConditionalGeneration.from_pretrained(model_dir).eval().to(device)
     image_processor = SiglipImageProcessorPil.from_pretrained(model_dir)
     image_processor.image_seq_length = 256
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
@@ -47,13 +51,14 @@ def main():
     rgb = (np.arange(640 * 480 * 3, dtype=np.int64) * 31 % 251).astype(np.uint8)
     frame = Image.fromarray(rgb.reshape(480, 640, 3), "RGB")
 
-    for bs in (1, 2):
+    for bs in batches:
 
         def answer():
             inputs = processor(images=[frame] * bs, text=[PROMPT] * bs, return_tensors="pt")
+            inputs = inputs.to(device)
             out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
                                  num_beams=1)
-            return out[:, inputs["input_ids"].shape[1]:]
+            return out[:, inputs["input_ids"].shape[1]:].cpu()
 
         with torch.inference_mode():
             out = answer()  # warm-up

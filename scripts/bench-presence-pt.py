@@ -10,9 +10,12 @@ the model runs under `torch.autocast("cpu", dtype=torch.bfloat16)`: the referenc
 candle side's `DTYPE=bf16`.
 
     python scripts/bench-presence-pt.py siglip|owlvit MODEL_DIR [TAG] [ITERS] [f32|bf16]
+
+`DEVICE=cuda` runs it on the GPU (scripts/gpu-check), `BENCH_BATCHES=1,8` sets the batches.
 """
 
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -36,6 +39,8 @@ def main():
     iters = int(sys.argv[4]) if len(sys.argv) > 4 else 10
     dtype = sys.argv[5] if len(sys.argv) > 5 else "f32"
     torch.set_num_threads(2)
+    device = os.environ.get("DEVICE", "cpu")
+    batches = [int(b) for b in os.environ.get("BENCH_BATCHES", "1,4").split(",")]
     name = kind if dtype == "f32" else f"{kind}-{dtype}"
 
     def say(msg):
@@ -43,18 +48,18 @@ def main():
 
     def precision():
         if dtype == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(device, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     t0 = time.perf_counter()
     tok = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     if kind == "siglip":
-        model = SiglipModel.from_pretrained(model_dir).eval()
+        model = SiglipModel.from_pretrained(model_dir).eval().to(device)
         processor = SiglipImageProcessorPil.from_pretrained(model_dir)
         length = model.config.text_config.max_position_embeddings
         pad = model.config.text_config.pad_token_id
         ids = [tok.encode(t).ids for t in TEXTS]
-        ids = torch.tensor([i + [pad] * (length - len(i)) for i in ids])
+        ids = torch.tensor([i + [pad] * (length - len(i)) for i in ids], device=device)
         with torch.no_grad():
             text = model.get_text_features(input_ids=ids)
             text = text if isinstance(text, torch.Tensor) else text.pooler_output
@@ -68,13 +73,13 @@ def main():
             return torch.sigmoid(image @ text.t() * scale + bias)
 
     else:
-        model = OwlViTForObjectDetection.from_pretrained(model_dir).eval()
+        model = OwlViTForObjectDetection.from_pretrained(model_dir).eval().to(device)
         processor = OwlViTImageProcessorPil.from_pretrained(model_dir)
         eos = tok.token_to_id("<|endoftext|>")
         ids = [tok.encode(t).ids for t in TEXTS]
         n = max(len(i) for i in ids)
-        input_ids = torch.tensor([i + [eos] * (n - len(i)) for i in ids])
-        mask = torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i in ids])
+        input_ids = torch.tensor([i + [eos] * (n - len(i)) for i in ids], device=device)
+        mask = torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i in ids], device=device)
         with torch.no_grad():
             out = model.owlvit.get_text_features(input_ids=input_ids, attention_mask=mask)
             query = out if isinstance(out, torch.Tensor) else out.pooler_output
@@ -101,15 +106,18 @@ def main():
     # The candle bench's frame: byte i of the RGB buffer is i * 31 mod 251.
     rgb = (np.arange(640 * 480 * 3, dtype=np.int64) * 31 % 251).astype(np.uint8)
     frame = Image.fromarray(rgb.reshape(480, 640, 3), "RGB")
-    for bs in (1, 4):
+    for bs in batches:
 
         def step():
             with torch.no_grad():
                 pixels = processor(images=[frame] * bs, return_tensors="pt").pixel_values
+                pixels = pixels.to(device)
                 with precision():
                     out = run(pixels)
                 if kind == "siglip":
                     out = out.float()
+                if device == "cuda":
+                    torch.cuda.synchronize()
                 return out
 
         step()

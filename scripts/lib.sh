@@ -145,3 +145,48 @@ stop_private_redis() {
     rm -rf "$FREE_ROAM_PRIVATE_REDIS_DIR"
   fi
 }
+
+# The CUDA build (scripts/gpu-check build, docs/models.md): CUDA 13.0's compiler, headers and
+# the shared libraries candle links, from PyPI by package name into .deps/cuda (ignored by
+# git), laid out as a toolkit root (bin, include, lib, nvvm) for CUDA_HOME. 13.0, the first
+# CUDA 13: its PTX is JIT-compiled by every CUDA 13 driver, and cudarc knows its API.
+CUDA_DIR=${CUDA_DIR:-$(pwd)/.deps/cuda}
+CUDA_PACKAGES="nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35"
+
+# ensure_cuda: installs the toolkit into $CUDA_DIR. candle builds cudarc with dynamic
+# linking, so the linker needs each library by its plain name (libcublas.so, ...) and the
+# driver's libcuda.so, which no package ships: a stub defining every function cuda.h
+# declares stands in for it (as the toolkit's own lib/stubs does); the driver's real one is
+# loaded when the binary starts. Each stub function answers CUDA_ERROR_NO_DEVICE (100), so
+# that with the stub on the loader's path a binary runs on the CPU of a machine without a
+# driver.
+ensure_cuda() {
+  [ -x "$CUDA_DIR/bin/nvcc" ] && [ -f "$CUDA_DIR/lib/stubs/libcuda.so" ] && return 0
+  ensure_python_venv || return 1
+  ensure_command gcc gcc || return 1
+  say "installing CUDA 13.0's compiler and libraries from PyPI into $CUDA_DIR (once; about 1 GB to download)"
+  local tmp="$CUDA_DIR.partial" root lib
+  rm -rf "$tmp"
+  # shellcheck disable=SC2086 # the package list splits on purpose
+  { python3 -m venv "$tmp/venv" && "$tmp/venv/bin/pip" install -q --disable-pip-version-check \
+      --no-deps $CUDA_PACKAGES >&2; } || { rm -rf "$tmp"; return 1; }
+  root=$(echo "$tmp"/venv/lib/python3*/site-packages/nvidia/cu13)
+  mv "$root" "$tmp/toolkit"
+  rm -rf "$tmp/venv"
+  for lib in "$tmp"/toolkit/lib/lib*.so.*; do
+    case $lib in *.alt.so.*|*-builtins*) continue ;; esac
+    ln -sf "$(basename "$lib")" "${lib%.so.*}.so"
+  done
+  mkdir -p "$tmp/toolkit/lib/stubs"
+  # Every cu* function cuda.h declares, under both its plain and versioned names.
+  { gcc -E -I"$tmp/toolkit/include" "$tmp/toolkit/include/cuda.h"
+    gcc -E -D__CUDA_API_VERSION_INTERNAL -I"$tmp/toolkit/include" "$tmp/toolkit/include/cuda.h"; } \
+    | grep -oE '\bcu[A-Z][A-Za-z0-9_]*[[:space:]]*\(' | tr -d '( \t' | sort -u \
+    | sed 's/.*/int &(void) { return 100; }/' >"$tmp/cuda_stub.c"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$tmp/toolkit/lib/stubs/libcuda.so" "$tmp/cuda_stub.c" \
+    || { rm -rf "$tmp"; return 1; }
+  rm -f "$tmp/cuda_stub.c"
+  rm -rf "$CUDA_DIR"
+  mv "$tmp/toolkit" "$CUDA_DIR"
+  rmdir "$tmp"
+}

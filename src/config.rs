@@ -3,7 +3,7 @@
 //! allows. `SETTINGS` is the one list of names, defaults and meanings; docs/configuration.md
 //! and .env.example mirror it (a test keeps them in step).
 
-use crate::engine::EngineSettings;
+use crate::engine::{EngineSettings, MAX_BATCH_SIZE_LIMIT};
 use crate::health::HealthSettings;
 use crate::job::{MAX_FPS, MAX_PROMPT_BYTES, validate_job_id};
 use crate::model::remote::openai::{ApiKey, ImageDetail, OpenAiSettings};
@@ -119,7 +119,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "MAX_BATCH_SIZE",
         Some("8"),
-        "Most frames per model batch, across all jobs of the worker.",
+        "Most frames per model batch, across all jobs of the worker; 1 to 64 (the larger batches are for a GPU).",
     ),
     s(
         "BATCH_WINDOW_MS",
@@ -760,7 +760,11 @@ impl Reader<'_> {
 
     fn engine(&self) -> Result<EngineSettings, ConfigError> {
         Ok(EngineSettings {
-            max_batch_size: self.count("MAX_BATCH_SIZE", 1)?,
+            max_batch_size: self.parse::<usize>(
+                "MAX_BATCH_SIZE",
+                &format!("a whole number from 1 to {MAX_BATCH_SIZE_LIMIT}"),
+                |v| (1..=MAX_BATCH_SIZE_LIMIT).contains(v),
+            )?,
             batch_window: self.millis("BATCH_WINDOW_MS", 0)?,
             max_frame_age: self.millis("MAX_FRAME_AGE_MS", 1)?,
             inference_timeout: self.millis("INFERENCE_TIMEOUT_MS", 1)?,
@@ -931,11 +935,18 @@ mod tests {
     }
 
     #[test]
+    fn max_batch_size_goes_up_to_a_gpus_batch() {
+        let c = with(&[("MAX_BATCH_SIZE", "64")]).unwrap();
+        assert_eq!(c.engine.max_batch_size, MAX_BATCH_SIZE_LIMIT);
+    }
+
+    #[test]
     fn bad_values_name_the_variable_and_what_is_allowed() {
         let cases = [
             ("DEFAULT_FPS", "0"),
             ("DEFAULT_FPS", "abc"),
             ("MAX_BATCH_SIZE", "0"),
+            ("MAX_BATCH_SIZE", "65"),
             ("JOB_LEASE_MS", "10"),
             ("LOG_FORMAT", "xml"),
             ("DEVICE", "tpu"),

@@ -47,7 +47,7 @@ mod submit_call;
 mod tests;
 
 pub use reply::{FrameMeta, Reply, ReplyOutcome};
-pub use settings::{EngineSettings, MAX_LIVE_QUEUE_FRAMES};
+pub use settings::{EngineSettings, MAX_BATCH_SIZE_LIMIT, MAX_LIVE_QUEUE_FRAMES};
 pub use stream::{EngineStream, Submitted};
 
 use crate::metrics::Metrics;

@@ -26,5 +26,9 @@ impl EngineSettings {
     }
 }
 
+/// The largest MAX_BATCH_SIZE: a GPU's batch (scripts/gpu-check times up to it); past it a
+/// batch only holds frames back longer.
+pub const MAX_BATCH_SIZE_LIMIT: usize = 64;
+
 /// Bounds the frames one live stream holds in memory, whatever LIVE_QUEUE_MS and fps say.
 pub const MAX_LIVE_QUEUE_FRAMES: usize = 64;

@@ -286,14 +286,28 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device, ModelError> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Cuda => cuda_device(),
-        DeviceChoice::Auto => {
-            if cfg!(feature = "cuda") {
-                match cuda_device() {
-                    Ok(device) => return Ok(device),
-                    Err(e) => tracing::warn!(error = %e, "no usable GPU, running on the CPU"),
-                }
-            }
-            Ok(Device::Cpu)
+        DeviceChoice::Auto => Ok(auto_device()),
+    }
+}
+
+/// `DEVICE=auto`: the GPU when the binary has CUDA and one answers, else the CPU, said in
+/// one log line with the reason.
+fn auto_device() -> Device {
+    if !cfg!(feature = "cuda") {
+        tracing::info!(
+            device = "cpu",
+            "DEVICE=auto: built without the cuda feature"
+        );
+        return Device::Cpu;
+    }
+    match cuda_device() {
+        Ok(device) => {
+            tracing::info!(device = %device_name(&device), "DEVICE=auto: a GPU answered");
+            device
+        }
+        Err(e) => {
+            tracing::warn!(device = "cpu", error = %e, "DEVICE=auto: no usable GPU");
+            Device::Cpu
         }
     }
 }

@@ -12,7 +12,9 @@ use crate::model::families::paligemma::detect::parse_detections;
 use crate::model::families::siglip::SiglipModel;
 use crate::model::kind::ModelType;
 use crate::model::loading::{DeviceChoice, DtypeChoice, ModelFiles, ModelSettings, select_device};
-use crate::model::testing::util::{IMAGES, SEED, SIGLIP_IMAGES, frames, frames_of, tiny_model};
+use crate::model::testing::util::{
+    IMAGES, SEED, SIGLIP_IMAGES, frames, frames_of, parity_dir, tiny_model,
+};
 use crate::model::{ModelSize, write_random_model};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
@@ -42,10 +44,7 @@ fn expected(name: &str) -> Value {
 fn expected_with(name: &str, images_used: &[(&str, usize, usize)]) -> Value {
     let (dir, size) = match full_size_root() {
         Some(root) => (root.join("json"), "full"),
-        None => (
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/parity"),
-            "tiny",
-        ),
+        None => (parity_dir(), "tiny"),
     };
     let path = dir.join(name);
     let text = std::fs::read_to_string(&path)
@@ -155,7 +154,7 @@ fn check_pixels(pixels: &Tensor, expected: &Value) -> f32 {
 
 /// Where the parity tests run: the CPU, or with `DEVICE=cuda` the GPU (scripts/gpu-check).
 /// One device for the process: tensors of two CUDA device handles do not mix.
-fn device() -> Device {
+pub(super) fn device() -> Device {
     static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
     DEVICE
         .get_or_init(|| match std::env::var("DEVICE").as_deref() {

@@ -6,16 +6,16 @@ use crate::model::Frame;
 use crate::model::families::clip::ClipModel;
 use crate::model::kind::ModelType;
 use crate::model::loading::{DtypeChoice, ModelFiles, ModelSettings};
-use crate::model::testing::parity::{TOLERANCE, clip_logits, matrix, max_abs_diff, to_rows};
-use crate::model::testing::util::{SEED, tiny_model};
+use crate::model::testing::parity::{
+    TOLERANCE, clip_logits, device, matrix, max_abs_diff, to_rows,
+};
+use crate::model::testing::util::{SEED, parity_dir, tiny_model};
 use crate::source::image_decode::decode_image;
-use candle_core::Device;
 use serde_json::Value;
-use std::path::PathBuf;
 
 #[test]
 fn clip_on_jpeg_frames_matches_transformers_on_pil() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/parity");
+    let root = parity_dir();
     let exp: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("clip_jpeg.json")).unwrap())
             .unwrap();
@@ -38,9 +38,9 @@ fn clip_on_jpeg_frames_matches_transformers_on_pil() {
         ..ModelSettings::default()
     };
     let files = ModelFiles::from_dir(tiny_model(ModelType::Clip)).unwrap();
-    let model = ClipModel::load(&files, Device::Cpu, &settings).unwrap();
+    let model = ClipModel::load(&files, device(), &settings).unwrap();
     let refs: Vec<&Frame> = frames.iter().collect();
-    let pixels = model.preprocessor().batch(&refs, &Device::Cpu).unwrap();
+    let pixels = model.preprocessor().batch(&refs, &device()).unwrap();
     let image = model.image_embeddings_from_pixels(&pixels).unwrap();
     let texts: Vec<String> = exp["texts"]
         .as_array()

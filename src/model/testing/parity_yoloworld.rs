@@ -13,8 +13,8 @@ use crate::model::Frame;
 use crate::model::families::yoloworld::{YoloWorldModel, nms};
 use crate::model::kind::ModelType;
 use crate::model::loading::{DtypeChoice, ModelFiles, ModelSettings};
-use crate::model::testing::parity::{TOLERANCE, matrix, max_abs_diff};
-use crate::model::testing::util::{SEED, frame, scratch_dir, tiny_model};
+use crate::model::testing::parity::{TOLERANCE, device, matrix, max_abs_diff};
+use crate::model::testing::util::{SEED, frame, parity_dir, scratch_dir, tiny_model};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -58,7 +58,7 @@ fn by_hand() -> Option<PathBuf> {
 fn expected() -> Value {
     let path = match by_hand() {
         Some(dir) => dir.join("yoloworld.json"),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/parity/yoloworld.json"),
+        None => parity_dir().join("yoloworld.json"),
     };
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e} (see scripts/parity/README.md)", path.display()));
@@ -231,10 +231,10 @@ fn yoloworld_matches_ultralytics() {
         dtype: DtypeChoice::F32,
         ..ModelSettings::default()
     };
-    let model = YoloWorldModel::load(&files, Device::Cpu, &settings).unwrap();
+    let model = YoloWorldModel::load(&files, device(), &settings).unwrap();
     let text = matrix(&exp["text"]);
     let (k, dim) = (text.len(), text[0].len());
-    let text = Tensor::from_vec(text.concat(), (k, dim), &Device::Cpu).unwrap();
+    let text = Tensor::from_vec(text.concat(), (k, dim), &device()).unwrap();
     let frames = images(&exp);
     let mut kept_total = 0;
     for (frame, want) in frames.iter().zip(exp["frames"].as_array().unwrap()) {
@@ -291,7 +291,7 @@ fn yoloworld_on_a_jpeg_matches_ultralytics_predict() {
         dtype: DtypeChoice::F32,
         ..ModelSettings::default()
     };
-    let mut model = YoloWorldModel::load(&files, Device::Cpu, &settings).unwrap();
+    let mut model = YoloWorldModel::load(&files, device(), &settings).unwrap();
     let phrases: Vec<String> = want["phrases"]
         .as_array()
         .unwrap()
@@ -305,8 +305,8 @@ fn yoloworld_on_a_jpeg_matches_ultralytics_predict() {
         "text embeddings differ by {text_diff}"
     );
 
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/parity/jpeg")
+    let path = parity_dir()
+        .join("jpeg")
         .join(want["file"].as_str().unwrap());
     let frame = decode_image(&std::fs::read(path).unwrap(), u64::MAX).unwrap();
     let (pixels, _) = model.preprocess(&[&frame]).unwrap();

@@ -144,3 +144,12 @@ pub fn lowest_row_cosine(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f3
         .into_iter()
         .fold(1f32, f32::min)
 }
+
+/// The committed parity fixtures: `tests/parity` of the source tree, or `PARITY_DIR` where
+/// the test binary runs away from it (scripts/gpu-check runs it on a machine with no source
+/// tree at the path it was built in).
+pub fn parity_dir() -> PathBuf {
+    std::env::var_os("PARITY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/parity"))
+}
