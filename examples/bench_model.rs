@@ -17,6 +17,11 @@
 //! 1 and 2, the work `scripts/bench-paligemma-pt.py` times for transformers: seconds per
 //! frame on a CPU, so use few iterations.
 //!
+//! With `BENCH_KIND=yoloworld` it times the letterbox of a 1280x720 frame to 640x384 and the
+//! network up to the head's output at batch 1 and 4, the work
+//! `scripts/bench-yoloworld-pt.py` times for Ultralytics; `BENCH_SIZE` (n, s, m, ...) picks
+//! the random model's scale.
+//!
 //! `BENCH_BATCHES=1,8` replaces the batch sizes of any kind, and `DEVICE` picks the device as
 //! the worker's setting does (scripts/gpu-check).
 
@@ -26,6 +31,7 @@ use free_roam::frame::Frame;
 use free_roam::model::families::blip::BlipModel;
 use free_roam::model::families::clip::ClipModel;
 use free_roam::model::families::paligemma::PaliGemmaModel;
+use free_roam::model::families::yoloworld::YoloWorldModel;
 use free_roam::model::load_model;
 use free_roam::model::loading::{ModelFiles, select_device};
 use free_roam::model::{
@@ -52,15 +58,26 @@ fn median_ms(mut f: impl FnMut(), warm: usize, iters: usize) -> (f64, f64, f64) 
 }
 
 fn frame_640x480() -> Result<Frame, Box<dyn std::error::Error>> {
-    let rgb: Vec<u8> = (0..640 * 480 * 3).map(|i| (i * 31 % 251) as u8).collect();
-    Ok(Frame::new(640, 480, Bytes::from(rgb))?)
+    frame_of(640, 480)
 }
 
+/// A frame of patterned bytes (`scripts/bench-yoloworld-pt.py` makes the same).
+fn frame_of(width: usize, height: usize) -> Result<Frame, Box<dyn std::error::Error>> {
+    let rgb: Vec<u8> = (0..width * height * 3)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    Ok(Frame::new(width as u32, height as u32, Bytes::from(rgb))?)
+}
+
+/// The random model of `kind` at `BENCH_SIZE` (`full` when unset), written once.
 fn random_full(kind: ModelType) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    let dir = std::env::temp_dir().join(format!("free-roam-bench-{kind}-full"));
+    let size: ModelSize = std::env::var("BENCH_SIZE")
+        .unwrap_or_else(|_| "full".into())
+        .parse()?;
+    let dir = std::env::temp_dir().join(format!("free-roam-bench-{kind}-{size}"));
     if !dir.join("model.safetensors").is_file() {
         let t = Instant::now();
-        write_random_model(kind, ModelSize::Full, 0, &dir)?;
+        write_random_model(kind, size, 0, &dir)?;
         eprintln!("wrote {} in {:?}", dir.display(), t.elapsed());
     }
     Ok(dir)
@@ -234,6 +251,66 @@ fn bench_infer(
     Ok(())
 }
 
+/// YOLO-World on a 720p frame: the letterbox to 640x384 and the network with the prompt's
+/// two phrases folded in, up to the head's raw output. Suppression is left out (here and in
+/// `scripts/bench-yoloworld-pt.py`): with random weights nearly every anchor passes the
+/// confidence threshold, which makes it cost what it never costs with trained weights.
+/// A bf16 run also prints the head's cosine to f32 on that frame.
+fn bench_yoloworld(
+    tag: &str,
+    iters: usize,
+    dir: PathBuf,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let p = |msg: String| println!("[candle-yoloworld {tag}] {msg}");
+    let dtype = dtype_from_env()?;
+    let files = ModelFiles::from_dir(&dir)?;
+    let load = |dtype| {
+        let settings = ModelSettings {
+            model_type: ModelType::YoloWorld,
+            dtype,
+            ..ModelSettings::default()
+        };
+        YoloWorldModel::load(&files, Device::Cpu, &settings)
+    };
+    let model = load(dtype)?;
+    let precision = model.info().dtype.clone();
+    let frame = frame_of(1280, 720)?;
+    let text = model.text_embeddings(&["people".to_string(), "vehicles".to_string()])?;
+    if precision != "f32" {
+        let reference = load(DtypeChoice::F32)?;
+        let (pixels, _) = model.preprocess(&[&frame])?;
+        let a = model.head_output(&pixels, &text, true)?;
+        let b = reference.head_output(&pixels, &text, true)?;
+        let cosine = |start, len| -> Result<f32, candle_core::Error> {
+            let (a, b) = (a.narrow(1, start, len)?, b.narrow(1, start, len)?);
+            ((&a * &b)?.sum_all()? / ((a.sqr()?.sum_all()? * b.sqr()?.sum_all()?)?.sqrt()?))?
+                .to_scalar::<f32>()
+        };
+        let rows = a.dim(1)?;
+        p(format!(
+            "head cosine against f32 on that frame: boxes {:.6}, scores {:.6}",
+            cosine(0, 4)?,
+            cosine(4, rows - 4)?
+        ));
+    }
+    for bs in batches(&[1, 4])? {
+        let frames: Vec<&Frame> = std::iter::repeat_n(&frame, bs).collect();
+        let (med, min, max) = median_ms(
+            || {
+                let (pixels, _) = model.preprocess(&frames).expect("letterbox");
+                model.head_output(&pixels, &text, true).expect("network");
+            },
+            1,
+            iters,
+        );
+        p(format!(
+            "{precision} network 1280x720 (640x384) bs={bs} median={med:.1} ms (min {min:.1} max {max:.1}) per-frame={:.1} ms",
+            med / bs as f64
+        ));
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     free_roam::model::prepare_cpu_threads();
     let mut args = std::env::args().skip(1);
@@ -249,9 +326,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     match kind {
         ModelType::Blip => return bench_blip(&tag, iters, dir),
         ModelType::PaliGemma => return bench_paligemma(&tag, iters, dir),
-        ModelType::Siglip | ModelType::OwlVit | ModelType::YoloWorld => {
-            return bench_infer(kind, &tag, iters, dir);
-        }
+        ModelType::YoloWorld => return bench_yoloworld(&tag, iters, dir),
+        ModelType::Siglip | ModelType::OwlVit => return bench_infer(kind, &tag, iters, dir),
         ModelType::Clip => {}
         ModelType::OpenAi | ModelType::Null | ModelType::TestColour => {
             return Err(format!("BENCH_KIND={kind} has no weights to time").into());

@@ -8,7 +8,11 @@
 #   BENCH_KIND     clip (default) or blip: full-size BLIP captioning, 20 new tokens, against
 #                  scripts/bench-blip-pt.py (run when BENCH_PT is set; use few ITERS);
 #                  siglip or owlvit: the whole infer path at batch 1 and 4, against
-#                  scripts/bench-presence-pt.py (run when BENCH_PT is set)
+#                  scripts/bench-presence-pt.py (run when BENCH_PT is set);
+#                  yoloworld: the letterbox of a 720p frame (to 640x384) and the network at
+#                  batch 1 and 4, for each of BENCH_SIZES (default "n s m") in f32 then
+#                  bf16, 2 threads, each run followed by scripts/bench-yoloworld-pt.py
+#                  (Ultralytics, f32 or bf16 autocast) when PYTHON has ultralytics
 #   CARGO_FEATURES extra features for the candle side; the build is the fast one for this
 #                  machine (scripts/lib.sh use_fast_build: mkl on x86_64), unless
 #                  FREE_ROAM_PLAIN_BUILD=1
@@ -39,6 +43,34 @@ fi
 bench=target/release/examples/bench_model
 
 kind="${BENCH_KIND:-clip}"
+if [[ "$kind" == yoloworld ]]; then
+    export RAYON_NUM_THREADS=2 MKL_NUM_THREADS=2 OMP_NUM_THREADS=2
+    # OpenMP threads (PyTorch's, and MKL's under candle) that spin while they wait run
+    # tens of times slower when another process holds one of the cores: waiting threads
+    # sleep instead, on both sides.
+    export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+    # One random model per scale, written once; both sides load it.
+    sizes="${BENCH_SIZES:-n s m}"
+    for size in $sizes; do
+        dir="${TMPDIR:-/tmp}/free-roam-bench-$kind-$size"
+        [[ -f "$dir/model.safetensors" ]] || BENCH_SIZE=$size "$bench" warmup 1 >/dev/null
+    done
+    torch=0
+    "$python" -c 'import ultralytics' 2>/dev/null && torch=1 || say "no ultralytics in $python: candle side only"
+    for pass in $(seq 1 "$passes"); do
+        for size in $sizes; do
+            dir="${TMPDIR:-/tmp}/free-roam-bench-$kind-$size"
+            for dtype in f32 bf16; do
+                DTYPE=$dtype "$bench" "pass$pass-$size" "$iters" "$dir"
+                if [[ $torch == 1 ]]; then
+                    "$python" scripts/bench-yoloworld-pt.py "$dir" "pass$pass-$size" "$iters" \
+                        "$dtype" | grep '^\[torch'
+                fi
+            done
+        done
+    done
+    exit 0
+fi
 if [[ "$kind" != clip ]]; then
     # Both sides load the same full-size random model from one folder; the first run
     # writes it.

@@ -178,6 +178,11 @@ def run(model, text, rgb):
     x = torch.from_numpy(boxed).permute(2, 0, 1)[None].float() / 255.0
     with torch.no_grad():
         y, _ = model.predict(x, txt_feats=text[None])
+    # PyTorch's own bf16 (autocast) against its f32, for the Rust side's bf16 test: how far
+    # bf16 moves this network's outputs at all.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, _ = model.predict(x, txt_feats=text[None])
+    y16 = y16.float()
     raw = y[0]  # (4 + phrases, anchors)
     anchors = raw.shape[1]
     idx = [k * (anchors - 1) // (ANCHOR_SAMPLES - 1) for k in range(ANCHOR_SAMPLES)]
@@ -194,7 +199,14 @@ def run(model, text, rgb):
         "raw_abs_max": [float(raw[:4].abs().max()), float(raw[4:].abs().max())],
         "raw_row_sums": raw.double().sum(dim=1).tolist(),
         "suppressions": kept,
+        "autocast_cosine": [cosine(y[:, :4], y16[:, :4]), cosine(y[:, 4:], y16[:, 4:])],
     }
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The cosine of two tensors' values taken as one vector each."""
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()))
 
 
 def clip_text(model_dir: Path, config: dict, phrases):

@@ -4,6 +4,10 @@
 //! kept by non-maximum suppression within 0.5 px in the source frame's pixels
 //! (tests/parity/yoloworld.json, written by scripts/parity/make_yoloworld_parity.py).
 //!
+//! In bf16 (where this build and CPU have a bf16 product) the head's boxes and scores move
+//! from their f32 values no further than PyTorch's own bf16 (autocast) moves the
+//! reference's on the same frames.
+//!
 //! The checkpoint is the tiny random one with the reference's calibration applied: batch
 //! norm statistics taken on the parity frames and the contrastive heads' scale and bias set
 //! so that scores spread out (with the random statistics the outputs hardly depend on the
@@ -14,7 +18,9 @@ use crate::model::families::yoloworld::{YoloWorldModel, nms};
 use crate::model::kind::ModelType;
 use crate::model::loading::{DtypeChoice, ModelFiles, ModelSettings};
 use crate::model::testing::parity::{TOLERANCE, device, matrix, max_abs_diff};
-use crate::model::testing::util::{SEED, frame, parity_dir, scratch_dir, tiny_model};
+use crate::model::testing::util::{
+    SEED, frame, max_abs_difference, parity_dir, scratch_dir, tiny_model,
+};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -270,6 +276,81 @@ fn yoloworld_matches_ultralytics() {
         .zip(exp["square_pixels"].as_array().unwrap())
     {
         check_pixels(bytes, lb.canvas, want);
+    }
+}
+
+/// The cosine of two tensors' values taken as one vector each.
+fn cosine(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let dot = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .map(|(p, q)| *p as f64 * *q as f64)
+            .sum::<f64>()
+    };
+    dot(&a, &b) / (dot(&a, &a) * dot(&b, &b)).sqrt()
+}
+
+/// In bf16, the head's boxes and scores against f32, as distances `1 - cosine` (each part
+/// taken as one vector), summed over the parity frames: no larger than the distances of
+/// PyTorch's autocast bf16 from its f32 on the same model and frames. This calibrated
+/// random network is sensitive: both sides' score cosines fall to about 0.997 on the small
+/// frames, where a trained one moves far less.
+#[test]
+fn yoloworld_in_bf16_moves_no_further_from_f32_than_autocast() {
+    if crate::model::kernels::fused_linear::bf16_product().is_none() {
+        eprintln!("skipped: no bf16 product in this build on this CPU");
+        return;
+    }
+    let exp = expected();
+    let files = ModelFiles::from_dir(&calibrated(&exp)).unwrap();
+    let load = |dtype| {
+        let settings = ModelSettings {
+            model_type: ModelType::YoloWorld,
+            dtype,
+            ..ModelSettings::default()
+        };
+        YoloWorldModel::load(&files, Device::Cpu, &settings).unwrap()
+    };
+    let (f32_model, bf16_model) = (load(DtypeChoice::F32), load(DtypeChoice::Bf16));
+    assert_eq!(
+        crate::model::VisionLanguageModel::info(&bf16_model).dtype,
+        "bf16"
+    );
+    let text = matrix(&exp["text"]);
+    let (k, dim) = (text.len(), text[0].len());
+    let text = Tensor::from_vec(text.concat(), (k, dim), &Device::Cpu).unwrap();
+    let (mut ours, mut torch) = ([0f64; 2], [0f64; 2]);
+    for (frame, want) in images(&exp).iter().zip(exp["frames"].as_array().unwrap()) {
+        let (pixels, _) = f32_model.preprocess(&[frame]).unwrap();
+        let f32_out = f32_model.head_output(&pixels, &text, true).unwrap();
+        let bf16_out = bf16_model.head_output(&pixels, &text, true).unwrap();
+        let rows = f32_out.dim(1).unwrap();
+        for (part, (start, len)) in [(0, 4), (4, rows - 4)].into_iter().enumerate() {
+            let narrow = |t: &Tensor| t.narrow(1, start, len).unwrap();
+            let cos = cosine(&narrow(&f32_out), &narrow(&bf16_out));
+            let reference = want["autocast_cosine"][part].as_f64().unwrap();
+            eprintln!(
+                "yoloworld bf16 {}x{} {}: cosine to f32 {cos:.7} (PyTorch autocast {reference:.7})",
+                frame.width,
+                frame.height,
+                ["boxes", "scores"][part]
+            );
+            ours[part] += 1.0 - cos;
+            torch[part] += 1.0 - reference;
+        }
+        let off = max_abs_difference(&f32_out, &bf16_out);
+        assert!(off > 0.0, "bf16 gave exactly f32's outputs: it did not run");
+    }
+    for part in 0..2 {
+        assert!(
+            ours[part] <= torch[part],
+            "{}: 1 - cosine summed {} against PyTorch's {}",
+            ["boxes", "scores"][part],
+            ours[part],
+            torch[part]
+        );
     }
 }
 

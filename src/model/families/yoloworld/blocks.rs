@@ -4,8 +4,17 @@
 //! embeddings) is computed once per prompt by [`C2fAttn::guide`].
 
 use crate::model::kernels::conv::{Conv2d, ConvActivation};
+use crate::model::kernels::fused_linear::MatmulPrecision;
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
+
+/// What every `Conv` of one detector is built with: the batch norms' epsilon, and the
+/// precision of the convolutions' products (`DTYPE`).
+#[derive(Clone, Copy, Debug)]
+pub struct ConvSettings {
+    pub eps: f64,
+    pub precision: MatmulPrecision,
+}
 
 /// A batch norm's per-channel `(scale, shift)`: `y = x * scale + shift`.
 pub fn batch_norm_affine(vb: &VarBuilder, c: usize, eps: f64) -> Result<(Tensor, Tensor)> {
@@ -23,13 +32,20 @@ pub fn batch_norm_affine(vb: &VarBuilder, c: usize, eps: f64) -> Result<(Tensor,
 pub fn conv_bn(
     vb: &VarBuilder,
     (c1, c2, k, stride): (usize, usize, usize, usize),
-    eps: f64,
+    conv: ConvSettings,
     activation: ConvActivation,
 ) -> Result<Conv2d> {
     let weight = vb.get((c2, c1, k, k), "conv.weight")?;
-    let (scale, shift) = batch_norm_affine(&vb.pp("bn"), c2, eps)?;
+    let (scale, shift) = batch_norm_affine(&vb.pp("bn"), c2, conv.eps)?;
     let weight = weight.broadcast_mul(&scale.reshape((c2, 1, 1, 1))?)?;
-    Conv2d::new(weight, Some(shift), stride, k / 2, activation)
+    Conv2d::new_as(
+        weight,
+        Some(shift),
+        stride,
+        k / 2,
+        activation,
+        conv.precision,
+    )
 }
 
 /// A `Conv` with SiLU (Ultralytics' default activation).
@@ -39,9 +55,9 @@ pub fn conv_silu(
     c2: usize,
     k: usize,
     s: usize,
-    eps: f64,
+    conv: ConvSettings,
 ) -> Result<Conv2d> {
-    conv_bn(vb, (c1, c2, k, s), eps, ConvActivation::Silu)
+    conv_bn(vb, (c1, c2, k, s), conv, ConvActivation::Silu)
 }
 
 /// `Bottleneck` with two 3x3 convolutions, and a shortcut when the block has one.
@@ -52,10 +68,10 @@ struct Bottleneck {
 }
 
 impl Bottleneck {
-    fn new(vb: &VarBuilder, c: usize, shortcut: bool, eps: f64) -> Result<Self> {
+    fn new(vb: &VarBuilder, c: usize, shortcut: bool, conv: ConvSettings) -> Result<Self> {
         Ok(Self {
-            cv1: conv_silu(&vb.pp("cv1"), c, c, 3, 1, eps)?,
-            cv2: conv_silu(&vb.pp("cv2"), c, c, 3, 1, eps)?,
+            cv1: conv_silu(&vb.pp("cv1"), c, c, 3, 1, conv)?,
+            cv2: conv_silu(&vb.pp("cv2"), c, c, 3, 1, conv)?,
             shortcut,
         })
     }
@@ -80,15 +96,15 @@ impl Csp {
         (c1, c2, n): (usize, usize, usize),
         parts: usize,
         shortcut: bool,
-        eps: f64,
+        conv: ConvSettings,
     ) -> Result<Self> {
         let c = c2 / 2;
         let m = (0..n)
-            .map(|j| Bottleneck::new(&vb.pp(format!("m.{j}")), c, shortcut, eps))
+            .map(|j| Bottleneck::new(&vb.pp(format!("m.{j}")), c, shortcut, conv))
             .collect::<Result<_>>()?;
         Ok(Self {
-            cv1: conv_silu(&vb.pp("cv1"), c1, 2 * c, 1, 1, eps)?,
-            cv2: conv_silu(&vb.pp("cv2"), (parts + n) * c, c2, 1, 1, eps)?,
+            cv1: conv_silu(&vb.pp("cv1"), c1, 2 * c, 1, 1, conv)?,
+            cv2: conv_silu(&vb.pp("cv2"), (parts + n) * c, c2, 1, 1, conv)?,
             m,
             hidden: c,
         })
@@ -114,8 +130,14 @@ impl Csp {
 pub struct C2f(Csp);
 
 impl C2f {
-    pub fn new(vb: &VarBuilder, c1: usize, c2: usize, n: usize, eps: f64) -> Result<Self> {
-        Ok(Self(Csp::new(vb, (c1, c2, n), 2, true, eps)?))
+    pub fn new(
+        vb: &VarBuilder,
+        c1: usize,
+        c2: usize,
+        n: usize,
+        conv: ConvSettings,
+    ) -> Result<Self> {
+        Ok(Self(Csp::new(vb, (c1, c2, n), 2, true, conv)?))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -130,11 +152,11 @@ pub struct Sppf {
 }
 
 impl Sppf {
-    pub fn new(vb: &VarBuilder, c1: usize, c2: usize, eps: f64) -> Result<Self> {
+    pub fn new(vb: &VarBuilder, c1: usize, c2: usize, conv: ConvSettings) -> Result<Self> {
         let hidden = c1 / 2;
         Ok(Self {
-            cv1: conv_silu(&vb.pp("cv1"), c1, hidden, 1, 1, eps)?,
-            cv2: conv_silu(&vb.pp("cv2"), hidden * 4, c2, 1, 1, eps)?,
+            cv1: conv_silu(&vb.pp("cv1"), c1, hidden, 1, 1, conv)?,
+            cv2: conv_silu(&vb.pp("cv2"), hidden * 4, c2, 1, 1, conv)?,
         })
     }
 
@@ -181,18 +203,18 @@ impl C2fAttn {
         vb: &VarBuilder,
         (c1, c2, n, heads): (usize, usize, usize, usize),
         embed: usize,
-        eps: f64,
+        conv: ConvSettings,
     ) -> Result<Self> {
         let c = c2 / 2;
         let attn = vb.pp("attn");
         Ok(Self {
-            csp: Csp::new(vb, (c1, c2, n), 3, false, eps)?,
+            csp: Csp::new(vb, (c1, c2, n), 3, false, conv)?,
             gl: candle_nn::linear(embed, c, attn.pp("gl"))?,
             bias: attn.get(heads, "bias")?,
             proj_conv: conv_bn(
                 &attn.pp("proj_conv"),
                 (c, c, 3, 1),
-                eps,
+                conv,
                 ConvActivation::Identity,
             )?,
             heads,

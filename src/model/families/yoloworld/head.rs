@@ -9,7 +9,7 @@
 //! frame then costs the same whatever the prompt's length. [`WorldDetect::class_logits_unfolded`]
 //! keeps the reference's order of operations, to show the two agree.
 
-use super::blocks::{batch_norm_affine, conv_silu};
+use super::blocks::{ConvSettings, batch_norm_affine, conv_silu};
 use super::config::{STRIDES, YoloWorldSpec};
 use crate::model::kernels::conv::{Conv2d, ConvActivation};
 use candle_core::{D, Device, Module, Result, Tensor};
@@ -59,9 +59,12 @@ fn scalar(vb: &VarBuilder, name: &str, shape: &[usize]) -> Result<f64> {
 }
 
 impl WorldDetect {
-    pub fn new(vb: &VarBuilder, spec: &YoloWorldSpec) -> Result<Self> {
+    /// The head at `vb`: its 3x3 convolutions built with `conv`; the last 1x1 layers of
+    /// both branches (the box distributions here, the folded class rows in [`Self::fold`])
+    /// run in f32, as they give the outputs and cost little (64 and one row per phrase).
+    pub fn new(vb: &VarBuilder, spec: &YoloWorldSpec, conv: ConvSettings) -> Result<Self> {
         let (c2, c3) = spec.head_widths();
-        let (eps, embed, reg_max) = (spec.batch_norm_eps, spec.embed(), spec.reg_max);
+        let (eps, embed, reg_max) = (conv.eps, spec.embed(), spec.reg_max);
         let levels = spec
             .level_channels()
             .into_iter()
@@ -73,8 +76,8 @@ impl WorldDetect {
                 let out = boxes.pp("2");
                 Ok(Level {
                     box_branch: [
-                        conv_silu(&boxes.pp("0"), ch, c2, 3, 1, eps)?,
-                        conv_silu(&boxes.pp("1"), c2, c2, 3, 1, eps)?,
+                        conv_silu(&boxes.pp("0"), ch, c2, 3, 1, conv)?,
+                        conv_silu(&boxes.pp("1"), c2, c2, 3, 1, conv)?,
                         Conv2d::new(
                             out.get((4 * reg_max, c2, 1, 1), "weight")?,
                             Some(out.get(4 * reg_max, "bias")?),
@@ -84,8 +87,8 @@ impl WorldDetect {
                         )?,
                     ],
                     class_convs: [
-                        conv_silu(&classes.pp("0"), ch, c3, 3, 1, eps)?,
-                        conv_silu(&classes.pp("1"), c3, c3, 3, 1, eps)?,
+                        conv_silu(&classes.pp("0"), ch, c3, 3, 1, conv)?,
+                        conv_silu(&classes.pp("1"), c3, c3, 3, 1, conv)?,
                     ],
                     class_tail: ClassTail {
                         weight: classes

@@ -39,7 +39,7 @@ pub mod nms;
 
 use crate::model::kind::ModelType;
 use crate::model::loading::{
-    DtypeChoice, ModelFiles, ModelSettings, Weights, device_name, read_config,
+    ModelFiles, ModelSettings, Weights, device_name, read_config, resolve_precision,
 };
 use crate::model::testing::synthetic::{ModelSize, Scale, SyntheticModel};
 use crate::model::text::phrases::checked_phrases;
@@ -84,30 +84,25 @@ impl YoloWorldModel {
         device: Device,
         settings: &ModelSettings,
     ) -> Result<Self, ModelError> {
-        // Its convolutions have no bf16 path yet: asking for one is an error, not a silent
-        // f32 (DTYPE=auto picks f32 for it).
-        if settings.dtype == DtypeChoice::Bf16 {
-            return Err(ModelError::Load(
-                "MODEL_TYPE=yoloworld runs in f32 (its convolutions have no bf16 path yet); \
-                 use DTYPE=auto or f32"
-                    .into(),
-            ));
-        }
+        // DTYPE picks the convolutions' products; everything else (text tower, attention,
+        // decoding) stays f32.
+        let (precision, why) = resolve_precision(settings.dtype, &device)?;
+        tracing::info!(dtype = %precision, "YOLO-World convolutions: {why}");
         let spec = YoloWorldSpec::from_config(&read_config(&files.config)?)?;
         let tokenizer = tokenizer::load(&files.tokenizer)?;
         let weights = Weights::open(&files.weights)?;
         weights.check(&spec.tensor_specs(), &[])?;
         let vb = weights.var_builder(&device);
         let text = ClipTextEncoder::new(&spec.clip, tokenizer, vb.clone(), &device)?;
-        let detector =
-            Detector::new(&vb, &spec).map_err(|e| ModelError::load("building YOLO-World", e))?;
+        let detector = Detector::new(&vb, &spec, precision)
+            .map_err(|e| ModelError::load("building YOLO-World", e))?;
         Ok(Self {
             info: ModelInfo {
                 name: files.name.clone(),
                 task: ModelType::YoloWorld.task().into(),
                 input_size: spec.image_size as u32,
                 device: device_name(&device),
-                dtype: "f32".into(),
+                dtype: precision.to_string(),
             },
             spec,
             text,

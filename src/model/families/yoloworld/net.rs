@@ -3,10 +3,11 @@
 //! runs them. Every text-guided layer reads the prompt's embeddings as they are (v2 has no
 //! image-pooling attention to update them), so all their guides are per prompt.
 
-use super::blocks::{C2f, C2fAttn, Sppf, conv_silu};
+use super::blocks::{C2f, C2fAttn, ConvSettings, Sppf, conv_silu};
 use super::config::{YoloWorldSpec, layer_prefix};
 use super::head::{FoldedClasses, HeadOutput, WorldDetect};
 use crate::model::kernels::conv::Conv2d;
+use crate::model::kernels::fused_linear::MatmulPrecision;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -31,16 +32,21 @@ pub struct Detector {
 }
 
 impl Detector {
-    pub fn new(vb: &VarBuilder, spec: &YoloWorldSpec) -> Result<Self> {
-        let eps = spec.batch_norm_eps;
+    /// The detector at `vb`, its convolutions' products in `precision` (the head's last 1x1
+    /// layers, which give its outputs, stay f32: see [`WorldDetect::new`]).
+    pub fn new(vb: &VarBuilder, spec: &YoloWorldSpec, precision: MatmulPrecision) -> Result<Self> {
+        let conv = ConvSettings {
+            eps: spec.batch_norm_eps,
+            precision,
+        };
         let c = |y| spec.ch(y);
         let layer = |i: usize| vb.pp(layer_prefix(i));
-        let down_conv = |i, c1, c2| conv_silu(&layer(i), c1, c2, 3, 2, eps);
-        let csp = |i, ch, n| C2f::new(&layer(i), ch, ch, n, eps);
+        let down_conv = |i, c1, c2| conv_silu(&layer(i), c1, c2, 3, 2, conv);
+        let csp = |i, ch, n| C2f::new(&layer(i), ch, ch, n, conv);
         let attn = spec
             .attn_layers()
             .map(|l| (l.index, (l.c1, l.c2, l.n, l.heads)));
-        let guided = |(i, dims)| C2fAttn::new(&layer(i), dims, spec.embed(), eps);
+        let guided = |(i, dims)| C2fAttn::new(&layer(i), dims, spec.embed(), conv);
         Ok(Self {
             down: [
                 down_conv(0, 3, c(64))?,
@@ -55,7 +61,7 @@ impl Detector {
                 csp(6, c(512), spec.n(6))?,
                 csp(8, c(1024), spec.n(3))?,
             ],
-            sppf: Sppf::new(&layer(9), c(1024), c(1024), eps)?,
+            sppf: Sppf::new(&layer(9), c(1024), c(1024), conv)?,
             attn: [
                 guided(attn[0])?,
                 guided(attn[1])?,
@@ -66,7 +72,7 @@ impl Detector {
                 down_conv(16, c(256), c(256))?,
                 down_conv(19, c(512), c(512))?,
             ],
-            head: WorldDetect::new(&vb.pp(spec.head_prefix()), spec)?,
+            head: WorldDetect::new(&vb.pp(spec.head_prefix()), spec, conv)?,
         })
     }
 
