@@ -4,7 +4,7 @@
 //! worker killed (SIGKILL, as a real process) while an alert is open, and for a job
 //! cancelled after its worker handed it back.
 
-use crate::common::frames::{Square, rgb_frame_xadd, yard};
+use crate::common::frames::{Square, stream_frames, yard};
 use crate::common::process::{signal, spawn_test_process};
 use crate::common::worker::StreamWorker;
 use crate::common::{TestRedis, eventually, unique_prefix};
@@ -65,18 +65,13 @@ fn produce(
     red: Arc<AtomicBool>,
     stop: CancellationToken,
 ) -> std::thread::JoinHandle<()> {
-    let client = redis.client();
-    std::thread::spawn(move || {
-        let mut con = client.get_connection().unwrap();
-        let (still, object) = (picture(false), picture(true));
-        while !stop.is_cancelled() {
-            let data = if red.load(Ordering::Relaxed) {
-                &object
-            } else {
-                &still
-            };
-            let _: String = rgb_frame_xadd(KEY, W, H, data).query(&mut con).unwrap();
-            std::thread::sleep(Duration::from_millis(FRAME_MS));
+    let (still, object) = (picture(false), picture(true));
+    let every = Duration::from_millis(FRAME_MS);
+    stream_frames(redis.client(), (KEY, W, H), every, stop, move || {
+        if red.load(Ordering::Relaxed) {
+            object.clone()
+        } else {
+            still.clone()
         }
     })
 }

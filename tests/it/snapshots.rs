@@ -6,7 +6,7 @@
 //! `free-roam snapshot` saves the job's latest frame and `free-roam alerts --save` each
 //! event's picture. The cap holds for a job handed back and taken over within the minute.
 
-use crate::common::frames::{rgb_frame_xadd, yard};
+use crate::common::frames::{stream_frames, yard};
 use crate::common::worker::StreamWorker;
 use crate::common::{TestRedis, eventually, unique_prefix};
 use free_roam::model::testing::colour::ColourTestModel;
@@ -39,17 +39,12 @@ fn picture(x: u32) -> Vec<u8> {
 /// Pushes a frame every 100 ms until `stop`, the box walking 4 pixels a frame from x = 10
 /// to x = 210.
 fn produce(redis: &TestRedis, stop: CancellationToken) -> std::thread::JoinHandle<()> {
-    let client = redis.client();
-    std::thread::spawn(move || {
-        let mut con = client.get_connection().unwrap();
-        let mut x = 10;
-        while !stop.is_cancelled() {
-            let _: String = rgb_frame_xadd(KEY, W, H, &picture(x))
-                .query(&mut con)
-                .unwrap();
-            x = (x + 4).min(210);
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    let mut x = 10;
+    let every = Duration::from_millis(100);
+    stream_frames(redis.client(), (KEY, W, H), every, stop, move || {
+        let frame = picture(x);
+        x = (x + 4).min(210);
+        frame
     })
 }
 

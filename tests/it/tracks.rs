@@ -9,7 +9,7 @@
 //! The model locates colours by their pixels: each named colour's bounding box, scored as
 //! a confident detector would (random weights locate nothing).
 
-use crate::common::frames::{rgb_frame_xadd, yard};
+use crate::common::frames::{stream_frames, yard};
 use crate::common::process::{signal, spawn_test_process};
 use crate::common::worker::StreamWorker;
 use crate::common::{TestRedis, eventually, unique_prefix};
@@ -79,16 +79,9 @@ fn produce(
     count: Arc<AtomicU64>,
     stop: CancellationToken,
 ) -> std::thread::JoinHandle<()> {
-    let client = redis.client();
-    std::thread::spawn(move || {
-        let mut con = client.get_connection().unwrap();
-        while !stop.is_cancelled() {
-            let t = count.fetch_add(1, Ordering::SeqCst);
-            let _: String = rgb_frame_xadd(KEY, W, H, &picture(t))
-                .query(&mut con)
-                .unwrap();
-            std::thread::sleep(Duration::from_millis(FRAME_MS));
-        }
+    let every = Duration::from_millis(FRAME_MS);
+    stream_frames(redis.client(), (KEY, W, H), every, stop, move || {
+        picture(count.fetch_add(1, Ordering::SeqCst))
     })
 }
 

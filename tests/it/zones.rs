@@ -9,7 +9,7 @@
 //! `alert_id` and `kind`, as readers dedupe them). A job that ends with the box inside (cancelled while it runs, or while
 //! handed back) ends its stay with a `leave`.
 
-use crate::common::frames::{rgb_frame_xadd, yard};
+use crate::common::frames::{stream_frames, yard};
 use crate::common::process::{signal, spawn_test_process};
 use crate::common::worker::StreamWorker;
 use crate::common::{TestRedis, eventually, unique_prefix};
@@ -63,20 +63,14 @@ fn produce(
     moved: Arc<AtomicU64>,
     stop: CancellationToken,
 ) -> std::thread::JoinHandle<()> {
-    let client = redis.client();
-    std::thread::spawn(move || {
-        let mut con = client.get_connection().unwrap();
-        while !stop.is_cancelled() {
-            let t = if go.load(Ordering::SeqCst) {
-                moved.fetch_add(1, Ordering::SeqCst)
-            } else {
-                0
-            };
-            let _: String = rgb_frame_xadd(KEY, W, H, &picture(box_x(t)))
-                .query(&mut con)
-                .unwrap();
-            std::thread::sleep(Duration::from_millis(FRAME_MS));
-        }
+    let every = Duration::from_millis(FRAME_MS);
+    stream_frames(redis.client(), (KEY, W, H), every, stop, move || {
+        let t = if go.load(Ordering::SeqCst) {
+            moved.fetch_add(1, Ordering::SeqCst)
+        } else {
+            0
+        };
+        picture(box_x(t))
     })
 }
 

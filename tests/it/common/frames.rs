@@ -37,3 +37,21 @@ pub fn rgb_frame_xadd(key: &str, w: u32, h: u32, data: &[u8]) -> redis::Cmd {
         .arg(data);
     cmd
 }
+
+/// The tests' camera: from a thread of its own, pushes the frame `next` makes to frame
+/// stream `key` every `every`, until `stop` fires.
+pub fn stream_frames(
+    client: redis::Client,
+    (key, w, h): (&'static str, u32, u32),
+    every: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+    mut next: impl FnMut() -> Vec<u8> + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut con = client.get_connection().unwrap();
+        while !stop.is_cancelled() {
+            let _: String = rgb_frame_xadd(key, w, h, &next()).query(&mut con).unwrap();
+            std::thread::sleep(every);
+        }
+    })
+}
