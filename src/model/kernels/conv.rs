@@ -11,9 +11,9 @@
 //! MKL. Each image's output pixels are cut into tiles that rayon's threads share; a tile
 //! gathers its columns into a buffer that stays in the L2 cache, writes the bias into its
 //! output, runs the product onto it on its own thread and applies the activation, so the
-//! output is written once and read once more. With MKL, a stride-1 kernel larger than 1x1
-//! gathers nothing: it runs one product per kernel position over the padded input, shifted
-//! (`convolve_shifted`). candle's own `conv2d` (im2col into a full
+//! output is written once and read once more. With MKL, a kernel larger than 1x1 gathers
+//! nothing: it runs one product per kernel position over the padded input (split into the
+//! stride's phases), shifted (`convolve_shifted`). candle's own `conv2d` (im2col into a full
 //! buffer, a product into a zeroed output, then separate single-threaded bias and
 //! activation passes) runs anything else: other devices and dtypes.
 
@@ -66,11 +66,13 @@ impl Geometry {
         self.kernel == 1 && self.stride == 1 && self.padding == 0
     }
 
-    /// A stride-1 kernel larger than 1x1: one product per kernel position over the padded
-    /// input shifted by that position, instead of gathered columns (MKL's products only).
+    /// A kernel larger than 1x1: one product per kernel position over the padded input
+    /// shifted by that position, instead of gathered columns (MKL's products only); at a
+    /// larger stride only from 16 input channels on: the first layer's 3 channels make
+    /// products too thin to pay for their 9 passes over the output.
     #[cfg(feature = "mkl")]
     fn shifted(&self) -> bool {
-        self.kernel > 1 && self.stride == 1
+        self.kernel > 1 && (self.stride == 1 || self.inp >= 16)
     }
 
     /// The output's spatial size for an input of `(h, w)`.
@@ -104,8 +106,8 @@ enum Product {
         filter: mkl_filter::PackedFilter,
         bias: Vec<f32>,
     },
-    /// A stride-1 kernel larger than 1x1 as one packed `(out, in)` filter per kernel
-    /// position, for MKL (see [`convolve_shifted`]).
+    /// A kernel larger than 1x1 as one packed `(out, in)` filter per kernel position, for
+    /// MKL (see [`convolve_shifted`]).
     #[cfg(feature = "mkl")]
     MklShifted {
         filters: Vec<mkl_filter::PackedFilter>,
@@ -340,7 +342,10 @@ fn pack(
 }
 
 impl Module for Conv2d {
-    /// `x`: `[batch, in, h, w]`; gives `[batch, out, h', w']` in `x`'s dtype.
+    /// `x`: `[batch, in, h, w]`; gives `[batch, out, h', w']` in `x`'s dtype. A bf16 input
+    /// is read as it is, without a rounding pass, by a layer whose product is MKL's bf16
+    /// one, and every bf16 output is rounded from the f32 tile the product wrote, inside the
+    /// layer (see [`activation_dtype`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Product::Candle { weight, bias } = &*self.product {
             return self.forward_candle(x, weight, bias.as_ref());
@@ -352,15 +357,57 @@ impl Module for Conv2d {
                 x.device().location()
             )
         }
-        let y = x
-            .to_dtype(DType::F32)?
-            .contiguous()?
-            .apply_op1_no_bwd(&ConvOp(self))?;
-        y.to_dtype(dtype)
+        x.contiguous()?.apply_op1_no_bwd(&ConvOp(self))
     }
 }
 
-/// The CPU convolution of one layer, as a candle operation on a contiguous f32 input.
+/// The dtype a network of layers built for `precision` on `device` best keeps its
+/// activations in: bf16 where the layers' product is MKL's bf16 one, which reads bf16
+/// inputs as they are (so a network in bf16 skips each layer's rounding of its input, and
+/// moves half the bytes in its concatenations, as PyTorch's autocast does), f32 elsewhere
+/// (the own AVX512-BF16 product reads its input transposed, so bf16 there would only add
+/// passes; candle's convolution on other devices takes its filter's dtype).
+pub fn activation_dtype(precision: MatmulPrecision, device: &candle_core::Device) -> DType {
+    #[cfg(feature = "mkl")]
+    if device.is_cpu()
+        && CpuProduct::for_precision(precision) == CpuProduct::Mkl(MatmulPrecision::Bf16)
+    {
+        return DType::BF16;
+    }
+    let _ = (precision, device);
+    DType::F32
+}
+
+impl Conv2d {
+    /// Whether the product reads a bf16 input directly: MKL's bf16 product over the input
+    /// itself (a pointwise layer) or its shifted phases.
+    fn reads_bf16(&self) -> bool {
+        #[cfg(feature = "mkl")]
+        return match &*self.product {
+            Product::Mkl { filter, .. } => {
+                filter.precision() == MatmulPrecision::Bf16 && self.geometry.pointwise()
+            }
+            Product::MklShifted { filters, .. } => filters[0].precision() == MatmulPrecision::Bf16,
+            _ => false,
+        };
+        #[cfg(not(feature = "mkl"))]
+        false
+    }
+
+    /// The output `[batch, out, oh, ow]` over an input of `[batch, in, h, w]` values.
+    fn run<S: Source, O: Element>(&self, input: &Input<'_, S>, batch: usize) -> Vec<O> {
+        match &*self.product {
+            #[cfg(feature = "mkl")]
+            Product::MklShifted { filters, bias } => {
+                convolve_shifted(filters, bias, self.geometry, self.activation, input, batch)
+            }
+            product => convolve(product, self.geometry, self.activation, input, batch),
+        }
+    }
+}
+
+/// The CPU convolution of one layer, as a candle operation on a contiguous f32 or bf16
+/// input.
 struct ConvOp<'a>(&'a Conv2d);
 
 impl CustomOp1 for ConvOp<'_> {
@@ -369,13 +416,11 @@ impl CustomOp1 for ConvOp<'_> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("convolution: input must be f32")
-        };
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("convolution: input must be contiguous")
         };
-        let geometry = self.0.geometry;
+        let layer = self.0;
+        let geometry = layer.geometry;
         let (batch, inp, h, w) = layout.shape().dims4()?;
         if inp != geometry.inp {
             candle_core::bail!(
@@ -384,38 +429,92 @@ impl CustomOp1 for ConvOp<'_> {
             )
         }
         let (oh, ow) = geometry.output_size(h, w)?;
-        let input = Input {
-            data: &data[start..end],
-            h,
-            w,
-            oh,
-            ow,
-        };
-        let out = match &*self.0.product {
-            #[cfg(feature = "mkl")]
-            Product::MklShifted { filters, bias } => {
-                convolve_shifted(filters, bias, geometry, self.0.activation, &input, batch)
+        let dims = (h, w, oh, ow);
+        let out = match storage {
+            CpuStorage::F32(data) => {
+                CpuStorage::F32(layer.run(&Input::new(&data[start..end], dims), batch))
             }
-            product => convolve(product, geometry, self.0.activation, &input, batch),
+            CpuStorage::BF16(data) => {
+                let data = &data[start..end];
+                // SAFETY: `bf16` is a transparent wrapper of its `u16` bit pattern.
+                let bits: &[u16] =
+                    unsafe { std::slice::from_raw_parts(data.as_ptr().cast(), data.len()) };
+                let out: Vec<u16> = if layer.reads_bf16() {
+                    layer.run(&Input::new(bits, dims), batch)
+                } else {
+                    let mut widened = vec![0f32; bits.len()];
+                    f32::from_bf16(bits, &mut widened);
+                    layer.run(&Input::new(&widened, dims), batch)
+                };
+                let mut out = std::mem::ManuallyDrop::new(out);
+                // SAFETY: as above; the vector's buffer moves over whole, with its length
+                // and capacity, and is freed as a `Vec<bf16>` of the same layout.
+                CpuStorage::BF16(unsafe {
+                    Vec::from_raw_parts(out.as_mut_ptr().cast(), out.len(), out.capacity())
+                })
+            }
+            _ => candle_core::bail!("convolution: input must be f32 or bf16"),
         };
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((batch, geometry.out, oh, ow)),
-        ))
+        Ok((out, Shape::from((batch, geometry.out, oh, ow))))
     }
 }
 
-/// An NCHW f32 input with its output's spatial size.
-struct Input<'a> {
-    data: &'a [f32],
+/// A type activations travel in: f32, or bf16 as its bit pattern.
+trait Element: Copy + Default + Send + Sync + 'static {
+    /// Whether this is f32 (so a tile's f32 output can be written in place).
+    const IS_F32: bool;
+    /// f32 values into this type: a copy, or rounding to bf16.
+    fn store(values: &[f32], out: &mut [Self]);
+    /// bf16 values into this type: widened to f32, or a copy.
+    fn from_bf16(values: &[u16], out: &mut [Self]);
+    /// This type's values into `T`.
+    fn copy_into<T: Element>(values: &[Self], out: &mut [T]);
+}
+
+impl Element for f32 {
+    const IS_F32: bool = true;
+    fn store(values: &[f32], out: &mut [Self]) {
+        out.copy_from_slice(values)
+    }
+    fn from_bf16(values: &[u16], out: &mut [Self]) {
+        for (o, &v) in out.iter_mut().zip(values) {
+            *o = f32::from_bits(u32::from(v) << 16);
+        }
+    }
+    fn copy_into<T: Element>(values: &[Self], out: &mut [T]) {
+        T::store(values, out)
+    }
+}
+
+impl Element for u16 {
+    const IS_F32: bool = false;
+    fn store(values: &[f32], out: &mut [Self]) {
+        cpu_kernels::round_to_bf16(values, out)
+    }
+    fn from_bf16(values: &[u16], out: &mut [Self]) {
+        out.copy_from_slice(values)
+    }
+    fn copy_into<T: Element>(values: &[Self], out: &mut [T]) {
+        T::from_bf16(values, out)
+    }
+}
+
+/// An NCHW input with its output's spatial size.
+struct Input<'a, S> {
+    data: &'a [S],
     h: usize,
     w: usize,
     oh: usize,
     ow: usize,
 }
 
-impl Input<'_> {
-    fn image(&self, index: usize, channels: usize) -> &[f32] {
+impl<'a, S> Input<'a, S> {
+    /// `data` with the input's `(h, w)` and the output's `(oh, ow)`.
+    fn new(data: &'a [S], (h, w, oh, ow): (usize, usize, usize, usize)) -> Self {
+        Self { data, h, w, oh, ow }
+    }
+
+    fn image(&self, index: usize, channels: usize) -> &[S] {
         let size = channels * self.h * self.w;
         &self.data[index * size..(index + 1) * size]
     }
@@ -444,32 +543,34 @@ fn tile_width(depth: usize, pixels: usize, batch: usize) -> usize {
 }
 
 /// A raw output pointer shared by tasks that write disjoint tiles.
-struct SendPtr(*mut f32);
+struct SendPtr<T>(*mut T);
 // SAFETY: tasks write disjoint tiles of the buffer behind it.
-unsafe impl Sync for SendPtr {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
-impl SendPtr {
+impl<T> SendPtr<T> {
     /// The pointer `offset` values on (a method, so that closures take the whole `SendPtr`).
     ///
     /// # Safety
     /// `offset` stays inside the buffer.
-    unsafe fn at(&self, offset: usize) -> *mut f32 {
+    unsafe fn at(&self, offset: usize) -> *mut T {
         // SAFETY: as the caller promises.
         unsafe { self.0.add(offset) }
     }
 }
 
-/// The output `[batch, out, oh, ow]` of the layer over `input`.
-fn convolve(
+/// The output `[batch, out, oh, ow]` of the layer over `input`. An f32 output is the
+/// products' target itself; a bf16 one is rounded from a tile buffer of the thread, after
+/// the activation, while the tile is in the cache.
+fn convolve<S: Source, O: Element>(
     product: &Product,
     geometry: Geometry,
     activation: ConvActivation,
-    input: &Input<'_>,
+    input: &Input<'_, S>,
     batch: usize,
-) -> Vec<f32> {
+) -> Vec<O> {
     let pixels = input.pixels();
     let total = batch * geometry.out * pixels;
-    let mut out: Vec<f32> = Vec::with_capacity(total);
+    let mut out: Vec<O> = Vec::with_capacity(total);
     let width = tile_width(geometry.depth(), pixels, batch);
     let tiles_per_image = pixels.div_ceil(width);
     let out_ptr = SendPtr(out.as_mut_ptr());
@@ -484,146 +585,280 @@ fn convolve(
                 width: (pixels - first).min(width),
             };
             // SAFETY: the output has `total` values of capacity; this task writes only
-            // rows `image`'s pixels `first..first + width` of each output channel, which no
-            // other task writes.
+            // image `image`'s pixels `first..first + width` of each output channel, which
+            // no other task writes.
             let out = unsafe { out_ptr.at(image * geometry.out * pixels + first) };
-            let target = Target {
-                out,
-                stride: pixels,
-            };
-            run_tile(product, geometry, input, &tile, &target);
-            target.finish(activation, geometry.out, tile.width);
+            if O::IS_F32 {
+                let target = Target {
+                    out: out.cast(),
+                    stride: pixels,
+                };
+                S::run_tile(product, geometry, input, &tile, &target);
+                target.finish(activation, geometry.out, tile.width);
+                return;
+            }
+            TILE.with_borrow_mut(|buffer| {
+                let rows = tile_rows(buffer, geometry.out, tile.width);
+                let target = Target {
+                    out: rows.as_mut_ptr(),
+                    stride: tile.width,
+                };
+                S::run_tile(product, geometry, input, &tile, &target);
+                for (channel, row) in rows.chunks_exact_mut(tile.width).enumerate() {
+                    // SAFETY: this channel's pixels of the tile, as above.
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(out.add(channel * pixels), tile.width)
+                    };
+                    store_activated(row, out, activation);
+                }
+            })
         });
     // SAFETY: the tasks wrote every pixel of every output channel of every image.
     unsafe { out.set_len(total) };
     out
 }
 
-/// A stride-1 convolution as `k²` products per tile, one per kernel position `(ky, kx)`,
-/// each of that position's `(out, in)` filter with the padded input shifted by `ky` rows
-/// and `kx` columns: with the output computed at the padded width (`k - 1` columns of each
-/// row are wasted), a shift is an offset into the padded planes, so the input is copied
-/// (and rounded to bf16) once instead of gathered `k²` times. Tiles are runs of output
-/// rows; each writes its bias, runs the products onto it and moves its rows, activated,
-/// into the output.
+/// `channels` rows of `width` values in `buffer`, grown when too small (their values are
+/// the caller's to write).
+fn tile_rows(buffer: &mut Vec<f32>, channels: usize, width: usize) -> &mut [f32] {
+    if buffer.len() < channels * width {
+        buffer.resize(channels * width, 0.0);
+    }
+    &mut buffer[..channels * width]
+}
+
+/// A row of the products' output, activated in place, into `out`'s type.
+fn store_activated<O: Element>(row: &mut [f32], out: &mut [O], activation: ConvActivation) {
+    if activation == ConvActivation::Silu {
+        cpu_kernels::silu_in_place(row);
+    }
+    O::store(row, out);
+}
+
+/// A convolution as `k²` products per tile, one per kernel position `(ky, kx)`, each of that
+/// position's `(out, in)` filter with the input shifted by that position. The padded input
+/// is split once into `stride²` phases (phase `(py, px)` holds the padded pixels whose row is
+/// `py` and column `px` modulo the stride), so that position `(ky, kx)` reads phase
+/// `(ky mod s, kx mod s)` shifted by `(ky / s, kx / s)`: with the output computed at the
+/// phases' width (the last columns of each row are wasted), a shift is an offset, and the
+/// input is copied (and rounded to bf16, unless it is bf16 already) once instead of
+/// gathered `k²` times. Tiles are runs of output rows; each writes its bias into a tile
+/// buffer of its thread, runs the products onto it and moves its rows, activated, into the
+/// output.
 #[cfg(feature = "mkl")]
-fn convolve_shifted(
+fn convolve_shifted<S: Element, O: Element>(
     filters: &[mkl_filter::PackedFilter],
     bias: &[f32],
     geometry: Geometry,
     activation: ConvActivation,
-    input: &Input<'_>,
+    input: &Input<'_, S>,
     batch: usize,
-) -> Vec<f32> {
+) -> Vec<O> {
+    let phases = Phases::new(geometry, input);
+    let layer = (filters, bias, geometry, activation);
+    if filters[0].precision() == MatmulPrecision::Bf16 {
+        PHASED_BF16.with(|cell| {
+            let mut buffer = cell.take();
+            let phased = phases.fill(input, &mut buffer);
+            let out = shifted_products(layer, input, batch, &phases, |f, t, o, w| {
+                f.accumulate_bf16(t, &phased[o..], phases.channel_stride(), w)
+            });
+            cell.set(buffer);
+            out
+        })
+    } else {
+        PHASED_F32.with(|cell| {
+            let mut buffer = cell.take();
+            let phased = phases.fill(input, &mut buffer);
+            let out = shifted_products(layer, input, batch, &phases, |f, t, o, w| {
+                f.accumulate_f32(t, &phased[o..], phases.channel_stride(), w)
+            });
+            cell.set(buffer);
+            out
+        })
+    }
+}
+
+/// A shifted layer's parts: its filters, bias, geometry and activation.
+#[cfg(feature = "mkl")]
+type ShiftedLayer<'a> = (
+    &'a [mkl_filter::PackedFilter],
+    &'a [f32],
+    Geometry,
+    ConvActivation,
+);
+
+/// The tiles of [`convolve_shifted`] over its phased input: `accumulate(filter, target,
+/// offset, width)` adds one position's product, its right-hand side at `offset` in the
+/// phased input.
+#[cfg(feature = "mkl")]
+fn shifted_products<S, O: Element>(
+    (filters, bias, geometry, activation): ShiftedLayer<'_>,
+    input: &Input<'_, S>,
+    batch: usize,
+    phases: &Phases,
+    accumulate: impl Fn(&mkl_filter::PackedFilter, &Target, usize, usize) + Sync,
+) -> Vec<O> {
     let Geometry {
         out: channels,
         inp,
         kernel,
-        padding,
+        stride,
         ..
     } = geometry;
-    let (hp, wp) = (input.h + 2 * padding, input.w + 2 * padding);
-    let (oh, ow) = (input.oh, input.ow);
-    let plane = hp * wp;
-    let bf16 = filters[0].precision() == MatmulPrecision::Bf16;
-    let (padded, rounded) = padded_input(input, geometry, batch, bf16);
-    let wide_size = oh * wp;
-    let mut wide = vec![0f32; batch * channels * wide_size];
-    let mut out: Vec<f32> = Vec::with_capacity(batch * channels * oh * ow);
-    let rows = shifted_tile_rows(inp, wp, oh, batch);
+    let (oh, ow, wq) = (input.oh, input.ow, phases.wq);
+    let mut out: Vec<O> = Vec::with_capacity(batch * channels * oh * ow);
+    let rows = shifted_tile_rows(inp, wq, oh, batch);
     let tiles_per_image = oh.div_ceil(rows);
-    let (wide_ptr, out_ptr) = (SendPtr(wide.as_mut_ptr()), SendPtr(out.as_mut_ptr()));
+    let out_ptr = SendPtr(out.as_mut_ptr());
     (0..batch * tiles_per_image)
         .into_par_iter()
         .for_each(|task| {
             let (image, tile) = (task / tiles_per_image, task % tiles_per_image);
             let (first, last) = (tile * rows, ((tile + 1) * rows).min(oh));
-            let width = (last - first) * wp;
-            // SAFETY: this task alone writes rows first..last of this image's wide output.
-            let target = Target {
-                out: unsafe { wide_ptr.at(image * channels * wide_size + first * wp) },
-                stride: wide_size,
-            };
-            target.fill_bias(bias, width);
-            let base = image * inp * plane + first * wp;
-            for (position, filter) in filters.iter().enumerate() {
-                let offset = base + (position / kernel) * wp + position % kernel;
-                if bf16 {
-                    filter.accumulate_bf16(&target, &rounded[offset..], plane, width);
-                } else {
-                    filter.accumulate_f32(&target, &padded[offset..], plane, width);
+            let width = (last - first) * wq;
+            TILE.with_borrow_mut(|buffer| {
+                let wide = tile_rows(buffer, channels, width);
+                let target = Target {
+                    out: wide.as_mut_ptr(),
+                    stride: width,
+                };
+                target.fill_bias(bias, width);
+                let base = image * phases.image_size(inp) + first * wq;
+                for (position, filter) in filters.iter().enumerate() {
+                    let (ky, kx) = (position / kernel, position % kernel);
+                    let phase = (ky % stride) * stride + kx % stride;
+                    let offset = base + phase * phases.plane() + (ky / stride) * wq + kx / stride;
+                    accumulate(filter, &target, offset, width);
                 }
-            }
-            for channel in 0..channels {
-                // SAFETY: one wide row per output channel, this tile's width.
-                let wide_rows = unsafe { target.row(channel, width) };
-                for (y, wide_row) in wide_rows.chunks_exact(wp).enumerate() {
-                    let offset = ((image * channels + channel) * oh + first + y) * ow;
-                    // SAFETY: output row `first + y` of this channel and image: this
-                    // task's alone, inside the output's capacity.
-                    let row = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(offset), ow) };
-                    row.copy_from_slice(&wide_row[..ow]);
-                    if activation == ConvActivation::Silu {
-                        cpu_kernels::silu_in_place(row);
+                for (channel, wide_rows) in wide.chunks_exact_mut(width).enumerate() {
+                    for (y, wide_row) in wide_rows.chunks_exact_mut(wq).enumerate() {
+                        let offset = ((image * channels + channel) * oh + first + y) * ow;
+                        // SAFETY: output row `first + y` of this channel and image: this
+                        // task's alone, inside the output's capacity.
+                        let row = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(offset), ow) };
+                        store_activated(&mut wide_row[..ow], row, activation);
                     }
                 }
-            }
+            })
         });
     // SAFETY: the tasks wrote every row of every output channel of every image.
     unsafe { out.set_len(batch * channels * oh * ow) };
     out
 }
 
-/// The input's planes with `padding` zeros around them, and `k` values to spare at the end
-/// (the last image's last rows read up to `k - 1` values past its planes, into wasted
-/// columns only); with `bf16`, rounded to bf16 as well (the f32 copy is then the caller's
-/// to drop).
+/// The phases of a shifted convolution's padded input: `stride²` planes of `hq × wq` per
+/// input channel, laid out `[image][channel][phase][hq][wq]`, zero where they fall in the
+/// padding or past the padded input.
 #[cfg(feature = "mkl")]
-fn padded_input(
-    input: &Input<'_>,
-    geometry: Geometry,
-    batch: usize,
-    bf16: bool,
-) -> (Vec<f32>, Vec<u16>) {
-    let padding = geometry.padding;
-    let (hp, wp) = (input.h + 2 * padding, input.w + 2 * padding);
-    let plane = hp * wp;
-    let planes = batch * geometry.inp;
-    let mut padded = vec![0f32; planes * plane + geometry.kernel];
-    padded[..planes * plane]
-        .par_chunks_mut(plane)
-        .zip(input.data.par_chunks(input.h * input.w))
-        .for_each(|(padded, plane_in)| {
-            for (y, row) in plane_in.chunks_exact(input.w).enumerate() {
-                let start = (y + padding) * wp + padding;
-                padded[start..start + input.w].copy_from_slice(row);
-            }
-        });
-    let mut rounded = Vec::new();
-    if bf16 {
-        rounded = vec![0u16; padded.len()];
-        rounded
-            .par_chunks_mut(plane)
-            .zip(padded.par_chunks(plane))
-            .for_each(|(out, values)| cpu_kernels::round_to_bf16(values, out));
+struct Phases {
+    stride: usize,
+    padding: usize,
+    hq: usize,
+    wq: usize,
+    /// Values to spare past the last plane: the last rows' wasted columns read up to
+    /// `(k - 1) / stride` values past it.
+    spare: usize,
+}
+
+#[cfg(feature = "mkl")]
+impl Phases {
+    fn new<S>(geometry: Geometry, input: &Input<'_, S>) -> Self {
+        let (hp, wp) = (
+            input.h + 2 * geometry.padding,
+            input.w + 2 * geometry.padding,
+        );
+        Self {
+            stride: geometry.stride,
+            padding: geometry.padding,
+            hq: hp.div_ceil(geometry.stride),
+            wq: wp.div_ceil(geometry.stride),
+            spare: geometry.kernel,
+        }
     }
-    (padded, rounded)
+
+    fn plane(&self) -> usize {
+        self.hq * self.wq
+    }
+
+    /// Values between two input channels' phases: the products' row stride.
+    fn channel_stride(&self) -> usize {
+        self.stride * self.stride * self.plane()
+    }
+
+    fn image_size(&self, channels: usize) -> usize {
+        channels * self.channel_stride()
+    }
+
+    /// The input's phases in `buffer` (grown when too small, never shrunk: its values are
+    /// all rewritten, so a buffer kept between calls costs no clearing), converted to `T`;
+    /// the part of `buffer` that holds them.
+    fn fill<'a, S: Element, T: Element>(
+        &self,
+        input: &Input<'_, S>,
+        buffer: &'a mut Vec<T>,
+    ) -> &'a [T] {
+        let planes = input.data.len() / (input.h * input.w);
+        let per_channel = self.channel_stride();
+        let size = planes * per_channel + self.spare;
+        if buffer.len() < size {
+            buffer.resize(size, T::default());
+        }
+        let (phased, spare) = buffer[..size].split_at_mut(planes * per_channel);
+        spare.fill(T::default());
+        phased
+            .par_chunks_mut(per_channel)
+            .zip(input.data.par_chunks(input.h * input.w))
+            .for_each(|(phases, plane)| {
+                let mut row = vec![S::default(); self.wq];
+                for (phase, out) in phases.chunks_exact_mut(self.plane()).enumerate() {
+                    let (py, px) = (phase / self.stride, phase % self.stride);
+                    for (i, out_row) in out.chunks_exact_mut(self.wq).enumerate() {
+                        let y = (i * self.stride + py).wrapping_sub(self.padding);
+                        if y >= input.h {
+                            out_row.fill(T::default());
+                            continue;
+                        }
+                        self.gather_row(&plane[y * input.w..(y + 1) * input.w], px, &mut row);
+                        S::copy_into(&row, out_row);
+                    }
+                }
+            });
+        &buffer[..size]
+    }
+
+    /// Phase column `px`'s values of one input row, padded: value `j` is the input's column
+    /// `j · stride + px - padding`, 0 outside the row.
+    fn gather_row<S: Element>(&self, source: &[S], px: usize, row: &mut [S]) {
+        let w = source.len();
+        if self.stride == 1 {
+            let (left, right) = row.split_at_mut(self.padding);
+            left.fill(S::default());
+            right[..w].copy_from_slice(source);
+            right[w..].fill(S::default());
+            return;
+        }
+        for (j, value) in row.iter_mut().enumerate() {
+            let x = (j * self.stride + px).wrapping_sub(self.padding);
+            *value = if x < w { source[x] } else { S::default() };
+        }
+    }
 }
 
 /// Output rows per tile of a shifted convolution: the tile's input rows (`in` channels of
-/// about as many padded rows) fit [`COLUMN_BYTES`], and every thread gets about two tiles.
+/// about as many phase rows) fit [`COLUMN_BYTES`], and every thread gets about two tiles.
 #[cfg(feature = "mkl")]
-fn shifted_tile_rows(inp: usize, wp: usize, oh: usize, batch: usize) -> usize {
-    let fits = COLUMN_BYTES / (inp * wp * 4);
+fn shifted_tile_rows(inp: usize, wq: usize, oh: usize, batch: usize) -> usize {
+    let fits = COLUMN_BYTES / (inp * wq * 4);
     let wanted_tiles = 2 * rayon::current_num_threads().max(1);
     let per_image = wanted_tiles.div_ceil(batch).max(1);
     fits.min(oh.div_ceil(per_image)).clamp(1, oh.max(1))
 }
 
 /// A run of one image's output pixels, in row-major pixel order.
-struct Tile<'a> {
+struct Tile<'a, S> {
     /// The image's `[in, h, w]` input.
-    image: &'a [f32],
+    image: &'a [S],
     first: usize,
     width: usize,
 }
@@ -666,6 +901,15 @@ impl Target {
 }
 
 thread_local! {
+    /// A shifted convolution's phased input, f32 or bf16, kept by the calling thread between
+    /// layers and frames (see [`Phases::fill`]).
+    #[cfg(feature = "mkl")]
+    static PHASED_F32: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    #[cfg(feature = "mkl")]
+    static PHASED_BF16: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+    /// A tile's products' output, channels by pixels, when the layer's output is not the
+    /// products' f32 target itself.
+    static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// A tile's gathered columns, f32.
     static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// A tile's right-hand matrix rounded to bf16.
@@ -678,8 +922,8 @@ thread_local! {
 /// pointwise layer (with its row stride), else the columns gathered into `columns`.
 fn right_hand<'a>(
     geometry: Geometry,
-    input: &Input<'_>,
-    tile: &Tile<'a>,
+    input: &Input<'_, f32>,
+    tile: &Tile<'a, f32>,
     columns: &'a mut Vec<f32>,
 ) -> (&'a [f32], usize) {
     if geometry.pointwise() {
@@ -687,48 +931,94 @@ fn right_hand<'a>(
         let end = (geometry.inp - 1) * pixels + tile.first + tile.width;
         return (&tile.image[tile.first..end], pixels);
     }
-    columns.clear();
-    columns.resize(geometry.depth() * tile.width, 0.0);
-    im2col(geometry, input, tile, columns);
-    (columns, tile.width)
+    // Grown, never cleared: im2col writes every value.
+    let size = geometry.depth() * tile.width;
+    if columns.len() < size {
+        columns.resize(size, 0.0);
+    }
+    im2col(geometry, input, tile, &mut columns[..size]);
+    (&columns[..size], tile.width)
 }
 
-/// Bias, then the tile's product onto it, into `target`.
-fn run_tile(
-    product: &Product,
-    geometry: Geometry,
-    input: &Input<'_>,
-    tile: &Tile<'_>,
-    target: &Target,
-) {
-    let width = tile.width;
-    COLUMNS.with_borrow_mut(|columns| {
-        let (rhs, ldb) = right_hand(geometry, input, tile, columns);
-        match product {
-            Product::Candle { .. } => unreachable!("candle's layers do not come here"),
-            #[cfg(feature = "mkl")]
-            Product::MklShifted { .. } => unreachable!("shifted layers go by convolve_shifted"),
-            Product::Gemm { filter, bias } => {
-                target.fill_bias(bias, width);
-                gemm_onto(filter, rhs, ldb, geometry, width, target)
-            }
-            #[cfg(feature = "mkl")]
-            Product::Mkl { filter, bias } => {
-                target.fill_bias(bias, width);
-                match filter.precision() {
-                    MatmulPrecision::F32 => filter.accumulate_f32(target, rhs, ldb, width),
-                    MatmulPrecision::Bf16 => ROUNDED.with_borrow_mut(|rounded| {
-                        round_rows(rhs, ldb, geometry.depth(), width, rounded);
-                        filter.accumulate_bf16(target, rounded, width, width)
-                    }),
+/// How a tile's product reads an input of this type: f32 through [`right_hand`], bf16 as
+/// it stands (MKL's bf16 product of a pointwise layer only: [`Conv2d::reads_bf16`]).
+trait Source: Element {
+    /// Bias, then the tile's product onto it, into `target`.
+    fn run_tile(
+        product: &Product,
+        geometry: Geometry,
+        input: &Input<'_, Self>,
+        tile: &Tile<'_, Self>,
+        target: &Target,
+    );
+}
+
+impl Source for u16 {
+    fn run_tile(
+        product: &Product,
+        geometry: Geometry,
+        input: &Input<'_, Self>,
+        tile: &Tile<'_, Self>,
+        target: &Target,
+    ) {
+        #[cfg(feature = "mkl")]
+        if let Product::Mkl { filter, bias } = product
+            && geometry.pointwise()
+        {
+            let pixels = input.pixels();
+            let end = (geometry.inp - 1) * pixels + tile.first + tile.width;
+            target.fill_bias(bias, tile.width);
+            return filter.accumulate_bf16(
+                target,
+                &tile.image[tile.first..end],
+                pixels,
+                tile.width,
+            );
+        }
+        let _ = (product, geometry, input, tile, target);
+        unreachable!("only MKL's bf16 pointwise layers read bf16 tiles")
+    }
+}
+
+impl Source for f32 {
+    fn run_tile(
+        product: &Product,
+        geometry: Geometry,
+        input: &Input<'_, f32>,
+        tile: &Tile<'_, f32>,
+        target: &Target,
+    ) {
+        let width = tile.width;
+        COLUMNS.with_borrow_mut(|columns| {
+            let (rhs, ldb) = right_hand(geometry, input, tile, columns);
+            match product {
+                Product::Candle { .. } => unreachable!("candle's layers do not come here"),
+                #[cfg(feature = "mkl")]
+                Product::MklShifted { .. } => {
+                    unreachable!("shifted layers go by convolve_shifted")
+                }
+                Product::Gemm { filter, bias } => {
+                    target.fill_bias(bias, width);
+                    gemm_onto(filter, rhs, ldb, geometry, width, target)
+                }
+                #[cfg(feature = "mkl")]
+                Product::Mkl { filter, bias } => {
+                    target.fill_bias(bias, width);
+                    match filter.precision() {
+                        MatmulPrecision::F32 => filter.accumulate_f32(target, rhs, ldb, width),
+                        MatmulPrecision::Bf16 => ROUNDED.with_borrow_mut(|rounded| {
+                            round_rows(rhs, ldb, geometry.depth(), width, rounded);
+                            filter.accumulate_bf16(target, rounded, width, width)
+                        }),
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                Product::OwnBf16 { filter, bias } => {
+                    own_bf16_tile(filter, bias, rhs, ldb, width, target)
                 }
             }
-            #[cfg(target_arch = "x86_64")]
-            Product::OwnBf16 { filter, bias } => {
-                own_bf16_tile(filter, bias, rhs, ldb, width, target)
-            }
-        }
-    })
+        })
+    }
 }
 
 /// `target += filter · rhs` by the `gemm` crate, on this thread.
@@ -849,7 +1139,7 @@ fn transpose_to_bf16(
 /// Gathers the tile's columns: row `(c, ky, kx)` of `columns` holds, for each of the tile's
 /// output pixels, the input value under kernel position `(ky, kx)` of channel `c` (0 in the
 /// padding).
-fn im2col(geometry: Geometry, input: &Input<'_>, tile: &Tile<'_>, columns: &mut [f32]) {
+fn im2col(geometry: Geometry, input: &Input<'_, f32>, tile: &Tile<'_, f32>, columns: &mut [f32]) {
     let Geometry {
         kernel,
         stride,
@@ -1220,6 +1510,38 @@ mod tests {
                 diff <= 1e-4 * largest as f64,
                 "{what}: off by {diff} of {largest}"
             );
+        }
+    }
+
+    /// bf16 inputs, read as they are by MKL's bf16 layers and widened for the others, give
+    /// bf16 outputs at cosine 0.9999 or more to the f64 reference on the same (rounded)
+    /// input, at every kernel, stride and padding.
+    #[test]
+    fn bf16_inputs_match_candles_convolution() {
+        let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        for product in products() {
+            for (kernel, stride, padding) in SHAPES {
+                for (batch, inp, out) in [(1, 3, 16), (3, 16, 48), (3, 48, 16)] {
+                    let (weight, bias, x) = case((batch, inp, out, kernel), (13, 7));
+                    let x = bf16(&x).to_dtype(DType::F32).unwrap();
+                    let layer = Conv2d::with_product(
+                        weight.clone(),
+                        Some(bias.clone()),
+                        stride,
+                        padding,
+                        ConvActivation::Silu,
+                        product,
+                    )
+                    .unwrap();
+                    let got = layer.forward(&bf16(&x)).unwrap();
+                    assert_eq!(got.dtype(), DType::BF16);
+                    let case = (weight, bias, x);
+                    let expected = reference(&case, stride, padding, ConvActivation::Silu);
+                    let what =
+                        format!("{product:?} k{kernel} s{stride} p{padding} {batch}x{inp}->{out}");
+                    check(&got.to_dtype(DType::F32).unwrap(), &expected, true, &what);
+                }
+            }
         }
     }
 

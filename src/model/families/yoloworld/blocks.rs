@@ -248,7 +248,9 @@ impl C2fAttn {
     fn attention(&self, x: &Tensor, guide: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let hc = c / self.heads;
+        // The scores in the guide's f32 whatever the activations' dtype.
         let embed = x
+            .to_dtype(guide.dtype())?
             .reshape((b, self.heads, hc, h * w))?
             .transpose(2, 3)?
             .contiguous()?;
@@ -263,7 +265,7 @@ impl C2fAttn {
             .forward(x)?
             .reshape((b, self.heads, hc, h * w))?;
         projected
-            .broadcast_mul(&weights.unsqueeze(2)?)?
+            .broadcast_mul(&weights.unsqueeze(2)?.to_dtype(projected.dtype())?)?
             .reshape((b, c, h, w))
     }
 }
