@@ -21,7 +21,7 @@
 use crate::model::kernels::bf16_gemm::PackedBf16Weight;
 use crate::model::kernels::cpu_kernels;
 use crate::model::kernels::fused_linear::{self, Bf16Product, MatmulPrecision};
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -42,6 +42,18 @@ pub struct Conv2d {
     product: Arc<Product>,
     geometry: Geometry,
     activation: ConvActivation,
+    /// The filter again in blocks of input channels, for [`Self::forward_cat`].
+    #[cfg(feature = "mkl")]
+    blocks: Option<Arc<InputBlocks>>,
+}
+
+/// A pointwise layer's filter cut into blocks of `width` input channels, each packed for
+/// MKL: the product over a concatenation is the sum of each block's product over its part.
+#[cfg(feature = "mkl")]
+struct InputBlocks {
+    width: usize,
+    filters: Vec<mkl_filter::PackedFilter>,
+    bias: Vec<f32>,
 }
 
 /// The sizes that fix a layer's arithmetic.
@@ -250,7 +262,108 @@ impl Conv2d {
             product: Arc::new(product),
             geometry,
             activation,
+            #[cfg(feature = "mkl")]
+            blocks: None,
         })
+    }
+
+    /// A pointwise layer (`weight` `[out, in, 1, 1]`) that [`Self::forward_cat`] runs over
+    /// parts of `block` input channels each (or whole multiples of it) without
+    /// concatenating them, where its product is MKL's.
+    pub fn pointwise_in_blocks(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        activation: ConvActivation,
+        precision: MatmulPrecision,
+        block: usize,
+    ) -> Result<Self> {
+        #[cfg_attr(not(feature = "mkl"), allow(unused_mut))]
+        let mut layer = Self::new_as(weight.clone(), bias, 1, 0, activation, precision)?;
+        let (out, inp) = (layer.geometry.out, layer.geometry.inp);
+        if layer.geometry.kernel != 1 || block == 0 || inp % block != 0 {
+            candle_core::bail!("convolution: {inp} input channels in blocks of {block}")
+        }
+        // One block is the layer itself: a single part is read as `forward` reads it.
+        #[cfg(feature = "mkl")]
+        if let Product::Mkl { filter, bias } = &*layer.product
+            && block < inp
+        {
+            let precision = filter.precision();
+            let weight = weight.to_dtype(DType::F32)?.reshape((out, inp))?;
+            let filters = (0..inp / block)
+                .map(|j| {
+                    let columns = weight.narrow(1, j * block, block)?.flatten_all()?;
+                    mkl_filter::PackedFilter::new(&columns.to_vec1()?, out, block, precision)
+                        .ok_or_else(|| {
+                            candle_core::Error::Msg("convolution: MKL could not pack".into())
+                        })
+                })
+                .collect::<Result<_>>()?;
+            layer.blocks = Some(Arc::new(InputBlocks {
+                width: block,
+                filters,
+                bias: bias.clone(),
+            }));
+        }
+        let _ = out;
+        Ok(layer)
+    }
+
+    /// `forward` of the concatenation of `parts` along the channels, without making it:
+    /// each part's blocks run through their own block of the filter, onto the same output
+    /// (a layer from [`Self::pointwise_in_blocks`], parts in the activations' dtype);
+    /// anything else concatenates.
+    pub fn forward_cat(&self, parts: &[Tensor]) -> Result<Tensor> {
+        #[cfg(feature = "mkl")]
+        if let Some(blocks) = &self.blocks
+            && let Some(parts) = self.parts_in_place(blocks, parts)?
+        {
+            return parts[0].apply_op1_no_bwd(&CatOp {
+                layer: self,
+                blocks,
+                rest: &parts[1..],
+            });
+        }
+        self.forward(&Tensor::cat(parts, 1)?)
+    }
+
+    /// `parts` as [`CatOp`] reads them (each one's images contiguous), when it can: on the
+    /// CPU, all of one dtype the blocks' product reads as it is, whole blocks, as many
+    /// input channels as the layer has, one image size.
+    #[cfg(feature = "mkl")]
+    fn parts_in_place(
+        &self,
+        blocks: &InputBlocks,
+        parts: &[Tensor],
+    ) -> Result<Option<Vec<Tensor>>> {
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        let (batch, _, h, w) = first.dims4()?;
+        let dtype = match blocks.filters[0].precision() {
+            MatmulPrecision::F32 => DType::F32,
+            MatmulPrecision::Bf16 => DType::BF16,
+        };
+        let mut channels = 0;
+        for part in parts {
+            let (b, c, ph, pw) = part.dims4()?;
+            if !part.device().is_cpu()
+                || part.dtype() != dtype
+                || (b, ph, pw) != (batch, h, w)
+                || c % blocks.width != 0
+            {
+                return Ok(None);
+            }
+            channels += c;
+        }
+        if channels != self.geometry.inp {
+            return Ok(None);
+        }
+        parts
+            .iter()
+            .map(in_place_or_contiguous)
+            .collect::<Result<_>>()
+            .map(Some)
     }
 
     /// `(out_channels, in_channels, kernel)`.
@@ -357,8 +470,47 @@ impl Module for Conv2d {
                 x.device().location()
             )
         }
-        x.contiguous()?.apply_op1_no_bwd(&ConvOp(self))
+        let x = in_place_or_contiguous(x)?;
+        x.apply_op1_no_bwd(&ConvOp(self))
     }
+}
+
+impl Conv2d {
+    /// `forward(x) + residual` with the addition in the layer's epilogue, on the tile its
+    /// product just wrote (a bottleneck's shortcut), instead of a pass of its own.
+    /// `residual` has the output's shape.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if matches!(&*self.product, Product::Candle { .. }) || !x.device().is_cpu() {
+            return self.forward(x)? + residual;
+        }
+        let residual = in_place_or_contiguous(&residual.to_dtype(x.dtype())?)?;
+        let x = in_place_or_contiguous(x)?;
+        x.apply_op2_no_bwd(&residual, &ConvOp(self))
+    }
+}
+
+/// `x` itself where its images can be read in place (see [`image_strided`]), else a
+/// contiguous copy.
+fn in_place_or_contiguous(x: &Tensor) -> Result<Tensor> {
+    if image_strided(x.layout()).is_some() {
+        Ok(x.clone())
+    } else {
+        x.contiguous()
+    }
+}
+
+/// Where a `[batch, c, h, w]` tensor's images are, `(start, image stride)`, when each
+/// image's `[c, h, w]` values are contiguous: so a channel slice of a larger tensor (C2f's
+/// halves) is read in place, without a copy.
+fn image_strided(layout: &Layout) -> Option<(usize, usize)> {
+    let (batch, c, h, w) = layout.shape().dims4().ok()?;
+    let stride = layout.stride();
+    let fits = |dim: usize, size: usize, expected: usize| size <= 1 || stride[dim] == expected;
+    if !(fits(1, c, h * w) && fits(2, h, w) && fits(3, w, 1)) {
+        return None;
+    }
+    let image = if batch > 1 { stride[0] } else { c * h * w };
+    (image >= c * h * w).then_some((layout.start_offset(), image))
 }
 
 /// The dtype a network of layers built for `precision` on `device` best keeps its
@@ -394,20 +546,32 @@ impl Conv2d {
         false
     }
 
-    /// The output `[batch, out, oh, ow]` over an input of `[batch, in, h, w]` values.
-    fn run<S: Source, O: Element>(&self, input: &Input<'_, S>, batch: usize) -> Vec<O> {
+    /// The output `[batch, out, oh, ow]` over an input of `[batch, in, h, w]` values, plus
+    /// `residual` when given.
+    fn run<S: Source, O: Element>(
+        &self,
+        input: &Input<'_, S>,
+        batch: usize,
+        residual: Option<Planes<'_, O>>,
+    ) -> Vec<O> {
+        let epilogue = Epilogue {
+            activation: self.activation,
+            residual,
+            image_size: self.geometry.out * input.pixels(),
+        };
         match &*self.product {
             #[cfg(feature = "mkl")]
             Product::MklShifted { filters, bias } => {
-                convolve_shifted(filters, bias, self.geometry, self.activation, input, batch)
+                convolve_shifted(filters, bias, self.geometry, epilogue, input, batch)
             }
-            product => convolve(product, self.geometry, self.activation, input, batch),
+            product => convolve(product, self.geometry, epilogue, input, batch),
         }
     }
 }
 
-/// The CPU convolution of one layer, as a candle operation on a contiguous f32 or bf16
-/// input.
+/// The CPU convolution of one layer, as a candle operation on an f32 or bf16 input whose
+/// images are each contiguous ([`image_strided`]); with a second operand, the residual
+/// added in the epilogue ([`Conv2d::forward_add`]).
 struct ConvOp<'a>(&'a Conv2d);
 
 impl CustomOp1 for ConvOp<'_> {
@@ -416,47 +580,211 @@ impl CustomOp1 for ConvOp<'_> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("convolution: input must be contiguous")
-        };
-        let layer = self.0;
-        let geometry = layer.geometry;
-        let (batch, inp, h, w) = layout.shape().dims4()?;
-        if inp != geometry.inp {
-            candle_core::bail!(
-                "convolution: input has {inp} channels, the layer takes {}",
-                geometry.inp
-            )
-        }
-        let (oh, ow) = geometry.output_size(h, w)?;
-        let dims = (h, w, oh, ow);
-        let out = match storage {
-            CpuStorage::F32(data) => {
-                CpuStorage::F32(layer.run(&Input::new(&data[start..end], dims), batch))
-            }
-            CpuStorage::BF16(data) => {
-                let data = &data[start..end];
-                // SAFETY: `bf16` is a transparent wrapper of its `u16` bit pattern.
-                let bits: &[u16] =
-                    unsafe { std::slice::from_raw_parts(data.as_ptr().cast(), data.len()) };
-                let out: Vec<u16> = if layer.reads_bf16() {
-                    layer.run(&Input::new(bits, dims), batch)
-                } else {
-                    let mut widened = vec![0f32; bits.len()];
-                    f32::from_bf16(bits, &mut widened);
-                    layer.run(&Input::new(&widened, dims), batch)
-                };
-                let mut out = std::mem::ManuallyDrop::new(out);
-                // SAFETY: as above; the vector's buffer moves over whole, with its length
-                // and capacity, and is freed as a `Vec<bf16>` of the same layout.
-                CpuStorage::BF16(unsafe {
-                    Vec::from_raw_parts(out.as_mut_ptr().cast(), out.len(), out.capacity())
-                })
-            }
-            _ => candle_core::bail!("convolution: input must be f32 or bf16"),
-        };
-        Ok((out, Shape::from((batch, geometry.out, oh, ow))))
+        convolve_storage(self.0, (storage, layout), None)
     }
+}
+
+impl CustomOp2 for ConvOp<'_> {
+    fn name(&self) -> &'static str {
+        "conv2d-fused-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        residual: &CpuStorage,
+        residual_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        convolve_storage(self.0, (storage, layout), Some((residual, residual_layout)))
+    }
+}
+
+/// [`Conv2d::forward_cat`] as a candle operation on its first part, the others read
+/// inside it.
+#[cfg(feature = "mkl")]
+struct CatOp<'a> {
+    layer: &'a Conv2d,
+    blocks: &'a InputBlocks,
+    rest: &'a [Tensor],
+}
+
+#[cfg(feature = "mkl")]
+impl CustomOp1 for CatOp<'_> {
+    fn name(&self) -> &'static str {
+        "conv2d-fused-cat"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let guards: Vec<_> = self.rest.iter().map(|t| t.storage_and_layout()).collect();
+        let mut parts = vec![(storage, layout)];
+        for (guard, layout) in &guards {
+            let candle_core::Storage::Cpu(storage) = &**guard else {
+                candle_core::bail!("convolution: every part must be on the CPU")
+            };
+            parts.push((storage, *layout));
+        }
+        let (batch, _, h, w) = layout.shape().dims4()?;
+        let shape = Shape::from((batch, self.layer.geometry.out, h, w));
+        let out = match storage {
+            CpuStorage::F32(_) => CpuStorage::F32(self.run(&parts, batch, h * w, |s| match s {
+                CpuStorage::F32(data) => Some(&data[..]),
+                _ => None,
+            })?),
+            CpuStorage::BF16(_) => {
+                let out = self.run(&parts, batch, h * w, |s| match s {
+                    CpuStorage::BF16(data) => Some(bf16_bits(data)),
+                    _ => None,
+                })?;
+                bf16_storage(out)
+            }
+            _ => candle_core::bail!("convolution: parts must be f32 or bf16"),
+        };
+        Ok((out, shape))
+    }
+}
+
+#[cfg(feature = "mkl")]
+impl CatOp<'_> {
+    /// The output over `parts`, their values read by `values`.
+    fn run<'s, T: Element + Sync>(
+        &self,
+        parts: &[Stored<'s>],
+        batch: usize,
+        pixels: usize,
+        values: impl Fn(&'s CpuStorage) -> Option<&'s [T]>,
+    ) -> Result<Vec<T>> {
+        let width = self.blocks.width;
+        // Each block of the filter with its part's images and the block's first channel.
+        let mut sources = Vec::new();
+        for &(storage, layout) in parts {
+            let (Some(data), Some((start, image_stride))) =
+                (values(storage), image_strided(layout))
+            else {
+                candle_core::bail!("convolution: parts of one dtype with contiguous images")
+            };
+            let channels = layout.shape().dims4()?.1;
+            for first in (0..channels).step_by(width) {
+                sources.push((Planes::new(data, start, image_stride), first, channels));
+            }
+        }
+        let geometry = self.layer.geometry;
+        let epilogue = Epilogue {
+            activation: self.layer.activation,
+            residual: None,
+            image_size: geometry.out * pixels,
+        };
+        let blocks = self.blocks;
+        Ok(tiled(
+            geometry,
+            epilogue,
+            pixels,
+            batch,
+            |image, first, tile, target| {
+                target.fill_bias(&blocks.bias, tile);
+                for (filter, (planes, channel, channels)) in blocks.filters.iter().zip(&sources) {
+                    let image = planes.image(image, channels * pixels);
+                    let rhs = &image[channel * pixels + first..];
+                    T::accumulate(filter, target, rhs, pixels, tile);
+                }
+            },
+        ))
+    }
+}
+
+/// A tensor's CPU values and layout.
+type Stored<'a> = (&'a CpuStorage, &'a Layout);
+
+/// The layer over `input`, plus `residual` when given.
+fn convolve_storage(
+    layer: &Conv2d,
+    (storage, layout): Stored<'_>,
+    residual: Option<Stored<'_>>,
+) -> Result<(CpuStorage, Shape)> {
+    let geometry = layer.geometry;
+    let (batch, inp, h, w) = layout.shape().dims4()?;
+    if inp != geometry.inp {
+        candle_core::bail!(
+            "convolution: input has {inp} channels, the layer takes {}",
+            geometry.inp
+        )
+    }
+    let (oh, ow) = geometry.output_size(h, w)?;
+    let shape = Shape::from((batch, geometry.out, oh, ow));
+    let Some((start, image_stride)) = image_strided(layout) else {
+        candle_core::bail!("convolution: the input's images must be contiguous")
+    };
+    let residual_planes = match residual {
+        Some((_, residual_layout)) => {
+            if residual_layout.shape() != &shape {
+                candle_core::bail!(
+                    "convolution: residual {:?} for an output {shape:?}",
+                    residual_layout.shape()
+                )
+            }
+            let Some(planes) = image_strided(residual_layout) else {
+                candle_core::bail!("convolution: the residual's images must be contiguous")
+            };
+            Some(planes)
+        }
+        None => None,
+    };
+    let dims = (h, w, oh, ow);
+    let out = match (storage, residual.map(|(r, _)| r)) {
+        (CpuStorage::F32(data), residual) => {
+            let residual = match residual {
+                Some(CpuStorage::F32(r)) => Some(&r[..]),
+                None => None,
+                Some(_) => candle_core::bail!("convolution: the residual must be f32"),
+            };
+            let residual = planes(residual, residual_planes);
+            let input = Input::new(Planes::new(data, start, image_stride), dims);
+            CpuStorage::F32(layer.run(&input, batch, residual))
+        }
+        (CpuStorage::BF16(data), residual) => {
+            let residual = match residual {
+                Some(CpuStorage::BF16(r)) => Some(bf16_bits(r)),
+                None => None,
+                Some(_) => candle_core::bail!("convolution: the residual must be bf16"),
+            };
+            let residual = planes(residual, residual_planes);
+            let bits = Planes::new(bf16_bits(data), start, image_stride);
+            let out: Vec<u16> = if layer.reads_bf16() {
+                layer.run(&Input::new(bits, dims), batch, residual)
+            } else {
+                let mut widened = vec![0f32; bits.data.len()];
+                f32::from_bf16(bits.data, &mut widened);
+                let widened = Planes::new(&widened, 0, image_stride);
+                layer.run(&Input::new(widened, dims), batch, residual)
+            };
+            bf16_storage(out)
+        }
+        _ => candle_core::bail!("convolution: input must be f32 or bf16"),
+    };
+    Ok((out, shape))
+}
+
+/// The residual's images, when there is one.
+fn planes<T>(data: Option<&[T]>, at: Option<(usize, usize)>) -> Option<Planes<'_, T>> {
+    Some(Planes::new(data?, at?.0, at?.1))
+}
+
+/// bf16 bit patterns as a storage.
+fn bf16_storage(out: Vec<u16>) -> CpuStorage {
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: `bf16` is a transparent wrapper of its `u16` bit pattern; the vector's buffer
+    // moves over whole, with its length and capacity, and is freed as a `Vec<bf16>` of the
+    // same layout.
+    CpuStorage::BF16(unsafe {
+        Vec::from_raw_parts(out.as_mut_ptr().cast(), out.len(), out.capacity())
+    })
+}
+
+/// A bf16 storage's values as their bit patterns.
+fn bf16_bits<T>(data: &[T]) -> &[u16] {
+    assert_eq!(std::mem::size_of::<T>(), 2, "bf16 values are 16 bits");
+    // SAFETY: `bf16` is a transparent wrapper of its `u16` bit pattern (checked in size).
+    unsafe { std::slice::from_raw_parts(data.as_ptr().cast(), data.len()) }
 }
 
 /// A type activations travel in: f32, or bf16 as its bit pattern.
@@ -469,6 +797,17 @@ trait Element: Copy + Default + Send + Sync + 'static {
     fn from_bf16(values: &[u16], out: &mut [Self]);
     /// This type's values into `T`.
     fn copy_into<T: Element>(values: &[Self], out: &mut [T]);
+    /// `row += values`, in f32.
+    fn add_into(values: &[Self], row: &mut [f32]);
+    /// `target += filter · rhs` by MKL's product of this type (`rhs` `ldb` apart).
+    #[cfg(feature = "mkl")]
+    fn accumulate(
+        filter: &mkl_filter::PackedFilter,
+        target: &Target,
+        rhs: &[Self],
+        ldb: usize,
+        width: usize,
+    );
 }
 
 impl Element for f32 {
@@ -484,6 +823,21 @@ impl Element for f32 {
     fn copy_into<T: Element>(values: &[Self], out: &mut [T]) {
         T::store(values, out)
     }
+    fn add_into(values: &[Self], row: &mut [f32]) {
+        for (r, &v) in row.iter_mut().zip(values) {
+            *r += v;
+        }
+    }
+    #[cfg(feature = "mkl")]
+    fn accumulate(
+        filter: &mkl_filter::PackedFilter,
+        target: &Target,
+        rhs: &[Self],
+        ldb: usize,
+        width: usize,
+    ) {
+        filter.accumulate_f32(target, rhs, ldb, width)
+    }
 }
 
 impl Element for u16 {
@@ -497,11 +851,49 @@ impl Element for u16 {
     fn copy_into<T: Element>(values: &[Self], out: &mut [T]) {
         T::from_bf16(values, out)
     }
+    fn add_into(values: &[Self], row: &mut [f32]) {
+        for (r, &v) in row.iter_mut().zip(values) {
+            *r += f32::from_bits(u32::from(v) << 16);
+        }
+    }
+    #[cfg(feature = "mkl")]
+    fn accumulate(
+        filter: &mkl_filter::PackedFilter,
+        target: &Target,
+        rhs: &[Self],
+        ldb: usize,
+        width: usize,
+    ) {
+        filter.accumulate_bf16(target, rhs, ldb, width)
+    }
+}
+
+/// NCHW values whose images are each contiguous, `image_stride` values apart.
+#[derive(Clone, Copy)]
+struct Planes<'a, T> {
+    /// From the first image's first value on.
+    data: &'a [T],
+    image_stride: usize,
+}
+
+impl<'a, T> Planes<'a, T> {
+    fn new(data: &'a [T], start: usize, image_stride: usize) -> Self {
+        Self {
+            data: &data[start..],
+            image_stride,
+        }
+    }
+
+    /// Image `index`'s first `size` values.
+    fn image(&self, index: usize, size: usize) -> &'a [T] {
+        let start = index * self.image_stride;
+        &self.data[start..start + size]
+    }
 }
 
 /// An NCHW input with its output's spatial size.
 struct Input<'a, S> {
-    data: &'a [S],
+    planes: Planes<'a, S>,
     h: usize,
     w: usize,
     oh: usize,
@@ -509,14 +901,19 @@ struct Input<'a, S> {
 }
 
 impl<'a, S> Input<'a, S> {
-    /// `data` with the input's `(h, w)` and the output's `(oh, ow)`.
-    fn new(data: &'a [S], (h, w, oh, ow): (usize, usize, usize, usize)) -> Self {
-        Self { data, h, w, oh, ow }
+    /// `planes` with the input's `(h, w)` and the output's `(oh, ow)`.
+    fn new(planes: Planes<'a, S>, (h, w, oh, ow): (usize, usize, usize, usize)) -> Self {
+        Self {
+            planes,
+            h,
+            w,
+            oh,
+            ow,
+        }
     }
 
-    fn image(&self, index: usize, channels: usize) -> &[S] {
-        let size = channels * self.h * self.w;
-        &self.data[index * size..(index + 1) * size]
+    fn image(&self, index: usize, channels: usize) -> &'a [S] {
+        self.planes.image(index, channels * self.h * self.w)
     }
 
     fn pixels(&self) -> usize {
@@ -564,11 +961,37 @@ impl<T> SendPtr<T> {
 fn convolve<S: Source, O: Element>(
     product: &Product,
     geometry: Geometry,
-    activation: ConvActivation,
+    epilogue: Epilogue<'_, O>,
     input: &Input<'_, S>,
     batch: usize,
 ) -> Vec<O> {
-    let pixels = input.pixels();
+    tiled(
+        geometry,
+        epilogue,
+        input.pixels(),
+        batch,
+        |image, first, width, target| {
+            let tile = Tile {
+                image: input.image(image, geometry.inp),
+                first,
+                width,
+            };
+            S::run_tile(product, geometry, input, &tile, target)
+        },
+    )
+}
+
+/// The output `[batch, out, pixels]` of a layer whose tiles `run(image, first pixel, width,
+/// target)` writes, bias included, then the epilogue. An f32 output is the products' target
+/// itself; a bf16 one is rounded from a tile buffer of the thread, after the epilogue,
+/// while the tile is in the cache.
+fn tiled<O: Element>(
+    geometry: Geometry,
+    epilogue: Epilogue<'_, O>,
+    pixels: usize,
+    batch: usize,
+    run: impl Fn(usize, usize, usize, &Target) + Sync,
+) -> Vec<O> {
     let total = batch * geometry.out * pixels;
     let mut out: Vec<O> = Vec::with_capacity(total);
     let width = tile_width(geometry.depth(), pixels, batch);
@@ -579,11 +1002,7 @@ fn convolve<S: Source, O: Element>(
         .for_each(|task| {
             let (image, tile) = (task / tiles_per_image, task % tiles_per_image);
             let first = tile * width;
-            let tile = Tile {
-                image: input.image(image, geometry.inp),
-                first,
-                width: (pixels - first).min(width),
-            };
+            let width = (pixels - first).min(width);
             // SAFETY: the output has `total` values of capacity; this task writes only
             // image `image`'s pixels `first..first + width` of each output channel, which
             // no other task writes.
@@ -593,23 +1012,26 @@ fn convolve<S: Source, O: Element>(
                     out: out.cast(),
                     stride: pixels,
                 };
-                S::run_tile(product, geometry, input, &tile, &target);
-                target.finish(activation, geometry.out, tile.width);
+                run(image, first, width, &target);
+                for channel in 0..geometry.out {
+                    // SAFETY: one row per output channel, the tile's width.
+                    let row = unsafe { target.row(channel, width) };
+                    epilogue.apply(row, image, channel * pixels + first);
+                }
                 return;
             }
             TILE.with_borrow_mut(|buffer| {
-                let rows = tile_rows(buffer, geometry.out, tile.width);
+                let rows = tile_rows(buffer, geometry.out, width);
                 let target = Target {
                     out: rows.as_mut_ptr(),
-                    stride: tile.width,
+                    stride: width,
                 };
-                S::run_tile(product, geometry, input, &tile, &target);
-                for (channel, row) in rows.chunks_exact_mut(tile.width).enumerate() {
+                run(image, first, width, &target);
+                for (channel, row) in rows.chunks_exact_mut(width).enumerate() {
                     // SAFETY: this channel's pixels of the tile, as above.
-                    let out = unsafe {
-                        std::slice::from_raw_parts_mut(out.add(channel * pixels), tile.width)
-                    };
-                    store_activated(row, out, activation);
+                    let out =
+                        unsafe { std::slice::from_raw_parts_mut(out.add(channel * pixels), width) };
+                    epilogue.store(row, out, image, channel * pixels + first);
                 }
             })
         });
@@ -627,12 +1049,33 @@ fn tile_rows(buffer: &mut Vec<f32>, channels: usize, width: usize) -> &mut [f32]
     &mut buffer[..channels * width]
 }
 
-/// A row of the products' output, activated in place, into `out`'s type.
-fn store_activated<O: Element>(row: &mut [f32], out: &mut [O], activation: ConvActivation) {
-    if activation == ConvActivation::Silu {
-        cpu_kernels::silu_in_place(row);
+/// What a layer does to its products' output before it stores it, on a row of a tile
+/// while the tile is in the cache: the activation, then the residual when there is one.
+#[derive(Clone, Copy)]
+struct Epilogue<'a, O> {
+    activation: ConvActivation,
+    residual: Option<Planes<'a, O>>,
+    /// Values per output image.
+    image_size: usize,
+}
+
+impl<O: Element> Epilogue<'_, O> {
+    /// Applies it to `row`, image `image`'s output values from `offset` on, in place.
+    fn apply(&self, row: &mut [f32], image: usize, offset: usize) {
+        if self.activation == ConvActivation::Silu {
+            cpu_kernels::silu_in_place(row);
+        }
+        if let Some(residual) = self.residual {
+            let residual = &residual.image(image, self.image_size)[offset..offset + row.len()];
+            O::add_into(residual, row);
+        }
     }
-    O::store(row, out);
+
+    /// Applies it to `row`, then stores the row in `out`, in `out`'s type.
+    fn store(&self, row: &mut [f32], out: &mut [O], image: usize, offset: usize) {
+        self.apply(row, image, offset);
+        O::store(row, out);
+    }
 }
 
 /// A convolution as `k²` products per tile, one per kernel position `(ky, kx)`, each of that
@@ -650,16 +1093,16 @@ fn convolve_shifted<S: Element, O: Element>(
     filters: &[mkl_filter::PackedFilter],
     bias: &[f32],
     geometry: Geometry,
-    activation: ConvActivation,
+    epilogue: Epilogue<'_, O>,
     input: &Input<'_, S>,
     batch: usize,
 ) -> Vec<O> {
     let phases = Phases::new(geometry, input);
-    let layer = (filters, bias, geometry, activation);
+    let layer = (filters, bias, geometry, epilogue);
     if filters[0].precision() == MatmulPrecision::Bf16 {
         PHASED_BF16.with(|cell| {
             let mut buffer = cell.take();
-            let phased = phases.fill(input, &mut buffer);
+            let phased = phases.fill(input, (batch, geometry.inp), &mut buffer);
             let out = shifted_products(layer, input, batch, &phases, |f, t, o, w| {
                 f.accumulate_bf16(t, &phased[o..], phases.channel_stride(), w)
             });
@@ -669,7 +1112,7 @@ fn convolve_shifted<S: Element, O: Element>(
     } else {
         PHASED_F32.with(|cell| {
             let mut buffer = cell.take();
-            let phased = phases.fill(input, &mut buffer);
+            let phased = phases.fill(input, (batch, geometry.inp), &mut buffer);
             let out = shifted_products(layer, input, batch, &phases, |f, t, o, w| {
                 f.accumulate_f32(t, &phased[o..], phases.channel_stride(), w)
             });
@@ -679,13 +1122,13 @@ fn convolve_shifted<S: Element, O: Element>(
     }
 }
 
-/// A shifted layer's parts: its filters, bias, geometry and activation.
+/// A shifted layer's parts: its filters, bias, geometry and epilogue.
 #[cfg(feature = "mkl")]
-type ShiftedLayer<'a> = (
+type ShiftedLayer<'a, O> = (
     &'a [mkl_filter::PackedFilter],
     &'a [f32],
     Geometry,
-    ConvActivation,
+    Epilogue<'a, O>,
 );
 
 /// The tiles of [`convolve_shifted`] over its phased input: `accumulate(filter, target,
@@ -693,7 +1136,7 @@ type ShiftedLayer<'a> = (
 /// phased input.
 #[cfg(feature = "mkl")]
 fn shifted_products<S, O: Element>(
-    (filters, bias, geometry, activation): ShiftedLayer<'_>,
+    (filters, bias, geometry, epilogue): ShiftedLayer<'_, O>,
     input: &Input<'_, S>,
     batch: usize,
     phases: &Phases,
@@ -737,7 +1180,8 @@ fn shifted_products<S, O: Element>(
                         // SAFETY: output row `first + y` of this channel and image: this
                         // task's alone, inside the output's capacity.
                         let row = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(offset), ow) };
-                        store_activated(&mut wide_row[..ow], row, activation);
+                        let at = (channel * oh + first + y) * ow;
+                        epilogue.store(&mut wide_row[..ow], row, image, at);
                     }
                 }
             })
@@ -790,15 +1234,16 @@ impl Phases {
         channels * self.channel_stride()
     }
 
-    /// The input's phases in `buffer` (grown when too small, never shrunk: its values are
+    /// The phases of the input's `batch` images of `channels` in `buffer` (grown when too small, never shrunk: its values are
     /// all rewritten, so a buffer kept between calls costs no clearing), converted to `T`;
     /// the part of `buffer` that holds them.
     fn fill<'a, S: Element, T: Element>(
         &self,
         input: &Input<'_, S>,
+        (batch, channels): (usize, usize),
         buffer: &'a mut Vec<T>,
     ) -> &'a [T] {
-        let planes = input.data.len() / (input.h * input.w);
+        let planes = batch * channels;
         let per_channel = self.channel_stride();
         let size = planes * per_channel + self.spare;
         if buffer.len() < size {
@@ -806,10 +1251,14 @@ impl Phases {
         }
         let (phased, spare) = buffer[..size].split_at_mut(planes * per_channel);
         spare.fill(T::default());
+        let plane_size = input.h * input.w;
         phased
             .par_chunks_mut(per_channel)
-            .zip(input.data.par_chunks(input.h * input.w))
-            .for_each(|(phases, plane)| {
+            .enumerate()
+            .for_each(|(index, phases)| {
+                let (image, channel) = (index / channels, index % channels);
+                let image = input.image(image, channels);
+                let plane = &image[channel * plane_size..(channel + 1) * plane_size];
                 let mut row = vec![S::default(); self.wq];
                 for (phase, out) in phases.chunks_exact_mut(self.plane()).enumerate() {
                     let (py, px) = (phase / self.stride, phase % self.stride);
@@ -887,15 +1336,6 @@ impl Target {
         for (channel, &b) in bias.iter().enumerate() {
             // SAFETY: one row per output channel, the tile's width.
             unsafe { self.row(channel, width) }.fill(b);
-        }
-    }
-
-    fn finish(&self, activation: ConvActivation, channels: usize, width: usize) {
-        if activation == ConvActivation::Silu {
-            for channel in 0..channels {
-                // SAFETY: as in fill_bias.
-                cpu_kernels::silu_in_place(unsafe { self.row(channel, width) });
-            }
         }
     }
 }
@@ -1541,6 +1981,40 @@ mod tests {
                         format!("{product:?} k{kernel} s{stride} p{padding} {batch}x{inp}->{out}");
                     check(&got.to_dtype(DType::F32).unwrap(), &expected, true, &what);
                 }
+            }
+        }
+    }
+
+    /// A residual added in the epilogue equals the layer's output plus the residual, in f32
+    /// and bf16, and a channel slice of a larger tensor (its images strided) is read in
+    /// place as its contiguous copy would be.
+    #[test]
+    fn residuals_and_channel_slices_match_their_separate_passes() {
+        for product in products() {
+            for (kernel, stride, padding) in [(3, 1, 1), (1, 1, 0), (3, 2, 1)] {
+                let (weight, bias, wide) = case((3, 32, 16, kernel), (13, 7));
+                let x = wide.narrow(1, 16, 16).unwrap();
+                let weight = weight.narrow(1, 0, 16).unwrap();
+                let layer = Conv2d::with_product(
+                    weight,
+                    Some(bias),
+                    stride,
+                    padding,
+                    ConvActivation::Silu,
+                    product,
+                )
+                .unwrap();
+                let what = format!("{product:?} k{kernel} s{stride}");
+                let alone = layer.forward(&x.contiguous().unwrap()).unwrap();
+                check(&layer.forward(&x).unwrap(), &alone, false, &what);
+                let residual = Tensor::randn(0f32, 1.0, alone.dims(), &Device::Cpu).unwrap();
+                let expected = (&alone + &residual).unwrap();
+                let got = layer.forward_add(&x, &residual).unwrap();
+                check(&got, &expected, false, &what);
+                let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+                let got = layer.forward_add(&bf16(&x), &bf16(&residual)).unwrap();
+                assert_eq!(got.dtype(), DType::BF16);
+                check(&got.to_dtype(DType::F32).unwrap(), &expected, true, &what);
             }
         }
     }

@@ -108,12 +108,13 @@ impl Detector {
             let (_, _, h, w) = t.dims4()?;
             t.upsample_nearest2d(2 * h, 2 * w)
         };
-        let l12 = self.attn[0].forward(&Tensor::cat(&[up(&p5)?, p4], 1)?, &guides[0])?;
-        let l15 = self.attn[1].forward(&Tensor::cat(&[up(&l12)?, p3], 1)?, &guides[1])?;
+        // The concatenations go to the layers as their parts, which they read in place.
+        let l12 = self.attn[0].forward(&[up(&p5)?, p4], &guides[0])?;
+        let l15 = self.attn[1].forward(&[up(&l12)?, p3], &guides[1])?;
         let l16 = self.down_neck[0].forward(&l15)?;
-        let l18 = self.attn[2].forward(&Tensor::cat(&[l16, l12], 1)?, &guides[2])?;
+        let l18 = self.attn[2].forward(&[l16, l12], &guides[2])?;
         let l19 = self.down_neck[1].forward(&l18)?;
-        let l21 = self.attn[3].forward(&Tensor::cat(&[l19, p5], 1)?, &guides[3])?;
+        let l21 = self.attn[3].forward(&[l19, p5], &guides[3])?;
         Ok([l15, l18, l21])
     }
 
