@@ -13,8 +13,13 @@
 //! output, runs the product onto it on its own thread and applies the activation, so the
 //! output is written once and read once more. With MKL, a kernel larger than 1x1 gathers
 //! nothing: it runs one product per kernel position over the padded input (split into the
-//! stride's phases), shifted (`convolve_shifted`). candle's own `conv2d` (im2col into a full
-//! buffer, a product into a zeroed output, then separate single-threaded bias and
+//! stride's phases), shifted (`convolve_shifted`). A layer takes and gives f32 or bf16:
+//! MKL's bf16 product reads a bf16 input as it is, and a bf16 output is rounded from the
+//! product's f32 tile after the epilogue (activation, and a residual where
+//! [`Conv2d::forward_add`] gives one), so a network can keep its activations in bf16
+//! between layers ([`activation_dtype`]). A 1x1 layer can also read a concatenation's
+//! parts where they lie ([`Conv2d::forward_cat`]). candle's own `conv2d` (im2col into a
+//! full buffer, a product into a zeroed output, then separate single-threaded bias and
 //! activation passes) runs anything else: other devices and dtypes.
 
 #[cfg(target_arch = "x86_64")]
@@ -2024,6 +2029,52 @@ mod tests {
                 assert_eq!(got.dtype(), DType::BF16);
                 check(&got.to_dtype(DType::F32).unwrap(), &expected, true, &what);
             }
+        }
+    }
+
+    /// A 1x1 layer over a concatenation's parts, read where they lie (a channel slice of a
+    /// batch among them), gives what it gives over the concatenated tensor, in f32 and
+    /// bf16; parts that do not fall on its blocks are concatenated instead.
+    #[test]
+    fn a_concatenation_read_in_place_matches_the_concatenated_input() {
+        let dev = Device::Cpu;
+        let (weight, bias, wide) = case((3, 64, 24, 1), (13, 7));
+        let parts = [
+            wide.narrow(1, 16, 32).unwrap(),
+            Tensor::randn(0f32, 1.0, (3, 16, 13, 7), &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, (3, 16, 13, 7), &dev).unwrap(),
+        ];
+        let uneven = [
+            parts[0].narrow(1, 0, 8).unwrap(),
+            parts[0].narrow(1, 8, 24).unwrap(),
+        ];
+        for precision in [MatmulPrecision::F32, MatmulPrecision::Bf16] {
+            let layer = Conv2d::pointwise_in_blocks(
+                weight.clone(),
+                Some(bias.clone()),
+                ConvActivation::Silu,
+                precision,
+                16,
+            )
+            .unwrap();
+            let dtype = activation_dtype(precision, &dev);
+            let parts: Vec<Tensor> = parts.iter().map(|p| p.to_dtype(dtype).unwrap()).collect();
+            let whole = layer.forward(&Tensor::cat(&parts, 1).unwrap()).unwrap();
+            let whole = whole.to_dtype(DType::F32).unwrap();
+            let got = layer.forward_cat(&parts).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            let bf16 = dtype == DType::BF16;
+            check(&got.to_dtype(DType::F32).unwrap(), &whole, bf16, "parts");
+            let mut mixed: Vec<Tensor> =
+                uneven.iter().map(|p| p.to_dtype(dtype).unwrap()).collect();
+            mixed.extend_from_slice(&parts[1..]);
+            let got = layer.forward_cat(&mixed).unwrap();
+            check(
+                &got.to_dtype(DType::F32).unwrap(),
+                &whole,
+                bf16,
+                "uneven parts",
+            );
         }
     }
 
