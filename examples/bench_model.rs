@@ -312,6 +312,7 @@ fn bench_yoloworld(
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    keep_freed_memory();
     free_roam::model::prepare_cpu_threads();
     let mut args = std::env::args().skip(1);
     let tag = args.next().unwrap_or_else(|| "run".into());
@@ -426,3 +427,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 // The worker binary's allocator, so the figures are the worker's.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+unsafe extern "C" {
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+
+/// The worker's allocator setting (`keep_freed_memory` in worker/src/main.rs, which says
+/// why), so the figures are the worker's.
+fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets mimalloc's `purge_delay` option (15), before any other thread runs.
+        unsafe { mi_option_set(15, 10_000) }
+    }
+}

@@ -18,6 +18,28 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+unsafe extern "C" {
+    /// mimalloc's option setter (in the library the `mimalloc` crate links).
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+
+/// mimalloc's `purge_delay` option: how long freed memory stays with the process.
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+/// Freed memory kept this long (ms) before it goes back to the system, against mimalloc's
+/// 10: a frame's tensors are freed and made again each batch, and at 10 ms their pages went
+/// back in between, to be faulted in and zeroed again (YOLO-World s at batch 1 and 4: 5
+/// times the page faults and up to 20% slower; 2 s still left 3 times the faults;
+/// BENCHMARKS.md, YOLO-World). A worker idle for longer still returns them.
+const KEEP_FREED_MS: std::ffi::c_long = 10_000;
+
+/// Applies [`KEEP_FREED_MS`] unless `MIMALLOC_PURGE_DELAY` sets the delay.
+fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one of mimalloc's options, before any other thread runs.
+        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, KEEP_FREED_MS) }
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "free-roam",
@@ -67,6 +89,7 @@ fn innermost(m: &ArgMatches) -> &ArgMatches {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     free_roam::model::prepare_cpu_threads();
     let matches = command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());

@@ -112,6 +112,20 @@ pub fn bf16_matrix_unit() -> Option<Bf16Unit> {
     None
 }
 
+/// Whether the CPU is Intel's (CPUID's vendor string): MKL runs its bf16 product on
+/// AVX512-BF16 there, where on other CPUs it falls back to slower code.
+pub fn intel_cpu() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    let intel = {
+        let leaf = std::arch::x86_64::__cpuid(0);
+        // "GenuineIntel", in the order EBX, EDX, ECX.
+        (leaf.ebx, leaf.edx, leaf.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let intel = false;
+    intel
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_amx_bf16() -> bool {
     use std::arch::x86_64::{__cpuid, __cpuid_count, _xgetbv};

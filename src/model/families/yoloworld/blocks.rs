@@ -35,9 +35,7 @@ pub fn conv_bn(
     conv: ConvSettings,
     activation: ConvActivation,
 ) -> Result<Conv2d> {
-    let weight = vb.get((c2, c1, k, k), "conv.weight")?;
-    let (scale, shift) = batch_norm_affine(&vb.pp("bn"), c2, conv.eps)?;
-    let weight = weight.broadcast_mul(&scale.reshape((c2, 1, 1, 1))?)?;
+    let (weight, shift) = folded(vb, (c1, c2, k), conv.eps)?;
     Conv2d::new_as(
         weight,
         Some(shift),
@@ -45,6 +43,35 @@ pub fn conv_bn(
         k / 2,
         activation,
         conv.precision,
+    )
+}
+
+/// A `Conv`'s weight `[c2, c1, k, k]` and bias with its batch norm folded in.
+fn folded(
+    vb: &VarBuilder,
+    (c1, c2, k): (usize, usize, usize),
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let weight = vb.get((c2, c1, k, k), "conv.weight")?;
+    let (scale, shift) = batch_norm_affine(&vb.pp("bn"), c2, eps)?;
+    Ok((weight.broadcast_mul(&scale.reshape((c2, 1, 1, 1))?)?, shift))
+}
+
+/// A 1x1 `Conv` with SiLU whose input is a concatenation of parts of `block` channels (or
+/// multiples of it), run by [`Conv2d::forward_cat`] without concatenating them.
+fn pointwise_silu_in_blocks(
+    vb: &VarBuilder,
+    (c1, c2): (usize, usize),
+    block: usize,
+    conv: ConvSettings,
+) -> Result<Conv2d> {
+    let (weight, shift) = folded(vb, (c1, c2, 1), conv.eps)?;
+    Conv2d::pointwise_in_blocks(
+        weight,
+        Some(shift),
+        ConvActivation::Silu,
+        conv.precision,
+        block,
     )
 }
 
@@ -77,12 +104,18 @@ impl Bottleneck {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.cv2.forward(&self.cv1.forward(x)?)?;
-        if self.shortcut { x + y } else { Ok(y) }
+        let y = self.cv1.forward(x)?;
+        if self.shortcut {
+            // The shortcut added in the convolution's epilogue, not in a pass of its own.
+            self.cv2.forward_add(&y, x)
+        } else {
+            self.cv2.forward(&y)
+        }
     }
 }
 
-/// The CSP part `C2f` and `C2fAttn` share: split, bottlenecks, and the parts to concatenate.
+/// The CSP part `C2f` and `C2fAttn` share: split, bottlenecks, and the parts to concatenate
+/// (which `cv2` reads in place, in blocks of the hidden width).
 struct Csp {
     cv1: Conv2d,
     cv2: Conv2d,
@@ -91,10 +124,11 @@ struct Csp {
 }
 
 impl Csp {
+    /// `cv1` reads parts of `block` channels (see [`pointwise_silu_in_blocks`]).
     fn new(
         vb: &VarBuilder,
         (c1, c2, n): (usize, usize, usize),
-        parts: usize,
+        (parts, block): (usize, usize),
         shortcut: bool,
         conv: ConvSettings,
     ) -> Result<Self> {
@@ -103,26 +137,26 @@ impl Csp {
             .map(|j| Bottleneck::new(&vb.pp(format!("m.{j}")), c, shortcut, conv))
             .collect::<Result<_>>()?;
         Ok(Self {
-            cv1: conv_silu(&vb.pp("cv1"), c1, 2 * c, 1, 1, conv)?,
-            cv2: conv_silu(&vb.pp("cv2"), (parts + n) * c, c2, 1, 1, conv)?,
+            cv1: pointwise_silu_in_blocks(&vb.pp("cv1"), (c1, 2 * c), block, conv)?,
+            cv2: pointwise_silu_in_blocks(&vb.pp("cv2"), ((parts + n) * c, c2), c, conv)?,
             m,
             hidden: c,
         })
     }
 
-    /// The parts before the last convolution: both halves of `cv1`, then each bottleneck's
-    /// output.
-    fn parts(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let y = self.cv1.forward(x)?;
-        let mut parts = vec![
-            y.narrow(1, 0, self.hidden)?,
-            y.narrow(1, self.hidden, self.hidden)?,
-        ];
+    /// The parts before the last convolution: `cv1`'s output (both halves), then each
+    /// bottleneck's output; and the last of those halves and outputs, which the attention
+    /// reads. `x` as the parts of a concatenation.
+    fn parts(&self, x: &[Tensor]) -> Result<(Vec<Tensor>, Tensor)> {
+        let y = self.cv1.forward_cat(x)?;
+        // Read in place by the bottleneck: each image's half is contiguous.
+        let mut last = y.narrow(1, self.hidden, self.hidden)?;
+        let mut parts = vec![y];
         for m in &self.m {
-            let next = m.forward(&parts[parts.len() - 1])?;
-            parts.push(next);
+            last = m.forward(&last)?;
+            parts.push(last.clone());
         }
-        Ok(parts)
+        Ok((parts, last))
     }
 }
 
@@ -137,11 +171,12 @@ impl C2f {
         n: usize,
         conv: ConvSettings,
     ) -> Result<Self> {
-        Ok(Self(Csp::new(vb, (c1, c2, n), 2, true, conv)?))
+        Ok(Self(Csp::new(vb, (c1, c2, n), (2, c1), true, conv)?))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.0.cv2.forward(&Tensor::cat(&self.0.parts(x)?, 1)?)
+        let (parts, _) = self.0.parts(std::slice::from_ref(x))?;
+        self.0.cv2.forward_cat(&parts)
     }
 }
 
@@ -156,7 +191,7 @@ impl Sppf {
         let hidden = c1 / 2;
         Ok(Self {
             cv1: conv_silu(&vb.pp("cv1"), c1, hidden, 1, 1, conv)?,
-            cv2: conv_silu(&vb.pp("cv2"), hidden * 4, c2, 1, 1, conv)?,
+            cv2: pointwise_silu_in_blocks(&vb.pp("cv2"), (hidden * 4, c2), hidden, conv)?,
         })
     }
 
@@ -166,8 +201,13 @@ impl Sppf {
             let next = max_pool_5(&parts[parts.len() - 1])?;
             parts.push(next);
         }
-        self.cv2.forward(&Tensor::cat(&parts, 1)?)
+        self.cv2.forward_cat(&parts)
     }
+}
+
+/// The greatest common divisor.
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// A 5x5 max pool with stride 1 and 2 of padding, as two 1-D passes. PyTorch pads with
@@ -187,7 +227,9 @@ fn max_pool_5(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `C2fAttn`: `C2f` without shortcuts whose last bottleneck output also goes through the
-/// max-sigmoid attention guided by the prompt's text embeddings.
+/// max-sigmoid attention guided by the prompt's text embeddings. Its input is the neck's
+/// concatenation of two levels, one of `c2` channels and one of `c1 - c2`, which it reads
+/// as they are, in blocks of their common divisor.
 pub struct C2fAttn {
     csp: Csp,
     /// The guide's linear map of the text embeddings (`attn.gl`).
@@ -208,7 +250,7 @@ impl C2fAttn {
         let c = c2 / 2;
         let attn = vb.pp("attn");
         Ok(Self {
-            csp: Csp::new(vb, (c1, c2, n), 3, false, conv)?,
+            csp: Csp::new(vb, (c1, c2, n), (3, gcd(c1, c2)), false, conv)?,
             gl: candle_nn::linear(embed, c, attn.pp("gl"))?,
             bias: attn.get(heads, "bias")?,
             proj_conv: conv_bn(
@@ -234,13 +276,12 @@ impl C2fAttn {
             .contiguous()
     }
 
-    /// `x`: `(batch, c1, h, w)`; `guide` from [`Self::guide`].
-    pub fn forward(&self, x: &Tensor, guide: &Tensor) -> Result<Tensor> {
-        let mut parts = self.csp.parts(x)?;
-        let last = &parts[parts.len() - 1];
-        let attended = self.attention(last, guide)?;
-        parts.push(attended);
-        self.csp.cv2.forward(&Tensor::cat(&parts, 1)?)
+    /// `x`: the parts of the `(batch, c1, h, w)` input, concatenated along the channels;
+    /// `guide` from [`Self::guide`].
+    pub fn forward(&self, x: &[Tensor], guide: &Tensor) -> Result<Tensor> {
+        let (mut parts, last) = self.csp.parts(x)?;
+        parts.push(self.attention(&last, guide)?);
+        self.csp.cv2.forward_cat(&parts)
     }
 
     /// `MaxSigmoidAttnBlock`: per head, the best match of each pixel with any phrase, through
@@ -248,7 +289,9 @@ impl C2fAttn {
     fn attention(&self, x: &Tensor, guide: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let hc = c / self.heads;
+        // The scores in the guide's f32 whatever the activations' dtype.
         let embed = x
+            .to_dtype(guide.dtype())?
             .reshape((b, self.heads, hc, h * w))?
             .transpose(2, 3)?
             .contiguous()?;
@@ -263,7 +306,7 @@ impl C2fAttn {
             .forward(x)?
             .reshape((b, self.heads, hc, h * w))?;
         projected
-            .broadcast_mul(&weights.unsqueeze(2)?)?
+            .broadcast_mul(&weights.unsqueeze(2)?.to_dtype(projected.dtype())?)?
             .reshape((b, c, h, w))
     }
 }

@@ -12,7 +12,7 @@
 use super::blocks::{ConvSettings, batch_norm_affine, conv_silu};
 use super::config::{STRIDES, YoloWorldSpec};
 use crate::model::kernels::conv::{Conv2d, ConvActivation};
-use candle_core::{D, Device, Module, Result, Tensor};
+use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// One level's class branch after its two 3x3 convolutions: the 1x1 embedding convolution,
@@ -145,13 +145,13 @@ impl WorldDetect {
         let mut boxes = Vec::with_capacity(3);
         let mut logits = Vec::with_capacity(3);
         for (i, (level, x)) in self.levels.iter().zip(feats).enumerate() {
-            let mut b = x.clone();
-            for conv in &level.box_branch {
-                b = conv.forward(&b)?;
-            }
-            boxes.push(b.flatten_from(2)?);
+            // The last 1x1 layers read f32 whatever the activations' dtype: they give the
+            // outputs (see `new`).
+            let [b0, b1, b2] = &level.box_branch;
+            let b = b1.forward(&b0.forward(x)?)?.to_dtype(DType::F32)?;
+            boxes.push(b2.forward(&b)?.flatten_from(2)?);
             let c = level.class_convs[1].forward(&level.class_convs[0].forward(x)?)?;
-            logits.push(classes(i, &c)?.flatten_from(2)?);
+            logits.push(classes(i, &c.to_dtype(DType::F32)?)?.flatten_from(2)?);
         }
         Ok((Tensor::cat(&boxes, 2)?, Tensor::cat(&logits, 2)?))
     }

@@ -37,9 +37,11 @@ pub mod letterbox;
 pub mod net;
 pub mod nms;
 
+use crate::model::kernels::cpu_kernels::{self, Bf16Unit};
+use crate::model::kernels::fused_linear::MatmulPrecision;
 use crate::model::kind::ModelType;
 use crate::model::loading::{
-    ModelFiles, ModelSettings, Weights, device_name, read_config, resolve_precision,
+    DtypeChoice, ModelFiles, ModelSettings, Weights, device_name, read_config, resolve_precision,
 };
 use crate::model::testing::synthetic::{ModelSize, Scale, SyntheticModel};
 use crate::model::text::phrases::checked_phrases;
@@ -86,7 +88,7 @@ impl YoloWorldModel {
     ) -> Result<Self, ModelError> {
         // DTYPE picks the convolutions' products; everything else (text tower, attention,
         // decoding) stays f32.
-        let (precision, why) = resolve_precision(settings.dtype, &device)?;
+        let (precision, why) = conv_precision(settings.dtype, &device)?;
         tracing::info!(dtype = %precision, "YOLO-World convolutions: {why}");
         let spec = YoloWorldSpec::from_config(&read_config(&files.config)?)?;
         let tokenizer = tokenizer::load(&files.tokenizer)?;
@@ -227,6 +229,26 @@ impl VisionLanguageModel for YoloWorldModel {
             .map(|(frame, (lb, v))| self.frame_output(frame, lb, v, &prompted.phrases))
             .collect())
     }
+}
+
+/// The convolutions' precision for `DTYPE`: as for the other families, except that `auto`
+/// picks bf16 only on a CPU with AMX-BF16. On AVX512-BF16 alone the convolutions ran
+/// slower in bf16 than in f32 (YOLO-World s at 640x384: 189 against 127 ms a frame on a
+/// Xeon without AMX, BENCHMARKS.md), as PyTorch's did under autocast.
+fn conv_precision(
+    choice: DtypeChoice,
+    device: &Device,
+) -> Result<(MatmulPrecision, String), ModelError> {
+    let (precision, why) = resolve_precision(choice, device)?;
+    let amx = cpu_kernels::bf16_matrix_unit() == Some(Bf16Unit::AmxBf16);
+    if choice == DtypeChoice::Auto && precision == MatmulPrecision::Bf16 && !amx {
+        return Ok((
+            MatmulPrecision::F32,
+            "DTYPE=auto: f32, bf16 convolutions pay only with AMX-BF16, which this CPU lacks"
+                .into(),
+        ));
+    }
+    Ok((precision, why))
 }
 
 /// This family's synthetic checkpoint at `size` (`free-roam model make`): `tiny` for tests,

@@ -6,9 +6,9 @@
 use super::blocks::{C2f, C2fAttn, ConvSettings, Sppf, conv_silu};
 use super::config::{YoloWorldSpec, layer_prefix};
 use super::head::{FoldedClasses, HeadOutput, WorldDetect};
-use crate::model::kernels::conv::Conv2d;
+use crate::model::kernels::conv::{self, Conv2d};
 use crate::model::kernels::fused_linear::MatmulPrecision;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// What one prompt contributes, computed once per prompt: the four guides and the folded
@@ -29,6 +29,9 @@ pub struct Detector {
     /// Layers 16 and 19: the stride-2 convolutions of the bottom-up path.
     down_neck: [Conv2d; 2],
     head: WorldDetect,
+    /// The dtype the activations travel in between the convolutions (see
+    /// [`conv::activation_dtype`]); the head gives f32 either way.
+    activations: DType,
 }
 
 impl Detector {
@@ -73,6 +76,7 @@ impl Detector {
                 down_conv(19, c(512), c(512))?,
             ],
             head: WorldDetect::new(&vb.pp(spec.head_prefix()), spec, conv)?,
+            activations: conv::activation_dtype(precision, vb.device()),
         })
     }
 
@@ -93,7 +97,7 @@ impl Detector {
 
     /// The three levels the head reads (layers 15, 18, 21) for `pixels`.
     pub fn neck(&self, pixels: &Tensor, guides: &[Tensor; 4]) -> Result<[Tensor; 3]> {
-        let x = self.down[0].forward(pixels)?;
+        let x = self.down[0].forward(&pixels.to_dtype(self.activations)?)?;
         let x = self.csp[0].forward(&self.down[1].forward(&x)?)?;
         let p3 = self.csp[1].forward(&self.down[2].forward(&x)?)?;
         let p4 = self.csp[2].forward(&self.down[3].forward(&p3)?)?;
@@ -104,12 +108,13 @@ impl Detector {
             let (_, _, h, w) = t.dims4()?;
             t.upsample_nearest2d(2 * h, 2 * w)
         };
-        let l12 = self.attn[0].forward(&Tensor::cat(&[up(&p5)?, p4], 1)?, &guides[0])?;
-        let l15 = self.attn[1].forward(&Tensor::cat(&[up(&l12)?, p3], 1)?, &guides[1])?;
+        // The concatenations go to the layers as their parts, which they read in place.
+        let l12 = self.attn[0].forward(&[up(&p5)?, p4], &guides[0])?;
+        let l15 = self.attn[1].forward(&[up(&l12)?, p3], &guides[1])?;
         let l16 = self.down_neck[0].forward(&l15)?;
-        let l18 = self.attn[2].forward(&Tensor::cat(&[l16, l12], 1)?, &guides[2])?;
+        let l18 = self.attn[2].forward(&[l16, l12], &guides[2])?;
         let l19 = self.down_neck[1].forward(&l18)?;
-        let l21 = self.attn[3].forward(&Tensor::cat(&[l19, p5], 1)?, &guides[3])?;
+        let l21 = self.attn[3].forward(&[l19, p5], &guides[3])?;
         Ok([l15, l18, l21])
     }
 
