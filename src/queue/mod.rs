@@ -6,6 +6,7 @@
 pub mod body;
 pub mod entries;
 mod finishes;
+pub mod registry;
 mod settings;
 pub mod stop;
 
@@ -33,8 +34,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-/// How often a worker renews its lease (`fr_worker_tick`) and looks for cancel requests.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a worker renews its lease (`fr_worker_tick`), looks for cancel requests and
+/// learns whether a reclaim pass is due: several ticks a lease, and a cancel reaches its job
+/// within about a second.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a cancelled job's body gets to return before it is abandoned.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// How far past any lease a handed-back entry's idle time is set: any worker's next reclaim
@@ -162,6 +165,11 @@ pub struct Worker {
     prompt_rx: watch::Receiver<PromptRef>,
     prompt_tx: Arc<watch::Sender<PromptRef>>,
     slot_freed: Arc<Notify>,
+    /// Set by a tick that says a reclaim pass would find something; the reclaim task waits
+    /// on it.
+    reclaim_due: Notify,
+    /// What the ticks wrote into the registry hash.
+    registry_writes: Mutex<registry::RegistryWrites>,
     started_ms: i64,
     finisher: finishes::Finisher,
 }
@@ -225,6 +233,8 @@ impl Worker {
             prompt_rx: rx,
             prompt_tx: Arc::new(tx),
             slot_freed: Arc::new(Notify::new()),
+            reclaim_due: Notify::new(),
+            registry_writes: Mutex::default(),
             started_ms: now_ms(),
         }
     }
@@ -406,21 +416,30 @@ impl Worker {
         self.config.call_in()
     }
 
-    /// Entries whose owner's lease lapsed (it died) or that were handed back are taken over,
-    /// on a timer, whatever this worker's load: a full fleet must still recover dead jobs.
-    /// When full it takes one per pass, up to twice its capacity.
+    /// Whether this worker takes part in reclaiming now: whatever its load, up to twice its
+    /// capacity, since a full fleet must still recover dead jobs.
+    fn may_reclaim(&self) -> bool {
+        self.state.running_jobs() < self.config.max_concurrent_streams * 2
+    }
+
+    /// Entries whose owner's lease lapsed (it died) or that were handed back are taken over
+    /// when a tick says a pass would find some, whatever this worker's load. When full it
+    /// takes one per pass, up to twice its capacity.
     async fn reclaim_loop(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(self.config.reclaim_interval) => {}
+                _ = self.reclaim_due.notified() => {}
                 _ = shutdown.cancelled() => return,
             }
-            let running = self.state.running_jobs();
-            let cap = self.config.max_concurrent_streams;
-            if running >= cap * 2 {
+            if !self.may_reclaim() {
                 continue;
             }
-            let count = cap.saturating_sub(running).max(1);
+            let running = self.state.running_jobs();
+            let count = self
+                .config
+                .max_concurrent_streams
+                .saturating_sub(running)
+                .max(1);
             match functions::reclaim(&self.store, &self.identity.id, self.call_in(), count).await {
                 Ok(reply) => {
                     let entries = parse_entry_list(&reply);
@@ -997,7 +1016,18 @@ impl Worker {
     async fn heartbeat_once(&self, audit: bool) -> bool {
         let jobs = self.state.snapshot();
         let registry = self.registry(&jobs);
-        let tick = functions::tick(&self.store, &self.identity.id, self.call_in(), &registry).await;
+        let sent =
+            self.lock_registry_writes()
+                .to_send(&registry, Instant::now(), self.config.job_lease);
+        let mut tick = functions::tick(&self.store, &self.identity.id, self.call_in(), &sent).await;
+        // A worker of the version before loads its own library when it starts, and that
+        // tick refuses the word `due`: this version's library (which serves the older
+        // workers' calls too) goes back, and the tick is made again.
+        if matches!(&tick, Err(e) if e.code() == Some("ERR"))
+            && self.store.load_functions().await.is_ok()
+        {
+            tick = functions::tick(&self.store, &self.identity.id, self.call_in(), &sent).await;
+        }
         let tick = match tick {
             Ok(tick) => tick,
             Err(e) => {
@@ -1005,6 +1035,11 @@ impl Worker {
                 return false;
             }
         };
+        self.lock_registry_writes()
+            .answered(&registry, &sent, Instant::now(), tick.hash_created);
+        if tick.reclaim_due && self.may_reclaim() {
+            self.reclaim_due.notify_one();
+        }
         if !self.state.redis_ready.load(Ordering::Relaxed) {
             // Back after an outage: the server may have lost the group and settings.
             if self.prepare_redis().await.is_ok() {
@@ -1097,8 +1132,14 @@ impl Worker {
         }
     }
 
-    /// The fields of the worker's registry hash (`{fr}:worker:<id>`), which each tick
-    /// writes.
+    fn lock_registry_writes(&self) -> std::sync::MutexGuard<'_, registry::RegistryWrites> {
+        self.registry_writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The fields of the worker's registry hash (`{fr}:worker:<id>`), which the ticks write
+    /// (what changed, and all of them once a lease: [`registry::RegistryWrites`]).
     fn registry(&self, jobs: &[(String, RunningJob)]) -> Vec<(&'static str, String)> {
         let ids = jobs
             .iter()

@@ -29,9 +29,12 @@ pub struct QueueSettings {
 
 impl QueueSettings {
     /// The heartbeat's period (`fr_worker_tick`): several per lease, so that one late tick
-    /// loses nothing.
+    /// loses nothing, and at most RECLAIM_INTERVAL_MS, since each tick is also when the worker
+    /// learns whether a reclaim pass would find anything.
     pub fn heartbeat_tick(&self) -> Duration {
-        super::HEARTBEAT_INTERVAL.min(self.job_lease / 3)
+        super::HEARTBEAT_INTERVAL
+            .min(self.reclaim_interval)
+            .min(self.job_lease / 3)
     }
 
     /// How often a worker audits each of its jobs entry by entry (`fr_job_heartbeat`): the
@@ -43,9 +46,9 @@ impl QueueSettings {
     }
 
     /// How a worker calls in to the fleet's clock: a live worker calls in at least once per
-    /// reclaim interval and heartbeat tick, so a fleet-wide silence of two intervals and a
-    /// tick (or a lease, if shorter) was the server's outage or an empty fleet, not a live
-    /// owner's lapse.
+    /// heartbeat tick (which is at most the reclaim interval), so a fleet-wide silence of two
+    /// intervals and a tick (or a lease, if shorter) was the server's outage or an empty
+    /// fleet, not a live owner's lapse.
     pub fn call_in(&self) -> CallIn {
         let quiet = (self.reclaim_interval * 2 + self.heartbeat_tick()).min(self.job_lease);
         CallIn {

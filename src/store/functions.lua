@@ -152,20 +152,27 @@ end
 -- for longer than the gap plus a lease are taken: those whose owner was gone before the
 -- silence (handed back, dead). Live owners renew theirs meanwhile, so an outage costs no
 -- job an attempt.
+-- `seen_ms` is written at most once per SEEN_EVERY_MS, so that most of a large fleet's calls
+-- only read it: a gap then reads at most that much longer, far below any quiet_ms. Also
+-- returns when the fleet last swept and pruned (`swept_ms`, `consumers_ms`), read in the
+-- same HMGET for reclaim_due.
+local SEEN_EVERY_MS = 100
 local function fleet_call_in(tag, quiet_ms, lease_ms)
   local k = tag .. ':fleet'
   local now = now_ms()
-  local v = redis.call('HMGET', k, 'seen_ms', 'reclaim_after_ms', 'last_gap_ms')
+  local v = redis.call('HMGET', k, 'seen_ms', 'reclaim_after_ms', 'last_gap_ms', 'swept_ms',
+    'consumers_ms')
   local seen, after, gap = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0
   if seen and now - seen > quiet_ms then
     gap = now - seen
     after = now + lease_ms
     redis.call('HSET', k, 'seen_ms', now, 'reclaim_after_ms', after, 'last_gap_ms', gap)
-  else
+  elseif not seen or now - seen >= SEEN_EVERY_MS or now < seen then
     redis.call('HSET', k, 'seen_ms', now)
   end
-  if now < after then return gap end
-  return 0
+  local last = { tonumber(v[4]), tonumber(v[5]) }
+  if now < after then return gap, last end
+  return 0, last
 end
 
 local function owner_of(tag, entry_id)
@@ -370,31 +377,54 @@ local function fr_job_reject(keys, args)
   return final_reply('failed', jk)
 end
 
--- fr_worker_tick KEY=tag ARGV: worker, quiet_ms, lease_ms, then its registry fields (field,
--- value, ...)
+-- Whether a reclaim pass would find anything now: the fleet's sweep or consumer prune due
+-- (`last`: when each last ran, from fleet_call_in), a worker whose deadline is older than
+-- `before` (as bury_overdue asks, one member at most), or an orphan. What a worker's tick
+-- answers, so that it skips the passes that would find nothing.
+local function reclaim_due(tag, before, last)
+  local now = now_ms()
+  if not last[1] or now - last[1] >= SWEEP_EVERY_MS or now < last[1] then return 1 end
+  if not last[2] or now - last[2] >= CONSUMER_PRUNE_EVERY_MS or now < last[2] then return 1 end
+  if #redis.call('ZRANGEBYSCORE', alive_key(tag), '-inf', '(' .. before, 'LIMIT', 0, 1) > 0 then
+    return 1
+  end
+  return redis.call('EXISTS', orphans_key(tag))
+end
+
+-- fr_worker_tick KEY=tag ARGV: worker, quiet_ms, lease_ms, [`due`], then registry fields
+-- (field, value, ...)
 -- A worker's one call per heartbeat tick, whatever it runs: its deadline in
 -- `{fr}:workers:alive` becomes now + lease_ms, and its registry hash `{fr}:worker:<id>` gets
--- the fields and `updated_ms`, expiring after three leases. Returns {registered, {job_id, ...}}:
--- registered is 1 when the worker was not in the set (its first tick, or it had been
--- declared dead and its entries orphaned: it must check each of its jobs with
--- fr_job_heartbeat), and the job ids fr_cancel asked it to stop.
+-- `updated_ms` and the fields given (a worker sends those that changed, and all of them once
+-- a lease); when it is given fields, or did not exist, the hash expires three leases later.
+-- Returns {registered, {job_id, ...}}: registered is 1 when the worker was not in the set
+-- (its first tick, or it had been declared dead and its entries orphaned: it must check each
+-- of its jobs with fr_job_heartbeat), and the job ids fr_cancel asked it to stop. With the
+-- word `due` it also returns reclaim_due's answer (1: a reclaim pass would find something)
+-- and 1 when this call created the registry hash (a worker that sent only some fields then
+-- sends them all); without it, the two-item reply the workers before it read.
 local function fr_worker_tick(keys, args)
   local tag, worker, lease_ms = keys[1], args[1], tonumber(args[3])
   if not worker or worker == '' or not lease_ms then
-    return redis.error_reply('ERR usage: FCALL fr_worker_tick 1 <tag> <worker> <quiet_ms> <lease_ms>')
+    return redis.error_reply('ERR usage: FCALL fr_worker_tick 1 <tag> <worker> <quiet_ms> <lease_ms> [due] [field value ...]')
   end
-  if #args % 2 == 0 then
+  local asks_due, first = args[4] == 'due', 4
+  if asks_due then first = 5 end
+  if (#args - first + 1) % 2 == 1 then
     return redis.error_reply('ERR fr_worker_tick: registry fields come in pairs')
   end
-  fleet_call_in(tag, tonumber(args[2]), lease_ms)
+  local hold, last = fleet_call_in(tag, tonumber(args[2]), lease_ms)
   local now = now_ms()
   local added = redis.call('ZADD', alive_key(tag), now + lease_ms, worker)
   local wk = tag .. ':worker:' .. worker
   local fields = { 'updated_ms', now }
-  for i = 4, #args do table.insert(fields, args[i]) end
-  redis.call('HSET', wk, unpack(fields))
-  redis.call('PEXPIRE', wk, lease_ms * 3)
-  return { added, redis.call('SMEMBERS', cancel_key(tag, worker)) }
+  for i = first, #args do table.insert(fields, args[i]) end
+  -- HSET counts the fields it added: updated_ms is one only when the hash was gone.
+  local fresh = redis.call('HSET', wk, unpack(fields)) > 0
+  if fresh or #args >= first then redis.call('PEXPIRE', wk, lease_ms * 3) end
+  local cancels = redis.call('SMEMBERS', cancel_key(tag, worker))
+  if not asks_due then return { added, cancels } end
+  return { added, cancels, reclaim_due(tag, now - hold, last), fresh and 1 or 0 }
 end
 
 -- fr_job_heartbeat KEY=tag ARGV: worker, quiet_ms, lease_ms, entry_id, job_id, entry_id,

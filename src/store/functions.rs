@@ -259,17 +259,25 @@ pub struct Tick {
     pub registered: bool,
     /// Jobs `fr_cancel` asked this worker to stop.
     pub cancelled: Vec<String>,
+    /// A reclaim pass would find something now (an overdue worker, an orphan, the fleet's
+    /// sweep or consumer prune due); otherwise the worker skips its pass.
+    pub reclaim_due: bool,
+    /// This tick created the registry hash (it had expired or was lost): a tick that sent
+    /// only the fields that changed must send them all next.
+    pub hash_created: bool,
 }
 
 /// `fr_worker_tick`: renews this worker's one lease, whatever it runs, and writes its
-/// registry hash (`registry`: its fields and values; the function adds `updated_ms`).
+/// registry hash (`registry`: the fields to write and their values; the function adds
+/// `updated_ms`, and renews the hash's expiry when given fields or when it creates it).
 pub async fn tick(
     store: &Store,
     worker: &str,
     call_in: CallIn,
     registry: &[(&str, String)],
 ) -> StoreResult<Tick> {
-    let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&worker, &call_in.quiet_ms, &call_in.lease_ms];
+    let mut args: Vec<&dyn ToRedisArgsDyn> =
+        vec![&worker, &call_in.quiet_ms, &call_in.lease_ms, &"due"];
     for (k, v) in registry {
         args.push(k);
         args.push(v);
@@ -278,15 +286,22 @@ pub async fn tick(
     tick_reply(reply)
 }
 
-/// Reads `fr_worker_tick`'s reply: `{0 or 1, {job_id, ...}}`.
+/// Reads `fr_worker_tick`'s reply to a tick that asks `due`:
+/// `{0 or 1, {job_id, ...}, 0 or 1, 0 or 1}`.
 pub(crate) fn tick_reply(reply: Value) -> StoreResult<Tick> {
-    let parsed: Option<(i64, Vec<String>)> = redis::from_redis_value(reply.clone()).ok();
+    let parsed: Option<(i64, Vec<String>, i64, i64)> = redis::from_redis_value(reply.clone()).ok();
+    let flag = |v: i64| matches!(v, 0 | 1).then_some(v == 1);
     match parsed {
-        Some((added @ (0 | 1), cancelled)) => Ok(Tick {
-            registered: added == 1,
-            cancelled,
-        }),
-        _ => Err(unexpected("fr_worker_tick", &reply)),
+        Some((added, cancelled, due, created)) => match (flag(added), flag(due), flag(created)) {
+            (Some(registered), Some(reclaim_due), Some(hash_created)) => Ok(Tick {
+                registered,
+                cancelled,
+                reclaim_due,
+                hash_created,
+            }),
+            _ => Err(unexpected("fr_worker_tick", &reply)),
+        },
+        None => Err(unexpected("fr_worker_tick", &reply)),
     }
 }
 
@@ -544,19 +559,28 @@ mod tests {
             }
         );
         assert!(end_record(reply(&["running", "1"])).is_err());
-        let tick = Value::Array(vec![Value::Int(1), reply(&["a", "b"])]);
+        let tick = |added, ids: &[&str], due, created| {
+            Value::Array(vec![
+                Value::Int(added),
+                reply(ids),
+                Value::Int(due),
+                Value::Int(created),
+            ])
+        };
         assert_eq!(
-            tick_reply(tick).unwrap(),
+            tick_reply(tick(1, &["a", "b"], 0, 1)).unwrap(),
             Tick {
                 registered: true,
-                cancelled: vec!["a".into(), "b".into()]
+                cancelled: vec!["a".into(), "b".into()],
+                reclaim_due: false,
+                hash_created: true,
             }
         );
-        assert!(
-            !tick_reply(Value::Array(vec![Value::Int(0), reply(&[])]))
-                .unwrap()
-                .registered
-        );
-        assert!(tick_reply(Value::Array(vec![Value::Int(2), reply(&[])])).is_err());
+        let quiet = tick_reply(tick(0, &[], 1, 0)).unwrap();
+        assert!(!quiet.registered && quiet.reclaim_due && !quiet.hash_created);
+        // The two-item reply is a tick that did not ask `due`: not this worker's.
+        assert!(tick_reply(Value::Array(vec![Value::Int(0), reply(&[])])).is_err());
+        assert!(tick_reply(tick(0, &[], 2, 0)).is_err());
+        assert!(tick_reply(tick(2, &[], 0, 0)).is_err());
     }
 }

@@ -23,6 +23,21 @@ pub fn snapshot_name(kind: &str, alert_id: &str) -> String {
 /// The consumer group every worker reads the job stream through.
 pub const WORKER_GROUP: &str = "workers";
 
+/// The most queue shards a fleet may use.
+pub const MAX_QUEUE_SHARDS: u32 = 1024;
+
+/// The queue shard a job with this id belongs to among `shards`: FNV-1a (32 bits) of the
+/// id's bytes, modulo `shards`. What `free-roam submit` uses, and where the CLI looks for a
+/// job first; a job queued with a plain `XADD {fr}:jobs` is in shard 0 whatever its id.
+pub fn shard_of_job(job_id: &str, shards: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in job_id.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % shards.max(1)
+}
+
 impl Keys {
     pub fn new(prefix: &str) -> Self {
         Self {
@@ -34,6 +49,23 @@ impl Keys {
     /// The hash tag itself: the single key passed to the queue's functions.
     pub fn tag(&self) -> &str {
         &self.tag
+    }
+
+    /// The keys of queue shard `shard`: shard 0 is the deployment's own tag `{prefix}` (so a
+    /// one-shard fleet is the one-slot layout, and `XADD {prefix}:jobs` its front door),
+    /// shard i >= 1 is `{prefix:q<i>}`, a slot of its own with its own jobs stream, job
+    /// hashes, leases and fleet bookkeeping. Job tags (`{prefix:<job_id>}`) share that form
+    /// but never a key name: a shard has no `results`, `progress`, `snap:` or `latest` key.
+    pub fn shard(&self, shard: u32) -> Self {
+        let tag = if shard == 0 {
+            format!("{{{}}}", self.prefix)
+        } else {
+            format!("{{{}:q{shard}}}", self.prefix)
+        };
+        Self {
+            prefix: self.prefix.clone(),
+            tag,
+        }
     }
     pub fn jobs(&self) -> String {
         format!("{}:jobs", self.tag)
@@ -158,6 +190,35 @@ mod tests {
         assert_eq!(k.latest_snapshot("a"), "{fr:a}:latest");
         let name = snapshot_name("enter", "a:zone:door:4:12");
         assert_eq!(k.snapshot("a", &name), "{fr:a}:snap:enter:a:zone:door:4:12");
+    }
+
+    #[test]
+    fn shard_zero_is_the_deployments_tag_and_jobs_hash_to_a_shard() {
+        let k = Keys::new("fr");
+        assert_eq!(k.shard(0), k);
+        let s2 = k.shard(2);
+        assert_eq!(s2.tag(), "{fr:q2}");
+        assert_eq!(s2.jobs(), "{fr:q2}:jobs");
+        assert_eq!(s2.owned("w"), "{fr:q2}:owned:w");
+        assert_eq!(
+            s2.job_tag("a"),
+            k.job_tag("a"),
+            "a job's own slot is not the shard's"
+        );
+        assert!(k.owns(&s2.jobs()));
+        // FNV-1a 32: the documented values, so other clients can place jobs the same way.
+        assert_eq!(shard_of_job("", 1000), 0x811c_9dc5 % 1000);
+        assert_eq!(shard_of_job("a", u32::MAX), 0xe40c_292c);
+        assert_eq!(shard_of_job("anything", 1), 0);
+        assert_eq!(shard_of_job("anything", 0), 0);
+        let mut seen = [0u32; 3];
+        for i in 0..300 {
+            seen[shard_of_job(&format!("cam-{i}"), 3) as usize] += 1;
+        }
+        assert!(
+            seen.iter().all(|n| *n > 60),
+            "spread over the shards: {seen:?}"
+        );
     }
 
     #[test]

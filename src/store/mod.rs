@@ -331,6 +331,15 @@ impl Store {
         &self.keys
     }
 
+    /// A handle on queue shard `shard` ([`Keys::shard`]) over the same connections: its
+    /// functions and queue keys are the shard's.
+    pub fn shard(&self, shard: u32) -> Self {
+        Self {
+            keys: self.keys.shard(shard),
+            ..self.clone()
+        }
+    }
+
     /// Requests sent through this handle and its clones so far: commands, pipelines and
     /// function calls each count one (blocking reads on a [`Store::conn`] are not counted).
     pub fn round_trips(&self) -> u64 {

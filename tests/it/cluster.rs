@@ -792,3 +792,131 @@ fn alerts_on_a_cluster_go_to_the_queue_slot_and_their_state_to_the_job_slot() {
             .unwrap();
     });
 }
+
+/// Reads up to `count` new entries of `store`'s shard as `worker` and claims them; the
+/// entry ids claimed to run.
+async fn read_and_claim_in(store: &free_roam::store::Store, worker: &str) -> Vec<String> {
+    let cmd = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(free_roam::store::keys::WORKER_GROUP)
+        .arg(worker)
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg(store.keys().jobs())
+        .arg(">")
+        .to_owned();
+    let reply: redis::Value = store.query(&cmd).await.unwrap();
+    let entries = free_roam::queue::entries::parse_read_reply(&reply);
+    claim_all(store, worker, entries).await
+}
+
+async fn claim_all(
+    store: &free_roam::store::Store,
+    worker: &str,
+    entries: Vec<free_roam::queue::entries::Entry>,
+) -> Vec<String> {
+    use free_roam::job::JobSpec;
+    use free_roam::store::functions::{self, ClaimEntry, ClaimVerdict};
+    let specs: Vec<JobSpec> = entries
+        .iter()
+        .map(|e| JobSpec::parse(&e.id, &e.fields, 2.0, || e.id.clone()).unwrap())
+        .collect();
+    let fields: Vec<_> = specs.iter().map(JobSpec::hash_fields).collect();
+    let batch: Vec<ClaimEntry<'_>> = specs
+        .iter()
+        .zip(&fields)
+        .map(|(s, f)| ClaimEntry {
+            entry_id: &s.entry_id,
+            job_id: &s.job_id,
+            fields: f,
+        })
+        .collect();
+    let verdicts = functions::claim(store, worker, 3, &batch).await.unwrap();
+    specs
+        .iter()
+        .zip(verdicts)
+        .filter(|(_, v)| matches!(v, ClaimVerdict::Run { .. }))
+        .map(|(s, _)| s.entry_id.clone())
+        .collect()
+}
+
+/// The queue split over three shards (`Keys::shard`), each on its own master: every
+/// shard runs the lease contract in its own slot. A live worker's entries are taken in no
+/// shard; once it stops ticking, a survivor's reclaim pass in each shard takes that
+/// shard's entry, counting a delivery, and no other.
+#[test]
+fn queue_shards_each_run_the_lease_contract_on_their_own_master() {
+    use free_roam::store::Store;
+    use free_roam::store::functions::{self, CallIn};
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let cluster = TestCluster::start();
+    // A prefix whose three shard tags are served by three masters.
+    let base = unique_prefix();
+    let prefix = (0..)
+        .map(|i| format!("{base}s{i}"))
+        .find(|p| {
+            let k = Keys::new(p);
+            let masters: std::collections::HashSet<u16> = (0..3)
+                .map(|s| cluster.master_of(&k.shard(s).jobs()))
+                .collect();
+            masters.len() == 3
+        })
+        .unwrap();
+    let nodes: Vec<String> = cluster
+        .ports
+        .iter()
+        .map(|p| format!("redis://127.0.0.1:{p}"))
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Store::cluster(&nodes, &prefix, 4).unwrap();
+        store.load_functions().await.unwrap();
+        let shards: Vec<Store> = (0..3).map(|s| store.shard(s)).collect();
+        let call_in = CallIn {
+            quiet_ms: 60_000,
+            lease_ms: 1000,
+        };
+        let mut held = Vec::new();
+        for (s, shard) in shards.iter().enumerate() {
+            shard.ensure_group().await.unwrap();
+            let fields = [("stream_ref", format!("paced:1:{s}"))];
+            functions::submit(shard, &format!("job-{s}"), &fields)
+                .await
+                .unwrap();
+            let claimed = read_and_claim_in(shard, "a").await;
+            assert_eq!(claimed.len(), 1, "shard {s}");
+            held.push(claimed[0].clone());
+        }
+        // a ticks in every shard: b's passes take nothing, however idle a's entries are.
+        for _ in 0..3 {
+            for shard in &shards {
+                functions::tick(shard, "a", call_in, &[]).await.unwrap();
+                let reply = functions::reclaim(shard, "b", call_in, 5).await.unwrap();
+                let taken = free_roam::queue::entries::parse_entry_list(&reply);
+                assert!(taken.is_empty(), "a live worker's entry was taken");
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        // a stops: a lease later each shard's pass takes that shard's entry.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        for (s, shard) in shards.iter().enumerate() {
+            let tick = functions::tick(shard, "b", call_in, &[]).await.unwrap();
+            assert!(tick.reclaim_due, "shard {s}: a is overdue");
+            let reply = functions::reclaim(shard, "b", call_in, 5).await.unwrap();
+            let taken = free_roam::queue::entries::parse_entry_list(&reply);
+            let ids: Vec<&str> = taken.iter().map(|e| e.id.as_str()).collect();
+            assert_eq!(ids, vec![held[s].as_str()], "shard {s}");
+            let run = claim_all(shard, "b", taken).await;
+            assert_eq!(run, vec![held[s].clone()], "shard {s}: b runs it");
+            let job = shard.keys().job(&format!("job-{s}"));
+            let attempts: String = shard
+                .query(redis::cmd("HGET").arg(&job).arg("attempts"))
+                .await
+                .unwrap();
+            assert_eq!(attempts, "2", "shard {s}: a second delivery");
+        }
+    });
+}

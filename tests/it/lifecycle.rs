@@ -1615,6 +1615,108 @@ async fn a_live_workers_entries_are_never_taken_and_a_dead_ones_are_after_the_le
     );
 }
 
+/// A worker's tick says whether a reclaim pass would find anything (an overdue worker, an
+/// orphan, the fleet's sweep or consumer prune due), so that idle passes are skipped; and
+/// it writes the registry fields it is given, renewing the hash's expiry only then or when
+/// it creates the hash. A tick without the word `due` (a worker of the version before)
+/// still gets its two-item reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tick_says_whether_a_reclaim_pass_is_due() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let store = queue_store(&redis, &p).await;
+    let live = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 60_000,
+    };
+    let tick = |worker: &'static str, call_in, fields: Vec<(&'static str, String)>| {
+        let store = store.clone();
+        async move {
+            functions::tick(&store, worker, call_in, &fields)
+                .await
+                .unwrap()
+        }
+    };
+    let first = tick("a", live, vec![("capacity", "2".into())]).await;
+    assert!(first.reclaim_due, "no sweep has run yet");
+    assert!(first.hash_created);
+    functions::reclaim(&store, "a", live, 2).await.unwrap();
+    let quiet = tick("a", live, vec![]).await;
+    assert!(
+        !quiet.reclaim_due,
+        "the sweep and the prune just ran, nothing else is there"
+    );
+    assert!(!quiet.hash_created);
+
+    // A hand-back makes an orphan: the next tick of any worker says so.
+    xadd(
+        &redis,
+        &p,
+        &[("stream_ref", "paced:1:1"), ("job_id", "given")],
+    );
+    let entry = read_and_claim(&redis, &store, "b", "given").await;
+    let given = functions::handback(&store, &entry, "b", "given", 86_400_000)
+        .await
+        .unwrap();
+    assert_eq!(given, Ownership::Done);
+    assert!(tick("a", live, vec![]).await.reclaim_due, "an orphan");
+    let reply = functions::reclaim(&store, "a", live, 2).await.unwrap();
+    assert_eq!(taken_ids(&reply), vec![entry]);
+    assert!(!tick("a", live, vec![]).await.reclaim_due);
+
+    // A worker whose deadline passed is due to be declared dead.
+    let overdue = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 1,
+    };
+    tick("c", overdue, vec![]).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        tick("a", live, vec![]).await.reclaim_due,
+        "an overdue worker"
+    );
+    functions::reclaim(&store, "a", live, 2).await.unwrap();
+    assert!(
+        !tick("a", live, vec![]).await.reclaim_due,
+        "c was declared dead"
+    );
+
+    // The expiry is renewed with the fields, not by a tick that writes none.
+    let pttl = |key: &str| -> i64 { redis.cmd(&["PTTL", key]) };
+    redis.cli(&["PEXPIRE", &k.worker("a"), "5000"]);
+    tick("a", live, vec![]).await;
+    assert!(
+        pttl(&k.worker("a")) <= 5000,
+        "a tick without fields leaves the expiry"
+    );
+    tick("a", live, vec![("running", "1".into())]).await;
+    assert!(pttl(&k.worker("a")) > 5000, "fields renew it");
+    assert_eq!(redis.hget(&k.worker("a"), "capacity").as_deref(), Some("2"));
+    redis.cli(&["DEL", &k.worker("a")]);
+    let lost = tick("a", live, vec![]).await;
+    assert!(
+        lost.hash_created,
+        "the hash had gone: the worker sends every field next"
+    );
+    assert!(pttl(&k.worker("a")) > 0, "and the new hash expires");
+
+    // The tick of the version before: no `due`, two items back.
+    let old: (i64, Vec<String>) = redis.cmd(&[
+        "FCALL",
+        "fr_worker_tick",
+        "1",
+        k.tag(),
+        "old",
+        "60000",
+        "60000",
+        "host",
+        "h",
+    ]);
+    assert_eq!(old, (1, vec![]));
+    assert_eq!(redis.hget(&k.worker("old"), "host").as_deref(), Some("h"));
+}
+
 /// A reclaim pass declares at most 8 overdue workers dead (`ZRANGEBYSCORE ... LIMIT`), so it
 /// costs what it finds, not the size of the fleet or of the pending list; the dead workers'
 /// entries wait in `{fr}:orphans` for the next passes, and live workers stay.

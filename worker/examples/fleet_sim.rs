@@ -3,16 +3,21 @@
 //! workers running N jobs call them, with no video and no model, to measure what the queue
 //! costs Redis at sizes no machine here runs for real. Each simulated worker keeps the real
 //! worker's cadence (`QueueSettings::heartbeat_tick`, `audit_interval`, `call_in`): a tick
-//! (its lease and the worker hash) each heartbeat, an audit of every running job's entry each
-//! lease, a reclaim pass each RECLAIM_INTERVAL_MS, claims as slots free up; a job ends
-//! every JOB_S seconds and a new one is queued in its place. Per (W, N) it prints the Redis CPU per second (`INFO
-//! cpu`), per command (`INFO commandstats`) and per function (the slow log at threshold 0),
-//! then stops one worker's heartbeats and measures when its jobs are taken over. Every
-//! lease a live worker loses, and every entry taken from a live worker, is counted.
+//! (its lease, and the registry fields that changed, all of them once a lease:
+//! `queue::registry::RegistryWrites`) each heartbeat, a reclaim pass right after a tick that
+//! says one would find something, an audit of every running job's entry each lease, claims
+//! as slots free up; a job ends every JOB_S seconds and a new one is queued in its place.
+//! With SHARDS=K the queue is split over K shards (`Keys::shard`), each worker serving
+//! SERVED of them: it ticks, reclaims and audits in each, and reads them in turn. Per (W, N)
+//! it prints the Redis CPU per second (`INFO cpu`) of each node, and of the busiest per
+//! command (`INFO commandstats`) and per function (the slow log at threshold 0), then stops
+//! one worker's heartbeats and measures when its jobs are taken over. Every lease a live
+//! worker loses, and every entry taken from a live worker, is counted.
 //!
 //! Env: REDIS_URL (or REDIS_PORT, or REDIS_CLUSTER_NODES: every master, for the busiest
 //! master's figures), POINTS (WORKERSxJOBS,..., default
-//! `2x16,8x64,32x256,128x1024,32x10000`), SECONDS (measured per point, default 5), JOB_S (job length, default 60), JOB_LEASE_MS and
+//! `2x16,8x64,32x256,128x1024,32x10000`), SECONDS (measured per point, default 5), JOB_S
+//! (job length, default 60), SHARDS (default 1) and SERVED (default all), JOB_LEASE_MS and
 //! RECLAIM_INTERVAL_MS (as the worker reads them). Run it against a Redis nothing else uses:
 //! it changes the slow log settings.
 
@@ -20,11 +25,12 @@ use free_roam::config::Config;
 use free_roam::job::{JobSpec, JobStatus};
 use free_roam::queue::QueueSettings;
 use free_roam::queue::entries::{Entry, parse_entry_list, parse_read_reply};
+use free_roam::queue::registry::RegistryWrites;
 use free_roam::store::Store;
 use free_roam::store::functions::{
     self, CallIn, ClaimEntry, ClaimVerdict, FinishEntry, Lease, Ownership, Retention,
 };
-use free_roam::store::keys::WORKER_GROUP;
+use free_roam::store::keys::{MAX_QUEUE_SHARDS, WORKER_GROUP};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -85,7 +91,6 @@ fn probes(config: &Config) -> Vec<Store> {
 struct Cadence {
     tick: Duration,
     audit: Duration,
-    reclaim: Duration,
     lease: Duration,
     call_in: CallIn,
     job_len: Duration,
@@ -98,7 +103,6 @@ impl Cadence {
         Cadence {
             tick: q.heartbeat_tick(),
             audit: q.audit_interval(),
-            reclaim: q.reclaim_interval,
             lease: q.job_lease,
             call_in: q.call_in(),
             job_len,
@@ -110,15 +114,16 @@ impl Cadence {
 
 /// What the workers of one point share: who holds each entry, and what went wrong.
 struct Fleet {
-    store: Store,
+    /// One handle per queue shard ([`Store::shard`]; shard 0 is `{prefix}`).
+    shards: Vec<Store>,
     cadence: Cadence,
-    /// Entry id -> the simulated worker that claimed it last.
-    holder: Mutex<HashMap<String, usize>>,
+    /// (shard, entry id) -> the simulated worker that claimed it last.
+    holder: Mutex<HashMap<(u32, String), usize>>,
     /// The worker whose heartbeats were stopped, once it is.
     dead: AtomicUsize,
     /// When each of the dead worker's entries was taken over.
-    taken: Mutex<HashMap<String, Instant>>,
-    /// When each worker's leases were last renewed.
+    taken: Mutex<HashMap<(u32, String), Instant>>,
+    /// When each worker's leases were last renewed (in all its shards).
     renewed: Mutex<Vec<Option<Instant>>>,
     running: AtomicUsize,
     /// Leases a live worker lost, entries taken from a live worker, failed calls.
@@ -134,24 +139,28 @@ impl Fleet {
         }
     }
 
-    /// Queues a job as a producer would (`XADD {fr}:jobs`).
-    async fn queue_job(&self) {
+    /// Queues a job in `shard` as a producer would (`XADD {fr}:jobs` for shard 0; into a
+    /// shard's own stream, as `free-roam submit` does, for the others). The simulator
+    /// spreads jobs over the shards evenly, as the job-id hash does on average.
+    async fn queue_job(&self, shard: u32) {
         let n = self.queued.fetch_add(1, Ordering::Relaxed);
+        let store = &self.shards[shard as usize];
         let cmd = redis::cmd("XADD")
-            .arg(self.store.keys().jobs())
+            .arg(store.keys().jobs())
             .arg("*")
             .arg("stream_ref")
             .arg(format!("sim:{n}"))
             .arg("job_id")
             .arg(format!("sim-{n}"))
             .to_owned();
-        if let Err(e) = self.store.query::<String>(&cmd).await {
+        if let Err(e) = store.query::<String>(&cmd).await {
             self.error("queueing a job", e);
         }
     }
 }
 
 struct Job {
+    shard: u32,
     entry_id: String,
     job_id: String,
     ends_at: Instant,
@@ -161,6 +170,10 @@ struct SimWorker {
     index: usize,
     id: String,
     capacity: usize,
+    /// The shards it serves, and what its ticks wrote into its registry hash in each.
+    shards: Vec<(u32, RegistryWrites)>,
+    /// The next of its shards to read new entries from.
+    next_read: usize,
     jobs: Vec<Job>,
     fleet: Arc<Fleet>,
     /// Spreads the first jobs' ends over a job length, so ends come at a steady rate.
@@ -175,122 +188,161 @@ impl SimWorker {
         let c = self.fleet.cadence;
         let now = tokio::time::Instant::now();
         let mut heartbeat = tokio::time::interval_at(now + c.tick.mul_f64(phase), c.tick);
-        let mut reclaim = tokio::time::interval_at(now + c.reclaim.mul_f64(phase), c.reclaim);
         let mut step = tokio::time::interval(STEP);
-        for timer in [&mut heartbeat, &mut reclaim, &mut step] {
+        for timer in [&mut heartbeat, &mut step] {
             timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
         }
+        // Each shard is read once per IDLE_READ while nothing comes.
+        let idle_read = IDLE_READ / self.shards.len() as u32;
         let mut next_read = Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return self,
-                _ = heartbeat.tick() => self.heartbeat().await,
-                _ = reclaim.tick() => self.reclaim().await,
+                _ = heartbeat.tick() => {
+                    for shard in self.heartbeat().await {
+                        self.reclaim(shard).await;
+                    }
+                }
                 _ = step.tick() => {
                     if self.end_due().await {
                         next_read = Instant::now();
                     }
                     let free = self.jobs.len() < self.capacity;
                     if free && Instant::now() >= next_read && self.read_new().await == 0 {
-                        next_read = Instant::now() + IDLE_READ;
+                        next_read = Instant::now() + idle_read;
                     }
                 }
             }
         }
     }
 
-    /// One heartbeat as the worker sends it: its lease and registry hash (`fr_worker_tick`),
-    /// and every lease (or when the tick says it registered afresh) an audit of its
-    /// jobs' entries.
-    async fn heartbeat(&mut self) {
-        let fleet = self.fleet.clone();
-        // The fields the worker writes into its registry hash with each tick.
-        let registry = [
+    /// The fields the worker writes into its registry hash.
+    fn registry(&self) -> Vec<(&'static str, String)> {
+        let ids: Vec<&str> = self.jobs.iter().map(|j| j.job_id.as_str()).collect();
+        vec![
             ("host", "sim".to_string()),
             ("pid", "0".to_string()),
             ("version", env!("CARGO_PKG_VERSION").to_string()),
             ("started_ms", "0".to_string()),
             ("running", self.jobs.len().to_string()),
-            (
-                "running_jobs",
-                self.jobs
-                    .iter()
-                    .map(|j| j.job_id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ),
+            ("running_jobs", ids.join(",")),
             ("capacity", self.capacity.to_string()),
             ("model", "null".to_string()),
             ("device", "cpu".to_string()),
             ("draining", "0".to_string()),
-        ];
-        let tick = functions::tick(&fleet.store, &self.id, fleet.cadence.call_in, &registry);
-        let registered = match tick.await {
-            Ok(tick) => {
-                fleet.renewed.lock().unwrap()[self.index] = Some(Instant::now());
-                tick.registered
+        ]
+    }
+
+    /// One heartbeat as the worker sends it: in each shard it serves, its lease and registry
+    /// hash (`fr_worker_tick`, with the fields that changed); every lease (or when a tick
+    /// says it registered afresh) an audit of its jobs' entries. The shards whose tick says
+    /// a reclaim pass is due.
+    async fn heartbeat(&mut self) -> Vec<u32> {
+        let fleet = self.fleet.clone();
+        let registry = self.registry();
+        let mut due = Vec::new();
+        let mut registered = false;
+        let mut answered = true;
+        for (shard, writes) in &mut self.shards {
+            let store = &fleet.shards[*shard as usize];
+            let sent = writes.to_send(&registry, Instant::now(), fleet.cadence.lease);
+            match functions::tick(store, &self.id, fleet.cadence.call_in, &sent).await {
+                Ok(tick) => {
+                    writes.answered(&registry, &sent, Instant::now(), tick.hash_created);
+                    registered |= tick.registered;
+                    if tick.reclaim_due {
+                        due.push(*shard);
+                    }
+                }
+                Err(e) => {
+                    answered = false;
+                    fleet.error("renewing the lease", e);
+                }
             }
-            Err(e) => {
-                fleet.error("renewing the lease", e);
-                false
-            }
-        };
-        let audit = registered || self.last_audit.elapsed() >= fleet.cadence.audit;
-        if audit && !self.jobs.is_empty() {
+        }
+        if answered {
+            fleet.renewed.lock().unwrap()[self.index] = Some(Instant::now());
+        }
+        if registered || self.last_audit.elapsed() >= fleet.cadence.audit {
             self.last_audit = Instant::now();
+            self.audit().await;
+        }
+        due
+    }
+
+    /// Checks every running job's entry (`fr_job_heartbeat`), one call per shard.
+    async fn audit(&mut self) {
+        let fleet = self.fleet.clone();
+        let mut lost: Vec<(u32, String)> = Vec::new();
+        for (shard, _) in &self.shards {
             let ids: Vec<(&str, &str)> = self
                 .jobs
                 .iter()
+                .filter(|j| j.shard == *shard)
                 .map(|j| (j.entry_id.as_str(), j.job_id.as_str()))
                 .collect();
-            match functions::heartbeat(&fleet.store, &self.id, fleet.cadence.call_in, &ids).await {
+            if ids.is_empty() {
+                continue;
+            }
+            let store = &fleet.shards[*shard as usize];
+            match functions::heartbeat(store, &self.id, fleet.cadence.call_in, &ids).await {
                 Ok(leases) => {
-                    let lost = leases.iter().filter(|l| **l == Lease::Lost).count();
-                    fleet.live_lost.fetch_add(lost as u64, Ordering::Relaxed);
-                    let mut answers = leases.into_iter();
-                    self.jobs.retain(|_| answers.next() != Some(Lease::Lost));
+                    for ((entry_id, _), lease) in ids.iter().zip(leases) {
+                        if lease == Lease::Lost {
+                            lost.push((*shard, entry_id.to_string()));
+                        }
+                    }
                 }
                 Err(e) => fleet.error("renewing leases", e),
             }
         }
+        fleet
+            .live_lost
+            .fetch_add(lost.len() as u64, Ordering::Relaxed);
+        self.jobs
+            .retain(|j| !lost.contains(&(j.shard, j.entry_id.clone())));
     }
 
-    /// One reclaim pass, sized as the worker sizes it.
-    async fn reclaim(&mut self) {
+    /// One reclaim pass in `shard`, when the worker would make it, sized as the worker sizes
+    /// it.
+    async fn reclaim(&mut self, shard: u32) {
         let running = self.jobs.len();
         if running >= self.capacity * 2 {
             return;
         }
         let count = self.capacity.saturating_sub(running).max(1);
         let fleet = self.fleet.clone();
-        let reply = functions::reclaim(&fleet.store, &self.id, fleet.cadence.call_in, count).await;
+        let store = &fleet.shards[shard as usize];
+        let reply = functions::reclaim(store, &self.id, fleet.cadence.call_in, count).await;
         let entries = match reply {
             Ok(reply) => parse_entry_list(&reply),
             Err(e) => return fleet.error("reclaiming", e),
         };
         let dead = fleet.dead.load(Ordering::Relaxed);
         for entry in &entries {
-            let from = fleet.holder.lock().unwrap().get(&entry.id).copied();
+            let key = (shard, entry.id.clone());
+            let from = fleet.holder.lock().unwrap().get(&key).copied();
             if from == Some(dead) {
-                fleet
-                    .taken
-                    .lock()
-                    .unwrap()
-                    .insert(entry.id.clone(), Instant::now());
+                fleet.taken.lock().unwrap().insert(key, Instant::now());
             } else {
                 eprintln!(
-                    "fleet_sim: entry {} taken from live worker {from:?}",
+                    "fleet_sim: entry {} of shard {shard} taken from live worker {from:?}",
                     entry.id
                 );
                 fleet.live_lost.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.claim(entries).await;
+        self.claim(shard, entries).await;
     }
 
-    /// Reads new entries for the free slots (without blocking); returns how many came.
+    /// Reads new entries for the free slots (without blocking) from the next of its shards,
+    /// in turn; returns how many came.
     async fn read_new(&mut self) -> usize {
         let free = self.capacity - self.jobs.len();
+        let shard = self.shards[self.next_read % self.shards.len()].0;
+        self.next_read += 1;
+        let fleet = self.fleet.clone();
+        let store = &fleet.shards[shard as usize];
         let cmd = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(WORKER_GROUP)
@@ -298,29 +350,31 @@ impl SimWorker {
             .arg("COUNT")
             .arg(free)
             .arg("STREAMS")
-            .arg(self.fleet.store.keys().jobs())
+            .arg(store.keys().jobs())
             .arg(">")
             .to_owned();
-        match self.fleet.store.query::<redis::Value>(&cmd).await {
+        match store.query::<redis::Value>(&cmd).await {
             Ok(reply) => {
                 let entries = parse_read_reply(&reply);
                 let n = entries.len();
-                self.claim(entries).await;
+                self.claim(shard, entries).await;
                 n
             }
             Err(e) => {
-                self.fleet.error("reading the job stream", e);
+                fleet.error("reading the job stream", e);
                 0
             }
         }
     }
 
-    /// `fr_job_claim` for the entries read, as the worker calls it; starts those it may run.
-    async fn claim(&mut self, entries: Vec<Entry>) {
+    /// `fr_job_claim` in `shard` for the entries read, as the worker calls it; starts those
+    /// it may run.
+    async fn claim(&mut self, shard: u32, entries: Vec<Entry>) {
         if entries.is_empty() {
             return;
         }
         let fleet = self.fleet.clone();
+        let store = &fleet.shards[shard as usize];
         let specs: Vec<JobSpec> = entries
             .iter()
             .filter_map(|e| JobSpec::parse(&e.id, &e.fields, 2.0, || e.id.clone()).ok())
@@ -336,8 +390,7 @@ impl SimWorker {
             })
             .collect();
         let c = fleet.cadence;
-        let verdicts = match functions::claim(&fleet.store, &self.id, c.max_attempts, &batch).await
-        {
+        let verdicts = match functions::claim(store, &self.id, c.max_attempts, &batch).await {
             Ok(v) => v,
             Err(e) => return fleet.error("claiming", e),
         };
@@ -357,9 +410,10 @@ impl SimWorker {
                 .holder
                 .lock()
                 .unwrap()
-                .insert(spec.entry_id.clone(), self.index);
+                .insert((shard, spec.entry_id.clone()), self.index);
             fleet.running.fetch_add(1, Ordering::Relaxed);
             self.jobs.push(Job {
+                shard,
                 entry_id: spec.entry_id.clone(),
                 job_id: spec.job_id.clone(),
                 ends_at: Instant::now() + life,
@@ -368,7 +422,8 @@ impl SimWorker {
     }
 
     /// Ends the jobs whose time is up (end entry in each job's slot, then one
-    /// `fr_job_finish` for all), and queues a new job for each. Whether any ended.
+    /// `fr_job_finish` per shard for its jobs), and queues a new job in the same shard for
+    /// each. Whether any ended.
     async fn end_due(&mut self) -> bool {
         let now = Instant::now();
         let (due, keep): (Vec<Job>, Vec<Job>) = std::mem::take(&mut self.jobs)
@@ -380,29 +435,33 @@ impl SimWorker {
         }
         let fleet = self.fleet.clone();
         let retention = fleet.cadence.retention;
-        let mut ends = Vec::with_capacity(due.len());
+        let mut ends: BTreeMap<u32, Vec<FinishEntry>> = BTreeMap::new();
         for job in &due {
             let status = JobStatus::Completed;
-            if let Err(e) = functions::end(&fleet.store, &job.job_id, status, "", retention).await {
+            let store = &fleet.shards[job.shard as usize];
+            if let Err(e) = functions::end(store, &job.job_id, status, "", retention).await {
                 fleet.error("writing an end entry", e);
             }
-            ends.push(FinishEntry {
+            ends.entry(job.shard).or_default().push(FinishEntry {
                 entry_id: job.entry_id.clone(),
                 job_id: job.job_id.clone(),
                 status,
                 error: String::new(),
             });
         }
-        match functions::finish(&fleet.store, &self.id, &ends).await {
-            Ok(answers) => {
-                let lost = answers.iter().filter(|a| **a == Ownership::Lost).count();
-                fleet.live_lost.fetch_add(lost as u64, Ordering::Relaxed);
+        for (shard, ends) in ends {
+            let store = &fleet.shards[shard as usize];
+            match functions::finish(store, &self.id, &ends).await {
+                Ok(answers) => {
+                    let lost = answers.iter().filter(|a| **a == Ownership::Lost).count();
+                    fleet.live_lost.fetch_add(lost as u64, Ordering::Relaxed);
+                }
+                Err(e) => fleet.error("finishing", e),
             }
-            Err(e) => fleet.error("finishing", e),
         }
         fleet.running.fetch_sub(due.len(), Ordering::Relaxed);
-        for _ in &due {
-            fleet.queue_job().await;
+        for job in &due {
+            fleet.queue_job(job.shard).await;
         }
         true
     }
@@ -632,6 +691,28 @@ fn report(m: &Measured) {
     }
 }
 
+/// How the queue is split: SHARDS (K, default 1: the one-slot layout) and how many of them
+/// each worker serves, SERVED (S, default all), worker i the S shards from i x S on (mod K),
+/// so that every shard is served when W x S >= K.
+#[derive(Clone, Copy)]
+struct Layout {
+    shards: u32,
+    served: u32,
+}
+
+impl Layout {
+    fn from_env() -> Self {
+        let shards = (env_num("SHARDS", 1) as u32).clamp(1, MAX_QUEUE_SHARDS);
+        let served = (env_num("SERVED", u64::from(shards)) as u32).clamp(1, shards);
+        Layout { shards, served }
+    }
+
+    fn served_by(self, worker: usize) -> impl Iterator<Item = u32> {
+        let first = worker as u64 * u64::from(self.served);
+        (0..u64::from(self.served)).map(move |j| ((first + j) % u64::from(self.shards)) as u32)
+    }
+}
+
 /// One (W, N) point of the grid.
 #[derive(Clone, Copy)]
 struct Point {
@@ -657,6 +738,7 @@ fn points() -> Vec<Point> {
 async fn start_fleet(
     config: &Config,
     point: Point,
+    layout: Layout,
     cadence: Cadence,
 ) -> (
     Arc<Fleet>,
@@ -670,9 +752,12 @@ async fn start_fleet(
     );
     let store = fleet_store(config, &prefix, (point.workers + 8).min(64));
     store.load_functions().await.expect("functions");
-    store.ensure_group().await.expect("group");
+    let shards: Vec<Store> = (0..layout.shards).map(|i| store.shard(i)).collect();
+    for shard in &shards {
+        shard.ensure_group().await.expect("group");
+    }
     let fleet = Arc::new(Fleet {
-        store,
+        shards,
         cadence,
         holder: Mutex::default(),
         dead: AtomicUsize::new(usize::MAX),
@@ -683,8 +768,8 @@ async fn start_fleet(
         errors: AtomicU64::new(0),
         queued: AtomicU64::new(0),
     });
-    for _ in 0..point.jobs {
-        fleet.queue_job().await;
+    for n in 0..point.jobs {
+        fleet.queue_job(n as u32 % layout.shards).await;
     }
     let capacity = point.jobs.div_ceil(point.workers);
     let mut workers = Vec::new();
@@ -693,6 +778,11 @@ async fn start_fleet(
             index,
             id: format!("sim-worker-{index}"),
             capacity,
+            shards: layout
+                .served_by(index)
+                .map(|shard| (shard, RegistryWrites::default()))
+                .collect(),
+            next_read: 0,
             jobs: Vec::new(),
             fleet: fleet.clone(),
             first_jobs: capacity as u64,
@@ -723,8 +813,8 @@ async fn kill_one(
     fleet.dead.store(victim.index, Ordering::Relaxed);
     let last = fleet.renewed.lock().unwrap()[victim.index].unwrap_or_else(Instant::now);
     let c = fleet.cadence;
-    // A full survivor takes one entry per pass: allow a pass per job past the lease.
-    let wait = c.lease + c.reclaim * (victim.jobs.len() as u32 + 2);
+    // A full survivor takes one entry per pass (a tick): allow a pass per job past the lease.
+    let wait = c.lease + c.tick * (victim.jobs.len() as u32 + 2);
     while Instant::now() < last + wait {
         let taken = fleet.taken.lock().unwrap().len();
         if taken >= victim.jobs.len() {
@@ -736,7 +826,7 @@ async fn kill_one(
     let mut delays: Vec<f64> = victim
         .jobs
         .iter()
-        .filter_map(|j| taken.get(&j.entry_id))
+        .filter_map(|j| taken.get(&(j.shard, j.entry_id.clone())))
         .map(|at| at.duration_since(last).as_secs_f64())
         .collect();
     delays.sort_by(f64::total_cmp);
@@ -748,6 +838,7 @@ async fn kill_one(
 struct Window {
     seconds: f64,
     idle_us: Vec<f64>,
+    layout: Layout,
 }
 
 /// Runs one point and prints its figures: those of the busiest node where there are several.
@@ -759,12 +850,12 @@ async fn run_point(config: &Config, probes: &[Store], point: Point, window: &Win
         point.jobs,
         point.jobs.div_ceil(point.workers)
     );
-    let (fleet, mut workers) = start_fleet(config, point, cadence).await;
+    let (fleet, mut workers) = start_fleet(config, point, window.layout, cadence).await;
     let running = fleet.running.load(Ordering::Relaxed);
     if running < point.jobs {
         println!("(only {running} of {} jobs started in 60 s)", point.jobs);
     }
-    tokio::time::sleep(cadence.reclaim).await;
+    tokio::time::sleep(cadence.tick).await;
     let measured = measure(probes, window.seconds).await;
     let cpus: Vec<f64> = measured.iter().map(cpu_per_s).collect();
     let busiest = (0..cpus.len())
@@ -797,6 +888,7 @@ async fn run_point(config: &Config, probes: &[Store], point: Point, window: &Win
             fcall: (fcall_us(&m.after) - fcall_us(&m.before)) as f64 / m.secs,
             delays,
             missing,
+            layout: window.layout,
         },
     );
 }
@@ -811,6 +903,7 @@ struct Outcome {
     /// Seconds from the dead worker's last renewal to each of its jobs' takeover, sorted.
     delays: Vec<f64>,
     missing: usize,
+    layout: Layout,
 }
 
 fn print_outcome(point: Point, fleet: &Fleet, o: Outcome) {
@@ -851,11 +944,14 @@ fn print_outcome(point: Point, fleet: &Fleet, o: Outcome) {
         fleet.errors.load(Ordering::Relaxed)
     );
     println!(
-        "summary W={} N={} cpu_us_per_s={:.0} above_idle={busy:.0} us_per_job_s={:.2} \
-         us_per_worker_s={:.1} fcall_us_per_job_s={:.2} reclaim_first_s={:.2} \
-         reclaim_p50_s={p50:.2} reclaim_max_s={max:.2} not_taken={} live_taken={live_lost}",
+        "summary W={} N={} K={} S={} cpu_us_per_s={:.0} above_idle={busy:.0} \
+         us_per_job_s={:.2} us_per_worker_s={:.1} fcall_us_per_job_s={:.2} \
+         reclaim_first_s={:.2} reclaim_p50_s={p50:.2} reclaim_max_s={max:.2} not_taken={} \
+         live_taken={live_lost}",
         point.workers,
         point.jobs,
+        o.layout.shards,
+        o.layout.served,
         o.cpu,
         busy / jobs,
         busy / workers,
@@ -874,13 +970,16 @@ async fn main() {
     let config = config();
     let cadence = Cadence::new(&config.queue, job_len());
     let seconds = env_num("SECONDS", 5) as f64;
+    let layout = Layout::from_env();
     println!(
         "# Fleet simulator: JOB_LEASE_MS={} RECLAIM_INTERVAL_MS={} heartbeat every {} ms, \
-         jobs of {} s, {seconds} s measured per point",
+         jobs of {} s, {seconds} s measured per point, SHARDS={} SERVED={}",
         cadence.lease.as_millis(),
-        cadence.reclaim.as_millis(),
+        config.queue.reclaim_interval.as_millis(),
         cadence.tick.as_millis(),
-        cadence.job_len.as_secs()
+        cadence.job_len.as_secs(),
+        layout.shards,
+        layout.served
     );
     let probes = probes(&config);
     let mut idle = Vec::new();
@@ -894,6 +993,7 @@ async fn main() {
     let window = Window {
         seconds,
         idle_us: idle,
+        layout,
     };
     for point in points() {
         run_point(&config, &probes, point, &window).await;
