@@ -1057,7 +1057,8 @@ async fn a_worker_that_lost_its_lease_stops_instead_of_stealing_it_back() {
     let redis = TestRedis::start();
     let p = unique_prefix();
     let group = WorkersGroup::of(&redis, &keys(&p));
-    let w = InProcessWorker::start(&redis, &p, "w1", &[]);
+    // A short lease: the worker checks its entries once a lease.
+    let w = InProcessWorker::start(&redis, &p, "w1", &[("JOB_LEASE_MS", "5000")]);
     let id = xadd(
         &redis,
         &p,
@@ -1067,8 +1068,14 @@ async fn a_worker_that_lost_its_lease_stops_instead_of_stealing_it_back() {
         frames_of(&redis, &p, "taken").len() >= 2
     })
     .await;
-    // Someone else takes the entry over (as XAUTOCLAIM would after a stall).
+    // Someone else takes the entry over (as a reclaim pass would after a stall), and
+    // holds it as a live worker does: registered, the entry in its set. An entry of an
+    // unregistered owner would be swept back after a lease, racing this worker's audit
+    // (once a lease too).
     group.take_over("other", &id);
+    let k = keys(&p);
+    let _: i64 = redis.cmd(&["ZADD", &k.workers_alive(), "9999999999999", "other"]);
+    let _: i64 = redis.cmd(&["SADD", &k.owned("other"), &id]);
     eventually(WAIT, "the worker lets go", || w.state.running_jobs() == 0).await;
     let (owner, _) = group.owner_of(&id);
     assert_eq!(owner, "other", "the lease stays with its new owner");
