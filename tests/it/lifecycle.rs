@@ -1623,15 +1623,11 @@ async fn a_live_workers_entries_are_never_taken_and_a_dead_ones_are_after_the_le
 }
 
 /// A worker's tick says whether a reclaim pass would find anything (an overdue worker, an
-/// orphan, the fleet's sweep or consumer prune due), so that idle passes are skipped; and
-/// it writes the registry fields it is given, renewing the hash's expiry only then or when
-/// it creates the hash. A tick without the word `due` (a worker of the version before)
-/// still gets its two-item reply.
+/// orphan, the fleet's sweep or consumer prune due), so that idle passes are skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tick_says_whether_a_reclaim_pass_is_due() {
     let redis = TestRedis::start();
     let p = unique_prefix();
-    let k = keys(&p);
     let store = queue_store(&redis, &p).await;
     let live = functions::CallIn {
         quiet_ms: 60_000,
@@ -1688,20 +1684,41 @@ async fn a_tick_says_whether_a_reclaim_pass_is_due() {
         !tick("a", live, vec![]).await.reclaim_due,
         "c was declared dead"
     );
+}
+
+/// A tick writes the registry fields it is given, renewing the hash's expiry only then or
+/// when it creates the hash, and says when it did create it (the worker then sends every
+/// field). A tick without the word `due` (a worker of the version before) still gets its
+/// two-item reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tick_renews_the_registry_hash_with_its_fields_and_answers_older_workers() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let store = queue_store(&redis, &p).await;
+    let live = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 60_000,
+    };
+    let tick = |fields: Vec<(&'static str, String)>| {
+        let store = store.clone();
+        async move { functions::tick(&store, "a", live, &fields).await.unwrap() }
+    };
+    assert!(tick(vec![("capacity", "2".into())]).await.hash_created);
 
     // The expiry is renewed with the fields, not by a tick that writes none.
     let pttl = |key: &str| -> i64 { redis.cmd(&["PTTL", key]) };
     redis.cli(&["PEXPIRE", &k.worker("a"), "5000"]);
-    tick("a", live, vec![]).await;
+    tick(vec![]).await;
     assert!(
         pttl(&k.worker("a")) <= 5000,
         "a tick without fields leaves the expiry"
     );
-    tick("a", live, vec![("running", "1".into())]).await;
+    tick(vec![("running", "1".into())]).await;
     assert!(pttl(&k.worker("a")) > 5000, "fields renew it");
     assert_eq!(redis.hget(&k.worker("a"), "capacity").as_deref(), Some("2"));
     redis.cli(&["DEL", &k.worker("a")]);
-    let lost = tick("a", live, vec![]).await;
+    let lost = tick(vec![]).await;
     assert!(
         lost.hash_created,
         "the hash had gone: the worker sends every field next"
