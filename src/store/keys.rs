@@ -26,6 +26,9 @@ pub const WORKER_GROUP: &str = "workers";
 /// The most queue shards a fleet may use.
 pub const MAX_QUEUE_SHARDS: u32 = 1024;
 
+/// The field of shard 0's `{prefix}:settings` that holds the fleet's queue shard count.
+pub const QUEUE_SHARDS_FIELD: &str = "queue_shards";
+
 /// The queue shard a job with this id belongs to among `shards`: FNV-1a (32 bits) of the
 /// id's bytes, modulo `shards`. What `free-roam submit` uses, and where the CLI looks for a
 /// job first; a job queued with a plain `XADD {fr}:jobs` is in shard 0 whatever its id.

@@ -340,6 +340,19 @@ impl Store {
         }
     }
 
+    /// The fleet's number of queue shards: `queue_shards` in shard 0's `{fr}:settings`, which
+    /// `free-roam queue shards` sets; 1 (the one-slot layout) when unset or unreadable as a
+    /// count in 1..=[`keys::MAX_QUEUE_SHARDS`].
+    pub async fn queue_shards(&self) -> StoreResult<u32> {
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(self.keys.shard(0).settings()).arg(keys::QUEUE_SHARDS_FIELD);
+        let raw: Option<String> = self.query(&cmd).await?;
+        Ok(raw
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|k| (1..=keys::MAX_QUEUE_SHARDS).contains(k))
+            .unwrap_or(1))
+    }
+
     /// Requests sent through this handle and its clones so far: commands, pipelines and
     /// function calls each count one (blocking reads on a [`Store::conn`] are not counted).
     pub fn round_trips(&self) -> u64 {
