@@ -272,6 +272,11 @@ pub const SETTINGS: &[Setting] = &[
         "Prompt versions kept in the prompt history, newest first (`fr_prompt_set` trims the rest).",
     ),
     s(
+        "QUEUE_SHARDS_SERVED",
+        Some("0"),
+        "How many of the fleet's queue shards this worker serves (`free-roam queue shards` sets the fleet's count; workers read it at start): 0 serves all of them; N serves N consecutive shards from the one the worker's id hashes to. See docs/operations.md, \"Queue shards\".",
+    ),
+    s(
         "SOURCE_RETRIES",
         Some("5"),
         "Restarts of a failed HLS source (exponential backoff) before the job fails.",
@@ -755,6 +760,7 @@ impl Reader<'_> {
             events_maxlen: self.count("EVENTS_MAXLEN", 1)?,
             alerts_maxlen: self.count("ALERTS_MAXLEN", 1)?,
             prompt_history_max: self.count("PROMPT_HISTORY_MAX", 1)?,
+            shards_served: self.parse::<u32>("QUEUE_SHARDS_SERVED", "a whole number", |_| true)?,
         })
     }
 

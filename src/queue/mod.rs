@@ -6,6 +6,7 @@
 pub mod body;
 pub mod entries;
 mod finishes;
+mod lane;
 pub mod registry;
 mod settings;
 pub mod stop;
@@ -27,9 +28,10 @@ use crate::store::functions::{
 use crate::store::keys::WORKER_GROUP;
 use crate::store::{Backoff, MAX_BLOCK_MS, Store, StoreError, StoreResult, now_ms};
 use entries::{Entry, parse_entry_list, parse_read_reply};
+use lane::{Lane, Layout};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -44,10 +46,35 @@ const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// pass takes it, whatever its JOB_LEASE_MS.
 const HANDBACK_IDLE_MS: u64 = 24 * 3600 * 1000;
 const INDEX_PRUNE_EVERY: Duration = Duration::from_secs(30);
+/// How often a worker compares the fleet's queue shard count with the one it serves.
+const LAYOUT_CHECK_EVERY: Duration = Duration::from_secs(30);
 /// The longest wait between two tries of a Redis call about one job.
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The shortest blocking read of one shard's stream when a worker serves several.
+const MIN_CLAIM_BLOCK_MS: u64 = 100;
 /// Most entries one look for strays reads (`XPENDING ... <worker>`).
 const STRAYS_MAX: usize = 100;
+
+/// Fields of `{fr}:settings` an operator sets by hand (`HSET`) and the functions read:
+/// workers copy them from shard 0 into each shard they serve, since a function reads its
+/// own shard's settings.
+const OPERATOR_SETTINGS: [&str; 2] = ["dead_maxlen", "consumer_idle_ms"];
+
+/// The fields a worker writes into a shard's `settings` hash.
+struct PublishedSettings {
+    fields: Vec<(&'static str, String)>,
+}
+
+impl PublishedSettings {
+    fn in_shard(&self, shard: &Store) -> redis::Cmd {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(shard.keys().settings());
+        for (name, value) in &self.fields {
+            cmd.arg(*name).arg(value);
+        }
+        cmd
+    }
+}
 
 /// What the health endpoint reads about the worker.
 #[derive(Debug, Default)]
@@ -59,7 +86,7 @@ pub struct WorkerState {
     model_info: Mutex<serde_json::Value>,
     /// Why the worker is not ready, when it is not (Redis unreachable at start, ...).
     pub last_redis_error: Mutex<Option<String>>,
-    running: Mutex<HashMap<String, RunningJob>>,
+    running: Mutex<HashMap<EntryKey, RunningJob>>,
     /// The health of the server a remote model calls, when it calls one.
     backend: std::sync::OnceLock<Arc<BackendHealth>>,
 }
@@ -105,19 +132,29 @@ impl WorkerState {
             .collect()
     }
 
-    fn is_running(&self, entry_id: &str) -> bool {
-        self.lock_running().contains_key(entry_id)
+    fn is_running(&self, shard: u32, entry_id: &str) -> bool {
+        self.lock_running()
+            .contains_key(&(shard, entry_id.to_string()))
     }
 
-    /// The running jobs by entry id, copied out so no lock is held across an await.
-    fn snapshot(&self) -> Vec<(String, RunningJob)> {
+    /// The running jobs with their entries, copied out so no lock is held across an await.
+    fn snapshot(&self) -> Vec<(EntryKey, RunningJob)> {
         self.lock_running()
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
 
-    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningJob>> {
+    /// The running jobs of one shard, by entry id.
+    fn shard_snapshot(&self, shard: u32) -> Vec<(String, RunningJob)> {
+        self.lock_running()
+            .iter()
+            .filter(|((s, _), _)| *s == shard)
+            .map(|((_, entry_id), v)| (entry_id.clone(), v.clone()))
+            .collect()
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<EntryKey, RunningJob>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -137,6 +174,10 @@ impl WorkerState {
             .unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
     }
 }
+
+/// A running job's entry: its queue shard and its entry id there (ids repeat across the
+/// shards' streams).
+type EntryKey = (u32, String);
 
 #[derive(Clone, Debug)]
 struct RunningJob {
@@ -165,13 +206,9 @@ pub struct Worker {
     prompt_rx: watch::Receiver<PromptRef>,
     prompt_tx: Arc<watch::Sender<PromptRef>>,
     slot_freed: Arc<Notify>,
-    /// Set by a tick that says a reclaim pass would find something; the reclaim task waits
-    /// on it.
-    reclaim_due: Notify,
-    /// What the ticks wrote into the registry hash.
-    registry_writes: Mutex<registry::RegistryWrites>,
+    /// The shards this worker serves, chosen once Redis first answers.
+    layout: OnceLock<Layout>,
     started_ms: i64,
-    finisher: finishes::Finisher,
 }
 
 /// The default consumer name: host, pid and a boot UUID, so a restarted process never
@@ -223,7 +260,6 @@ impl Worker {
     ) -> Self {
         let (tx, rx) = watch::channel(crate::prompt::active::default_ref(&config.default_prompt));
         Self {
-            finisher: finishes::Finisher::new(store.clone(), identity.id.clone()),
             store,
             config,
             body,
@@ -233,8 +269,7 @@ impl Worker {
             prompt_rx: rx,
             prompt_tx: Arc::new(tx),
             slot_freed: Arc::new(Notify::new()),
-            reclaim_due: Notify::new(),
-            registry_writes: Mutex::default(),
+            layout: OnceLock::new(),
             started_ms: now_ms(),
         }
     }
@@ -257,7 +292,11 @@ impl Worker {
             tasks_stop.clone(),
         ));
         let heartbeat_task = tokio::spawn(self.clone().heartbeat_loop(tasks_stop.clone()));
-        let reclaim_task = tokio::spawn(self.clone().reclaim_loop(shutdown.clone()));
+        let reclaim_tasks: Vec<_> = self
+            .lanes()
+            .iter()
+            .map(|lane| tokio::spawn(self.clone().reclaim_loop(lane.clone(), shutdown.clone())))
+            .collect();
         // Running jobs are stopped and handed back as soon as shutdown comes, not when the
         // claim loop's blocked XREADGROUP returns (up to a second later): a hand-off must
         // not wait for it.
@@ -272,27 +311,45 @@ impl Worker {
             deadline
         };
         let ((), deadline) = tokio::join!(self.clone().claim_loop(shutdown.clone()), early_drain);
-        let _ = reclaim_task.await;
+        for task in reclaim_tasks {
+            let _ = task.await;
+        }
         // A job whose claim was in flight when the first drain looked is stopped here,
         // within the same bound.
         self.drain(&drained, deadline).await;
         tasks_stop.cancel();
         let _ = heartbeat_task.await;
         let _ = prompt_task.await;
-        let keys = self.store.keys();
+        for lane in self.lanes() {
+            self.leave(lane).await;
+        }
+        tracing::info!(worker = %self.identity.id, "worker stopped");
+    }
+
+    /// Takes the stopped worker out of one shard's registry, and out of its leases at once
+    /// when no job of the shard is left running (an entry whose hand-back failed is then the
+    /// sweep's, once idle past a lease); a job still running keeps the lease until it lapses
+    /// and is then taken as a dead worker's.
+    async fn leave(&self, lane: &Lane) {
+        let keys = lane.store.keys();
         let mut pipe = redis::pipe();
         pipe.cmd("DEL").arg(keys.worker(&self.identity.id)).ignore();
-        // Out of the leases at once when no job is left running (an entry whose hand-back
-        // failed is then the sweep's, once idle past a lease); a job still running keeps
-        // the lease until it lapses and is then taken as a dead worker's.
-        if self.state.running_jobs() == 0 {
+        if self.state.shard_snapshot(lane.shard).is_empty() {
             pipe.cmd("ZREM")
                 .arg(keys.workers_alive())
                 .arg(&self.identity.id)
                 .ignore();
         }
-        let _ = self.store.pipe::<()>(&pipe).await;
-        tracing::info!(worker = %self.identity.id, "worker stopped");
+        let _ = lane.store.pipe::<()>(&pipe).await;
+    }
+
+    /// The shards this worker serves; none before Redis first answered.
+    fn lanes(&self) -> &[Arc<Lane>] {
+        self.layout.get().map_or(&[], |l| l.lanes.as_slice())
+    }
+
+    fn lane_of(&self, shard: u32) -> Option<&Arc<Lane>> {
+        self.lanes().iter().find(|l| l.shard == shard)
     }
 
     /// Waits for Redis: loads the functions, creates the group, publishes the settings.
@@ -328,26 +385,57 @@ impl Worker {
 
     async fn prepare_redis(&self) -> StoreResult<()> {
         self.store.load_functions().await?;
-        self.store.ensure_group().await?;
-        self.publish_settings().await
+        if self.layout.get().is_none() {
+            let shards = self.store.queue_shards().await?;
+            let served = self.config.served_shards(&self.identity.id, shards);
+            let lanes = served
+                .iter()
+                .map(|&shard| Lane::new(&self.store, shard, &self.identity.id))
+                .collect();
+            if self.layout.set(Layout { shards, lanes }).is_ok() && shards > 1 {
+                tracing::info!(shards, ?served, "serving queue shards");
+            }
+        }
+        let published = self.published_settings().await?;
+        for lane in self.lanes() {
+            lane.store.ensure_group().await?;
+            if lane.shard != 0 {
+                lane.store
+                    .query::<()>(&published.in_shard(&lane.store))
+                    .await?;
+            }
+        }
+        self.store
+            .query::<()>(&published.in_shard(&self.store))
+            .await
     }
 
-    /// Settings the user-called functions and the CLI need too (expiry, caps), kept in
-    /// `{fr}:settings`.
-    async fn publish_settings(&self) -> StoreResult<()> {
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(self.store.keys().settings())
-            .arg("result_ttl_s")
-            .arg(self.config.result_ttl.as_secs())
-            .arg("results_maxlen")
-            .arg(self.config.results_maxlen)
-            .arg("events_maxlen")
-            .arg(self.config.events_maxlen)
-            .arg("alerts_maxlen")
-            .arg(self.config.alerts_maxlen)
-            .arg("prompt_history_max")
-            .arg(self.config.prompt_history_max);
-        self.store.query::<()>(&cmd).await
+    /// Settings the user-called functions and the CLI need too (expiry, caps), written into
+    /// each served shard's `settings` hash (the functions read their own shard's), with the
+    /// fields an operator sets in shard 0's copied over.
+    async fn published_settings(&self) -> StoreResult<PublishedSettings> {
+        let mut read = redis::cmd("HMGET");
+        read.arg(self.store.keys().settings())
+            .arg(OPERATOR_SETTINGS.as_slice());
+        let operator: Vec<Option<String>> = self.store.query(&read).await?;
+        let mut fields: Vec<(&'static str, String)> = OPERATOR_SETTINGS
+            .iter()
+            .zip(operator)
+            .filter_map(|(name, value)| Some((*name, value?)))
+            .collect();
+        fields.extend(self.own_settings());
+        Ok(PublishedSettings { fields })
+    }
+
+    fn own_settings(&self) -> [(&'static str, String); 5] {
+        let c = &self.config;
+        [
+            ("result_ttl_s", c.result_ttl.as_secs().to_string()),
+            ("results_maxlen", c.results_maxlen.to_string()),
+            ("events_maxlen", c.events_maxlen.to_string()),
+            ("alerts_maxlen", c.alerts_maxlen.to_string()),
+            ("prompt_history_max", c.prompt_history_max.to_string()),
+        ]
     }
 
     fn free_slots(&self) -> usize {
@@ -356,9 +444,19 @@ impl Worker {
             .saturating_sub(self.state.running_jobs())
     }
 
+    /// Reads new entries from the served shards in turn, each read blocking for its share of
+    /// a second, so that an entry in any of them waits about a second at most, and one loop
+    /// keeps the free-slot count for all of them.
     async fn claim_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let lanes = self.lanes().to_vec();
+        let block_ms = (MAX_BLOCK_MS.min(1000) / lanes.len().max(1) as u64).max(MIN_CLAIM_BLOCK_MS);
+        let mut turn = 0usize;
         while !shutdown.is_cancelled() {
+            let Some(lane) = lanes.get(turn % lanes.len().max(1)).cloned() else {
+                return;
+            };
+            turn = turn.wrapping_add(1);
             let free = self.free_slots();
             if free == 0 {
                 tokio::select! {
@@ -375,18 +473,18 @@ impl Worker {
                 .arg("COUNT")
                 .arg(free)
                 .arg("BLOCK")
-                .arg(MAX_BLOCK_MS.min(1000))
+                .arg(block_ms)
                 .arg("STREAMS")
-                .arg(self.store.keys().jobs())
+                .arg(lane.store.keys().jobs())
                 .arg(">");
-            match self.store.query_blocking::<redis::Value>(&cmd).await {
+            match lane.store.query_blocking::<redis::Value>(&cmd).await {
                 Ok(reply) => {
                     backoff.reset();
                     self.state.redis_ok();
                     // The next read waits for this one's entries, so the free-slot count
                     // it asks for is accurate.
                     self.clone()
-                        .take_entries(parse_read_reply(&reply), false, &shutdown)
+                        .take_entries(&lane, parse_read_reply(&reply), false, &shutdown)
                         .await;
                 }
                 Err(e) => {
@@ -425,10 +523,10 @@ impl Worker {
     /// Entries whose owner's lease lapsed (it died) or that were handed back are taken over
     /// when a tick says a pass would find some, whatever this worker's load. When full it
     /// takes one per pass, up to twice its capacity.
-    async fn reclaim_loop(self: Arc<Self>, shutdown: CancellationToken) {
+    async fn reclaim_loop(self: Arc<Self>, lane: Arc<Lane>, shutdown: CancellationToken) {
         loop {
             tokio::select! {
-                _ = self.reclaim_due.notified() => {}
+                _ = lane.reclaim_due.notified() => {}
                 _ = shutdown.cancelled() => return,
             }
             if !self.may_reclaim() {
@@ -440,7 +538,7 @@ impl Worker {
                 .max_concurrent_streams
                 .saturating_sub(running)
                 .max(1);
-            match functions::reclaim(&self.store, &self.identity.id, self.call_in(), count).await {
+            match functions::reclaim(&lane.store, &self.identity.id, self.call_in(), count).await {
                 Ok(reply) => {
                     let entries = parse_entry_list(&reply);
                     for entry in &entries {
@@ -448,7 +546,9 @@ impl Worker {
                         tracing::info!(entry = %entry.id, "reclaimed a job entry");
                     }
                     // Past shutdown, take_entries hands them back at once.
-                    self.clone().take_entries(entries, true, &shutdown).await;
+                    self.clone()
+                        .take_entries(&lane, entries, true, &shutdown)
+                        .await;
                 }
                 Err(e) => self.on_redis_error(&e, "reclaiming entries").await,
             }
@@ -461,15 +561,16 @@ impl Worker {
     /// read before it were claimed. Entries that arrive after shutdown are handed back.
     async fn take_entries(
         self: Arc<Self>,
+        lane: &Arc<Lane>,
         entries: Vec<Entry>,
         reclaimed: bool,
         shutdown: &CancellationToken,
     ) {
-        let tag = self.store.keys().tag().to_string();
+        let tag = lane.store.keys().tag().to_string();
         let mut specs: Vec<JobSpec> = Vec::new();
         for entry in entries {
             if shutdown.is_cancelled() {
-                self.hand_back_unstarted(&entry).await;
+                self.hand_back_unstarted(lane, &entry).await;
                 continue;
             }
             let parsed = JobSpec::parse(&entry.id, &entry.fields, self.config.default_fps, || {
@@ -491,15 +592,20 @@ impl Worker {
                 ),
             };
             self.clone()
-                .claim_and_start(std::mem::take(&mut specs), reclaimed)
+                .claim_and_start(lane, std::mem::take(&mut specs), reclaimed)
                 .await;
-            self.reject(&entry, &job_id, &error).await;
+            self.reject(lane, &entry, &job_id, &error).await;
         }
-        self.claim_and_start(specs, reclaimed).await;
+        self.claim_and_start(lane, specs, reclaimed).await;
     }
 
     /// Claims `specs` in one `fr_job_claim` call and acts on each verdict, concurrently.
-    async fn claim_and_start(self: Arc<Self>, specs: Vec<JobSpec>, reclaimed: bool) {
+    async fn claim_and_start(
+        self: Arc<Self>,
+        lane: &Arc<Lane>,
+        specs: Vec<JobSpec>,
+        reclaimed: bool,
+    ) {
         if specs.is_empty() {
             return;
         }
@@ -517,7 +623,7 @@ impl Worker {
         let claimed = self
             .retrying(|| {
                 functions::claim(
-                    &self.store,
+                    &lane.store,
                     &self.identity.id,
                     self.config.max_attempts,
                     &batch,
@@ -531,7 +637,7 @@ impl Worker {
             // whole call: claim each alone, so that only that one is left to the reclaim.
             Err(e) if !e.is_transient() && specs.len() > 1 => {
                 for spec in specs {
-                    Box::pin(self.clone().claim_and_start(vec![spec], reclaimed)).await;
+                    Box::pin(self.clone().claim_and_start(lane, vec![spec], reclaimed)).await;
                 }
                 return;
             }
@@ -539,13 +645,22 @@ impl Worker {
         };
         let mut follow_ups = tokio::task::JoinSet::new();
         for (spec, verdict) in specs.into_iter().zip(verdicts) {
-            follow_ups.spawn(self.clone().act_on_claim(spec, verdict, reclaimed));
+            follow_ups.spawn(
+                self.clone()
+                    .act_on_claim(lane.clone(), spec, verdict, reclaimed),
+            );
         }
         while follow_ups.join_next().await.is_some() {}
     }
 
     /// Starts a job the claim said to run, or records why it does not run.
-    async fn act_on_claim(self: Arc<Self>, spec: JobSpec, verdict: ClaimVerdict, reclaimed: bool) {
+    async fn act_on_claim(
+        self: Arc<Self>,
+        lane: Arc<Lane>,
+        spec: JobSpec,
+        verdict: ClaimVerdict,
+        reclaimed: bool,
+    ) {
         match verdict {
             ClaimVerdict::Run { attempt } => {
                 // An entry read new from the stream was never delivered before, so no worker
@@ -565,7 +680,8 @@ impl Worker {
                 if let Some(status) = saved.ended {
                     // The last owner wrote the end entry but stopped before the ack.
                     tracing::info!(job = %spec.job_id, status = status.as_str(), "job had ended; recording it");
-                    self.finish(&spec, status, "", OpenAlerts::Possible).await;
+                    self.finish(&lane, &spec, status, "", OpenAlerts::Possible)
+                        .await;
                     return;
                 }
                 let resume = ResumeState {
@@ -582,7 +698,7 @@ impl Worker {
                 } else {
                     OpenAlerts::NoneSaved
                 };
-                self.start_job(spec, resume, open_alerts);
+                self.start_job(lane, spec, resume, open_alerts);
             }
             ClaimVerdict::Final {
                 why, status, error, ..
@@ -600,7 +716,7 @@ impl Worker {
                         tracing::info!(job = %spec.job_id, status = status.as_str(), "job had ended; dropping its entry");
                     }
                 }
-                self.end_and_ack(&spec.entry_id, &spec.job_id, status, &error)
+                self.end_and_ack(&lane, &spec.entry_id, &spec.job_id, status, &error)
                     .await;
             }
             ClaimVerdict::Duplicate => {
@@ -620,7 +736,14 @@ impl Worker {
     /// The second half of a job that is final in the queue's slot: its end entry (in the
     /// job's slot, once), then the ack. Each step is safe to repeat after a crash or a lost
     /// reply.
-    async fn end_and_ack(&self, entry_id: &str, job_id: &str, status: JobStatus, error: &str) {
+    async fn end_and_ack(
+        &self,
+        lane: &Lane,
+        entry_id: &str,
+        job_id: &str,
+        status: JobStatus,
+        error: &str,
+    ) {
         let retention = self.retention();
         let ended = self
             .with_retry(|| {
@@ -639,14 +762,14 @@ impl Worker {
             return;
         }
         let acked = self
-            .with_retry(|| functions::ack(&self.store, entry_id, &self.identity.id))
+            .with_retry(|| functions::ack(&lane.store, entry_id, &self.identity.id))
             .await;
         if acked == Some(Ownership::Lost) {
             tracing::info!(job = %job_id, "another worker owns the ended job's entry now; left to it");
         }
     }
 
-    async fn reject(&self, entry: &Entry, job_id: &str, error: &str) {
+    async fn reject(&self, lane: &Lane, entry: &Entry, job_id: &str, error: &str) {
         self.metrics.jobs_rejected.inc();
         tracing::warn!(entry = %entry.id, job = %job_id, %error, "job entry refused");
         // The hash shows what it can of the entry: its hash fields that are text of a sane
@@ -663,7 +786,7 @@ impl Worker {
         let verdict = self
             .with_retry(|| {
                 functions::reject(
-                    &self.store,
+                    &lane.store,
                     &entry.id,
                     &self.identity.id,
                     job_id,
@@ -673,7 +796,8 @@ impl Worker {
             })
             .await;
         if let Some(ClaimVerdict::Final { status, error, .. }) = verdict {
-            self.end_and_ack(&entry.id, job_id, status, &error).await;
+            self.end_and_ack(lane, &entry.id, job_id, status, &error)
+                .await;
         }
     }
 
@@ -734,7 +858,13 @@ impl Worker {
 
     /// `open_alerts`: whether an earlier delivery may have left alerts open in the job's
     /// progress hash.
-    fn start_job(self: &Arc<Self>, spec: JobSpec, resume: ResumeState, open_alerts: OpenAlerts) {
+    fn start_job(
+        self: &Arc<Self>,
+        lane: Arc<Lane>,
+        spec: JobSpec,
+        resume: ResumeState,
+        open_alerts: OpenAlerts,
+    ) {
         let stop = StopSignal::new();
         let running = RunningJob {
             job_id: spec.job_id.clone(),
@@ -742,18 +872,18 @@ impl Worker {
             done: Arc::new(Notify::new()),
             finished: Arc::new(AtomicBool::new(false)),
         };
-        let entry_id = spec.entry_id.clone();
+        let entry = (lane.shard, spec.entry_id.clone());
         {
             let mut map = self.state.lock_running();
-            map.insert(entry_id.clone(), running.clone());
+            map.insert(entry.clone(), running.clone());
             self.metrics.running_jobs.set(map.len() as u64);
         }
         let me = self.clone();
         tokio::spawn(async move {
-            me.run_job(spec, resume, stop, open_alerts).await;
+            me.run_job(&lane, spec, resume, stop, open_alerts).await;
             {
                 let mut map = me.state.lock_running();
-                map.remove(&entry_id);
+                map.remove(&entry);
                 me.metrics.running_jobs.set(map.len() as u64);
             }
             running.finished.store(true, Ordering::Relaxed);
@@ -766,6 +896,7 @@ impl Worker {
     /// reason it stopped decides.
     async fn run_job(
         &self,
+        lane: &Lane,
         spec: JobSpec,
         resume: ResumeState,
         stop: StopSignal,
@@ -818,9 +949,9 @@ impl Worker {
                 } else {
                     open_alerts
                 };
-                self.finish(&spec, status, &error, open_alerts).await
+                self.finish(lane, &spec, status, &error, open_alerts).await
             }
-            None => self.hand_back(&spec.entry_id, &spec.job_id).await,
+            None => self.hand_back(lane, &spec.entry_id, &spec.job_id).await,
         }
     }
 
@@ -866,6 +997,7 @@ impl Worker {
     /// a call retried after its reply was lost neither counts a lost lease nor writes twice.
     async fn finish(
         &self,
+        lane: &Lane,
         spec: &JobSpec,
         status: JobStatus,
         error: &str,
@@ -897,7 +1029,7 @@ impl Worker {
             status,
             error: error.to_string(),
         };
-        let verdict = self.with_retry(|| self.finisher.finish(end.clone())).await;
+        let verdict = self.with_retry(|| lane.finisher.finish(end.clone())).await;
         match verdict {
             Some(Ownership::Done) => {
                 match status {
@@ -921,11 +1053,11 @@ impl Worker {
         }
     }
 
-    async fn hand_back(&self, entry_id: &str, job_id: &str) {
+    async fn hand_back(&self, lane: &Lane, entry_id: &str, job_id: &str) {
         let verdict = self
             .with_retry(|| {
                 functions::handback(
-                    &self.store,
+                    &lane.store,
                     entry_id,
                     &self.identity.id,
                     job_id,
@@ -940,9 +1072,9 @@ impl Worker {
     }
 
     /// An entry that arrived while shutting down: give it back untouched.
-    async fn hand_back_unstarted(&self, entry: &Entry) {
+    async fn hand_back_unstarted(&self, lane: &Lane, entry: &Entry) {
         let given = functions::handback(
-            &self.store,
+            &lane.store,
             &entry.id,
             &self.identity.id,
             "",
@@ -956,13 +1088,13 @@ impl Worker {
 
     /// Stops every running job not in `drained` for hand-back, adds it there, and waits for
     /// them until `deadline` (the shutdown timeout).
-    async fn drain(&self, drained: &Mutex<HashSet<String>>, deadline: tokio::time::Instant) {
-        let jobs: Vec<(String, RunningJob)> = {
+    async fn drain(&self, drained: &Mutex<HashSet<EntryKey>>, deadline: tokio::time::Instant) {
+        let jobs: Vec<(EntryKey, RunningJob)> = {
             let mut seen = drained.lock().unwrap_or_else(|e| e.into_inner());
             self.state
                 .snapshot()
                 .into_iter()
-                .filter(|(entry_id, _)| seen.insert(entry_id.clone()))
+                .filter(|(entry, _)| seen.insert(entry.clone()))
                 .collect()
         };
         if jobs.is_empty() {
@@ -972,7 +1104,7 @@ impl Worker {
         for (_, job) in &jobs {
             job.stop.stop(StopReason::Shutdown);
         }
-        for (entry_id, job) in jobs {
+        for ((shard, entry_id), job) in jobs {
             let waited = async {
                 while !job.finished.load(Ordering::Relaxed) {
                     let notified = job.done.notified();
@@ -984,7 +1116,9 @@ impl Worker {
             };
             if tokio::time::timeout_at(deadline, waited).await.is_err() {
                 // The job task is stuck (e.g. Redis unreachable): hand back directly.
-                self.hand_back(&entry_id, &job.job_id).await;
+                if let Some(lane) = self.lane_of(shard) {
+                    self.hand_back(lane, &entry_id, &job.job_id).await;
+                }
             }
         }
     }
@@ -993,14 +1127,26 @@ impl Worker {
         let tick = self.config.heartbeat_tick();
         let mut last_prune = Instant::now();
         let mut last_audit = Instant::now();
+        let mut last_layout_check = Instant::now();
+        let mut shards_seen = self.layout.get().map_or(1, |l| l.shards);
         loop {
             let audit = last_audit.elapsed() >= self.config.audit_interval();
-            if self.heartbeat_once(audit).await {
+            let mut audited = true;
+            for lane in self.lanes() {
+                audited &= self.heartbeat_once(lane, audit).await;
+            }
+            if audited {
                 last_audit = Instant::now();
             }
             if last_prune.elapsed() > INDEX_PRUNE_EVERY {
                 last_prune = Instant::now();
-                let _ = functions::prune_index(&self.store, 500).await;
+                for lane in self.lanes() {
+                    let _ = functions::prune_index(&lane.store, 500).await;
+                }
+            }
+            if last_layout_check.elapsed() > LAYOUT_CHECK_EVERY {
+                last_layout_check = Instant::now();
+                shards_seen = self.check_layout(shards_seen).await;
             }
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
@@ -1009,24 +1155,45 @@ impl Worker {
         }
     }
 
-    /// Renews the worker's lease, writes its registry hash and reads its cancel requests in
-    /// one call (and, when `audit` is due or the tick says the worker registered afresh,
+    /// Says once when the fleet's queue shard count is no longer the one this worker read at
+    /// start: it keeps serving its shards (no job is lost, and the jobs of the new shards wait
+    /// for workers started since), and a restart makes it serve the new layout. The count
+    /// now, to compare the next check with.
+    async fn check_layout(&self, seen: u32) -> u32 {
+        let Some(layout) = self.layout.get() else {
+            return seen;
+        };
+        let Ok(now) = self.store.queue_shards().await else {
+            return seen;
+        };
+        if now != seen && now != layout.shards {
+            tracing::warn!(
+                serving = layout.shards,
+                fleet = now,
+                "the fleet's queue shard count changed; this worker serves the shards it chose at start until it restarts"
+            );
+        }
+        now
+    }
+
+    /// Renews the worker's lease in one shard, writes its registry hash there and reads its
+    /// cancel requests in one call (and, when `audit` is due or the tick says the worker registered afresh,
     /// checks every running job's entry, and looks for stray entries). Whether the audit
     /// that was due is done.
-    async fn heartbeat_once(&self, audit: bool) -> bool {
-        let jobs = self.state.snapshot();
+    async fn heartbeat_once(&self, lane: &Lane, audit: bool) -> bool {
+        let jobs = self.state.shard_snapshot(lane.shard);
         let registry = self.registry(&jobs);
-        let sent =
-            self.lock_registry_writes()
-                .to_send(&registry, Instant::now(), self.config.job_lease);
-        let mut tick = functions::tick(&self.store, &self.identity.id, self.call_in(), &sent).await;
+        let sent = lane
+            .registry_writes()
+            .to_send(&registry, Instant::now(), self.config.job_lease);
+        let mut tick = functions::tick(&lane.store, &self.identity.id, self.call_in(), &sent).await;
         // A worker of the version before loads its own library when it starts, and that
         // tick refuses the word `due`: this version's library (which serves the older
         // workers' calls too) goes back, and the tick is made again.
         if matches!(&tick, Err(e) if e.code() == Some("ERR"))
-            && self.store.load_functions().await.is_ok()
+            && lane.store.load_functions().await.is_ok()
         {
-            tick = functions::tick(&self.store, &self.identity.id, self.call_in(), &sent).await;
+            tick = functions::tick(&lane.store, &self.identity.id, self.call_in(), &sent).await;
         }
         let tick = match tick {
             Ok(tick) => tick,
@@ -1035,10 +1202,10 @@ impl Worker {
                 return false;
             }
         };
-        self.lock_registry_writes()
+        lane.registry_writes()
             .answered(&registry, &sent, Instant::now(), tick.hash_created);
         if tick.reclaim_due && self.may_reclaim() {
-            self.reclaim_due.notify_one();
+            lane.reclaim_due.notify_one();
         }
         if !self.state.redis_ready.load(Ordering::Relaxed) {
             // Back after an outage: the server may have lost the group and settings.
@@ -1055,11 +1222,11 @@ impl Worker {
             }
         }
         if audit && !self.state.draining.load(Ordering::Relaxed) {
-            self.hand_back_strays(&jobs).await;
+            self.hand_back_strays(lane, &jobs).await;
         }
         let due = audit || tick.registered;
         if due && !jobs.is_empty() {
-            return self.audit(&jobs).await;
+            return self.audit(lane, &jobs).await;
         }
         // Nothing to audit counts as audited: an idle worker looks for strays once a lease
         // too, not every tick.
@@ -1070,9 +1237,9 @@ impl Worker {
     /// have been idle past [`Worker::stray_after`]: what a claim, an end or a hand-back that
     /// ran out of retries (a long failover) left behind. They go to the orphans, which the
     /// next reclaim pass of any worker, this one too, takes.
-    async fn hand_back_strays(&self, jobs: &[(String, RunningJob)]) {
+    async fn hand_back_strays(&self, lane: &Lane, jobs: &[(String, RunningJob)]) {
         let mut cmd = redis::cmd("XPENDING");
-        cmd.arg(self.store.keys().jobs())
+        cmd.arg(lane.store.keys().jobs())
             .arg(WORKER_GROUP)
             .arg("IDLE")
             .arg(self.stray_after().as_millis() as u64)
@@ -1080,17 +1247,17 @@ impl Worker {
             .arg("+")
             .arg(STRAYS_MAX)
             .arg(&self.identity.id);
-        let pending: Vec<(String, String, u64, u64)> = match self.store.query(&cmd).await {
+        let pending: Vec<(String, String, u64, u64)> = match lane.store.query(&cmd).await {
             Ok(rows) => rows,
             Err(e) => return self.on_redis_error(&e, "looking for stray entries").await,
         };
         let running: HashSet<&str> = jobs.iter().map(|(entry_id, _)| entry_id.as_str()).collect();
         for (entry_id, ..) in pending {
-            if running.contains(entry_id.as_str()) || self.state.is_running(&entry_id) {
+            if running.contains(entry_id.as_str()) || self.state.is_running(lane.shard, &entry_id) {
                 continue;
             }
             let given = functions::handback(
-                &self.store,
+                &lane.store,
                 &entry_id,
                 &self.identity.id,
                 "",
@@ -1109,12 +1276,12 @@ impl Worker {
 
     /// Checks every running job's entry in one call: a job whose entry another worker owns
     /// now, or that is gone, is stopped here, not stolen back. Whether the call answered.
-    async fn audit(&self, jobs: &[(String, RunningJob)]) -> bool {
+    async fn audit(&self, lane: &Lane, jobs: &[(String, RunningJob)]) -> bool {
         let ids: Vec<(&str, &str)> = jobs
             .iter()
             .map(|(entry_id, job)| (entry_id.as_str(), job.job_id.as_str()))
             .collect();
-        match functions::heartbeat(&self.store, &self.identity.id, self.call_in(), &ids).await {
+        match functions::heartbeat(&lane.store, &self.identity.id, self.call_in(), &ids).await {
             Ok(leases) => {
                 for ((_, job), lease) in jobs.iter().zip(leases) {
                     match lease {
@@ -1130,12 +1297,6 @@ impl Worker {
                 false
             }
         }
-    }
-
-    fn lock_registry_writes(&self) -> std::sync::MutexGuard<'_, registry::RegistryWrites> {
-        self.registry_writes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// The fields of the worker's registry hash (`{fr}:worker:<id>`), which the ticks write

@@ -2,6 +2,7 @@
 //! often a job may be delivered, and how long a job's keys are kept.
 
 use crate::store::functions::{CallIn, Retention};
+use crate::store::keys::shard_of_job;
 use std::time::Duration;
 
 /// `MAX_CONCURRENT_STREAMS`, `JOB_LEASE_MS`, `RECLAIM_INTERVAL_MS`, `MAX_ATTEMPTS`, the
@@ -25,6 +26,9 @@ pub struct QueueSettings {
     pub alerts_maxlen: usize,
     /// `PROMPT_HISTORY_MAX`: prompt versions `fr_prompt_set` keeps.
     pub prompt_history_max: usize,
+    /// `QUEUE_SHARDS_SERVED`: how many of the fleet's queue shards this worker serves; 0 is
+    /// all of them ([`QueueSettings::served_shards`]).
+    pub shards_served: u32,
 }
 
 impl QueueSettings {
@@ -57,6 +61,20 @@ impl QueueSettings {
         }
     }
 
+    /// The queue shards this worker serves among the fleet's `shards`: all of them when
+    /// `QUEUE_SHARDS_SERVED` is 0 or at least `shards`; else that many consecutive shards
+    /// from the one the worker's id hashes to, so a large fleet's workers cover the shards
+    /// about evenly without agreeing on anything.
+    pub fn served_shards(&self, worker_id: &str, shards: u32) -> Vec<u32> {
+        let shards = shards.max(1);
+        let served = self.shards_served;
+        if served == 0 || served >= shards {
+            return (0..shards).collect();
+        }
+        let first = shard_of_job(worker_id, shards);
+        (0..served).map(|i| (first + i) % shards).collect()
+    }
+
     /// What a job's end keeps, and for how long.
     pub fn retention(&self) -> Retention {
         Retention {
@@ -64,5 +82,47 @@ impl QueueSettings {
             ttl_s: self.result_ttl.as_secs(),
             alerts_maxlen: self.alerts_maxlen,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served(shards_served: u32) -> QueueSettings {
+        QueueSettings {
+            worker_id: None,
+            max_concurrent_streams: 8,
+            job_lease: Duration::from_secs(15),
+            reclaim_interval: Duration::from_secs(1),
+            max_attempts: 3,
+            shutdown_timeout: Duration::from_secs(5),
+            default_fps: 2.0,
+            default_prompt: String::new(),
+            result_ttl: Duration::from_secs(3600),
+            results_maxlen: 10,
+            events_maxlen: 10,
+            alerts_maxlen: 10,
+            prompt_history_max: 10,
+            shards_served,
+        }
+    }
+
+    #[test]
+    fn a_worker_serves_all_shards_or_a_run_of_them_from_its_own() {
+        assert_eq!(served(0).served_shards("w", 1), vec![0]);
+        assert_eq!(served(0).served_shards("w", 4), vec![0, 1, 2, 3]);
+        assert_eq!(served(9).served_shards("w", 4), vec![0, 1, 2, 3]);
+        let first = shard_of_job("w", 5);
+        let two = served(2).served_shards("w", 5);
+        assert_eq!(two, vec![first, (first + 1) % 5]);
+        // An unset count (0) reads as the one-slot layout.
+        assert_eq!(served(2).served_shards("w", 0), vec![0]);
+        // Workers spread over the shards: 1,000 ids serving one shard each cover all 8.
+        let mut seen = [0u32; 8];
+        for i in 0..1000 {
+            seen[served(1).served_shards(&format!("host-{i}"), 8)[0] as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 80), "{seen:?}");
     }
 }

@@ -345,7 +345,8 @@ impl Store {
     /// count in 1..=[`keys::MAX_QUEUE_SHARDS`].
     pub async fn queue_shards(&self) -> StoreResult<u32> {
         let mut cmd = redis::cmd("HGET");
-        cmd.arg(self.keys.shard(0).settings()).arg(keys::QUEUE_SHARDS_FIELD);
+        cmd.arg(self.keys.shard(0).settings())
+            .arg(keys::QUEUE_SHARDS_FIELD);
         let raw: Option<String> = self.query(&cmd).await?;
         Ok(raw
             .and_then(|v| v.trim().parse::<u32>().ok())

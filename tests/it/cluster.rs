@@ -3,6 +3,7 @@
 //! any slot, results, status, cancel, the prompt), the result writes of 30 running jobs land
 //! on all three masters, and running jobs survive a failover of the master holding `{fr}`.
 
+use crate::common::claims::{claim_all, read_and_claim_in};
 use crate::common::process::raw_frame_xadd;
 use crate::common::worker::config;
 use crate::common::{free_port, temp_dir, unique_prefix, wait_until};
@@ -791,54 +792,6 @@ fn alerts_on_a_cluster_go_to_the_queue_slot_and_their_state_to_the_job_slot() {
             .await
             .unwrap();
     });
-}
-
-/// Reads up to `count` new entries of `store`'s shard as `worker` and claims them; the
-/// entry ids claimed to run.
-async fn read_and_claim_in(store: &free_roam::store::Store, worker: &str) -> Vec<String> {
-    let cmd = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(free_roam::store::keys::WORKER_GROUP)
-        .arg(worker)
-        .arg("COUNT")
-        .arg(10)
-        .arg("STREAMS")
-        .arg(store.keys().jobs())
-        .arg(">")
-        .to_owned();
-    let reply: redis::Value = store.query(&cmd).await.unwrap();
-    let entries = free_roam::queue::entries::parse_read_reply(&reply);
-    claim_all(store, worker, entries).await
-}
-
-async fn claim_all(
-    store: &free_roam::store::Store,
-    worker: &str,
-    entries: Vec<free_roam::queue::entries::Entry>,
-) -> Vec<String> {
-    use free_roam::job::JobSpec;
-    use free_roam::store::functions::{self, ClaimEntry, ClaimVerdict};
-    let specs: Vec<JobSpec> = entries
-        .iter()
-        .map(|e| JobSpec::parse(&e.id, &e.fields, 2.0, || e.id.clone()).unwrap())
-        .collect();
-    let fields: Vec<_> = specs.iter().map(JobSpec::hash_fields).collect();
-    let batch: Vec<ClaimEntry<'_>> = specs
-        .iter()
-        .zip(&fields)
-        .map(|(s, f)| ClaimEntry {
-            entry_id: &s.entry_id,
-            job_id: &s.job_id,
-            fields: f,
-        })
-        .collect();
-    let verdicts = functions::claim(store, worker, 3, &batch).await.unwrap();
-    specs
-        .iter()
-        .zip(verdicts)
-        .filter(|(_, v)| matches!(v, ClaimVerdict::Run { .. }))
-        .map(|(s, _)| s.entry_id.clone())
-        .collect()
 }
 
 /// The queue split over three shards (`Keys::shard`), each on its own master: every

@@ -18,6 +18,7 @@ mod ingest_rtsp;
 mod layers;
 mod lifecycle;
 mod openai;
+mod queue_shards;
 mod readme;
 mod scaling;
 mod security;

@@ -1,6 +1,7 @@
 //! Test support shared by the integration tests: a private `redis-server` on a free port,
 //! and small helpers to wait for conditions.
 
+pub mod claims;
 pub mod frames;
 pub mod process;
 pub mod worker;
