@@ -265,13 +265,19 @@ fn worker_log(cluster: &TestCluster, prefix: &str) -> PathBuf {
 /// the worker's log.
 fn state_of(cluster: &TestCluster, prefix: &str, jobs: &[String]) -> String {
     let keys = Keys::new(prefix);
+    let shards: Option<u32> = cluster.cmd(&[
+        "HGET",
+        &keys.settings(),
+        free_roam::store::keys::QUEUE_SHARDS_FIELD,
+    ]);
+    let shard = |j: &str| free_roam::store::keys::shard_of_job(j, shards.unwrap_or(1));
     let hashes: Vec<(String, usize, HashMap<String, String>)> = jobs
         .iter()
         .map(|j| {
             (
                 j.clone(),
                 result_count(cluster, &keys, j),
-                cluster.cmd(&["HGETALL", &keys.job(j)]),
+                cluster.cmd(&["HGETALL", &keys.shard(shard(j)).job(j)]),
             )
         })
         .collect();
@@ -537,16 +543,65 @@ fn a_cluster_runs_the_whole_contract_and_spreads_result_writes_over_its_masters(
 /// and a timeout there prints each job's hash and the end of the worker's log.
 #[test]
 fn running_jobs_survive_a_failover_of_the_master_holding_the_queue() {
+    failover_keeps_jobs_running(1);
+}
+
+/// The same with the queue in three shards, each on its own master, the CLI queueing each
+/// job in its shard: the failover is of the master holding shard 1.
+#[test]
+fn running_jobs_in_a_sharded_queue_survive_a_failover_of_a_shards_master() {
+    failover_keeps_jobs_running(3);
+}
+
+/// A prefix whose first `shards` queue shard tags are served by as many masters (at most
+/// the three the test cluster has).
+fn prefix_with_shards_apart(cluster: &TestCluster, shards: u32) -> String {
+    let base = unique_prefix();
+    (0..)
+        .map(|i| format!("{base}s{i}"))
+        .find(|p| {
+            let k = Keys::new(p);
+            let masters: std::collections::HashSet<u16> = (0..shards)
+                .map(|s| cluster.master_of(&k.shard(s).jobs()))
+                .collect();
+            masters.len() == shards.min(3) as usize
+        })
+        .unwrap()
+}
+
+/// Six jobs run on a worker over a queue of `shards` shards; the replica of the master
+/// holding shard `shards - 1`'s tag (`{fr}` for one shard) takes over, and the jobs go on
+/// with no second attempt, new jobs run and a cancel reaches a running one.
+fn failover_keeps_jobs_running(shards: u32) {
+    use free_roam::store::keys::{QUEUE_SHARDS_FIELD, shard_of_job};
     let _serial = ONE_CLUSTER_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let cluster = TestCluster::start();
-    let p = unique_prefix();
+    let p = prefix_with_shards_apart(&cluster, shards);
     let keys = Keys::new(&p);
+    let _: i64 = cluster.cmd(&[
+        "HSET",
+        &keys.settings(),
+        QUEUE_SHARDS_FIELD,
+        &shards.to_string(),
+    ]);
+    // Where a job's hash is: the shard the CLI queued it in.
+    let job_key = |job: &str| keys.shard(shard_of_job(job, shards)).job(job);
     let streams = one_key_per_master(&cluster);
     let _feeder = Feeder::start(&cluster, streams.clone());
     let w = worker(&cluster, &p, &[("JOB_LEASE_MS", "10000")]);
-    let jobs: Vec<String> = (0..6).map(|i| format!("long-{i}")).collect();
+    // Six jobs, as many in each shard.
+    let mut per_shard = vec![0u32; shards as usize];
+    let jobs: Vec<String> = (0..)
+        .map(|n| format!("long-{n}"))
+        .filter(|j| {
+            let count = &mut per_shard[shard_of_job(j, shards) as usize];
+            *count += 1;
+            *count <= 6 / shards
+        })
+        .take(6)
+        .collect();
     for (i, job) in jobs.iter().enumerate() {
         submit(&cluster, &p, job, &streams[i % 3], &[]);
     }
@@ -560,15 +615,17 @@ fn running_jobs_survive_a_failover_of_the_master_holding_the_queue() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    // The replica of the master that holds `{fr}` takes over.
-    let (old_master, replica) = cluster.master_and_replica_of(keys.tag());
+    // The replica of the master that holds the last shard (`{fr}` when it is the only one)
+    // takes over.
+    let failed = keys.shard(shards - 1);
+    let (old_master, replica) = cluster.master_and_replica_of(failed.tag());
     // A manual failover that cannot finish within Redis's own 5 s limit (the replica not
     // yet caught up) is dropped without a word, so it is asked for again until it happens.
     let promoted = || {
         cluster
             .node_cmd::<String>(replica, &["INFO", "replication"])
             .is_ok_and(|i| i.contains("role:master"))
-            && cluster.master_of(keys.tag()) == replica
+            && cluster.master_of(failed.tag()) == replica
     };
     let start = std::time::Instant::now();
     'failover: loop {
@@ -602,7 +659,7 @@ fn running_jobs_survive_a_failover_of_the_master_holding_the_queue() {
                     (
                         j.clone(),
                         result_count(&cluster, &keys, j),
-                        cluster.cmd(&["HGETALL", &keys.job(j)]),
+                        cluster.cmd(&["HGETALL", &job_key(j)]),
                     )
                 })
                 .collect();
@@ -611,7 +668,7 @@ fn running_jobs_survive_a_failover_of_the_master_holding_the_queue() {
         std::thread::sleep(Duration::from_millis(100));
     }
     for job in &jobs {
-        let h: HashMap<String, String> = cluster.cmd(&["HGETALL", &keys.job(job)]);
+        let h: HashMap<String, String> = cluster.cmd(&["HGETALL", &job_key(job)]);
         assert_eq!(h["status"], "running", "{job}: {h:?}");
         assert_eq!(h["attempts"], "1", "{job}: {h:?}");
     }
@@ -626,10 +683,13 @@ fn running_jobs_survive_a_failover_of_the_master_holding_the_queue() {
     wait_until(WAIT, || {
         ended(&cluster, &keys, "after-failover").as_deref() == Some("completed")
     });
-    let (code, out) = cli(&cluster, &p, &["cancel", "long-0"]);
-    assert_eq!((code, out.trim()), (0, "long-0: cancelling"));
+    let (code, out) = cli(&cluster, &p, &["cancel", &jobs[0]]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("{}: cancelling", jobs[0]).as_str())
+    );
     wait_until(WAIT, || {
-        ended(&cluster, &keys, "long-0").as_deref() == Some("cancelled")
+        ended(&cluster, &keys, &jobs[0]).as_deref() == Some("cancelled")
     });
     drop(w);
 }
@@ -806,18 +866,7 @@ fn queue_shards_each_run_the_lease_contract_on_their_own_master() {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let cluster = TestCluster::start();
-    // A prefix whose three shard tags are served by three masters.
-    let base = unique_prefix();
-    let prefix = (0..)
-        .map(|i| format!("{base}s{i}"))
-        .find(|p| {
-            let k = Keys::new(p);
-            let masters: std::collections::HashSet<u16> = (0..3)
-                .map(|s| cluster.master_of(&k.shard(s).jobs()))
-                .collect();
-            masters.len() == 3
-        })
-        .unwrap();
+    let prefix = prefix_with_shards_apart(&cluster, 3);
     let nodes: Vec<String> = cluster
         .ports
         .iter()
