@@ -336,6 +336,7 @@ async fn health(ctx: &HealthContext) -> Response<Full<Bytes>> {
             },
             "model": { "loaded": model_loaded, "info": ctx.state.model_info(), "backend": backend },
             "jobs": { "running": ctx.state.running_jobs(), "capacity": ctx.capacity, "ids": ctx.state.running_job_ids() },
+            "queue": ctx.state.queue_shards().map(|(shards, served)| serde_json::json!({ "shards": shards, "served": served })),
             "draining": draining,
         }),
     )

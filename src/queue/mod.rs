@@ -89,6 +89,8 @@ pub struct WorkerState {
     running: Mutex<HashMap<EntryKey, RunningJob>>,
     /// The health of the server a remote model calls, when it calls one.
     backend: std::sync::OnceLock<Arc<BackendHealth>>,
+    /// The fleet's queue shard count read at start, and the shards this worker serves.
+    shards: OnceLock<(u32, Vec<u32>)>,
 }
 
 impl WorkerState {
@@ -112,6 +114,12 @@ impl WorkerState {
     /// Whether the model calls a server at all.
     pub fn has_backend(&self) -> bool {
         self.backend.get().is_some()
+    }
+
+    /// The fleet's queue shard count this worker read at start, and the shards it serves;
+    /// `None` before Redis first answered.
+    pub fn queue_shards(&self) -> Option<&(u32, Vec<u32>)> {
+        self.shards.get()
     }
 
     pub fn model_info(&self) -> serde_json::Value {
@@ -395,6 +403,7 @@ impl Worker {
             if self.layout.set(Layout { shards, lanes }).is_ok() && shards > 1 {
                 tracing::info!(shards, ?served, "serving queue shards");
             }
+            let _ = self.state.shards.set((shards, served));
         }
         let published = self.published_settings().await?;
         for lane in self.lanes() {
