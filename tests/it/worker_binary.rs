@@ -70,6 +70,12 @@ fn the_worker_process_runs_a_frame_stream_job_and_answers_health() {
     assert_eq!(code, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["model"]["info"]["name"], "null");
+    // One queue shard, the default, served.
+    assert_eq!(
+        v["queue"],
+        serde_json::json!({ "shards": 1, "served": [0] }),
+        "{v}"
+    );
     let (_, metrics) = http_get(port, "/metrics").unwrap();
     assert!(
         metrics.contains("freeroam_jobs_completed_total 1"),
