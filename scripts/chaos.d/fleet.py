@@ -250,6 +250,21 @@ class Producer(threading.Thread):
 
 
 FINAL = {"completed", "failed", "cancelled", "dead"}
+# QUEUE_SHARDS=K runs a scenario on a queue of K shards (`queue_shards` in {fr}:settings,
+# written before any worker starts): jobs go in with fr_submit, each to its id's shard.
+SHARDS = env_int("QUEUE_SHARDS", 1)
+
+
+def shard_of_job(job_id):
+    """FNV-1a of the id modulo the shard count, as `free-roam submit` picks a shard."""
+    h = 0x811C9DC5
+    for b in job_id.encode():
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h % SHARDS
+
+
+def shard_tag(shard):
+    return "{%s}" % PREFIX if shard == 0 else "{%s:q%d}" % (PREFIX, shard)
 
 
 class JobBook:
@@ -260,20 +275,29 @@ class JobBook:
         self.redis = redis
         self.con = Redis(redis.port)
         self.jobs = {}  # job_id -> dict
-        self.by_entry = {}
+        self.by_entry = {}  # (shard, entry id) -> job_id
         self.seq = 0
+        if SHARDS > 1:
+            self.con.cmd("HSET", "{%s}:settings" % PREFIX, "queue_shards", SHARDS)
 
     def submit(self, stream_ref, **fields):
         self.seq += 1
         job_id = fields.pop("job_id", None) or "j%05d" % self.seq
-        args = ["XADD", "{%s}:jobs" % PREFIX, "*", "stream_ref", stream_ref, "job_id", job_id]
+        shard = shard_of_job(job_id)
+        if SHARDS > 1:
+            args = ["FCALL", "fr_submit", 1, shard_tag(shard), job_id, "stream_ref", stream_ref]
+        else:
+            args = ["XADD", "{%s}:jobs" % PREFIX, "*", "stream_ref", stream_ref, "job_id", job_id]
         for k, v in fields.items():
             args += [k, v]
         entry = text(self.con.cmd(*args))
         self.jobs[job_id] = {"id": job_id, "entry": entry, "stream_ref": stream_ref,
                              "submitted_ms": now_ms(), "status": None, "fields": fields}
-        self.by_entry[entry] = job_id
+        self.by_entry[(shard, entry)] = job_id
         return job_id
+
+    def job_key(self, job_id):
+        return "%s:job:%s" % (shard_tag(shard_of_job(job_id)), job_id)
 
     def open_jobs(self):
         return [j for j in self.jobs.values() if j["status"] not in FINAL]
@@ -284,7 +308,7 @@ class JobBook:
         if not open_jobs:
             return []
         replies = self.con.pipeline(
-            [("HGET", "{%s}:job:%s" % (PREFIX, j["id"]), "status") for j in open_jobs])
+            [("HGET", self.job_key(j["id"]), "status") for j in open_jobs])
         done = []
         for j, r in zip(open_jobs, replies):
             if isinstance(r, RedisError):
@@ -301,22 +325,34 @@ class JobBook:
         return entries(self.con.cmd("XRANGE", "{%s:%s}:results" % (PREFIX, job_id), "-", "+"))
 
     def job_hash(self, job_id):
-        return pairs(self.con.cmd("HGETALL", "{%s}:job:%s" % (PREFIX, job_id)))
+        return pairs(self.con.cmd("HGETALL", self.job_key(job_id)))
 
     def progress(self, job_id):
         return pairs(self.con.cmd("HGETALL", "{%s:%s}:progress" % (PREFIX, job_id)))
 
     def pending_of(self, consumer):
         """Job ids whose entries `consumer` holds in the group's pending list."""
-        reply = self.con.cmd("XPENDING", "{%s}:jobs" % PREFIX, "workers", "-", "+", 10000, consumer)
-        return [self.by_entry.get(text(e[0]), "?" + text(e[0])) for e in (reply or [])]
+        held = []
+        for shard in range(SHARDS):
+            reply = self.con.cmd("XPENDING", shard_tag(shard) + ":jobs", "workers", "-", "+", 10000,
+                                 consumer)
+            held += [self.by_entry.get((shard, text(e[0])), "?" + text(e[0])) for e in (reply or [])]
+        return held
 
     def events(self):
-        """Job transitions from `{fr}:events`: (time_ms, job_id, to, worker)."""
+        """Job transitions from each shard's `events` stream: (time_ms, job_id, to, worker), in
+        time order."""
+        out = []
+        for shard in range(SHARDS):
+            out += self.shard_events(shard_tag(shard) + ":events")
+        out.sort(key=lambda e: e[0])
+        return out
+
+    def shard_events(self, key):
         out = []
         last = "-"
         while True:
-            batch = entries(self.con.cmd("XRANGE", "{%s}:events" % PREFIX, last, "+", "COUNT", 5000))
+            batch = entries(self.con.cmd("XRANGE", key, last, "+", "COUNT", 5000))
             if last != "-" and batch and batch[0][0] == last:
                 batch = batch[1:]
             if not batch:
@@ -328,7 +364,7 @@ class JobBook:
         return out
 
     def dead_letters(self):
-        return self.con.cmd("XLEN", "{%s}:jobs:dead" % PREFIX)
+        return sum(self.con.cmd("XLEN", shard_tag(s) + ":jobs:dead") for s in range(SHARDS))
 
 
 def entry_ms(entry_id):

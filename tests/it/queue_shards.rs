@@ -165,3 +165,64 @@ async fn a_worker_serving_one_shard_claims_there_only_and_takes_a_dead_workers_e
     assert_eq!(alive(&redis, &base.shard(1)), vec![id.clone()]);
     w.stop().await;
 }
+
+/// The shard count is fleet-wide and read at start: a worker started before it grew keeps
+/// serving the shards it chose, its running jobs end normally, and a job queued in a new
+/// shard waits for a worker started since. No job is lost or run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_count_grown_under_running_jobs_loses_no_job() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let base = Keys::new(&p);
+    let store = Store::new(&redis.url(), &p, 4).unwrap();
+    let old = InProcessWorker::start(&redis, &p, "old", &[]);
+    let long = [("stream_ref", "paced:20:100".to_string())];
+    for job in ["a", "b"] {
+        functions::submit(&store, job, &long).await.unwrap();
+    }
+    eventually(WAIT, "the first jobs running", || {
+        ["a", "b"]
+            .iter()
+            .all(|j| status(&redis, &base, j).as_deref() == Some("running"))
+    })
+    .await;
+
+    set_shards(&redis, &p, 2);
+    let short = [("stream_ref", "paced:2:50".to_string())];
+    functions::submit(&store.shard(1), "c", &short)
+        .await
+        .unwrap();
+    functions::submit(&store, "d", &short).await.unwrap();
+    eventually(WAIT, "shard 0's new job run by the old worker", || {
+        status(&redis, &base, "d").as_deref() == Some("completed")
+    })
+    .await;
+    assert_eq!(
+        status(&redis, &base.shard(1), "c").as_deref(),
+        Some("queued"),
+        "the old worker serves shard 0 only"
+    );
+
+    let new = InProcessWorker::start(&redis, &p, "new", &[]);
+    eventually(WAIT, "the new shard's job run by the new worker", || {
+        status(&redis, &base.shard(1), "c").as_deref() == Some("completed")
+    })
+    .await;
+    assert_eq!(
+        redis.hget(&base.shard(1).job("c"), "worker").as_deref(),
+        Some("new")
+    );
+    eventually(WAIT, "the first jobs ended", || {
+        ["a", "b"]
+            .iter()
+            .all(|j| status(&redis, &base, j).as_deref() == Some("completed"))
+    })
+    .await;
+    for job in ["a", "b", "d"] {
+        let hash = redis.hgetall(&base.job(job));
+        assert_eq!(hash["attempts"], "1", "{job}: {hash:?}");
+        assert_eq!(hash["worker"], "old", "{job}: {hash:?}");
+    }
+    old.stop().await;
+    new.stop().await;
+}
