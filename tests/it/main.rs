@@ -21,6 +21,7 @@ mod openai;
 mod readme;
 mod scaling;
 mod security;
+mod shards;
 mod snapshots;
 mod tracks;
 mod worker_binary;
