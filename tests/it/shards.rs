@@ -77,34 +77,38 @@ async fn the_count_reads_one_when_unset_and_must_be_in_range() {
     assert_eq!(store.queue_shards().await.unwrap(), MAX_QUEUE_SHARDS);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_are_queued_found_cancelled_and_listed_in_their_shards() {
-    let redis = TestRedis::start();
-    let p = unique_prefix();
-    let keys = Keys::new(&p);
-    let o = run(&redis, &p, &["queue", "shards", "3"]);
+/// Sets three shards with the CLI and submits jobs to each of them (one with a generated
+/// id); returns their ids.
+fn submit_to_three_shards(redis: &TestRedis, p: &str) -> Vec<String> {
+    let o = run(redis, p, &["queue", "shards", "3"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stdout(&o).contains("3 (was 1)"), "{}", stdout(&o));
-
     let mut ids: Vec<String> = Vec::new();
     for shard in [0, 1, 2, 1, 2, 0, 2] {
         let id = id_in_shard(3, shard, &ids);
         let o = run(
-            &redis,
-            &p,
+            redis,
+            p,
             &["submit", "--stream-ref", "cam:1", "--job-id", &id],
         );
         assert_eq!(stdout(&o).trim(), id, "{}", stderr(&o));
         ids.push(id);
     }
-    // A generated id goes to its own shard too.
     let v = json(&run(
-        &redis,
-        &p,
+        redis,
+        p,
         &["submit", "--stream-ref", "cam:2", "--json"],
     ));
     ids.push(v["job_id"].as_str().unwrap().to_string());
+    ids
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_job_is_queued_in_its_own_shard_and_found_there() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let keys = Keys::new(&p);
+    let ids = submit_to_three_shards(&redis, &p);
     for id in &ids {
         let home = shard_of_job(id, 3);
         for shard in 0..3 {
@@ -126,7 +130,29 @@ async fn jobs_are_queued_found_cancelled_and_listed_in_their_shards() {
     let o = run(&redis, &p, &["status", "nowhere"]);
     assert_eq!(o.status.code(), Some(1));
 
-    // Cancel a queued job of shard 1: it ends there, with its end entry.
+    // No worker serves any shard: all of it waits, flagged.
+    let v = json(&run(&redis, &p, &["queue", "shards", "--json"]));
+    assert_eq!(v["queue_shards"], 3);
+    let shards = v["shards"].as_array().unwrap();
+    let waiting: u64 = shards.iter().map(|s| s["waiting"].as_u64().unwrap()).sum();
+    assert_eq!(waiting, ids.len() as u64);
+    for s in shards {
+        assert_eq!(s["live_workers"], 0);
+        assert_eq!(s["unserved"], true, "{s}");
+    }
+    let text = stdout(&run(&redis, &p, &["queue", "shards"]));
+    assert!(text.starts_with("queue shards: 3\n"), "{text}");
+    assert_eq!(text.matches("jobs and no live worker").count(), 3, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_cancelled_in_its_shard_and_every_shard_is_listed() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let keys = Keys::new(&p);
+    let ids = submit_to_three_shards(&redis, &p);
+
+    // A queued job of shard 1 ends there, with its end entry.
     let victim = ids[1].clone();
     let o = run(&redis, &p, &["cancel", &victim]);
     assert_eq!(
@@ -135,9 +161,8 @@ async fn jobs_are_queued_found_cancelled_and_listed_in_their_shards() {
         "{}",
         stderr(&o)
     );
-    let s1 = keys.shard(1);
     assert_eq!(
-        redis.hget(&s1.job(&victim), "status").as_deref(),
+        redis.hget(&keys.shard(1).job(&victim), "status").as_deref(),
         Some("cancelled")
     );
     assert!(redis.hget(&keys.job(&victim), "status").is_none());
@@ -149,17 +174,17 @@ async fn jobs_are_queued_found_cancelled_and_listed_in_their_shards() {
     // Every shard's jobs in one list, newest first.
     let v = json(&run(&redis, &p, &["jobs", "--json", "--limit", "100"]));
     let listed = v.as_array().unwrap();
-    let mut seen: Vec<String> = listed
-        .iter()
-        .map(|j| j["job_id"].as_str().unwrap().to_string())
-        .collect();
     let created: Vec<i64> = listed
         .iter()
         .map(|j| j["created_ms"].as_i64().unwrap())
         .collect();
     assert!(created.windows(2).all(|w| w[0] >= w[1]), "{created:?}");
+    let mut seen: Vec<&str> = listed
+        .iter()
+        .map(|j| j["job_id"].as_str().unwrap())
+        .collect();
     seen.sort();
-    let mut all = ids.clone();
+    let mut all: Vec<&str> = ids.iter().map(String::as_str).collect();
     all.sort();
     assert_eq!(seen, all);
     let v = json(&run(
@@ -172,24 +197,14 @@ async fn jobs_are_queued_found_cancelled_and_listed_in_their_shards() {
     assert_eq!(v[0]["queue_shard"], 1);
     let v = json(&run(&redis, &p, &["jobs", "--json", "--limit", "3"]));
     assert_eq!(v.as_array().unwrap().len(), 3);
-
-    // No worker serves any shard: all of it waits, flagged.
-    let v = json(&run(&redis, &p, &["queue", "shards", "--json"]));
-    assert_eq!(v["queue_shards"], 3);
-    let shards = v["shards"].as_array().unwrap();
-    let waiting: u64 = shards.iter().map(|s| s["waiting"].as_u64().unwrap()).sum();
+    // The cancelled entry stays in its stream until a worker acks it.
+    let (_, queues) = client::queue_overview(&Store::new(&redis.url(), &p, 2).unwrap())
+        .await
+        .unwrap();
     assert_eq!(
-        waiting,
-        ids.len() as u64,
-        "the cancelled entry waits for its ack"
+        queues[1].waiting,
+        ids.iter().filter(|i| shard_of_job(i, 3) == 1).count() as u64
     );
-    for s in shards {
-        assert_eq!(s["live_workers"], 0);
-        assert_eq!(s["unserved"], true, "{s}");
-    }
-    let text = stdout(&run(&redis, &p, &["queue", "shards"]));
-    assert!(text.starts_with("queue shards: 3\n"), "{text}");
-    assert_eq!(text.matches("jobs and no live worker").count(), 3, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
