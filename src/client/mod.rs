@@ -276,8 +276,8 @@ async fn view_with_progress(
     })
 }
 
-/// Looks for an entry still in the queue that carries this job: by its `job_id`, or, for
-/// an entry without one, by the id derived from its entry id.
+/// Looks for an entry still in the job stream of `store`'s shard that carries this job: by
+/// its `job_id`, or, for an entry without one, by the id derived from its entry id.
 async fn find_unread_entry(
     store: &Store,
     job_id: &str,
