@@ -265,39 +265,30 @@ async fn route(ctx: &HealthContext, req: Request<Incoming>) -> Response<Full<Byt
     }
 }
 
-/// Reads the jobs stream's depth into the queue gauges, once per scrape: finished entries
-/// are deleted, so XLEN counts the jobs waiting plus those delivered and not yet finished
-/// (the group's pending entries). Left as they were when Redis does not answer in time.
+/// Reads the queue's depth into the queue gauges, once per scrape: the fleet's totals over
+/// every queue shard (the shard count is read each time, one `HGET`), so an autoscaler on
+/// them sees the whole queue. Left as they were when Redis does not answer in time.
 async fn read_queue_depth(ctx: &HealthContext) {
-    let jobs = ctx.store.keys().jobs();
-    let mut pipe = redis::pipe();
-    pipe.cmd("XLEN")
-        .arg(&jobs)
-        .cmd("XPENDING")
-        .arg(&jobs)
-        .arg(crate::store::keys::WORKER_GROUP);
-    let reply = tokio::time::timeout(
-        Duration::from_secs(1),
-        ctx.store.pipe::<(u64, redis::Value)>(&pipe),
-    )
-    .await;
-    match reply {
-        Ok(Ok((length, pending))) => {
-            let running = match pending {
-                redis::Value::Array(parts) => parts
-                    .first()
-                    .and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
-                    .unwrap_or(0),
-                _ => 0,
-            };
+    match tokio::time::timeout(Duration::from_secs(1), queue_depth(&ctx.store)).await {
+        Ok(Ok((waiting, running))) => {
             ctx.metrics.queue_running.set(running);
-            ctx.metrics
-                .queue_waiting
-                .set(length.saturating_sub(running));
+            ctx.metrics.queue_waiting.set(waiting);
         }
         Ok(Err(e)) => tracing::debug!(error = %e, "reading the queue depth for /metrics"),
         Err(_) => tracing::debug!("reading the queue depth for /metrics timed out"),
     }
+}
+
+/// The jobs waiting and running in all the fleet's queue shards, as `/metrics` reports
+/// them ([`crate::client::shard_depth`] of each shard, added up).
+pub async fn queue_depth(store: &Store) -> Result<(u64, u64), crate::store::StoreError> {
+    let (mut waiting, mut running) = (0u64, 0u64);
+    for shard in 0..store.queue_shards().await? {
+        let (w, r) = crate::client::shard_depth(store, shard).await?;
+        waiting += w;
+        running += r;
+    }
+    Ok((waiting, running))
 }
 
 async fn ping(ctx: &HealthContext) -> Result<Duration, String> {

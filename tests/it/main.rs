@@ -22,6 +22,7 @@ mod queue_shards;
 mod readme;
 mod scaling;
 mod security;
+mod shards;
 mod snapshots;
 mod tracks;
 mod worker_binary;

@@ -1,6 +1,6 @@
-//! The user-side subcommands: submit, status, results, alerts, cancel, jobs, prompt. Text for
-//! people by default (`show`), JSON with `--json`. They take only the Redis connection
-//! settings.
+//! The user-side subcommands: submit, status, results, alerts, cancel, jobs, prompt, queue.
+//! Text for people by default (`show`), JSON with `--json`. They take only the Redis
+//! connection settings.
 
 mod show;
 
@@ -226,6 +226,26 @@ pub enum ClientCommand {
     /// Read or change the active prompt, the one jobs without a prompt of their own follow.
     #[command(subcommand)]
     Prompt(PromptCommand),
+    /// The job queue's layout: its shards.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QueueCommand {
+    /// Show the fleet's queue shard count and what each shard holds, or set the count.
+    ///
+    /// Without COUNT: the count, then per shard its job stream, the jobs waiting (no worker
+    /// has read them), running (read and not finished: the group's pending entries) and the
+    /// live workers (leases not run out); a shard with jobs and no live worker is flagged.
+    /// With COUNT: sets it. Growing is always allowed; shrinking is refused while a shard
+    /// it drops holds a job. Workers read the count when they start: restart them after a
+    /// change. Shrink with the producers stopped: one that read the old count may still
+    /// queue into a shard the new one drops.
+    Shards {
+        /// The new shard count (from 1; a count over the limit is refused, naming it).
+        count: Option<u32>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -254,7 +274,8 @@ fn fail(e: impl std::fmt::Display, code: u8) -> ExitCode {
 fn client_failure(e: ClientError) -> ExitCode {
     match e {
         ClientError::NotFound(_) => fail(e, 1),
-        ClientError::Invalid(_) => fail(e, 2),
+        ClientError::Invalid(_) | ClientError::ShardCount { .. } => fail(e, 2),
+        ClientError::ShardBusy { .. } => fail(e, 1),
         ClientError::Store(ref s) if s.is_transient() => {
             fail(format!("{e} (is Redis reachable? check REDIS_URL)"), 1)
         }
@@ -309,6 +330,9 @@ pub async fn run(command: ClientCommand, config: Config, json: bool) -> ExitCode
         ClientCommand::Cancel { job_id } => cancel(&store, &job_id, json).await,
         ClientCommand::Jobs { status, limit } => return jobs(&store, status, limit, json).await,
         ClientCommand::Prompt(cmd) => return prompt(&store, cmd, json).await,
+        ClientCommand::Queue(QueueCommand::Shards { count }) => {
+            queue_shards(&store, count, json).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -348,6 +372,42 @@ async fn cancel(store: &Store, id: &str, json: bool) -> Result<(), ClientError> 
         print_json(&serde_json::json!({"job_id": job_id, "result": outcome.to_string()}));
     } else {
         println!("{job_id}: {outcome}");
+    }
+    Ok(())
+}
+
+/// `free-roam queue shards [COUNT]`: shows each shard's queue, or sets the count.
+async fn queue_shards(store: &Store, count: Option<u32>, json: bool) -> Result<(), ClientError> {
+    if let Some(count) = count {
+        let change = client::set_queue_shards(store, count).await?;
+        if json {
+            print_json(&serde_json::json!({
+                "queue_shards": change.now,
+                "previous": change.previous,
+            }));
+        } else {
+            println!("{}", show::shard_count_change(change));
+        }
+        return Ok(());
+    }
+    let (shards, queues) = client::queue_overview(store).await?;
+    if json {
+        let list: Vec<_> = queues
+            .iter()
+            .map(|q| {
+                serde_json::json!({
+                    "shard": q.shard,
+                    "stream": q.stream,
+                    "waiting": q.waiting,
+                    "running": q.running,
+                    "live_workers": q.live_workers,
+                    "unserved": q.unserved(),
+                })
+            })
+            .collect();
+        print_json(&serde_json::json!({"queue_shards": shards, "shards": list}));
+    } else {
+        println!("{}", show::shards(shards, &queues));
     }
     Ok(())
 }

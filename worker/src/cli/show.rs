@@ -1,7 +1,7 @@
 //! The CLI's text for people: one line per result or alert, a job's two hashes, times as
 //! UTC with their age. `--json` bypasses all of it.
 
-use free_roam::client::{JobView, PromptMode};
+use free_roam::client::{JobView, PromptMode, ShardCountChange, ShardQueue};
 use free_roam::store::keys::snapshot_name;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -113,6 +113,7 @@ pub fn status(view: &JobView, now_ms: i64) -> String {
         format!("status       {}", g("status")),
         format!("prompt       {}", prompt_mode(view)),
         format!("results_key  {}", view.results_key),
+        format!("queue shard  {}", view.shard),
     ];
     for (heading, fields) in [("job hash", &view.job), ("progress hash", &view.progress)] {
         if fields.is_empty() {
@@ -125,6 +126,47 @@ pub fn status(view: &JobView, now_ms: i64) -> String {
         }
     }
     out.join("\n")
+}
+
+/// `queue shards`: the count, then one line per shard, those with jobs and no live worker
+/// flagged.
+pub fn shards(count: u32, queues: &[ShardQueue]) -> String {
+    let width = queues
+        .iter()
+        .map(|q| q.stream.len())
+        .chain([6])
+        .max()
+        .unwrap_or(6);
+    let mut out = vec![
+        format!("queue shards: {count}"),
+        format!(
+            "{:<5}  {:<width$}  {:>7}  {:>7}  {:>7}",
+            "SHARD", "STREAM", "WAITING", "RUNNING", "WORKERS"
+        ),
+    ];
+    for q in queues {
+        let flag = if q.unserved() {
+            "  jobs and no live worker"
+        } else {
+            ""
+        };
+        out.push(format!(
+            "{:<5}  {:<width$}  {:>7}  {:>7}  {:>7}{flag}",
+            q.shard, q.stream, q.waiting, q.running, q.live_workers
+        ));
+    }
+    out.join("\n")
+}
+
+/// What `queue shards COUNT` did, and what the workers need to follow it.
+pub fn shard_count_change(change: ShardCountChange) -> String {
+    if change.previous == change.now {
+        return format!("queue shards: {} (unchanged)", change.now);
+    }
+    format!(
+        "queue shards: {} (was {}); workers read the count when they start: restart them",
+        change.now, change.previous
+    )
 }
 
 /// The header of `jobs`.

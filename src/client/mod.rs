@@ -1,11 +1,20 @@
 //! The user's operations on the contract, as the CLI performs them: submit, status, results,
-//! cancel and listing. They do exactly what `redis-cli` would, so either can be used.
+//! cancel and listing, over every queue shard of the fleet. They do exactly what `redis-cli`
+//! would, so either can be used.
+
+mod shards;
+
+pub use shards::{
+    ShardCountChange, ShardQueue, queue_overview, search_order, set_queue_shards, shard_depth,
+    shard_holding,
+};
 
 use crate::job::{JobField, JobSpec, JobStatus, SpecError};
 use crate::queue::job_id_for_entry;
 use crate::store::functions::{self, CancelOutcome, JOB_EXISTS, NO_JOB, Retention};
+use crate::store::keys::shard_of_job;
 use crate::store::{MAX_BLOCK_MS, Store, StoreError};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +23,21 @@ pub enum ClientError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// A queue shard count outside 1..=`MAX_QUEUE_SHARDS`.
+    #[error("the queue shard count must be 1 to {max}, not {given}")]
+    ShardCount { given: u32, max: u32 },
+    /// A shrink of the shard count refused: `shard`, which the new count drops, still holds
+    /// jobs that no worker would serve any more.
+    #[error(
+        "shard {shard} ({stream}) still holds {waiting} waiting and {running} running jobs; \
+         shrink once the shards it drops are empty (stop the producers first)"
+    )]
+    ShardBusy {
+        shard: u32,
+        stream: String,
+        waiting: u64,
+        running: u64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -25,7 +49,9 @@ impl From<SpecError> for ClientError {
 }
 
 /// Validates and queues a job from its fields as given (unset ones left out); returns its
-/// id, a UUID when `job_id` is not among them. A job_id already known is refused.
+/// id, a UUID when `job_id` is not among them. The job goes to its own queue shard
+/// ([`shard_of_job`] of its id among the fleet's shards). A job_id already known there, or
+/// in shard 0 (the front door of plain `XADD`s), is refused.
 pub async fn submit(store: &Store, given: &[(JobField, String)]) -> Result<String, ClientError> {
     let job_id = given
         .iter()
@@ -48,7 +74,17 @@ pub async fn submit(store: &Store, given: &[(JobField, String)]) -> Result<Strin
     ));
     JobSpec::parse("0-0", &raw, 2.0, || job_id.clone()).map_err(|(e, _)| e)?;
 
-    match functions::submit(store, &job_id, &fields).await {
+    let shard = shard_of_job(&job_id, store.queue_shards().await?);
+    if shard != 0 {
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(store.keys().shard(0).job(&job_id)).arg("status");
+        if let Some(status) = store.query::<Option<String>>(&cmd).await? {
+            return Err(ClientError::Invalid(format!(
+                "job_id {job_id} already exists (status {status})"
+            )));
+        }
+    }
+    match functions::submit(&store.shard(shard), &job_id, &fields).await {
         Ok(_) => Ok(job_id),
         Err(e) if e.code() == Some(JOB_EXISTS) => Err(ClientError::Invalid(
             e.server_message().unwrap_or_else(|| e.to_string()),
@@ -70,8 +106,11 @@ pub enum PromptMode {
 #[derive(Clone, Debug, Default)]
 pub struct JobView {
     pub job_id: String,
-    /// The job hash (`{fr}:job:<id>`); for an entry no worker has read yet, the entry's
-    /// fields with `status` = `queued`, `entry_id` and a `note` saying so.
+    /// The queue shard that holds the job (0 for an entry no worker has read yet).
+    pub shard: u32,
+    /// The job hash (`{fr}:job:<id>`, `{fr:q<i>}:job:<id>` in shard i); for an entry no
+    /// worker has read yet, the entry's fields with `status` = `queued`, `entry_id` and a
+    /// `note` saying so.
     pub job: BTreeMap<String, String>,
     /// The progress hash (`{fr:<id>}:progress`): counters, `updated_ms`, `ended`, ...
     pub progress: BTreeMap<String, String>,
@@ -92,7 +131,7 @@ impl JobView {
 
     /// One flat map (what `--json` prints): the job hash's fields as stored, the progress
     /// hash's beside them (those the job hash also has, such as `updated_ms`, as
-    /// `progress_<name>`), `job_id` and `results_key`.
+    /// `progress_<name>`), `job_id`, `results_key` and `queue_shard`.
     pub fn flat(&self) -> BTreeMap<String, String> {
         let mut out = self.job.clone();
         for (k, v) in &self.progress {
@@ -105,6 +144,7 @@ impl JobView {
         }
         out.insert("job_id".into(), self.job_id.clone());
         out.insert("results_key".into(), self.results_key.clone());
+        out.insert("queue_shard".into(), self.shard.to_string());
         out
     }
 }
@@ -118,30 +158,70 @@ pub fn is_entry_id(id: &str) -> bool {
     })
 }
 
-/// The job id a user means: `id` itself when a job has it, else, for the id of a
-/// `{fr}:jobs` entry pushed without `job_id`, the id every worker gives that entry
-/// ([`job_id_for_entry`]).
+/// A job as the lookups found it: the id the user means, and the queue shard whose job
+/// hash holds it (`None`: no shard has one: an entry no worker has read yet, or no job).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FoundJob {
+    pub job_id: String,
+    pub shard: Option<u32>,
+}
+
+/// The job id a user means: `id` itself, or, for the id of a `{fr}:jobs` entry pushed
+/// without `job_id`, the id every worker gives that entry ([`job_id_for_entry`]). Only an
+/// entry id costs a lookup.
 pub async fn resolve_job_id(store: &Store, id: &str) -> Result<String, ClientError> {
-    if !is_entry_id(id) || exists(store, &store.keys().job(id)).await? {
+    if !is_entry_id(id) {
         return Ok(id.to_string());
     }
-    let derived = job_id_for_entry(store.keys().tag(), id);
+    Ok(find_job(store, id).await?.job_id)
+}
+
+/// Finds the job a user means, and the shard that holds it: `id`'s job hash in the shards
+/// of [`search_order`]; else, for an entry id, the job of that entry in shard 0's stream
+/// (the `XADD {fr}:jobs` front door: entry ids of the other shards' streams are not looked
+/// up, their jobs are queued with a `job_id`).
+pub async fn find_job(store: &Store, id: &str) -> Result<FoundJob, ClientError> {
+    let shards = store.queue_shards().await?;
+    let held = shard_holding(store, id, shards).await?;
+    if held.is_some() || !is_entry_id(id) {
+        return Ok(FoundJob {
+            job_id: id.to_string(),
+            shard: held,
+        });
+    }
+    let front = store.shard(0);
     let mut cmd = redis::cmd("XRANGE");
-    cmd.arg(store.keys().jobs()).arg(id).arg(id);
-    let entry: Vec<(String, BTreeMap<String, String>)> = store.query(&cmd).await?;
+    cmd.arg(front.keys().jobs()).arg(id).arg(id);
+    let entry: Vec<(String, BTreeMap<String, String>)> = front.query(&cmd).await?;
     let given = entry
         .into_iter()
         .next()
         .and_then(|(_, f)| f.get(JobField::JobId.name()).cloned());
     if let Some(given) = given {
-        return Ok(given);
+        let shard = shard_holding(store, &given, shards).await?;
+        return Ok(FoundJob {
+            job_id: given,
+            shard,
+        });
     }
-    if exists(store, &store.keys().job(&derived)).await?
-        || find_unread_entry(store, &derived).await?.is_some()
-    {
-        return Ok(derived);
+    // A worker claims the entry in the shard it read it from: shard 0.
+    let derived = job_id_for_entry(front.keys().tag(), id);
+    if exists(&front, &front.keys().job(&derived)).await? {
+        return Ok(FoundJob {
+            job_id: derived,
+            shard: Some(0),
+        });
     }
-    Ok(id.to_string())
+    if find_unread_entry(&front, &derived).await?.is_some() {
+        return Ok(FoundJob {
+            job_id: derived,
+            shard: None,
+        });
+    }
+    Ok(FoundJob {
+        job_id: id.to_string(),
+        shard: None,
+    })
 }
 
 async fn exists(store: &Store, key: &str) -> Result<bool, StoreError> {
@@ -153,14 +233,16 @@ async fn exists(store: &Store, key: &str) -> Result<bool, StoreError> {
 /// A job's hash and progress hash, or, for an entry no worker has read yet, what the entry
 /// says. `id` may be a job id or the entry id of a job pushed without one.
 pub async fn status(store: &Store, id: &str) -> Result<JobView, ClientError> {
-    let job_id = resolve_job_id(store, id).await?;
-    let mut cmd = redis::cmd("HGETALL");
-    cmd.arg(store.keys().job(&job_id));
-    let hash: BTreeMap<String, String> = store.query(&cmd).await?;
-    if !hash.is_empty() {
-        return Ok(view_with_progress(store, &job_id, hash).await?);
+    let FoundJob { job_id, shard } = find_job(store, id).await?;
+    if let Some(shard) = shard {
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(store.keys().shard(shard).job(&job_id));
+        let hash: BTreeMap<String, String> = store.query(&cmd).await?;
+        if !hash.is_empty() {
+            return Ok(view_with_progress(store, &job_id, shard, hash).await?);
+        }
     }
-    if let Some((entry_id, mut fields)) = find_unread_entry(store, &job_id).await? {
+    if let Some((entry_id, mut fields)) = find_unread_entry(&store.shard(0), &job_id).await? {
         fields.remove(JobField::JobId.name());
         fields.insert("status".into(), "queued".into());
         fields.insert("entry_id".into(), entry_id);
@@ -168,6 +250,7 @@ pub async fn status(store: &Store, id: &str) -> Result<JobView, ClientError> {
         return Ok(JobView {
             results_key: store.keys().results(&job_id),
             job_id,
+            shard: 0,
             job: fields,
             progress: BTreeMap::new(),
         });
@@ -178,6 +261,7 @@ pub async fn status(store: &Store, id: &str) -> Result<JobView, ClientError> {
 async fn view_with_progress(
     store: &Store,
     job_id: &str,
+    shard: u32,
     job: BTreeMap<String, String>,
 ) -> Result<JobView, StoreError> {
     let mut cmd = redis::cmd("HGETALL");
@@ -185,14 +269,15 @@ async fn view_with_progress(
     let progress: BTreeMap<String, String> = store.query(&cmd).await?;
     Ok(JobView {
         job_id: job_id.to_string(),
+        shard,
         job,
         progress,
         results_key: store.keys().results(job_id),
     })
 }
 
-/// Looks for an entry still in the queue that carries this job: by its `job_id`, or, for
-/// an entry without one, by the id derived from its entry id.
+/// Looks for an entry still in the job stream of `store`'s shard that carries this job: by
+/// its `job_id`, or, for an entry without one, by the id derived from its entry id.
 async fn find_unread_entry(
     store: &Store,
     job_id: &str,
@@ -253,6 +338,7 @@ const NUMBER_FIELDS: &[&str] = &[
     "frames_failed",
     "frames_reused",
     "progress_prompt_version",
+    "queue_shard",
 ];
 /// Fields of entries and hashes that hold JSON.
 const JSON_FIELDS: &[&str] = &["output", "peak_box", "alert_state", "tracker_state"];
@@ -399,14 +485,17 @@ fn published<T: std::str::FromStr>(value: Option<String>) -> Option<T> {
     value.and_then(|v| v.parse().ok())
 }
 
-/// Asks a job to stop. A queued job gets its end entry at once (a worker would write it too,
-/// on reading the entry).
+/// Asks a job to stop, in the shard whose job hash holds it, or, when none has one, in shard
+/// 0 (an entry of the front door no worker has read yet). A queued job gets its end entry
+/// at once (a worker would write it too, on reading the entry).
 pub async fn cancel(
     store: &Store,
     job_id: &str,
     retention: Retention,
 ) -> Result<CancelOutcome, ClientError> {
-    match functions::cancel(store, job_id).await {
+    let shards = store.queue_shards().await?;
+    let shard = shard_holding(store, job_id, shards).await?.unwrap_or(0);
+    match functions::cancel(&store.shard(shard), job_id).await {
         Ok(CancelOutcome::Cancelled) => {
             crate::results::write_end(
                 store,
@@ -427,47 +516,105 @@ pub async fn cancel(
     }
 }
 
-/// Jobs newest first from the index, optionally only those with `status`, each as
-/// [`JobView::flat`].
+/// Jobs newest first from the indexes of every queue shard, optionally only those with
+/// `status`, each as [`JobView::flat`].
 pub async fn list(
     store: &Store,
     status: Option<&str>,
     limit: usize,
 ) -> Result<Vec<BTreeMap<String, String>>, ClientError> {
+    let shards = store.queue_shards().await?;
+    let mut cursors: Vec<IndexCursor> = (0..shards).map(IndexCursor::new).collect();
     let mut out = Vec::new();
-    let mut offset = 0isize;
-    const PAGE: isize = 200;
     while out.len() < limit {
-        let mut cmd = redis::cmd("ZREVRANGE");
-        cmd.arg(store.keys().jobs_index())
-            .arg(offset)
-            .arg(offset + PAGE - 1);
-        let ids: Vec<String> = store.query(&cmd).await?;
-        if ids.is_empty() {
+        // The newest head of all shards; of equal times, the lower shard's first.
+        let mut newest: Option<(usize, f64)> = None;
+        for (i, cursor) in cursors.iter_mut().enumerate() {
+            if let Some(score) = cursor.head(store).await?
+                && newest.is_none_or(|(_, best)| score > best)
+            {
+                newest = Some((i, score));
+            }
+        }
+        let Some((i, _)) = newest else { break };
+        let Some(job) = cursors[i].page.pop_front() else {
             break;
+        };
+        if status.is_some_and(|s| job.hash.get("status").map(String::as_str) != Some(s)) {
+            continue;
         }
-        offset += PAGE;
-        // The hashes share one slot and come in one pipeline; each progress hash is in its
-        // job's own slot (a Cluster refuses a pipeline across slots), read for listed jobs.
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.cmd("HGETALL").arg(store.keys().job(id));
-        }
-        let hashes: Vec<BTreeMap<String, String>> = store.pipe(&pipe).await?;
-        for (id, h) in ids.into_iter().zip(hashes) {
-            if h.is_empty() {
-                continue;
-            }
-            if status.is_some_and(|s| h.get("status").map(String::as_str) != Some(s)) {
-                continue;
-            }
-            out.push(view_with_progress(store, &id, h).await?.flat());
-            if out.len() >= limit {
-                break;
-            }
-        }
+        let view = view_with_progress(store, &job.id, cursors[i].shard, job.hash).await?;
+        out.push(view.flat());
     }
     Ok(out)
+}
+
+/// A job of a shard's index with its hash.
+struct IndexedJob {
+    score: f64,
+    id: String,
+    hash: BTreeMap<String, String>,
+}
+
+/// One shard's index (`jobs:index`), read a page at a time, newest first, each page's job
+/// hashes with it; ids whose hash has expired are skipped.
+struct IndexCursor {
+    shard: u32,
+    offset: isize,
+    done: bool,
+    page: VecDeque<IndexedJob>,
+}
+
+impl IndexCursor {
+    const PAGE: isize = 200;
+
+    fn new(shard: u32) -> Self {
+        Self {
+            shard,
+            offset: 0,
+            done: false,
+            page: VecDeque::new(),
+        }
+    }
+
+    /// The score (creation time) of the shard's newest job not yet taken; `None` once the
+    /// index is exhausted.
+    async fn head(&mut self, store: &Store) -> Result<Option<f64>, StoreError> {
+        while self.page.is_empty() && !self.done {
+            self.fill(store).await?;
+        }
+        Ok(self.page.front().map(|j| j.score))
+    }
+
+    async fn fill(&mut self, store: &Store) -> Result<(), StoreError> {
+        let keys = store.keys().shard(self.shard);
+        let mut cmd = redis::cmd("ZREVRANGE");
+        cmd.arg(keys.jobs_index())
+            .arg(self.offset)
+            .arg(self.offset + Self::PAGE - 1)
+            .arg("WITHSCORES");
+        let ids: Vec<(String, f64)> = store.query(&cmd).await?;
+        if ids.is_empty() {
+            self.done = true;
+            return Ok(());
+        }
+        self.offset += Self::PAGE;
+        // The hashes share the shard's slot and come in one pipeline; each progress hash is
+        // in its job's own slot (a Cluster refuses a pipeline across slots), read for listed
+        // jobs.
+        let mut pipe = redis::pipe();
+        for (id, _) in &ids {
+            pipe.cmd("HGETALL").arg(keys.job(id));
+        }
+        let hashes: Vec<BTreeMap<String, String>> = store.pipe(&pipe).await?;
+        self.page.extend(
+            ids.into_iter()
+                .zip(hashes)
+                .filter(|(_, hash)| !hash.is_empty())
+                .map(|((id, score), hash)| IndexedJob { score, id, hash }),
+        );
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -518,11 +665,13 @@ mod tests {
             job: map(&[("status", "running"), ("updated_ms", "1")]),
             progress: map(&[("updated_ms", "2"), ("ended", "completed")]),
             results_key: "{fr:j}:results".into(),
+            shard: 2,
         };
         let flat = view.flat();
         assert_eq!(flat["updated_ms"], "1");
         assert_eq!(flat["progress_updated_ms"], "2");
         assert_eq!(flat["ended"], "completed");
+        assert_eq!(flat["queue_shard"], "2");
         assert_eq!(view.prompt_mode(), PromptMode::FollowsActive);
         let own = JobView {
             job: map(&[("prompt", "cars")]),
