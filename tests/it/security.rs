@@ -625,6 +625,62 @@ fn the_deploy_acl_users_run_a_job_and_the_producer_can_do_nothing_else() {
     assert!(worker.stop().0.success());
 }
 
+/// The same users on a queue of three shards: the producer queues jobs in shards 1 and 2
+/// through the CLI, reads their status, and cancels a running one; the worker runs them.
+#[test]
+fn the_deploy_acl_users_work_on_a_sharded_queue() {
+    use free_roam::store::keys::{QUEUE_SHARDS_FIELD, shard_of_job};
+    let redis = SecureRedis::start(false);
+    redis.create_acl_users();
+    let mut admin = redis.admin();
+    let keys = free_roam::store::keys::Keys::new(PREFIX);
+    let _: i64 = redis::cmd("HSET")
+        .arg(keys.settings())
+        .arg(QUEUE_SHARDS_FIELD)
+        .arg(3)
+        .query(&mut admin)
+        .unwrap();
+    feed(&mut admin, 1_000_000);
+    let worker = Process::worker(&redis.worker_env("fr-worker", WORKER_PASSWORD));
+    worker.wait_ready();
+    let producer_env = redis.worker_env("fr-producer", PRODUCER_PASSWORD);
+    let in_shard = |shard: u32, name: &str| {
+        (0..)
+            .map(|i| format!("{name}-{i}"))
+            .find(|id| shard_of_job(id, 3) == shard)
+            .unwrap()
+    };
+    let (short, long) = (in_shard(1, "short"), in_shard(2, "long"));
+    for (id, seconds) in [(&short, "2"), (&long, "60")] {
+        let args = ["submit", "--stream-ref", FRAMES, "--fps", "2"];
+        let mut args = args.to_vec();
+        args.extend(["--max-duration-s", seconds, "--job-id", id.as_str()]);
+        let (code, out) = cli(&args, &producer_env);
+        assert_eq!(code, 0, "{out}");
+    }
+    let mut producer = redis
+        .client("fr-producer", PRODUCER_PASSWORD)
+        .get_connection()
+        .unwrap();
+    assert_eq!(wait_end(&mut producer, &short), "completed");
+    let (code, out) = cli(&["status", short.as_str()], &producer_env);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("completed"), "{out}");
+    wait_until(WAIT, || {
+        let (_, out) = cli(&["status", long.as_str()], &producer_env);
+        out.contains("running")
+    });
+    let (code, out) = cli(&["cancel", long.as_str()], &producer_env);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(wait_end(&mut producer, &long), "cancelled");
+    let hash: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys.shard(2).job(&long))
+        .query(&mut producer)
+        .unwrap();
+    assert_eq!(hash["status"], "cancelled", "{hash:?}");
+    drop(worker);
+}
+
 #[test]
 fn a_redis_password_is_masked_in_logs_health_metrics_and_redis() {
     let password = "Sup3r-s3cret-4f2d";
