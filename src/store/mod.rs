@@ -79,6 +79,11 @@ impl StoreError {
         }
     }
 
+    /// The server refused the command or a key to this user (`NOPERM`, its ACL).
+    pub fn is_permission_denied(&self) -> bool {
+        self.code() == Some("NOPERM")
+    }
+
     /// The error code the server answered with (`WRONGTYPE`, `NOGROUP`, a function's own
     /// code such as `JOBEXISTS`), if the server answered.
     pub fn code(&self) -> Option<&str> {

@@ -641,8 +641,6 @@ fn the_deploy_acl_users_work_on_a_sharded_queue() {
         .query(&mut admin)
         .unwrap();
     feed(&mut admin, 1_000_000);
-    let worker = Process::worker(&redis.worker_env("fr-worker", WORKER_PASSWORD));
-    worker.wait_ready();
     let producer_env = redis.worker_env("fr-producer", PRODUCER_PASSWORD);
     let in_shard = |shard: u32, name: &str| {
         (0..)
@@ -650,7 +648,33 @@ fn the_deploy_acl_users_work_on_a_sharded_queue() {
             .find(|id| shard_of_job(id, 3) == shard)
             .unwrap()
     };
-    let (short, long) = (in_shard(1, "short"), in_shard(2, "long"));
+    let (short, long, queued) = (
+        in_shard(1, "short"),
+        in_shard(2, "long"),
+        in_shard(1, "queued"),
+    );
+    // Queued and cancelled before any worker runs (an operator loaded the library): the
+    // producer cannot write the end entry, and the worker that reads the entry writes it.
+    let _: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(free_roam::store::FUNCTIONS_LUA)
+        .query(&mut admin)
+        .unwrap();
+    for args in [
+        vec![
+            "submit",
+            "--stream-ref",
+            FRAMES,
+            "--job-id",
+            queued.as_str(),
+        ],
+        vec!["cancel", queued.as_str()],
+    ] {
+        let (code, out) = cli(&args, &producer_env);
+        assert_eq!(code, 0, "{out}");
+    }
+    let worker = Process::worker(&redis.worker_env("fr-worker", WORKER_PASSWORD));
+    worker.wait_ready();
     for (id, seconds) in [(&short, "2"), (&long, "60")] {
         let args = ["submit", "--stream-ref", FRAMES, "--fps", "2"];
         let mut args = args.to_vec();
@@ -663,6 +687,7 @@ fn the_deploy_acl_users_work_on_a_sharded_queue() {
         .get_connection()
         .unwrap();
     assert_eq!(wait_end(&mut producer, &short), "completed");
+    assert_eq!(wait_end(&mut producer, &queued), "cancelled");
     let (code, out) = cli(&["status", short.as_str()], &producer_env);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("completed"), "{out}");
