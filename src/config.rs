@@ -274,7 +274,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "QUEUE_SHARDS_SERVED",
         Some("0"),
-        "How many of the fleet's queue shards this worker serves (`free-roam queue shards` sets the fleet's count; workers read it at start): 0 serves all of them; N serves N consecutive shards from the one the worker's id hashes to. See docs/operations.md, \"Queue shards\".",
+        "How many of the fleet's queue shards this worker serves (`free-roam queue shards` sets the fleet's count; workers read it at start and about every 30 s): 0 serves all of them, and the shards a larger count adds; N serves N consecutive shards from the one the worker's id hashes to. See docs/operations.md, \"Queue shards\".",
     ),
     s(
         "SOURCE_RETRIES",

@@ -40,8 +40,9 @@ impl Lane {
     }
 }
 
-/// The shards this worker serves, and the fleet's shard count they were chosen from (read
-/// once, at start).
+/// The shards this worker serves, and the fleet's shard count they were chosen from (0
+/// before Redis first answered).
+#[derive(Default)]
 pub(crate) struct Layout {
     pub(crate) shards: u32,
     pub(crate) lanes: Vec<Arc<Lane>>,

@@ -31,7 +31,7 @@ use entries::{Entry, parse_entry_list, parse_read_reply};
 use lane::{Lane, Layout};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -46,8 +46,9 @@ const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// pass takes it, whatever its JOB_LEASE_MS.
 const HANDBACK_IDLE_MS: u64 = 24 * 3600 * 1000;
 const INDEX_PRUNE_EVERY: Duration = Duration::from_secs(30);
-/// How often a worker compares the fleet's queue shard count with the one it serves.
-const LAYOUT_CHECK_EVERY: Duration = Duration::from_secs(30);
+/// Every how many heartbeat ticks a worker reads the fleet's queue shard count (about 30 s
+/// at the default tick): one `HGET` each.
+const LAYOUT_CHECK_TICKS: u32 = 30;
 /// The longest wait between two tries of a Redis call about one job.
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The shortest blocking read of one shard's stream when a worker serves several.
@@ -89,8 +90,8 @@ pub struct WorkerState {
     running: Mutex<HashMap<EntryKey, RunningJob>>,
     /// The health of the server a remote model calls, when it calls one.
     backend: std::sync::OnceLock<Arc<BackendHealth>>,
-    /// The fleet's queue shard count read at start, and the shards this worker serves.
-    shards: OnceLock<(u32, Vec<u32>)>,
+    /// The fleet's queue shard count the worker follows, and the shards it serves.
+    shards: Mutex<Option<(u32, Vec<u32>)>>,
 }
 
 impl WorkerState {
@@ -116,10 +117,17 @@ impl WorkerState {
         self.backend.get().is_some()
     }
 
-    /// The fleet's queue shard count this worker read at start, and the shards it serves;
-    /// `None` before Redis first answered.
-    pub fn queue_shards(&self) -> Option<&(u32, Vec<u32>)> {
-        self.shards.get()
+    /// The fleet's queue shard count this worker follows, and the shards it serves; `None`
+    /// before Redis first answered.
+    pub fn queue_shards(&self) -> Option<(u32, Vec<u32>)> {
+        self.shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_queue_shards(&self, shards: u32, served: Vec<u32>) {
+        *self.shards.lock().unwrap_or_else(|e| e.into_inner()) = Some((shards, served));
     }
 
     pub fn model_info(&self) -> serde_json::Value {
@@ -215,7 +223,7 @@ pub struct Worker {
     prompt_tx: Arc<watch::Sender<PromptRef>>,
     slot_freed: Arc<Notify>,
     /// The shards this worker serves, chosen once Redis first answers.
-    layout: OnceLock<Layout>,
+    layout: Mutex<Layout>,
     started_ms: i64,
 }
 
@@ -277,7 +285,7 @@ impl Worker {
             prompt_rx: rx,
             prompt_tx: Arc::new(tx),
             slot_freed: Arc::new(Notify::new()),
-            layout: OnceLock::new(),
+            layout: Mutex::default(),
             started_ms: now_ms(),
         }
     }
@@ -299,12 +307,13 @@ impl Worker {
             (*self.prompt_tx).clone(),
             tasks_stop.clone(),
         ));
-        let heartbeat_task = tokio::spawn(self.clone().heartbeat_loop(tasks_stop.clone()));
-        let reclaim_tasks: Vec<_> = self
-            .lanes()
-            .iter()
-            .map(|lane| tokio::spawn(self.clone().reclaim_loop(lane.clone(), shutdown.clone())))
-            .collect();
+        for lane in self.lanes() {
+            tokio::spawn(self.clone().reclaim_loop(lane, shutdown.clone()));
+        }
+        let heartbeat_task = tokio::spawn(
+            self.clone()
+                .heartbeat_loop(tasks_stop.clone(), shutdown.clone()),
+        );
         // Running jobs are stopped and handed back as soon as shutdown comes, not when the
         // claim loop's blocked XREADGROUP returns (up to a second later): a hand-off must
         // not wait for it.
@@ -319,9 +328,6 @@ impl Worker {
             deadline
         };
         let ((), deadline) = tokio::join!(self.clone().claim_loop(shutdown.clone()), early_drain);
-        for task in reclaim_tasks {
-            let _ = task.await;
-        }
         // A job whose claim was in flight when the first drain looked is stopped here,
         // within the same bound.
         self.drain(&drained, deadline).await;
@@ -329,7 +335,7 @@ impl Worker {
         let _ = heartbeat_task.await;
         let _ = prompt_task.await;
         for lane in self.lanes() {
-            self.leave(lane).await;
+            self.leave(&lane).await;
         }
         tracing::info!(worker = %self.identity.id, "worker stopped");
     }
@@ -351,13 +357,21 @@ impl Worker {
         let _ = lane.store.pipe::<()>(&pipe).await;
     }
 
-    /// The shards this worker serves; none before Redis first answered.
-    fn lanes(&self) -> &[Arc<Lane>] {
-        self.layout.get().map_or(&[], |l| l.lanes.as_slice())
+    /// The shards this worker serves now; none before Redis first answered.
+    fn lanes(&self) -> Vec<Arc<Lane>> {
+        self.lock_layout().lanes.clone()
     }
 
-    fn lane_of(&self, shard: u32) -> Option<&Arc<Lane>> {
-        self.lanes().iter().find(|l| l.shard == shard)
+    fn lane_of(&self, shard: u32) -> Option<Arc<Lane>> {
+        self.lock_layout()
+            .lanes
+            .iter()
+            .find(|l| l.shard == shard)
+            .cloned()
+    }
+
+    fn lock_layout(&self) -> std::sync::MutexGuard<'_, Layout> {
+        self.layout.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Waits for Redis: loads the functions, creates the group, publishes the settings.
@@ -393,30 +407,44 @@ impl Worker {
 
     async fn prepare_redis(&self) -> StoreResult<()> {
         self.store.load_functions().await?;
-        if self.layout.get().is_none() {
+        if self.lock_layout().shards == 0 {
             let shards = self.store.queue_shards().await?;
-            let served = self.config.served_shards(&self.identity.id, shards);
-            let lanes = served
-                .iter()
-                .map(|&shard| Lane::new(&self.store, shard, &self.identity.id))
+            let lanes = self
+                .config
+                .served_shards(&self.identity.id, shards)
+                .into_iter()
+                .map(|shard| Lane::new(&self.store, shard, &self.identity.id))
                 .collect();
-            if self.layout.set(Layout { shards, lanes }).is_ok() && shards > 1 {
-                tracing::info!(shards, ?served, "serving queue shards");
-            }
-            let _ = self.state.shards.set((shards, served));
+            self.serve(shards, lanes);
         }
         let published = self.published_settings().await?;
         for lane in self.lanes() {
-            lane.store.ensure_group().await?;
-            if lane.shard != 0 {
-                lane.store
-                    .query::<()>(&published.in_shard(&lane.store))
-                    .await?;
-            }
+            self.open_lane(&lane, &published).await?;
         }
         self.store
             .query::<()>(&published.in_shard(&self.store))
             .await
+    }
+
+    /// Records the shards served, for the loops and for `/health`.
+    fn serve(&self, shards: u32, lanes: Vec<Arc<Lane>>) {
+        let served: Vec<u32> = lanes.iter().map(|l| l.shard).collect();
+        if shards > 1 {
+            tracing::info!(shards, ?served, "serving queue shards");
+        }
+        self.state.set_queue_shards(shards, served);
+        *self.lock_layout() = Layout { shards, lanes };
+    }
+
+    /// The group and this worker's settings in a shard it serves.
+    async fn open_lane(&self, lane: &Lane, published: &PublishedSettings) -> StoreResult<()> {
+        lane.store.ensure_group().await?;
+        if lane.shard != 0 {
+            lane.store
+                .query::<()>(&published.in_shard(&lane.store))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Settings the user-called functions and the CLI need too (expiry, caps), written into
@@ -458,13 +486,14 @@ impl Worker {
     /// keeps the free-slot count for all of them.
     async fn claim_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        let lanes = self.lanes().to_vec();
-        let block_ms = (MAX_BLOCK_MS.min(1000) / lanes.len().max(1) as u64).max(MIN_CLAIM_BLOCK_MS);
         let mut turn = 0usize;
         while !shutdown.is_cancelled() {
+            // Read each time: the shards served grow when the fleet's count does.
+            let lanes = self.lanes();
             let Some(lane) = lanes.get(turn % lanes.len().max(1)).cloned() else {
                 return;
             };
+            let block_ms = (MAX_BLOCK_MS.min(1000) / lanes.len() as u64).max(MIN_CLAIM_BLOCK_MS);
             turn = turn.wrapping_add(1);
             let free = self.free_slots();
             if free == 0 {
@@ -1126,23 +1155,26 @@ impl Worker {
             if tokio::time::timeout_at(deadline, waited).await.is_err() {
                 // The job task is stuck (e.g. Redis unreachable): hand back directly.
                 if let Some(lane) = self.lane_of(shard) {
-                    self.hand_back(lane, &entry_id, &job.job_id).await;
+                    self.hand_back(&lane, &entry_id, &job.job_id).await;
                 }
             }
         }
     }
 
-    async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
+    /// Ticks in every served shard each heartbeat; prunes the indexes now and then, and
+    /// every [`LAYOUT_CHECK_TICKS`] ticks follows the fleet's shard count. `shutdown` is the
+    /// worker's, for the reclaim tasks of shards it starts serving.
+    async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken, shutdown: CancellationToken) {
         let tick = self.config.heartbeat_tick();
         let mut last_prune = Instant::now();
         let mut last_audit = Instant::now();
-        let mut last_layout_check = Instant::now();
-        let mut shards_seen = self.layout.get().map_or(1, |l| l.shards);
+        let mut ticks: u32 = 0;
+        let mut shards_seen = self.lock_layout().shards;
         loop {
             let audit = last_audit.elapsed() >= self.config.audit_interval();
             let mut audited = true;
             for lane in self.lanes() {
-                audited &= self.heartbeat_once(lane, audit).await;
+                audited &= self.heartbeat_once(&lane, audit).await;
             }
             if audited {
                 last_audit = Instant::now();
@@ -1153,9 +1185,9 @@ impl Worker {
                     let _ = functions::prune_index(&lane.store, 500).await;
                 }
             }
-            if last_layout_check.elapsed() > LAYOUT_CHECK_EVERY {
-                last_layout_check = Instant::now();
-                shards_seen = self.check_layout(shards_seen).await;
+            ticks = ticks.wrapping_add(1);
+            if ticks.is_multiple_of(LAYOUT_CHECK_TICKS) && !shutdown.is_cancelled() {
+                shards_seen = self.clone().follow_layout(shards_seen, &shutdown).await;
             }
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
@@ -1164,24 +1196,44 @@ impl Worker {
         }
     }
 
-    /// Says once when the fleet's queue shard count is no longer the one this worker read at
-    /// start: it keeps serving its shards (no job is lost, and the jobs of the new shards wait
-    /// for workers started since), and a restart makes it serve the new layout. The count
-    /// now, to compare the next check with.
-    async fn check_layout(&self, seen: u32) -> u32 {
-        let Some(layout) = self.layout.get() else {
-            return seen;
-        };
+    /// Follows the fleet's queue shard count: a worker serving all shards (the default)
+    /// starts serving the shards a larger count adds (their group, its settings, a reclaim
+    /// task, then reads and ticks); a worker serving a run of them keeps its shards until it
+    /// restarts, and says so once. A count that shrank changes nothing: shards are only
+    /// dropped empty, and their workers find nothing there. The count now, to compare the next
+    /// check with.
+    async fn follow_layout(self: Arc<Self>, seen: u32, shutdown: &CancellationToken) -> u32 {
         let Ok(now) = self.store.queue_shards().await else {
             return seen;
         };
-        if now != seen && now != layout.shards {
-            tracing::warn!(
-                serving = layout.shards,
-                fleet = now,
-                "the fleet's queue shard count changed; this worker serves the shards it chose at start until it restarts"
-            );
+        let serving = self.lock_layout().shards;
+        if now <= serving || now == seen {
+            return now;
         }
+        if self.config.shards_served != 0 {
+            tracing::warn!(
+                serving,
+                fleet = now,
+                "the fleet's queue shard count grew; this worker serves the shards it chose at start until it restarts (QUEUE_SHARDS_SERVED)"
+            );
+            return now;
+        }
+        let Ok(published) = self.published_settings().await else {
+            return seen;
+        };
+        let mut lanes = self.lanes();
+        for shard in serving..now {
+            let lane = Lane::new(&self.store, shard, &self.identity.id);
+            if self.open_lane(&lane, &published).await.is_err() {
+                // Tried again at the next check.
+                return seen;
+            }
+            lanes.push(lane);
+        }
+        for lane in &lanes[serving as usize..] {
+            tokio::spawn(self.clone().reclaim_loop(lane.clone(), shutdown.clone()));
+        }
+        self.serve(now, lanes);
         now
     }
 

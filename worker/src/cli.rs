@@ -239,8 +239,8 @@ pub enum QueueCommand {
     /// has read them), running (read and not finished: the group's pending entries) and the
     /// live workers (leases not run out); a shard with jobs and no live worker is flagged.
     /// With COUNT: sets it. Growing is always allowed; shrinking is refused while a shard
-    /// it drops holds a job. Workers read the count when they start: restart them after a
-    /// change. Shrink with the producers stopped: one that read the old count may still
+    /// it drops holds a job. Workers serving all shards follow a larger count within about
+    /// 30 s; restart those with QUEUE_SHARDS_SERVED set. Shrink with the producers stopped: one that read the old count may still
     /// queue into a shard the new one drops.
     Shards {
         /// The new shard count (from 1; a count over the limit is refused, naming it).

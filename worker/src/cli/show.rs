@@ -164,7 +164,7 @@ pub fn shard_count_change(change: ShardCountChange) -> String {
         return format!("queue shards: {} (unchanged)", change.now);
     }
     format!(
-        "queue shards: {} (was {}); workers read the count when they start: restart them",
+        "queue shards: {} (was {}); workers serving all shards follow within about 30 s, restart those with QUEUE_SHARDS_SERVED set",
         change.now, change.previous
     )
 }
