@@ -269,7 +269,12 @@ async fn route(ctx: &HealthContext, req: Request<Incoming>) -> Response<Full<Byt
 /// every queue shard (the shard count is read each time, one `HGET`), so an autoscaler on
 /// them sees the whole queue. Left as they were when Redis does not answer in time.
 async fn read_queue_depth(ctx: &HealthContext) {
-    match tokio::time::timeout(Duration::from_secs(1), queue_depth(&ctx.store)).await {
+    match tokio::time::timeout(
+        Duration::from_secs(1),
+        crate::store::depth::queue_depth(&ctx.store),
+    )
+    .await
+    {
         Ok(Ok((waiting, running))) => {
             ctx.metrics.queue_running.set(running);
             ctx.metrics.queue_waiting.set(waiting);
@@ -277,18 +282,6 @@ async fn read_queue_depth(ctx: &HealthContext) {
         Ok(Err(e)) => tracing::debug!(error = %e, "reading the queue depth for /metrics"),
         Err(_) => tracing::debug!("reading the queue depth for /metrics timed out"),
     }
-}
-
-/// The jobs waiting and running in all the fleet's queue shards, as `/metrics` reports
-/// them ([`crate::client::shard_depth`] of each shard, added up).
-pub async fn queue_depth(store: &Store) -> Result<(u64, u64), crate::store::StoreError> {
-    let (mut waiting, mut running) = (0u64, 0u64);
-    for shard in 0..store.queue_shards().await? {
-        let (w, r) = crate::client::shard_depth(store, shard).await?;
-        waiting += w;
-        running += r;
-    }
-    Ok((waiting, running))
 }
 
 async fn ping(ctx: &HealthContext) -> Result<Duration, String> {

@@ -5,8 +5,7 @@
 mod shards;
 
 pub use shards::{
-    ShardCountChange, ShardQueue, queue_overview, search_order, set_queue_shards, shard_depth,
-    shard_holding,
+    ShardCountChange, ShardQueue, queue_overview, search_order, set_queue_shards, shard_holding,
 };
 
 use crate::job::{JobField, JobSpec, JobStatus, SpecError};

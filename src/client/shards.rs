@@ -3,9 +3,9 @@
 //! always allowed, shrinking only off shards that hold no job).
 
 use super::ClientError;
-use crate::store::keys::{MAX_QUEUE_SHARDS, QUEUE_SHARDS_FIELD, WORKER_GROUP, shard_of_job};
+use crate::store::depth::shard_depth;
+use crate::store::keys::{MAX_QUEUE_SHARDS, QUEUE_SHARDS_FIELD, shard_of_job};
 use crate::store::{Store, StoreError};
-use redis::streams::StreamInfoGroupsReply;
 
 /// The shards to look in for a job, in order: its own ([`shard_of_job`], where `fr_submit`
 /// and the CLI queue it), then shard 0 (where a plain `XADD {fr}:jobs` queues it whatever its
@@ -69,41 +69,6 @@ impl ShardQueue {
 async fn server_now_ms(store: &Store) -> Result<i64, StoreError> {
     let (secs, micros): (i64, i64) = store.query(&redis::cmd("TIME")).await?;
     Ok(secs * 1000 + micros / 1000)
-}
-
-/// The `workers` group's pending count and lag on `stream`; `None` for a stream without it.
-async fn group_counts(
-    store: &Store,
-    stream: &str,
-) -> Result<Option<(u64, Option<u64>)>, StoreError> {
-    let mut cmd = redis::cmd("XINFO");
-    cmd.arg("GROUPS").arg(stream);
-    let reply: StreamInfoGroupsReply = store.query(&cmd).await?;
-    Ok(reply
-        .groups
-        .into_iter()
-        .find(|g| g.name == WORKER_GROUP)
-        .map(|g| (g.pending as u64, g.lag.map(|l| l as u64))))
-}
-
-/// A shard's jobs waiting and running: its group's lag and pending count, or, for a stream
-/// no worker has made the group in yet, every entry waiting. What `free-roam queue shards`
-/// and `/metrics` count, per shard.
-pub async fn shard_depth(store: &Store, shard: u32) -> Result<(u64, u64), StoreError> {
-    let stream = store.keys().shard(shard).jobs();
-    let mut pipe = redis::pipe();
-    pipe.cmd("EXISTS").arg(&stream).cmd("XLEN").arg(&stream);
-    // The group lives in the stream: no stream, no job of the shard waits or runs.
-    let (exists, length): (bool, u64) = store.pipe(&pipe).await?;
-    if !exists {
-        return Ok((0, 0));
-    }
-    Ok(match group_counts(store, &stream).await? {
-        // The lag is unknown to the server after some deletions; the entries not pending
-        // are then the waiting ones (a finished entry is deleted).
-        Some((pending, lag)) => (lag.unwrap_or(length.saturating_sub(pending)), pending),
-        None => (length, 0),
-    })
 }
 
 /// One shard's queue: its depth and its live leases.

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+pub mod depth;
 pub mod functions;
 pub mod keys;
 pub mod settings;

@@ -351,7 +351,7 @@ async fn the_queue_depth_sums_every_shard() {
         ids.push(id);
     }
     assert_eq!(
-        free_roam::health::queue_depth(&store).await.unwrap(),
+        free_roam::store::depth::queue_depth(&store).await.unwrap(),
         (4, 0),
         "no group anywhere: all of it waits"
     );
@@ -369,7 +369,7 @@ async fn the_queue_depth_sums_every_shard() {
         ">",
     ]);
     assert_eq!(
-        free_roam::health::queue_depth(&store).await.unwrap(),
+        free_roam::store::depth::queue_depth(&store).await.unwrap(),
         (3, 1)
     );
 }
