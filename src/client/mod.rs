@@ -493,8 +493,32 @@ pub async fn cancel(
     retention: Retention,
 ) -> Result<CancelOutcome, ClientError> {
     let shards = store.queue_shards().await?;
-    let shard = shard_holding(store, job_id, shards).await?.unwrap_or(0);
-    match functions::cancel(&store.shard(shard), job_id).await {
+    let shard = shard_holding(store, job_id, shards).await?;
+    cancel_in(store, job_id, shard, None, retention).await
+}
+
+/// [`cancel`] of the job a user means by `id` ([`find_job`]): a job id, or the entry id
+/// `XADD` printed. The job id cancelled, and the outcome.
+pub async fn cancel_by_id(
+    store: &Store,
+    id: &str,
+    retention: Retention,
+) -> Result<(String, CancelOutcome), ClientError> {
+    let found = find_job(store, id).await?;
+    // An unread entry without `job_id`: `fr_cancel` finds it by its entry id.
+    let entry = (is_entry_id(id) && found.shard.is_none() && found.job_id != id).then_some(id);
+    let outcome = cancel_in(store, &found.job_id, found.shard, entry, retention).await?;
+    Ok((found.job_id, outcome))
+}
+
+async fn cancel_in(
+    store: &Store,
+    job_id: &str,
+    shard: Option<u32>,
+    entry: Option<&str>,
+    retention: Retention,
+) -> Result<CancelOutcome, ClientError> {
+    match functions::cancel(&store.shard(shard.unwrap_or(0)), job_id, entry).await {
         Ok(CancelOutcome::Cancelled) => {
             let ended = crate::results::write_end(
                 store,

@@ -688,16 +688,18 @@ local function fr_job_handback(keys, args)
   return 'ok'
 end
 
--- fr_cancel KEY=tag ARGV: job_id
+-- fr_cancel KEY=tag ARGV: job_id [entry_id]
+-- With entry_id (an unread entry queued with a plain XADD and no job_id, whose job id the
+-- caller derived as workers do), that entry is the job when no entry names job_id.
 -- A queued job is cancelled at once and never runs, even if its entry is read after its hash
 -- expired ({fr}:jobs:cancelled keeps the entry's id until its ack); a running one is
 -- flagged and its worker stops it within a second. Returns 'cancelled', 'cancelling', or 'already <status>'. A
 -- cancelled queued job's entry stays until a worker reads it, writes the end entry (in the
 -- job's slot, which this function cannot reach) and acks it; the CLI writes it at once.
 local function fr_cancel(keys, args)
-  local tag, job_id = keys[1], args[1]
+  local tag, job_id, entry_hint = keys[1], args[1], args[2]
   if not job_id or job_id == '' then
-    return redis.error_reply('ERR usage: FCALL fr_cancel 1 <tag> <job_id>')
+    return redis.error_reply('ERR usage: FCALL fr_cancel 1 <tag> <job_id> [entry_id]')
   end
   local jk = tag .. ':job:' .. job_id
   local status = redis.call('HGET', jk, 'status')
@@ -731,21 +733,23 @@ local function fr_cancel(keys, args)
     local batch = redis.call('XRANGE', jobs, start, '+', 'COUNT', CANCEL_SCAN_LIMIT)
     for _, e in ipairs(batch) do
       local f = e[2]
+      local named
       for i = 1, #f, 2 do
-        if f[i] == 'job_id' and f[i + 1] == job_id then
-          local now = now_ms()
-          redis.call('HSET', jk, 'status', 'queued', 'entry_id', e[1], 'created_ms', now,
-            'attempts', 0, 'handoffs', 0)
-          for j = 1, #f, 2 do
-            if IS_HASH_FIELD[f[j]] then
-              redis.call('HSET', jk, f[j], f[j + 1])
-            end
+        if f[i] == 'job_id' then named = f[i + 1] end
+      end
+      if named == job_id or (named == nil and e[1] == entry_hint) then
+        local now = now_ms()
+        redis.call('HSET', jk, 'status', 'queued', 'entry_id', e[1], 'created_ms', now,
+          'attempts', 0, 'handoffs', 0)
+        for j = 1, #f, 2 do
+          if IS_HASH_FIELD[f[j]] then
+            redis.call('HSET', jk, f[j], f[j + 1])
           end
-          redis.call('ZADD', tag .. ':jobs:index', now, job_id)
-          redis.call('HSET', cancelled_key(tag), e[1], job_id)
-          finalize(tag, job_id, 'cancelled', nil, '')
-          return 'cancelled'
         end
+        redis.call('ZADD', tag .. ':jobs:index', now, job_id)
+        redis.call('HSET', cancelled_key(tag), e[1], job_id)
+        finalize(tag, job_id, 'cancelled', nil, '')
+        return 'cancelled'
       end
     end
   end

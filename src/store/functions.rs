@@ -448,9 +448,18 @@ pub async fn submit(store: &Store, job_id: &str, fields: &[(&str, String)]) -> S
     store.fcall("fr_submit", &args).await
 }
 
-/// `fr_cancel`. An unknown job fails with the code [`NO_JOB`].
-pub async fn cancel(store: &Store, job_id: &str) -> StoreResult<CancelOutcome> {
-    cancel_reply(store.fcall("fr_cancel", &[&job_id]).await?)
+/// `fr_cancel`; `entry`, the id of an unread entry without `job_id` that is the job (its id
+/// derived as workers derive it). An unknown job fails with the code [`NO_JOB`].
+pub async fn cancel(
+    store: &Store,
+    job_id: &str,
+    entry: Option<&str>,
+) -> StoreResult<CancelOutcome> {
+    let reply = match entry {
+        Some(entry) => store.fcall("fr_cancel", &[&job_id, &entry]).await?,
+        None => store.fcall("fr_cancel", &[&job_id]).await?,
+    };
+    cancel_reply(reply)
 }
 
 /// Reads `fr_cancel`'s reply: one word.

@@ -650,3 +650,29 @@ fn results_are_a_readable_line_by_default_and_whole_with_json_or_full() {
         "{history}"
     );
 }
+
+/// An entry pushed with redis-cli without `job_id` is cancelled by the entry id `XADD`
+/// printed, before any worker reads it: its job (the id workers derive from the entry) is
+/// cancelled, and the entry is marked so that no worker runs it.
+#[test]
+fn an_unread_entry_without_job_id_is_cancelled_by_its_entry_id() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let keys = free_roam::store::keys::Keys::new(&p);
+    // The library is loaded the way any CLI call loads it.
+    let o = run(&redis, &p, &["jobs"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let entry = redis.cli(&["XADD", &keys.jobs(), "*", "stream_ref", "cam:9"]);
+    let entry = entry.trim();
+    let derived = free_roam::queue::job_id_for_entry(keys.tag(), entry);
+    let o = run(&redis, &p, &["cancel", entry]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), format!("{derived}: cancelled"));
+    let o = run(&redis, &p, &["status", entry, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert_eq!(
+        redis.hget(&keys.jobs_cancelled(), entry).as_deref(),
+        Some(derived.as_str())
+    );
+}

@@ -365,9 +365,8 @@ async fn status(store: &Store, id: &str, json: bool) -> Result<(), ClientError> 
 }
 
 async fn cancel(store: &Store, id: &str, json: bool) -> Result<(), ClientError> {
-    let job_id = client::resolve_job_id(store, id).await?;
     let retention = client::fleet_retention(store).await?;
-    let outcome = client::cancel(store, &job_id, retention).await?;
+    let (job_id, outcome) = client::cancel_by_id(store, id, retention).await?;
     if json {
         print_json(&serde_json::json!({"job_id": job_id, "result": outcome.to_string()}));
     } else {
