@@ -1,27 +1,10 @@
 //! The `free-roam` command line against a real Redis: every subcommand, its text and JSON
 //! output, and its exit codes (0 ok, 1 not found or failed, 2 bad usage).
 
+use crate::common::process::{run_cli as run, stderr, stdout};
 use crate::common::worker::InProcessWorker;
 use crate::common::{TestRedis, unique_prefix};
-use std::process::{Command, Output};
-
-fn run(redis: &TestRedis, prefix: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_free-roam"))
-        .args(args)
-        .env_clear()
-        .env("REDIS_URL", redis.url())
-        .env("KEY_PREFIX", prefix)
-        .output()
-        .expect("the free-roam binary runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use std::process::Command;
 
 #[test]
 fn prompt_commands_share_versions_with_fcall() {

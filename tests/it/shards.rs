@@ -2,29 +2,12 @@
 //! count and the rule for changing it, jobs queued in their own shard and found, cancelled
 //! and listed there, and the queue's depth over every shard.
 
+use crate::common::process::{run_cli as run, stderr, stdout};
 use crate::common::{TestRedis, unique_prefix};
 use free_roam::client::{self, ClientError};
 use free_roam::store::Store;
 use free_roam::store::keys::{Keys, MAX_QUEUE_SHARDS, WORKER_GROUP, shard_of_job};
-use std::process::{Command, Output};
-
-fn run(redis: &TestRedis, prefix: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_free-roam"))
-        .args(args)
-        .env_clear()
-        .env("REDIS_URL", redis.url())
-        .env("KEY_PREFIX", prefix)
-        .output()
-        .expect("the free-roam binary runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use std::process::Output;
 
 fn json(o: &Output) -> serde_json::Value {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(o));
@@ -37,6 +20,23 @@ fn id_in_shard(shards: u32, shard: u32, taken: &[String]) -> String {
         .map(|n| format!("cam-{n}"))
         .find(|id| shard_of_job(id, shards) == shard && !taken.contains(id))
         .unwrap()
+}
+
+/// Sets three shards with the library and queues one job in each shard of `shards`, in
+/// order; returns their ids.
+async fn submit_in_shards(store: &Store, shards: &[u32]) -> Vec<String> {
+    client::set_queue_shards(store, 3).await.unwrap();
+    let mut ids: Vec<String> = Vec::new();
+    for &shard in shards {
+        let id = id_in_shard(3, shard, &ids);
+        let fields = vec![
+            (free_roam::job::JobField::StreamRef, "cam:1".to_string()),
+            (free_roam::job::JobField::JobId, id.clone()),
+        ];
+        assert_eq!(client::submit(store, &fields).await.unwrap(), id);
+        ids.push(id);
+    }
+    ids
 }
 
 /// The job ids of a stream's entries.
@@ -213,17 +213,7 @@ async fn growing_is_allowed_and_shrinking_waits_for_empty_shards() {
     let p = unique_prefix();
     let keys = Keys::new(&p);
     let store = Store::new(&redis.url(), &p, 4).unwrap();
-    client::set_queue_shards(&store, 3).await.unwrap();
-    let mut ids: Vec<String> = Vec::new();
-    for shard in [0, 1, 2, 2] {
-        let id = id_in_shard(3, shard, &ids);
-        let fields = vec![
-            (free_roam::job::JobField::StreamRef, "cam:1".to_string()),
-            (free_roam::job::JobField::JobId, id.clone()),
-        ];
-        assert_eq!(client::submit(&store, &fields).await.unwrap(), id);
-        ids.push(id);
-    }
+    submit_in_shards(&store, &[0, 1, 2, 2]).await;
     let change = client::set_queue_shards(&store, 4).await.unwrap();
     assert_eq!((change.previous, change.now), (3, 4));
 
@@ -339,17 +329,7 @@ async fn the_queue_depth_sums_every_shard() {
     let p = unique_prefix();
     let keys = Keys::new(&p);
     let store = Store::new(&redis.url(), &p, 4).unwrap();
-    client::set_queue_shards(&store, 3).await.unwrap();
-    let mut ids: Vec<String> = Vec::new();
-    for shard in [0, 1, 1, 2] {
-        let id = id_in_shard(3, shard, &ids);
-        let fields = vec![
-            (free_roam::job::JobField::StreamRef, "cam:1".to_string()),
-            (free_roam::job::JobField::JobId, id.clone()),
-        ];
-        client::submit(&store, &fields).await.unwrap();
-        ids.push(id);
-    }
+    submit_in_shards(&store, &[0, 1, 1, 2]).await;
     assert_eq!(
         free_roam::store::depth::queue_depth(&store).await.unwrap(),
         (4, 0),

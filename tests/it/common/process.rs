@@ -1,10 +1,10 @@
-//! The real `free-roam worker` binary as a child process: starting one against a test
-//! Redis, reading its health endpoint over plain HTTP, signalling it, and feeding a frame
-//! stream for its jobs.
+//! The real `free-roam` binary as a child process: starting a worker against a test Redis,
+//! reading its health endpoint over plain HTTP, signalling it, feeding a frame stream for
+//! its jobs, and running the command line.
 
 use super::{TestRedis, wait_until};
 use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -114,4 +114,24 @@ pub fn wait_ready(health_port: u16) {
     wait_until(WAIT, || {
         http_get(health_port, "/health/ready").is_some_and(|(c, _)| c == 200)
     });
+}
+
+/// Runs the `free-roam` command line with `args` against `redis` and `prefix`, and nothing
+/// else from the environment.
+pub fn run_cli(redis: &TestRedis, prefix: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_free-roam"))
+        .args(args)
+        .env_clear()
+        .env("REDIS_URL", redis.url())
+        .env("KEY_PREFIX", prefix)
+        .output()
+        .expect("the free-roam binary runs")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
