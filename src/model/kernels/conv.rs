@@ -144,14 +144,17 @@ impl Product {
             Self::Candle { .. } => "candle",
             Self::Gemm { .. } => "gemm-f32",
             #[cfg(feature = "mkl")]
-            Self::Mkl { filter, .. } => match filter.precision() {
-                MatmulPrecision::F32 => "mkl-f32",
-                MatmulPrecision::Bf16 => "mkl-bf16",
+            Self::Mkl { filter, .. } => match (filter.on_mkl(), filter.precision()) {
+                (false, _) => "gemm-f32",
+                (true, MatmulPrecision::F32) => "mkl-f32",
+                (true, MatmulPrecision::Bf16) => "mkl-bf16",
             },
             #[cfg(feature = "mkl")]
-            Self::MklShifted { filters, .. } => match filters[0].precision() {
-                MatmulPrecision::F32 => "mkl-f32-shifted",
-                MatmulPrecision::Bf16 => "mkl-bf16-shifted",
+            Self::MklShifted { filters, .. } => match (filters[0].on_mkl(), filters[0].precision())
+            {
+                (false, _) => "gemm-f32-shifted",
+                (true, MatmulPrecision::F32) => "mkl-f32-shifted",
+                (true, MatmulPrecision::Bf16) => "mkl-bf16-shifted",
             },
             #[cfg(target_arch = "x86_64")]
             Self::OwnBf16 { .. } => "own-bf16",
@@ -168,6 +171,10 @@ enum CpuProduct {
     Gemm,
     #[cfg(feature = "mkl")]
     Mkl(MatmulPrecision),
+    /// The `gemm` crate's f32 product through the MKL build's layers (shifted kernels,
+    /// parts read in place), where it beats MKL's ([`mkl_f32_fastest`]).
+    #[cfg(feature = "mkl")]
+    GemmFilters,
     #[cfg(target_arch = "x86_64")]
     OwnBf16,
 }
@@ -182,7 +189,11 @@ impl CpuProduct {
     fn for_precision(precision: MatmulPrecision) -> Self {
         let f32_product = {
             #[cfg(feature = "mkl")]
-            let product = Self::Mkl(MatmulPrecision::F32);
+            let product = if mkl_f32_fastest() {
+                Self::Mkl(MatmulPrecision::F32)
+            } else {
+                Self::GemmFilters
+            };
             #[cfg(not(feature = "mkl"))]
             let product = Self::Gemm;
             product
@@ -202,6 +213,18 @@ impl CpuProduct {
             _ => f32_product,
         }
     }
+}
+
+/// Whether MKL's f32 product runs a layer's tiles faster than the `gemm` crate's on this CPU:
+/// on Intel's (and on CPUs with AVX-512, where the two were not compared), taken as yes; on
+/// an AMD EPYC with AVX2 and no AVX-512, MKL's ran 0.7x to 0.95x the `gemm` crate's speed
+/// at the tiles' shapes (BENCHMARKS.md, YOLO-World).
+#[cfg(feature = "mkl")]
+fn mkl_f32_fastest() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return cpu_kernels::intel_cpu() || std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    true
 }
 
 impl Conv2d {
@@ -301,15 +324,13 @@ impl Conv2d {
         if let Product::Mkl { filter, bias } = &*layer.product
             && block < inp
         {
-            let precision = filter.precision();
             let weight = weight.to_dtype(DType::F32)?.reshape((out, inp))?;
             let filters = (0..inp / block)
                 .map(|j| {
                     let columns = weight.narrow(1, j * block, block)?.flatten_all()?;
-                    mkl_filter::PackedFilter::new(&columns.to_vec1()?, out, block, precision)
-                        .ok_or_else(|| {
-                            candle_core::Error::Msg("convolution: MKL could not pack".into())
-                        })
+                    filter.like(&columns.to_vec1()?, out, block).ok_or_else(|| {
+                        candle_core::Error::Msg("convolution: MKL could not pack".into())
+                    })
                 })
                 .collect::<Result<_>>()?;
             layer.blocks = Some(Arc::new(InputBlocks {
@@ -429,9 +450,15 @@ fn pack(
     match product {
         CpuProduct::Gemm => Ok(Product::Gemm { filter, bias }),
         #[cfg(feature = "mkl")]
-        CpuProduct::Mkl(precision) => {
+        CpuProduct::Mkl(_) | CpuProduct::GemmFilters => {
             let packed = |filter: &[f32], depth| {
-                mkl_filter::PackedFilter::new(filter, out, depth, precision).ok_or_else(|| {
+                let packed = match product {
+                    CpuProduct::Mkl(precision) => {
+                        mkl_filter::PackedFilter::new(filter, out, depth, precision)
+                    }
+                    _ => mkl_filter::PackedFilter::gemm(filter, out, depth),
+                };
+                packed.ok_or_else(|| {
                     candle_core::Error::Msg("convolution: MKL could not pack".into())
                 })
             };
@@ -1455,7 +1482,8 @@ impl Source for f32 {
                 }
                 Product::Gemm { filter, bias } => {
                     target.fill_bias(bias, width);
-                    gemm_onto(filter, rhs, ldb, geometry, width, target)
+                    let dims = (geometry.out, geometry.depth());
+                    gemm_onto(filter, dims, rhs, ldb, width, target)
                 }
                 #[cfg(feature = "mkl")]
                 Product::Mkl { filter, bias } => {
@@ -1477,22 +1505,24 @@ impl Source for f32 {
     }
 }
 
-/// `target += filter · rhs` by the `gemm` crate, on this thread.
+/// `target += filter · rhs` by the `gemm` crate, on this thread: `filter` `(out, depth)`
+/// row-major, `rhs` `depth` rows of `width` values `ldb` apart.
 fn gemm_onto(
     filter: &[f32],
+    (out, depth): (usize, usize),
     rhs: &[f32],
     ldb: usize,
-    geometry: Geometry,
     width: usize,
     target: &Target,
 ) {
-    let depth = geometry.depth();
+    assert_eq!(filter.len(), out * depth);
+    assert!(rhs.len() >= (depth - 1) * ldb + width);
     // SAFETY: `filter` is out × depth row-major, `rhs` depth rows of `width` values `ldb`
     // apart, the target out rows of `width` values `stride` apart, all inside their
     // buffers; gemm computes dst = alpha·dst + beta·lhs·rhs, so alpha 1 keeps the bias.
     unsafe {
         gemm::gemm(
-            geometry.out,
+            out,
             width,
             depth,
             target.out,
@@ -1662,10 +1692,12 @@ fn gather_run(
     }
 }
 
-/// A filter packed as the left-hand matrix of MKL's packed products, f32 or bf16.
+/// A filter packed as the left-hand matrix of MKL's packed products, f32 or bf16, or kept
+/// as rows for the `gemm` crate's f32 product, where that one is the faster
+/// ([`mkl_f32_fastest`](super::mkl_f32_fastest)).
 #[cfg(feature = "mkl")]
 mod mkl_filter {
-    use super::Target;
+    use super::{Target, gemm_onto};
     use crate::model::kernels::cblas::{
         A_MATRIX, NO_TRANSPOSE, PACKED, ROW_MAJOR, cblas_gemm_bf16bf16f32_compute,
         cblas_gemm_bf16bf16f32_pack, cblas_gemm_bf16bf16f32_pack_get_size, cblas_sgemm_compute,
@@ -1679,11 +1711,18 @@ mod mkl_filter {
     const COLUMNS_HINT: i32 = 256;
 
     pub struct PackedFilter {
-        data: *mut u8,
-        layout: Layout,
+        kernel: Kernel,
         precision: MatmulPrecision,
         out: i32,
         depth: i32,
+    }
+
+    /// Where a filter's products run.
+    enum Kernel {
+        /// MKL's packed product, the filter in MKL's buffer.
+        Mkl { data: *mut u8, layout: Layout },
+        /// The `gemm` crate's f32 product, the filter `(out, depth)` row-major.
+        Gemm(Vec<f32>),
     }
 
     // SAFETY: the buffer is written once, in `new`, and only read afterwards.
@@ -1691,6 +1730,31 @@ mod mkl_filter {
     unsafe impl Sync for PackedFilter {}
 
     impl PackedFilter {
+        /// A row-major `(out, depth)` filter for the `gemm` crate's f32 product; `None` when a
+        /// size does not fit 32 bits (as for MKL's).
+        pub fn gemm(filter: &[f32], out: usize, depth: usize) -> Option<Self> {
+            assert_eq!(filter.len(), out * depth);
+            Some(Self {
+                kernel: Kernel::Gemm(filter.to_vec()),
+                precision: MatmulPrecision::F32,
+                out: i32::try_from(out).ok()?,
+                depth: i32::try_from(depth).ok()?,
+            })
+        }
+
+        /// A row-major `(out, depth)` filter for the same product as this one.
+        pub fn like(&self, filter: &[f32], out: usize, depth: usize) -> Option<Self> {
+            match self.kernel {
+                Kernel::Mkl { .. } => Self::new(filter, out, depth, self.precision),
+                Kernel::Gemm(_) => Self::gemm(filter, out, depth),
+            }
+        }
+
+        /// Whether the products run on MKL (else on the `gemm` crate).
+        pub fn on_mkl(&self) -> bool {
+            matches!(self.kernel, Kernel::Mkl { .. })
+        }
+
         /// Packs a row-major `(out, depth)` filter for products in `precision`; `None` when
         /// a size does not fit MKL's 32-bit ones or the allocation fails.
         pub fn new(
@@ -1753,8 +1817,7 @@ mod mkl_filter {
                 }
             });
             Some(Self {
-                data,
-                layout,
+                kernel: Kernel::Mkl { data, layout },
                 precision,
                 out,
                 depth,
@@ -1770,6 +1833,13 @@ mod mkl_filter {
         pub fn accumulate_f32(&self, target: &Target, rhs: &[f32], ldb: usize, width: usize) {
             assert_eq!(self.precision, MatmulPrecision::F32);
             assert!(rhs.len() >= (self.depth as usize - 1) * ldb + width);
+            let data = match &self.kernel {
+                Kernel::Mkl { data, .. } => *data,
+                Kernel::Gemm(filter) => {
+                    let dims = (self.out as usize, self.depth as usize);
+                    return gemm_onto(filter, dims, rhs, ldb, width, target);
+                }
+            };
             let (n, ldb, ldc) = (width as i32, ldb as i32, target.stride as i32);
             on_this_thread(|| {
                 // SAFETY: sizes checked above; the target's rows are inside the output.
@@ -1781,7 +1851,7 @@ mod mkl_filter {
                         self.out,
                         n,
                         self.depth,
-                        self.data as *const f32,
+                        data as *const f32,
                         self.depth,
                         rhs.as_ptr(),
                         ldb,
@@ -1798,6 +1868,9 @@ mod mkl_filter {
         pub fn accumulate_bf16(&self, target: &Target, rhs: &[u16], ldb: usize, width: usize) {
             assert_eq!(self.precision, MatmulPrecision::Bf16);
             assert!(rhs.len() >= (self.depth as usize - 1) * ldb + width);
+            let Kernel::Mkl { data, .. } = self.kernel else {
+                unreachable!("bf16 filters are MKL's")
+            };
             let (n, ldb, ldc) = (width as i32, ldb as i32, target.stride as i32);
             on_this_thread(|| {
                 // SAFETY: as in accumulate_f32.
@@ -1810,7 +1883,7 @@ mod mkl_filter {
                         n,
                         self.depth,
                         1.0,
-                        self.data as *const u16,
+                        data as *const u16,
                         self.depth,
                         rhs.as_ptr(),
                         ldb,
@@ -1835,8 +1908,10 @@ mod mkl_filter {
 
     impl Drop for PackedFilter {
         fn drop(&mut self) {
-            // SAFETY: allocated in `new` with this layout.
-            unsafe { std::alloc::dealloc(self.data, self.layout) }
+            if let Kernel::Mkl { data, layout } = self.kernel {
+                // SAFETY: allocated in `new` with this layout.
+                unsafe { std::alloc::dealloc(data, layout) }
+            }
         }
     }
 }
@@ -1854,6 +1929,7 @@ mod tests {
         all.extend([
             CpuProduct::Mkl(MatmulPrecision::F32),
             CpuProduct::Mkl(MatmulPrecision::Bf16),
+            CpuProduct::GemmFilters,
         ]);
         #[cfg(target_arch = "x86_64")]
         if crate::model::kernels::bf16_gemm::supported() {
@@ -1867,6 +1943,8 @@ mod tests {
             CpuProduct::Gemm => false,
             #[cfg(feature = "mkl")]
             CpuProduct::Mkl(precision) => precision == MatmulPrecision::Bf16,
+            #[cfg(feature = "mkl")]
+            CpuProduct::GemmFilters => false,
             #[cfg(target_arch = "x86_64")]
             CpuProduct::OwnBf16 => true,
         }
@@ -2130,11 +2208,14 @@ mod tests {
     fn the_public_constructors_pick_the_dtypes_product() {
         let case = case((1, 16, 48, 1), (13, 7));
         let f32_layer = Conv2d::new(case.0.clone(), None, 1, 0, ConvActivation::Identity).unwrap();
-        let expected_f32 = if cfg!(feature = "mkl") {
+        #[cfg(feature = "mkl")]
+        let expected_f32 = if mkl_f32_fastest() {
             "mkl-f32"
         } else {
             "gemm-f32"
         };
+        #[cfg(not(feature = "mkl"))]
+        let expected_f32 = "gemm-f32";
         assert_eq!(f32_layer.product.name(), expected_f32);
         assert_eq!(f32_layer.dims(), (48, 16, 1));
         let bf16_layer = Conv2d::new_as(
