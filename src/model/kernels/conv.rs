@@ -2,25 +2,27 @@
 //! convolution whose batch norm is already folded into its weight and bias, with its
 //! activation fused, taking and giving NCHW tensors.
 //!
-//! On the CPU a convolution is a matrix product per image, `Y (out, pixels) = W (out, in·k²)
-//! · columns (in·k², pixels)`, which keeps NCHW on both sides: a 1x1 convolution at stride 1
-//! reads its input as the right-hand matrix as it stands, and a larger kernel gathers its
-//! input into those columns first (im2col). The filter is packed once, at construction,
-//! for the product that runs it: MKL's packed f32 or bf16 product (bf16 on AMX), the
-//! project's own AVX512-BF16 product, or the `gemm` crate's f32 product in a build without
-//! MKL. Each image's output pixels are cut into tiles that rayon's threads share; a tile
-//! gathers its columns into a buffer that stays in the L2 cache, writes the bias into its
-//! output, runs the product onto it on its own thread and applies the activation, so the
-//! output is written once and read once more. With MKL, a kernel larger than 1x1 gathers
-//! nothing: it runs one product per kernel position over the padded input (split into the
-//! stride's phases), shifted (`convolve_shifted`). A layer takes and gives f32 or bf16:
-//! MKL's bf16 product reads a bf16 input as it is, and a bf16 output is rounded from the
-//! product's f32 tile after the epilogue (activation, and a residual where
-//! [`Conv2d::forward_add`] gives one), so a network can keep its activations in bf16
-//! between layers ([`activation_dtype`]). A 1x1 layer can also read a concatenation's
-//! parts where they lie ([`Conv2d::forward_cat`]). candle's own `conv2d` (im2col into a
-//! full buffer, a product into a zeroed output, then separate single-threaded bias and
-//! activation passes) runs anything else: other devices and dtypes.
+//! On the CPU a convolution is a matrix product per image, `Y (out, pixels) = W (out,
+//! in·k²) · columns (in·k², pixels)`, which keeps NCHW on both sides: a 1x1 convolution at
+//! stride 1 reads its input as the right-hand matrix as it stands, and a larger kernel
+//! gathers its input into those columns first (im2col). The filter is packed once, at
+//! construction, for the product that runs it: MKL's packed f32 or bf16 product (bf16 on
+//! AMX), the project's own AVX512-BF16 product, or the `gemm` crate's f32 product (in a
+//! build without MKL, and for f32 in the mkl build on a CPU neither Intel's nor with
+//! AVX-512, where it runs faster than MKL's). Each image's output pixels are cut into tiles
+//! that rayon's threads share; a tile gathers its columns into a buffer that stays in the
+//! L2 cache, writes the bias into its output, runs the product onto it on its own thread
+//! and applies the activation, so the output is written once and read once more. In the mkl
+//! build, a kernel larger than 1x1 gathers nothing: it runs one product per kernel position
+//! over the padded input (split into the stride's phases), shifted (`convolve_shifted`). A
+//! layer takes and gives f32 or bf16: MKL's bf16 product reads a bf16 input as it is, and a
+//! bf16 output is rounded from the product's f32 tile after the epilogue (activation, and a
+//! residual where [`Conv2d::forward_add`] gives one), so a network can keep its activations
+//! in bf16 between layers ([`activation_dtype`]). A 1x1 layer can also read a
+//! concatenation's parts where they lie ([`Conv2d::forward_cat`]). candle's own `conv2d`
+//! (im2col into a full buffer, a product into a zeroed output, then separate
+//! single-threaded bias and activation passes) runs anything else: other devices and
+//! dtypes.
 
 #[cfg(target_arch = "x86_64")]
 use crate::model::kernels::bf16_gemm::PackedBf16Weight;
