@@ -57,8 +57,9 @@ impl ShardQueue {
         self.waiting == 0 && self.running == 0
     }
 
-    /// Jobs are in the shard and no live worker serves it: they wait until one starts that
-    /// does (workers read the shard count when they start).
+    /// Jobs are in the shard and no live worker serves it: they wait until one serves it (a
+    /// worker serving all shards follows a larger count within about 30 s; one with
+    /// `QUEUE_SHARDS_SERVED` set chooses its shards when it starts).
     pub fn unserved(&self) -> bool {
         !self.is_empty() && self.live_workers == 0
     }
@@ -115,7 +116,7 @@ pub struct ShardCountChange {
 ///
 /// The check and the write are not one atomic step (the shards are other slots): a producer
 /// that read the old count may queue into a dropped shard meanwhile, so shrink with the
-/// producers stopped. Workers read the count when they start.
+/// producers stopped. Workers read the count at start and about every 30 s.
 pub async fn set_queue_shards(store: &Store, shards: u32) -> Result<ShardCountChange, ClientError> {
     if !(1..=MAX_QUEUE_SHARDS).contains(&shards) {
         return Err(ClientError::ShardCount {
