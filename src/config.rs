@@ -239,7 +239,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "RECLAIM_INTERVAL_MS",
         Some("1000"),
-        "How often a worker's heartbeat tick asks whether there are entries to reclaim (of workers whose lease lapsed, or handed back), taken at once when there are; the tick runs every second or at this period, whichever is shorter. Below JOB_LEASE_MS.",
+        "How often the fleet's sweeper (one worker) ticks and so asks whether a worker's lease lapsed, whose entries are then taken at once: every second or at this period, whichever is shorter; the other workers tick every 3 s and are woken at once for handed-back entries and cancels. Below JOB_LEASE_MS.",
     ),
     s(
         "MAX_ATTEMPTS",

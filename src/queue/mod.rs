@@ -11,6 +11,7 @@ pub mod registry;
 mod settings;
 mod state;
 pub mod stop;
+mod wake;
 
 pub use settings::QueueSettings;
 pub use state::WorkerState;
@@ -26,22 +27,26 @@ use crate::results::ResumeState;
 use crate::results::{OpenAlerts, ResultSink, SavedProgress, saved_progress, write_end};
 use crate::store::functions::{
     self, CallIn, ClaimEntry, ClaimVerdict, FinalWhy, FinishEntry, Lease, Ownership, Retention,
+    Tick,
 };
 use crate::store::keys::WORKER_GROUP;
 use crate::store::{Backoff, MAX_BLOCK_MS, Store, StoreError, StoreResult, now_ms};
 use entries::{Entry, parse_entry_list, parse_read_reply};
 use lane::{Lane, Layout};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-/// How often a worker renews its lease (`fr_worker_tick`), looks for cancel requests and
-/// learns whether a reclaim pass is due: several ticks a lease, and a cancel reaches its job
-/// within about a second.
+/// How often the fleet's sweeper renews its lease (`fr_worker_tick`) and learns whether a
+/// reclaim pass is due: a dead worker's jobs are taken within about a second of its lease.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often every other worker ticks: what a worker costs the queue's Redis is about one
+/// call per tick, and cancels and orphans reach it through its wake-up lists at once, so
+/// its ticks only renew its lease and catch what a lost wake-up missed.
+pub const RELAXED_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
 /// How long a cancelled job's body gets to return before it is abandoned.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// How far past any lease a handed-back entry's idle time is set: any worker's next reclaim
@@ -53,6 +58,21 @@ const INDEX_PRUNE_EVERY: Duration = Duration::from_secs(30);
 const LAYOUT_CHECK_TICKS: u32 = 30;
 /// The longest wait between two tries of a Redis call about one job.
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// When a worker next ticks in one shard, and when it last audited its jobs there.
+struct LaneClock {
+    next_tick: Instant,
+    last_audit: Instant,
+}
+
+/// What one tick in a shard came to.
+struct Beat {
+    /// The audit that was due is done.
+    audited: bool,
+    /// Tick again after a heartbeat, not a relaxed tick: this worker is the shard's sweeper,
+    /// or the tick failed.
+    fast: bool,
+}
+
 /// The shortest blocking read of one shard's stream when a worker serves several.
 const MIN_CLAIM_BLOCK_MS: u64 = 100;
 /// Most entries one look for strays reads (`XPENDING ... <worker>`).
@@ -184,7 +204,11 @@ impl Worker {
             tasks_stop.clone(),
         ));
         for lane in self.lanes() {
-            tokio::spawn(self.clone().reclaim_loop(lane, shutdown.clone()));
+            tokio::spawn(self.clone().reclaim_loop(lane.clone(), shutdown.clone()));
+            tokio::spawn(
+                self.clone()
+                    .wake_loop(lane, shutdown.clone(), tasks_stop.clone()),
+            );
         }
         let heartbeat_task = tokio::spawn(
             self.clone()
@@ -223,7 +247,10 @@ impl Worker {
     async fn leave(&self, lane: &Lane) {
         let keys = lane.store.keys();
         let mut pipe = redis::pipe();
-        pipe.cmd("DEL").arg(keys.worker(&self.identity.id)).ignore();
+        pipe.cmd("DEL")
+            .arg(keys.worker(&self.identity.id))
+            .arg(keys.wake(&self.identity.id))
+            .ignore();
         if self.state.shard_snapshot(lane.shard).is_empty() {
             pipe.cmd("ZREM")
                 .arg(keys.workers_alive())
@@ -1037,23 +1064,38 @@ impl Worker {
         }
     }
 
-    /// Ticks in every served shard each heartbeat; prunes the indexes now and then, and
-    /// every [`LAYOUT_CHECK_TICKS`] ticks follows the fleet's shard count. `shutdown` is the
-    /// worker's, for the reclaim tasks of shards it starts serving.
+    /// Ticks in every served shard: every heartbeat in a shard where this worker is the
+    /// sweeper, every relaxed tick elsewhere ([`QueueSettings::relaxed_tick`]); prunes the
+    /// indexes now and then, and every [`LAYOUT_CHECK_TICKS`] heartbeats follows the fleet's
+    /// shard count. `shutdown` is the worker's, for the reclaim tasks of shards it starts
+    /// serving; `stop` ends this loop and the wake-up tasks.
     async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken, shutdown: CancellationToken) {
         let tick = self.config.heartbeat_tick();
         let mut last_prune = Instant::now();
-        let mut last_audit = Instant::now();
+        let mut clocks: HashMap<u32, LaneClock> = HashMap::new();
         let mut ticks: u32 = 0;
         let mut shards_seen = self.lock_layout().shards;
         loop {
-            let audit = last_audit.elapsed() >= self.config.audit_interval();
-            let mut audited = true;
+            let now = Instant::now();
             for lane in self.lanes() {
-                audited &= self.heartbeat_once(&lane, audit).await;
-            }
-            if audited {
-                last_audit = Instant::now();
+                let clock = clocks.entry(lane.shard).or_insert(LaneClock {
+                    next_tick: now,
+                    last_audit: now,
+                });
+                if now < clock.next_tick {
+                    continue;
+                }
+                let audit = clock.last_audit.elapsed() >= self.config.audit_interval();
+                let beat = self.heartbeat_once(&lane, audit).await;
+                if beat.audited {
+                    clock.last_audit = Instant::now();
+                }
+                clock.next_tick = now
+                    + if beat.fast {
+                        tick
+                    } else {
+                        self.config.relaxed_tick()
+                    };
             }
             if last_prune.elapsed() > INDEX_PRUNE_EVERY {
                 last_prune = Instant::now();
@@ -1063,7 +1105,10 @@ impl Worker {
             }
             ticks = ticks.wrapping_add(1);
             if ticks.is_multiple_of(LAYOUT_CHECK_TICKS) && !shutdown.is_cancelled() {
-                shards_seen = self.clone().follow_layout(shards_seen, &shutdown).await;
+                shards_seen = self
+                    .clone()
+                    .follow_layout(shards_seen, &shutdown, &stop)
+                    .await;
             }
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
@@ -1078,7 +1123,12 @@ impl Worker {
     /// restarts, and says so once. A count that shrank changes nothing: shards are only
     /// dropped empty, and their workers find nothing there. The count now, to compare the next
     /// check with.
-    async fn follow_layout(self: Arc<Self>, seen: u32, shutdown: &CancellationToken) -> u32 {
+    async fn follow_layout(
+        self: Arc<Self>,
+        seen: u32,
+        shutdown: &CancellationToken,
+        stop: &CancellationToken,
+    ) -> u32 {
         let Ok(now) = self.store.queue_shards().await else {
             return seen;
         };
@@ -1108,35 +1158,41 @@ impl Worker {
         }
         for lane in &lanes[serving as usize..] {
             tokio::spawn(self.clone().reclaim_loop(lane.clone(), shutdown.clone()));
+            tokio::spawn(
+                self.clone()
+                    .wake_loop(lane.clone(), shutdown.clone(), stop.clone()),
+            );
         }
         self.serve(now, lanes);
         now
     }
 
     /// Renews the worker's lease in one shard, writes its registry hash there and reads its
-    /// cancel requests in one call (and, when `audit` is due or the tick says the worker registered afresh,
-    /// checks every running job's entry, and looks for stray entries). Whether the audit
-    /// that was due is done.
-    async fn heartbeat_once(&self, lane: &Lane, audit: bool) -> bool {
+    /// cancel requests in one call (and, when `audit` is due or the tick says the worker
+    /// registered afresh, checks every running job's entry, and looks for stray entries).
+    async fn heartbeat_once(&self, lane: &Lane, audit: bool) -> Beat {
         let jobs = self.state.shard_snapshot(lane.shard);
         let registry = self.registry(&jobs);
         let sent = lane
             .registry_writes()
             .to_send(&registry, Instant::now(), self.config.job_lease);
-        let mut tick = functions::tick(&lane.store, &self.identity.id, self.call_in(), &sent).await;
+        let mut tick = self.tick_in(lane, &sent).await;
         // A worker of the version before loads its own library when it starts, and that
-        // tick refuses the word `due`: this version's library (which serves the older
+        // tick refuses the word `sweep`: this version's library (which serves the older
         // workers' calls too) goes back, and the tick is made again.
         if matches!(&tick, Err(e) if e.code() == Some("ERR"))
             && lane.store.load_functions().await.is_ok()
         {
-            tick = functions::tick(&lane.store, &self.identity.id, self.call_in(), &sent).await;
+            tick = self.tick_in(lane, &sent).await;
         }
         let tick = match tick {
             Ok(tick) => tick,
             Err(e) => {
                 self.on_redis_error(&e, "renewing the lease").await;
-                return false;
+                return Beat {
+                    audited: false,
+                    fast: true,
+                };
             }
         };
         lane.registry_writes()
@@ -1162,12 +1218,29 @@ impl Worker {
             self.hand_back_strays(lane, &jobs).await;
         }
         let due = audit || tick.registered;
-        if due && !jobs.is_empty() {
-            return self.audit(lane, &jobs).await;
-        }
         // Nothing to audit counts as audited: an idle worker looks for strays once a lease
         // too, not every tick.
-        due
+        let audited = if due && !jobs.is_empty() {
+            self.audit(lane, &jobs).await
+        } else {
+            due
+        };
+        Beat {
+            audited,
+            fast: tick.sweeper,
+        }
+    }
+
+    async fn tick_in(&self, lane: &Lane, sent: &[(&str, String)]) -> StoreResult<Tick> {
+        let hold_ms = self.config.sweeper_hold().as_millis() as u64;
+        functions::tick(
+            &lane.store,
+            &self.identity.id,
+            self.call_in(),
+            hold_ms,
+            sent,
+        )
+        .await
     }
 
     /// Gives back the entries pending under this worker that no running job holds and that

@@ -32,13 +32,37 @@ pub struct QueueSettings {
 }
 
 impl QueueSettings {
-    /// The heartbeat's period (`fr_worker_tick`): several per lease, so that one late tick
-    /// loses nothing, and at most RECLAIM_INTERVAL_MS, since each tick is also when the worker
-    /// learns whether a reclaim pass would find anything.
+    /// The heartbeat's period (`fr_worker_tick`) for the fleet's sweeper (the worker whose
+    /// ticks find overdue workers within a second of their deadline, [`Self::sweeper_hold`]):
+    /// several per lease, so that one late tick loses nothing, and at most
+    /// RECLAIM_INTERVAL_MS, since each tick is also when the worker learns whether a reclaim
+    /// pass would find anything.
     pub fn heartbeat_tick(&self) -> Duration {
         super::HEARTBEAT_INTERVAL
             .min(self.reclaim_interval)
             .min(self.job_lease / 3)
+    }
+
+    /// The heartbeat's period for every other worker: [`super::RELAXED_HEARTBEAT_INTERVAL`],
+    /// still three ticks a lease, and short enough that the sweeper's role, lapsed with a dead
+    /// sweeper ([`Self::sweeper_hold`]), is taken up by another worker with time to find the
+    /// dead sweeper itself overdue within a tick of its deadline. Never shorter than the
+    /// sweeper's tick.
+    pub fn relaxed_tick(&self) -> Duration {
+        let tick = self.heartbeat_tick();
+        let spare = self
+            .job_lease
+            .saturating_sub(self.sweeper_hold() + tick * 2);
+        super::RELAXED_HEARTBEAT_INTERVAL
+            .min(self.job_lease / 3)
+            .min(spare)
+            .max(tick)
+    }
+
+    /// How long the sweeper's role stays a worker's after its tick: three of its ticks, so
+    /// that one or two late ticks do not hand it on.
+    pub fn sweeper_hold(&self) -> Duration {
+        self.heartbeat_tick() * 3
     }
 
     /// How often a worker audits each of its jobs entry by entry (`fr_job_heartbeat`): the
@@ -46,15 +70,15 @@ impl QueueSettings {
     /// only finds what happened outside the contract (an entry taken over by hand) and costs
     /// a job one entry check per lease.
     pub fn audit_interval(&self) -> Duration {
-        self.job_lease.max(self.heartbeat_tick())
+        self.job_lease.max(self.relaxed_tick())
     }
 
     /// How a worker calls in to the fleet's clock: a live worker calls in at least once per
-    /// heartbeat tick (which is at most the reclaim interval), so a fleet-wide silence of two
-    /// intervals and a tick (or a lease, if shorter) was the server's outage or an empty
-    /// fleet, not a live owner's lapse.
+    /// relaxed tick, so a fleet-wide silence of two reclaim intervals and a relaxed tick (or
+    /// a lease, if shorter) was the server's outage or an empty fleet, not a live owner's
+    /// lapse.
     pub fn call_in(&self) -> CallIn {
-        let quiet = (self.reclaim_interval * 2 + self.heartbeat_tick()).min(self.job_lease);
+        let quiet = (self.reclaim_interval * 2 + self.relaxed_tick()).min(self.job_lease);
         CallIn {
             quiet_ms: quiet.as_millis() as u64,
             lease_ms: self.job_lease.as_millis() as u64,

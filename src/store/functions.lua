@@ -33,6 +33,13 @@ local SWEEP_EVERY_MS = 1000
 -- no entry, hold no lease and have been idle past `consumer_idle_ms` ({fr}:settings, 10
 -- minutes by default): a crash-looping worker adds consumers, this takes them away.
 local CONSUMER_PRUNE_EVERY_MS = 60000
+-- Wake-ups that spare the workers a fast tick each (docs/redis-contract.md, "Leases"):
+-- fr_cancel pushes a running job's id onto its worker's list `{fr}:wake:<worker>`, and
+-- entries becoming orphans top `{fr}:orphans:wake` up to one token per orphan waiting (at
+-- most WAKE_MAX); workers wait on both with BLPOP. A wake-up nobody pops expires after
+-- WAKE_TTL_S: the ticks find the same work anyway, only later.
+local WAKE_MAX = 64
+local WAKE_TTL_S = 60
 -- The entry fields a job hash shows as they came. The Rust side owns this list
 -- (`JobField::in_hash` in src/job/mod.rs); a test there checks this copy against it.
 local HASH_FIELDS = { 'stream_ref', 'source', 'fps', 'prompt', 'max_frames', 'max_duration_s' }
@@ -91,6 +98,22 @@ local function alive_key(tag) return tag .. ':workers:alive' end
 local function owned_key(tag, worker) return tag .. ':owned:' .. worker end
 local function cancel_key(tag, worker) return tag .. ':cancel:' .. worker end
 local function orphans_key(tag) return tag .. ':orphans' end
+local function wake_key(tag, worker) return tag .. ':wake:' .. worker end
+local function orphans_wake_key(tag) return tag .. ':orphans:wake' end
+
+-- Wakes waiting workers to run a reclaim pass now: tops the tokens up to one per orphan
+-- waiting, at most WAKE_MAX.
+local function wake_for_orphans(tag)
+  local k = orphans_wake_key(tag)
+  local want = redis.call('ZCARD', orphans_key(tag))
+  if want > WAKE_MAX then want = WAKE_MAX end
+  local n = want - redis.call('LLEN', k)
+  if n < 1 then return end
+  local tokens = {}
+  for i = 1, n do tokens[i] = '1' end
+  redis.call('RPUSH', k, unpack(tokens))
+  redis.call('EXPIRE', k, WAKE_TTL_S)
+end
 -- Entries of jobs cancelled while queued (entry id -> job id), until a worker acks them:
 -- what a worker reads after the job's hash expired is still known as cancelled.
 local function cancelled_key(tag) return tag .. ':jobs:cancelled' end
@@ -155,13 +178,14 @@ end
 -- `seen_ms` is written at most once per SEEN_EVERY_MS, so that most of a large fleet's calls
 -- only read it: a gap then reads at most that much longer, far below any quiet_ms. Also
 -- returns when the fleet last swept and pruned (`swept_ms`, `consumers_ms`), read in the
--- same HMGET for reclaim_due.
+-- same HMGET for reclaim_due, and who holds the sweeper's role until when, for
+-- take_sweeper.
 local SEEN_EVERY_MS = 100
 local function fleet_call_in(tag, quiet_ms, lease_ms)
   local k = tag .. ':fleet'
   local now = now_ms()
   local v = redis.call('HMGET', k, 'seen_ms', 'reclaim_after_ms', 'last_gap_ms', 'swept_ms',
-    'consumers_ms')
+    'consumers_ms', 'sweeper', 'sweeper_until_ms')
   local seen, after, gap = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0
   if seen and now - seen > quiet_ms then
     gap = now - seen
@@ -170,7 +194,7 @@ local function fleet_call_in(tag, quiet_ms, lease_ms)
   elseif not seen or now - seen >= SEEN_EVERY_MS or now < seen then
     redis.call('HSET', k, 'seen_ms', now)
   end
-  local last = { tonumber(v[4]), tonumber(v[5]) }
+  local last = { tonumber(v[4]), tonumber(v[5]), v[6], tonumber(v[7]) }
   if now < after then return gap, last end
   return 0, last
 end
@@ -391,8 +415,21 @@ local function reclaim_due(tag, before, last)
   return redis.call('EXISTS', orphans_key(tag))
 end
 
--- fr_worker_tick KEY=tag ARGV: worker, quiet_ms, lease_ms, [`due`], then registry fields
--- (field, value, ...)
+-- The sweeper's role (`sweeper`, `sweeper_until_ms` in `{fr}:fleet`): one worker of the
+-- fleet ticks every second, so that a tick checks for overdue workers at least once a
+-- second (the takeover bound), while the others tick less often. The role goes to the first
+-- worker to tick after it lapsed (hold_ms after its holder's last tick), and its holder
+-- keeps it with each tick. Whether `worker` holds it now.
+local function take_sweeper(tag, worker, hold_ms, last)
+  local now = now_ms()
+  local holder, until_ms = last[3], last[4]
+  if holder ~= worker and holder and until_ms and now < until_ms then return false end
+  redis.call('HSET', tag .. ':fleet', 'sweeper', worker, 'sweeper_until_ms', now + hold_ms)
+  return true
+end
+
+-- fr_worker_tick KEY=tag ARGV: worker, quiet_ms, lease_ms, [`due` | `sweep` hold_ms], then
+-- registry fields (field, value, ...)
 -- A worker's one call per heartbeat tick, whatever it runs: its deadline in
 -- `{fr}:workers:alive` becomes now + lease_ms, and its registry hash `{fr}:worker:<id>` gets
 -- `updated_ms` and the fields given (a worker sends those that changed, and all of them once
@@ -402,14 +439,24 @@ end
 -- of its jobs with fr_job_heartbeat), and the job ids fr_cancel asked it to stop. With the
 -- word `due` it also returns reclaim_due's answer (1: a reclaim pass would find something)
 -- and 1 when this call created the registry hash (a worker that sent only some fields then
--- sends them all); without it, the two-item reply the workers before it read.
+-- sends them all); with `sweep` and hold_ms, those and a fifth item: 1 when this worker
+-- holds the sweeper's role (take_sweeper) and ticks every second, 0 when it may tick less
+-- often. Without either word, the two-item reply the oldest workers read.
 local function fr_worker_tick(keys, args)
   local tag, worker, lease_ms = keys[1], args[1], tonumber(args[3])
   if not worker or worker == '' or not lease_ms then
-    return redis.error_reply('ERR usage: FCALL fr_worker_tick 1 <tag> <worker> <quiet_ms> <lease_ms> [due] [field value ...]')
+    return redis.error_reply('ERR usage: FCALL fr_worker_tick 1 <tag> <worker> <quiet_ms> <lease_ms> [due | sweep <hold_ms>] [field value ...]')
   end
-  local asks_due, first = args[4] == 'due', 4
-  if asks_due then first = 5 end
+  local form, first, hold_ms = args[4], 4, nil
+  if form == 'due' then
+    first = 5
+  elseif form == 'sweep' then
+    hold_ms = tonumber(args[5])
+    if not hold_ms or hold_ms < 1 then
+      return redis.error_reply('ERR fr_worker_tick: sweep takes a hold time in ms')
+    end
+    first = 6
+  end
   if (#args - first + 1) % 2 == 1 then
     return redis.error_reply('ERR fr_worker_tick: registry fields come in pairs')
   end
@@ -423,8 +470,12 @@ local function fr_worker_tick(keys, args)
   local fresh = redis.call('HSET', wk, unpack(fields)) > 0
   if fresh or #args >= first then redis.call('PEXPIRE', wk, lease_ms * 3) end
   local cancels = redis.call('SMEMBERS', cancel_key(tag, worker))
-  if not asks_due then return { added, cancels } end
-  return { added, cancels, reclaim_due(tag, now - hold, last), fresh and 1 or 0 }
+  if first == 4 then return { added, cancels } end
+  local reply = { added, cancels, reclaim_due(tag, now - hold, last), fresh and 1 or 0 }
+  if hold_ms then
+    table.insert(reply, take_sweeper(tag, worker, hold_ms, last) and 1 or 0)
+  end
+  return reply
 end
 
 -- fr_job_heartbeat KEY=tag ARGV: worker, quiet_ms, lease_ms, entry_id, job_id, entry_id,
@@ -470,21 +521,24 @@ end
 
 -- Declares dead up to OVERDUE_PER_PASS workers whose deadline is older than `before`
 -- (ZRANGEBYSCORE ... LIMIT: what it costs is what it finds): their entries become orphans,
--- their sets go. The caller itself is never declared dead: it is calling.
+-- their sets go. The caller itself is never declared dead: it is calling. Returns how many
+-- entries it made orphans.
 local function bury_overdue(tag, worker, before)
   local alive, orphans = alive_key(tag), orphans_key(tag)
   local overdue = redis.call('ZRANGEBYSCORE', alive, '-inf', '(' .. before, 'LIMIT', 0,
     OVERDUE_PER_PASS)
   local now = now_ms()
+  local orphaned = 0
   for _, w in ipairs(overdue) do
     if w ~= worker then
       for _, id in ipairs(redis.call('SMEMBERS', owned_key(tag, w))) do
-        redis.call('ZADD', orphans, 'NX', now, id)
+        orphaned = orphaned + redis.call('ZADD', orphans, 'NX', now, id)
       end
-      redis.call('DEL', owned_key(tag, w), cancel_key(tag, w))
+      redis.call('DEL', owned_key(tag, w), cancel_key(tag, w), wake_key(tag, w))
       redis.call('ZREM', alive, w)
     end
   end
+  return orphaned
 end
 
 -- Whether a pending entry is covered by a live lease: its owner is registered and holds it
@@ -558,10 +612,12 @@ local function fr_job_reclaim(keys, args)
     return redis.error_reply('ERR usage: FCALL fr_job_reclaim 1 <tag> <worker> <quiet_ms> <lease_ms> <count>')
   end
   local hold = fleet_call_in(tag, tonumber(args[2]), lease_ms)
-  bury_overdue(tag, worker, now_ms() - hold)
+  local orphaned = bury_overdue(tag, worker, now_ms() - hold)
   local orphans = orphans_key(tag)
   local ids = redis.call('ZRANGE', orphans, 0, count - 1)
   if #ids > 0 then redis.call('ZREM', orphans, unpack(ids)) end
+  -- What this pass made orphans and cannot take itself goes to the workers waiting.
+  if orphaned > 0 then wake_for_orphans(tag) end
   if #ids < count then sweep(tag, worker, lease_ms + hold, count, ids) end
   prune_consumers(tag, worker)
   if #ids == 0 then return {} end
@@ -677,6 +733,7 @@ local function fr_job_handback(keys, args)
   redis.call('XCLAIM', tag .. ':jobs', GROUP, worker, 0, entry_id, 'IDLE', idle, 'JUSTID')
   redis.call('SREM', owned_key(tag, worker), entry_id)
   redis.call('ZADD', orphans_key(tag), 'NX', now_ms(), entry_id)
+  wake_for_orphans(tag)
   if not job_id or job_id == '' then return 'ok' end
   redis.call('SREM', cancel_key(tag, worker), job_id)
   local jk = tag .. ':job:' .. job_id
@@ -693,7 +750,7 @@ end
 -- caller derived as workers do), that entry is the job when no entry names job_id.
 -- A queued job is cancelled at once and never runs, even if its entry is read after its hash
 -- expired ({fr}:jobs:cancelled keeps the entry's id until its ack); a running one is
--- flagged and its worker stops it within a second. Returns 'cancelled', 'cancelling', or 'already <status>'. A
+-- flagged and its worker stops it at once (at the latest with its next tick). Returns 'cancelled', 'cancelling', or 'already <status>'. A
 -- cancelled queued job's entry stays until a worker reads it, writes the end entry (in the
 -- job's slot, which this function cannot reach) and acks it; the CLI writes it at once.
 local function fr_cancel(keys, args)
@@ -707,9 +764,14 @@ local function fr_cancel(keys, args)
     if TERMINAL[status] then return 'already ' .. status end
     if status == 'running' then
       redis.call('HSET', jk, 'cancel_requested', 1, 'updated_ms', now_ms())
-      -- Its worker reads its own cancel set with every tick.
+      -- Its worker waits on its wake list and stops the job at once; it also reads its
+      -- cancel set with every tick, which covers a wake-up lost with a connection.
       local worker = redis.call('HGET', jk, 'worker')
-      if worker then redis.call('SADD', cancel_key(tag, worker), job_id) end
+      if worker then
+        redis.call('SADD', cancel_key(tag, worker), job_id)
+        redis.call('LPUSH', wake_key(tag, worker), job_id)
+        redis.call('EXPIRE', wake_key(tag, worker), WAKE_TTL_S)
+      end
       return 'cancelling'
     end
     local entry_id = redis.call('HGET', jk, 'entry_id')

@@ -265,19 +265,30 @@ pub struct Tick {
     /// This tick created the registry hash (it had expired or was lost): a tick that sent
     /// only the fields that changed must send them all next.
     pub hash_created: bool,
+    /// This worker holds the fleet's sweeper role: it ticks every heartbeat, so that overdue
+    /// workers are found within a second of their deadline; the others tick less often.
+    pub sweeper: bool,
 }
 
 /// `fr_worker_tick`: renews this worker's one lease, whatever it runs, and writes its
 /// registry hash (`registry`: the fields to write and their values; the function adds
 /// `updated_ms`, and renews the hash's expiry when given fields or when it creates it).
+/// `sweeper_hold_ms`: how long the sweeper role stays this worker's after this tick, if it
+/// gets or keeps it (the role goes to whoever ticks first after it lapsed).
 pub async fn tick(
     store: &Store,
     worker: &str,
     call_in: CallIn,
+    sweeper_hold_ms: u64,
     registry: &[(&str, String)],
 ) -> StoreResult<Tick> {
-    let mut args: Vec<&dyn ToRedisArgsDyn> =
-        vec![&worker, &call_in.quiet_ms, &call_in.lease_ms, &"due"];
+    let mut args: Vec<&dyn ToRedisArgsDyn> = vec![
+        &worker,
+        &call_in.quiet_ms,
+        &call_in.lease_ms,
+        &"sweep",
+        &sweeper_hold_ms,
+    ];
     for (k, v) in registry {
         args.push(k);
         args.push(v);
@@ -286,22 +297,24 @@ pub async fn tick(
     tick_reply(reply)
 }
 
-/// Reads `fr_worker_tick`'s reply to a tick that asks `due`:
-/// `{0 or 1, {job_id, ...}, 0 or 1, 0 or 1}`.
+/// Reads `fr_worker_tick`'s reply to a tick that asks `sweep`:
+/// `{0 or 1, {job_id, ...}, 0 or 1, 0 or 1, 0 or 1}`.
 pub(crate) fn tick_reply(reply: Value) -> StoreResult<Tick> {
-    let parsed: Option<(i64, Vec<String>, i64, i64)> = redis::from_redis_value(reply.clone()).ok();
+    let parsed: Option<(i64, Vec<String>, i64, i64, i64)> =
+        redis::from_redis_value(reply.clone()).ok();
     let flag = |v: i64| matches!(v, 0 | 1).then_some(v == 1);
-    match parsed {
-        Some((added, cancelled, due, created)) => match (flag(added), flag(due), flag(created)) {
-            (Some(registered), Some(reclaim_due), Some(hash_created)) => Ok(Tick {
-                registered,
-                cancelled,
-                reclaim_due,
-                hash_created,
-            }),
-            _ => Err(unexpected("fr_worker_tick", &reply)),
-        },
-        None => Err(unexpected("fr_worker_tick", &reply)),
+    let Some((added, cancelled, due, created, sweeper)) = parsed else {
+        return Err(unexpected("fr_worker_tick", &reply));
+    };
+    match (flag(added), flag(due), flag(created), flag(sweeper)) {
+        (Some(registered), Some(reclaim_due), Some(hash_created), Some(sweeper)) => Ok(Tick {
+            registered,
+            cancelled,
+            reclaim_due,
+            hash_created,
+            sweeper,
+        }),
+        _ => Err(unexpected("fr_worker_tick", &reply)),
     }
 }
 
@@ -568,28 +581,38 @@ mod tests {
             }
         );
         assert!(end_record(reply(&["running", "1"])).is_err());
-        let tick = |added, ids: &[&str], due, created| {
+        let tick = |added, ids: &[&str], due, created, sweeper| {
             Value::Array(vec![
                 Value::Int(added),
                 reply(ids),
                 Value::Int(due),
                 Value::Int(created),
+                Value::Int(sweeper),
             ])
         };
         assert_eq!(
-            tick_reply(tick(1, &["a", "b"], 0, 1)).unwrap(),
+            tick_reply(tick(1, &["a", "b"], 0, 1, 1)).unwrap(),
             Tick {
                 registered: true,
                 cancelled: vec!["a".into(), "b".into()],
                 reclaim_due: false,
                 hash_created: true,
+                sweeper: true,
             }
         );
-        let quiet = tick_reply(tick(0, &[], 1, 0)).unwrap();
-        assert!(!quiet.registered && quiet.reclaim_due && !quiet.hash_created);
-        // The two-item reply is a tick that did not ask `due`: not this worker's.
+        let quiet = tick_reply(tick(0, &[], 1, 0, 0)).unwrap();
+        assert!(!quiet.registered && quiet.reclaim_due && !quiet.hash_created && !quiet.sweeper);
+        // The shorter replies are ticks that did not ask `sweep`: not this worker's.
         assert!(tick_reply(Value::Array(vec![Value::Int(0), reply(&[])])).is_err());
-        assert!(tick_reply(tick(0, &[], 2, 0)).is_err());
-        assert!(tick_reply(tick(2, &[], 0, 0)).is_err());
+        let due_only = Value::Array(vec![
+            Value::Int(0),
+            reply(&[]),
+            Value::Int(1),
+            Value::Int(0),
+        ]);
+        assert!(tick_reply(due_only).is_err());
+        assert!(tick_reply(tick(0, &[], 2, 0, 0)).is_err());
+        assert!(tick_reply(tick(0, &[], 0, 0, 2)).is_err());
+        assert!(tick_reply(tick(2, &[], 0, 0, 0)).is_err());
     }
 }

@@ -139,6 +139,16 @@ impl Keys {
     pub fn orphans(&self) -> String {
         format!("{}:orphans", self.tag)
     }
+    /// A worker's wake-up list: the job ids `fr_cancel` asked it to stop, which it waits
+    /// on with `BLPOP` and acts on at once.
+    pub fn wake(&self, worker_id: &str) -> String {
+        format!("{}:wake:{worker_id}", self.tag)
+    }
+    /// Tokens pushed when entries become orphans, one per entry: each wakes one waiting
+    /// worker to run a reclaim pass.
+    pub fn orphans_wake(&self) -> String {
+        format!("{}:orphans:wake", self.tag)
+    }
     /// The capped stream of alert start and end events of every job.
     pub fn alerts(&self) -> String {
         format!("{}:alerts", self.tag)

@@ -3,7 +3,7 @@
 //! any slot, results, status, cancel, the prompt), the result writes of 30 running jobs land
 //! on all three masters, and running jobs survive a failover of the master holding `{fr}`.
 
-use crate::common::claims::{claim_all, read_and_claim_in};
+use crate::common::claims::{SWEEPER_HOLD_MS, claim_all, read_and_claim_in};
 use crate::common::process::raw_frame_xadd;
 use crate::common::worker::config;
 use crate::common::{free_port, temp_dir, unique_prefix, wait_until};
@@ -895,7 +895,9 @@ fn queue_shards_each_run_the_lease_contract_on_their_own_master() {
         // a ticks in every shard: b's passes take nothing, however idle a's entries are.
         for _ in 0..3 {
             for shard in &shards {
-                functions::tick(shard, "a", call_in, &[]).await.unwrap();
+                functions::tick(shard, "a", call_in, SWEEPER_HOLD_MS, &[])
+                    .await
+                    .unwrap();
                 let reply = functions::reclaim(shard, "b", call_in, 5).await.unwrap();
                 let taken = free_roam::queue::entries::parse_entry_list(&reply);
                 assert!(taken.is_empty(), "a live worker's entry was taken");
@@ -905,7 +907,9 @@ fn queue_shards_each_run_the_lease_contract_on_their_own_master() {
         // a stops: a lease later each shard's pass takes that shard's entry.
         tokio::time::sleep(Duration::from_millis(1200)).await;
         for (s, shard) in shards.iter().enumerate() {
-            let tick = functions::tick(shard, "b", call_in, &[]).await.unwrap();
+            let tick = functions::tick(shard, "b", call_in, SWEEPER_HOLD_MS, &[])
+                .await
+                .unwrap();
             assert!(tick.reclaim_due, "shard {s}: a is overdue");
             let reply = functions::reclaim(shard, "b", call_in, 5).await.unwrap();
             let taken = free_roam::queue::entries::parse_entry_list(&reply);

@@ -5,6 +5,7 @@
 //! Jobs here run the test body of `common::worker` (the model and ingest are tested on
 //! their own).
 
+use crate::common::claims::SWEEPER_HOLD_MS;
 use crate::common::process::{signal, spawn_test_process};
 use crate::common::worker::{InProcessWorker, TestBody, config};
 use crate::common::{TestRedis, eventually, unique_prefix};
@@ -390,6 +391,11 @@ async fn cancel_stops_a_running_job_and_a_queued_one_never_runs() {
         "a body that ignores the stop is abandoned"
     );
     assert!(frames_of(&redis, &p, "running-1").len() < 1000);
+    // The cancels reached the worker through its wake-up list, which only it pops.
+    eventually(WAIT, "the worker popped its wake-ups", || {
+        redis.cmd::<usize>(&["LLEN", &keys(&p).wake("w1")]) == 0
+    })
+    .await;
     assert!(end_entry(&redis, &p, "queued-1").is_some());
     assert!(
         frames_of(&redis, &p, "queued-1").is_empty(),
@@ -1397,7 +1403,9 @@ async fn idle_consumers_that_own_nothing_are_deleted() {
         quiet_ms: 60_000,
         lease_ms: 60_000,
     };
-    functions::tick(&store, "live", live, &[]).await.unwrap();
+    functions::tick(&store, "live", live, SWEEPER_HOLD_MS, &[])
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     functions::reclaim(&store, "b", live, 1).await.unwrap();
     let consumers: Vec<Vec<redis::Value>> =
@@ -1574,7 +1582,7 @@ async fn a_live_workers_entries_are_never_taken_and_a_dead_ones_are_after_the_le
     );
     let entry = read_and_claim(&redis, &store, "a", "held").await;
     let registry = [("capacity", "1".to_string())];
-    let first = functions::tick(&store, "a", call_in, &registry)
+    let first = functions::tick(&store, "a", call_in, SWEEPER_HOLD_MS, &registry)
         .await
         .unwrap();
     assert!(first.registered && first.cancelled.is_empty());
@@ -1585,7 +1593,9 @@ async fn a_live_workers_entries_are_never_taken_and_a_dead_ones_are_after_the_le
     group.claim("a", &entry, &["IDLE", "86400000", "JUSTID"]);
     let swept_before = redis.hget(&k.fleet(), "swept_ms");
     for _ in 0..4 {
-        let tick = functions::tick(&store, "a", call_in, &[]).await.unwrap();
+        let tick = functions::tick(&store, "a", call_in, SWEEPER_HOLD_MS, &[])
+            .await
+            .unwrap();
         assert!(!tick.registered, "still registered");
         let reply = functions::reclaim(&store, "b", call_in, 5).await.unwrap();
         assert!(taken_ids(&reply).is_empty(), "a live worker's entry taken");
@@ -1610,7 +1620,9 @@ async fn a_live_workers_entries_are_never_taken_and_a_dead_ones_are_after_the_le
     let left: bool = redis.cmd(&["EXISTS", &k.owned("a")]);
     assert!(!left, "a's set went with it");
 
-    let tick = functions::tick(&store, "a", call_in, &[]).await.unwrap();
+    let tick = functions::tick(&store, "a", call_in, SWEEPER_HOLD_MS, &[])
+        .await
+        .unwrap();
     assert!(tick.registered, "a comes back unregistered");
     let audit = functions::heartbeat(&store, "a", call_in, &[(&entry, "held")])
         .await
@@ -1636,7 +1648,7 @@ async fn a_tick_says_whether_a_reclaim_pass_is_due() {
     let tick = |worker: &'static str, call_in, fields: Vec<(&'static str, String)>| {
         let store = store.clone();
         async move {
-            functions::tick(&store, worker, call_in, &fields)
+            functions::tick(&store, worker, call_in, SWEEPER_HOLD_MS, &fields)
                 .await
                 .unwrap()
         }
@@ -1702,7 +1714,11 @@ async fn a_tick_renews_the_registry_hash_with_its_fields_and_answers_older_worke
     };
     let tick = |fields: Vec<(&'static str, String)>| {
         let store = store.clone();
-        async move { functions::tick(&store, "a", live, &fields).await.unwrap() }
+        async move {
+            functions::tick(&store, "a", live, SWEEPER_HOLD_MS, &fields)
+                .await
+                .unwrap()
+        }
     };
     assert!(tick(vec![("capacity", "2".into())]).await.hash_created);
 
@@ -1763,12 +1779,12 @@ async fn a_reclaim_pass_declares_a_bounded_number_of_workers_dead() {
         xadd(&redis, &p, &[("stream_ref", "paced:1:1"), ("job_id", &job)]);
         let worker = format!("gone-{i}");
         read_and_claim(&redis, &store, &worker, &job).await;
-        functions::tick(&store, &worker, overdue, &[])
+        functions::tick(&store, &worker, overdue, SWEEPER_HOLD_MS, &[])
             .await
             .unwrap();
     }
     for i in 0..5 {
-        functions::tick(&store, &format!("live-{i}"), live, &[])
+        functions::tick(&store, &format!("live-{i}"), live, SWEEPER_HOLD_MS, &[])
             .await
             .unwrap();
     }
@@ -1797,6 +1813,97 @@ async fn a_reclaim_pass_declares_a_bounded_number_of_workers_dead() {
     assert_eq!(card(&k.orphans()), 0);
     let owned: usize = redis.cmd(&["SCARD", &k.owned("b")]);
     assert_eq!(owned, 20, "every dead worker's entry is b's now");
+}
+
+/// The passes that declare workers dead wake the waiting workers: `{fr}:orphans:wake` is
+/// topped up to one token per orphan left, at most 64, and a dead worker's wake-up list
+/// goes with it; a hand-back wakes one too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn orphans_wake_the_waiting_workers_one_token_each() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let k = keys(&p);
+    let store = queue_store(&redis, &p).await;
+    let overdue = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 1,
+    };
+    let live = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 60_000,
+    };
+    let tag = k.tag().to_string();
+    for i in 0..3 {
+        let job = format!("job-{i}");
+        xadd(&redis, &p, &[("stream_ref", "paced:1:1"), ("job_id", &job)]);
+        read_and_claim(&redis, &store, "gone", &job).await;
+    }
+    functions::tick(&store, "gone", live, SWEEPER_HOLD_MS, &[])
+        .await
+        .unwrap();
+    let r: String = redis.cmd(&["FCALL", "fr_cancel", "1", &tag, "job-0"]);
+    assert_eq!(r, "cancelling");
+    let pushed: Vec<String> = redis.cmd(&["LRANGE", &k.wake("gone"), "0", "-1"]);
+    assert_eq!(
+        pushed,
+        vec!["job-0".to_string()],
+        "the cancel wakes its worker"
+    );
+    functions::tick(&store, "gone", overdue, SWEEPER_HOLD_MS, &[])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let tokens = || -> usize { redis.cmd(&["LLEN", &k.orphans_wake()]) };
+    assert_eq!(tokens(), 0, "nothing is an orphan yet");
+    let reply = functions::reclaim(&store, "b", live, 1).await.unwrap();
+    assert_eq!(taken_ids(&reply).len(), 1);
+    assert_eq!(tokens(), 2, "one token per orphan the pass left");
+    let exists: u32 = redis.cmd(&["EXISTS", &k.wake("gone")]);
+    assert_eq!(exists, 0, "the dead worker's wake-up list goes with it");
+    // A pass that declares nobody dead adds nothing; a hand-back tops up to the orphans.
+    let reply = functions::reclaim(&store, "c", live, 1).await.unwrap();
+    assert_eq!(taken_ids(&reply).len(), 1);
+    assert_eq!(tokens(), 2);
+    redis.cmd::<String>(&["LPOP", &k.orphans_wake()]);
+    redis.cmd::<String>(&["LPOP", &k.orphans_wake()]);
+    let entry = taken_ids(&reply)[0].clone();
+    let given = functions::handback(&store, &entry, "c", "", 60_000)
+        .await
+        .unwrap();
+    assert_eq!(given, Ownership::Done);
+    assert_eq!(tokens(), 2, "the orphan left and the one handed back");
+}
+
+/// One worker of the fleet holds the sweeper's role (ticks every second): the first to tick
+/// gets it, keeps it with its ticks, and the next to tick after it lapsed takes it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sweeper_role_passes_on_when_its_holder_stops_ticking() {
+    let redis = TestRedis::start();
+    let p = unique_prefix();
+    let store = queue_store(&redis, &p).await;
+    let live = functions::CallIn {
+        quiet_ms: 60_000,
+        lease_ms: 60_000,
+    };
+    let hold_ms = 300;
+    let sweeper = |worker: &'static str| {
+        let store = store.clone();
+        async move {
+            functions::tick(&store, worker, live, hold_ms, &[])
+                .await
+                .unwrap()
+                .sweeper
+        }
+    };
+    assert!(sweeper("a").await, "the first to tick");
+    assert!(!sweeper("b").await);
+    assert!(sweeper("a").await, "kept with its ticks");
+    assert!(!sweeper("b").await);
+    tokio::time::sleep(Duration::from_millis(hold_ms + 200)).await;
+    assert!(sweeper("b").await, "taken over once it lapsed");
+    assert!(!sweeper("a").await, "and not handed back");
+    let fleet: HashMap<String, String> = redis.hgetall(&keys(&p).fleet());
+    assert_eq!(fleet["sweeper"], "b");
 }
 
 /// An entry whose owner never registered a lease (read by a worker that died before its

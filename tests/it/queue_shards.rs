@@ -3,7 +3,7 @@
 //! serving some shards never claims in the others, and a dead worker's entries in a shard
 //! go to a live worker serving that shard.
 
-use crate::common::claims::read_and_claim_in;
+use crate::common::claims::{SWEEPER_HOLD_MS, read_and_claim_in};
 use crate::common::worker::InProcessWorker;
 use crate::common::{TestRedis, eventually, unique_prefix};
 use free_roam::store::Store;
@@ -131,7 +131,9 @@ async fn a_worker_serving_one_shard_claims_there_only_and_takes_a_dead_workers_e
         quiet_ms: 60_000,
         lease_ms: 1500,
     };
-    functions::tick(&one, "ghost", call_in, &[]).await.unwrap();
+    functions::tick(&one, "ghost", call_in, SWEEPER_HOLD_MS, &[])
+        .await
+        .unwrap();
     // A job in shard 0, which no worker serves.
     functions::submit(&zero, "elsewhere", &fields)
         .await

@@ -2,11 +2,17 @@
 //! `fr_job_heartbeat`, `fr_job_reclaim`, `fr_job_end`, `fr_job_finish`) called at the rates W
 //! workers running N jobs call them, with no video and no model, to measure what the queue
 //! costs Redis at sizes no machine here runs for real. Each simulated worker keeps the real
-//! worker's cadence (`QueueSettings::heartbeat_tick`, `audit_interval`, `call_in`): a tick
-//! (its lease, and the registry fields that changed, all of them once a lease:
-//! `queue::registry::RegistryWrites`) each heartbeat, a reclaim pass right after a tick that
-//! says one would find something, an audit of every running job's entry each lease, claims
-//! as slots free up; a job ends every JOB_S seconds and a new one is queued in its place.
+//! worker's cadence (`QueueSettings::heartbeat_tick`, `relaxed_tick`, `audit_interval`,
+//! `call_in`): a tick (its lease, and the registry fields that changed, all of them once a
+//! lease: `queue::registry::RegistryWrites`) each heartbeat in a shard where it is the
+//! sweeper, each relaxed tick elsewhere, a reclaim pass right after a tick that says one
+//! would find something and when an orphan token wakes it, an audit of every running job's
+//! entry each lease, claims as slots free up; a job ends every JOB_S seconds and a new one is
+//! queued in its place. The workers' waits for wake-ups are one `BLPOP` per shard for the
+//! whole simulated fleet, handing each token to the next live worker of the shard in turn,
+//! as Redis serves its blocked clients; each worker's own wait, which ends empty every
+//! `WAKE_BLOCK` with no cancel in the simulation, is stood in for by an `LPOP` of its list
+//! that often.
 //! With SHARDS=K the queue is split over K shards (`Keys::shard`), each worker serving
 //! SERVED of them: it ticks, reclaims and audits in each, and reads them in turn. Per (W, N)
 //! it prints the Redis CPU per second (`INFO cpu`) of each node, and of the busiest per
@@ -43,6 +49,8 @@ use tokio_util::sync::CancellationToken;
 const IDLE_READ: Duration = Duration::from_secs(1);
 /// The granularity of job ends.
 const STEP: Duration = Duration::from_millis(50);
+/// How long the worker's wait for wake-ups blocks (`queue::wake`'s `WAKE_BLOCK_S`).
+const WAKE_BLOCK: Duration = Duration::from_secs(6);
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -90,6 +98,8 @@ fn probes(config: &Config) -> Vec<Store> {
 #[derive(Clone, Copy)]
 struct Cadence {
     tick: Duration,
+    relaxed_tick: Duration,
+    sweeper_hold_ms: u64,
     audit: Duration,
     lease: Duration,
     call_in: CallIn,
@@ -102,6 +112,8 @@ impl Cadence {
     fn new(q: &QueueSettings, job_len: Duration) -> Self {
         Cadence {
             tick: q.heartbeat_tick(),
+            relaxed_tick: q.relaxed_tick(),
+            sweeper_hold_ms: q.sweeper_hold().as_millis() as u64,
             audit: q.audit_interval(),
             lease: q.job_lease,
             call_in: q.call_in(),
@@ -170,8 +182,11 @@ struct SimWorker {
     index: usize,
     id: String,
     capacity: usize,
-    /// The shards it serves, and what its ticks wrote into its registry hash in each.
-    shards: Vec<(u32, RegistryWrites)>,
+    /// The shards it serves: what its ticks wrote into its registry hash in each, and when
+    /// it ticks there next.
+    shards: Vec<(u32, RegistryWrites, Instant)>,
+    /// Orphan tokens handed to it (the shard's), as its wait for wake-ups would pop them.
+    wakes: tokio::sync::mpsc::UnboundedReceiver<u32>,
     /// The next of its shards to read new entries from.
     next_read: usize,
     jobs: Vec<Job>,
@@ -186,23 +201,26 @@ impl SimWorker {
     /// periods, as a fleet started over time has them spread.
     async fn run(mut self, stop: CancellationToken, phase: f64) -> Self {
         let c = self.fleet.cadence;
-        let now = tokio::time::Instant::now();
-        let mut heartbeat = tokio::time::interval_at(now + c.tick.mul_f64(phase), c.tick);
-        let mut step = tokio::time::interval(STEP);
-        for timer in [&mut heartbeat, &mut step] {
-            timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let start = Instant::now() + c.relaxed_tick.mul_f64(phase);
+        for (_, _, next) in &mut self.shards {
+            *next = start;
         }
+        let mut step = tokio::time::interval(STEP);
+        step.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // Each shard is read once per IDLE_READ while nothing comes.
         let idle_read = IDLE_READ / self.shards.len() as u32;
         let mut next_read = Instant::now();
+        let mut next_wait = Instant::now() + WAKE_BLOCK.mul_f64(phase);
         loop {
+            let next_tick = self.shards.iter().map(|s| s.2).min().unwrap_or(start);
             tokio::select! {
                 _ = stop.cancelled() => return self,
-                _ = heartbeat.tick() => {
+                _ = tokio::time::sleep_until(next_tick.into()) => {
                     for shard in self.heartbeat().await {
                         self.reclaim(shard).await;
                     }
                 }
+                Some(shard) = self.wakes.recv() => self.reclaim(shard).await,
                 _ = step.tick() => {
                     if self.end_due().await {
                         next_read = Instant::now();
@@ -211,7 +229,25 @@ impl SimWorker {
                     if free && Instant::now() >= next_read && self.read_new().await == 0 {
                         next_read = Instant::now() + idle_read;
                     }
+                    if Instant::now() >= next_wait {
+                        next_wait += WAKE_BLOCK;
+                        self.wait_ends_empty().await;
+                    }
                 }
+            }
+        }
+    }
+
+    /// What its waits for wake-ups cost when nothing comes: one call per shard each
+    /// WAKE_BLOCK.
+    async fn wait_ends_empty(&self) {
+        for (shard, ..) in &self.shards {
+            let store = &self.fleet.shards[*shard as usize];
+            let cmd = redis::cmd("LPOP")
+                .arg(store.keys().wake(&self.id))
+                .to_owned();
+            if let Err(e) = store.query::<Option<String>>(&cmd).await {
+                self.fleet.error("waiting for wake-ups", e);
             }
         }
     }
@@ -239,19 +275,29 @@ impl SimWorker {
     /// a reclaim pass is due.
     async fn heartbeat(&mut self) -> Vec<u32> {
         let fleet = self.fleet.clone();
+        let c = fleet.cadence;
         let registry = self.registry();
         let mut due = Vec::new();
         let mut registered = false;
         let mut answered = true;
-        for (shard, writes) in &mut self.shards {
+        let now = Instant::now();
+        for (shard, writes, next) in &mut self.shards {
+            if now < *next {
+                continue;
+            }
             let store = &fleet.shards[*shard as usize];
-            let sent = writes.to_send(&registry, Instant::now(), fleet.cadence.lease);
-            match functions::tick(store, &self.id, fleet.cadence.call_in, &sent).await {
+            let sent = writes.to_send(&registry, Instant::now(), c.lease);
+            let tick = functions::tick(store, &self.id, c.call_in, c.sweeper_hold_ms, &sent);
+            *next = now + c.tick;
+            match tick.await {
                 Ok(tick) => {
                     writes.answered(&registry, &sent, Instant::now(), tick.hash_created);
                     registered |= tick.registered;
                     if tick.reclaim_due {
                         due.push(*shard);
+                    }
+                    if !tick.sweeper {
+                        *next = now + c.relaxed_tick;
                     }
                 }
                 Err(e) => {
@@ -274,7 +320,7 @@ impl SimWorker {
     async fn audit(&mut self) {
         let fleet = self.fleet.clone();
         let mut lost: Vec<(u32, String)> = Vec::new();
-        for (shard, _) in &self.shards {
+        for (shard, ..) in &self.shards {
             let ids: Vec<(&str, &str)> = self
                 .jobs
                 .iter()
@@ -773,15 +819,22 @@ async fn start_fleet(
     }
     let capacity = point.jobs.div_ceil(point.workers);
     let mut workers = Vec::new();
+    let mut wakes: Vec<Vec<tokio::sync::mpsc::UnboundedSender<u32>>> =
+        vec![Vec::new(); layout.shards as usize];
     for index in 0..point.workers {
+        let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
+        for shard in layout.served_by(index) {
+            wakes[shard as usize].push(wake_tx.clone());
+        }
         let worker = SimWorker {
             index,
             id: format!("sim-worker-{index}"),
             capacity,
             shards: layout
                 .served_by(index)
-                .map(|shard| (shard, RegistryWrites::default()))
+                .map(|shard| (shard, RegistryWrites::default(), Instant::now()))
                 .collect(),
+            wakes: wake_rx,
             next_read: 0,
             jobs: Vec::new(),
             fleet: fleet.clone(),
@@ -793,11 +846,50 @@ async fn start_fleet(
         let stop = CancellationToken::new();
         workers.push((stop.clone(), tokio::spawn(worker.run(stop, phase))));
     }
+    for (shard, waiting) in wakes.into_iter().enumerate() {
+        tokio::spawn(hand_out_wakes(
+            fleet.shards[shard].clone(),
+            shard as u32,
+            waiting,
+        ));
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     while fleet.running.load(Ordering::Relaxed) < point.jobs && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     (fleet, workers)
+}
+
+/// The workers' waits for a shard's orphan tokens, as one `BLPOP`: each token goes to the
+/// next live worker of the shard in turn, as Redis hands tokens to its blocked clients.
+/// Ends when every worker of the shard has stopped.
+async fn hand_out_wakes(
+    store: Store,
+    shard: u32,
+    waiting: Vec<tokio::sync::mpsc::UnboundedSender<u32>>,
+) {
+    let mut next = 0usize;
+    while !waiting.iter().all(|w| w.is_closed()) {
+        let cmd = redis::cmd("BLPOP")
+            .arg(store.keys().orphans_wake())
+            .arg(1)
+            .to_owned();
+        match store.query_blocking::<Option<(String, String)>>(&cmd).await {
+            Ok(Some(_)) => {}
+            Ok(None) => continue,
+            Err(e) => {
+                eprintln!("fleet_sim: waiting for orphan tokens: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        }
+        for _ in 0..waiting.len() {
+            next = (next + 1) % waiting.len();
+            if waiting[next].send(shard).is_ok() {
+                break;
+            }
+        }
+    }
 }
 
 /// Stops one worker's heartbeats, reclaim passes and finishes (a worker that died), and
@@ -813,8 +905,9 @@ async fn kill_one(
     fleet.dead.store(victim.index, Ordering::Relaxed);
     let last = fleet.renewed.lock().unwrap()[victim.index].unwrap_or_else(Instant::now);
     let c = fleet.cadence;
-    // A full survivor takes one entry per pass (a tick): allow a pass per job past the lease.
-    let wait = c.lease + c.tick * (victim.jobs.len() as u32 + 2);
+    // A full survivor takes one entry per pass (a wake-up, or a relaxed tick): allow a
+    // relaxed tick per job past the lease.
+    let wait = c.lease + c.relaxed_tick * (victim.jobs.len() as u32 + 2);
     while Instant::now() < last + wait {
         let taken = fleet.taken.lock().unwrap().len();
         if taken >= victim.jobs.len() {
@@ -855,7 +948,7 @@ async fn run_point(config: &Config, probes: &[Store], point: Point, window: &Win
     if running < point.jobs {
         println!("(only {running} of {} jobs started in 60 s)", point.jobs);
     }
-    tokio::time::sleep(cadence.tick).await;
+    tokio::time::sleep(cadence.relaxed_tick).await;
     let measured = measure(probes, window.seconds).await;
     let cpus: Vec<f64> = measured.iter().map(cpu_per_s).collect();
     let busiest = (0..cpus.len())
@@ -972,11 +1065,13 @@ async fn main() {
     let seconds = env_num("SECONDS", 5) as f64;
     let layout = Layout::from_env();
     println!(
-        "# Fleet simulator: JOB_LEASE_MS={} RECLAIM_INTERVAL_MS={} heartbeat every {} ms, \
-         jobs of {} s, {seconds} s measured per point, SHARDS={} SERVED={}",
+        "# Fleet simulator: JOB_LEASE_MS={} RECLAIM_INTERVAL_MS={} heartbeat every {} ms \
+         (the sweeper) or {} ms, jobs of {} s, {seconds} s measured per point, SHARDS={} \
+         SERVED={}",
         cadence.lease.as_millis(),
         config.queue.reclaim_interval.as_millis(),
         cadence.tick.as_millis(),
+        cadence.relaxed_tick.as_millis(),
         cadence.job_len.as_secs(),
         layout.shards,
         layout.served

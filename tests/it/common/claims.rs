@@ -1,6 +1,10 @@
 //! Claims made by hand, as a worker's claim loop and reclaim pass make them: for tests that
 //! stand in for a worker that then goes quiet.
 
+/// How long the sweeper role stays with a hand-made ticker after its tick: three of a
+/// worker's default heartbeats, as `QueueSettings::sweeper_hold` gives.
+pub const SWEEPER_HOLD_MS: u64 = 3000;
+
 /// Reads up to `count` new entries of `store`'s shard as `worker` and claims them; the
 /// entry ids claimed to run.
 pub async fn read_and_claim_in(store: &free_roam::store::Store, worker: &str) -> Vec<String> {
