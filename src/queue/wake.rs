@@ -6,8 +6,8 @@
 use super::Worker;
 use super::lane::Lane;
 use super::stop::StopReason;
-use crate::store::Backoff;
 use crate::store::keys::Keys;
+use crate::store::{Backoff, Dedicated, StoreResult};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -41,9 +41,10 @@ impl Wake {
 }
 
 impl Worker {
-    /// Waits for wake-ups in one shard until `stop`. Orphan tokens are only taken while the
-    /// worker may reclaim (as a tick's pass, up to twice its capacity) and is not shutting
-    /// down (`shutdown`), so that they go to workers that run what they announce.
+    /// Waits for wake-ups in one shard until `stop`, on a connection of its own (one per
+    /// shard served, outside the pool). Orphan tokens are only taken while the worker may
+    /// reclaim (as a tick's pass, up to twice its capacity) and is not shutting down
+    /// (`shutdown`), so that they go to workers that run what they announce.
     pub(super) async fn wake_loop(
         self: Arc<Self>,
         lane: Arc<Lane>,
@@ -51,31 +52,24 @@ impl Worker {
         stop: CancellationToken,
     ) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        let keys = lane.store.keys();
+        let mut conn = None;
         while !stop.is_cancelled() {
-            let mut cmd = redis::cmd("BLPOP");
-            cmd.arg(keys.wake(&self.identity.id));
             let takes_orphans = !shutdown.is_cancelled()
                 && !self.state.draining.load(Ordering::Relaxed)
                 && self.may_reclaim();
-            if takes_orphans {
-                cmd.arg(keys.orphans_wake());
-            }
-            cmd.arg(WAKE_BLOCK_S);
-            let reply = tokio::select! {
-                reply = lane.store.query_blocking::<Option<(String, String)>>(&cmd) => reply,
+            let waited = tokio::select! {
+                waited = self.wait_for_wake(&lane, &mut conn, takes_orphans) => waited,
                 _ = stop.cancelled() => return,
             };
-            match reply {
-                Ok(Some((key, value))) => {
+            match waited {
+                Ok(wake) => {
                     backoff.reset();
-                    match Wake::from_reply(keys, &self.identity.id, &key, value) {
-                        Some(wake) => self.on_wake(&lane, wake),
-                        None => tracing::warn!(%key, "a wake-up from a list not waited on"),
+                    if let Some(wake) = wake {
+                        self.on_wake(&lane, wake);
                     }
                 }
-                Ok(None) => backoff.reset(),
                 Err(e) => {
+                    conn = None;
                     self.on_redis_error(&e, "waiting for wake-ups").await;
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -84,6 +78,36 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// One wait (`BLPOP`, up to [`WAKE_BLOCK_S`]) on this worker's wake-up list in the
+    /// lane's shard, and on its orphan tokens when `takes_orphans`; `None` when it ended
+    /// empty.
+    async fn wait_for_wake(
+        &self,
+        lane: &Lane,
+        conn: &mut Option<Dedicated>,
+        takes_orphans: bool,
+    ) -> StoreResult<Option<Wake>> {
+        let keys = lane.store.keys();
+        let mut cmd = redis::cmd("BLPOP");
+        cmd.arg(keys.wake(&self.identity.id));
+        if takes_orphans {
+            cmd.arg(keys.orphans_wake());
+        }
+        cmd.arg(WAKE_BLOCK_S);
+        let conn = match conn {
+            Some(conn) => conn,
+            None => conn.insert(lane.store.dedicated().await?),
+        };
+        let reply: Option<(String, String)> = conn.query(&cmd).await?;
+        Ok(reply.and_then(|(key, value)| {
+            let wake = Wake::from_reply(keys, &self.identity.id, &key, value);
+            if wake.is_none() {
+                tracing::warn!(%key, "a wake-up from a list not waited on");
+            }
+            wake
+        }))
     }
 
     fn on_wake(&self, lane: &Lane, wake: Wake) {

@@ -185,6 +185,16 @@ pub type Conn = NodeOrCluster<deadpool_redis::Connection, deadpool_redis::cluste
 type SharedConn =
     NodeOrCluster<redis::aio::MultiplexedConnection, deadpool_redis::cluster::ClusterConnection>;
 
+/// A connection out of the pool, for one task's blocking commands ([`Store::dedicated`]).
+pub struct Dedicated(SharedConn);
+
+impl Dedicated {
+    /// Runs one command, a blocking one too; after an error, make a new connection.
+    pub async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> StoreResult<T> {
+        Ok(cmd.query_async(&mut self.0).await?)
+    }
+}
+
 impl Conn {
     /// Takes the connection out of its pool for good and closes it: for a connection with
     /// a blocking read still pending on it.
@@ -377,6 +387,13 @@ impl Store {
             Pools::Node(p) => Conn::Node(p.get().await?),
             Pools::Cluster(p) => Conn::Cluster(p.get().await.map_err(cluster_pool_error)?),
         })
+    }
+
+    /// A connection of its own, out of the pool for good: for a task that waits on Redis
+    /// nearly all the time (a worker's wait for wake-ups), which would otherwise keep a
+    /// pooled connection from the requests that need one.
+    pub async fn dedicated(&self) -> StoreResult<Dedicated> {
+        Ok(Dedicated(self.conn().await?.take()))
     }
 
     /// The shared connection, made from the pool when there is none.

@@ -901,7 +901,9 @@ async fn kill_one(
 ) -> (Vec<f64>, usize) {
     let (stop, handle) = workers.remove(0);
     stop.cancel();
-    let victim = handle.await.expect("worker");
+    let mut victim = handle.await.expect("worker");
+    // Its wait for wake-ups died with it: tokens go to the others.
+    victim.wakes.close();
     fleet.dead.store(victim.index, Ordering::Relaxed);
     let last = fleet.renewed.lock().unwrap()[victim.index].unwrap_or_else(Instant::now);
     let c = fleet.cadence;
