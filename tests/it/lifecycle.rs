@@ -1123,6 +1123,11 @@ async fn a_stopping_worker_hands_its_job_to_another_at_once() {
         "resumed where it was"
     );
     assert_eq!(b.metrics.jobs_reclaimed.get(), 1);
+    // The hand-back's wake-up went to the worker waiting for one.
+    eventually(WAIT, "b popped the orphan token", || {
+        redis.cmd::<usize>(&["LLEN", &keys(&p).orphans_wake()]) == 0
+    })
+    .await;
     b.stop().await;
 }
 
