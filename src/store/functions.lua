@@ -35,8 +35,8 @@ local SWEEP_EVERY_MS = 1000
 local CONSUMER_PRUNE_EVERY_MS = 60000
 -- Wake-ups that spare the workers a fast tick each (docs/redis-contract.md, "Leases"):
 -- fr_cancel pushes a running job's id onto its worker's list `{fr}:wake:<worker>`, and
--- entries becoming orphans top `{fr}:orphans:wake` up to one token per orphan waiting (at
--- most WAKE_MAX); workers wait on both with BLPOP. A wake-up nobody pops expires after
+-- hand-backs and reclaim passes that leave orphans top `{fr}:orphans:wake` up to one token
+-- per orphan waiting (at most WAKE_MAX); workers wait on both with BLPOP. A wake-up nobody pops expires after
 -- WAKE_TTL_S: the ticks find the same work anyway, only later.
 local WAKE_MAX = 64
 local WAKE_TTL_S = 60
@@ -521,24 +521,21 @@ end
 
 -- Declares dead up to OVERDUE_PER_PASS workers whose deadline is older than `before`
 -- (ZRANGEBYSCORE ... LIMIT: what it costs is what it finds): their entries become orphans,
--- their sets go. The caller itself is never declared dead: it is calling. Returns how many
--- entries it made orphans.
+-- their sets go. The caller itself is never declared dead: it is calling.
 local function bury_overdue(tag, worker, before)
   local alive, orphans = alive_key(tag), orphans_key(tag)
   local overdue = redis.call('ZRANGEBYSCORE', alive, '-inf', '(' .. before, 'LIMIT', 0,
     OVERDUE_PER_PASS)
   local now = now_ms()
-  local orphaned = 0
   for _, w in ipairs(overdue) do
     if w ~= worker then
       for _, id in ipairs(redis.call('SMEMBERS', owned_key(tag, w))) do
-        orphaned = orphaned + redis.call('ZADD', orphans, 'NX', now, id)
+        redis.call('ZADD', orphans, 'NX', now, id)
       end
       redis.call('DEL', owned_key(tag, w), cancel_key(tag, w), wake_key(tag, w))
       redis.call('ZREM', alive, w)
     end
   end
-  return orphaned
 end
 
 -- Whether a pending entry is covered by a live lease: its owner is registered and holds it
@@ -612,12 +609,14 @@ local function fr_job_reclaim(keys, args)
     return redis.error_reply('ERR usage: FCALL fr_job_reclaim 1 <tag> <worker> <quiet_ms> <lease_ms> <count>')
   end
   local hold = fleet_call_in(tag, tonumber(args[2]), lease_ms)
-  local orphaned = bury_overdue(tag, worker, now_ms() - hold)
+  bury_overdue(tag, worker, now_ms() - hold)
   local orphans = orphans_key(tag)
   local ids = redis.call('ZRANGE', orphans, 0, count - 1)
   if #ids > 0 then redis.call('ZREM', orphans, unpack(ids)) end
-  -- What this pass made orphans and cannot take itself goes to the workers waiting.
-  if orphaned > 0 then wake_for_orphans(tag) end
+  -- What this pass leaves goes to the workers waiting, each of whose passes tops the
+  -- tokens up again: a fleet of full workers takes a dead worker's many entries one a pass
+  -- each, all at once, not one a tick each.
+  wake_for_orphans(tag)
   if #ids < count then sweep(tag, worker, lease_ms + hold, count, ids) end
   prune_consumers(tag, worker)
   if #ids == 0 then return {} end

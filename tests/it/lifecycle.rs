@@ -1820,9 +1820,9 @@ async fn a_reclaim_pass_declares_a_bounded_number_of_workers_dead() {
     assert_eq!(owned, 20, "every dead worker's entry is b's now");
 }
 
-/// The passes that declare workers dead wake the waiting workers: `{fr}:orphans:wake` is
-/// topped up to one token per orphan left, at most 64, and a dead worker's wake-up list
-/// goes with it; a hand-back wakes one too.
+/// The passes that leave orphans wake the waiting workers: `{fr}:orphans:wake` is topped
+/// up to one token per orphan left, at most 64, and a dead worker's wake-up list goes with
+/// it; a hand-back wakes one too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn orphans_wake_the_waiting_workers_one_token_each() {
     let redis = TestRedis::start();
@@ -1865,7 +1865,8 @@ async fn orphans_wake_the_waiting_workers_one_token_each() {
     assert_eq!(tokens(), 2, "one token per orphan the pass left");
     let exists: u32 = redis.cmd(&["EXISTS", &k.wake("gone")]);
     assert_eq!(exists, 0, "the dead worker's wake-up list goes with it");
-    // A pass that declares nobody dead adds nothing; a hand-back tops up to the orphans.
+    // Tokens are topped up to the orphans, never past them: a pass that leaves fewer
+    // orphans adds none; a hand-back adds its own.
     let reply = functions::reclaim(&store, "c", live, 1).await.unwrap();
     assert_eq!(taken_ids(&reply).len(), 1);
     assert_eq!(tokens(), 2);
