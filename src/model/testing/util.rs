@@ -61,7 +61,10 @@ pub fn tiny_model(kind: ModelType) -> &'static Path {
 
 /// A fresh folder for one test, removed first if a previous run left it.
 pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("free-roam-{}-{name}", std::process::id()));
+    // One directory per call: tests running at once may ask for the same name.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("free-roam-{}-{call}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
