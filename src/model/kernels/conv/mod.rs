@@ -8,8 +8,8 @@
 //! gathers its input into those columns first (im2col). The filter is packed once, at
 //! construction, for the product that runs it: MKL's packed f32 or bf16 product (bf16 on
 //! AMX), the project's own AVX512-BF16 product, or the `gemm` crate's f32 product (in a
-//! build without MKL, and for f32 in the mkl build on a CPU neither Intel's nor with
-//! AVX-512, where it runs faster than MKL's). Each image's output pixels are cut into tiles
+//! build without MKL, and for f32 in the mkl build on a CPU that is not Intel's, where it
+//! runs faster than MKL's, AVX-512 or not). Each image's output pixels are cut into tiles
 //! that rayon's threads share; a tile gathers its columns into a buffer that stays in the
 //! L2 cache, writes the bias into its output, runs the product onto it on its own thread
 //! and applies the activation, so the output is written once and read once more. In the mkl

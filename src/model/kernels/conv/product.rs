@@ -117,13 +117,16 @@ impl CpuProduct {
 }
 
 /// Whether MKL's f32 product runs a layer's tiles faster than the `gemm` crate's on this CPU:
-/// on Intel's (and on CPUs with AVX-512, where the two were not compared), taken as yes; on
-/// an AMD EPYC with AVX2 and no AVX-512, MKL's ran 0.7x to 0.95x the `gemm` crate's speed
-/// at the tiles' shapes (BENCHMARKS.md, YOLO-World).
+/// on Intel's, taken as yes; on other x86 CPUs, no, AVX-512 or not. On an AMD EPYC with
+/// AVX2 and no AVX-512, MKL's ran 0.7x to 0.95x the `gemm` crate's speed at the tiles'
+/// shapes; on one with AVX-512 (Zen 5), YOLO-World's f32 network took 1.01x to 1.17x as
+/// long on MKL's as on the `gemm` crate's AVX2 kernels in 17 comparisons of 18, 0.97x in
+/// the other, and its AVX-512 kernels (built since) took 0.6x to 0.75x the AVX2 ones' time
+/// (BENCHMARKS.md, YOLO-World).
 #[cfg(feature = "mkl")]
 pub(super) fn mkl_f32_fastest() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return cpu_kernels::intel_cpu() || std::arch::is_x86_feature_detected!("avx512f");
+    return cpu_kernels::intel_cpu();
     #[cfg(not(target_arch = "x86_64"))]
     true
 }
