@@ -1891,7 +1891,8 @@ async fn the_sweeper_role_passes_on_when_its_holder_stops_ticking() {
         quiet_ms: 60_000,
         lease_ms: 60_000,
     };
-    let hold_ms = 300;
+    // Long enough that a slow machine's consecutive calls never outlast it.
+    let hold_ms = 2000;
     let sweeper = |worker: &'static str| {
         let store = store.clone();
         async move {
@@ -1905,7 +1906,7 @@ async fn the_sweeper_role_passes_on_when_its_holder_stops_ticking() {
     assert!(!sweeper("b").await);
     assert!(sweeper("a").await, "kept with its ticks");
     assert!(!sweeper("b").await);
-    tokio::time::sleep(Duration::from_millis(hold_ms + 200)).await;
+    tokio::time::sleep(Duration::from_millis(hold_ms + 300)).await;
     assert!(sweeper("b").await, "taken over once it lapsed");
     assert!(!sweeper("a").await, "and not handed back");
     let fleet: HashMap<String, String> = redis.hgetall(&keys(&p).fleet());
