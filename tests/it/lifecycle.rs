@@ -35,6 +35,18 @@ async fn load_functions(redis: &TestRedis, prefix: &str) {
 
 /// A store on `prefix` with the library loaded and the `workers` group made: what a test
 /// that calls the queue's functions itself needs.
+/// How a hand-made worker calls in: with a lease of a millisecond (overdue at once) or of a
+/// minute (live through any test), and a silence of a minute before the fleet counts as
+/// quiet.
+const OVERDUE: functions::CallIn = functions::CallIn {
+    quiet_ms: 60_000,
+    lease_ms: 1,
+};
+const LIVE: functions::CallIn = functions::CallIn {
+    quiet_ms: 60_000,
+    lease_ms: 60_000,
+};
+
 async fn queue_store(redis: &TestRedis, prefix: &str) -> Store {
     let store = Store::new(&redis.url(), prefix, 4).unwrap();
     store.load_functions().await.unwrap();
@@ -1404,10 +1416,7 @@ async fn idle_consumers_that_own_nothing_are_deleted() {
     for name in ["crashed-1", "crashed-2", "live"] {
         let _: i64 = redis.cmd(&["XGROUP", "CREATECONSUMER", &k.jobs(), "workers", name]);
     }
-    let live = functions::CallIn {
-        quiet_ms: 60_000,
-        lease_ms: 60_000,
-    };
+    let live = LIVE;
     functions::tick(&store, "live", live, SWEEPER_HOLD_MS, &[])
         .await
         .unwrap();
@@ -1646,10 +1655,7 @@ async fn a_tick_says_whether_a_reclaim_pass_is_due() {
     let redis = TestRedis::start();
     let p = unique_prefix();
     let store = queue_store(&redis, &p).await;
-    let live = functions::CallIn {
-        quiet_ms: 60_000,
-        lease_ms: 60_000,
-    };
+    let live = LIVE;
     let tick = |worker: &'static str, call_in, fields: Vec<(&'static str, String)>| {
         let store = store.clone();
         async move {
@@ -1686,10 +1692,7 @@ async fn a_tick_says_whether_a_reclaim_pass_is_due() {
     assert!(!tick("a", live, vec![]).await.reclaim_due);
 
     // A worker whose deadline passed is due to be declared dead.
-    let overdue = functions::CallIn {
-        quiet_ms: 60_000,
-        lease_ms: 1,
-    };
+    let overdue = OVERDUE;
     tick("c", overdue, vec![]).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(
@@ -1713,10 +1716,7 @@ async fn a_tick_renews_the_registry_hash_with_its_fields_and_answers_older_worke
     let p = unique_prefix();
     let k = keys(&p);
     let store = queue_store(&redis, &p).await;
-    let live = functions::CallIn {
-        quiet_ms: 60_000,
-        lease_ms: 60_000,
-    };
+    let live = LIVE;
     let tick = |fields: Vec<(&'static str, String)>| {
         let store = store.clone();
         async move {
@@ -1771,14 +1771,8 @@ async fn a_reclaim_pass_declares_a_bounded_number_of_workers_dead() {
     let p = unique_prefix();
     let k = keys(&p);
     let store = queue_store(&redis, &p).await;
-    let overdue = functions::CallIn {
-        quiet_ms: 60_000,
-        lease_ms: 1,
-    };
-    let live = functions::CallIn {
-        quiet_ms: 60_000,
-        lease_ms: 60_000,
-    };
+    let overdue = OVERDUE;
+    let live = LIVE;
     for i in 0..20 {
         let job = format!("job-{i}");
         xadd(&redis, &p, &[("stream_ref", "paced:1:1"), ("job_id", &job)]);
@@ -1829,14 +1823,8 @@ async fn orphans_wake_the_waiting_workers_one_token_each() {
     let p = unique_prefix();
     let k = keys(&p);
     let store = queue_store(&redis, &p).await;
-    let overdue = functions::CallIn {
-        quiet_ms: 60_000,
-        lease_ms: 1,
-    };
-    let live = functions::CallIn {
-        quiet_ms: 60_000,
-        lease_ms: 60_000,
-    };
+    let overdue = OVERDUE;
+    let live = LIVE;
     let tag = k.tag().to_string();
     for i in 0..3 {
         let job = format!("job-{i}");
@@ -1887,10 +1875,7 @@ async fn the_sweeper_role_passes_on_when_its_holder_stops_ticking() {
     let redis = TestRedis::start();
     let p = unique_prefix();
     let store = queue_store(&redis, &p).await;
-    let live = functions::CallIn {
-        quiet_ms: 60_000,
-        lease_ms: 60_000,
-    };
+    let live = LIVE;
     // Long enough that a slow machine's consecutive calls never outlast it.
     let hold_ms = 2000;
     let sweeper = |worker: &'static str| {
