@@ -26,6 +26,11 @@ const PAIRS_PER_BLOCK: usize = 384;
 /// stays in the L2 cache while every panel passes over it.
 const ROWS_PER_RUN: usize = 20 * ROWS;
 
+/// Rows of a [`Bf16LeftHand`] per group: a group's slice of a depth block (96 × 384 pairs,
+/// 144 KiB) stays in the L2 cache beside the panels' slices while every panel passes over
+/// it, where a wide layer's whole block (576 rows: 864 KiB) would not.
+const ROWS_PER_GROUP: usize = 8 * ROWS;
+
 /// One cache line of a packed panel: 16 columns × 2 bf16 values.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
@@ -184,6 +189,202 @@ impl PackedBf16Weight {
     }
 }
 
+/// A `(rows, depth)` matrix rounded to bf16 as the left-hand side of `C (rows × width) += A ·
+/// B`, `B` packed per product ([`Bf16Panels`]): a convolution's filter, whose output rows
+/// are the output channels' planes of pixels as they lie in memory (NCHW), so neither side
+/// is transposed. Register blocks are [`ROWS`] rows of `A` by a panel of `B`, as in
+/// [`PackedBf16Weight`]'s product with the roles of the two sides swapped.
+pub struct Bf16LeftHand {
+    /// Row-major, [`Self::stride`] values a row, an odd depth's last value padded with 0.
+    values: Vec<u16>,
+    rows: usize,
+    depth: usize,
+}
+
+impl Bf16LeftHand {
+    /// `A` from row-major f32 values, rounded to bf16; `None` where the CPU lacks
+    /// AVX512-BF16.
+    pub fn new(values: &[f32], rows: usize, depth: usize) -> Option<Self> {
+        assert_eq!(values.len(), rows * depth);
+        if !supported() || depth == 0 {
+            return None;
+        }
+        let stride = depth.div_ceil(2) * 2;
+        let mut rounded = vec![0u16; rows * stride];
+        for (row, out) in values
+            .chunks_exact(depth)
+            .zip(rounded.chunks_exact_mut(stride))
+        {
+            crate::model::kernels::cpu_kernels::round_to_bf16(row, &mut out[..depth]);
+        }
+        Some(Self {
+            values: rounded,
+            rows,
+            depth,
+        })
+    }
+
+    /// `(rows, depth)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.depth)
+    }
+
+    fn stride(&self) -> usize {
+        self.depth.div_ceil(2) * 2
+    }
+
+    /// `C += A · B` for `B` in `panels` (packed at this depth): `C`'s row `r` is the
+    /// `panels.width()` values from `c + r · ldc`.
+    ///
+    /// # Safety
+    /// `c` points at `rows` rows of `panels.width()` values, `ldc` apart, that nothing else
+    /// reads or writes meanwhile.
+    pub unsafe fn accumulate(&self, panels: &Bf16Panels, c: *mut f32, ldc: usize) {
+        assert_eq!(panels.depth, self.depth, "panels packed for another depth");
+        let (stride, pairs, width) = (self.stride(), panels.pairs(), panels.width);
+        // A block of the depth, then a group of rows: that slice of `A` and the block's
+        // slice of every panel stay in the L2 cache while the panels pass, each panel's
+        // slice in the L1 cache while the group's register blocks pass over it.
+        for block in (0..pairs).step_by(PAIRS_PER_BLOCK) {
+            let block_pairs = (pairs - block).min(PAIRS_PER_BLOCK);
+            for group in (0..self.rows).step_by(ROWS_PER_GROUP) {
+                let group_end = (group + ROWS_PER_GROUP).min(self.rows);
+                for panel in 0..width.div_ceil(PANEL) {
+                    let columns = (width - panel * PANEL).min(PANEL);
+                    let b = panels.lines[(panel * pairs + block) * 2..].as_ptr() as *const u16;
+                    for row in (group..group_end).step_by(ROWS) {
+                        let block_rows = (group_end - row).min(ROWS);
+                        // SAFETY: `a` holds block_rows rows of `stride` values from
+                        // `row` and block_pairs pairs from `block`; `b` this panel's
+                        // block_pairs × 2 lines from `block`; the output tile is inside
+                        // `c`, as the caller promises, masked to `columns`.
+                        unsafe {
+                            let a = self.values.as_ptr().add(row * stride + block * 2);
+                            let c = c.add(row * ldc + panel * PANEL);
+                            tile(block_rows, a, stride, b, block_pairs, c, ldc, columns);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The right-hand side `B (depth × width)` of a [`Bf16LeftHand`]'s product, in panels of
+/// [`PANEL`] columns whose values come in pairs along the depth (a zero pair past an odd
+/// depth, zero columns past the width). A buffer reused from product to product.
+#[derive(Default)]
+pub struct Bf16Panels {
+    lines: Vec<Line>,
+    depth: usize,
+    width: usize,
+}
+
+impl Bf16Panels {
+    fn pairs(&self) -> usize {
+        self.depth.div_ceil(2)
+    }
+
+    /// Room for `depth × width`, every line zeroed only where it is new (packing writes
+    /// every line of a panel).
+    fn resize(&mut self, depth: usize, width: usize) {
+        self.depth = depth;
+        self.width = width;
+        let lines = width.div_ceil(PANEL) * depth.div_ceil(2) * 2;
+        self.lines.resize(lines, Line([0; PANEL]));
+    }
+
+    /// Packs `depth` rows of `width` values, `ldb` apart in `values`: f32 rounded to bf16
+    /// (to nearest, ties to even, as [`round_to_bf16`](super::cpu_kernels::round_to_bf16)),
+    /// bf16 bit patterns as they are.
+    pub fn pack<T: PanelValue>(&mut self, values: &[T], ldb: usize, depth: usize, width: usize) {
+        self.pack_rows_at(values, |row| row * ldb, depth, width)
+    }
+
+    /// As [`Self::pack`], row `k` of `B` being the `width` values from `values[start(k)]`:
+    /// a shifted convolution's rows, each an input channel's plane at a kernel position's
+    /// offset.
+    pub fn pack_rows_at<T: PanelValue>(
+        &mut self,
+        values: &[T],
+        start: impl Fn(usize) -> usize,
+        depth: usize,
+        width: usize,
+    ) {
+        assert!(supported() && depth > 0 && width > 0);
+        assert!((0..depth).all(|row| start(row) + width <= values.len()));
+        self.resize(depth, width);
+        // SAFETY: the CPU was checked above, and every row's extent in `values`.
+        unsafe { pack_rows(&mut self.lines, values.as_ptr(), start, depth, width) }
+    }
+}
+
+/// A type [`Bf16Panels`] packs: f32, or bf16 as its bit pattern.
+pub trait PanelValue: Copy {
+    /// 16 values from `at` (`lanes` of them, the rest 0) as bf16 bit patterns in the low
+    /// halves of 32-bit lanes.
+    ///
+    /// # Safety
+    /// `at` holds the `lanes` values, and the CPU has AVX512-BF16 (the caller is compiled
+    /// for it).
+    unsafe fn load16(at: *const Self, lanes: u16) -> __m512i;
+}
+
+impl PanelValue for f32 {
+    #[inline(always)]
+    unsafe fn load16(at: *const Self, lanes: u16) -> __m512i {
+        // SAFETY: as the caller promises; masked lanes are not read.
+        unsafe {
+            let loaded = _mm512_maskz_loadu_ps(lanes, at);
+            let rounded: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(loaded));
+            _mm512_cvtepu16_epi32(rounded)
+        }
+    }
+}
+
+impl PanelValue for u16 {
+    #[inline(always)]
+    unsafe fn load16(at: *const Self, lanes: u16) -> __m512i {
+        // SAFETY: as the caller promises; masked lanes are not read.
+        unsafe { _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, at as *const i16)) }
+    }
+}
+
+/// Packs `depth` rows of `width` values into `lines` (see [`Bf16Panels`]), each 16-column
+/// half of a panel line by line: row `2p`'s values in the low halves of the 32-bit lanes,
+/// row `2p + 1`'s in the high ones.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn pack_rows<T: PanelValue>(
+    lines: &mut [Line],
+    values: *const T,
+    start: impl Fn(usize) -> usize,
+    depth: usize,
+    width: usize,
+) {
+    let pairs = depth.div_ceil(2);
+    for panel in 0..width.div_ceil(PANEL) {
+        for half in 0..2 {
+            let first = panel * PANEL + half * 16;
+            let lanes = ((1u32 << width.saturating_sub(first).min(16)) - 1) as u16;
+            for pair in 0..pairs {
+                let line = &mut lines[(panel * pairs + pair) * 2 + half];
+                // SAFETY: rows 2·pair and (when inside the depth) 2·pair + 1 hold the
+                // `lanes` columns from `first`, as the caller's extents say.
+                unsafe {
+                    let low = T::load16(values.add(start(2 * pair) + first), lanes);
+                    let high = if 2 * pair + 1 < depth {
+                        T::load16(values.add(start(2 * pair + 1) + first), lanes)
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                    let packed = _mm512_or_si512(low, _mm512_slli_epi32::<16>(high));
+                    _mm512_store_si512(line.0.as_mut_ptr() as *mut _, packed);
+                }
+            }
+        }
+    }
+}
+
 /// A raw output pointer shared by tasks that write disjoint tiles.
 struct SendPtr(*mut f32);
 // SAFETY: tasks write disjoint tiles of the buffer behind it.
@@ -328,6 +529,95 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The left-hand form over every edge: rows past a register block and short of one,
+    /// widths short of a panel, of its first half and past several panels, an odd depth,
+    /// more pairs than one block, rows of `B` further apart than its width, and `C`'s rows
+    /// further apart than the width (whose values in between stay untouched); `B` packed
+    /// from f32 (rounded there) and from bf16.
+    #[test]
+    fn the_left_hand_product_matches_f64_arithmetic_on_the_same_bf16_values() {
+        if !supported() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let mut seed = 11;
+        let mut panels = Bf16Panels::default();
+        for (rows, depth, width) in [
+            (1, 1, 1),
+            (5, 3, 7),
+            (13, 27, 45),
+            (25, 17, 16),
+            (12, 2, 33),
+            (30, 801, 70),
+        ] {
+            let weight: Vec<f32> = values(rows * depth, &mut seed)
+                .into_iter()
+                .map(|b| widen(b) as f32)
+                .collect();
+            let left = Bf16LeftHand::new(&weight, rows, depth).expect("supported");
+            let ldb = width + 3;
+            let b = values(depth * ldb, &mut seed);
+            let b_f32: Vec<f32> = b.iter().map(|&v| widen(v) as f32).collect();
+            let ldc = width + 5;
+            let start: Vec<f32> = values(rows * ldc, &mut seed)
+                .into_iter()
+                .map(|v| widen(v) as f32)
+                .collect();
+            for from_f32 in [false, true] {
+                if from_f32 {
+                    panels.pack(&b_f32, ldb, depth, width);
+                } else {
+                    panels.pack(&b, ldb, depth, width);
+                }
+                let mut out = start.clone();
+                // SAFETY: `out` holds `rows` rows of `ldc` ≥ width values.
+                unsafe { left.accumulate(&panels, out.as_mut_ptr(), ldc) };
+                for r in 0..rows {
+                    for c in 0..ldc {
+                        let got = out[r * ldc + c] as f64;
+                        let expected = if c < width {
+                            start[r * ldc + c] as f64
+                                + (0..depth)
+                                    .map(|k| weight[r * depth + k] as f64 * widen(b[k * ldb + c]))
+                                    .sum::<f64>()
+                        } else {
+                            start[r * ldc + c] as f64
+                        };
+                        assert!(
+                            (got - expected).abs() < 1e-5 * (1.0 + depth as f64).sqrt(),
+                            "{rows}x{depth}x{width} at ({r}, {c}): {got} against {expected}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// f32 values are rounded to nearest, ties to even, as the project's rounding does.
+    #[test]
+    fn packing_f32_rounds_as_the_cpu_kernels_do() {
+        if !supported() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        // Among them ties of bf16's 8-bit mantissa: 1 + 2⁻⁹ and 1 + 3·2⁻⁹.
+        let ties = [1.0 + 1.0 / 512.0, 1.0 + 3.0 / 512.0];
+        let values: Vec<f32> = [1.0f32, ties[0], ties[1], -3.3, 1e-3, 65504.7]
+            .into_iter()
+            .cycle()
+            .take(2 * 40)
+            .enumerate()
+            .map(|(i, v)| v * (1.0 + (i / 6) as f32 * 1e-3))
+            .collect();
+        let mut rounded = vec![0u16; values.len()];
+        crate::model::kernels::cpu_kernels::round_to_bf16(&values, &mut rounded);
+        let (mut from_f32, mut from_bf16) = (Bf16Panels::default(), Bf16Panels::default());
+        from_f32.pack(&values, 40, 2, 40);
+        from_bf16.pack(&rounded, 40, 2, 40);
+        let bits = |p: &Bf16Panels| p.lines.iter().flat_map(|l| l.0).collect::<Vec<_>>();
+        assert_eq!(bits(&from_f32), bits(&from_bf16));
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub mod letterbox;
 pub mod net;
 pub mod nms;
 
+use crate::model::kernels::conv;
 use crate::model::kernels::cpu_kernels::{self, Bf16Unit};
 use crate::model::kernels::fused_linear::MatmulPrecision;
 use crate::model::kind::ModelType;
@@ -232,19 +233,23 @@ impl VisionLanguageModel for YoloWorldModel {
 }
 
 /// The convolutions' precision for `DTYPE`: as for the other families, except that `auto`
-/// picks bf16 only on a CPU with AMX-BF16. On AVX512-BF16 alone the convolutions ran
-/// slower in bf16 than in f32 (YOLO-World s at 640x384: 189 against 127 ms a frame on a
-/// Xeon without AMX, BENCHMARKS.md), as PyTorch's did under autocast.
+/// picks bf16 only where bf16 convolutions were measured to pay: with AMX-BF16, and where
+/// they run on the own AVX512-BF16 product (AMD's CPUs: YOLO-World s at 640x384 in 80 to
+/// 110 against 150 to 180 ms a frame in f32 on a Zen 4 EPYC, BENCHMARKS.md). On an Intel CPU
+/// with AVX512-BF16 alone they run on MKL's bf16 product, slower than in f32 (189 against
+/// 127 ms a frame on a Xeon without AMX).
 fn conv_precision(
     choice: DtypeChoice,
     device: &Device,
 ) -> Result<(MatmulPrecision, String), ModelError> {
     let (precision, why) = resolve_precision(choice, device)?;
     let amx = cpu_kernels::bf16_matrix_unit() == Some(Bf16Unit::AmxBf16);
-    if choice == DtypeChoice::Auto && precision == MatmulPrecision::Bf16 && !amx {
+    let pays = amx || conv::bf16_on_own_product();
+    if choice == DtypeChoice::Auto && precision == MatmulPrecision::Bf16 && !pays {
         return Ok((
             MatmulPrecision::F32,
-            "DTYPE=auto: f32, bf16 convolutions pay only with AMX-BF16, which this CPU lacks"
+            "DTYPE=auto: f32, bf16 convolutions pay only with AMX-BF16, or with AVX512-BF16 \
+             on a CPU that is not Intel's"
                 .into(),
         ));
     }

@@ -35,7 +35,6 @@ pub(super) trait Element: Copy + Default + Send + Sync + 'static {
     /// bf16 values into this type: widened to f32, or a copy.
     fn from_bf16(values: &[u16], out: &mut [Self]);
     /// This type's values into `T`.
-    #[cfg(feature = "mkl")]
     fn copy_into<T: Element>(values: &[Self], out: &mut [T]);
     /// `row += values`, in f32.
     fn add_into(values: &[Self], row: &mut [f32]);
@@ -60,7 +59,6 @@ impl Element for f32 {
             *o = f32::from_bits(u32::from(v) << 16);
         }
     }
-    #[cfg(feature = "mkl")]
     fn copy_into<T: Element>(values: &[Self], out: &mut [T]) {
         T::store(values, out)
     }
@@ -89,7 +87,6 @@ impl Element for u16 {
     fn from_bf16(values: &[u16], out: &mut [Self]) {
         out.copy_from_slice(values)
     }
-    #[cfg(feature = "mkl")]
     fn copy_into<T: Element>(values: &[Self], out: &mut [T]) {
         T::from_bf16(values, out)
     }

@@ -34,11 +34,10 @@ impl Geometry {
         self.kernel == 1 && self.stride == 1 && self.padding == 0
     }
 
-    /// A kernel larger than 1x1: one product per kernel position over the padded input
-    /// shifted by that position, instead of gathered columns (MKL's products only); at a
-    /// larger stride only from 16 input channels on: the first layer's 3 channels make
-    /// products too thin to pay for their 9 passes over the output.
-    #[cfg(feature = "mkl")]
+    /// A kernel larger than 1x1 read from the padded input shifted by each kernel position,
+    /// instead of gathered columns (MKL's products and the own bf16 one); at a larger
+    /// stride only from 16 input channels on: the first layer's 3 channels make products
+    /// too thin to pay for MKL's 9 passes over the output.
     pub(super) fn shifted(&self) -> bool {
         self.kernel > 1 && (self.stride == 1 || self.inp >= 16)
     }

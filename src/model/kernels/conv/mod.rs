@@ -7,22 +7,24 @@
 //! stride 1 reads its input as the right-hand matrix as it stands, and a larger kernel
 //! gathers its input into those columns first (im2col). The filter is packed once, at
 //! construction, for the product that runs it: MKL's packed f32 or bf16 product (bf16 on
-//! AMX), the project's own AVX512-BF16 product, or the `gemm` crate's f32 product (in a
-//! build without MKL, and for f32 in the mkl build on a CPU that is not Intel's, where it
-//! runs faster than MKL's, AVX-512 or not). Each image's output pixels are cut into tiles
-//! that rayon's threads share; a tile gathers its columns into a buffer that stays in the
-//! L2 cache, writes the bias into its output, runs the product onto it on its own thread
-//! and applies the activation, so the output is written once and read once more. In the mkl
-//! build, a kernel larger than 1x1 gathers nothing: it runs one product per kernel position
-//! over the padded input (split into the stride's phases), shifted (`convolve_shifted`). A
-//! layer takes and gives f32 or bf16: MKL's bf16 product reads a bf16 input as it is, and a
-//! bf16 output is rounded from the product's f32 tile after the epilogue (activation, and a
-//! residual where [`Conv2d::forward_add`] gives one), so a network can keep its activations
-//! in bf16 between layers ([`activation_dtype`]). A 1x1 layer can also read a
-//! concatenation's parts where they lie ([`Conv2d::forward_cat`]). candle's own `conv2d`
-//! (im2col into a full buffer, a product into a zeroed output, then separate
-//! single-threaded bias and activation passes) runs anything else: other devices and
-//! dtypes.
+//! AMX), the project's own AVX512-BF16 product (the filter as its left-hand side, so its
+//! output rows are the output's planes), or the `gemm` crate's f32 product (in a build
+//! without MKL, and for f32 in the mkl build on a CPU that is not Intel's, where it runs
+//! faster than MKL's, AVX-512 or not). Each image's output pixels are cut into tiles that
+//! rayon's threads share; a tile gathers its columns into a buffer that stays in the L2
+//! cache, writes the bias into its output, runs the product onto it on its own thread and
+//! applies the activation, so the output is written once and read once more. On MKL's
+//! products and the own bf16 one, a kernel larger than 1x1 gathers nothing: the padded
+//! input is split once into the stride's phases, and each kernel position reads them
+//! shifted (`shifted`): MKL runs one product per kernel position, the own product packs
+//! its right-hand rows straight from the phases. A layer takes and gives f32 or bf16:
+//! the bf16 products read a bf16 input as it is, and a bf16 output is rounded from the
+//! product's f32 tile after the epilogue (activation, and a residual where
+//! [`Conv2d::forward_add`] gives one), so a network can keep its activations in bf16
+//! between layers ([`activation_dtype`]). A 1x1 layer can also read a concatenation's
+//! parts where they lie ([`Conv2d::forward_cat`]). candle's own `conv2d` (im2col into a
+//! full buffer, a product into a zeroed output, then separate single-threaded bias and
+//! activation passes) runs anything else: other devices and dtypes.
 
 use crate::model::kernels::fused_linear::MatmulPrecision;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
@@ -35,7 +37,6 @@ mod im2col;
 mod mkl_filter;
 mod own_products;
 mod product;
-#[cfg(feature = "mkl")]
 mod shifted;
 mod tiled;
 
@@ -43,7 +44,6 @@ use element::*;
 pub use geometry::ConvActivation;
 use geometry::*;
 use product::*;
-#[cfg(feature = "mkl")]
 use shifted::*;
 use tiled::*;
 
@@ -332,36 +332,50 @@ fn image_strided(layout: &Layout) -> Option<(usize, usize)> {
 }
 
 /// The dtype a network of layers built for `precision` on `device` best keeps its
-/// activations in: bf16 where the layers' product is MKL's bf16 one, which reads bf16
-/// inputs as they are (so a network in bf16 skips each layer's rounding of its input, and
-/// moves half the bytes in its concatenations, as PyTorch's autocast does), f32 elsewhere
-/// (the own AVX512-BF16 product reads its input transposed, so bf16 there would only add
-/// passes; candle's convolution on other devices takes its filter's dtype).
+/// activations in: bf16 where the layers' product is a bf16 one that reads bf16 inputs as
+/// they are (MKL's, and the own AVX512-BF16 product, which packs them into its pairs), so
+/// a network in bf16 rounds each activation once, where it is written, and moves half the
+/// bytes in its gathers and concatenations, as PyTorch's autocast does; f32 elsewhere
+/// (candle's convolution on other devices takes its filter's dtype).
 pub fn activation_dtype(precision: MatmulPrecision, device: &candle_core::Device) -> DType {
+    let product = CpuProduct::for_precision(precision);
     #[cfg(feature = "mkl")]
-    if device.is_cpu()
-        && CpuProduct::for_precision(precision) == CpuProduct::Mkl(MatmulPrecision::Bf16)
-    {
+    if device.is_cpu() && product == CpuProduct::Mkl(MatmulPrecision::Bf16) {
         return DType::BF16;
     }
-    let _ = (precision, device);
+    #[cfg(target_arch = "x86_64")]
+    if device.is_cpu() && product == CpuProduct::OwnBf16 {
+        return DType::BF16;
+    }
+    let _ = (product, device);
     DType::F32
 }
 
+/// Whether bf16 layers on the CPU run on the own AVX512-BF16 product (a CPU with
+/// AVX512-BF16 that is not Intel's, or any such CPU in a build without MKL).
+pub fn bf16_on_own_product() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return CpuProduct::for_precision(MatmulPrecision::Bf16) == CpuProduct::OwnBf16;
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 impl Conv2d {
-    /// Whether the product reads a bf16 input directly: MKL's bf16 product over the input
-    /// itself (a pointwise layer) or its shifted phases.
+    /// Whether the product reads a bf16 input directly: the own AVX512-BF16 product (it
+    /// packs bf16 values as they are), MKL's bf16 product over the input itself (a
+    /// pointwise layer) or its shifted phases.
     fn reads_bf16(&self) -> bool {
-        #[cfg(feature = "mkl")]
-        return match &*self.product {
+        match &*self.product {
+            #[cfg(target_arch = "x86_64")]
+            Product::OwnBf16 { .. } => true,
+            #[cfg(feature = "mkl")]
             Product::Mkl { filter, .. } => {
                 filter.precision() == MatmulPrecision::Bf16 && self.geometry.pointwise()
             }
+            #[cfg(feature = "mkl")]
             Product::MklShifted { filters, .. } => filters[0].precision() == MatmulPrecision::Bf16,
             _ => false,
-        };
-        #[cfg(not(feature = "mkl"))]
-        false
+        }
     }
 
     /// The output `[batch, out, oh, ow]` over an input of `[batch, in, h, w]` values, plus
@@ -381,6 +395,10 @@ impl Conv2d {
             #[cfg(feature = "mkl")]
             Product::MklShifted { filters, bias } => {
                 convolve_shifted(filters, bias, self.geometry, epilogue, input, batch)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Product::OwnBf16 { filter, bias } if self.geometry.shifted() => {
+                convolve_shifted_own(filter, bias, self.geometry, epilogue, input, batch)
             }
             product => convolve(product, self.geometry, epilogue, input, batch),
         }

@@ -1,9 +1,9 @@
 //! The per-tile products that are not MKL's: the `gemm` crate's f32 product and the own
-//! AVX512-BF16 product, with the rounding and transposing they need.
+//! AVX512-BF16 product, with the packing it needs.
 
 use super::geometry::*;
 #[cfg(target_arch = "x86_64")]
-use crate::model::kernels::bf16_gemm::PackedBf16Weight;
+use crate::model::kernels::bf16_gemm::{Bf16LeftHand, Bf16Panels, PanelValue};
 use crate::model::kernels::cpu_kernels;
 use std::cell::RefCell;
 
@@ -64,75 +64,33 @@ pub(super) fn round_rows(
     }
 }
 
-/// The own bf16 product takes pixels as rows: the tile's columns transposed and rounded,
-/// the product into a pixels-by-channels buffer that starts as the bias, then transposed
-/// into the target.
+/// `target = bias + filter · rhs` on the own AVX512-BF16 product, `rhs` `depth` rows of
+/// `width` values `ldb` apart, f32 or bf16: the rows are packed into the product's pairs
+/// (an f32 value rounded to bf16 on the way), and the product runs onto the target's rows
+/// as they lie, output channel by output channel.
 #[cfg(target_arch = "x86_64")]
-pub(super) fn own_bf16_tile(
-    filter: &PackedBf16Weight,
+pub(super) fn own_bf16_tile<T: PanelValue>(
+    filter: &Bf16LeftHand,
     bias: &[f32],
-    rhs: &[f32],
+    rhs: &[T],
     ldb: usize,
     width: usize,
     target: &Target,
 ) {
-    let (out, depth) = filter.dims();
-    let stride = filter.input_stride();
-    ROUNDED.with_borrow_mut(|rounded| {
-        rounded.clear();
-        rounded.resize(width * stride, 0);
-        transpose_to_bf16(rhs, ldb, depth, width, rounded, stride);
-        PIXEL_ROWS.with_borrow_mut(|rows| {
-            rows.clear();
-            rows.reserve(width * out);
-            for _ in 0..width {
-                rows.extend_from_slice(bias);
-            }
-            filter.accumulate_product_here(rows, rounded, width);
-            for channel in 0..out {
-                // SAFETY: one row per output channel, the tile's width.
-                let row = unsafe { target.row(channel, width) };
-                for (pixel, value) in row.iter_mut().enumerate() {
-                    *value = rows[pixel * out + channel];
-                }
-            }
-        })
+    target.fill_bias(bias, width);
+    PANELS.with_borrow_mut(|panels| {
+        panels.pack(rhs, ldb, filter.dims().1, width);
+        // SAFETY: the target holds one row of the tile's width per output channel, the
+        // filter's rows, and is this task's alone.
+        unsafe { filter.accumulate(panels, target.out, target.stride) }
     })
-}
-
-/// Square blocks a transpose goes by, so both sides are read and written a cache line at a
-/// time.
-#[cfg(target_arch = "x86_64")]
-pub(super) const TRANSPOSE_BLOCK: usize = 16;
-
-/// `values` (`depth` rows of `width` values, `ldb` apart) transposed into `out` (`width`
-/// rows of `stride` values) and rounded to bf16.
-#[cfg(target_arch = "x86_64")]
-pub(super) fn transpose_to_bf16(
-    values: &[f32],
-    ldb: usize,
-    depth: usize,
-    width: usize,
-    out: &mut [u16],
-    stride: usize,
-) {
-    let mut block = [0f32; TRANSPOSE_BLOCK];
-    let mut rounded = [0u16; TRANSPOSE_BLOCK];
-    for k0 in (0..depth).step_by(TRANSPOSE_BLOCK) {
-        let ks = (depth - k0).min(TRANSPOSE_BLOCK);
-        for pixel in 0..width {
-            for (i, v) in block[..ks].iter_mut().enumerate() {
-                *v = values[(k0 + i) * ldb + pixel];
-            }
-            cpu_kernels::round_to_bf16(&block[..ks], &mut rounded[..ks]);
-            out[pixel * stride + k0..pixel * stride + k0 + ks].copy_from_slice(&rounded[..ks]);
-        }
-    }
 }
 
 thread_local! {
     /// A tile's right-hand matrix rounded to bf16.
+    #[cfg(feature = "mkl")]
     pub(super) static ROUNDED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
-    /// The own bf16 product's output tile, pixels by channels.
-    pub(super) static PIXEL_ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A tile's right-hand matrix packed for the own bf16 product.
+    #[cfg(target_arch = "x86_64")]
+    static PANELS: RefCell<Bf16Panels> = RefCell::new(Bf16Panels::default());
 }

@@ -4,7 +4,7 @@ use super::geometry::*;
 #[cfg(feature = "mkl")]
 use super::mkl_filter;
 #[cfg(target_arch = "x86_64")]
-use crate::model::kernels::bf16_gemm::PackedBf16Weight;
+use crate::model::kernels::bf16_gemm::Bf16LeftHand;
 use crate::model::kernels::cpu_kernels;
 use crate::model::kernels::fused_linear::{self, Bf16Product, MatmulPrecision};
 use candle_core::{DType, Result, Tensor};
@@ -31,10 +31,10 @@ pub(super) enum Product {
         filters: Vec<mkl_filter::PackedFilter>,
         bias: Vec<f32>,
     },
-    /// Rounded to bf16 and packed for the own AVX512-BF16 product.
+    /// Rounded to bf16 as the left-hand side of the own AVX512-BF16 product.
     #[cfg(target_arch = "x86_64")]
     OwnBf16 {
-        filter: PackedBf16Weight,
+        filter: Bf16LeftHand,
         bias: Vec<f32>,
     },
 }
@@ -84,9 +84,10 @@ impl CpuProduct {
     /// The product [`FusedLinear`](super::fused_linear::FusedLinear) would run a layer of
     /// `precision` on: bf16 where [`fused_linear::bf16_product`] says, else f32; but MKL's
     /// bf16 product on an Intel CPU with AVX512-BF16 and no AMX as well, where the linear
-    /// layers take the own product: a convolution reads its bf16 input as it is there
-    /// (the own product reads it transposed), and YOLO-World s ran 1.5x to 2.2x faster
-    /// in bf16 on MKL's than on the own (BENCHMARKS.md, YOLO-World).
+    /// layers take the own product: YOLO-World s ran 1.5x to 2.2x faster in bf16 on MKL's
+    /// than on the own there, when the own product still read its input transposed
+    /// (BENCHMARKS.md, YOLO-World; its form since, which reads the input's planes as they
+    /// lie, was measured on AMD's CPUs only).
     pub(super) fn for_precision(precision: MatmulPrecision) -> Self {
         let f32_product = {
             #[cfg(feature = "mkl")]
@@ -183,13 +184,9 @@ pub(super) fn pack(
             })
         }
         #[cfg(target_arch = "x86_64")]
-        CpuProduct::OwnBf16 => {
-            let mut rounded = vec![0u16; filter.len()];
-            cpu_kernels::round_to_bf16(&filter, &mut rounded);
-            match PackedBf16Weight::new(&rounded, out, depth) {
-                Some(filter) => Ok(Product::OwnBf16 { filter, bias }),
-                None => candle_core::bail!("convolution: this CPU has no AVX512-BF16"),
-            }
-        }
+        CpuProduct::OwnBf16 => match Bf16LeftHand::new(&filter, out, depth) {
+            Some(filter) => Ok(Product::OwnBf16 { filter, bias }),
+            None => candle_core::bail!("convolution: this CPU has no AVX512-BF16"),
+        },
     }
 }

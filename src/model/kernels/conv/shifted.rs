@@ -1,11 +1,16 @@
-//! Kernels larger than 1x1 as one product per kernel position over the padded input, split
-//! into the stride's phases and shifted, instead of gathered columns (the mkl build).
+//! Kernels larger than 1x1 read from the padded input, split into the stride's phases and
+//! shifted, instead of gathered columns: as one product per kernel position (MKL's), or as
+//! one product whose right-hand rows are packed straight from the phases (the own
+//! AVX512-BF16 product).
 
 use super::element::*;
 use super::geometry::*;
 #[cfg(feature = "mkl")]
 use super::mkl_filter;
 use super::tiled::*;
+#[cfg(target_arch = "x86_64")]
+use crate::model::kernels::bf16_gemm::{Bf16LeftHand, Bf16Panels};
+#[cfg(feature = "mkl")]
 use crate::model::kernels::fused_linear::MatmulPrecision;
 use rayon::prelude::*;
 
@@ -29,13 +34,31 @@ pub(super) fn convolve_shifted<S: Element, O: Element>(
     batch: usize,
 ) -> Vec<O> {
     let phases = Phases::new(geometry, input);
-    let layer = (filters, bias, geometry, epilogue);
+    let layer = Layer {
+        bias,
+        geometry,
+        epilogue,
+        tile_bytes: geometry.inp * 4,
+    };
+    // Each kernel position's product, `accumulate(filter, target, offset, width)`.
+    let positions = |target: &Target, base: usize, width: usize, accumulate: &Accumulate| {
+        for (position, filter) in filters.iter().enumerate() {
+            accumulate(
+                filter,
+                target,
+                base + phases.offset(geometry, position),
+                width,
+            );
+        }
+    };
     if filters[0].precision() == MatmulPrecision::Bf16 {
         PHASED_BF16.with(|cell| {
             let mut buffer = cell.take();
             let phased = phases.fill(input, (batch, geometry.inp), &mut buffer);
-            let out = shifted_products(layer, input, batch, &phases, |f, t, o, w| {
-                f.accumulate_bf16(t, &phased[o..], phases.channel_stride(), w)
+            let out = shifted_products(layer, input, batch, &phases, |target, base, width| {
+                positions(target, base, width, &|f, t, o, w| {
+                    f.accumulate_bf16(t, &phased[o..], phases.channel_stride(), w)
+                })
             });
             cell.set(buffer);
             out
@@ -44,8 +67,10 @@ pub(super) fn convolve_shifted<S: Element, O: Element>(
         PHASED_F32.with(|cell| {
             let mut buffer = cell.take();
             let phased = phases.fill(input, (batch, geometry.inp), &mut buffer);
-            let out = shifted_products(layer, input, batch, &phases, |f, t, o, w| {
-                f.accumulate_f32(t, &phased[o..], phases.channel_stride(), w)
+            let out = shifted_products(layer, input, batch, &phases, |target, base, width| {
+                positions(target, base, width, &|f, t, o, w| {
+                    f.accumulate_f32(t, &phased[o..], phases.channel_stride(), w)
+                })
             });
             cell.set(buffer);
             out
@@ -53,36 +78,84 @@ pub(super) fn convolve_shifted<S: Element, O: Element>(
     }
 }
 
-/// A shifted layer's parts: its filters, bias, geometry and epilogue.
+/// One kernel position's MKL product onto a tile, its right-hand side at an offset.
 #[cfg(feature = "mkl")]
-pub(super) type ShiftedLayer<'a, O> = (
-    &'a [mkl_filter::PackedFilter],
-    &'a [f32],
-    Geometry,
-    Epilogue<'a, O>,
-);
+type Accumulate<'a> = dyn Fn(&mkl_filter::PackedFilter, &Target, usize, usize) + 'a;
 
-/// The tiles of [`convolve_shifted`] over its phased input: `accumulate(filter, target,
-/// offset, width)` adds one position's product, its right-hand side at `offset` in the
-/// phased input.
-#[cfg(feature = "mkl")]
+/// A shifted convolution on the own AVX512-BF16 product: the phases in bf16, and per tile
+/// one product whose right-hand row `(c, ky, kx)` is input channel `c`'s phases at kernel
+/// position `(ky, kx)`'s offset, packed into the product's pairs as it is read.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn convolve_shifted_own<S: Element, O: Element>(
+    filter: &Bf16LeftHand,
+    bias: &[f32],
+    geometry: Geometry,
+    epilogue: Epilogue<'_, O>,
+    input: &Input<'_, S>,
+    batch: usize,
+) -> Vec<O> {
+    let phases = Phases::new(geometry, input);
+    let positions = geometry.kernel * geometry.kernel;
+    // Where each row of the product starts in an image's phases.
+    let starts: Vec<usize> = (0..geometry.depth())
+        .map(|row| {
+            let (channel, position) = (row / positions, row % positions);
+            channel * phases.channel_stride() + phases.offset(geometry, position)
+        })
+        .collect();
+    let layer = Layer {
+        bias,
+        geometry,
+        epilogue,
+        // The packed rows of a pixel: bf16 values over the whole depth.
+        tile_bytes: geometry.depth() * 2,
+    };
+    PHASED_BF16.with(|cell| {
+        let mut buffer = cell.take();
+        let phased = phases.fill(input, (batch, geometry.inp), &mut buffer);
+        let out = shifted_products(layer, input, batch, &phases, |target, base, width| {
+            SHIFTED_PANELS.with_borrow_mut(|panels| {
+                panels.pack_rows_at(phased, |row| base + starts[row], starts.len(), width);
+                // SAFETY: the target holds one row of `width` values per output channel,
+                // the filter's rows, and is this task's alone.
+                unsafe { filter.accumulate(panels, target.out, target.stride) }
+            })
+        });
+        cell.set(buffer);
+        out
+    })
+}
+
+/// A shifted layer's parts beside its products: bias, geometry, epilogue, and the bytes a
+/// tile's products hold per wide pixel (which sizes the tiles).
+pub(super) struct Layer<'a, O> {
+    bias: &'a [f32],
+    geometry: Geometry,
+    epilogue: Epilogue<'a, O>,
+    tile_bytes: usize,
+}
+
+/// The tiles of a shifted convolution over its phased input: each writes its bias into a
+/// tile buffer of its thread, `products(target, base, width)` adds the products of the
+/// tile whose first wide pixel is at `base` in the phased input, and its rows, activated,
+/// move into the output.
 pub(super) fn shifted_products<S, O: Element>(
-    (filters, bias, geometry, epilogue): ShiftedLayer<'_, O>,
+    layer: Layer<'_, O>,
     input: &Input<'_, S>,
     batch: usize,
     phases: &Phases,
-    accumulate: impl Fn(&mkl_filter::PackedFilter, &Target, usize, usize) + Sync,
+    products: impl Fn(&Target, usize, usize) + Sync,
 ) -> Vec<O> {
-    let Geometry {
-        out: channels,
-        inp,
-        kernel,
-        stride,
-        ..
-    } = geometry;
+    let Layer {
+        bias,
+        geometry,
+        epilogue,
+        tile_bytes,
+    } = layer;
+    let (channels, inp) = (geometry.out, geometry.inp);
     let (oh, ow, wq) = (input.oh, input.ow, phases.wq);
     let mut out: Vec<O> = Vec::with_capacity(batch * channels * oh * ow);
-    let rows = shifted_tile_rows(inp, wq, oh, batch);
+    let rows = shifted_tile_rows(tile_bytes, wq, oh, batch);
     let tiles_per_image = oh.div_ceil(rows);
     let out_ptr = SendPtr(out.as_mut_ptr());
     (0..batch * tiles_per_image)
@@ -98,13 +171,7 @@ pub(super) fn shifted_products<S, O: Element>(
                     stride: width,
                 };
                 target.fill_bias(bias, width);
-                let base = image * phases.image_size(inp) + first * wq;
-                for (position, filter) in filters.iter().enumerate() {
-                    let (ky, kx) = (position / kernel, position % kernel);
-                    let phase = (ky % stride) * stride + kx % stride;
-                    let offset = base + phase * phases.plane() + (ky / stride) * wq + kx / stride;
-                    accumulate(filter, &target, offset, width);
-                }
+                products(&target, image * phases.image_size(inp) + first * wq, width);
                 for (channel, wide_rows) in wide.chunks_exact_mut(width).enumerate() {
                     for (y, wide_row) in wide_rows.chunks_exact_mut(wq).enumerate() {
                         let offset = ((image * channels + channel) * oh + first + y) * ow;
@@ -125,7 +192,6 @@ pub(super) fn shifted_products<S, O: Element>(
 /// The phases of a shifted convolution's padded input: `stride²` planes of `hq × wq` per
 /// input channel, laid out `[image][channel][phase][hq][wq]`, zero where they fall in the
 /// padding or past the padded input.
-#[cfg(feature = "mkl")]
 pub(super) struct Phases {
     pub(super) stride: usize,
     pub(super) padding: usize,
@@ -136,7 +202,6 @@ pub(super) struct Phases {
     pub(super) spare: usize,
 }
 
-#[cfg(feature = "mkl")]
 impl Phases {
     pub(super) fn new<S>(geometry: Geometry, input: &Input<'_, S>) -> Self {
         let (hp, wp) = (
@@ -154,6 +219,14 @@ impl Phases {
 
     pub(super) fn plane(&self) -> usize {
         self.hq * self.wq
+    }
+
+    /// Where kernel position `position` (`ky · k + kx`) reads, from a channel's phases:
+    /// phase `(ky mod s, kx mod s)`, shifted by `(ky / s, kx / s)`.
+    pub(super) fn offset(&self, geometry: Geometry, position: usize) -> usize {
+        let (ky, kx) = (position / geometry.kernel, position % geometry.kernel);
+        let phase = (ky % self.stride) * self.stride + kx % self.stride;
+        phase * self.plane() + (ky / self.stride) * self.wq + kx / self.stride
     }
 
     /// Values between two input channels' phases: the products' row stride.
@@ -225,11 +298,11 @@ impl Phases {
     }
 }
 
-/// Output rows per tile of a shifted convolution: the tile's input rows (`in` channels of
-/// about as many phase rows) fit [`COLUMN_BYTES`], and every thread gets about two tiles.
-#[cfg(feature = "mkl")]
-pub(super) fn shifted_tile_rows(inp: usize, wq: usize, oh: usize, batch: usize) -> usize {
-    let fits = COLUMN_BYTES / (inp * wq * 4);
+/// Output rows per tile of a shifted convolution: what its products hold for the tile
+/// (`bytes` per wide pixel, over `wq` of them a row) fits [`COLUMN_BYTES`], and every
+/// thread gets about two tiles.
+pub(super) fn shifted_tile_rows(bytes: usize, wq: usize, oh: usize, batch: usize) -> usize {
+    let fits = COLUMN_BYTES / (bytes * wq);
     let wanted_tiles = 2 * rayon::current_num_threads().max(1);
     let per_image = wanted_tiles.div_ceil(batch).max(1);
     fits.min(oh.div_ceil(per_image)).clamp(1, oh.max(1))
@@ -240,6 +313,8 @@ thread_local! {
     /// layers and frames (see [`Phases::fill`]).
     #[cfg(feature = "mkl")]
     pub(super) static PHASED_F32: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
-    #[cfg(feature = "mkl")]
     pub(super) static PHASED_BF16: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+    /// A tile's right-hand rows packed for the own bf16 product.
+    #[cfg(target_arch = "x86_64")]
+    static SHIFTED_PANELS: std::cell::RefCell<Bf16Panels> = std::cell::RefCell::new(Bf16Panels::default());
 }

@@ -135,8 +135,9 @@ impl<O: Element> Epilogue<'_, O> {
     }
 }
 
-/// How a tile's product reads an input of this type: f32 through [`right_hand`], bf16 as
-/// it stands (MKL's bf16 product of a pointwise layer only: [`Conv2d::reads_bf16`]).
+/// How a tile's product reads an input of this type: f32 through [`right_hand`]; bf16
+/// through it too on the own AVX512-BF16 product, and as it stands on MKL's bf16 product of
+/// a pointwise layer ([`Conv2d::reads_bf16`](super::Conv2d)).
 pub(super) trait Source: Element {
     /// Bias, then the tile's product onto it, into `target`.
     fn run_tile(
@@ -156,6 +157,13 @@ impl Source for u16 {
         tile: &Tile<'_, Self>,
         target: &Target,
     ) {
+        #[cfg(target_arch = "x86_64")]
+        if let Product::OwnBf16 { filter, bias } = product {
+            return BF16_COLUMNS.with_borrow_mut(|columns| {
+                let (rhs, ldb) = right_hand(geometry, input, tile, columns);
+                own_bf16_tile(filter, bias, rhs, ldb, tile.width, target)
+            });
+        }
         #[cfg(feature = "mkl")]
         if let Product::Mkl { filter, bias } = product
             && geometry.pointwise()
@@ -171,7 +179,7 @@ impl Source for u16 {
             );
         }
         let _ = (product, geometry, input, tile, target);
-        unreachable!("only MKL's bf16 pointwise layers read bf16 tiles")
+        unreachable!("only the own bf16 product and MKL's bf16 pointwise layers read bf16 tiles")
     }
 }
 
@@ -223,4 +231,7 @@ thread_local! {
     pub(super) static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// A tile's gathered columns, f32.
     pub(super) static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A tile's gathered columns, bf16.
+    #[cfg(target_arch = "x86_64")]
+    static BF16_COLUMNS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
