@@ -34,14 +34,25 @@ pub use testing::synthetic::ModelSize;
 /// With the `mkl` feature, MKL's OpenMP threads and candle's own thread pool take turns on
 /// the same cores, and candle's pool threads spinning between its operations delay MKL's
 /// (CLIP's image tower ran about 7% faster without the spin). So unless
-/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` is set, it is set to 0. Without `mkl` this does nothing:
-/// there the spin measured no different.
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` is set, it is set to 0. Likewise MKL's OpenMP threads
+/// spin for 200 ms after each product by default, on the cores that rayon's threads need
+/// for the convolutions and the own bf16 products between two MKL calls (YOLO-World n in
+/// bf16: a spinning OpenMP thread took 21% of the process's CPU time, 2% asleep), so unless
+/// `OMP_WAIT_POLICY` or `KMP_BLOCKTIME` is set, `OMP_WAIT_POLICY` is set to `PASSIVE`: they
+/// sleep as soon as a product ends. Without `mkl` this does nothing: there the spin
+/// measured no different, and there is no OpenMP.
 pub fn prepare_cpu_threads() {
     #[cfg(feature = "mkl")]
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        // SAFETY: called before the process starts any other thread (see above), so no
-        // thread can read the environment while it changes.
-        unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0") };
+    for (name, value, unless) in [
+        ("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0", None),
+        ("OMP_WAIT_POLICY", "PASSIVE", Some("KMP_BLOCKTIME")),
+    ] {
+        let set = |name: &str| std::env::var_os(name).is_some();
+        if !set(name) && !unless.is_some_and(set) {
+            // SAFETY: called before the process starts any other thread (see above), so
+            // no thread can read the environment while it changes.
+            unsafe { std::env::set_var(name, value) };
+        }
     }
 }
 
