@@ -234,8 +234,8 @@ impl VisionLanguageModel for YoloWorldModel {
 
 /// The convolutions' precision for `DTYPE`: as for the other families, except that `auto`
 /// picks bf16 only where bf16 convolutions were measured to pay: with AMX-BF16, and where
-/// they run on the own AVX512-BF16 product (AMD's CPUs: YOLO-World s at 640x384 in 80 to
-/// 110 against 150 to 180 ms a frame in f32 on a Zen 4 EPYC, BENCHMARKS.md). On an Intel CPU
+/// they run on the own AVX512-BF16 product (AMD's CPUs: YOLO-World s at 640x384 in 84 to
+/// 115 against 144 to 237 ms a frame in f32 on a Zen 4 EPYC, BENCHMARKS.md). On an Intel CPU
 /// with AVX512-BF16 alone they run on MKL's bf16 product, slower than in f32 (189 against
 /// 127 ms a frame on a Xeon without AMX).
 fn conv_precision(
