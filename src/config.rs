@@ -104,7 +104,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "DTYPE",
         Some("auto"),
-        "Number format of the image towers' matrix products: auto, f32 or bf16. auto picks bf16 on a CPU with AMX-BF16 or AVX512-BF16 (yoloworld's convolutions: AMX-BF16 only), else f32; bf16 where there is no bf16 product is an error (docs/models.md).",
+        "Number format of the image towers' matrix products: auto, f32 or bf16. auto picks bf16 on a CPU with AMX-BF16 or AVX512-BF16 (yoloworld's convolutions: with AMX-BF16, or with AVX512-BF16 on a CPU that is not Intel's), else f32; bf16 where there is no bf16 product is an error (docs/models.md).",
     ),
     s(
         "DEFAULT_FPS",
