@@ -94,7 +94,7 @@ pub(super) fn gather_run<T: Gathered>(
     if stride == 1 {
         inside.copy_from_slice(&source[first..first + inside.len()]);
     } else if stride == 2 {
-        T::every_other(&source[first..first + 2 * inside.len() - 1], inside);
+        every_other(&source[first..first + 2 * inside.len() - 1], inside);
     } else {
         for (i, value) in inside.iter_mut().enumerate() {
             *value = source[first + i * stride];
@@ -106,35 +106,42 @@ pub(super) fn gather_run<T: Gathered>(
 /// gather of the stride-2 layers, which takes most of the gathering's time when done a
 /// value at a time.
 pub(super) trait Gathered: Copy + Default {
-    /// `out[i] = source[2 i]`, `source` holding `2 · out.len() - 1` values.
-    fn every_other(source: &[Self], out: &mut [Self]);
+    /// [`every_other`] on this CPU's vector unit, where it has one for this type.
+    fn every_other_wide() -> Option<Wide<Self>>;
+}
+
+/// A stride-2 gather on a vector unit; the caller checks the extents.
+pub(super) type Wide<T> = unsafe fn(&[T], &mut [T]);
+
+/// `out[i] = source[2 i]`, `source` holding `2 · out.len() - 1` values.
+pub(super) fn every_other<T: Gathered>(source: &[T], out: &mut [T]) {
+    assert_eq!(source.len() + 1, 2 * out.len());
+    if let Some(wide) = T::every_other_wide() {
+        // SAFETY: the extents are checked above, and the unit was detected on this CPU.
+        return unsafe { wide(source, out) };
+    }
+    for (i, value) in out.iter_mut().enumerate() {
+        *value = source[2 * i];
+    }
 }
 
 impl Gathered for f32 {
-    fn every_other(source: &[Self], out: &mut [Self]) {
-        assert_eq!(source.len() + 1, 2 * out.len());
+    fn every_other_wide() -> Option<Wide<Self>> {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512, and the extents are checked above.
-            return unsafe { every_other_f32_avx512(source, out) };
+            return Some(every_other_f32_avx512);
         }
-        for (i, value) in out.iter_mut().enumerate() {
-            *value = source[2 * i];
-        }
+        None
     }
 }
 
 impl Gathered for u16 {
-    fn every_other(source: &[Self], out: &mut [Self]) {
-        assert_eq!(source.len() + 1, 2 * out.len());
+    fn every_other_wide() -> Option<Wide<Self>> {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512bw") {
-            // SAFETY: the CPU has AVX-512 BW, and the extents are checked above.
-            return unsafe { every_other_u16_avx512(source, out) };
+            return Some(every_other_u16_avx512);
         }
-        for (i, value) in out.iter_mut().enumerate() {
-            *value = source[2 * i];
-        }
+        None
     }
 }
 
@@ -144,7 +151,7 @@ fn first_lanes(n: usize) -> u32 {
     ((1u64 << n.min(32)) - 1) as u32
 }
 
-/// [`Gathered::every_other`] of f32, 16 values a step: two loads, the even lanes of both.
+/// [`every_other`] of f32, 16 values a step: two loads, the even lanes of both.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn every_other_f32_avx512(source: &[f32], out: &mut [f32]) {
@@ -167,7 +174,7 @@ unsafe fn every_other_f32_avx512(source: &[f32], out: &mut [f32]) {
     }
 }
 
-/// [`Gathered::every_other`] of bf16 bit patterns, 16 values a step: 32 loaded, each
+/// [`every_other`] of bf16 bit patterns, 16 values a step: 32 loaded, each
 /// 32-bit lane narrowed to its low (even) half.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -196,12 +203,12 @@ mod tests {
         for len in 1..50 {
             let source: Vec<u16> = (0..2 * len - 1).map(|i| i as u16 * 3 + 1).collect();
             let mut out = vec![0u16; len];
-            u16::every_other(&source, &mut out);
+            every_other(&source, &mut out);
             let expected: Vec<u16> = source.iter().step_by(2).copied().collect();
             assert_eq!(out, expected, "u16, {len}");
             let source: Vec<f32> = source.iter().map(|&v| f32::from(v) * 0.5).collect();
             let mut out = vec![0f32; len];
-            f32::every_other(&source, &mut out);
+            every_other(&source, &mut out);
             let expected: Vec<f32> = source.iter().step_by(2).copied().collect();
             assert_eq!(out, expected, "f32, {len}");
         }

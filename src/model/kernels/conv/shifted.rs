@@ -51,31 +51,41 @@ pub(super) fn convolve_shifted<S: Element, O: Element>(
             );
         }
     };
+    let planes = (batch, geometry.inp);
     if filters[0].precision() == MatmulPrecision::Bf16 {
-        PHASED_BF16.with(|cell| {
-            let mut buffer = cell.take();
-            let phased = phases.fill(input, (batch, geometry.inp), &mut buffer);
-            let out = shifted_products(layer, input, batch, &phases, |target, base, width| {
+        with_phased(&PHASED_BF16, &phases, input, planes, |phased| {
+            shifted_products(layer, input, batch, &phases, |target, base, width| {
                 positions(target, base, width, &|f, t, o, w| {
                     f.accumulate_bf16(t, &phased[o..], phases.channel_stride(), w)
                 })
-            });
-            cell.set(buffer);
-            out
+            })
         })
     } else {
-        PHASED_F32.with(|cell| {
-            let mut buffer = cell.take();
-            let phased = phases.fill(input, (batch, geometry.inp), &mut buffer);
-            let out = shifted_products(layer, input, batch, &phases, |target, base, width| {
+        with_phased(&PHASED_F32, &phases, input, planes, |phased| {
+            shifted_products(layer, input, batch, &phases, |target, base, width| {
                 positions(target, base, width, &|f, t, o, w| {
                     f.accumulate_f32(t, &phased[o..], phases.channel_stride(), w)
                 })
-            });
-            cell.set(buffer);
-            out
+            })
         })
     }
+}
+
+/// `run` over the input's phases in `T`, filled into the calling thread's `buffer`, which
+/// keeps it for the next layer and frame (see [`Phases::fill`]).
+fn with_phased<S: Element, T: Element, R>(
+    buffer: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>,
+    phases: &Phases,
+    input: &Input<'_, S>,
+    planes: (usize, usize),
+    run: impl FnOnce(&[T]) -> R,
+) -> R {
+    buffer.with(|cell| {
+        let mut kept = cell.take();
+        let out = run(phases.fill(input, planes, &mut kept));
+        cell.set(kept);
+        out
+    })
 }
 
 /// One kernel position's MKL product onto a tile, its right-hand side at an offset.
@@ -110,20 +120,22 @@ pub(super) fn convolve_shifted_own<S: Element, O: Element>(
         // The packed rows of a pixel: bf16 values over the whole depth.
         tile_bytes: geometry.depth() * 2,
     };
-    PHASED_BF16.with(|cell| {
-        let mut buffer = cell.take();
-        let phased = phases.fill(input, (batch, geometry.inp), &mut buffer);
-        let out = shifted_products(layer, input, batch, &phases, |target, base, width| {
-            SHIFTED_PANELS.with_borrow_mut(|panels| {
-                panels.pack_rows_at(phased, |row| base + starts[row], starts.len(), width);
-                // SAFETY: the target holds one row of `width` values per output channel,
-                // the filter's rows, and is this task's alone.
-                unsafe { filter.accumulate(panels, target.out, target.stride) }
+    with_phased(
+        &PHASED_BF16,
+        &phases,
+        input,
+        (batch, geometry.inp),
+        |phased| {
+            shifted_products(layer, input, batch, &phases, |target, base, width| {
+                SHIFTED_PANELS.with_borrow_mut(|panels| {
+                    panels.pack_rows_at(phased, |row| base + starts[row], starts.len(), width);
+                    // SAFETY: the target holds one row of `width` values per output channel,
+                    // the filter's rows, and is this task's alone.
+                    unsafe { filter.accumulate(panels, target.out, target.stride) }
+                })
             })
-        });
-        cell.set(buffer);
-        out
-    })
+        },
+    )
 }
 
 /// A shifted layer's parts beside its products: bias, geometry, epilogue, and the bytes a
