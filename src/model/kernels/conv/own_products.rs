@@ -4,6 +4,7 @@
 use super::geometry::*;
 #[cfg(target_arch = "x86_64")]
 use crate::model::kernels::bf16_gemm::{Bf16LeftHand, Bf16Panels, PanelValue};
+#[cfg(feature = "mkl")]
 use crate::model::kernels::cpu_kernels;
 use std::cell::RefCell;
 
