@@ -6,6 +6,7 @@
 
 use crate::common::process::{http_get, raw_frame_xadd, signal};
 use crate::common::{TestRedis, free_port, temp_dir, wait_until};
+use free_roam::job::JobStatus;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -391,7 +392,16 @@ fn xadd_job(con: &mut redis::Connection, job_id: &str) -> redis::RedisResult<Str
 
 /// The status of the job's end entry once it is written, with its error if any.
 fn wait_end(con: &mut redis::Connection, job_id: &str) -> String {
-    let key = free_roam::store::keys::Keys::new(PREFIX).results(job_id);
+    wait_end_on(con, job_id, 1)
+}
+
+/// `wait_end` on a queue of `shards` shards. It also waits for the job hash's final
+/// status, which the contract lets trail the end entry by a round trip.
+fn wait_end_on(con: &mut redis::Connection, job_id: &str, shards: u32) -> String {
+    use free_roam::store::keys::{Keys, shard_of_job};
+    let keys = Keys::new(PREFIX);
+    let key = keys.results(job_id);
+    let hash = keys.shard(shard_of_job(job_id, shards)).job(job_id);
     let mut status = None;
     wait_until(WAIT, || {
         let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
@@ -409,7 +419,16 @@ fn wait_end(con: &mut redis::Connection, job_id: &str) -> String {
                 None => status.unwrap_or_default(),
             })
         });
+        let final_status: Option<String> = redis::cmd("HGET")
+            .arg(&hash)
+            .arg("status")
+            .query(con)
+            .unwrap();
         status.is_some()
+            && final_status
+                .as_deref()
+                .and_then(JobStatus::parse)
+                .is_some_and(JobStatus::is_terminal)
     });
     status.unwrap()
 }
@@ -686,8 +705,8 @@ fn the_deploy_acl_users_work_on_a_sharded_queue() {
         .client("fr-producer", PRODUCER_PASSWORD)
         .get_connection()
         .unwrap();
-    assert_eq!(wait_end(&mut producer, &short), "completed");
-    assert_eq!(wait_end(&mut producer, &queued), "cancelled");
+    assert_eq!(wait_end_on(&mut producer, &short, 3), "completed");
+    assert_eq!(wait_end_on(&mut producer, &queued, 3), "cancelled");
     let (code, out) = cli(&["status", short.as_str()], &producer_env);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("completed"), "{out}");
@@ -697,7 +716,7 @@ fn the_deploy_acl_users_work_on_a_sharded_queue() {
     });
     let (code, out) = cli(&["cancel", long.as_str()], &producer_env);
     assert_eq!(code, 0, "{out}");
-    assert_eq!(wait_end(&mut producer, &long), "cancelled");
+    assert_eq!(wait_end_on(&mut producer, &long, 3), "cancelled");
     let hash: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
         .arg(keys.shard(2).job(&long))
         .query(&mut producer)
