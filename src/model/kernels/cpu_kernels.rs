@@ -443,8 +443,14 @@ mod tests {
         gelu_erf_in_place(&mut gelu);
         let mut tanh_form = xs.clone();
         gelu_tanh_in_place(&mut tanh_form);
-        for (((&x, &q), &g), &t) in xs.iter().zip(&quick).zip(&gelu).zip(&tanh_form) {
+        let mut silu = xs.clone();
+        silu_in_place(&mut silu);
+        for ((((&x, &q), &g), &t), &s) in
+            xs.iter().zip(&quick).zip(&gelu).zip(&tanh_form).zip(&silu)
+        {
             let x64 = x as f64;
+            let s_ref = x64 / (1.0 + (-x64).exp());
+            assert!((s as f64 - s_ref).abs() < 1e-6, "silu({x})");
             let q_ref = x64 / (1.0 + (-1.702 * x64).exp());
             let g_ref =
                 x64 * (candle_core::cpu::erf::erf_f64(x64 / std::f64::consts::SQRT_2) + 1.0) / 2.0;
