@@ -273,10 +273,57 @@ fn round_to_bf16_body(values: &[f32], out: &mut [u16]) {
     }
 }
 
+/// Rounds f32 values to bf16 bit patterns: to nearest, ties to even, as PyTorch's
+/// conversion does. On a CPU with AVX512-BF16, by its conversion instruction, 16 values
+/// an instruction, where the integer arithmetic took 5% of YOLO-World's bf16 network.
+pub fn round_to_bf16(values: &[f32], out: &mut [u16]) {
+    assert_eq!(values.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        // SAFETY: the features were detected on this CPU.
+        return unsafe { round_to_bf16_avx512bf16(values, out) };
+    }
+    round_to_bf16_exact(values, out)
+}
+
 dispatched! {
-    /// Rounds f32 values to bf16 bit patterns: to nearest, ties to even, as PyTorch's
-    /// conversion does.
-    pub fn round_to_bf16(values: &[f32], out: &mut [u16]) => round_to_bf16_body
+    /// [`round_to_bf16`] by integer arithmetic, subnormal values included.
+    fn round_to_bf16_exact(values: &[f32], out: &mut [u16]) => round_to_bf16_body
+}
+
+/// Whether this CPU has the AVX-512 conversion to bf16 (and the masked 16-bit stores).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_bf16() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bf16")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
+/// [`round_to_bf16`] by `vcvtneps2bf16`, which rounds as [`round_to_bf16_body`] does (NaN
+/// included) except that it takes a subnormal input for 0: a step holding one rounds by
+/// the integer arithmetic instead.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn round_to_bf16_avx512bf16(values: &[f32], out: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let exponent = _mm512_set1_epi32(0x7F80_0000);
+    let magnitude = _mm512_set1_epi32(0x7FFF_FFFF);
+    for (from, to) in values.chunks(16).zip(out.chunks_mut(16)) {
+        let lanes = ((1u32 << from.len()) - 1) as u16;
+        // SAFETY: the masks keep the load inside `from` and the store inside `to`.
+        unsafe {
+            let x = _mm512_maskz_loadu_ps(lanes, from.as_ptr());
+            let bits = _mm512_castps_si512(x);
+            let subnormal =
+                _mm512_testn_epi32_mask(bits, exponent) & _mm512_test_epi32_mask(bits, magnitude);
+            if subnormal != 0 {
+                round_to_bf16_exact(from, to);
+                continue;
+            }
+            let rounded: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(x));
+            _mm256_mask_storeu_epi16(to.as_mut_ptr() as *mut i16, lanes, rounded);
+        }
+    }
 }
 
 /// Rounds `x`'s rows of `in_dim` values to bf16 into `out`, `stride` (at least `in_dim`)
@@ -394,6 +441,29 @@ mod tests {
         let mut nan = [0u16];
         super::round_to_bf16(&[f32::NAN], &mut nan);
         assert!(half::bf16::from_bits(nan[0]).is_nan());
+    }
+
+    #[test]
+    fn bf16_rounding_agrees_with_the_integer_arithmetic_at_every_length() {
+        // A subnormal value at each place of a 16-value step sends that step to the
+        // integer arithmetic; NaNs must come out as the same quiet NaNs.
+        for len in 0usize..40 {
+            for subnormal_at in [None, Some(0), Some(len / 2), Some(len.saturating_sub(1))] {
+                let mut values: Vec<f32> = (0..len)
+                    .map(|i| (i as f32 * 1.37).sin() * 3.0 + 1e-3)
+                    .collect();
+                if let Some(at) = subnormal_at.filter(|&at| at < len) {
+                    values[at] = -f32::MIN_POSITIVE / 5.0;
+                }
+                if len > 3 {
+                    values[3] = f32::from_bits(0x7FC0_1234);
+                }
+                let (mut fast, mut exact) = (vec![0u16; len], vec![0u16; len]);
+                super::round_to_bf16(&values, &mut fast);
+                round_to_bf16_body(&values, &mut exact);
+                assert_eq!(fast, exact, "length {len}, subnormal at {subnormal_at:?}");
+            }
+        }
     }
 
     use super::*;
