@@ -85,9 +85,10 @@ impl CpuProduct {
     /// `precision` on: bf16 where [`fused_linear::bf16_product`] says, else f32; but MKL's
     /// bf16 product on an Intel CPU with AVX512-BF16 and no AMX as well, where the linear
     /// layers take the own product: YOLO-World s ran 1.5x to 2.2x faster in bf16 on MKL's
-    /// than on the own there, when the own product still read its input transposed
-    /// (BENCHMARKS.md, YOLO-World; its form since, which reads the input's planes as they
-    /// lie, was measured on AMD's CPUs only).
+    /// than on the own there, when the own product still read its input transposed; in its
+    /// form since, which reads the input's planes as they lie, the two ran at about the
+    /// same speed on an Intel core (BENCHMARKS.md, YOLO-World). Neither beats f32 there,
+    /// which is why `DTYPE=auto` keeps YOLO-World's convolutions in f32 on such a CPU.
     pub(super) fn for_precision(precision: MatmulPrecision) -> Self {
         let f32_product = {
             #[cfg(feature = "mkl")]
