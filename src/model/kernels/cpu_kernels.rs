@@ -11,31 +11,44 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+/// Below this `exp` gives 0 (where `e^x` nears the subnormals).
+const EXP_LOWEST: f32 = -87.3;
+/// From this up `exp` gives about `f32::MAX`.
+const EXP_HIGHEST: f32 = 88.7;
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 split so that `n * LN2_HI` is exact for the n that occur.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// Round to nearest by the 1.5 × 2^23 trick: unlike `round`, it vectorises everywhere.
+const ROUNDER: f32 = 12_582_912.0;
+/// Taylor coefficients 1/k! for k = 7 down to 2 (Horner form): the first term left out is
+/// below 1e-8 relative on the range.
+const EXP_TAYLOR: [f32; 6] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+];
+
 /// `e^x`: range reduction to `x = n ln2 + r`, `|r| ≤ ln2 / 2`, a degree-7 polynomial for
-/// `e^r`, and `2^n` put in through the exponent bits. 0 below -87.3 (where `e^x` nears the
-/// subnormals), about `f32::MAX` from 88.7 up.
+/// `e^r`, and `2^n` put in through the exponent bits. 0 below [`EXP_LOWEST`], about
+/// `f32::MAX` from [`EXP_HIGHEST`] up.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that `n * LN2_HI` is exact for the n that occur.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const LOWEST: f32 = -87.3;
-    let underflow = x < LOWEST;
-    let x = x.clamp(LOWEST, 88.7);
-    // Round to nearest by the 1.5 × 2^23 trick: unlike `round`, it vectorises everywhere.
-    const ROUNDER: f32 = 12_582_912.0;
+    let underflow = x < EXP_LOWEST;
+    let x = x.clamp(EXP_LOWEST, EXP_HIGHEST);
     let shifted = x * LOG2E + ROUNDER;
     let n = shifted - ROUNDER;
     let r = x - n * LN2_HI - n * LN2_LO;
-    // Taylor coefficients 1/k! for k = 2..7 (Horner form): the first term left out is below
-    // 1e-8 relative on the range.
-    let p = 1.0 / 5040.0;
-    let p = p * r + 1.0 / 720.0;
-    let p = p * r + 1.0 / 120.0;
-    let p = p * r + 1.0 / 24.0;
-    let p = p * r + 1.0 / 6.0;
-    let p = p * r + 0.5;
+    let [c7, c6, c5, c4, c3, c2] = EXP_TAYLOR;
+    let p = c7;
+    let p = p * r + c6;
+    let p = p * r + c5;
+    let p = p * r + c4;
+    let p = p * r + c3;
+    let p = p * r + c2;
     let p = p * r * r + r + 1.0;
     // n as an integer, read from the low mantissa bits of `shifted` (ROUNDER + n, exact)
     // rather than by `n as i32`: that cast saturates, which the compiler turned into
@@ -238,9 +251,69 @@ dispatched! {
     pub fn quick_gelu_in_place(values: &mut [f32]) => quick_gelu_body
 }
 
+/// SiLU, `x * sigmoid(x)`, in place: `x / (1 + e^-x)`. On AVX-512 by [`silu_avx512`],
+/// elsewhere by the compiler's vectorising of [`exp`].
+pub fn silu_in_place(values: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the features were detected on this CPU.
+        return unsafe { silu_avx512(values) };
+    }
+    silu_dispatched(values)
+}
+
 dispatched! {
-    /// SiLU, `x * sigmoid(x)`, in place.
-    pub fn silu_in_place(values: &mut [f32]) => silu_body
+    fn silu_dispatched(values: &mut [f32]) => silu_body
+}
+
+/// 2^120: the largest denominator [`silu_avx512`] divides by.
+#[cfg(target_arch = "x86_64")]
+const SILU_DENOMINATOR_MAX: f32 = 1.329_228e36;
+
+/// SiLU on AVX-512, 16 values a step, written out: [`exp`]'s steps with fused
+/// multiply-adds (the compiler keeps `a * b + c` as two roundings, so it cannot fuse them),
+/// `2^n` by `vscalefps` instead of the exponent bits' integer steps, and the division as
+/// `vrcp14ps` refined by one Newton step (within 2e-7 relative of the quotient). The compiler's
+/// version took about 40 instructions a step and SiLU was 13% of YOLO-World's bf16 network
+/// on AMX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn silu_avx512(values: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let [c7, c6, c5, c4, c3, c2] = EXP_TAYLOR;
+    let (c7, c6, c5) = (_mm512_set1_ps(c7), _mm512_set1_ps(c6), _mm512_set1_ps(c5));
+    let (c4, c3, c2) = (_mm512_set1_ps(c4), _mm512_set1_ps(c3), _mm512_set1_ps(c2));
+    let (lowest, highest) = (_mm512_set1_ps(EXP_LOWEST), _mm512_set1_ps(EXP_HIGHEST));
+    let (log2e, rounder) = (_mm512_set1_ps(LOG2E), _mm512_set1_ps(ROUNDER));
+    let (ln2_hi, ln2_lo) = (_mm512_set1_ps(LN2_HI), _mm512_set1_ps(LN2_LO));
+    let (one, most) = (_mm512_set1_ps(1.0), _mm512_set1_ps(SILU_DENOMINATOR_MAX));
+    for chunk in values.chunks_mut(16) {
+        let lanes = ((1u32 << chunk.len()) - 1) as u16;
+        // SAFETY: the masks keep the load and the store inside `chunk`.
+        let x = unsafe { _mm512_maskz_loadu_ps(lanes, chunk.as_ptr()) };
+        let v = _mm512_sub_ps(_mm512_setzero_ps(), x);
+        let underflow = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, lowest);
+        let v = _mm512_min_ps(_mm512_max_ps(v, lowest), highest);
+        let n = _mm512_sub_ps(_mm512_fmadd_ps(v, log2e, rounder), rounder);
+        let r = _mm512_fnmadd_ps(n, ln2_hi, v);
+        let r = _mm512_fnmadd_ps(n, ln2_lo, r);
+        let p = _mm512_fmadd_ps(c7, r, c6);
+        let p = _mm512_fmadd_ps(p, r, c5);
+        let p = _mm512_fmadd_ps(p, r, c4);
+        let p = _mm512_fmadd_ps(p, r, c3);
+        let p = _mm512_fmadd_ps(p, r, c2);
+        let p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), one);
+        let e = _mm512_maskz_scalef_ps(!underflow, p, n);
+        // Capped so that the reciprocal estimate stays a normal number: -inf then gives
+        // -inf, as the division does. A NaN input gives NaN through `x` below.
+        let d = _mm512_min_ps(_mm512_add_ps(one, e), most);
+        let reciprocal = _mm512_rcp14_ps(d);
+        let reciprocal =
+            _mm512_fmadd_ps(reciprocal, _mm512_fnmadd_ps(d, reciprocal, one), reciprocal);
+        let y = _mm512_mul_ps(x, reciprocal);
+        // SAFETY: as above.
+        unsafe { _mm512_mask_storeu_ps(chunk.as_mut_ptr(), lanes, y) };
+    }
 }
 
 dispatched! {
@@ -530,6 +603,37 @@ mod tests {
             let t_ref = 0.5 * x64 * (1.0 + u.tanh());
             assert!((t as f64 - t_ref).abs() < 1e-6, "gelu-tanh({x})");
         }
+    }
+
+    #[test]
+    fn silu_on_avx512_agrees_with_the_division_at_every_length_and_extreme() {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            let close = |a: f32, b: f32| (a - b).abs() <= 1e-6 * b.abs().max(1.0);
+            let mut extremes = vec![-200.0, -88.0, -87.0, -20.0, -0.0, 0.0, 1e-30, 20.0, 100.0];
+            extremes.extend([f32::MAX, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 88.0]);
+            extremes.extend(extremes.clone());
+            let lengths = (0..40).chain(250..270).chain([512, 530]);
+            let cases = lengths
+                .map(|len| {
+                    (0..len)
+                        .map(|i| (i as f32 * 0.37).sin() * 9.0)
+                        .collect::<Vec<f32>>()
+                })
+                .chain([extremes]);
+            for xs in cases {
+                let (mut fast, mut base) = (xs.clone(), xs.clone());
+                // SAFETY: detected above.
+                unsafe { silu_avx512(&mut fast) };
+                silu_body(&mut base);
+                for ((&x, &a), &b) in xs.iter().zip(&fast).zip(&base) {
+                    let same = (a.is_nan() && b.is_nan()) || a == b || close(a, b);
+                    assert!(same, "silu({x}) at length {}: {a} against {b}", xs.len());
+                }
+            }
+            return;
+        }
+        eprintln!("skipped: this CPU has no AVX-512");
     }
 
     #[test]
