@@ -1,11 +1,13 @@
-//! Vectorisable `exp` and `erf`, and a softmax built on them, for the per-frame path on CPU.
+//! Vectorisable `exp` and `erf`, the activations and a softmax built on them, and rounding
+//! to bf16, for the per-frame path on CPU.
 //!
 //! candle computes `exp` and `erf` one value at a time through libm; BLIP's attention alone
 //! takes 16 heads × 577² exponentials per layer and frame. These versions are branch-free
 //! polynomials the compiler turns into SIMD code, and on x86-64 they are also compiled for
 //! AVX2 with FMA and for AVX-512, chosen at run time. Accuracy: `exp` within 2 ulp; `erf` within
 //! 6e-7 absolute: the Abramowitz and Stegun formula 7.1.26 (1.5e-7), which PyTorch's
-//! vectorised `erf` uses as well, evaluated in f32.
+//! vectorised `erf` uses as well, evaluated in f32. SiLU and the rounding to bf16 are also
+//! written out with AVX-512 intrinsics, where the compiler's versions were slow.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -288,7 +290,7 @@ unsafe fn silu_avx512(values: &mut [f32]) {
     let (ln2_hi, ln2_lo) = (_mm512_set1_ps(LN2_HI), _mm512_set1_ps(LN2_LO));
     let (one, most) = (_mm512_set1_ps(1.0), _mm512_set1_ps(SILU_DENOMINATOR_MAX));
     for chunk in values.chunks_mut(16) {
-        let lanes = ((1u32 << chunk.len()) - 1) as u16;
+        let lanes = first_lanes(chunk.len()) as u16;
         // SAFETY: the masks keep the load and the store inside `chunk`.
         let x = unsafe { _mm512_maskz_loadu_ps(lanes, chunk.as_ptr()) };
         let v = _mm512_sub_ps(_mm512_setzero_ps(), x);
@@ -364,6 +366,12 @@ dispatched! {
     fn round_to_bf16_exact(values: &[f32], out: &mut [u16]) => round_to_bf16_body
 }
 
+/// A mask of the first `n` (at most 32) lanes of a vector.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn first_lanes(n: usize) -> u32 {
+    ((1u64 << n.min(32)) - 1) as u32
+}
+
 /// Whether this CPU has the AVX-512 conversion to bf16 (and the masked 16-bit stores).
 #[cfg(target_arch = "x86_64")]
 fn has_avx512_bf16() -> bool {
@@ -382,7 +390,7 @@ unsafe fn round_to_bf16_avx512bf16(values: &[f32], out: &mut [u16]) {
     let exponent = _mm512_set1_epi32(0x7F80_0000);
     let magnitude = _mm512_set1_epi32(0x7FFF_FFFF);
     for (from, to) in values.chunks(16).zip(out.chunks_mut(16)) {
-        let lanes = ((1u32 << from.len()) - 1) as u16;
+        let lanes = first_lanes(from.len()) as u16;
         // SAFETY: the masks keep the load inside `from` and the store inside `to`.
         unsafe {
             let x = _mm512_maskz_loadu_ps(lanes, from.as_ptr());

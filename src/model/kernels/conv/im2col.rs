@@ -2,6 +2,8 @@
 //! layer's input in place.
 
 use super::geometry::*;
+#[cfg(target_arch = "x86_64")]
+use crate::model::kernels::cpu_kernels::first_lanes;
 
 /// The tile's right-hand matrix `(in·k², width)`: a slice of the image itself for a
 /// pointwise layer (with its row stride), else the columns gathered into `columns`.
@@ -143,12 +145,6 @@ impl Gathered for u16 {
         }
         None
     }
-}
-
-/// A mask of the first `n` (at most 32) lanes.
-#[cfg(target_arch = "x86_64")]
-fn first_lanes(n: usize) -> u32 {
-    ((1u64 << n.min(32)) - 1) as u32
 }
 
 /// [`every_other`] of f32, 16 values a step: two loads, the even lanes of both.
